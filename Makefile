@@ -1,0 +1,33 @@
+# `make run` and `make test` work on a fresh clone: both create/reuse .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench-quick clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "protoswarm needs Python >= 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: 2.13.0 is the CPU build on this machine's disk (no multi-GB CUDA download).
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/node train-local
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/subspace.py --quick
+	$(BIN)/python bench/convergence.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs bench/out

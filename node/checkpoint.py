@@ -1,0 +1,82 @@
+"""Atomic checkpoints: write to a temporary file, fsync, rename; a crash never leaves a torn one.
+
+A checkpoint is ``<dir>/ckpt-<step>.pt`` holding tensors and plain Python values only, loaded with
+``torch.load(weights_only=True)`` (no arbitrary unpickling). The newest complete file wins; older
+ones beyond ``keep`` are removed after a new one is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used (corrupt, or made for another model)."""
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory``, oldest first (temporary files are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` atomically; prune all but the newest ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, step)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, final)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    for stale in directory.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
+        if stale.stat().st_mtime < final.stat().st_mtime:
+            stale.unlink(missing_ok=True)
+    logger.info("checkpoint step=%d written to %s", step, final)
+    return final
+
+
+def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The newest checkpoint's state, or None when there is none; raises CheckpointError if unreadable."""
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    step, path = found[-1]
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err}); move it away to start fresh") from err
+    if not isinstance(state, dict) or state.get("step") != step:
+        raise CheckpointError(f"checkpoint {path} does not hold step {step}")
+    return state

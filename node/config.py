@@ -1,0 +1,389 @@
+"""Typed run configuration, loaded from TOML presets in ``configs/`` with command-line overrides.
+
+A run config has one table per component (``[model]``, ``[pipeline]``, ``[data]``, ``[train]``).
+A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
+relative to the extending file, or to the shipped ``configs/`` directory), then the file's own
+tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``.
+
+Every field carries a ``doc`` (with units) in its metadata; ``describe_fields`` prints them.
+User mistakes raise ``ConfigError`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from configs import CONFIG_DIR
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the field or file."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{_section(obj)}.{name} must be positive, got {value!r}")
+
+
+def _section(obj: object) -> str:
+    return getattr(obj, "SECTION", type(obj).__name__)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the Llama-style decoder and the subspace constraint (docs/model.md)."""
+
+    SECTION = "model"
+
+    name: str = _f("custom", "Preset name, for logs and checkpoints only.")
+    vocab_size: int = _f(256, "Token vocabulary size (tokens). 256 = raw bytes.")
+    d_model: int = _f(256, "Residual stream width d (features per token).")
+    n_layers: int = _f(8, "Number of transformer blocks.")
+    n_heads: int = _f(4, "Attention query heads; d_model must be divisible by it.")
+    n_kv_heads: int | None = _f(None, "Key/value heads for grouped-query attention; None = n_heads.")
+    ffn_hidden: int | None = _f(None, "SwiGLU hidden width (features); None = 8/3·d rounded up to 64.")
+    max_seq_len: int = _f(256, "Longest sequence the RoPE tables cover (tokens).")
+    rope_theta: float = _f(10000.0, "RoPE base frequency.")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    init_std: float = _f(0.02, "Std of the normal init of dense weights and the dense embedding.")
+    subspace_rank: int | None = _f(
+        None,
+        "k: rank of the shared subspace every stage boundary lives in (numbers per token sent "
+        "between stages). None = ordinary dense model.",
+    )
+    subspace_seed: int = _f(
+        0, "Seed the swarm agrees on; derives the basis U (d×k) and the frozen token table T_fixed (V×d)."
+    )
+    fixed_table_std: float = _f(
+        1.0, "Std of the entries of the frozen high-rank token table T_fixed (subspace model only)."
+    )
+    fixed_table: bool | None = _f(
+        None,
+        "Add the frozen token table T_fixed to the input embedding. None = on exactly when "
+        "subspace_rank is set; true with a dense model gives the fair dense baseline (DESIGN §1.1).",
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("model.d_model / model.n_heads (head size) must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.subspace_rank is not None and self.subspace_rank > self.d_model:
+            raise ConfigError(
+                f"model.subspace_rank={self.subspace_rank} exceeds model.d_model={self.d_model}: "
+                "the subspace must be a proper part of the residual stream"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def uses_fixed_table(self) -> bool:
+        return self.subspace_rank is not None if self.fixed_table is None else self.fixed_table
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """How the model's layers are split into stages."""
+
+    SECTION = "pipeline"
+
+    num_stages: int = _f(1, "Number of pipeline stages S the layers are split into.")
+    layer_splits: list[int] | None = _f(
+        None,
+        "First layer index of stages 1..S-1 (S-1 increasing ints); None = as even as possible.",
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_stages")
+        if self.layer_splits is not None and len(self.layer_splits) != self.num_stages - 1:
+            raise ConfigError(
+                f"pipeline.layer_splits has {len(self.layer_splits)} entries; "
+                f"pipeline.num_stages={self.num_stages} needs {self.num_stages - 1}"
+            )
+
+    def stage_ranges(self, n_layers: int) -> list[range]:
+        """Layer range of each stage; raises ConfigError when the split does not fit n_layers."""
+        if self.num_stages > n_layers:
+            raise ConfigError(f"pipeline.num_stages={self.num_stages} exceeds model.n_layers={n_layers}")
+        if self.layer_splits is None:
+            base, extra = divmod(n_layers, self.num_stages)
+            starts = [0]
+            for s in range(self.num_stages - 1):
+                starts.append(starts[-1] + base + (1 if s < extra else 0))
+        else:
+            starts = [0, *self.layer_splits]
+            if any(b <= a for a, b in zip(starts, starts[1:], strict=False)) or starts[-1] >= n_layers:
+                raise ConfigError(
+                    f"pipeline.layer_splits={self.layer_splits} must be strictly increasing "
+                    f"and inside 1..{n_layers - 1}"
+                )
+        ends = [*starts[1:], n_layers]
+        return [range(a, b) for a, b in zip(starts, ends, strict=True)]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training tokens come from and how they are split and sharded (docs/data.md)."""
+
+    SECTION = "data"
+
+    source: str = _f(
+        "stdlib",
+        "'stdlib' (embedded default: this Python's standard-library sources), 'text' (a UTF-8 file "
+        "or directory) or 'tokens' (pre-tokenized little-endian uint16 .bin shards).",
+    )
+    path: str | None = _f(None, "File or directory for source 'text' or 'tokens'.")
+    tokenizer: str = _f("bytes", "'bytes' (vocabulary 256) or the path of a local tokenizer.json file.")
+    val_fraction: float = _f(0.02, "Share of the corpus held out for validation (0..0.5).")
+    max_bytes: int | None = _f(None, "Read at most this many bytes of text (bytes); None = all.")
+    seed: int = _f(0, "Peer data seed: picks the shard and the order of training windows.")
+    shard_count: int = _f(1, "Number of disjoint shards the training split is cut into.")
+
+    def __post_init__(self) -> None:
+        if self.source not in ("stdlib", "text", "tokens"):
+            raise ConfigError(f"data.source must be 'stdlib', 'text' or 'tokens', got {self.source!r}")
+        if self.source != "stdlib" and not self.path:
+            raise ConfigError(f"data.path is required when data.source={self.source!r}")
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"data.val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
+        _positive(self, "max_bytes", "shard_count")
+
+    def check_paths(self) -> None:
+        """Fail early, naming the field, when a configured path does not exist."""
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ConfigError(f"data.path={self.path!r} does not exist")
+        if self.tokenizer != "bytes" and not Path(self.tokenizer).expanduser().is_file():
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing file")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Inner optimisation and the local training loop."""
+
+    SECTION = "train"
+
+    steps: int = _f(200, "Optimizer steps to run (steps).")
+    batch_size: int = _f(16, "Sequences per microbatch.")
+    seq_len: int = _f(128, "Tokens per training sequence (tokens); at most model.max_seq_len.")
+    grad_accum: int = _f(1, "Microbatches accumulated per optimizer step.")
+    lr: float = _f(1e-3, "Peak AdamW learning rate.")
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.")
+    warmup_steps: int = _f(20, "Linear warm-up length (steps).")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices only).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient L2 norm to this; 0 disables.")
+    eval_every: int = _f(50, "Validate every this many steps (steps); 0 = only at the end.")
+    eval_batches: int = _f(8, "Validation microbatches per evaluation.")
+    log_every: int = _f(10, "Print progress every this many steps (steps).")
+    checkpoint_every: int = _f(100, "Write a checkpoint every this many steps (steps); 0 = only at the end.")
+    checkpoint_dir: str = _f("runs/local", "Directory for checkpoints (created if missing).")
+    resume: bool = _f(True, "Resume from the latest checkpoint in checkpoint_dir when one exists.")
+    seed: int = _f(0, "Seed for parameter init (trainable parts) and dropout-free sampling.")
+    device: str = _f("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
+    threads: int | None = _f(None, "torch intra-op threads; None = torch's default.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches")
+        _positive(self, "threads")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one process needs; one attribute per TOML table."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.pipeline.stage_ranges(self.model.n_layers)
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: _fields_dict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "pipeline": PipelineConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+def _fields_dict(obj: object) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """Find a config by path, or by name inside ``configs/`` (``tiny``, ``model/tiny``, ``local/tiny.toml``)."""
+    raw = Path(name).expanduser()
+    candidates = [raw]
+    if relative_to is not None and not raw.is_absolute():
+        candidates.insert(0, relative_to / raw)
+    for base in (CONFIG_DIR, CONFIG_DIR / "model", CONFIG_DIR / "local"):
+        candidates += [base / raw, base / raw.with_suffix(".toml")] if not raw.is_absolute() else []
+    for path in candidates:
+        if path.is_file():
+            return path
+    shipped = ", ".join(sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.toml")))
+    raise ConfigError(f"config {str(name)!r} not found (shipped presets: {shipped})")
+
+
+def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself (cycle: {' -> '.join(map(str, (*seen, path)))})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path}: invalid TOML: {err}") from err
+    merged: dict[str, Any] = {}
+    parents = raw.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    for parent in parents:
+        _merge(merged, _read_layered(resolve_config_path(parent, relative_to=path.parent), (*seen, path)))
+    _merge(merged, raw)
+    return merged
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``section.field=value``; the value is read as TOML, or taken as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.field=value (e.g. train.lr=3e-4)")
+    key, value_text = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return section, name, value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **sections: dict[str, Any]
+) -> RunConfig:
+    """Load a run config: preset file (optional) < ``sections`` dicts < ``section.field=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_layered(resolve_config_path(path))
+    _merge(data, {k: dict(v) for k, v in sections.items()})
+    for text in overrides:
+        section, name, value = parse_override(text)
+        data.setdefault(section, {})[name] = value
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    built = {}
+    for name, cls in SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config section [{name}] must be a table, got {type(table).__name__}")
+        built[name] = _build_section(name, cls, table)
+    return RunConfig(**built)
+
+
+def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - fields
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; known: {sorted(fields)}")
+    kwargs = {key: _coerce(f"{section}.{key}", hints[key], value) for key, value in table.items()}
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's annotation, converting only int->float; raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        # TOML has no null: the string "none" stands for None in files and overrides alike.
+        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(name, option, value)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {hint}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {hint} for {name}")
+
+
+def describe_fields() -> str:
+    """Every field with its type, default and documentation, one per line (for `node config --help`)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]  {cls.__doc__.strip().splitlines()[0]}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"  {section}.{f.name}: {type_name} = {f.default!r}\n      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""Llama-style decoder whose stage boundaries are exactly compressible (DESIGN §1.1).
+
+Blocks are pre-norm (RMSNorm), attention uses RoPE and optional grouped-query heads, the MLP is
+SwiGLU. With ``subspace_rank = k`` the residual *writers* — the attention output projection and the
+MLP down projection — are re-parameterised as ``W = U·Z`` (``Z ∈ R^{k×d_in}`` trainable, ``U`` the
+shared orthonormal basis), and the trainable token embedding is ``E[ids]·Uᵀ`` with ``E ∈ R^{V×k}``.
+The first block's input is ``T_fixed[ids] + E[ids]·Uᵀ``, so every residual stream up to the last
+stage satisfies ``x − T_fixed[ids] ∈ span(U)`` by construction and plain AdamW keeps it so.
+The last stage's blocks are ordinary dense blocks: nothing downstream reads their output.
+
+The model is a list of ``Stage`` modules (layer ranges from ``PipelineConfig``). ``LanguageModel``
+runs them back to back, passing the full residual stream (the "unsplit" model); ``node.stages``
+runs the same stages through the boundary codec, as a swarm does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.config import ModelConfig, PipelineConfig
+from protocol import subspace
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[2i], x[2i+1]) of x (b, heads, n, head_dim) by position angles."""
+    n = x.shape[-2]
+    cos, sin = cos[:n].to(x.dtype), sin[:n].to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class ResidualWriter(nn.Module):
+    """A projection that writes into the residual stream: dense ``W``, or ``U·Z`` inside span(U)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int | None, std: float) -> None:
+        super().__init__()
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.empty(d_out, d_in).normal_(0.0, std))
+        else:
+            # Z's std is raised by sqrt(d/k) so |U·Z·x| matches the dense init's output norm.
+            self.weight = nn.Parameter(torch.empty(rank, d_in).normal_(0.0, std * math.sqrt(d_out / rank)))
+
+    def forward(self, x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.rank is None:
+            return y
+        # Two thin matmuls: never materialise the d×d_in product U·Z.
+        return y @ basis.to(y.dtype).T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, writer_rank: int | None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.n_heads, cfg.kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        std = cfg.init_std
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=False)
+        for lin in (self.wq, self.wkv):
+            nn.init.normal_(lin.weight, 0.0, std)
+        self.wo = ResidualWriter(cfg.d_model, cfg.d_model, writer_rank, std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x).view(b, n, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1), basis)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, writer_rank: int | None) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
+        nn.init.normal_(self.w_gate_up.weight, 0.0, cfg.init_std)
+        self.w_down = ResidualWriter(cfg.hidden, cfg.d_model, writer_rank, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up, basis)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, writer_rank: int | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, writer_rank)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, writer_rank)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, basis)
+        return x + self.mlp(self.mlp_norm(x), basis)
+
+
+class Stage(nn.Module):
+    """Layers ``layers`` of the model, plus the embedding (first stage) and the LM head (last stage).
+
+    The shared tensors (basis U, table T_fixed, RoPE tables) are non-persistent buffers: they are
+    rebuilt from the config's seed on every peer, never stored in checkpoints or sent.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: range, index: int, num_stages: int) -> None:
+        super().__init__()
+        self.cfg, self.layers, self.index, self.num_stages = cfg, layers, index, num_stages
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        k = cfg.subspace_rank
+        basis, table = subspace.SubspaceSpec(
+            seed=cfg.subspace_seed, vocab_size=cfg.vocab_size, d=cfg.d_model, k=k or 1,
+            table_std=cfg.fixed_table_std, with_table=cfg.uses_fixed_table,
+        ).build()
+        self.register_buffer("basis", basis if k else None, persistent=False)
+        self.register_buffer("table", table, persistent=False)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        writer_rank = None if self.is_last else k
+        self.blocks = nn.ModuleList(Block(cfg, writer_rank) for _ in layers)
+        if self.is_first:
+            emb_width = k or cfg.d_model
+            emb_std = cfg.init_std * (math.sqrt(cfg.d_model / k) if k else 1.0)
+            self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
+        if self.is_last:
+            self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+
+    @property
+    def boundary_width(self) -> int:
+        """Numbers per token this stage's output boundary carries (k, or d for a dense model)."""
+        return self.cfg.subspace_rank or self.cfg.d_model
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embedding)
+        if self.basis is not None:
+            x = x @ self.basis.to(x.dtype).T
+        if self.table is not None:
+            x = x + self.table[ids].to(x.dtype)
+        return x
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x = block(x, rope, self.basis)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(x))
+
+    def encode(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Residual stream → what crosses the boundary after this stage (coefficients, or x if dense)."""
+        return x if self.basis is None else subspace.encode(x, ids, self.basis, self.table)
+
+    def decode(self, boundary: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What crossed the boundary before this stage → residual stream."""
+        return boundary if self.basis is None else subspace.decode(boundary, ids, self.basis, self.table)
+
+    def forward(self, boundary_in: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        """First stage: ids → boundary; middle: boundary → boundary; last: boundary → logits."""
+        x = self.embed(ids) if self.is_first else self.decode(boundary_in, ids)
+        x = self.run_blocks(x)
+        return self.logits(x) if self.is_last else self.encode(x, ids)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per token), computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class LanguageModel(nn.Module):
+    """All stages in one process, residual stream passed directly between them (the unsplit model)."""
+
+    def __init__(self, cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> None:
+        super().__init__()
+        pipeline = pipeline or PipelineConfig()
+        self.cfg = cfg
+        ranges = pipeline.stage_ranges(cfg.n_layers)
+        self.stages = nn.ModuleList(Stage(cfg, r, i, len(ranges)) for i, r in enumerate(ranges))
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (b, n, V), or the mean loss when ``targets`` are given."""
+        x = self.stages[0].embed(ids)
+        for stage in self.stages:
+            x = stage.run_blocks(x)
+        logits = self.stages[-1].logits(x)
+        return logits if targets is None else lm_loss(logits, targets)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices (incl. Z), none on norms and embeddings."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and not name.endswith("embedding") else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def parameter_count(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> int:
+    """Trainable parameters of the model, computed from the config alone (no allocation)."""
+    pipeline = pipeline or PipelineConfig()
+    d, k, head_dim = cfg.d_model, cfg.subspace_rank, cfg.d_model // cfg.n_heads
+    ranges = pipeline.stage_ranges(cfg.n_layers)
+    total = cfg.vocab_size * (k or d) + d + d * cfg.vocab_size  # embedding, final norm, head
+    for index, layers in enumerate(ranges):
+        rank = None if index == len(ranges) - 1 else k
+        attn = d * cfg.n_heads * head_dim + 2 * d * cfg.kv_heads * head_dim
+        writers = (rank or d) * (cfg.n_heads * head_dim + cfg.hidden)
+        total += len(layers) * (2 * d + attn + 2 * d * cfg.hidden + writers)
+    return total

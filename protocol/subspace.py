@@ -1,0 +1,111 @@
+"""The subspace boundary codec (Protocol Models, DESIGN §1.1).
+
+Every residual stream ``x`` of a subspace-constrained model satisfies
+``x − T_fixed[ids] ∈ span(U)``, so a stage boundary sends the k coefficients
+``c = (x − T_fixed[ids]) · U`` per token (plus the ids) and the receiver rebuilds
+``x = c · Uᵀ + T_fixed[ids]``. Gradients cross the other way as ``∂L/∂c = (∂L/∂x) · U``
+and are expanded back with ``∂L/∂x ≈ (∂L/∂c) · Uᵀ`` (exact on every direction the upstream
+stage can influence, which is all of span(U)).
+
+``U`` and ``T_fixed`` are a pure function of ``(seed, vocab_size, d, k)``: every peer builds the same
+tensors locally and nothing is sent to agree on them. They are generated on the CPU in float64 with a
+seeded ``torch.Generator`` (QR for the orthonormal basis) and then cast, so they do not depend on the
+device; ``basis_fingerprint`` lets peers confirm bit-equality.
+
+Plain functions on tensors; no ``torch.nn`` modules, so the wire layer and tests can use them alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+# Distinct streams for the two seed-derived tensors, so changing one's shape never changes the other.
+_BASIS_STREAM = 0x5B
+_TABLE_STREAM = 0x7F
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+    return gen
+
+
+def make_basis(seed: int, d: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal ``U ∈ R^{d×k}`` derived from ``seed`` (QR of a Gaussian matrix, signs fixed)."""
+    if not 0 < k <= d:
+        raise ValueError(f"subspace rank k={k} must be in 1..d={d}")
+    gauss = torch.randn(d, k, generator=_generator(seed, _BASIS_STREAM), dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    # QR is unique only up to column signs; pin them so every LAPACK gives the same U.
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    return q.to(dtype).contiguous()
+
+
+def make_fixed_table(seed: int, vocab_size: int, d: int, std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Frozen high-rank token table ``T_fixed ∈ R^{V×d}`` with i.i.d. N(0, std²) entries."""
+    table = torch.randn(vocab_size, d, generator=_generator(seed, _TABLE_STREAM), dtype=torch.float32)
+    return (table * std).to(dtype).contiguous()
+
+
+def basis_fingerprint(*tensors: torch.Tensor) -> str:
+    """Short hash of the exact bytes of the given tensors (peers compare it to agree on U/T_fixed)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encode(x: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """Residual stream ``x`` (…, n, d) and token ids (…, n) → coefficients (…, n, k)."""
+    if table is not None:
+        x = x - table[ids].to(x.dtype)
+    return x @ basis.to(x.dtype)
+
+
+def decode(coefficients: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """Coefficients (…, n, k) and token ids (…, n) → residual stream (…, n, d)."""
+    x = coefficients @ basis.to(coefficients.dtype).T
+    if table is not None:
+        x = x + table[ids].to(x.dtype)
+    return x
+
+
+def encode_grad(grad_x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂x`` (…, n, d) → ``∂L/∂c`` (…, n, k): the gradient an upstream stage needs."""
+    return grad_x @ basis.to(grad_x.dtype)
+
+
+def decode_grad(grad_c: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂c`` (…, n, k) → the part of ``∂L/∂x`` (…, n, d) the upstream stage can act on."""
+    return grad_c @ basis.to(grad_c.dtype).T
+
+
+@dataclass(frozen=True)
+class SubspaceSpec:
+    """Everything that determines the shared tensors; equal specs give bit-identical tensors."""
+
+    seed: int
+    vocab_size: int
+    d: int
+    k: int
+    table_std: float
+    with_table: bool = True
+
+    def build(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        basis = make_basis(self.seed, self.d, self.k)
+        table = make_fixed_table(self.seed, self.vocab_size, self.d, self.table_std) if self.with_table else None
+        return basis, table
+
+
+def boundary_bytes(tokens: int, k: int, coeff_bytes: int = 2, vocab_size: int = 256) -> int:
+    """Bytes one boundary message carries for ``tokens`` tokens: k coefficients plus the token id each."""
+    return tokens * (k * coeff_bytes + id_bytes(vocab_size))
+
+
+def id_bytes(vocab_size: int) -> int:
+    """Smallest unsigned integer width (bytes) that holds every token id of the vocabulary."""
+    return 1 if vocab_size <= 2**8 else 2 if vocab_size <= 2**16 else 4

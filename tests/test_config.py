@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from configs import CONFIG_DIR
+from node.config import SECTIONS, ConfigError, describe_fields, load_config, parse_override
+from node.model import LanguageModel, parameter_count
+
+SHIPPED = sorted(CONFIG_DIR.rglob("*.toml"))
+
+
+def test_presets_are_shipped():
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in SHIPPED}
+    assert {"model/tiny.toml", "model/small.toml", "model/125m.toml", "model/1b.toml", "model/8b.toml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.n_layers >= cfg.pipeline.num_stages
+    assert parameter_count(cfg.model, cfg.pipeline) > 0
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [
+    ("tiny", 3e6, 8e6), ("small", 20e6, 30e6), ("125m", 100e6, 150e6), ("1b", 0.9e9, 1.3e9), ("8b", 7e9, 9e9),
+])
+def test_preset_sizes_match_their_names(preset, low, high):
+    cfg = load_config(preset, ["model.subspace_rank='none'"])
+    assert low <= parameter_count(cfg.model) <= high
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_parameter_count_matches_the_built_model(preset):
+    for stages in (1, 4):
+        cfg = load_config(preset, [f"pipeline.num_stages={stages}"])
+        assert LanguageModel(cfg.model, cfg.pipeline).num_parameters() == parameter_count(cfg.model, cfg.pipeline)
+
+
+def test_extends_and_overrides_layer_in_order():
+    cfg = load_config("local/tiny", ["train.lr=3e-4", "model.subspace_rank=16", "pipeline.layer_splits=[1, 2, 5]"])
+    assert cfg.model.name == "tiny" and cfg.pipeline.num_stages == 4
+    assert cfg.train.lr == 3e-4 and cfg.model.subspace_rank == 16
+    assert [(r.start, r.stop) for r in cfg.pipeline.stage_ranges(8)] == [(0, 1), (1, 2), (2, 5), (5, 8)]
+    dense = load_config("local/tiny-dense")
+    assert dense.model.subspace_rank is None and not dense.model.uses_fixed_table
+
+
+def test_even_stage_split():
+    cfg = load_config("tiny", ["pipeline.num_stages=3"])
+    assert [len(r) for r in cfg.pipeline.stage_ranges(8)] == [3, 3, 2]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.bogus=1", "model.bogus"),
+    ("train.lr=-1.0", "train.lr must be positive"),
+    ("model.d_model=0", "model.d_model must be positive"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.subspace_rank=512", "subspace_rank=512 exceeds model.d_model=256"),
+    ("model.n_heads=3", "not divisible"),
+    ("train.steps='many'", "train.steps must be of type int"),
+    ("train.device='tpu'", "train.device"),
+    ("data.source='web'", "data.source"),
+    ("data.source='text'", "data.path is required"),
+    ("pipeline.num_stages=9", "num_stages=9 exceeds model.n_layers=8"),
+    ("pipeline.layer_splits=[3, 2, 5]", "strictly increasing"),
+    ("train.seq_len=1024", "exceeds model.max_seq_len"),
+])
+def test_invalid_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("local/tiny", [override])
+
+
+def test_unknown_section_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config section"):
+        load_config(None, optimizer={"lr": 1})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nd_model = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no-such-preset")
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = ["loop.toml"]\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(loop)
+
+
+def test_missing_data_path_is_rejected_at_start(tmp_path):
+    cfg = load_config("local/tiny", ["data.source='text'", f"data.path='{tmp_path / 'nope.txt'}'"])
+    with pytest.raises(ConfigError, match="data.path=.*does not exist"):
+        cfg.data.check_paths()
+
+
+def test_override_syntax():
+    assert parse_override("train.lr=3e-4") == ("train", "lr", 3e-4)
+    assert parse_override("data.path=/tmp/x y") == ("data", "path", "/tmp/x y")
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_override("lr=3")
+
+
+def test_every_field_is_documented():
+    text = describe_fields()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{section}.{f.name} has no doc"
+            assert f"{section}.{f.name}:" in text

@@ -1,0 +1,182 @@
+"""The subspace model's defining invariants (DESIGN §1.1), and the controls that show they can fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.config import load_config
+from node.model import LanguageModel, parameter_groups
+from node.stages import StageRunner, run_staged
+from protocol import subspace
+
+
+def build(overrides=(), stages=4, seed=0):
+    cfg = load_config("tiny", [f"pipeline.num_stages={stages}", *overrides])
+    torch.manual_seed(seed)
+    return cfg, LanguageModel(cfg.model, cfg.pipeline)
+
+
+def batch(n=2, length=48, seed=1):
+    ids = torch.randint(0, 256, (n, length + 1), generator=torch.Generator().manual_seed(seed))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def boundaries(model, ids):
+    x = model.stages[0].embed(ids)
+    out = []
+    for stage in model.stages[:-1]:
+        x = stage.run_blocks(x)
+        out.append(x)
+    return out
+
+
+def max_reconstruction_error(model, ids):
+    err = 0.0
+    with torch.no_grad():
+        for stage, x in zip(model.stages, boundaries(model, ids), strict=False):
+            back = stage.decode(stage.encode(x, ids), ids)
+            err = max(err, ((back - x).norm(dim=-1) / x.norm(dim=-1)).max().item())
+    return err
+
+
+def train_a_few_steps(model, steps=5):
+    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=3e-3)
+    for step in range(steps):
+        ids, targets = batch(seed=100 + step)
+        model(ids, targets).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_basis_is_orthonormal_deterministic_and_seeded():
+    u = subspace.make_basis(3, 256, 8)
+    assert torch.allclose(u.T @ u, torch.eye(8), atol=1e-6)
+    assert torch.equal(u, subspace.make_basis(3, 256, 8))
+    assert subspace.basis_fingerprint(u) == subspace.basis_fingerprint(subspace.make_basis(3, 256, 8))
+    assert not torch.allclose(u, subspace.make_basis(4, 256, 8))
+    table = subspace.make_fixed_table(3, 256, 64, std=1.0)
+    assert torch.linalg.matrix_rank(table) == 64  # high rank: not itself inside any small subspace
+    with pytest.raises(ValueError):
+        subspace.make_basis(0, 8, 9)
+
+
+def test_boundaries_are_exactly_reconstructible_before_and_after_training():
+    _, model = build()
+    ids, _ = batch()
+    assert max_reconstruction_error(model, ids) <= 1e-5
+    train_a_few_steps(model)
+    assert max_reconstruction_error(model, ids) <= 1e-5
+
+
+def test_dense_model_boundaries_are_not_reconstructible():
+    """Control: the same codec on a dense model loses most of the stream, so the test above can fail."""
+    cfg, dense = build(["model.subspace_rank='none'", "model.fixed_table=true"])
+    ids, _ = batch()
+    shared = build()[1].stages[0]
+    x = boundaries(dense, ids)[0]
+    with torch.no_grad():
+        back = subspace.decode(subspace.encode(x, ids, shared.basis, shared.table), ids, shared.basis, shared.table)
+    rel = ((back - x).norm(dim=-1) / (x - shared.table[ids]).norm(dim=-1)).max().item()
+    assert rel > 0.5
+
+
+def test_staged_gradients_match_the_unsplit_model():
+    _, model = build()
+    train_a_few_steps(model, 2)
+    ids, targets = batch(seed=7)
+    model.zero_grad()
+    loss = model(ids, targets)
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    staged = run_staged(model, ids, targets)
+    assert abs(staged.loss - loss.item()) <= 1e-5 * loss.item()
+    for name, p in model.named_parameters():
+        rel = ((p.grad - reference[name]).norm() / reference[name].norm()).item()
+        assert rel <= 1e-4, name
+    # Each boundary carries k numbers per token both ways.
+    k = model.cfg.subspace_rank
+    assert all(b.shape == (2, 48, k) for b in staged.boundaries)
+    assert all(g.shape == (2, 48, k) for g in staged.boundary_grads)
+
+
+def test_boundary_gradient_map_matches_autograd():
+    _, model = build()
+    ids, targets = batch()
+    xs = boundaries(model, ids)
+    for x in xs:
+        x.retain_grad()
+    x_last = model.stages[-1].run_blocks(xs[-1])
+    from node.model import lm_loss
+
+    lm_loss(model.stages[-1].logits(x_last), targets).backward()
+    model.zero_grad(set_to_none=True)
+    staged = run_staged(model, ids, targets)
+    for stage, x, dc in zip(model.stages, xs, staged.boundary_grads, strict=False):
+        expected = subspace.encode_grad(x.grad, stage.basis)
+        assert torch.allclose(dc, expected, rtol=1e-4, atol=1e-7)
+        # decode_grad lifts ∂L/∂c back to the stream; re-encoding it is the identity on R^k.
+        assert torch.allclose(subspace.encode_grad(subspace.decode_grad(dc, stage.basis), stage.basis), dc, atol=1e-6)
+
+
+def test_last_stage_is_unconstrained_and_others_are():
+    cfg, model = build()
+    k, d = cfg.model.subspace_rank, cfg.model.d_model
+    for stage in model.stages:
+        expected_rows = d if stage.is_last else k
+        for block in stage.blocks:
+            assert block.attn.wo.weight.shape[0] == expected_rows
+            assert block.mlp.w_down.weight.shape[0] == expected_rows
+    assert model.stages[0].embedding.shape == (cfg.model.vocab_size, k)
+
+
+def test_shared_tensors_are_not_in_checkpoints():
+    _, model = build()
+    keys = model.state_dict().keys()
+    assert not any(key.endswith(("basis", "table", "rope_cos", "rope_sin")) for key in keys)
+
+
+def test_causal_and_gqa():
+    _, model = build(["model.n_kv_heads=2"], stages=2)
+    ids, _ = batch(n=1, length=32)
+    changed = ids.clone()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.allclose(a[0, :20], b[0, :20], atol=1e-5)
+    assert not torch.allclose(a[0, 20:], b[0, 20:], atol=1e-3)
+
+
+def test_stage_runner_guards_and_drop():
+    _, model = build()
+    runner = StageRunner(model.stages[1])
+    ids, _ = batch()
+    with pytest.raises(ValueError, match="boundary_in"):
+        runner.forward(0, ids)
+    first = StageRunner(model.stages[0])
+    out = first.forward(1, ids)
+    assert first.in_flight == 1
+    with pytest.raises(ValueError, match="already in flight"):
+        first.forward(1, ids)
+    assert first.drop(1) and first.in_flight == 0 and not first.drop(1)
+    assert out.shape[-1] == model.stages[0].boundary_width
+
+
+def test_compression_ratio_of_tiny_preset():
+    cfg = load_config("tiny")
+    tokens = 1000
+    dense = tokens * cfg.model.d_model * 2
+    assert dense / subspace.boundary_bytes(tokens, cfg.model.subspace_rank, 2, cfg.model.vocab_size) >= 30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_matches_cpu_loosely():
+    _, model = build(stages=2)
+    ids, targets = batch()
+    cpu_loss = model(ids, targets).item()
+    model = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu_loss = model(ids.cuda(), targets.cuda()).item()
+    assert abs(gpu_loss - cpu_loss) < 0.05 * cpu_loss
