@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.config import load_config  # noqa: E402
-from node.train_local import train_local  # noqa: E402
+from node.config import load_config
+from node.train_local import train_local
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str]) -> dict:

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.config import load_config  # noqa: E402
-from node.data import load_corpus, validation_batches  # noqa: E402
-from node.model import LanguageModel, lm_loss  # noqa: E402
-from node.stages import run_staged  # noqa: E402
-from node.train_local import train_local  # noqa: E402
-from protocol import subspace  # noqa: E402
+from node.config import load_config
+from node.data import load_corpus, validation_batches
+from node.model import LanguageModel, lm_loss
+from node.stages import run_staged
+from node.train_local import train_local
+from protocol import subspace
 
 
 def unsplit_boundaries(model: LanguageModel, ids: torch.Tensor, targets: torch.Tensor):
@@ -65,7 +65,7 @@ def measure(model: LanguageModel, batches: list[torch.Tensor]) -> dict:
     for batch in batches:
         ids, targets = batch[:, :-1], batch[:, 1:]
         xs, dxs, ref_grads, ref_loss = unsplit_boundaries(model, ids, targets)
-        for stage, x, dx in zip(model.stages, xs, dxs, strict=False):
+        for stage, x in zip(model.stages, xs, strict=False):
             c = subspace.encode(x, ids, stage.basis, stage.table)
             recon = max(recon, per_token_rel(subspace.decode(c, ids, stage.basis, stage.table) - x, x))
         model.zero_grad(set_to_none=True)

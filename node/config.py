@@ -12,6 +12,7 @@ User mistakes raise ``ConfigError`` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tomllib
 import types
@@ -137,7 +138,7 @@ class PipelineConfig:
                 starts.append(starts[-1] + base + (1 if s < extra else 0))
         else:
             starts = [0, *self.layer_splits]
-            if any(b <= a for a, b in zip(starts, starts[1:], strict=False)) or starts[-1] >= n_layers:
+            if any(b <= a for a, b in itertools.pairwise(starts)) or starts[-1] >= n_layers:
                 raise ConfigError(
                     f"pipeline.layer_splits={self.layer_splits} must be strictly increasing "
                     f"and inside 1..{n_layers - 1}"

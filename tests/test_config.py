@@ -89,14 +89,14 @@ def test_unknown_section_and_bad_toml(tmp_path):
 
 def test_missing_data_path_is_rejected_at_start(tmp_path):
     cfg = load_config("local/tiny", ["data.source='text'", f"data.path='{tmp_path / 'nope.txt'}'"])
-    with pytest.raises(ConfigError, match="data.path=.*does not exist"):
+    with pytest.raises(ConfigError, match=r"data.path=.*does not exist"):
         cfg.data.check_paths()
 
 
 def test_override_syntax():
     assert parse_override("train.lr=3e-4") == ("train", "lr", 3e-4)
     assert parse_override("data.path=/tmp/x y") == ("data", "path", "/tmp/x y")
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"section.field=value"):
         parse_override("lr=3")
 
 

@@ -71,7 +71,7 @@ def test_boundaries_are_exactly_reconstructible_before_and_after_training():
 
 def test_dense_model_boundaries_are_not_reconstructible():
     """Control: the same codec on a dense model loses most of the stream, so the test above can fail."""
-    cfg, dense = build(["model.subspace_rank='none'", "model.fixed_table=true"])
+    _cfg, dense = build(["model.subspace_rank='none'", "model.fixed_table=true"])
     ids, _ = batch()
     shared = build()[1].stages[0]
     x = boundaries(dense, ids)[0]
