@@ -58,7 +58,9 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-    for _, old in list_checkpoints(directory)[:-keep]:
+    # Prune by step among the checkpoints up to this one; never the file just written.
+    older = [path for s, path in list_checkpoints(directory) if s < step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
     for stale in directory.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
         if stale.stat().st_mtime < final.stat().st_mtime:

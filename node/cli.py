@@ -32,7 +32,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device!r}")
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:
         overrides.append(f"train.steps={args.steps}")
     return load_config(args.config, overrides)
 
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

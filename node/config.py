@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import tomllib
 import types
 import typing
@@ -35,7 +36,7 @@ def _f(default: Any, doc: str) -> Any:
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value <= 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{_section(obj)}.{name} must be positive, got {value!r}")
 
 
@@ -220,7 +221,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"train.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
 
@@ -371,6 +372,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if hint in (int, float, str, bool):
         if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
             raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")

@@ -116,6 +116,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x), basis)
 
 
+def shared_tensors(cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The seed-derived basis U (None for a dense model) and frozen table T_fixed (None when unused)."""
+    basis = subspace.make_basis(cfg.subspace_seed, cfg.d_model, cfg.subspace_rank) if cfg.subspace_rank else None
+    table = None
+    if cfg.uses_fixed_table:
+        table = subspace.make_fixed_table(cfg.subspace_seed, cfg.vocab_size, cfg.d_model, cfg.fixed_table_std)
+    return basis, table
+
+
 class Stage(nn.Module):
     """Layers ``layers`` of the model, plus the embedding (first stage) and the LM head (last stage).
 
@@ -123,16 +132,14 @@ class Stage(nn.Module):
     rebuilt from the config's seed on every peer, never stored in checkpoints or sent.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: range, index: int, num_stages: int) -> None:
+    def __init__(self, cfg: ModelConfig, layers: range, index: int, num_stages: int,
+                 shared: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> None:
         super().__init__()
         self.cfg, self.layers, self.index, self.num_stages = cfg, layers, index, num_stages
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         k = cfg.subspace_rank
-        basis, table = subspace.SubspaceSpec(
-            seed=cfg.subspace_seed, vocab_size=cfg.vocab_size, d=cfg.d_model, k=k or 1,
-            table_std=cfg.fixed_table_std, with_table=cfg.uses_fixed_table,
-        ).build()
-        self.register_buffer("basis", basis if k else None, persistent=False)
+        basis, table = shared if shared is not None else shared_tensors(cfg)
+        self.register_buffer("basis", basis, persistent=False)
         self.register_buffer("table", table, persistent=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -159,7 +166,9 @@ class Stage(nn.Module):
         if self.basis is not None:
             x = x @ self.basis.to(x.dtype).T
         if self.table is not None:
-            x = x + self.table[ids].to(x.dtype)
+            # Keep the residual stream fp32 under autocast: T_fixed is most of |x|, and a bf16 stream
+            # would round the trainable part at the table's scale.
+            x = x.float() + self.table[ids].float()
         return x
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +208,8 @@ class LanguageModel(nn.Module):
         pipeline = pipeline or PipelineConfig()
         self.cfg = cfg
         ranges = pipeline.stage_ranges(cfg.n_layers)
-        self.stages = nn.ModuleList(Stage(cfg, r, i, len(ranges)) for i, r in enumerate(ranges))
+        shared = shared_tensors(cfg)  # one copy of T_fixed for all stages in this process
+        self.stages = nn.ModuleList(Stage(cfg, r, i, len(ranges), shared) for i, r in enumerate(ranges))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (b, n, V), or the mean loss when ``targets`` are given."""

@@ -18,7 +18,6 @@ Plain functions on tensors; no ``torch.nn`` modules, so the wire layer and tests
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +61,8 @@ def basis_fingerprint(*tensors: torch.Tensor) -> str:
 def encode(x: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
     """Residual stream ``x`` (…, n, d) and token ids (…, n) → coefficients (…, n, k)."""
     if table is not None:
-        x = x - table[ids].to(x.dtype)
+        # In fp32: x is mostly T_fixed, so subtracting in bf16 would cancel away the part that is sent.
+        x = x.float() - table[ids].float()
     return x @ basis.to(x.dtype)
 
 
@@ -70,7 +70,8 @@ def decode(coefficients: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, t
     """Coefficients (…, n, k) and token ids (…, n) → residual stream (…, n, d)."""
     x = coefficients @ basis.to(coefficients.dtype).T
     if table is not None:
-        x = x + table[ids].to(x.dtype)
+        # The stream stays fp32 (as the table) even when coefficients arrive as bf16.
+        x = x.float() + table[ids].float()
     return x
 
 
@@ -82,23 +83,6 @@ def encode_grad(grad_x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 def decode_grad(grad_c: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``∂L/∂c`` (…, n, k) → the part of ``∂L/∂x`` (…, n, d) the upstream stage can act on."""
     return grad_c @ basis.to(grad_c.dtype).T
-
-
-@dataclass(frozen=True)
-class SubspaceSpec:
-    """Everything that determines the shared tensors; equal specs give bit-identical tensors."""
-
-    seed: int
-    vocab_size: int
-    d: int
-    k: int
-    table_std: float
-    with_table: bool = True
-
-    def build(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        basis = make_basis(self.seed, self.d, self.k)
-        table = make_fixed_table(self.seed, self.vocab_size, self.d, self.table_std) if self.with_table else None
-        return basis, table
 
 
 def boundary_bytes(tokens: int, k: int, coeff_bytes: int = 2, vocab_size: int = 256) -> int:

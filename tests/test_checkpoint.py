@@ -31,3 +31,25 @@ def test_corrupt_checkpoint_raises_a_clear_error(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert load_latest(tmp_path / "missing") is None
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    for step in (100, 200):
+        save_checkpoint(tmp_path, step, {"step": step})
+    save_checkpoint(tmp_path, 10, {"step": 10}, keep=2)
+    assert 10 in [s for s, _ in list_checkpoints(tmp_path)]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(2)})
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"step": 2})
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert not list(tmp_path.glob("*.tmp")) and load_latest(tmp_path)["step"] == 1

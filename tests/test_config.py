@@ -66,6 +66,10 @@ def test_even_stage_split():
     ("pipeline.num_stages=9", "num_stages=9 exceeds model.n_layers=8"),
     ("pipeline.layer_splits=[3, 2, 5]", "strictly increasing"),
     ("train.seq_len=1024", "exceeds model.max_seq_len"),
+    ("train.lr=nan", "train.lr must be a finite number"),
+    ("train.grad_clip=inf", "train.grad_clip must be a finite number"),
+    ("model.rope_theta=nan", "model.rope_theta must be a finite number"),
+    ("train.device='cuda:x'", "train.device"),
 ])
 def test_invalid_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

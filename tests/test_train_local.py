@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -33,7 +36,7 @@ def test_resume_after_interrupt_is_exact(small_data_overrides, tmp_path):
 
     def interrupt_at_5(step, _loss):
         if step == 5:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: honoured at the end of the step
 
     resumed_dir = tmp_path / "b"
     cfg = config(small_data_overrides, [*common, f"train.checkpoint_dir='{resumed_dir}'"])
@@ -72,5 +75,21 @@ def test_lr_schedule_shape():
                                      "train.min_lr_ratio=0.1"])
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(55, cfg) == pytest.approx(0.55e-3, rel=1e-6)
-    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert 1e-4 < lr_at(55, cfg) < 1e-3 and lr_at(30, cfg) > lr_at(60, cfg)
+    assert lr_at(99, cfg) == pytest.approx(1e-4)  # the last step reaches the floor
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("data.seed=5", r"different \[data\] config"),
+    ("train.grad_accum=2", "train.grad_accum=1, now 2"),
+])
+def test_resume_with_other_data_is_refused(small_data_overrides, change, message):
+    train_local(config(small_data_overrides, ["train.steps=1", "train.eval_every=0"]))
+    with pytest.raises(CheckpointError, match=message):
+        train_local(config(small_data_overrides, ["train.steps=2", change]))
+
+
+def test_fresh_start_into_a_used_directory_is_refused(small_data_overrides):
+    train_local(config(small_data_overrides, ["train.steps=1", "train.eval_every=0"]))
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train_local(config(small_data_overrides, ["train.steps=1", "train.resume=false"]))
