@@ -8,8 +8,8 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
                          carries: the fair baseline and the reference for ``gap_pct``
 - ``subspace k=K``       boundaries confined to a K-dim subspace (d/K× fewer numbers per boundary)
 
-    python bench/convergence.py --quick      # 3 k values, short budget (~10 minutes on 2 CPU cores)
-    python bench/convergence.py              # 5 k values, 4× the budget
+    python bench/convergence.py --quick      # 3 k values, 614k tokens each (~15-20 minutes on 2 CPU cores)
+    python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -31,6 +31,7 @@ from node.train_local import train_local
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str]) -> dict:
+    print(f"training {label} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("local/tiny", [*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false"])
         t0 = time.time()
