@@ -8,7 +8,7 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
                          carries: the fair baseline and the reference for ``gap_pct``
 - ``subspace k=K``       boundaries confined to a K-dim subspace (d/K× fewer numbers per boundary)
 
-    python bench/convergence.py --quick      # 3 k values, 614k tokens each (~15-20 minutes on 2 CPU cores)
+    python bench/convergence.py --quick      # 3 k values, 614k tokens each (851 s measured on 2 CPU cores)
     python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
