@@ -1,0 +1,315 @@
+"""Tensor codecs: how the values of one tensor become bytes on the wire and back.
+
+Every codec turns a float tensor into a *payload* (``bytes``) and back into a float32 tensor; the
+shape travels in the message header next to the codec's name (see :mod:`protocol.tensors`), so a
+payload alone is just values. Codecs compose with the subspace boundary codec: a stage boundary
+first projects the residual stream to k coefficients (:mod:`protocol.subspace`), then sends those
+with any codec here.
+
+=========  ==============================================  ======================
+name       what it sends                                   bits per value
+=========  ==============================================  ======================
+``fp32``   the float32 bytes                               32
+``bf16``   bfloat16 (round to nearest even)                16
+``fp16``   float16, saturated to ±65504                    16
+``int8``   blockwise absmax: 256 values share an fp32      8 + 32/256 = 8.125
+           scale, each value ``round(127·x/absmax)``
+``e3m0``   4-bit float: sign + 3 exponent bits, no         4 + 32/256 = 4.125
+           mantissa; 256 values share an fp32 scale
+=========  ==============================================  ======================
+
+E3M0 (Streaming DiLoCo's 4-bit format, DESIGN §1.2): a value is ``scale · ±2^(e−7)`` for code
+``e ∈ 1..7`` or ``0`` for code 0, with ``scale`` the block's absolute maximum. So a block keeps
+the magnitudes ``absmax · {0, 2⁻⁶, …, 2⁻¹, 1}`` and each value rounds to the *nearest* of them (not
+to the nearest exponent): between ``2^p`` and ``2^(p+1)`` the midpoint ``1.5·2^p`` decides, which
+is exactly "add half the mantissa range to the float32 bits and keep the exponent". Two codes
+pack into a byte, low nibble first.
+
+All payloads are little-endian. Quantized payloads put the block scales first, then the codes.
+Decoding checks the byte length against the shape *before* allocating anything and rejects
+non-finite or negative scales, so a decoded quantized tensor is finite by construction.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from protocol.errors import NonFiniteError, TensorError, UnknownCodec
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+    raise ImportError("protoswarm's wire format is little-endian; this host is big-endian")
+
+BLOCK_SIZE = 256  # values per scale for int8 and e3m0: 32/256 = 0.125 extra bits per value
+
+_FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a contiguous CPU tensor of any dtype."""
+    return tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _view(payload: bytes | bytearray | memoryview, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
+    """Zero-copy, read-only view of ``count`` elements of ``payload`` (callers copy before writing)."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        # frombuffer warns on read-only buffers (bytes); every caller copies via .to()/.clone()/ops.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+
+
+def _check_input(tensor: torch.Tensor, codec: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"codec {codec!r} encodes torch tensors, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_INPUTS:
+        raise ValueError(f"codec {codec!r} encodes floating-point tensors, got {tensor.dtype}")
+    return tensor.detach().to("cpu")
+
+
+class Codec(ABC):
+    """Turns a float tensor's values into bytes and back. Stateless; one shared instance per name."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool] = False  # exact for float32 input
+
+    @abstractmethod
+    def payload_nbytes(self, numel: int) -> int:
+        """Exact payload length for ``numel`` values (checked before decoding allocates anything)."""
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        """Payload for the tensor's values (flattened in row-major order)."""
+
+    @abstractmethod
+    def _decode(self, payload: bytes | bytearray | memoryview, numel: int, check_finite: bool) -> torch.Tensor:
+        """Flat float32 tensor of ``numel`` values; the length was already checked."""
+
+    def decode(
+        self,
+        payload: bytes | bytearray | memoryview,
+        shape: tuple[int, ...] | list[int],
+        *,
+        check_finite: bool = True,
+    ) -> torch.Tensor:
+        """Float32 tensor of ``shape`` from a payload; raises :class:`TensorError` on a length mismatch."""
+        shape = tuple(int(s) for s in shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        expected = self.payload_nbytes(numel)
+        if len(payload) != expected:
+            raise TensorError(
+                f"{self.name} payload for shape {list(shape)} must be {expected} bytes, got {len(payload)}"
+            )
+        return self._decode(payload, numel, check_finite).reshape(shape)
+
+    def bits_per_value(self, numel: int) -> float:
+        """Payload bits per value, block scales included (message headers are not)."""
+        return 8.0 * self.payload_nbytes(numel) / max(numel, 1)
+
+
+class _Passthrough(Codec):
+    """Sends the values in a float dtype as is (after a cast)."""
+
+    wire_dtype: ClassVar[torch.dtype]
+
+    def payload_nbytes(self, numel: int) -> int:
+        return numel * self.wire_dtype.itemsize
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        tensor = _check_input(tensor, self.name)
+        return _as_bytes(self._cast(tensor))
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.wire_dtype)
+
+    def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
+        values = _view(payload, self.wire_dtype, numel)
+        if check_finite and numel and not bool(torch.isfinite(values).all()):
+            raise NonFiniteError(f"{self.name} tensor holds NaN or inf values")
+        # .to() copies out of the (read-only, peer-owned) buffer; clone() does it for float32.
+        return values.to(torch.float32) if self.wire_dtype != torch.float32 else values.clone()
+
+
+class Float32Codec(_Passthrough):
+    name = "fp32"
+    lossless = True
+    wire_dtype = torch.float32
+
+
+class BFloat16Codec(_Passthrough):
+    name = "bf16"
+    wire_dtype = torch.bfloat16
+
+
+class Float16Codec(_Passthrough):
+    name = "fp16"
+    wire_dtype = torch.float16
+    _MAX = torch.finfo(torch.float16).max
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Saturate rather than overflow to inf (which every receiver would reject).
+        return tensor.to(torch.float32).clamp(-self._MAX, self._MAX).to(torch.float16)
+
+
+class _Blockwise(Codec):
+    """Shared layout of the block-scaled codecs: ``[fp32 scale × blocks][codes]``."""
+
+    block: ClassVar[int] = BLOCK_SIZE
+
+    def num_blocks(self, numel: int) -> int:
+        return -(-numel // self.block)
+
+    @abstractmethod
+    def code_nbytes(self, numel: int) -> int: ...
+
+    def payload_nbytes(self, numel: int) -> int:
+        return 4 * self.num_blocks(numel) + self.code_nbytes(numel)
+
+    def _blocks(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded fp32 values as [blocks, block], per-block absmax); refuses non-finite input."""
+        flat = _check_input(tensor, self.name).reshape(-1).to(torch.float32)
+        nb = self.num_blocks(flat.numel())
+        if nb * self.block != flat.numel():
+            flat = torch.nn.functional.pad(flat, (0, nb * self.block - flat.numel()))
+        blocks = flat.view(nb, self.block)
+        absmax = blocks.abs().amax(dim=1) if nb else torch.empty(0)
+        if nb and not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"codec {self.name!r} cannot encode NaN or inf values")
+        return blocks, absmax
+
+    def _scales(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
+        scales = _view(payload, torch.float32, self.num_blocks(numel))
+        # Always checked (it is one value per block): a NaN/negative scale would poison the whole block.
+        if scales.numel() and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+            raise NonFiniteError(f"{self.name} payload has a non-finite or negative block scale")
+        return scales
+
+
+class Int8Codec(_Blockwise):
+    name = "int8"
+
+    def code_nbytes(self, numel: int) -> int:
+        return numel
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        blocks, absmax = self._blocks(tensor)
+        numel = tensor.numel()
+        step = absmax / 127.0
+        inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+        codes = torch.round(blocks * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        return _as_bytes(step) + _as_bytes(codes.reshape(-1)[:numel])
+
+    def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
+        step = self._scales(payload, numel, check_finite)
+        nb = step.numel()
+        codes = _view(payload, torch.int8, numel, offset=4 * nb)
+        padded = torch.empty(nb * self.block, dtype=torch.float32)
+        padded[:numel] = codes
+        padded[numel:] = 0
+        return padded.view(nb, self.block).mul_(step[:, None]).reshape(-1)[:numel]
+
+
+def _e3m0_levels() -> torch.Tensor:
+    magnitudes = torch.tensor([0.0] + [2.0 ** (e - 7) for e in range(1, 8)], dtype=torch.float32)
+    return torch.cat([magnitudes, -magnitudes])  # code = sign << 3 | exponent code
+
+
+class E3M0Codec(_Blockwise):
+    name = "e3m0"
+    LEVELS = _e3m0_levels()
+    # Both nibbles of a byte at once: one gather per byte instead of unpack + gather.
+    _PAIRS = torch.stack([LEVELS[torch.arange(256) & 15], LEVELS[torch.arange(256) >> 4]], dim=1).contiguous()
+
+    def code_nbytes(self, numel: int) -> int:
+        return -(-numel // 2)
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        blocks, absmax = self._blocks(tensor)
+        numel = tensor.numel()
+        if numel == 0:
+            return b""
+        inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+        y = blocks.abs().mul_(inv[:, None])  # in [0, 1]
+        # [2⁻⁷, 2⁻⁶) is nearer 2⁻⁶ than 0; below 2⁻⁷ rounds to 0 (code 0 via bits 0).
+        y = torch.where(y >= 2.0**-7, y.clamp(min=2.0**-6), 0.0)
+        # +0x400000 rounds the mantissa at 1.5·2^p; >>23 keeps the biased exponent; −120 = −127+7.
+        codes = y.view(torch.int32).add_(0x400000).bitwise_right_shift_(23).sub_(120).clamp_(0, 7)
+        codes |= (blocks < 0).to(torch.int32) << 3
+        pairs = codes.to(torch.uint8).view(-1, 2)
+        packed = pairs[:, 0] | (pairs[:, 1] << 4)
+        return _as_bytes(absmax) + _as_bytes(packed[: self.code_nbytes(numel)])
+
+    def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
+        scales = self._scales(payload, numel, check_finite)
+        nb = scales.numel()
+        if nb == 0:
+            return torch.empty(0, dtype=torch.float32)
+        packed = torch.zeros(nb * self.block // 2, dtype=torch.uint8)
+        packed[: self.code_nbytes(numel)] = _view(payload, torch.uint8, self.code_nbytes(numel), offset=4 * nb)
+        values = self._PAIRS[packed.long()].view(nb, self.block)
+        return values.mul_(scales[:, None]).reshape(-1)[:numel]
+
+
+CODECS: dict[str, Codec] = {c.name: c() for c in (Float32Codec, BFloat16Codec, Float16Codec, Int8Codec, E3M0Codec)}
+
+
+def get_codec(name: str) -> Codec:
+    """The codec called ``name``; raises :class:`UnknownCodec` (a ``ProtocolError``) otherwise.
+
+    ``hivemind-float16`` and ``hivemind-uniform8bit`` wrap hivemind's own codecs (imported on first use).
+    """
+    codec = CODECS.get(name) if isinstance(name, str) else None
+    if codec is None and isinstance(name, str) and name.startswith("hivemind-"):
+        from protocol import hivemind_compat  # noqa: F401  (registers the hivemind codecs)
+
+        codec = CODECS.get(name)
+    if codec is None:
+        known = ", ".join(sorted(CODECS)) + ", hivemind-float16, hivemind-uniform8bit"
+        raise UnknownCodec(f"unknown tensor codec {name!r}; this node knows: {known}")
+    return codec
+
+
+def register_codec(codec: Codec) -> None:
+    """Add a codec under ``codec.name`` (names are unique; built-ins cannot be replaced)."""
+    if codec.name in CODECS:
+        raise ValueError(f"a codec named {codec.name!r} is already registered")
+    CODECS[codec.name] = codec
+
+
+class MeanAccumulator:
+    """Weighted FP32 average of decoded contributions (e.g. peers' 4-bit pseudo-gradients).
+
+    Quantized payloads are decoded and summed in float32 so that averaging M replicas does not
+    add M rounding steps of a low-precision accumulator on top of the quantization itself.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | list[int] | torch.Size):
+        self.total = torch.zeros(tuple(shape), dtype=torch.float32)
+        self.weight = 0.0
+        self.count = 0
+
+    def add(self, values: torch.Tensor, weight: float = 1.0) -> None:
+        if tuple(values.shape) != tuple(self.total.shape):
+            raise TensorError(f"contribution of shape {list(values.shape)} does not match {list(self.total.shape)}")
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"contribution weight must be a positive finite number, got {weight}")
+        self.total.add_(values.to(torch.float32), alpha=float(weight))
+        self.weight += float(weight)
+        self.count += 1
+
+    def add_encoded(self, payload: bytes | memoryview, codec: str | Codec, weight: float = 1.0) -> None:
+        """Decode (validating length and finiteness) and add one contribution."""
+        codec = get_codec(codec) if isinstance(codec, str) else codec
+        self.add(codec.decode(payload, self.total.shape), weight)
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no contributions to average")
+        return self.total / self.weight

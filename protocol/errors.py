@@ -1,0 +1,93 @@
+"""The one error family for everything a peer sends.
+
+Decoding never lets another exception type escape on bad input: anything malformed, oversize,
+of another protocol version or numerically invalid raises a subclass of :class:`ProtocolError`.
+Each subclass has a stable ``code`` (a short string) that goes into error replies and metric labels,
+so operators can count *kinds* of bad input without parsing messages.
+
+Programming mistakes on the sending side (encoding a tensor of an unsupported dtype, for instance)
+are ``ValueError``/``TypeError``: they are ours to fix, not a peer's.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Input from a peer that this node will not accept. ``code`` names the kind of failure."""
+
+    code = "protocol"
+
+
+class FrameError(ProtocolError):
+    """The byte stream is not a well-formed frame: bad magic, truncated, or trailing bytes."""
+
+    code = "frame"
+
+
+class ChecksumError(FrameError):
+    """The frame's checksum does not match its body: corrupted in transit or forged."""
+
+    code = "checksum"
+
+
+class OversizeError(ProtocolError):
+    """A length, count or shape exceeds the configured cap; nothing of that size was allocated."""
+
+    code = "oversize"
+
+
+class FrameTimeout(ProtocolError):
+    """A frame did not arrive completely within its deadline (a stalled or slow-loris peer)."""
+
+    code = "timeout"
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another major protocol version; upgrade one side."""
+
+    code = "version"
+
+    def __init__(self, message: str, *, peer_version: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.peer_version = peer_version
+
+
+class MalformedMessage(ProtocolError):
+    """The message header is not valid msgpack, or a field is missing, mistyped or out of range."""
+
+    code = "malformed"
+
+
+class UnknownCodec(MalformedMessage):
+    """A tensor names a codec this node does not implement."""
+
+    code = "unknown_codec"
+
+
+class TensorError(ProtocolError):
+    """A tensor's dtype, shape or byte length disagrees with the allow-list, the limits or itself."""
+
+    code = "tensor"
+
+
+class NonFiniteError(TensorError):
+    """A tensor holds NaN or ±inf (rejected so it never reaches model state)."""
+
+    code = "non_finite"
+
+
+ERROR_CODES: tuple[str, ...] = tuple(
+    cls.code
+    for cls in (
+        ProtocolError,
+        FrameError,
+        ChecksumError,
+        OversizeError,
+        FrameTimeout,
+        VersionMismatch,
+        MalformedMessage,
+        UnknownCodec,
+        TensorError,
+        NonFiniteError,
+    )
+)

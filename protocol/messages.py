@@ -1,0 +1,276 @@
+"""Every record that crosses between peers, in one place.
+
+==========================  =====================================================================
+message (kind)              what it carries
+==========================  =====================================================================
+``ActivationFrame``         stage s → s+1: token ids and the k subspace coefficients per token
+``GradientFrame``           stage s+1 → s: ∂L/∂c for a microbatch (and the loss, from the last stage)
+``FragmentRequest``         ask a replica for its contribution to (round, fragment)
+``FragmentPart``            one part of a replica's 4-bit pseudo-gradient for (round, fragment)
+``StateRequest``            a joiner asks for the current state manifest of a stage
+``StateManifest``           what a stage's state consists of: entries with shapes and SHA-256s
+``StateChunkRequest``       fetch chunk i of the state named by a manifest digest
+``StateChunk``              the raw bytes of that chunk
+``StageRecord``             announcement/heartbeat: a peer's stage, state, throughput, progress
+``ErrorReply``              a refusal with a machine-readable ``code`` and a sentence for people
+==========================  =====================================================================
+
+Encode with :func:`encode_message`, decode with :func:`decode_message` (which raises only
+:class:`~protocol.errors.ProtocolError` on bad input). Every header carries ``v = [major, minor]``;
+another major version is refused with :class:`~protocol.errors.VersionMismatch`, and
+:class:`ErrorReply` keeps the same layout in every version so the refusal itself is readable.
+Integer fields are non-negative, floats finite, strings and lists bounded (:class:`WireLimits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from protocol.errors import ERROR_CODES, MalformedMessage, TensorError
+from protocol.schema import (
+    ERROR_KIND,
+    MESSAGE_KINDS,
+    PROTOCOL_VERSION,
+    Message,
+    Record,
+    decode_message,
+    encode_message,
+    message,
+    record,
+    tensor_field,
+)
+from protocol.tensors import WireLimits
+
+__all__ = [
+    "MESSAGE_KINDS",
+    "PROTOCOL_VERSION",
+    "ActivationFrame",
+    "ErrorReply",
+    "FragmentPart",
+    "FragmentRequest",
+    "GradientFrame",
+    "Message",
+    "StageRecord",
+    "StateChunk",
+    "StateChunkRequest",
+    "StateEntry",
+    "StateManifest",
+    "StateRequest",
+    "decode_message",
+    "encode_message",
+]
+
+STAGE_STATES = ("joining", "online", "offline")
+STATE_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _check_ids(ids: torch.Tensor, limits: WireLimits, what: str) -> None:
+    if ids.numel() == 0:
+        return
+    if int(ids.min()) < 0:
+        raise TensorError(f"{what}: token ids must be non-negative")
+    if limits.max_token_id is not None and int(ids.max()) >= limits.max_token_id:
+        raise TensorError(f"{what}: token id {int(ids.max())} is outside the vocabulary of {limits.max_token_id}")
+
+
+@message("activation")
+class ActivationFrame(Message):
+    """Subspace coefficients ``c = (x − T_fixed[ids])·U`` of one microbatch, sent to the next stage."""
+
+    run_id: str
+    microbatch_id: int
+    stage: int  # index of the sending stage; the receiver serves stage + 1
+    route: list[str]  # peer ids that handled this microbatch so far, stage 0 first
+    token_ids: torch.Tensor = tensor_field(ndim=2, integer=True)  # (batch, seq)
+    coefficients: torch.Tensor = tensor_field(ndim=3, codec_attr="codec")  # (batch, seq, k)
+    codec: str = "fp32"  # codec of the coefficients (any float codec)
+    basis: str = ""  # basis_fingerprint(U, T_fixed) of the sender, compared by the receiver
+    step: int = 0  # sender's training progress when it produced the frame
+
+    def check(self, limits: WireLimits) -> None:
+        if tuple(self.coefficients.shape[:2]) != tuple(self.token_ids.shape):
+            raise TensorError(
+                f"coefficients {list(self.coefficients.shape)} do not match token ids {list(self.token_ids.shape)}"
+            )
+        _check_ids(self.token_ids, limits, "ActivationFrame.token_ids")
+
+
+@message("gradient")
+class GradientFrame(Message):
+    """``∂L/∂c`` for the coefficients a stage received, sent back to the stage that produced them."""
+
+    run_id: str
+    microbatch_id: int
+    stage: int  # index of the sending stage; the receiver serves stage − 1
+    grad: torch.Tensor = tensor_field(ndim=3, codec_attr="codec")  # (batch, seq, k)
+    codec: str = "fp32"
+    loss: float | None = None  # the microbatch's loss, filled in by the last stage
+    step: int = 0
+
+
+@message("fragment_request")
+class FragmentRequest(Message):
+    """Ask a replica for its pseudo-gradient of ``fragment_id`` in outer round ``round_id``."""
+
+    run_id: str
+    stage: int
+    round_id: int
+    fragment_id: int
+
+
+@message("fragment_part")
+class FragmentPart(Message):
+    """Values ``[offset, offset + n)`` of one replica's flattened pseudo-gradient for a fragment."""
+
+    run_id: str
+    stage: int
+    round_id: int
+    fragment_id: int
+    part: int
+    num_parts: int
+    offset: int  # index of the first value of this part within the flattened fragment
+    total_values: int  # values in the whole fragment
+    weight: float = 1.0  # how much this contribution counts in the average (e.g. tokens trained)
+    values: torch.Tensor = tensor_field(ndim=1, codec_attr="codec")
+    codec: str = "e3m0"
+
+    def check(self, limits: WireLimits) -> None:
+        if not 0 <= self.part < self.num_parts:
+            raise MalformedMessage(f"FragmentPart: part {self.part} is not in 0..{self.num_parts - 1}")
+        if self.offset + self.values.numel() > self.total_values:
+            raise TensorError(
+                f"FragmentPart: values [{self.offset}, {self.offset + self.values.numel()}) "
+                f"run past the fragment's {self.total_values} values"
+            )
+        if not self.weight > 0:
+            raise MalformedMessage(f"FragmentPart: weight must be positive, got {self.weight}")
+
+
+@message("state_request")
+class StateRequest(Message):
+    """A joiner asks a replica for the manifest of its stage's current state."""
+
+    run_id: str
+    stage: int
+
+
+@record
+class StateEntry(Record):
+    """One named tensor of a stage's state, as laid out in the concatenated state bytes."""
+
+    name: str
+    dtype: str  # one of STATE_DTYPES
+    shape: list[int]
+    offset: int  # byte offset in the concatenated state
+    nbytes: int
+    sha256: str
+
+    def check(self, limits: WireLimits) -> None:
+        if self.dtype not in STATE_DTYPES:
+            raise TensorError(f"state entry {self.name!r}: dtype {self.dtype!r} is not one of {STATE_DTYPES}")
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        if numel * getattr(torch, self.dtype).itemsize != self.nbytes:
+            raise TensorError(f"state entry {self.name!r}: {self.nbytes} bytes do not fit shape {self.shape}")
+        _check_digest(self.sha256, f"state entry {self.name!r}")
+
+
+def _check_digest(digest: str, what: str) -> None:
+    if len(digest) != 64 or not _HEX.fullmatch(digest):
+        raise MalformedMessage(f"{what}: sha256 must be 64 lowercase hex characters")
+
+
+@message("state_manifest")
+class StateManifest(Message):
+    """What a joiner downloads: the entries of a stage's state, split into fixed-size chunks."""
+
+    run_id: str
+    stage: int
+    step: int  # training progress the state belongs to
+    round_id: int  # outer rounds completed (schedule position)
+    entries: list[StateEntry]
+    chunk_bytes: int  # every chunk but the last has exactly this many bytes
+    chunk_sha256: list[str]  # one digest per chunk, in order
+    digest: str  # sha256 naming this manifest's state; chunk requests quote it
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def check(self, limits: WireLimits) -> None:
+        if self.chunk_bytes <= 0:
+            raise MalformedMessage("StateManifest: chunk_bytes must be positive")
+        expected_chunks = -(-self.total_bytes // self.chunk_bytes)
+        if len(self.chunk_sha256) != expected_chunks:
+            raise MalformedMessage(
+                f"StateManifest: {self.total_bytes} bytes in {self.chunk_bytes}-byte chunks need "
+                f"{expected_chunks} chunk digests, got {len(self.chunk_sha256)}"
+            )
+        end = 0
+        for entry in self.entries:
+            if entry.offset != end:
+                raise MalformedMessage(f"StateManifest: entry {entry.name!r} does not start where the last ended")
+            end += entry.nbytes
+        for i, digest in enumerate(self.chunk_sha256):
+            _check_digest(digest, f"StateManifest chunk {i}")
+        _check_digest(self.digest, "StateManifest")
+
+
+@message("state_chunk_request")
+class StateChunkRequest(Message):
+    run_id: str
+    stage: int
+    digest: str  # the manifest's digest, so a replica that moved on can refuse
+    index: int
+
+
+@message("state_chunk")
+class StateChunk(Message):
+    run_id: str
+    stage: int
+    digest: str
+    index: int
+    data: bytes
+
+
+@message("stage_record")
+class StageRecord(Message):
+    """A peer's announcement (stored in the DHT) and heartbeat: who serves which stage, how fast."""
+
+    peer_id: str
+    run_id: str
+    stage: int
+    num_stages: int
+    state: str  # joining | online | offline
+    throughput: float = 0.0  # measured microbatches per second (EMA)
+    progress: int = 0  # training progress counter (optimizer steps contributed)
+    basis: str = ""  # basis_fingerprint of the subspace tensors
+    corpus: str = ""  # data fingerprint, so peers with another corpus are noticed at join
+    codecs: list[str] = dataclasses.field(default_factory=list)  # codecs this peer can decode
+    timestamp: float = 0.0  # sender's wall clock (seconds since the epoch)
+
+    def check(self, limits: WireLimits) -> None:
+        if self.state not in STAGE_STATES:
+            raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
+        if not self.stage < self.num_stages:
+            raise MalformedMessage(f"StageRecord: stage {self.stage} is not below num_stages {self.num_stages}")
+
+
+@message(ERROR_KIND)
+class ErrorReply(Message):
+    """A refusal. ``code`` is one of :data:`protocol.errors.ERROR_CODES` or a swarm-level code."""
+
+    code: str
+    message: str
+    retry_after: float | None = None  # seconds after which the same request may succeed
+
+    @classmethod
+    def from_error(cls, exc: BaseException) -> ErrorReply:
+        code = getattr(exc, "code", "internal")
+        return cls(code=code if code in ERROR_CODES else "protocol", message=str(exc)[:500])
+

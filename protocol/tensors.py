@@ -1,0 +1,179 @@
+"""Tensors on the wire: a small descriptor in the message header, raw payload bytes after it.
+
+A descriptor is the msgpack map ``{"codec": name, "shape": [..]}``. Float tensors use a codec from
+:mod:`protocol.codecs`; integer tensors (token ids) use one of the integer wire types below, chosen
+by the sender as the narrowest that holds the values. Before anything is allocated, decoding checks
+the codec against the allow-list, the shape against :class:`WireLimits`, and the payload length
+against ``shape × codec``; only then are values materialised, and optionally checked for
+finiteness.
+
+``encode_tensor``/``decode_tensor`` give the same thing as one self-describing byte string
+(``u32 header length | msgpack descriptor | payload``), for places that carry a lone tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from protocol.codecs import _as_bytes, _view, get_codec
+from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError
+
+MiB = 1 << 20
+
+# Integer wire types: name → (torch dtype on the wire, bytes per value). Decoded ids are int64.
+INT_WIRE_TYPES: dict[str, torch.dtype] = {"u16": torch.uint16, "i32": torch.int32, "i64": torch.int64}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WireLimits:
+    """Caps applied to everything decoded from a peer. Defaults suit activations and 4-bit fragments.
+
+    Peak memory while decoding one tensor is about ``8.5 × max values`` bytes for e3m0 (codes,
+    gather indices, float32 output), so the caps bound what a hostile peer can make us allocate.
+    """
+
+    max_frame_bytes: int = 64 * MiB  # one frame's body, headers and payloads included
+    max_header_bytes: int = 1 * MiB  # the msgpack header of one message
+    max_tensor_values: int = 1 << 27  # values in one decoded tensor (512 MiB as float32)
+    max_ndim: int = 4
+    max_tensors: int = 8  # tensors and byte blobs in one message
+    max_str_len: int = 512
+    max_list_len: int = 4096
+    max_token_id: int | None = None  # token ids must be < this (the vocabulary size) when set
+    check_finite: bool = True  # reject NaN/inf in decoded float tensors
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_header_bytes", "max_tensor_values", "max_ndim", "max_tensors"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"WireLimits.{name} must be positive, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+def int_wire_type(tensor: torch.Tensor) -> str:
+    """Narrowest integer wire type that holds every value of ``tensor`` (token ids are ≥ 0)."""
+    if tensor.numel() == 0:
+        return "u16"
+    lo, hi = int(tensor.min()), int(tensor.max())
+    if lo >= 0 and hi < 1 << 16:
+        return "u16"
+    if -(1 << 31) <= lo and hi < 1 << 31:
+        return "i32"
+    return "i64"
+
+
+def describe(tensor: torch.Tensor, codec: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """(descriptor, payload) for a CPU tensor; floats default to ``fp32``, integers to the narrowest type."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        name = codec or "fp32"
+        if name in INT_WIRE_TYPES:
+            raise ValueError(f"{name!r} is an integer wire type; a float tensor needs a float codec")
+        payload = get_codec(name).encode(tensor)
+    else:
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            raise ValueError(f"tensors of dtype {tensor.dtype} cannot be sent")
+        name = codec or int_wire_type(tensor)
+        if name not in INT_WIRE_TYPES:
+            raise ValueError(f"integer tensor needs an integer wire type {sorted(INT_WIRE_TYPES)}, got {name!r}")
+        wire = INT_WIRE_TYPES[name]
+        if tensor.numel() and (
+            int(tensor.min()) < torch.iinfo(wire).min or int(tensor.max()) > torch.iinfo(wire).max
+        ):
+            raise ValueError(f"integer values do not fit wire type {name!r}")
+        payload = _as_bytes(tensor.to(wire))
+    return {"codec": name, "shape": list(tensor.shape)}, payload
+
+
+def _check_shape(shape: Any, limits: WireLimits, what: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(s) is int for s in shape):
+        raise MalformedMessage(f"{what}: shape must be a list of integers, got {shape!r:.80}")
+    if len(shape) > limits.max_ndim:
+        raise OversizeError(f"{what}: {len(shape)} dimensions exceed the limit of {limits.max_ndim}")
+    numel = 1
+    for s in shape:
+        if s < 0:
+            raise TensorError(f"{what}: negative dimension in shape {shape}")
+        numel *= s
+    if numel > limits.max_tensor_values:
+        raise OversizeError(
+            f"{what}: shape {shape} declares {numel} values, over the limit of {limits.max_tensor_values}"
+        )
+    return tuple(shape)
+
+
+def payload_nbytes(descriptor: Any, limits: WireLimits, what: str = "tensor") -> int:
+    """Validate a descriptor and return its exact payload length (nothing is allocated)."""
+    if not isinstance(descriptor, dict) or set(descriptor) != {"codec", "shape"}:
+        raise MalformedMessage(f"{what}: descriptor must be a map with exactly 'codec' and 'shape'")
+    shape = _check_shape(descriptor["shape"], limits, what)
+    numel = 1
+    for s in shape:
+        numel *= s
+    name = descriptor["codec"]
+    if not isinstance(name, str):
+        raise MalformedMessage(f"{what}: codec must be a string")
+    if name in INT_WIRE_TYPES:
+        return numel * INT_WIRE_TYPES[name].itemsize
+    return get_codec(name).payload_nbytes(numel)
+
+
+def materialise(descriptor: dict[str, Any], payload: bytes | memoryview, limits: WireLimits, what: str = "tensor") -> torch.Tensor:
+    """Decode a validated descriptor + payload: float32 for float codecs, int64 for integer types."""
+    expected = payload_nbytes(descriptor, limits, what)
+    if len(payload) != expected:
+        raise TensorError(f"{what}: payload is {len(payload)} bytes, shape and codec need {expected}")
+    shape, name = tuple(descriptor["shape"]), descriptor["codec"]
+    if name in INT_WIRE_TYPES:
+        numel = expected // INT_WIRE_TYPES[name].itemsize
+        return _view(payload, INT_WIRE_TYPES[name], numel).to(torch.int64).reshape(shape)
+    try:
+        return get_codec(name).decode(payload, shape, check_finite=limits.check_finite)
+    except ProtocolError as exc:
+        raise type(exc)(f"{what}: {exc}") from None
+
+
+_U32 = struct.Struct("<I")
+
+
+def encode_tensor(tensor: torch.Tensor, codec: str | None = None) -> bytes:
+    """One tensor as a self-describing byte string."""
+    descriptor, payload = describe(tensor, codec)
+    header = msgpack.packb(descriptor, use_bin_type=True)
+    return _U32.pack(len(header)) + header + payload
+
+
+def decode_tensor(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Inverse of :func:`encode_tensor`; raises only :class:`ProtocolError` on bad input."""
+    view = memoryview(data)
+    if len(view) > limits.max_frame_bytes:
+        raise OversizeError(f"tensor of {len(view)} bytes exceeds the limit of {limits.max_frame_bytes}")
+    if len(view) < 4:
+        raise MalformedMessage(f"tensor bytes too short ({len(view)}) for a header length")
+    (hlen,) = _U32.unpack_from(view)
+    if hlen > min(limits.max_header_bytes, len(view) - 4):
+        raise MalformedMessage(f"tensor header length {hlen} runs past the {len(view)} bytes given")
+    descriptor = unpack_header(view[4 : 4 + hlen])
+    return materialise(descriptor, view[4 + hlen :], limits)
+
+
+def unpack_header(raw: bytes | memoryview) -> Any:
+    """msgpack → Python, with no extension types and every container bounded by the input size."""
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise MalformedMessage(f"header is not valid msgpack ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"msgpack extension type {code} is not allowed")
