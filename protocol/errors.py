@@ -76,6 +76,19 @@ class NonFiniteError(TensorError):
     code = "non_finite"
 
 
+
+
+class RemoteError(ProtocolError):
+    """The peer answered with an :class:`~protocol.messages.ErrorReply`; ``remote_code`` says why."""
+
+    code = "remote"
+
+    def __init__(self, message: str, *, remote_code: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.remote_code = remote_code
+        self.retry_after = retry_after
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -89,5 +102,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         UnknownCodec,
         TensorError,
         NonFiniteError,
+        RemoteError,
     )
 )

@@ -1,0 +1,148 @@
+"""Frames: how message bodies are delimited on a byte stream (a hivemind P2P binary stream, TCP, …).
+
+A frame is a 12-byte prefix and the body::
+
+    b"PSW" | format (u8, = 1) | body length (u32 LE) | CRC-32 of the body (u32 LE) | body
+
+The length is checked against the cap *before* the body is read, so a peer cannot make a node
+allocate more than ``max_frame_bytes``; the CRC (zlib's, ~6 GB/s here) catches corruption and
+truncation that TCP's weak checksum lets through. Authenticity is the transport's job (libp2p
+Noise). After a framing error the stream's position is unknown, so the stream should be closed.
+
+:func:`read_frame`/:func:`write_frame` work on asyncio streams (which is what hivemind's
+``add_binary_stream_handler``/``call_binary_stream_handler`` hand out); :class:`FrameDecoder`
+splits frames out of bytes fed to it, for transports that deliver chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+
+from protocol.errors import ChecksumError, FrameError, FrameTimeout, OversizeError
+from protocol.tensors import DEFAULT_LIMITS, WireLimits
+
+MAGIC = b"PSW"
+FRAME_FORMAT = 1
+_PREFIX = struct.Struct("<3sBII")
+PREFIX_BYTES = _PREFIX.size  # 12
+
+
+def frame_prefix(body: bytes | bytearray | memoryview) -> bytes:
+    """The 12 bytes that go in front of ``body``."""
+    if len(body) >= 1 << 32:
+        raise ValueError(f"a frame body must be under 4 GiB, got {len(body)} bytes")
+    return _PREFIX.pack(MAGIC, FRAME_FORMAT, len(body), zlib.crc32(body))
+
+
+def encode_frame(body: bytes | bytearray | memoryview) -> bytes:
+    return frame_prefix(body) + bytes(body)
+
+
+def parse_prefix(prefix: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """(body length, crc) from a prefix; raises FrameError/OversizeError before any body is read."""
+    magic, fmt, length, crc = _PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"not a protoswarm frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if fmt != FRAME_FORMAT:
+        raise FrameError(f"frame format {fmt} is not supported (this node reads format {FRAME_FORMAT})")
+    if length > limits.max_frame_bytes:
+        raise OversizeError(f"frame declares {length} bytes, over the {limits.max_frame_bytes}-byte cap")
+    return length, crc
+
+
+def _check_crc(body: bytes | memoryview, crc: int) -> None:
+    actual = zlib.crc32(body)
+    if actual != crc:
+        raise ChecksumError(f"frame checksum mismatch (got {actual:08x}, header says {crc:08x})")
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> memoryview:
+    """The body of exactly one frame in ``data`` (no bytes before or after it)."""
+    view = memoryview(data).cast("B")
+    if len(view) < PREFIX_BYTES:
+        raise FrameError(f"truncated frame: {len(view)} bytes, the prefix alone is {PREFIX_BYTES}")
+    length, crc = parse_prefix(view[:PREFIX_BYTES], limits)
+    if len(view) != PREFIX_BYTES + length:
+        raise FrameError(f"frame declares a {length}-byte body but {len(view) - PREFIX_BYTES} bytes follow")
+    body = view[PREFIX_BYTES:]
+    _check_crc(body, crc)
+    return body
+
+
+class FrameDecoder:
+    """Incremental splitter: ``feed(bytes)`` returns the complete frame bodies seen so far.
+
+    Buffers at most one frame (``max_frame_bytes`` + prefix); after an error it stays broken.
+    """
+
+    def __init__(self, limits: WireLimits = DEFAULT_LIMITS):
+        self.limits = limits
+        self._buffer = bytearray()
+        self._need: tuple[int, int] | None = None  # (length, crc) of the frame being read
+        self._error: Exception | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        if self._error is not None:
+            raise FrameError(f"stream already failed: {self._error}")
+        self._buffer += data
+        bodies = []
+        try:
+            while True:
+                if self._need is None:
+                    if len(self._buffer) < PREFIX_BYTES:
+                        break
+                    self._need = parse_prefix(bytes(self._buffer[:PREFIX_BYTES]), self.limits)
+                    del self._buffer[:PREFIX_BYTES]
+                length, crc = self._need
+                if len(self._buffer) < length:
+                    break
+                body = bytes(self._buffer[:length])
+                del self._buffer[:length]
+                self._need = None
+                _check_crc(body, crc)
+                bodies.append(body)
+        except FrameError as exc:
+            self._error = exc
+            raise
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held in the buffer (non-zero at EOF means truncation)."""
+        return len(self._buffer) + (PREFIX_BYTES if self._need else 0)
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, limits: WireLimits = DEFAULT_LIMITS, *, timeout: float | None = None
+) -> bytes | None:
+    """Next frame body from ``reader``, or None on a clean end of stream between frames.
+
+    ``timeout`` bounds the whole frame (prefix and body), so a peer that trickles bytes cannot hold
+    the reader forever: it raises :class:`FrameTimeout`.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            prefix = await reader.read(PREFIX_BYTES)
+            if not prefix:
+                return None
+            if len(prefix) < PREFIX_BYTES:
+                prefix += await reader.readexactly(PREFIX_BYTES - len(prefix))
+            length, crc = parse_prefix(prefix, limits)
+            body = await reader.readexactly(length)
+    except TimeoutError:
+        raise FrameTimeout(f"frame not received within {timeout} s") from None
+    except asyncio.IncompleteReadError as exc:
+        raise FrameError(
+            f"stream ended inside a frame ({len(exc.partial)} of {exc.expected} bytes of a frame part)"
+        ) from None
+    _check_crc(body, crc)
+    return body
+
+
+async def write_frame(writer: asyncio.StreamWriter, body: bytes | bytearray | memoryview) -> None:
+    """Write one frame and wait until the transport has taken it (back-pressure)."""
+    writer.write(frame_prefix(body))
+    writer.write(body)
+    await writer.drain()
