@@ -1,6 +1,7 @@
 """Typed run configuration, loaded from TOML presets in ``configs/`` with command-line overrides.
 
-A run config has one table per component (``[model]``, ``[pipeline]``, ``[data]``, ``[train]``).
+A run config has one table per component (``[model]``, ``[pipeline]``, ``[data]``, ``[train]``,
+``[wire]``).
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
 relative to the extending file, or to the shipped ``configs/`` directory), then the file's own
 tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``.
@@ -226,6 +227,45 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class WireConfig:
+    """What this node puts on the wire and what it accepts from peers (protocol/)."""
+
+    SECTION = "wire"
+
+    activation_codec: str = _f(
+        "fp32", "Codec for boundary coefficients sent forward: fp32 (exact), bf16, fp16, int8, e3m0."
+    )
+    gradient_codec: str = _f("fp32", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
+    fragment_codec: str = _f("e3m0", "Codec for DiLoCo pseudo-gradient fragments: e3m0 is 4.125 bits/value.")
+    max_frame_mib: float = _f(64.0, "Largest frame accepted from a peer (MiB); larger ones are refused unread.")
+    max_tensor_mvalues: float = _f(128.0, "Most values in one received tensor (millions); caps decode memory.")
+    frame_timeout_s: float = _f(60.0, "Deadline for receiving one whole frame (seconds); stalls are dropped.")
+    check_finite: bool = _f(True, "Reject received float tensors holding NaN or inf.")
+
+    def __post_init__(self) -> None:
+        from protocol.codecs import get_codec
+        from protocol.errors import UnknownCodec
+
+        for name in ("activation_codec", "gradient_codec", "fragment_codec"):
+            try:
+                get_codec(getattr(self, name))
+            except UnknownCodec as err:
+                raise ConfigError(f"wire.{name}: {err}") from None
+        _positive(self, "max_frame_mib", "max_tensor_mvalues", "frame_timeout_s")
+
+    def limits(self, vocab_size: int | None = None) -> Any:
+        """The :class:`protocol.tensors.WireLimits` these settings describe."""
+        from protocol.tensors import WireLimits
+
+        return WireLimits(
+            max_frame_bytes=int(self.max_frame_mib * (1 << 20)),
+            max_tensor_values=int(self.max_tensor_mvalues * 1e6),
+            max_token_id=vocab_size,
+            check_finite=self.check_finite,
+        )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Everything one process needs; one attribute per TOML table."""
 
@@ -233,6 +273,7 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     def __post_init__(self) -> None:
         self.pipeline.stage_ranges(self.model.n_layers)
@@ -250,6 +291,7 @@ SECTIONS: dict[str, type] = {
     "pipeline": PipelineConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "wire": WireConfig,
 }
 
 

@@ -27,7 +27,15 @@ import msgpack
 import torch
 
 from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError, VersionMismatch
-from protocol.tensors import DEFAULT_LIMITS, WireLimits, describe, materialise, payload_nbytes, unpack_header
+from protocol.tensors import (
+    DEFAULT_LIMITS,
+    INT_WIRE_TYPES,
+    WireLimits,
+    describe,
+    materialise,
+    payload_nbytes,
+    unpack_header,
+)
 
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
 ERROR_KIND = "error"  # its layout is frozen across major versions so any peer can read the refusal
@@ -266,7 +274,7 @@ def _decode_payloads(cls: type[Message], listing: Any, data: memoryview, limits:
                 raise TensorError(
                     f"{cls.__name__}.{name} must have {meta['ndim']} dimensions, got shape {descriptor['shape']}"
                 )
-            is_int = descriptor["codec"] in ("u16", "i32", "i64")
+            is_int = descriptor["codec"] in INT_WIRE_TYPES
             if is_int != meta["integer"]:
                 raise TensorError(
                     f"{cls.__name__}.{name} must be {'an integer' if meta['integer'] else 'a float'} tensor, "

@@ -26,7 +26,7 @@ from protocol.errors import MalformedMessage, OversizeError, ProtocolError, Tens
 MiB = 1 << 20
 
 # Integer wire types: name → (torch dtype on the wire, bytes per value). Decoded ids are int64.
-INT_WIRE_TYPES: dict[str, torch.dtype] = {"u16": torch.uint16, "i32": torch.int32, "i64": torch.int64}
+INT_WIRE_TYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "u16": torch.uint16, "i32": torch.int32, "i64": torch.int64}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +59,10 @@ DEFAULT_LIMITS = WireLimits()
 def int_wire_type(tensor: torch.Tensor) -> str:
     """Narrowest integer wire type that holds every value of ``tensor`` (token ids are ≥ 0)."""
     if tensor.numel() == 0:
-        return "u16"
+        return "u8"
     lo, hi = int(tensor.min()), int(tensor.max())
+    if lo >= 0 and hi < 1 << 8:
+        return "u8"
     if lo >= 0 and hi < 1 << 16:
         return "u16"
     if -(1 << 31) <= lo and hi < 1 << 31:

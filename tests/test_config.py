@@ -110,3 +110,13 @@ def test_every_field_is_documented():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{section}.{f.name} has no doc"
             assert f"{section}.{f.name}:" in text
+
+
+def test_wire_codecs_are_checked_by_name():
+    """A misspelt codec is a ConfigError naming the field; valid names give matching wire limits."""
+    with pytest.raises(ConfigError, match=r"wire\.fragment_codec.*e3m0"):
+        load_config("local/tiny", ["wire.fragment_codec='e4m0'"])
+    cfg = load_config("local/tiny", ["wire.activation_codec='bf16'", "wire.max_frame_mib=1"])
+    limits = cfg.wire.limits(vocab_size=cfg.model.vocab_size)
+    assert cfg.wire.activation_codec == "bf16"
+    assert limits.max_frame_bytes == 1 << 20 and limits.max_token_id == cfg.model.vocab_size
