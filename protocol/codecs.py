@@ -98,7 +98,11 @@ class Codec(ABC):
         check_finite: bool = True,
     ) -> torch.Tensor:
         """Float32 tensor of ``shape`` from a payload; raises :class:`TensorError` on a length mismatch."""
-        shape = tuple(int(s) for s in shape)
+        if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            type(s) is int and 0 <= s < 1 << 62 for s in shape
+        ):
+            raise TensorError(f"{self.name}: shape must be a sequence of non-negative integers, got {shape!r:.80}")
+        shape = tuple(shape)
         numel = 1
         for s in shape:
             numel *= s

@@ -104,6 +104,8 @@ def _check_shape(shape: Any, limits: WireLimits, what: str) -> tuple[int, ...]:
     for s in shape:
         if s < 0:
             raise TensorError(f"{what}: negative dimension in shape {shape}")
+        if s > limits.max_tensor_values:
+            raise OversizeError(f"{what}: dimension {s} exceeds the limit of {limits.max_tensor_values} values")
         numel *= s
     if numel > limits.max_tensor_values:
         raise OversizeError(
