@@ -64,6 +64,17 @@ def _view(payload: bytes | bytearray | memoryview, dtype: torch.dtype, count: in
         return torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """True when no value is NaN or ±inf.
+
+    A sum propagates NaN/inf and runs ~10× faster than ``isfinite().all()``; only when the sum is not
+    finite (a non-finite value, or finite values overflowing) is the exact check needed.
+    """
+    if values.numel() == 0 or bool(torch.isfinite(values.sum())):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
 def _check_input(tensor: torch.Tensor, codec: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"codec {codec!r} encodes torch tensors, got {type(tensor).__name__}")
@@ -135,10 +146,11 @@ class _Passthrough(Codec):
 
     def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
         values = _view(payload, self.wire_dtype, numel)
-        if check_finite and numel and not bool(torch.isfinite(values).all()):
-            raise NonFiniteError(f"{self.name} tensor holds NaN or inf values")
         # .to() copies out of the (read-only, peer-owned) buffer; clone() does it for float32.
-        return values.to(torch.float32) if self.wire_dtype != torch.float32 else values.clone()
+        values = values.to(torch.float32) if self.wire_dtype != torch.float32 else values.clone()
+        if check_finite and not all_finite(values):
+            raise NonFiniteError(f"{self.name} tensor holds NaN or inf values")
+        return values
 
 
 class Float32Codec(_Passthrough):

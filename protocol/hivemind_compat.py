@@ -28,7 +28,7 @@ from hivemind.compression import CompressionInfo, Float16Compression, Uniform8Bi
 from hivemind.compression.base import CompressionBase
 from hivemind.proto import runtime_pb2
 
-from protocol.codecs import CODECS, Codec, _check_input, _view, register_codec
+from protocol.codecs import CODECS, Codec, _check_input, _view, all_finite, register_codec
 from protocol.errors import NonFiniteError, TensorError
 
 # The formats hivemind can decode; tests pin this so a hivemind that opens its enum is noticed.
@@ -59,7 +59,7 @@ class HivemindFloat16(_HivemindCodec):
 
     def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
         values = self._extract(payload, numel)
-        if check_finite and numel and not bool(torch.isfinite(values).all()):
+        if check_finite and not all_finite(values):
             raise NonFiniteError(f"{self.name} tensor holds NaN or inf values")
         return values
 
