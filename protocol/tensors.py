@@ -74,7 +74,7 @@ def describe(tensor: torch.Tensor, codec: str | None = None) -> tuple[dict[str, 
     """(descriptor, payload) for a CPU tensor; floats default to ``fp32``, integers to the narrowest type."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    tensor = tensor.detach().cpu()
+    tensor = tensor.detach()  # float codecs quantize on the tensor's device
     if tensor.is_floating_point():
         name = codec or "fp32"
         if name in INT_WIRE_TYPES:
