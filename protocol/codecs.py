@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import torch
 
-from protocol.errors import NonFiniteError, TensorError, UnknownCodec
+from protocol.errors import NonFiniteError, TensorError, UnknownCodec, short_repr
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
     raise ImportError("protoswarm's wire format is little-endian; this host is big-endian")
@@ -113,7 +113,7 @@ class Codec(ABC):
         if not isinstance(shape, (tuple, list, torch.Size)) or not all(
             type(s) is int and 0 <= s < 1 << 62 for s in shape
         ):
-            raise TensorError(f"{self.name}: shape must be a sequence of non-negative integers, got {shape!r:.80}")
+            raise TensorError(f"{self.name}: shape must be a sequence of non-negative integers, got {short_repr(shape)}")
         shape = tuple(shape)
         numel = 1
         for s in shape:
@@ -175,6 +175,18 @@ class Float16Codec(_Passthrough):
         return tensor.to(torch.float32).clamp(-self._MAX, self._MAX).to(torch.float16)
 
 
+def _scale_blocks(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``blocks / scale`` per row (0 where the scale is 0), by the faster reciprocal when it is finite.
+
+    A subnormal scale (below 2⁻¹²⁸) has no finite float32 reciprocal; those rare inputs divide.
+    """
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    if bool(torch.isfinite(inv).all()):
+        return blocks * inv[:, None]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return blocks / safe[:, None]
+
+
 class _Blockwise(Codec):
     """Shared layout of the block-scaled codecs: ``[fp32 scale × blocks][codes]``."""
 
@@ -219,8 +231,7 @@ class Int8Codec(_Blockwise):
         blocks, absmax = self._blocks(tensor)
         numel = tensor.numel()
         step = absmax / 127.0
-        inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-        codes = torch.round(blocks * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        codes = torch.round(_scale_blocks(blocks, step)).clamp_(-127, 127).to(torch.int8)
         return _as_bytes(step) + _as_bytes(codes.reshape(-1)[:numel])
 
     def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
@@ -252,13 +263,12 @@ class E3M0Codec(_Blockwise):
         numel = tensor.numel()
         if numel == 0:
             return b""
-        inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-        y = blocks.abs().mul_(inv[:, None])  # in [0, 1]
+        y = _scale_blocks(blocks.abs(), absmax)  # in [0, 1]
         # [2⁻⁷, 2⁻⁶) is nearer 2⁻⁶ than 0; below 2⁻⁷ rounds to 0 (code 0 via bits 0).
         y = torch.where(y >= 2.0**-7, y.clamp(min=2.0**-6), 0.0)
         # +0x400000 rounds the mantissa at 1.5·2^p; >>23 keeps the biased exponent; −120 = −127+7.
         codes = y.view(torch.int32).add_(0x400000).bitwise_right_shift_(23).sub_(120).clamp_(0, 7)
-        codes |= (blocks < 0).to(torch.int32) << 3
+        codes |= ((blocks < 0) & (codes > 0)).to(torch.int32) << 3  # no "−0": one byte string per value
         pairs = codes.to(torch.uint8).view(-1, 2)
         packed = pairs[:, 0] | (pairs[:, 1] << 4)
         return _as_bytes(absmax) + _as_bytes(packed[: self.code_nbytes(numel)])

@@ -11,6 +11,16 @@ are ``ValueError``/``TypeError``: they are ours to fix, not a peer's.
 
 from __future__ import annotations
 
+import reprlib
+
+_REPR = reprlib.Repr()  # keyword arguments arrive only in Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 6
+
+
+def short_repr(value: object) -> str:
+    """A bounded repr for error messages: peer values can be huge or nested 1000 levels deep."""
+    return _REPR.repr(value)
+
 
 class ProtocolError(Exception):
     """Input from a peer that this node will not accept. ``code`` names the kind of failure."""

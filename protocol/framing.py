@@ -20,7 +20,7 @@ import asyncio
 import struct
 import zlib
 
-from protocol.errors import ChecksumError, FrameError, FrameTimeout, OversizeError
+from protocol.errors import ChecksumError, FrameError, FrameTimeout, OversizeError, ProtocolError
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
 MAGIC = b"PSW"
@@ -103,8 +103,9 @@ class FrameDecoder:
                 self._need = None
                 _check_crc(body, crc)
                 bodies.append(body)
-        except FrameError as exc:
+        except ProtocolError as exc:  # oversize too: the stream position is lost either way
             self._error = exc
+            self._buffer.clear()
             raise
         return bodies
 

@@ -70,6 +70,7 @@ class HivemindUniform8Bit(_HivemindCodec):
     _BINS = 256
 
     def encode(self, tensor: torch.Tensor) -> bytes:
+        tensor = _check_input(tensor, self.name)
         if tensor.numel() < 2:  # hivemind divides by numel − 1 (math domain error)
             raise ValueError(f"{self.name} (hivemind's own code) cannot encode fewer than 2 values")
         return super().encode(tensor)

@@ -26,7 +26,14 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError, VersionMismatch
+from protocol.errors import (
+    MalformedMessage,
+    OversizeError,
+    ProtocolError,
+    TensorError,
+    VersionMismatch,
+    short_repr,
+)
 from protocol.tensors import (
     DEFAULT_LIMITS,
     INT_WIRE_TYPES,
@@ -90,7 +97,7 @@ def _is_blob(tp: Any) -> bool:
 
 
 def _fail(what: str, expected: str, value: Any) -> MalformedMessage:
-    return MalformedMessage(f"field {what!r} must be {expected}, got {type(value).__name__} {value!r:.60}")
+    return MalformedMessage(f"field {what!r} must be {expected}, got {type(value).__name__} {short_repr(value)}")
 
 
 def _scalar(tp: Any, value: Any, what: str, limits: WireLimits) -> Any:
@@ -179,7 +186,13 @@ def encode_message(msg: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
             elif tp is torch.Tensor:
                 meta = cls.__dataclass_fields__[name].metadata
                 codec = getattr(msg, meta["codec_attr"]) if meta["codec_attr"] else None
+                if not isinstance(value, torch.Tensor):
+                    raise TensorError(f"{cls.__name__}.{name} must be a torch.Tensor, got {type(value).__name__}")
+                if value.is_floating_point() == meta["integer"]:
+                    kind = "an integer" if meta["integer"] else "a float"
+                    raise TensorError(f"{cls.__name__}.{name} must be {kind} tensor, got {value.dtype}")
                 descriptor, payload = describe(value, codec)
+                _check_tensor_field(cls, name, descriptor)
                 descriptors.append([name, descriptor])
                 payloads.append(payload)
             else:
@@ -206,7 +219,7 @@ def _check_version(header: dict[str, Any]) -> tuple[int, int]:
         or len(version) != 2
         or not all(type(x) is int and 0 <= x < 1 << 16 for x in version)
     ):
-        raise MalformedMessage(f"message has no valid protocol version 'v' (got {version!r:.40})")
+        raise MalformedMessage(f"message has no valid protocol version 'v' (got {short_repr(version)})")
     return version[0], version[1]
 
 
@@ -235,9 +248,9 @@ def decode_message(body: bytes | bytearray | memoryview, limits: WireLimits = DE
         )
     cls = MESSAGE_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MalformedMessage(f"unknown message kind {kind!r:.40}")
+        raise MalformedMessage(f"unknown message kind {short_repr(kind)}")
     values = _decode_fields(cls, header, "", limits)
-    values.update(_decode_payloads(cls, header.get("payloads"), view[4 + hlen :], limits))
+    values.update(_decode_payloads(cls, header.get("payloads"), view[4 + hlen :], limits, values))
     try:
         msg = cls(**values)
     except TypeError as exc:  # a blob field missing from "payloads"
@@ -246,7 +259,24 @@ def decode_message(body: bytes | bytearray | memoryview, limits: WireLimits = DE
     return msg
 
 
-def _decode_payloads(cls: type[Message], listing: Any, data: memoryview, limits: WireLimits) -> dict[str, Any]:
+def _check_tensor_field(cls: type[Message], name: str, descriptor: dict[str, Any]) -> None:
+    """A tensor field's declared dimensions and kind (integer ids vs float values), both directions."""
+    meta = cls.__dataclass_fields__[name].metadata
+    if len(descriptor["shape"]) != meta["ndim"]:
+        raise TensorError(
+            f"{cls.__name__}.{name} must have {meta['ndim']} dimensions, got shape {descriptor['shape']}"
+        )
+    if (descriptor["codec"] in INT_WIRE_TYPES) != meta["integer"]:
+        raise TensorError(
+            f"{cls.__name__}.{name} must be {'an integer' if meta['integer'] else 'a float'} tensor, "
+            f"got codec {descriptor['codec']!r}"
+        )
+
+
+def _decode_payloads(
+    cls: type[Message], listing: Any, data: memoryview, limits: WireLimits, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """Payload fields, after checking every size first; ``fields`` are the already-decoded scalars."""
     blob_types = {n: cls._SPEC[n] for n in _blob_fields(cls)}
     if listing is None and not blob_types:
         listing = []
@@ -256,8 +286,8 @@ def _decode_payloads(cls: type[Message], listing: Any, data: memoryview, limits:
         raise OversizeError(f"{cls.__name__}: {len(listing)} payloads exceed the limit of {limits.max_tensors}")
     plan, offset = [], 0
     for item in listing:
-        if not (isinstance(item, list) and len(item) == 2 and item[0] in blob_types):
-            raise MalformedMessage(f"{cls.__name__}: bad payload entry {item!r:.80}")
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0] in blob_types):
+            raise MalformedMessage(f"{cls.__name__}: bad payload entry {short_repr(item)}")
         name, descriptor = item
         if any(name == p[0] for p in plan):
             raise MalformedMessage(f"{cls.__name__}: payload {name!r} listed twice")
@@ -268,18 +298,8 @@ def _decode_payloads(cls: type[Message], listing: Any, data: memoryview, limits:
             if size < 0:
                 raise MalformedMessage(f"{cls.__name__}.{name}: negative blob size")
         else:
-            meta = cls.__dataclass_fields__[name].metadata
             size = payload_nbytes(descriptor, limits, f"{cls.__name__}.{name}")
-            if len(descriptor["shape"]) != meta["ndim"]:
-                raise TensorError(
-                    f"{cls.__name__}.{name} must have {meta['ndim']} dimensions, got shape {descriptor['shape']}"
-                )
-            is_int = descriptor["codec"] in INT_WIRE_TYPES
-            if is_int != meta["integer"]:
-                raise TensorError(
-                    f"{cls.__name__}.{name} must be {'an integer' if meta['integer'] else 'a float'} tensor, "
-                    f"got codec {descriptor['codec']!r}"
-                )
+            _check_tensor_field(cls, name, descriptor)
         plan.append((name, descriptor, offset, size))
         offset += size
     if offset != len(data):
@@ -293,5 +313,10 @@ def _decode_payloads(cls: type[Message], listing: Any, data: memoryview, limits:
             values[name] = materialise(descriptor, chunk, limits, f"{cls.__name__}.{name}")
             codec_attr = cls.__dataclass_fields__[name].metadata["codec_attr"]
             if codec_attr:
+                if codec_attr in fields and fields[codec_attr] != descriptor["codec"]:
+                    raise MalformedMessage(
+                        f"{cls.__name__}: header says {codec_attr}={short_repr(fields[codec_attr])} but "
+                        f"{name} is encoded with {descriptor['codec']!r}"
+                    )
                 values[codec_attr] = descriptor["codec"]
     return values

@@ -21,7 +21,7 @@ import msgpack
 import torch
 
 from protocol.codecs import _as_bytes, _view, get_codec
-from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError
+from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError, short_repr
 
 MiB = 1 << 20
 
@@ -97,7 +97,7 @@ def describe(tensor: torch.Tensor, codec: str | None = None) -> tuple[dict[str, 
 
 def _check_shape(shape: Any, limits: WireLimits, what: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(s) is int for s in shape):
-        raise MalformedMessage(f"{what}: shape must be a list of integers, got {shape!r:.80}")
+        raise MalformedMessage(f"{what}: shape must be a list of integers, got {short_repr(shape)}")
     if len(shape) > limits.max_ndim:
         raise OversizeError(f"{what}: {len(shape)} dimensions exceed the limit of {limits.max_ndim}")
     numel = 1
@@ -163,7 +163,9 @@ def decode_tensor(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS)
     if len(view) < 4:
         raise MalformedMessage(f"tensor bytes too short ({len(view)}) for a header length")
     (hlen,) = _U32.unpack_from(view)
-    if hlen > min(limits.max_header_bytes, len(view) - 4):
+    if hlen > limits.max_header_bytes:
+        raise OversizeError(f"tensor header of {hlen} bytes exceeds the {limits.max_header_bytes}-byte limit")
+    if hlen > len(view) - 4:
         raise MalformedMessage(f"tensor header length {hlen} runs past the {len(view)} bytes given")
     descriptor = unpack_header(view[4 : 4 + hlen])
     return materialise(descriptor, view[4 + hlen :], limits)
