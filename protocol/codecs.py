@@ -263,13 +263,17 @@ class E3M0Codec(_Blockwise):
         numel = tensor.numel()
         if numel == 0:
             return b""
-        y = _scale_blocks(blocks.abs(), absmax)  # in [0, 1]
-        # [2⁻⁷, 2⁻⁶) is nearer 2⁻⁶ than 0; below 2⁻⁷ rounds to 0 (code 0 via bits 0).
-        y = torch.where(y >= 2.0**-7, y.clamp(min=2.0**-6), 0.0)
+        y = _scale_blocks(blocks, absmax)  # in [-1, 1]
+        bits = y.view(torch.int32)
+        magnitude = bits & 0x7FFFFFFF
+        # [2⁻⁷, 2⁻⁶) is nearer 2⁻⁶ than 0: at least code 1 from 2⁻⁷ (float32 bits 0x3C000000) up.
+        at_least_one = (magnitude >= 0x3C000000).view(torch.uint8)
         # +0x400000 rounds the mantissa at 1.5·2^p; >>23 keeps the biased exponent; −120 = −127+7.
-        codes = y.view(torch.int32).add_(0x400000).bitwise_right_shift_(23).sub_(120).clamp_(0, 7)
-        codes |= ((blocks < 0) & (codes > 0)).to(torch.int32) << 3  # no "−0": one byte string per value
-        pairs = codes.to(torch.uint8).view(-1, 2)
+        codes = magnitude.add_(0x400000).bitwise_right_shift_(23).sub_(120).clamp_(0, 7).to(torch.uint8)
+        codes = torch.maximum(codes, at_least_one)
+        # No sign on code 0 (no "−0"), so equal values always give equal bytes.
+        sign = (bits < 0).view(torch.uint8) & (codes > 0).view(torch.uint8)
+        pairs = codes.bitwise_or_(sign.bitwise_left_shift_(3)).view(-1, 2)
         packed = pairs[:, 0] | (pairs[:, 1] << 4)
         return _as_bytes(absmax) + _as_bytes(packed[: self.code_nbytes(numel)])
 
@@ -280,7 +284,8 @@ class E3M0Codec(_Blockwise):
             return torch.empty(0, dtype=torch.float32)
         packed = torch.zeros(nb * self.block // 2, dtype=torch.uint8)
         packed[: self.code_nbytes(numel)] = _view(payload, torch.uint8, self.code_nbytes(numel), offset=4 * nb)
-        values = self._PAIRS[packed.long()].view(nb, self.block)
+        # index_select with int32 indices: ~3× faster than advanced indexing with int64 here.
+        values = torch.index_select(self._PAIRS, 0, packed.int()).view(nb, self.block)
         return values.mul_(scales[:, None]).reshape(-1)[:numel]
 
 

@@ -33,8 +33,8 @@ INT_WIRE_TYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "u16": torch.uint16
 class WireLimits:
     """Caps applied to everything decoded from a peer. Defaults suit activations and 4-bit fragments.
 
-    Peak memory while decoding one tensor is about ``8.5 × max values`` bytes for e3m0 (codes,
-    gather indices, float32 output), so the caps bound what a hostile peer can make us allocate.
+    Peak memory while decoding one tensor is about ``6.5 × max values`` bytes for e3m0 (codes,
+    int32 gather indices, float32 output), so the caps bound what a hostile peer can make us allocate.
     """
 
     max_frame_bytes: int = 64 * MiB  # one frame's body, headers and payloads included
