@@ -41,7 +41,7 @@ from protocol.tensors import (
     describe,
     materialise,
     payload_nbytes,
-    unpack_header,
+    split_header,
 )
 
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
@@ -225,17 +225,7 @@ def _check_version(header: dict[str, Any]) -> tuple[int, int]:
 
 def decode_message(body: bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Body bytes → message. Raises :class:`ProtocolError` (and nothing else) on any bad input."""
-    view = memoryview(body).cast("B")
-    if len(view) > limits.max_frame_bytes:
-        raise OversizeError(f"message of {len(view)} bytes exceeds the {limits.max_frame_bytes}-byte limit")
-    if len(view) < 4:
-        raise MalformedMessage(f"message of {len(view)} bytes is too short for a header")
-    (hlen,) = _U32.unpack_from(view)
-    if hlen > limits.max_header_bytes:
-        raise OversizeError(f"message header of {hlen} bytes exceeds the {limits.max_header_bytes}-byte limit")
-    if hlen > len(view) - 4:
-        raise MalformedMessage(f"header length {hlen} runs past the end of a {len(view)}-byte message")
-    header = unpack_header(view[4 : 4 + hlen])
+    header, payloads = split_header(body, limits, "message")
     if not isinstance(header, dict):
         raise MalformedMessage("message header must be a msgpack map")
     major, minor = _check_version(header)
@@ -250,7 +240,7 @@ def decode_message(body: bytes | bytearray | memoryview, limits: WireLimits = DE
     if cls is None:
         raise MalformedMessage(f"unknown message kind {short_repr(kind)}")
     values = _decode_fields(cls, header, "", limits)
-    values.update(_decode_payloads(cls, header.get("payloads"), view[4 + hlen :], limits, values))
+    values.update(_decode_payloads(cls, header.get("payloads"), payloads, limits, values))
     try:
         msg = cls(**values)
     except TypeError as exc:  # a blob field missing from "payloads"

@@ -157,18 +157,23 @@ def encode_tensor(tensor: torch.Tensor, codec: str | None = None) -> bytes:
 
 def decode_tensor(data: bytes | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Inverse of :func:`encode_tensor`; raises only :class:`ProtocolError` on bad input."""
-    view = memoryview(data)
+    descriptor, payload = split_header(data, limits, "tensor")
+    return materialise(descriptor, payload, limits)
+
+
+def split_header(data: bytes | bytearray | memoryview, limits: WireLimits, what: str) -> tuple[Any, memoryview]:
+    """``u32 length | msgpack header | payload`` → (unpacked header, payload view), sizes checked first."""
+    view = memoryview(data).cast("B")
     if len(view) > limits.max_frame_bytes:
-        raise OversizeError(f"tensor of {len(view)} bytes exceeds the limit of {limits.max_frame_bytes}")
+        raise OversizeError(f"{what} of {len(view)} bytes exceeds the {limits.max_frame_bytes}-byte limit")
     if len(view) < 4:
-        raise MalformedMessage(f"tensor bytes too short ({len(view)}) for a header length")
+        raise MalformedMessage(f"{what} of {len(view)} bytes is too short for a header")
     (hlen,) = _U32.unpack_from(view)
     if hlen > limits.max_header_bytes:
-        raise OversizeError(f"tensor header of {hlen} bytes exceeds the {limits.max_header_bytes}-byte limit")
+        raise OversizeError(f"{what} header of {hlen} bytes exceeds the {limits.max_header_bytes}-byte limit")
     if hlen > len(view) - 4:
-        raise MalformedMessage(f"tensor header length {hlen} runs past the {len(view)} bytes given")
-    descriptor = unpack_header(view[4 : 4 + hlen])
-    return materialise(descriptor, view[4 + hlen :], limits)
+        raise MalformedMessage(f"{what} header length {hlen} runs past the end of {len(view)} bytes")
+    return unpack_header(view[4 : 4 + hlen]), view[4 + hlen :]
 
 
 def unpack_header(raw: bytes | memoryview) -> Any:
