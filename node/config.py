@@ -238,7 +238,8 @@ class WireConfig:
     gradient_codec: str = _f("fp32", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
     fragment_codec: str = _f("e3m0", "Codec for DiLoCo pseudo-gradient fragments: e3m0 is 4.125 bits/value.")
     max_frame_mib: float = _f(64.0, "Largest frame accepted from a peer (MiB); larger ones are refused unread.")
-    max_tensor_mvalues: float = _f(128.0, "Most values in one received tensor (millions); caps decode memory.")
+    max_tensor_mvalues: float = _f(128.0, "Most values in one received tensor (Mi = 2^20 values).")
+    max_decoded_mib: float = _f(512.0, "Most memory all tensors of one received message decode to (MiB).")
     frame_timeout_s: float = _f(60.0, "Deadline for receiving one whole frame (seconds); stalls are dropped.")
     check_finite: bool = _f(True, "Reject received float tensors holding NaN or inf.")
 
@@ -251,15 +252,18 @@ class WireConfig:
                 get_codec(getattr(self, name))
             except UnknownCodec as err:
                 raise ConfigError(f"wire.{name}: {err}") from None
-        _positive(self, "max_frame_mib", "max_tensor_mvalues", "frame_timeout_s")
+        _positive(self, "max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s")
 
     def limits(self, vocab_size: int | None = None) -> Any:
         """The :class:`protocol.tensors.WireLimits` these settings describe."""
-        from protocol.tensors import WireLimits
+        from protocol.tensors import BUILTIN_CODECS, WireLimits
 
+        chosen = {self.activation_codec, self.gradient_codec, self.fragment_codec}
         return WireLimits(
             max_frame_bytes=int(self.max_frame_mib * (1 << 20)),
-            max_tensor_values=int(self.max_tensor_mvalues * 1e6),
+            max_tensor_values=int(self.max_tensor_mvalues * (1 << 20)),
+            max_decoded_bytes=int(self.max_decoded_mib * (1 << 20)),
+            codecs=BUILTIN_CODECS | chosen,  # a hivemind-* codec is accepted only when configured
             max_token_id=vocab_size,
             check_finite=self.check_finite,
         )

@@ -140,7 +140,14 @@ class _Passthrough(Codec):
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         tensor = _check_input(tensor, self.name)
-        return _as_bytes(self._cast(tensor))
+        # Receivers refuse NaN/inf, so refuse to send them; checked again after the cast because a
+        # finite 3e38 becomes inf in bf16 (fp16 saturates finite values instead).
+        if not all_finite(tensor):
+            raise ValueError(f"codec {self.name!r} cannot send NaN or inf values")
+        cast = self._cast(tensor)
+        if not all_finite(cast):
+            raise ValueError(f"codec {self.name!r}: values overflow {self.wire_dtype} to inf")
+        return _as_bytes(cast)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.wire_dtype)
@@ -213,16 +220,20 @@ class _Blockwise(Codec):
             raise ValueError(f"codec {self.name!r} cannot encode NaN or inf values")
         return blocks, absmax
 
+    max_scale: ClassVar[float] = torch.finfo(torch.float32).max  # largest scale an encoder can produce
+
     def _scales(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
         scales = _view(payload, torch.float32, self.num_blocks(numel))
-        # Always checked (it is one value per block): a NaN/negative scale would poison the whole block.
-        if scales.numel() and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
-            raise NonFiniteError(f"{self.name} payload has a non-finite or negative block scale")
+        # Always checked (it is one value per block): a NaN/negative scale would poison the whole block,
+        # and a scale above max_scale could overflow to inf when multiplied by a code.
+        if scales.numel() and not bool(((scales >= 0) & (scales <= self.max_scale)).all()):
+            raise NonFiniteError(f"{self.name} payload has a non-finite, negative or impossible block scale")
         return scales
 
 
 class Int8Codec(_Blockwise):
     name = "int8"
+    max_scale = torch.finfo(torch.float32).max / 128  # exact in float32, and 127 · max_scale is finite
 
     def code_nbytes(self, numel: int) -> int:
         return numel
@@ -231,6 +242,8 @@ class Int8Codec(_Blockwise):
         blocks, absmax = self._blocks(tensor)
         numel = tensor.numel()
         step = absmax / 127.0
+        if step.numel() and float(step.max()) > self.max_scale:
+            raise ValueError(f"codec {self.name!r} cannot send values above {127 * self.max_scale:.3g}")
         codes = torch.round(_scale_blocks(blocks, step)).clamp_(-127, 127).to(torch.int8)
         return _as_bytes(step) + _as_bytes(codes.reshape(-1)[:numel])
 
@@ -332,7 +345,14 @@ class MeanAccumulator:
             raise TensorError(f"contribution of shape {list(values.shape)} does not match {list(self.total.shape)}")
         if not weight > 0 or weight == float("inf"):
             raise ValueError(f"contribution weight must be a positive finite number, got {weight}")
-        self.total.add_(values.to(torch.float32), alpha=float(weight))
+        values = values.to(torch.float32)
+        # Checked before touching the total, so a hostile magnitude or weight cannot leave it inf/NaN.
+        if values.numel():
+            bound = float(torch.linalg.vector_norm(values, float("inf"))) * float(weight)
+            bound += float(torch.linalg.vector_norm(self.total, float("inf")))
+            if not bound < torch.finfo(torch.float32).max:
+                raise NonFiniteError(f"contribution ×{weight} would overflow the float32 average")
+        self.total.add_(values, alpha=float(weight))
         self.weight += float(weight)
         self.count += 1
 

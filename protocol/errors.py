@@ -34,6 +34,12 @@ class FrameError(ProtocolError):
     code = "frame"
 
 
+class ConnectionLost(FrameError):
+    """The transport failed under the stream (reset, broken pipe): not the peer's data, but the end of it."""
+
+    code = "connection"
+
+
 class ChecksumError(FrameError):
     """The frame's checksum does not match its body: corrupted in transit or forged."""
 
@@ -50,6 +56,12 @@ class FrameTimeout(ProtocolError):
     """A frame did not arrive completely within its deadline (a stalled or slow-loris peer)."""
 
     code = "timeout"
+
+
+class StreamIdle(FrameTimeout):
+    """No frame started within the idle deadline: a quiet stream, not an offence by the peer."""
+
+    code = "idle"
 
 
 class VersionMismatch(ProtocolError):
@@ -104,9 +116,11 @@ ERROR_CODES: tuple[str, ...] = tuple(
     for cls in (
         ProtocolError,
         FrameError,
+        ConnectionLost,
         ChecksumError,
         OversizeError,
         FrameTimeout,
+        StreamIdle,
         VersionMismatch,
         MalformedMessage,
         UnknownCodec,

@@ -20,7 +20,15 @@ import asyncio
 import struct
 import zlib
 
-from protocol.errors import ChecksumError, FrameError, FrameTimeout, OversizeError, ProtocolError
+from protocol.errors import (
+    ChecksumError,
+    ConnectionLost,
+    FrameError,
+    FrameTimeout,
+    OversizeError,
+    ProtocolError,
+    StreamIdle,
+)
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
 MAGIC = b"PSW"
@@ -74,7 +82,8 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: WireLimits = DEFA
 class FrameDecoder:
     """Incremental splitter: ``feed(bytes)`` returns the complete frame bodies seen so far.
 
-    Buffers at most one frame (``max_frame_bytes`` + prefix); after an error it stays broken.
+    Between calls it holds at most one incomplete frame (``max_frame_bytes`` + prefix); within a call
+    the whole chunk given is buffered. After any error (checksum included) it stays broken.
     """
 
     def __init__(self, limits: WireLimits = DEFAULT_LIMITS):
@@ -116,34 +125,61 @@ class FrameDecoder:
 
 
 async def read_frame(
-    reader: asyncio.StreamReader, limits: WireLimits = DEFAULT_LIMITS, *, timeout: float | None = None
+    reader: asyncio.StreamReader,
+    limits: WireLimits = DEFAULT_LIMITS,
+    *,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> bytes | None:
     """Next frame body from ``reader``, or None on a clean end of stream between frames.
 
-    ``timeout`` bounds the whole frame (prefix and body), so a peer that trickles bytes cannot hold
-    the reader forever: it raises :class:`FrameTimeout`.
+    ``idle_timeout`` bounds the wait for a frame's first byte (None: wait as long as the peer keeps
+    the stream open); ``timeout`` then bounds the rest of the frame, so a peer that trickles bytes
+    cannot hold the reader: they raise :class:`StreamIdle` and :class:`FrameTimeout`. A transport failure (reset, broken
+    pipe) raises :class:`ConnectionLost`.
     """
+    whole = None
     try:
-        async with asyncio.timeout(timeout):
-            prefix = await reader.read(PREFIX_BYTES)
-            if not prefix:
-                return None
-            if len(prefix) < PREFIX_BYTES:
-                prefix += await reader.readexactly(PREFIX_BYTES - len(prefix))
+        async with asyncio.timeout(idle_timeout) as idle:
+            first = await reader.read(1)
+        if not first:
+            return None
+        async with asyncio.timeout(timeout) as whole:
+            prefix = first + await reader.readexactly(PREFIX_BYTES - 1)
             length, crc = parse_prefix(prefix, limits)
             body = await reader.readexactly(length)
     except TimeoutError:
-        raise FrameTimeout(f"frame not received within {timeout} s") from None
+        if idle.expired():
+            raise StreamIdle(f"no frame started within {idle_timeout} s") from None
+        if whole is not None and whole.expired():
+            raise FrameTimeout(f"frame not received within {timeout} s") from None
+        raise ConnectionLost("stream timed out at the transport level") from None
     except asyncio.IncompleteReadError as exc:
         raise FrameError(
             f"stream ended inside a frame ({len(exc.partial)} of {exc.expected} bytes of a frame part)"
         ) from None
+    except OSError as exc:
+        raise ConnectionLost(f"stream broken while reading: {exc}") from None
     _check_crc(body, crc)
     return body
 
 
-async def write_frame(writer: asyncio.StreamWriter, body: bytes | bytearray | memoryview) -> None:
-    """Write one frame and wait until the transport has taken it (back-pressure)."""
-    writer.write(frame_prefix(body))
-    writer.write(body)
-    await writer.drain()
+async def write_frame(
+    writer: asyncio.StreamWriter, body: bytes | bytearray | memoryview, *, timeout: float | None = None
+) -> None:
+    """Write one frame and wait until the transport has taken it (back-pressure).
+
+    ``timeout`` bounds that wait, so a peer that never reads cannot block the writer forever: it
+    raises :class:`FrameTimeout`, after which the stream should be closed.
+    """
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            writer.write(frame_prefix(body))
+            writer.write(body)
+            await writer.drain()
+    except TimeoutError:
+        if deadline.expired():
+            raise FrameTimeout(f"peer did not take a {len(body)}-byte frame within {timeout} s") from None
+        raise ConnectionLost("stream timed out at the transport level") from None
+    except OSError as exc:
+        raise ConnectionLost(f"stream broken while writing: {exc}") from None

@@ -7,7 +7,8 @@ Importing this module registers two codecs, usable anywhere a codec name is acce
   codebook size, 256 float32 bucket means, one uint8 index per value).
 
 They exist so that benchmarks compare protoswarm's codecs with hivemind's through one interface, and
-so a swarm can opt into hivemind's formats by name. Their payloads are checked (length, codebook
+so a swarm can opt into hivemind's formats by name: receivers accept them only when they are listed in
+``WireLimits.codecs`` (e.g. ``BUILTIN_CODECS | HIVEMIND_CODECS``), never by default. Their payloads are checked (length, codebook
 size, finiteness) before hivemind's ``extract`` sees them.
 
 The other direction is not possible without patching hivemind: hivemind decodes every tensor with
@@ -32,6 +33,7 @@ from protocol.codecs import CODECS, Codec, _check_input, _view, all_finite, regi
 from protocol.errors import NonFiniteError, TensorError
 
 # The formats hivemind can decode; tests pin this so a hivemind that opens its enum is noticed.
+HIVEMIND_CODECS = frozenset({"hivemind-float16", "hivemind-uniform8bit"})  # add to WireLimits.codecs to accept
 HIVEMIND_COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFORM_8BIT", "BLOCKWISE_8BIT")
 
 

@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from protocol.errors import ERROR_CODES, MalformedMessage, TensorError
+from protocol.errors import ERROR_CODES, MalformedMessage, TensorError, short_repr
 from protocol.schema import (
     ERROR_KIND,
     MESSAGE_KINDS,
@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 STAGE_STATES = ("joining", "online", "offline")
+MAX_WEIGHT = 1e12  # a contribution's weight (e.g. tokens trained); larger ones are refused
+MAX_STATE_NDIM = 8
+MAX_STATE_DIM = 1 << 40
 STATE_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 _HEX = re.compile(r"[0-9a-f]*")
 
@@ -92,6 +95,8 @@ class ActivationFrame(Message):
     step: int = 0  # sender's training progress when it produced the frame
 
     def check(self, limits: WireLimits) -> None:
+        if self.coefficients.shape[2] == 0:
+            raise TensorError("ActivationFrame: coefficients need k ≥ 1 values per token")
         if tuple(self.coefficients.shape[:2]) != tuple(self.token_ids.shape):
             raise TensorError(
                 f"coefficients {list(self.coefficients.shape)} do not match token ids {list(self.token_ids.shape)}"
@@ -146,8 +151,8 @@ class FragmentPart(Message):
                 f"FragmentPart: values [{self.offset}, {self.offset + self.values.numel()}) "
                 f"run past the fragment's {self.total_values} values"
             )
-        if not self.weight > 0:
-            raise MalformedMessage(f"FragmentPart: weight must be positive, got {self.weight}")
+        if not 0 < self.weight <= MAX_WEIGHT:
+            raise MalformedMessage(f"FragmentPart: weight must be in (0, {MAX_WEIGHT:g}], got {self.weight}")
 
 
 @message("state_request")
@@ -172,6 +177,9 @@ class StateEntry(Record):
     def check(self, limits: WireLimits) -> None:
         if self.dtype not in STATE_DTYPES:
             raise TensorError(f"state entry {self.name!r}: dtype {self.dtype!r} is not one of {STATE_DTYPES}")
+        # Bounded before multiplying: 4096 dims of 2⁶³ would be slow big-integer arithmetic.
+        if len(self.shape) > MAX_STATE_NDIM or any(s > MAX_STATE_DIM for s in self.shape):
+            raise TensorError(f"state entry {self.name!r}: shape {short_repr(self.shape)} is out of range")
         numel = 1
         for s in self.shape:
             numel *= s
@@ -270,7 +278,7 @@ class ErrorReply(Message):
     retry_after: float | None = None  # seconds after which the same request may succeed
 
     @classmethod
-    def from_error(cls, exc: BaseException) -> ErrorReply:
+    def from_error(cls, exc: BaseException, max_len: int = 500) -> ErrorReply:
         code = getattr(exc, "code", "internal")
-        return cls(code=code if code in ERROR_CODES else "protocol", message=str(exc)[:500])
+        return cls(code=code if code in ERROR_CODES else "protocol", message=str(exc)[:max_len])
 

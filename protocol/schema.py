@@ -38,6 +38,7 @@ from protocol.tensors import (
     DEFAULT_LIMITS,
     INT_WIRE_TYPES,
     WireLimits,
+    decoded_nbytes,
     describe,
     materialise,
     payload_nbytes,
@@ -180,6 +181,8 @@ def encode_message(msg: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
         for name, tp in cls._SPEC.items():
             value = getattr(msg, name)
             if tp is bytes:
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise MalformedMessage(f"{cls.__name__}.{name} must be bytes, got {type(value).__name__}")
                 blob = bytes(value)
                 descriptors.append([name, {"bytes": len(blob)}])
                 payloads.append(blob)
@@ -192,6 +195,7 @@ def encode_message(msg: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
                     kind = "an integer" if meta["integer"] else "a float"
                     raise TensorError(f"{cls.__name__}.{name} must be {kind} tensor, got {value.dtype}")
                 descriptor, payload = describe(value, codec)
+                payload_nbytes(descriptor, limits, f"{cls.__name__}.{name}")  # caps and codec allow-list
                 _check_tensor_field(cls, name, descriptor)
                 descriptors.append([name, descriptor])
                 payloads.append(payload)
@@ -203,6 +207,8 @@ def encode_message(msg: Message, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
         raise ValueError(f"cannot send invalid {cls.__name__}: {exc}") from None
     header["payloads"] = descriptors
     packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > limits.max_header_bytes:
+        raise ValueError(f"{cls.__name__} header is {len(packed)} bytes, over {limits.max_header_bytes}")
     body = b"".join([_U32.pack(len(packed)), packed, *payloads])
     if len(body) > limits.max_frame_bytes:
         raise ValueError(
@@ -292,6 +298,9 @@ def _decode_payloads(
             _check_tensor_field(cls, name, descriptor)
         plan.append((name, descriptor, offset, size))
         offset += size
+    decoded = sum(decoded_nbytes(d) for n, d, _, _ in plan if blob_types[n] is torch.Tensor)
+    if decoded > limits.max_decoded_bytes:
+        raise OversizeError(f"{cls.__name__}: tensors decode to {decoded} bytes, over {limits.max_decoded_bytes}")
     if offset != len(data):
         raise TensorError(f"{cls.__name__}: payloads declare {offset} bytes but the message carries {len(data)}")
     values: dict[str, Any] = {}

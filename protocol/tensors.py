@@ -21,7 +21,14 @@ import msgpack
 import torch
 
 from protocol.codecs import _as_bytes, _view, get_codec
-from protocol.errors import MalformedMessage, OversizeError, ProtocolError, TensorError, short_repr
+from protocol.errors import (
+    MalformedMessage,
+    OversizeError,
+    ProtocolError,
+    TensorError,
+    UnknownCodec,
+    short_repr,
+)
 
 MiB = 1 << 20
 
@@ -29,17 +36,24 @@ MiB = 1 << 20
 INT_WIRE_TYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "u16": torch.uint16, "i32": torch.int32, "i64": torch.int64}
 
 
+# Codecs a receiver accepts unless configured otherwise; hivemind's must be opted into by name.
+BUILTIN_CODECS = frozenset({"fp32", "bf16", "fp16", "int8", "e3m0"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class WireLimits:
     """Caps applied to everything decoded from a peer. Defaults suit activations and 4-bit fragments.
 
-    Peak memory while decoding one tensor is about ``6.5 × max values`` bytes for e3m0 (codes,
-    int32 gather indices, float32 output), so the caps bound what a hostile peer can make us allocate.
+    Decoded tensors of one message hold at most ``max_decoded_bytes`` (float32 values, int64 ids);
+    transient buffers while decoding add at most ~2.5 bytes per value (e3m0's codes and int32 gather
+    indices), so the caps bound what a hostile peer can make us allocate.
     """
 
     max_frame_bytes: int = 64 * MiB  # one frame's body, headers and payloads included
     max_header_bytes: int = 1 * MiB  # the msgpack header of one message
     max_tensor_values: int = 1 << 27  # values in one decoded tensor (512 MiB as float32)
+    max_decoded_bytes: int = 512 * MiB  # all decoded tensors of one message together
+    codecs: frozenset[str] = BUILTIN_CODECS  # float codecs accepted from peers
     max_ndim: int = 4
     max_tensors: int = 8  # tensors and byte blobs in one message
     max_str_len: int = 512
@@ -48,7 +62,9 @@ class WireLimits:
     check_finite: bool = True  # reject NaN/inf in decoded float tensors
 
     def __post_init__(self) -> None:
-        for name in ("max_frame_bytes", "max_header_bytes", "max_tensor_values", "max_ndim", "max_tensors"):
+        names = ("max_frame_bytes", "max_header_bytes", "max_tensor_values", "max_decoded_bytes", "max_ndim",
+                 "max_tensors")
+        for name in names:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"WireLimits.{name} must be positive, got {getattr(self, name)}")
 
@@ -83,6 +99,9 @@ def describe(tensor: torch.Tensor, codec: str | None = None) -> tuple[dict[str, 
     else:
         if tensor.dtype == torch.bool or tensor.is_complex():
             raise ValueError(f"tensors of dtype {tensor.dtype} cannot be sent")
+        if tensor.dtype == torch.uint64:
+            raise ValueError("uint64 tensors cannot be sent; cast to int64 first")
+        tensor = tensor.to(torch.int64)  # uint16/uint32 lack min/max; ids are small, the copy is cheap
         name = codec or int_wire_type(tensor)
         if name not in INT_WIRE_TYPES:
             raise ValueError(f"integer tensor needs an integer wire type {sorted(INT_WIRE_TYPES)}, got {name!r}")
@@ -127,12 +146,24 @@ def payload_nbytes(descriptor: Any, limits: WireLimits, what: str = "tensor") ->
         raise MalformedMessage(f"{what}: codec must be a string")
     if name in INT_WIRE_TYPES:
         return numel * INT_WIRE_TYPES[name].itemsize
+    if name not in limits.codecs:
+        raise UnknownCodec(f"{what}: codec {short_repr(name)} is not accepted here (accepted: {sorted(limits.codecs)})")
     return get_codec(name).payload_nbytes(numel)
+
+
+def decoded_nbytes(descriptor: dict[str, Any]) -> int:
+    """Bytes the decoded tensor of a validated descriptor occupies (float32 values or int64 ids)."""
+    numel = 1
+    for s in descriptor["shape"]:
+        numel *= s
+    return numel * (8 if descriptor["codec"] in INT_WIRE_TYPES else 4)
 
 
 def materialise(descriptor: dict[str, Any], payload: bytes | memoryview, limits: WireLimits, what: str = "tensor") -> torch.Tensor:
     """Decode a validated descriptor + payload: float32 for float codecs, int64 for integer types."""
     expected = payload_nbytes(descriptor, limits, what)
+    if decoded_nbytes(descriptor) > limits.max_decoded_bytes:
+        raise OversizeError(f"{what}: decodes to {decoded_nbytes(descriptor)} bytes, over {limits.max_decoded_bytes}")
     if len(payload) != expected:
         raise TensorError(f"{what}: payload is {len(payload)} bytes, shape and codec need {expected}")
     shape, name = tuple(descriptor["shape"]), descriptor["codec"]

@@ -192,6 +192,30 @@ def test_quantized_codecs_refuse_non_finite_input(name, bad):
         get_codec(name).encode(x)
 
 
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_passthrough_codecs_refuse_to_send_non_finite_values(name):
+    """Receivers refuse NaN/inf, so senders do too, also after the cast (3.4e38 is inf in bf16)."""
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError):
+            get_codec(name).encode(torch.tensor([1.0, bad]))
+    big = torch.tensor([3.4e38])
+    if name == "bf16":
+        with pytest.raises(ValueError):
+            get_codec(name).encode(big)
+    else:
+        assert torch.isfinite(_roundtrip(name, big)).all()  # fp32 exact, fp16 saturates
+
+
+def test_int8_scale_that_would_overflow_is_refused():
+    """±127 × a step above FLT_MAX/127 is inf: such a payload cannot come from an encoder."""
+    payload = struct.pack("<f", 3e38) + bytes([127, 0x81, 1])
+    for check in (True, False):
+        with pytest.raises(NonFiniteError):
+            get_codec("int8").decode(payload, (3,), check_finite=check)
+    top = struct.pack("<f", torch.finfo(torch.float32).max / 128) + bytes([127, 0x81, 1])
+    assert torch.isfinite(get_codec("int8").decode(top, (3,))).all()
+
+
 @pytest.mark.parametrize("name", ALL_CODECS)
 def test_payload_of_wrong_length_is_a_tensor_error(name):
     """One byte too many or too few is refused before decoding allocates anything."""
@@ -331,3 +355,16 @@ def test_e3m0_bytes_are_canonical():
     x = torch.tensor([1.0, -1e-4, 1e-4, -0.0] + [0.0] * 252)
     codes = CODECS["e3m0"].encode(x)[4:]  # after the one block scale
     assert codes[0] == 0x07 and codes[1] == 0x00 and set(codes[2:]) == {0}
+
+
+def test_mean_accumulator_refuses_overflow_without_touching_the_total():
+    """A huge weight or magnitude raises NonFiniteError and leaves the running sum as it was."""
+    acc = MeanAccumulator((4,))
+    acc.add(torch.ones(4), weight=2.0)
+    before = acc.total.clone()
+    with pytest.raises(NonFiniteError):
+        acc.add(torch.full((4,), 3e38), weight=1e300)
+    with pytest.raises(NonFiniteError):
+        acc.add(torch.full((4,), 3.3e38), weight=2.0)
+    assert torch.equal(acc.total, before) and acc.count == 1 and acc.weight == 2.0
+    assert torch.equal(acc.mean(), torch.ones(4))

@@ -33,8 +33,9 @@ from protocol.errors import (
     ProtocolError,
 )
 from protocol.framing import FrameDecoder, decode_frame, encode_frame, read_frame
+from protocol.hivemind_compat import HIVEMIND_CODECS
 from protocol.messages import MESSAGE_KINDS, STAGE_STATES, STATE_DTYPES, decode_message, encode_message
-from protocol.tensors import WireLimits, decode_tensor, encode_tensor
+from protocol.tensors import BUILTIN_CODECS, WireLimits, decode_tensor, encode_tensor
 
 FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -355,7 +356,7 @@ def test_deeply_nested_header_value_is_malformed():
 
 # ---- caps: refused before allocating -------------------------------------------------------------
 
-SMALL = WireLimits(max_frame_bytes=1 << 20, max_tensor_values=1000)
+SMALL = WireLimits(max_frame_bytes=1 << 20, max_tensor_values=1000, codecs=BUILTIN_CODECS | HIVEMIND_CODECS)
 
 
 def _read_frame(data: bytes, limits: WireLimits):
@@ -427,7 +428,9 @@ from protocol.codecs import get_codec
 from protocol.errors import ProtocolError
 from protocol.framing import FrameDecoder, decode_frame, read_frame
 from protocol.messages import decode_message
-from protocol.tensors import DEFAULT_LIMITS, decode_tensor, encode_tensor
+from protocol.hivemind_compat import HIVEMIND_CODECS
+from protocol.tensors import BUILTIN_CODECS, WireLimits, decode_tensor, encode_tensor
+DEFAULT_LIMITS = WireLimits(codecs=BUILTIN_CODECS | HIVEMIND_CODECS)
 
 def tensor(codec, shape):
     h = msgpack.packb({"codec": codec, "shape": shape})
@@ -454,12 +457,13 @@ calls = [
                                    fragment_id=0, part=0, num_parts=1, offset=0, total_values=n)),
 ]
 for c in codecs + ["u8", "u16", "i32", "i64"]:
-    calls += [lambda c=c: decode_tensor(tensor(c, [n])), lambda c=c: decode_tensor(tensor(c, [2**40])),
-              lambda c=c: decode_tensor(tensor(c, [2**20, 2**20]))]
+    calls += [lambda c=c: decode_tensor(tensor(c, [n]), DEFAULT_LIMITS),
+              lambda c=c: decode_tensor(tensor(c, [2**40]), DEFAULT_LIMITS),
+              lambda c=c: decode_tensor(tensor(c, [2**20, 2**20]), DEFAULT_LIMITS)]
 for c in codecs:
     calls.append(lambda c=c: get_codec(c).decode(bytes(64), (n,)))
 for c in codecs:  # warm up every code path with small, valid input
-    decode_tensor(encode_tensor(torch.randn(300), c))
+    decode_tensor(encode_tensor(torch.randn(300), c), DEFAULT_LIMITS)
 base, start, results = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic(), []
 for call in calls:
     try:
