@@ -1,7 +1,7 @@
 """Typed run configuration, loaded from TOML presets in ``configs/`` with command-line overrides.
 
 A run config has one table per component (``[model]``, ``[pipeline]``, ``[data]``, ``[train]``,
-``[wire]``).
+``[wire]``, ``[swarm]``).
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
 relative to the extending file, or to the shipped ``configs/`` directory), then the file's own
 tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``.
@@ -32,6 +32,11 @@ class ConfigError(ValueError):
 
 def _f(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
+
+
+def _flist(default: list[Any], doc: str) -> Any:
+    """A list-valued field (each instance gets its own copy of the default)."""
+    return field(default_factory=lambda: list(default), metadata={"doc": doc})
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -270,6 +275,52 @@ class WireConfig:
 
 
 @dataclass(kw_only=True)
+class SwarmConfig:
+    """How this node finds and joins a swarm: DHT, identity, stage claiming, endpoints, timing."""
+
+    SECTION = "swarm"
+
+    run_id: str = _f("", "Run to create or join; empty = a fresh id when creating, discovered when joining.")
+    initial_peers: list[str] = _flist([], "Multiaddrs of swarm peers to join (…/p2p/<id>); empty = start a swarm.")
+    host_maddrs: list[str] = _flist(["/ip4/0.0.0.0/tcp/0"], "libp2p listen addresses (port 0 = any free).")
+    announce_maddrs: list[str] = _flist([], "Addresses other peers should dial (behind NAT/port forwarding).")
+    identity_path: str = _f(
+        "~/.protoswarm/identity.key", "Persistent libp2p identity (created on first run); one per daemon."
+    )
+    stage: int | None = _f(None, "Serve this stage and never rebalance; None = claim the weakest stage.")
+    refresh_s: float = _f(10.0, "Re-publish this node's record every this many seconds.")
+    expiry_s: float | None = _f(None, "Records expire after this many seconds; None = 2 × refresh_s.")
+    rebalance_period_s: float = _f(30.0, "Mean interval between rebalancing checks (seconds, jittered).")
+    rebalance_jitter: float = _f(0.5, "Random fraction ± applied to each rebalancing interval.")
+    rebalance_gain: float = _f(
+        1.2, "Move stage only if the swarm's bottleneck throughput grows by at least this factor."
+    )
+    bootstrap_retry_max_s: float = _f(30.0, "Longest wait between attempts to reach initial_peers (seconds).")
+    metrics_host: str = _f("0.0.0.0", "Interface for /metrics and /health.")
+    metrics_port: int = _f(9464, "Port for /metrics and /health; 0 = any free port (printed at start).")
+    shutdown_timeout_s: float = _f(20.0, "Most time a graceful shutdown may take before exiting anyway.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s")
+        if not 0.0 <= self.rebalance_jitter < 1.0:
+            raise ConfigError(f"swarm.rebalance_jitter must be in [0, 1), got {self.rebalance_jitter!r}")
+        if self.rebalance_gain < 1.0:
+            raise ConfigError(f"swarm.rebalance_gain must be >= 1, got {self.rebalance_gain!r}")
+        if self.expiry_s is not None and self.expiry_s <= self.refresh_s:
+            raise ConfigError(f"swarm.expiry_s={self.expiry_s} must exceed swarm.refresh_s={self.refresh_s}")
+        if self.stage is not None and self.stage < 0:
+            raise ConfigError(f"swarm.stage must be >= 0, got {self.stage}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"swarm.metrics_port must be a TCP port (0..65535), got {self.metrics_port}")
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.run_id):
+            raise ConfigError(f"swarm.run_id must be 1-64 of [A-Za-z0-9_.-], got {self.run_id!r}")
+
+    @property
+    def record_expiry_s(self) -> float:
+        return self.expiry_s if self.expiry_s is not None else 2.0 * self.refresh_s
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Everything one process needs; one attribute per TOML table."""
 
@@ -278,9 +329,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def __post_init__(self) -> None:
         self.pipeline.stage_ranges(self.model.n_layers)
+        if self.swarm.stage is not None and self.swarm.stage >= self.pipeline.num_stages:
+            raise ConfigError(
+                f"swarm.stage={self.swarm.stage} does not exist: pipeline.num_stages={self.pipeline.num_stages}"
+            )
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -296,6 +352,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "wire": WireConfig,
+    "swarm": SwarmConfig,
 }
 
 
@@ -435,5 +492,6 @@ def describe_fields() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            lines.append(f"  {section}.{f.name}: {type_name} = {f.default!r}\n      {f.metadata.get('doc', '')}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name}: {type_name} = {default!r}\n      {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ message (kind)              what it carries
 ``StateChunkRequest``       fetch chunk i of the state named by a manifest digest
 ``StateChunk``              the raw bytes of that chunk
 ``StageRecord``             announcement/heartbeat: a peer's stage, state, throughput, progress
+``RunRecord``               a run's parameters (model, S, k, codecs, …) so joiners need no config
 ``ErrorReply``              a refusal with a machine-readable ``code`` and a sentence for people
 ==========================  =====================================================================
 
@@ -53,6 +54,7 @@ __all__ = [
     "FragmentRequest",
     "GradientFrame",
     "Message",
+    "RunRecord",
     "StageRecord",
     "StateChunk",
     "StateChunkRequest",
@@ -267,6 +269,22 @@ class StageRecord(Message):
             raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
         if not self.stage < self.num_stages:
             raise MalformedMessage(f"StageRecord: stage {self.stage} is not below num_stages {self.num_stages}")
+
+
+@message("run_record")
+class RunRecord(Message):
+    """A run's own parameters, published in the DHT so a volunteer can join with no config.
+
+    ``config`` is the run-level configuration (model, pipeline, data, train, wire tables) as a msgpack
+    map; the node validates it with its config loader. Every online peer republishes the record it
+    joined with (signed by itself), so the run outlives its creator; joiners take the majority.
+    """
+
+    run_id: str
+    creator: str  # peer id of the peer that created the run
+    created: float  # creator's wall clock at creation (seconds since the epoch)
+    publisher: str  # peer id of the peer that signed this copy
+    config: bytes
 
 
 @message(ERROR_KIND)

@@ -123,6 +123,8 @@ BUILDERS = {
     "state_chunk": lambda draw: pm.StateChunk(run_id=draw(text), stage=draw(u63), digest=draw(digest),
                                               index=draw(u63), data=draw(st.binary(max_size=2000))),
     "stage_record": _stage_record,
+    "run_record": lambda draw: pm.RunRecord(run_id=draw(text), creator=draw(text), created=draw(finite),
+                                            publisher=draw(text), config=draw(st.binary(max_size=500))),
     "error": lambda draw: pm.ErrorReply(code=draw(text), message=draw(text),
                                         retry_after=draw(st.none() | finite)),
 }

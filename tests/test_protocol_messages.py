@@ -41,6 +41,7 @@ from protocol.messages import (
     FragmentPart,
     FragmentRequest,
     GradientFrame,
+    RunRecord,
     StageRecord,
     StateChunk,
     StateChunkRequest,
@@ -98,6 +99,9 @@ EXAMPLES = {
         peer_id=PEERS[0], run_id="run-7", stage=1, num_stages=4, state="online", throughput=3.25,
         progress=1200, basis="cd" * 32, corpus="ef" * 32, codecs=["fp32", "bf16", "e3m0"],
         timestamp=1_763_790_000.5),
+    "run_record": lambda: RunRecord(
+        run_id="run-7", creator=PEERS[0], created=1_763_790_000.25, publisher=PEERS[1],
+        config=msgpack.packb({"model": {"name": "tiny"}, "pipeline": {"num_stages": 2}})),
     "error": lambda: ErrorReply(code="tensor", message="ActivationFrame.coefficients: bad shape",
                                 retry_after=2.0),
 }
