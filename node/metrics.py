@@ -1,0 +1,350 @@
+"""Prometheus metrics of one node, and the HTTP server for ``/metrics`` and ``/health``.
+
+``NodeMetrics`` owns a private ``CollectorRegistry`` (never the global one, so several nodes and tests
+can share a process) and exposes every metric as an attribute; ``MetricsServer`` serves it from the
+first moments of the process, before the swarm is joined (DESIGN §5). docs/metrics.md lists every
+metric; tests/test_node_metrics.py fails when the table and this file disagree, so a new metric is
+one attribute in ``NodeMetrics.__init__`` plus one row in that table.
+
+Importing this module is cheap (no torch), so the daemon can serve metrics before it loads a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.metadata
+import json
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+
+from protocol.errors import ERROR_CODES
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "protoswarm"
+DEFAULT_METRICS_PORT = 9464
+STATES = ("starting", "joining", "online", "offline")
+BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
+DHT_OPS = ("store", "get")
+REJECT_REASONS = ("malformed", "unsigned", "bad_signature", "wrong_owner", "version", "expired", "other")
+DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
+# From 1 ms (a local store) to 30 s (a get that waits out hivemind's timeouts).
+DHT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _bounded(value: str, allowed: tuple[str, ...]) -> str:
+    """Label values may come from peer data: anything unknown becomes "other" to bound cardinality."""
+    return value if value in allowed else "other"
+
+
+class NodeMetrics:
+    """Every metric of one node, in its own registry. Attributes are prometheus_client metric objects."""
+
+    def __init__(self, *, peer_id: str = "", run_id: str = "", protocol: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._started = time.monotonic()
+        self._state = "starting"
+        self._bootstrap_state = "starting"
+        self._stage: int | None = None
+        self._last_stage: int | None = None
+        self._view_stages: set[str] = set()
+        self._lock = threading.Lock()
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+
+        def counter(name: str, doc: str, label: str | None = None, values: tuple[str, ...] = ()) -> Counter:
+            metric = Counter(name, doc, (label,) if label else (), namespace=NAMESPACE, registry=self.registry)
+            for value in values:  # every known child exists from the start, so rate() sees a 0 first
+                metric.labels(value)
+            return metric
+
+        self.info = Info("node", "Identity of this node: peer id, run id, package and protocol version.",
+                         namespace=NAMESPACE, registry=self.registry)
+        try:
+            version = importlib.metadata.version("protoswarm")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        self._info = {"peer_id": peer_id, "run_id": run_id, "version": version, "protocol": protocol}
+        self.info.info(self._info)
+        self.uptime_seconds = gauge("uptime_seconds", "Seconds since this node's metrics were created.")
+        self.uptime_seconds.set_function(lambda: time.monotonic() - self._started)
+        self.threads = gauge("threads", "Live Python threads in the node process.")
+        self.threads.set_function(threading.active_count)
+        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
+
+        self.stage = gauge("stage", "Pipeline stage this node serves; -1 while it serves none.")
+        self.stage.set(-1)
+        self.num_stages = gauge("num_stages", "Number of pipeline stages in the run.")
+        self.state = gauge("state", "1 for the node's current state, 0 for the others.", ("state",))
+        self.bootstrap_state = gauge("bootstrap_state", "1 for the current bootstrap state.", ("state",))
+        # Read one attribute at scrape time, so a scrape never sees two states at 1 (or none).
+        for name in STATES:
+            self.state.labels(name).set_function(lambda name=name: float(self._state == name))
+        for name in BOOTSTRAP_STATES:
+            self.bootstrap_state.labels(name).set_function(
+                lambda name=name: float(self._bootstrap_state == name))
+        self.bootstrap_attempts_total = counter("bootstrap_attempts", "Attempts to join the swarm's DHT.")
+        self.stage_changes_total = counter("stage_changes", "Times this node moved to a different stage.")
+
+        self.peers_known = gauge("peers_known", "Distinct peers in this node's view of the swarm.")
+        self.stage_peers = gauge("stage_peers", "Peers announcing each stage.", ("stage",))
+        self.stage_throughput = gauge("stage_throughput_samples_per_second",
+                                      "Summed announced throughput of each stage (samples/s).", ("stage",))
+        self.throughput = gauge("throughput_samples_per_second", "This node's measured throughput (samples/s).")
+
+        self.dht_seconds = Histogram("dht_seconds", "Latency of DHT operations (s), failed ones included.",
+                                     ("op",), namespace=NAMESPACE, registry=self.registry,
+                                     buckets=DHT_BUCKETS_S)
+        for op in DHT_OPS:
+            self.dht_seconds.labels(op)
+        self.dht_failures_total = counter("dht_failures", "DHT operations that raised or reported failure.",
+                                          "op", DHT_OPS)
+        self.records_rejected_total = counter("records_rejected", "Stage records from the DHT rejected.",
+                                              "reason", REJECT_REASONS)
+        self.protocol_errors_total = counter("protocol_errors", "Bad input from peers, by error code.",
+                                             "code", (*ERROR_CODES, "other"))
+        self.state_downloads_total = counter("state_downloads", "Stage state downloads, by result.",
+                                             "result", DOWNLOAD_RESULTS)
+
+        self.train_step = gauge("train_step", "Last local training step completed.")
+        self.train_loss = gauge("train_loss", "Training loss of the last step (nats/token); NaN before one.")
+        self.train_loss.set(float("nan"))
+        self.train_tokens_total = counter("train_tokens", "Tokens trained on by this node.")
+
+    def set_info(self, *, peer_id: str | None = None, run_id: str | None = None,
+                 protocol: str | None = None) -> None:
+        """Fill in identity labels once known (the peer id exists only after the DHT starts)."""
+        with self._lock:
+            for key, value in (("peer_id", peer_id), ("run_id", run_id), ("protocol", protocol)):
+                if value is not None:
+                    self._info[key] = str(value)
+            self.info.info(self._info)
+
+    def set_state(self, state: str) -> None:
+        """Set the node state, one of ``STATES``."""
+        if state not in STATES:
+            raise ValueError(f"unknown node state {state!r}; expected one of {STATES}")
+        self._state = state
+
+    def set_bootstrap_state(self, state: str) -> None:
+        """Set the bootstrap state (one of ``BOOTSTRAP_STATES``); entering "bootstrapping" counts an attempt."""
+        if state not in BOOTSTRAP_STATES:
+            raise ValueError(f"unknown bootstrap state {state!r}; expected one of {BOOTSTRAP_STATES}")
+        if state == "bootstrapping":
+            self.bootstrap_attempts_total.inc()
+        self._bootstrap_state = state
+
+    def set_stage(self, stage: int | None) -> None:
+        """Set the served stage (None = none). Moving to a stage other than the last one served counts."""
+        with self._lock:
+            if stage is not None and self._last_stage is not None and stage != self._last_stage:
+                self.stage_changes_total.inc()
+            if stage is not None:
+                self._last_stage = stage
+            self._stage = stage
+            self.stage.set(-1 if stage is None else stage)
+
+    def set_swarm_view(self, *, peers_known: int, stage_peers: Mapping[int, int],
+                       stage_throughput: Mapping[int, float]) -> None:
+        """Publish this node's view of the swarm: peer count, peers and summed samples/s per stage."""
+        with self._lock:
+            self.peers_known.set(peers_known)
+            stages = {str(s) for s in (*stage_peers, *stage_throughput)}
+            for stage in stages:
+                self.stage_peers.labels(stage).set(stage_peers.get(int(stage), 0))
+                self.stage_throughput.labels(stage).set(stage_throughput.get(int(stage), 0.0))
+            for stage in self._view_stages - stages:
+                self.stage_peers.remove(stage)
+                self.stage_throughput.remove(stage)
+            self._view_stages = stages
+
+    @contextlib.contextmanager
+    def time_dht(self, op: str) -> Iterator[None]:
+        """Observe the latency (s) of a DHT ``op`` ("store" or "get"); an exception also counts a failure.
+
+        An operation that reports failure by its return value (hivemind's ``store`` returns False)
+        should be counted by the caller: ``metrics.dht_failures_total.labels(op="store").inc()``.
+        Cancellation is neither observed nor counted: it says nothing about the DHT.
+        """
+        if op not in DHT_OPS:
+            raise ValueError(f"unknown DHT op {op!r}; expected one of {DHT_OPS}")
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.dht_failures_total.labels(op).inc()
+            self.dht_seconds.labels(op).observe(time.perf_counter() - start)
+            raise
+        self.dht_seconds.labels(op).observe(time.perf_counter() - start)
+
+    def count_record_rejected(self, reason: str) -> None:
+        """Count a DHT record rejected for ``reason`` (one of ``REJECT_REASONS``, else "other")."""
+        self.records_rejected_total.labels(_bounded(reason, REJECT_REASONS)).inc()
+
+    def count_protocol_error(self, code: str) -> None:
+        """Count bad input from a peer by ``ProtocolError.code`` (unknown codes count as "other")."""
+        self.protocol_errors_total.labels(_bounded(code, ERROR_CODES)).inc()
+
+    def count_state_download(self, result: str) -> None:
+        """Count one stage-state download by ``result`` (one of ``DOWNLOAD_RESULTS``, else "other")."""
+        self.state_downloads_total.labels(_bounded(result, DOWNLOAD_RESULTS)).inc()
+
+    def record_train_step(self, *, step: int, loss: float, tokens: int) -> None:
+        """Record one finished local training step: its index, loss (nats/token) and tokens trained."""
+        self.train_step.set(step)
+        self.train_loss.set(loss)
+        self.train_tokens_total.inc(tokens)
+
+    def health(self) -> dict[str, Any]:
+        """A minimal health body, used when the server is given no ``health`` callable."""
+        return {"state": self._state, "bootstrap_state": self._bootstrap_state, "stage": self._stage,
+                "uptime_seconds": round(time.monotonic() - self._started, 3)}
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+
+class MetricsBindError(OSError):
+    """The metrics server could not bind its address; the message says what to change."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10.0  # seconds a client may take to send its request; a stuck one must not pin a thread
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            try:
+                body, status = self.server.metrics.render(), 200
+            except Exception:
+                logger.exception("rendering /metrics failed")
+                body, status = b"metrics rendering failed\n", 500
+            self._reply(status, body, CONTENT_TYPE_PLAIN_0_0_4 if status == 200 else "text/plain")
+        elif path == "/health":
+            try:
+                body, status = json.dumps(self.server.health(), default=str).encode(), 200
+            except Exception as exc:
+                logger.exception("health callable failed")
+                body, status = json.dumps({"status": "error", "error": repr(exc)}).encode(), 500
+            self._reply(status, body, "application/json")
+        else:
+            self._reply(404, b"not found; try /metrics or /health\n", "text/plain")
+
+    do_HEAD = do_GET
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics http %s: " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True  # restart at once despite TIME_WAIT from earlier scrapes
+    allow_reuse_port = False  # but never share a port with a live server
+
+    def __init__(self, address: tuple[str, int], metrics: NodeMetrics,
+                 health: Callable[[], dict[str, Any]]) -> None:
+        self.metrics, self.health = metrics, health
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall startup.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics http request from %s failed", client_address, exc_info=True)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves ``/metrics`` (Prometheus text) and ``/health`` (JSON) from a daemon thread.
+
+    ``health`` returns the JSON body of ``/health`` (status 200); if it raises, the reply is 500 with
+    ``{"status": "error", "error": ...}`` and the server keeps running. ``port=0`` picks a free port.
+    """
+
+    def __init__(self, metrics: NodeMetrics, *, host: str = "127.0.0.1", port: int = DEFAULT_METRICS_PORT,
+                 health: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.metrics, self.host, self._port = metrics, host, port
+        self.health = health or metrics.health
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MetricsServer:
+        """Bind now and serve in the background; raise ``MetricsBindError`` if the address is unusable."""
+        if self._server is not None:
+            raise RuntimeError("MetricsServer.start() called twice")
+        cls = _Server6 if ":" in self.host else _Server
+        try:
+            server = cls((self.host, self._port), self.metrics, self.health)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MetricsBindError(f"metrics port {self._port} on {self.host} is in use — "
+                                       "pass --metrics-port 0 or another port") from exc
+            raise MetricsBindError(f"cannot serve metrics on {self.host}:{self._port}: {exc}") from exc
+        self._server, self._port = server, int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"metrics-http-{self._port}", daemon=True)
+        self._thread.start()
+        logger.info("serving metrics at %s/metrics and %s/health", self.url, self.url)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket, releasing the port. Safe to call more than once."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the requested one before)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:9464``."""
+        host = self.host or "0.0.0.0"
+        return f"http://[{host}]:{self._port}" if ":" in host else f"http://{host}:{self._port}"
+
+    def __enter__(self) -> MetricsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
