@@ -1,5 +1,11 @@
 """The ``node`` (alias ``protoswarm``) command.
 
+    node start [--join MADDR ...] [--run-id ID] [--config NAME|PATH] [--set section.field=value ...]
+               [--stage N] [--identity PATH] [--metrics-port P] ...      run the daemon (a new swarm
+                                                                         without --join)
+    node status [--join MADDR] [--run-id ID] [--json]   the swarm as a table (asks the local node
+                                                         for an address when --join is not given)
+    node sim --nodes N [--config ...] [--duration S] [--faults T:ACTION:I,...] [--json]
     node train-local [--config NAME|PATH] [--set section.field=value ...] [--device cpu|cuda|auto]
     node config show [--config ...] [--set ...]     resolved config as TOML
     node config fields                               every field with type, default and meaning
@@ -19,6 +25,8 @@ from node.checkpoint import CheckpointError
 from node.config import ConfigError, RunConfig, describe_fields, load_config
 
 DEFAULT_LOCAL_CONFIG = "local/tiny"
+DEFAULT_SWARM_CONFIG = "swarm/tiny"
+LOCAL_SECTIONS = ("swarm",)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -79,6 +87,80 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.join:
+        out.append(f"swarm.initial_peers={json.dumps(args.join)}")
+    for flag, field in (("run_id", "run_id"), ("identity", "identity_path"), ("metrics_host", "metrics_host")):
+        if getattr(args, flag) is not None:
+            out.append(f"swarm.{field}={json.dumps(getattr(args, flag))}")
+    for flag in ("host_maddrs", "announce_maddrs"):
+        if getattr(args, flag):
+            out.append(f"swarm.{flag}={json.dumps(getattr(args, flag))}")
+    if args.stage is not None:
+        out.append(f"swarm.stage={args.stage}")
+    if args.metrics_port is not None:
+        out.append(f"swarm.metrics_port={args.metrics_port}")
+    if args.device:
+        out.append(f"train.device={args.device!r}")
+    if args.threads is not None:
+        out.append(f"train.threads={args.threads}")
+    return out
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from node.daemon import LOCAL_TRAIN_FIELDS, NodeDaemon
+    from node.identity import IdentityInUse
+    from node.metrics import MetricsBindError
+
+    if args.join:
+        run_level = [o for o in args.overrides if not (
+            o.startswith("swarm.") or any(o.startswith(f"train.{f}=") for f in LOCAL_TRAIN_FIELDS))]
+        if run_level:
+            raise ConfigError(
+                f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
+                f"swarm.* and train.{{{','.join(LOCAL_TRAIN_FIELDS)}}} can be set locally"
+            )
+    cfg = load_config(args.config, [*args.overrides, *_start_overrides(args)])
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return NodeDaemon(cfg, create=not cfg.swarm.initial_peers).run()
+    except (IdentityInUse, MetricsBindError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from swarm.status import StatusError, collect_status, format_status, peers_from_health
+
+    try:
+        join = args.join or peers_from_health(args.health_url)
+        status = collect_status(join, run_id=args.run_id, timeout=args.timeout)
+    except StatusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from swarm.simulator import SimError, parse_faults, run_simulation
+
+    try:
+        summary = run_simulation(
+            nodes=args.nodes, config=args.config, overrides=args.overrides, duration=args.duration,
+            faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json,
+        )
+    except SimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0 if summary.get("ok") else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "fields":
         print(describe_fields())
@@ -98,6 +180,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
     train.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     train.set_defaults(func=cmd_train_local)
+
+    start = sub.add_parser("start", help="run the daemon: start a new swarm, or join one with --join")
+    _add_config_args(start, DEFAULT_SWARM_CONFIG)
+    start.add_argument("--join", "--initial-peers", dest="join", action="append", default=[], metavar="MADDR",
+                       help="multiaddr of a swarm peer (…/p2p/<peer id>); repeatable. Without it: a new swarm")
+    start.add_argument("--run-id", help="run to create (default: <model>-<random>) or to join")
+    start.add_argument("--stage", type=int, help="serve this stage and never rebalance")
+    start.add_argument("--identity", help="key file of this daemon's identity (default ~/.protoswarm/identity.key)")
+    start.add_argument("--host-maddrs", action="append", default=[], metavar="MADDR",
+                       help="libp2p listen address, e.g. /ip4/0.0.0.0/tcp/31337 (repeatable)")
+    start.add_argument("--announce-maddrs", action="append", default=[], metavar="MADDR",
+                       help="address other peers should dial, e.g. your public IP and forwarded port (repeatable)")
+    start.add_argument("--metrics-host", help="interface for /metrics and /health (default 0.0.0.0)")
+    start.add_argument("--metrics-port", type=int, help="port for /metrics and /health (default 9464; 0 = any)")
+    start.add_argument("--device", help="cpu, cuda, cuda:N or auto (one daemon per GPU: cuda:0, cuda:1, …)")
+    start.add_argument("--threads", type=int, help="torch threads for this daemon")
+    start.set_defaults(func=cmd_start)
+
+    status = sub.add_parser("status", help="print the swarm: stages, peers, state, throughput, progress")
+    status.add_argument("--join", action="append", default=[], metavar="MADDR", help="any peer of the swarm")
+    status.add_argument("--run-id", help="which run (default: the only one)")
+    status.add_argument("--health-url", default="http://127.0.0.1:9464/health",
+                        help="without --join, ask this local node for its address (default: %(default)s)")
+    status.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the swarm")
+    status.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    status.set_defaults(func=cmd_status)
+
+    sim = sub.add_parser("sim", help="a local swarm of real `node start` processes on 127.0.0.1")
+    sim.add_argument("--nodes", type=int, default=3, help="nodes including the bootstrap (default 3)")
+    _add_config_args(sim, DEFAULT_SWARM_CONFIG)
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    sim.add_argument("--faults", default="", metavar="T:ACTION:I,...",
+                     help="fault script: at T seconds kill|term|start|pause|resume node I, e.g. 20:kill:2,40:start:2")
+    sim.add_argument("--workdir", help="directory for identities, checkpoints and logs (default: a temp dir)")
+    sim.add_argument("--json", action="store_true", help="print only the JSON summary (last line either way)")
+    sim.set_defaults(func=cmd_sim)
 
     config = sub.add_parser("config", help="show the resolved config or document every field")
     config.add_argument("action", choices=["show", "fields"])

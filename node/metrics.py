@@ -45,7 +45,9 @@ DEFAULT_METRICS_PORT = 9464
 STATES = ("starting", "joining", "online", "offline")
 BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 DHT_OPS = ("store", "get")
-REJECT_REASONS = ("malformed", "unsigned", "bad_signature", "wrong_owner", "version", "expired", "other")
+REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
+    "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "version", "expired", "other",
+)
 DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
 # From 1 ms (a local store) to 30 s (a get that waits out hivemind's timeouts).
 DHT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

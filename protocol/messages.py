@@ -263,6 +263,7 @@ class StageRecord(Message):
     corpus: str = ""  # data fingerprint, so peers with another corpus are noticed at join
     codecs: list[str] = dataclasses.field(default_factory=list)  # codecs this peer can decode
     timestamp: float = 0.0  # sender's wall clock (seconds since the epoch)
+    addrs: list[str] = dataclasses.field(default_factory=list)  # multiaddrs the peer can be dialled at
 
     def check(self, limits: WireLimits) -> None:
         if self.state not in STAGE_STATES:

@@ -1,0 +1,487 @@
+"""`node start`: the daemon a volunteer runs.
+
+Start order (DESIGN §5): identity lock → /metrics and /health → DHT in the background (never blocking
+on bootstrap) → run parameters (create and publish them, or read them from the swarm) → measure
+throughput → claim a stage → load its weights (own checkpoint, else a peer, else the seeded init) →
+announce ONLINE → serve (and, with one stage, train) while refreshing the record and rebalancing.
+
+Shutdown (SIGINT/SIGTERM): announce OFFLINE, stop training at a step boundary, write a checkpoint,
+stop the DHT and its libp2p daemon, exit 0, all within ``swarm.shutdown_timeout_s``. A second
+signal kills the children and exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from node.config import ConfigError, RunConfig, build_config
+from node.identity import IdentityLock
+from node.metrics import MetricsServer, NodeMetrics
+from node.serving import StageWork
+from protocol.codecs import CODECS
+from protocol.messages import RunRecord, StageRecord
+from protocol.schema import PROTOCOL_VERSION
+from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
+from swarm.dht import SwarmDHT
+from swarm.state_transfer import StageStateServer, StateTransferError, download_stage_state
+
+logger = logging.getLogger(__name__)
+
+# Node-local settings: never taken from the swarm's published run parameters.
+LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "resume", "log_every")
+RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire")
+
+
+def run_parameters(cfg: RunConfig) -> dict[str, Any]:
+    """The run-level part of a config: what every peer of a run must agree on."""
+    full = cfg.to_dict()
+    params = {s: dict(full[s]) for s in RUN_SECTIONS}
+    for name in LOCAL_TRAIN_FIELDS:
+        params["train"].pop(name, None)
+    return params
+
+
+def config_from_run(params: dict[str, Any], local: RunConfig) -> RunConfig:
+    """A joiner's config: the run's parameters plus this node's local settings."""
+    data = {s: dict(params.get(s, {})) for s in RUN_SECTIONS}
+    local_dict = local.to_dict()
+    for name in LOCAL_TRAIN_FIELDS:
+        data["train"][name] = local_dict["train"][name]
+    data["swarm"] = local_dict["swarm"]
+    return build_config(data)
+
+
+def kill_descendants(sig: int = signal.SIGKILL) -> None:
+    """Signal every descendant process (DHT process, libp2p daemons), from /proc; best effort."""
+    me, children = os.getpid(), {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    stack, found = [me], []
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    for pid in found:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+class NodeDaemon:
+    def __init__(self, cfg: RunConfig, *, create: bool, out=sys.stdout):
+        self.cfg = cfg
+        self.create = create
+        self.out = out
+        self.started = time.monotonic()
+        self.metrics = NodeMetrics()
+        self.stop = threading.Event()
+        self.state = "starting"
+        self.run_id = cfg.swarm.run_id
+        self.work: StageWork | None = None
+        self.dht: SwarmDHT | None = None
+        self.server: MetricsServer | None = None
+        self._signals = 0
+        self._trainer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._p2p = None
+        self._reported_rejections: dict[str, int] = {}
+
+    # health -------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        dht = self.dht
+        return {
+            "state": self.state,
+            "bootstrap": dht.state if dht else "starting",
+            "bootstrap_attempts": dht.attempts if dht else 0,
+            "last_error": dht.last_error if dht else None,
+            "peer_id": dht.peer_id if dht else None,
+            "maddrs": dht.visible_maddrs() if dht and dht.online else [],
+            "run_id": self.run_id or None,
+            "num_stages": self.cfg.pipeline.num_stages,
+            "stage": self.work.stage if self.work else None,
+            "progress": self.work.progress if self.work else 0,
+            "throughput": self.work.throughput if self.work else 0.0,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "protocol": ".".join(map(str, PROTOCOL_VERSION)),
+        }
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.metrics.set_state(state)
+
+    def _print(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # main ---------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        sw = self.cfg.swarm
+        lock = IdentityLock(sw.identity_path).acquire()
+        try:
+            self.server = MetricsServer(self.metrics, host=sw.metrics_host, port=sw.metrics_port, health=self.health)
+            self.server.start()
+            self._print(f"metrics: {self.server.url}/metrics   health: {self.server.url}/health")
+            self._install_signals()
+            self.dht = SwarmDHT(
+                initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
+                identity_path=str(lock.path), retry_max_s=sw.bootstrap_retry_max_s,
+                on_state=self._on_bootstrap_state, time_op=self.metrics.time_dht,
+            )
+            self.dht.run_in_background()
+            if self._wait_online():
+                self._serve()
+            return self._shutdown()
+        finally:
+            lock.release()
+
+    def _install_signals(self) -> None:
+        def handle(signum, frame) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                logger.warning("second signal: exiting at once")
+                kill_descendants()
+                os._exit(130)
+            logger.warning("signal %d: shutting down (send it again to exit at once)", signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGTERM, handle)
+
+    def _on_bootstrap_state(self, state: str) -> None:
+        self.metrics.set_bootstrap_state(state)  # counts attempts on "bootstrapping"
+        if state == "retrying":
+            self._print(f"cannot reach the swarm yet ({self.dht.last_error}); retrying in the background")
+
+    def _wait_online(self) -> bool:
+        self._set_state("joining")
+        while not self.stop.is_set():
+            if self.dht.wait_online(0.2):
+                self.metrics.set_info(peer_id=self.dht.peer_id, protocol=".".join(map(str, PROTOCOL_VERSION)))
+                return True
+            if self.dht.state == "failed":
+                self._print(f"error: the DHT cannot start: {self.dht.last_error}")
+                return False
+        return False
+
+    def _serve(self) -> None:
+        if not self._resolve_run():
+            return
+        self._start_p2p()
+        stage = self._claim_stage()
+        if stage is None:
+            return
+        self._take_stage(stage)
+        self._announce("online")
+        self._set_state("online")
+        self._print_banner()
+        if self.cfg.pipeline.num_stages == 1:
+            self._trainer = threading.Thread(target=self._train, name="trainer", daemon=True)
+            self._trainer.start()
+        self._maintain()
+
+    # run parameters -------------------------------------------------------------------------------------
+
+    def _resolve_run(self) -> bool:
+        sw = self.cfg.swarm
+        if self.create:
+            self.run_id = sw.run_id or f"{self.cfg.model.name}-{secrets.token_hex(3)}"
+            self._run_record = RunRecord(
+                run_id=self.run_id, creator=self.dht.peer_id, created=time.time(), publisher=self.dht.peer_id,
+                config=msgpack.packb(run_parameters(self.cfg)),
+            )
+            self._publish_run_record()
+            return True
+        while not self.stop.is_set():
+            records, rejected = self.dht.get_run_records()
+            self._count_rejections(rejected)
+            chosen = _majority(records, sw.run_id or None)
+            if isinstance(chosen, str):
+                self._print(f"error: {chosen}")
+                return False
+            if chosen is not None:
+                self.run_id = chosen.run_id
+                try:
+                    self.cfg = config_from_run(msgpack.unpackb(chosen.config, raw=False), self.cfg)
+                except (ConfigError, ValueError, TypeError) as exc:
+                    self._print(f"error: the swarm's run parameters are not usable here: {exc}")
+                    return False
+                self._run_record = RunRecord(
+                    run_id=chosen.run_id, creator=chosen.creator, created=chosen.created,
+                    publisher=self.dht.peer_id, config=chosen.config,
+                )
+                self._publish_run_record()
+                return True
+            logger.info("no run parameters found in the swarm yet; looking again")
+            self.stop.wait(1.0)
+        return False
+
+    def _publish_run_record(self) -> None:
+        self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
+
+    # stage ----------------------------------------------------------------------------------------------
+
+    def _claim_stage(self) -> int | None:
+        cfg = self.cfg
+        if cfg.swarm.stage is not None:
+            return cfg.swarm.stage
+        probe = StageWork(cfg, self.run_id, 0, self._checkpoint_dir(0))
+        self._throughput = probe.measure_throughput()
+        records, rejected = self.dht.get_stage_records(self.run_id, cfg.pipeline.num_stages)
+        self._count_rejections(rejected)
+        me = self.dht.peer_id
+        loads = stage_loads(records, cfg.pipeline.num_stages, exclude_peer=me)
+        servers = stage_servers(records, cfg.pipeline.num_stages, exclude_peer=me)
+        stage = choose_stage(loads, servers, me)
+        logger.info("stage loads %s, servers %s: claiming stage %d", loads, servers, stage)
+        return stage
+
+    def _checkpoint_dir(self, stage: int) -> Path:
+        return Path(self.cfg.train.checkpoint_dir) / self.run_id / f"{self.dht.peer_id}-stage{stage}"
+
+    def _take_stage(self, stage: int) -> None:
+        """Become a server of ``stage``: own checkpoint, else a peer's state, else the seeded init."""
+        work = StageWork(self.cfg, self.run_id, stage, self._checkpoint_dir(stage))
+        if not work.resume():
+            self._download_into(work)
+        if work.throughput == 0.0:
+            work.measure_throughput()
+        self.work = work
+        self.metrics.set_stage(stage)  # counts stage changes
+        self.metrics.num_stages.set(self.cfg.pipeline.num_stages)
+        self._announce("joining")
+
+    def _download_into(self, work: StageWork) -> None:
+        records, _ = self.dht.get_stage_records(self.run_id, self.cfg.pipeline.num_stages)
+        peers = [r for r in records.get(work.stage, []) if r.state == "online" and r.peer_id != self.dht.peer_id]
+        peers.sort(key=lambda r: -r.progress)
+        for record in peers[:3]:
+            try:
+                snap = self._run_async(self._download(record.peer_id, work.stage), timeout=120)
+            except (StateTransferError, TimeoutError) as exc:
+                self.metrics.count_state_download("failed")
+                logger.warning("cannot download stage %d from %s: %s", work.stage, record.peer_id, exc)
+                continue
+            work.load(snap)
+            self.metrics.count_state_download("ok")
+            logger.info("loaded stage %d (step %d) from %s", work.stage, snap.step, record.peer_id)
+            return
+        logger.info("no peer serves stage %d: starting it from the seeded initialisation", work.stage)
+
+    async def _download(self, peer_id: str, stage: int):
+        from hivemind.p2p import PeerID
+
+        return await download_stage_state(
+            self._p2p, PeerID.from_base58(peer_id), self.run_id, stage, self.cfg.wire.limits(), timeout=100
+        )
+
+    def _announce(self, state: str) -> None:
+        work = self.work
+        record = StageRecord(
+            peer_id=self.dht.peer_id, run_id=self.run_id, stage=work.stage,
+            num_stages=self.cfg.pipeline.num_stages, state=state, throughput=float(work.throughput),
+            progress=work.progress, codecs=sorted(CODECS), timestamp=time.time(),
+            addrs=self.dht.visible_maddrs()[:8],
+        )
+        try:
+            stored = self.dht.store_stage_record(record, self.cfg.swarm.record_expiry_s)
+        except Exception as exc:  # counted by time_dht; retried at the next refresh
+            logger.warning("cannot publish this node's record: %s", exc)
+            return
+        if not stored:  # hivemind reports "no peer accepted it" by returning False
+            self.metrics.dht_failures_total.labels(op="store").inc()
+
+    # serving loop ---------------------------------------------------------------------------------------
+
+    def _train(self) -> None:
+        def on_step(step: int, loss: float) -> None:
+            t = self.cfg.train
+            self.metrics.record_train_step(step=step, loss=loss, tokens=t.batch_size * t.seq_len * t.grad_accum)
+            if step % t.log_every == 0:
+                logger.info("step %d loss %.4f (%.2f microbatches/s)", step, loss, self.work.throughput)
+
+        try:
+            self.work.train(self.stop, on_step)
+        except Exception:
+            logger.exception("local training failed; serving without training")
+
+    def _maintain(self) -> None:
+        sw = self.cfg.swarm
+        next_refresh = 0.0
+        next_rebalance = time.monotonic() + self._jittered(sw.rebalance_period_s)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= next_refresh:
+                self._announce("online")
+                self._publish_run_record()
+                self._observe()
+                next_refresh = now + sw.refresh_s
+            if sw.stage is None and now >= next_rebalance:
+                self._rebalance()
+                next_rebalance = now + self._jittered(sw.rebalance_period_s)
+            self.stop.wait(max(0.05, min(next_refresh, next_rebalance) - time.monotonic()))
+
+    def _jittered(self, period: float) -> float:
+        j = self.cfg.swarm.rebalance_jitter
+        return period * random.uniform(1 - j, 1 + j)
+
+    def _observe(self) -> dict[int, list[StageRecord]]:
+        records, rejected = self.dht.get_stage_records(self.run_id, self.cfg.pipeline.num_stages)
+        self._count_rejections(rejected)
+        self._count_rejections(self.dht.rejected_inside_dht(), cumulative=True)
+        serving = {s: [r for r in recs if r.state != "offline"] for s, recs in records.items()}
+        self.metrics.set_swarm_view(
+            peers_known=len({r.peer_id for recs in serving.values() for r in recs}),
+            stage_peers={s: len(recs) for s, recs in serving.items()},
+            stage_throughput={s: sum(r.throughput for r in recs) for s, recs in serving.items()},
+        )
+        self.metrics.throughput.set(self.work.throughput)
+        return records
+
+    def _count_rejections(self, counts, cumulative: bool = False) -> None:
+        for reason, n in counts.items():
+            if cumulative:  # totals kept by the DHT process: export the increase
+                n, self._reported_rejections[reason] = n - self._reported_rejections.get(reason, 0), n
+            for _ in range(max(0, n)):
+                self.metrics.count_record_rejected(reason)
+
+    def _rebalance(self) -> None:
+        records = self._observe()
+        me, n = self.dht.peer_id, self.cfg.pipeline.num_stages
+        target = rebalance_target(
+            stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me),
+            self.work.stage, self.work.throughput, self.cfg.swarm.rebalance_gain,
+        )
+        if target is None:
+            return
+        logger.info("moving from stage %d to stage %d (loads %s)", self.work.stage, target, stage_loads(records, n))
+        old = self.work
+        self._announce("offline")
+        old.save_checkpoint()
+        self._take_stage(target)
+        self._announce("online")
+
+    # p2p (state downloads) ------------------------------------------------------------------------------
+
+    def _start_p2p(self) -> None:
+        ready = threading.Event()
+
+        def loop_main() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._p2p_setup())
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=loop_main, name="p2p", daemon=True).start()
+        ready.wait(60)
+
+    async def _p2p_setup(self) -> None:
+        self._p2p = await self.dht.dht.replicate_p2p()
+        server = StageStateServer(
+            self.run_id, lambda: self.work.snapshot() if self.work else None, self.cfg.wire.limits(),
+            on_error=lambda exc: self.metrics.count_protocol_error(exc.code),
+        )
+        await server.register(self._p2p)
+
+    def _stop_p2p(self) -> None:
+        async def close() -> None:
+            if self._p2p is not None:
+                await self._p2p.shutdown()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self._run_async(close(), timeout=5)
+        except Exception as exc:
+            logger.debug("closing the p2p loop: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _run_async(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # banner and shutdown --------------------------------------------------------------------------------
+
+    def _print_banner(self) -> None:
+        maddrs = self.dht.visible_maddrs()
+        public = [m for m in maddrs if "/127.0.0.1/" not in m and "/::1/" not in m] or maddrs
+        cfg = self.cfg
+        self._print(f"node {self.dht.peer_id}")
+        self._print(
+            f"run {self.run_id}: model {cfg.model.name}, {cfg.pipeline.num_stages} stage(s); "
+            f"serving stage {self.work.stage} (progress {self.work.progress}, "
+            f"{self.work.throughput:.2f} microbatches/s)"
+        )
+        if public:
+            self._print("to join this swarm from another machine, run:")
+            self._print(f"    node start --join {public[0]} --run-id {self.run_id}")
+
+    def _shutdown(self) -> int:
+        deadline = time.monotonic() + self.cfg.swarm.shutdown_timeout_s
+        done = threading.Event()
+
+        def graceful() -> None:
+            try:
+                if self.work is not None and self.dht is not None and self.dht.online:
+                    self._announce("offline")
+                    self._set_state("offline")
+                if self._trainer is not None:
+                    self._trainer.join(max(1.0, deadline - time.monotonic() - 5))
+                if self.work is not None:
+                    self.work.save_checkpoint()
+                if self._loop is not None:
+                    self._stop_p2p()
+                if self.dht is not None:
+                    self.dht.shutdown()
+                if self.server is not None:
+                    self.server.shutdown()
+            except Exception:
+                logger.exception("error during shutdown")
+            finally:
+                done.set()
+
+        threading.Thread(target=graceful, name="shutdown", daemon=True).start()
+        if done.wait(max(0.0, deadline - time.monotonic())):
+            logger.info("stopped")
+            return 0
+        logger.error("shutdown took longer than %.0f s: killing child processes", self.cfg.swarm.shutdown_timeout_s)
+        kill_descendants()
+        return 1
+
+
+def _majority(records: list[RunRecord], run_id: str | None) -> RunRecord | str | None:
+    """The run to join: the parameters most peers republish (ties: earliest created); an error string if
+    the choice is ambiguous; None if nothing is published yet."""
+    if run_id is not None:
+        records = [r for r in records if r.run_id == run_id]
+    runs = {r.run_id for r in records}
+    if not records:
+        return None
+    if len(runs) > 1:
+        return (f"this swarm has several runs ({', '.join(sorted(runs))}); choose one with --run-id")
+    votes: dict[bytes, list[RunRecord]] = {}
+    for r in records:
+        votes.setdefault(r.config, []).append(r)
+    best = max(votes.values(), key=lambda group: (len(group), -min(r.created for r in group)))
+    return min(best, key=lambda r: r.created)

@@ -1,0 +1,154 @@
+"""The stage a daemon serves: its parameters, its checkpoint, and (with one stage) local training.
+
+:class:`StageWork` owns the module of one stage. With ``pipeline.num_stages == 1`` the stage is the
+whole model and the daemon trains it as a local replica while it serves (replica sync arrives with
+the Streaming DiLoCo issue); with more stages it holds the stage's parameters for the pipeline.
+
+A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
+stage s from scratch holds the same weights. ``lock`` guards the parameters: the trainer holds it
+for each optimizer step, snapshots (for peers downloading this stage) copy under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from node.checkpoint import CheckpointError, load_latest, save_checkpoint
+from node.config import RunConfig
+from node.data import BatchSampler, load_corpus
+from node.model import LanguageModel, Stage, lm_loss, parameter_groups
+from node.train_local import _train_step
+from swarm.state_transfer import StageSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+class StageWork:
+    def __init__(self, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path):
+        self.cfg, self.run_id, self.stage = cfg, run_id, stage
+        self.checkpoint_dir = checkpoint_dir
+        self.single = cfg.pipeline.num_stages == 1
+        self.lock = threading.Lock()
+        self.progress = 0  # optimizer steps this stage's parameters have taken
+        self.throughput = 0.0  # microbatches per second (EMA while training, else measured)
+        torch.manual_seed(cfg.train.seed * 1_000_003 + stage)
+        if self.single:
+            self.module: torch.nn.Module = LanguageModel(cfg.model, cfg.pipeline)
+        else:
+            ranges = cfg.pipeline.stage_ranges(cfg.model.n_layers)
+            self.module = Stage(cfg.model, ranges[stage], stage, cfg.pipeline.num_stages)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.single:
+            t = cfg.train
+            self.optimizer = torch.optim.AdamW(
+                parameter_groups(self.module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
+            )
+
+    # state -----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> StageSnapshot:
+        with self.lock:
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.module.state_dict().items()}
+            return StageSnapshot(stage=self.stage, step=self.progress, round_id=0, tensors=tensors)
+
+    def load(self, snap: StageSnapshot) -> None:
+        with self.lock:
+            self.module.load_state_dict(snap.tensors)
+            self.progress = snap.step
+
+    def save_checkpoint(self) -> Path | None:
+        with self.lock:
+            state = {
+                "step": self.progress,
+                "run_id": self.run_id,
+                "stage": self.stage,
+                "config": self.cfg.to_dict(),
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            }
+        path = save_checkpoint(self.checkpoint_dir, self.progress, state)
+        logger.info("checkpoint of stage %d at step %d saved in %s", self.stage, self.progress, self.checkpoint_dir)
+        return path
+
+    def resume(self) -> bool:
+        """Load this node's own checkpoint of the same run, stage and model; False if there is none."""
+        try:
+            state = load_latest(self.checkpoint_dir)
+        except CheckpointError as exc:
+            logger.warning("ignoring unreadable checkpoint in %s: %s", self.checkpoint_dir, exc)
+            return False
+        if state is None:
+            return False
+        now = self.cfg.to_dict()
+        same = (
+            state.get("run_id") == self.run_id
+            and state.get("stage") == self.stage
+            and all(state.get("config", {}).get(s) == now[s] for s in ("model", "pipeline"))
+        )
+        if not same:
+            logger.warning("checkpoint in %s belongs to another run/stage/model; not resuming", self.checkpoint_dir)
+            return False
+        with self.lock:
+            self.module.load_state_dict(state["model"])
+            if self.optimizer is not None and state.get("optimizer") is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.progress = int(state["step"])
+        logger.info("resumed stage %d at step %d from %s", self.stage, self.progress, self.checkpoint_dir)
+        return True
+
+    # throughput ------------------------------------------------------------------------------------------
+
+    def measure_throughput(self, iters: int = 3) -> float:
+        """Microbatches per second for forward + backward of this stage on a synthetic microbatch."""
+        t, m = self.cfg.train, self.cfg.model
+        ids = torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len))
+        module = self.module
+        stage = module.stages[0] if self.single else module
+        width = stage.boundary_width
+
+        def step() -> None:
+            if self.single:
+                loss = module(ids, ids)
+            else:
+                boundary = None if stage.is_first else torch.randn(t.batch_size, t.seq_len, width)
+                out = stage(boundary, ids)
+                loss = lm_loss(out, ids) if stage.is_last else out.float().square().mean()
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        self.throughput = iters / max(time.perf_counter() - start, 1e-9)
+        return self.throughput
+
+    # local training (one stage = whole model) ----------------------------------------------------------
+
+    def train(self, stop: threading.Event, on_step: Callable[[int, float], None] | None = None) -> None:
+        """Train until ``train.steps`` or ``stop``; stops only at step boundaries."""
+        assert self.single and self.optimizer is not None
+        cfg, t = self.cfg, self.cfg.train
+        corpus = load_corpus(cfg.data)
+        sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
+        self.module.train()
+        samples = t.batch_size * t.grad_accum
+        while not stop.is_set() and self.progress < t.steps:
+            start = time.perf_counter()
+            with self.lock:
+                loss = _train_step(self.module, self.optimizer, sampler, self.progress, cfg, torch.device("cpu"))
+                self.progress += 1
+            rate = samples / max(time.perf_counter() - start, 1e-9) / t.grad_accum
+            self.throughput = rate if self.throughput == 0 else 0.9 * self.throughput + 0.1 * rate
+            if on_step is not None:
+                on_step(self.progress, loss)
+            if t.checkpoint_every and self.progress % t.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.progress >= t.steps:
+            logger.info("reached train.steps=%d; serving without training", t.steps)

@@ -1,0 +1,248 @@
+"""The node's DHT membership: start hivemind's DHT without ever blocking on bootstrap, publish and read records.
+
+:class:`SwarmDHT` starts ``hivemind.DHT`` (one background process with one libp2p daemon) in a thread.
+With ``initial_peers`` it keeps retrying with exponential backoff until one of them answers, and
+reports its state (``starting → bootstrapping → online``, ``retrying`` between attempts) so the node
+can serve /health and /metrics the whole time. Reads and writes go through
+:mod:`swarm.records`: signed, schema-checked, counted when rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from protocol.messages import RunRecord, StageRecord, encode_message
+from swarm.records import (
+    RECORD_LIMITS,
+    RUNS_KEY,
+    SwarmRecordValidator,
+    parse_entries,
+    run_subkey_name,
+    stage_key,
+)
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT process, deaf to SIGINT/SIGTERM: the daemon's main process decides when it stops
+    (after announcing OFFLINE), so a Ctrl-C sent to the whole process group cannot cut it short. Its
+    libp2p daemon inherits the ignored signals."""
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().run()
+
+
+class SwarmDHT:
+    """hivemind DHT with background bootstrap, record publishing and validated reads.
+
+    Lifecycle: ``run_in_background()`` → (``wait_online()``) → … → ``shutdown()``.
+    ``on_state(state)`` is called on every bootstrap state change; ``time_op(op)`` is an optional
+    context-manager factory used around every store/get (metrics).
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+        announce_maddrs: Sequence[str] = (),
+        identity_path: str | None = None,
+        retry_max_s: float = 30.0,
+        client_mode: bool = False,
+        on_state: Callable[[str], None] | None = None,
+        time_op: Callable[[str], object] | None = None,
+    ):
+        self.initial_peers = list(initial_peers)
+        self.host_maddrs = list(host_maddrs)
+        self.announce_maddrs = list(announce_maddrs)
+        self.identity_path = identity_path
+        self.retry_max_s = retry_max_s
+        self.client_mode = client_mode
+        self.validator = SwarmRecordValidator()
+        self.state = "starting"
+        self.attempts = 0
+        self.last_error: str | None = None
+        self.dht: hivemind.DHT | None = None
+        self._on_state = on_state
+        self._time_op = time_op
+        self._online = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------------
+
+    def run_in_background(self) -> None:
+        self._thread = threading.Thread(target=self._bootstrap_loop, name="dht-bootstrap", daemon=True)
+        self._thread.start()
+
+    def wait_online(self, timeout: float | None = None) -> bool:
+        return self._online.wait(timeout)
+
+    @property
+    def online(self) -> bool:
+        return self._online.is_set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        self._online.clear()
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(state)
+
+    def _bootstrap_loop(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            self.attempts += 1
+            self._set_state("bootstrapping")
+            dht = _DHTProcess(
+                initial_peers=self.initial_peers or None,
+                start=False,
+                host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs or None,
+                identity_path=self.identity_path,
+                record_validators=[self.validator],
+                client_mode=self.client_mode,
+                shutdown_timeout=3,
+            )
+            try:
+                dht.run_in_background(await_ready=True)
+            except Exception as exc:  # hivemind raises P2PDaemonError/RuntimeError/… for unreachable peers
+                self.last_error = f"{type(exc).__name__}: {exc}".strip()[:300]
+                dht.shutdown()
+                if not self.initial_peers:
+                    self._set_state("failed")  # nothing to retry: the local daemon itself cannot start
+                    logger.error("cannot start the DHT: %s", self.last_error)
+                    return
+                self._set_state("retrying")
+                logger.warning(
+                    "cannot reach any of %s (attempt %d: %s); retrying in %.0f s",
+                    self.initial_peers, self.attempts, self.last_error, delay,
+                )
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self._stop.is_set():
+                dht.shutdown()
+                return
+            self.dht = dht
+            self.last_error = None
+            self._set_state("online")
+            self._online.set()
+            logger.info("DHT online as %s after %d attempt(s)", dht.peer_id, self.attempts)
+            return
+
+    # identity ------------------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str | None:
+        return str(self.dht.peer_id) if self.dht is not None else None
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()] if self.dht is not None else []
+
+    # records -------------------------------------------------------------------------------------------
+
+    def _timed(self, op: str):
+        if self._time_op is None:
+            return _NullContext()
+        return self._time_op(op)
+
+    def store_stage_record(self, record: StageRecord, expiry_s: float) -> bool:
+        assert self.dht is not None, "store before the DHT is online"
+        value = encode_message(record, RECORD_LIMITS)
+        with self._timed("store"):
+            ok = self.dht.store(
+                stage_key(record.run_id, record.stage),
+                subkey=self.validator.subkey(record.peer_id),
+                value=value,
+                expiration_time=get_dht_time() + expiry_s,
+            )
+        return bool(ok)
+
+    def get_stage_records(self, run_id: str, num_stages: int) -> tuple[dict[int, list[StageRecord]], Counter]:
+        """Valid records per stage (newest per peer), and the entries skipped by reason."""
+        assert self.dht is not None, "get before the DHT is online"
+        rejected: Counter[str] = Counter()
+        by_stage: dict[int, list[StageRecord]] = {}
+        for stage in range(num_stages):
+            with self._timed("get"):
+                found = self.dht.get(stage_key(run_id, stage), latest=True)
+            parsed = parse_entries(found.value if found is not None else None, StageRecord)
+            rejected.update(parsed.rejected)
+            # A record filed under another stage's key is not trusted for this one.
+            by_stage[stage] = [r for r in parsed.records if r.stage == stage and r.run_id == run_id]
+            if len(parsed.records) > len(by_stage[stage]):
+                rejected["wrong_kind"] += len(parsed.records) - len(by_stage[stage])
+        return by_stage, rejected
+
+    def store_run_record(self, record: RunRecord, expiry_s: float) -> bool:
+        assert self.dht is not None, "store before the DHT is online"
+        with self._timed("store"):
+            ok = self.dht.store(
+                RUNS_KEY,
+                subkey=self.validator.subkey(run_subkey_name(record.run_id, record.publisher)),
+                value=encode_message(record, RECORD_LIMITS),
+                expiration_time=get_dht_time() + expiry_s,
+            )
+        return bool(ok)
+
+    def get_run_records(self) -> tuple[list[RunRecord], Counter]:
+        assert self.dht is not None, "get before the DHT is online"
+        with self._timed("get"):
+            found = self.dht.get(RUNS_KEY, latest=True)
+        parsed = parse_entries(found.value if found is not None else None, RunRecord)
+        return parsed.records, parsed.rejected
+
+    def rejected_inside_dht(self) -> Counter:
+        """Records this node's DHT process refused (stores from peers and fetched values), by reason."""
+        if self.dht is None:
+            return Counter()
+        return Counter(self.dht.run_coroutine(partial(_validator_counts)))
+
+
+async def _validator_counts(dht: hivemind.DHT, node) -> dict[str, int]:
+    validator = node.protocol.record_validator
+    for inner in getattr(validator, "_validators", [validator]):
+        if isinstance(inner, SwarmRecordValidator):
+            return dict(inner.rejected)
+    return {}
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes (for tests and the CLI)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

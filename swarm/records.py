@@ -1,0 +1,169 @@
+"""What peers store in the DHT, under which keys, and how every node validates it.
+
+Keys (hivemind hashes them; each holds one value per *subkey*):
+
+- ``protoswarm.runs``              subkey per (run, publisher): :class:`~protocol.messages.RunRecord`
+- ``protoswarm.<run>.stage.<s>``   subkey per peer: :class:`~protocol.messages.StageRecord`
+
+A protoswarm subkey is ``b"psw1:" + <peer id or run id> + b"[owner:<RSA public key>]"``. The owner
+part makes hivemind's signature scheme apply: the value carries a signature by that key, so only
+the owner can write or overwrite its own subkey. :class:`SwarmRecordValidator` runs inside every
+node's DHT and refuses, for any ``psw1:`` subkey, records that are unsigned, badly signed, not a
+decodable record of the right kind and protocol version, or whose peer id disagrees with the
+subkey. Records under our keys with foreign subkeys cannot be recognised inside the DHT (it sees
+only key hashes), so readers (:func:`parse_stage_entries`) check every entry again and skip the rest.
+Both places count rejections by reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+
+import msgpack
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.crypto import RSAPrivateKey
+
+from protocol.errors import ProtocolError, VersionMismatch
+from protocol.messages import RunRecord, StageRecord, decode_message
+from protocol.tensors import WireLimits
+
+SUBKEY_PREFIX = b"psw1:"
+RUNS_KEY = "protoswarm.runs"
+MAX_STAGES = 1024
+RECORD_LIMITS = WireLimits(max_frame_bytes=256 * 1024, max_header_bytes=256 * 1024, max_tensors=1)
+
+REJECT_REASONS = ("unsigned", "bad_signature", "malformed", "version", "wrong_kind", "wrong_owner", "foreign")
+_OWNER = re.compile(rb"\[owner:.+?\]", re.S)
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"protoswarm.{run_id}.stage.{stage}"
+
+
+def owner_name(subkey: bytes) -> str | None:
+    """The peer/run id a protoswarm subkey names (None if the subkey is not ours)."""
+    if not isinstance(subkey, bytes) or not subkey.startswith(SUBKEY_PREFIX):
+        return None
+    name = _OWNER.sub(b"", subkey[len(SUBKEY_PREFIX) :])
+    try:
+        return name.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+class SwarmRecordValidator(RSASignatureValidator):
+    """hivemind record validator for protoswarm subkeys; counts what it refuses in ``rejected``.
+
+    It signs this node's records (subkeys built with :meth:`subkey`) and verifies everyone else's,
+    then checks the value's schema. Records without the ``psw1:`` prefix are left to other validators.
+    """
+
+    def __init__(self, private_key: RSAPrivateKey | None = None):
+        super().__init__(private_key or RSAPrivateKey())
+        self.rejected: Counter[str] = Counter()
+
+    def subkey(self, name: str) -> bytes:
+        """A subkey this node owns (and signs) for a peer id or run id."""
+        return SUBKEY_PREFIX + name.encode("ascii") + self.local_public_key
+
+    def validate(self, record: DHTRecord) -> bool:
+        subkey = _unpack_subkey(record.subkey)
+        if subkey is None or not subkey.startswith(SUBKEY_PREFIX):
+            return super().validate(record)  # not ours: only the generic owner rule applies
+        if not self._PUBLIC_KEY_RE.search(subkey):
+            return self._reject("unsigned")
+        if not super().validate(record):
+            return self._reject("bad_signature")
+        # Inside the DHT the value is still msgpack-serialized (the application sees the bytes it stored).
+        try:
+            value = msgpack.unpackb(self.strip_value(record), raw=False)
+        except Exception:  # any garbage: msgpack raises several unrelated types
+            return self._reject("malformed")
+        if not isinstance(value, bytes):
+            return self._reject("malformed")
+        reason = record_problem(owner_name(subkey), value)
+        return self._reject(reason) if reason else True
+
+    def _reject(self, reason: str) -> bool:
+        self.rejected[reason] += 1
+        return False
+
+    def merge_with(self, other) -> bool:
+        # A second validator of ours (or hivemind's RSA one) would only duplicate the signature step.
+        return isinstance(other, RSASignatureValidator)
+
+
+def _unpack_subkey(raw: bytes | None) -> bytes | None:
+    """Inside the DHT, subkeys arrive msgpack-serialized; the application passes raw bytes."""
+    if raw is None:
+        return None
+    try:
+        subkey = msgpack.unpackb(raw, raw=False)
+    except Exception:  # not msgpack: cannot be one of ours
+        return None
+    return subkey if isinstance(subkey, bytes) else None
+
+
+def is_signed(subkey: bytes) -> bool:
+    return bool(_OWNER.search(subkey))
+
+
+def record_problem(owner: str | None, value: bytes) -> str | None:
+    """Why a protoswarm record value is unacceptable (a REJECT_REASONS entry), or None if it is fine."""
+    if owner is None:
+        return "foreign"
+    try:
+        msg = decode_message(value, RECORD_LIMITS)
+    except VersionMismatch:
+        return "version"
+    except ProtocolError:
+        return "malformed"
+    if isinstance(msg, StageRecord):
+        return None if msg.peer_id == owner else "wrong_owner"
+    if isinstance(msg, RunRecord):
+        return None if f"{msg.run_id}/{msg.publisher}" == owner else "wrong_owner"
+    return "wrong_kind"
+
+
+def run_subkey_name(run_id: str, publisher: str) -> str:
+    return f"{run_id}/{publisher}"
+
+
+@dataclasses.dataclass
+class ParsedEntries:
+    """Valid records from one DHT key, newest per peer, plus what was skipped and why."""
+
+    records: list
+    rejected: Counter
+
+
+def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
+    """Decode the ``{subkey: ValueWithExpiration}`` map of one key into records of ``kind``.
+
+    Entries that are not valid protoswarm records of that kind are skipped and counted; for stage
+    records only the newest (by timestamp) per peer id is kept (a restarted peer signs with a new key).
+    """
+    rejected: Counter[str] = Counter()
+    newest: dict[str, object] = {}
+    for subkey, item in (entries or {}).items():
+        value = getattr(item, "value", None)
+        owner = owner_name(subkey)
+        if owner is not None and not is_signed(subkey):
+            reason = "unsigned"
+        else:
+            reason = record_problem(owner, value) if isinstance(value, bytes) else "malformed"
+        if reason is None:
+            msg = decode_message(value, RECORD_LIMITS)
+            if not isinstance(msg, kind):
+                reason = "wrong_kind"
+        if reason:
+            rejected[reason] += 1
+            continue
+        key = msg.peer_id if isinstance(msg, StageRecord) else owner
+        old = newest.get(key)
+        if old is None or getattr(msg, "timestamp", 0.0) >= getattr(old, "timestamp", 0.0):
+            newest[key] = msg
+    return ParsedEntries(records=list(newest.values()), rejected=rejected)

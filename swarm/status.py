@@ -1,0 +1,106 @@
+"""`node status`: read the swarm's records from any peer and show them as a table or JSON.
+
+The reader joins the DHT in client mode (it stores nothing and is not routed through), reads the run
+records and every stage's records (validated like any node does: bad ones are skipped and counted),
+and leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import msgpack
+
+from protocol.messages import RunRecord
+from swarm.dht import SwarmDHT
+
+
+class StatusError(RuntimeError):
+    """The swarm could not be read (unreachable, no run, ambiguous run)."""
+
+
+def peers_from_health(url: str) -> list[str]:
+    """Multiaddrs of the local node, from its /health endpoint (so `node status` needs no arguments)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            health = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StatusError(f"no --join given and no local node answers at {url} ({exc}); pass --join MADDR") from None
+    maddrs = health.get("maddrs") or []
+    if not maddrs:
+        raise StatusError(f"the local node at {url} is not in a swarm yet (state {health.get('state')})")
+    return list(maddrs)
+
+
+def _pick_run(records: list[RunRecord], run_id: str | None) -> RunRecord:
+    if run_id is not None:
+        records = [r for r in records if r.run_id == run_id]
+    runs = sorted({r.run_id for r in records})
+    if not runs:
+        raise StatusError(f"no run {run_id!r} in this swarm" if run_id else "no run is published in this swarm")
+    if len(runs) > 1:
+        raise StatusError(f"this swarm has several runs ({', '.join(runs)}); choose one with --run-id")
+    return min(records, key=lambda r: r.created)
+
+
+def collect_status(join: list[str], run_id: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    dht = SwarmDHT(initial_peers=join, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True, retry_max_s=2.0)
+    dht.run_in_background()
+    try:
+        if not dht.wait_online(timeout):
+            raise StatusError(f"cannot reach the swarm at {', '.join(join)} within {timeout:.0f} s ({dht.last_error})")
+        records, rejected = dht.get_run_records()
+        run = _pick_run(records, run_id)
+        params = msgpack.unpackb(run.config, raw=False)
+        num_stages = int(params.get("pipeline", {}).get("num_stages", 1))
+        by_stage, stage_rejected = dht.get_stage_records(run.run_id, num_stages)
+        rejected.update(stage_rejected)
+    finally:
+        dht.shutdown()
+    now = time.time()
+    peers = sorted(
+        (
+            {
+                "peer_id": r.peer_id, "stage": r.stage, "state": r.state.upper(), "throughput": r.throughput,
+                "progress": r.progress, "age_s": round(max(0.0, now - r.timestamp), 1), "addrs": r.addrs,
+            }
+            for recs in by_stage.values() for r in recs
+        ),
+        key=lambda p: (p["stage"], p["peer_id"]),
+    )
+    stages = [
+        {
+            "stage": s,
+            "servers": sum(1 for p in peers if p["stage"] == s and p["state"] != "OFFLINE"),
+            "throughput": round(sum(p["throughput"] for p in peers if p["stage"] == s and p["state"] != "OFFLINE"), 3),
+        }
+        for s in range(num_stages)
+    ]
+    return {
+        "run_id": run.run_id, "model": params.get("model", {}).get("name"), "num_stages": num_stages,
+        "creator": run.creator, "stages": stages, "peers": peers, "rejected_records": dict(rejected),
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"run {status['run_id']}  model {status['model']}  {status['num_stages']} stage(s)  "
+        f"created by {status['creator']}",
+        "",
+        "stage  servers  throughput (microbatches/s)",
+    ]
+    lines += [f"{s['stage']:>5}  {s['servers']:>7}  {s['throughput']:>10.2f}" for s in status["stages"]]
+    lines += ["", f"{'peer':<54} {'stage':>5} {'state':<8} {'thr/s':>7} {'progress':>8} {'age s':>6}  address"]
+    for p in status["peers"]:
+        addr = next((a for a in p["addrs"] if "/127.0.0.1/" not in a), p["addrs"][0] if p["addrs"] else "-")
+        lines.append(
+            f"{p['peer_id']:<54} {p['stage']:>5} {p['state']:<8} {p['throughput']:>7.2f} {p['progress']:>8} "
+            f"{p['age_s']:>6}  {addr}"
+        )
+    if status["rejected_records"]:
+        lines += ["", f"skipped invalid records: {status['rejected_records']}"]
+    return "\n".join(lines)
