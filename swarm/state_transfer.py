@@ -1,0 +1,353 @@
+"""Stage-state download: how a node that joins or changes stage gets that stage's weights from a peer.
+
+Flow, over one hivemind P2P binary stream (handler ``protoswarm.state.v1``, messages of
+:mod:`protocol.messages`)::
+
+    joiner                                   replica (StageStateServer)
+    StateRequest(run, stage)        ──▶      snapshot() → serialize off the event loop (cached by
+                                    ◀──      (stage, step, round_id)) → StateManifest(digest, ...)
+    StateChunkRequest(digest, i)    ──▶      chunk i of the bytes cached under that digest
+                                    ◀──      StateChunk(data)            … for i = 0 … n−1
+
+The state bytes are the tensors' raw little-endian bytes concatenated in ``snapshot().tensors``
+order. The manifest lists every entry (name, dtype, shape, offset, size, SHA-256), the chunk size and
+one SHA-256 per chunk. Its ``digest`` is the SHA-256 of the msgpack list ``[run_id, stage, step,
+round_id, [[name, dtype, shape, offset, nbytes, sha256], ...], chunk_bytes, chunk_sha256]``
+(:func:`manifest_digest`), so it names one exact state and the client can recompute it.
+
+The server keeps the serialized bytes of its last ``keep_snapshots`` states keyed by digest, so a
+joiner finishes a consistent state while training moves on. A chunk request for a digest it no
+longer holds is answered ``stale``; the client then restarts once from a fresh manifest.
+
+The peer is untrusted: the client checks the manifest (run, stage, digest, total against
+``max_total_bytes``, unique names, chunks that fit a frame) before allocating the total size once,
+checks every chunk's length and SHA-256, then every entry's SHA-256 and, with
+``limits.check_finite``, that float tensors are finite. Its peak memory is about twice the state (the
+assembled bytes and the rebuilt tensors); the server holds one serialized copy per cached state.
+Hashing, serializing and rebuilding run in worker threads. Nothing is pickled. Every failure, and
+running past ``timeout``, is a :class:`StateTransferError` naming the peer, the stage and a reason.
+Refusals the server sends on purpose are ``ErrorReply`` codes: ``wrong_run``, ``wrong_stage``,
+``no_state`` and ``stale``; malformed requests are refused by ``serve_stream`` and counted through
+``on_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from protocol.errors import (
+    ChecksumError,
+    MalformedMessage,
+    NonFiniteError,
+    OversizeError,
+    ProtocolError,
+    RemoteError,
+    short_repr,
+)
+from protocol.messages import (
+    STATE_DTYPES,
+    ErrorReply,
+    Message,
+    StateChunk,
+    StateChunkRequest,
+    StateEntry,
+    StateManifest,
+    StateRequest,
+)
+from protocol.streams import request, serve_stream
+from protocol.tensors import DEFAULT_LIMITS, WireLimits
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[torch.dtype, str] = {getattr(torch, name): name for name in STATE_DTYPES}
+_FRAME_SLACK = 4096  # room for a StateChunk's header next to its data in one frame
+_HASH_OFF_LOOP = 1 << 20  # chunks larger than this are hashed in a worker thread
+
+
+@dataclass(kw_only=True)
+class StageSnapshot:
+    """A stage's state at one point of training: what a server offers and a download returns."""
+
+    stage: int
+    step: int  # training progress the state belongs to
+    round_id: int  # outer rounds completed
+    tensors: dict[str, torch.Tensor]  # e.g. a stage module's state_dict; dtypes in STATE_DTYPES
+
+
+class StateTransferError(Exception):
+    """A stage-state download failed. ``reason`` is short and stable (a metric label, e.g. ``stale``,
+    ``checksum``, ``timeout``, ``wrong_stage``); ``peer`` is the peer it was downloaded from."""
+
+    def __init__(self, message: str, *, peer: str, reason: str):
+        super().__init__(message)
+        self.peer = peer
+        self.reason = reason
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL on large inputs
+
+
+def manifest_digest(manifest: StateManifest) -> str:
+    """The SHA-256 naming a manifest's state: everything in it but the digest itself."""
+    entries = [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes, e.sha256] for e in manifest.entries]
+    content = [manifest.run_id, manifest.stage, manifest.step, manifest.round_id, entries,
+               manifest.chunk_bytes, list(manifest.chunk_sha256)]
+    return hashlib.sha256(msgpack.packb(content)).hexdigest()
+
+
+def encode_snapshot(
+    snapshot: StageSnapshot, run_id: str, chunk_bytes: int, limits: WireLimits = DEFAULT_LIMITS
+) -> tuple[StateManifest, torch.Tensor]:
+    """Serialize a snapshot into one buffer and its manifest (CPU-heavy: call it off the event loop).
+
+    ``chunk_bytes`` grows when the state would need more than ``limits.max_list_len`` chunks. The
+    tensors are copied first and hashed from the copy, so the hashes always describe the bytes sent.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedError("state transfer assumes a little-endian host")
+    if len(snapshot.tensors) > limits.max_list_len:
+        raise ValueError(f"{len(snapshot.tensors)} state tensors exceed the manifest's {limits.max_list_len}")
+    for name, tensor in snapshot.tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"state tensor {name!r} has dtype {tensor.dtype}, not one of {STATE_DTYPES}")
+    total = sum(t.numel() * t.element_size() for t in snapshot.tensors.values())
+    chunk_bytes = max(chunk_bytes, -(-total // limits.max_list_len))
+    if chunk_bytes + _FRAME_SLACK > limits.max_frame_bytes:
+        raise ValueError(f"a {total}-byte state needs {chunk_bytes}-byte chunks, over the frame limit")
+    data = torch.empty(total, dtype=torch.uint8)  # torch: no zero-fill, and copies release the GIL
+    view = memoryview(data.numpy())
+    entries, offset = [], 0
+    for name, tensor in snapshot.tensors.items():
+        end = offset + tensor.numel() * tensor.element_size()
+        if end > offset:  # straight from the source device: a GPU state is not staged whole on the CPU
+            data[offset:end].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        entries.append(StateEntry(name=name, dtype=_DTYPES[tensor.dtype], shape=list(tensor.shape),
+                                  offset=offset, nbytes=end - offset, sha256=_sha256(view[offset:end])))
+        offset = end
+    chunks = [_sha256(view[i : i + chunk_bytes]) for i in range(0, total, chunk_bytes)]
+    manifest = StateManifest(
+        run_id=run_id, stage=snapshot.stage, step=snapshot.step, round_id=snapshot.round_id,
+        entries=entries, chunk_bytes=chunk_bytes, chunk_sha256=chunks, digest="0" * 64,
+    )
+    manifest.digest = manifest_digest(manifest)
+    return manifest, data
+
+
+def decode_snapshot(manifest: StateManifest, data: torch.Tensor, check_finite: bool = True) -> StageSnapshot:
+    """Tensors from verified state bytes; raises a :class:`ProtocolError` if an entry does not check out."""
+    view = memoryview(data.numpy())
+    tensors: dict[str, torch.Tensor] = {}
+    for e in manifest.entries:
+        raw = view[e.offset : e.offset + e.nbytes]
+        if _sha256(raw) != e.sha256:
+            raise ChecksumError(f"state entry {short_repr(e.name)}: SHA-256 does not match the manifest")
+        # Clone before the dtype view: an entry's offset need not be aligned for its dtype.
+        tensor = data[e.offset : e.offset + e.nbytes].clone().view(getattr(torch, e.dtype)).reshape(e.shape)
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"state entry {short_repr(e.name)} holds NaN or inf")
+        tensors[e.name] = tensor
+    return StageSnapshot(stage=manifest.stage, step=manifest.step, round_id=manifest.round_id,
+                         tensors=tensors)
+
+
+@dataclass
+class _Serialized:
+    key: tuple[int, int, int]  # (stage, step, round_id) the bytes were taken at
+    manifest: StateManifest
+    data: torch.Tensor  # uint8, the serialized state
+
+
+class StageStateServer:
+    """Serves this node's stage state to joiners; ``snapshot()`` returns it (None: nothing to serve).
+
+    ``snapshot()`` runs on the event loop and must be cheap; the tensors it returns must not change
+    while they are serialized (return copies taken between optimizer steps). A state is identified by
+    (stage, step, round_id): while those stay the same the serialized bytes are reused.
+    """
+
+    HANDLER = "protoswarm.state.v1"
+
+    def __init__(self, run_id: str, snapshot: Callable[[], StageSnapshot | None],
+                 limits: WireLimits = DEFAULT_LIMITS, chunk_bytes: int = 4 << 20,
+                 on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2):
+        if not 0 < chunk_bytes <= limits.max_frame_bytes - _FRAME_SLACK:
+            raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - _FRAME_SLACK}")
+        if keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be at least 1, got {keep_snapshots}")
+        self.run_id, self.limits, self.chunk_bytes = run_id, limits, chunk_bytes
+        self._snapshot, self._on_error, self._keep = snapshot, on_error, keep_snapshots
+        self._cache: OrderedDict[str, _Serialized] = OrderedDict()  # digest → bytes, least recent first
+        self._lock = asyncio.Lock()  # one serialization at a time; concurrent joiners share it
+
+    async def register(self, p2p: Any) -> None:
+        await p2p.add_binary_stream_handler(self.HANDLER, self._on_stream)
+
+    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(info.peer_id)
+
+        async def handle(msg: Message) -> Message:
+            return await self.handle(msg, peer)
+
+        await serve_stream(reader, writer, handle, self.limits, on_error=self._on_error, peer=peer)
+
+    async def handle(self, msg: Message, peer: str = "?") -> Message:
+        """The reply to one request (public so a wrapper or a test can drive it without a stream)."""
+        if isinstance(msg, StateRequest):
+            return await self._manifest(msg, peer)
+        if isinstance(msg, StateChunkRequest):
+            return self._chunk(msg, peer)
+        raise MalformedMessage(f"{self.HANDLER} does not answer {type(msg).__name__}")
+
+    async def _manifest(self, msg: StateRequest, peer: str) -> Message:
+        if msg.run_id != self.run_id:
+            text = f"this node trains run {short_repr(self.run_id)}, not {short_repr(msg.run_id)}"
+            return ErrorReply(code="wrong_run", message=text)
+        snap = self._snapshot()
+        if snap is None:
+            return ErrorReply(code="no_state", message="this node has no stage state to serve yet")
+        if snap.stage != msg.stage:
+            text = f"this node serves stage {snap.stage}, not {msg.stage}"
+            return ErrorReply(code="wrong_stage", message=text)
+        key = (snap.stage, snap.step, snap.round_id)
+        async with self._lock:
+            cached = next((s for s in self._cache.values() if s.key == key), None)
+            if cached is None:
+                started = time.perf_counter()
+                manifest, data = await asyncio.to_thread(
+                    encode_snapshot, snap, self.run_id, self.chunk_bytes, self.limits)
+                cached = self._cache[manifest.digest] = _Serialized(key, manifest, data)
+                while len(self._cache) > self._keep:
+                    self._cache.popitem(last=False)
+                logger.info("stage %d step %d: serialized %d bytes, %d chunks, digest %s, in %.2f s",
+                            snap.stage, snap.step, len(data), len(manifest.chunk_sha256),
+                            manifest.digest[:12], time.perf_counter() - started)
+            self._cache.move_to_end(cached.manifest.digest)
+        logger.info("peer %s: stage %d step %d: sending manifest %s", peer, snap.stage, snap.step,
+                    cached.manifest.digest[:12])
+        return cached.manifest
+
+    def _chunk(self, msg: StateChunkRequest, peer: str) -> Message:
+        if msg.run_id != self.run_id:
+            return ErrorReply(code="wrong_run", message=f"this node trains run {short_repr(self.run_id)}")
+        cached = self._cache.get(msg.digest)
+        if cached is None:
+            logger.info("peer %s: stage %d: state %s is no longer held", peer, msg.stage, msg.digest[:12])
+            return ErrorReply(code="stale", message="that state is no longer held; request a new manifest")
+        manifest = cached.manifest
+        if msg.stage != manifest.stage or msg.index >= len(manifest.chunk_sha256):
+            raise MalformedMessage(f"no chunk {msg.index} of stage {msg.stage} in state {msg.digest[:12]}")
+        start = msg.index * manifest.chunk_bytes
+        data = memoryview(cached.data.numpy())[start : start + manifest.chunk_bytes]  # encoding copies it
+        return StateChunk(run_id=self.run_id, stage=msg.stage, digest=msg.digest, index=msg.index, data=data)
+
+
+async def download_stage_state(p2p: Any, peer_id: Any, run_id: str, stage: int,
+                               limits: WireLimits = DEFAULT_LIMITS, timeout: float = 60.0, *,
+                               max_total_bytes: int = 16 << 30) -> StageSnapshot:
+    """Download and verify ``stage``'s state from ``peer_id``; raises :class:`StateTransferError`."""
+    peer, started = str(peer_id), time.perf_counter()
+    where = f"peer {peer}, stage {stage} state"
+    try:
+        async with asyncio.timeout(timeout):
+            snap = await _download(p2p, peer_id, run_id, stage, limits, timeout, max_total_bytes, peer)
+    except TimeoutError:
+        text = f"{where}: not downloaded within {timeout} s"
+        raise StateTransferError(text, peer=peer, reason="timeout") from None
+    except RemoteError as exc:
+        raise StateTransferError(f"{where}: {exc}", peer=peer, reason=exc.remote_code) from exc
+    except ProtocolError as exc:
+        raise StateTransferError(f"{where}: [{exc.code}] {exc}", peer=peer, reason=exc.code) from exc
+    except Exception as exc:  # the transport (daemon, stream) failed under us
+        raise StateTransferError(f"{where}: transfer failed: {exc!r}", peer=peer, reason="transport") from exc
+    nbytes = sum(t.numel() * t.element_size() for t in snap.tensors.values())
+    logger.info("peer %s: stage %d step %d: downloaded %d bytes in %.2f s", peer, stage, snap.step, nbytes,
+                time.perf_counter() - started)
+    return snap
+
+
+async def _download(
+    p2p: Any, peer_id: Any, run_id: str, stage: int, limits: WireLimits, timeout: float, max_total_bytes: int,
+    peer: str,
+) -> StageSnapshot:
+    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, StageStateServer.HANDLER)
+    restarts = 1  # a state that goes stale while we fetch it is retried once, from a new manifest
+    try:
+        while True:
+            ask = StateRequest(run_id=run_id, stage=stage)
+            reply = await request(reader, writer, ask, limits, timeout=timeout)
+            manifest = _check_manifest(reply, run_id, stage, limits, max_total_bytes)
+            logger.info("peer %s: stage %d step %d: manifest %s, %d bytes in %d chunks", peer, stage,
+                        manifest.step, manifest.digest[:12], manifest.total_bytes, len(manifest.chunk_sha256))
+            try:
+                data = await _fetch_chunks(reader, writer, manifest, limits, timeout)
+            except RemoteError as exc:
+                if exc.remote_code != "stale" or restarts == 0:
+                    raise
+                restarts -= 1
+                logger.info("peer %s: stage %d: state %s went stale mid-download; restarting", peer, stage,
+                            manifest.digest[:12])
+                continue
+            return await asyncio.to_thread(decode_snapshot, manifest, data, limits.check_finite)
+    finally:
+        writer.close()
+
+
+def _check_manifest(
+    reply: Message, run_id: str, stage: int, limits: WireLimits, max_total_bytes: int
+) -> StateManifest:
+    """What decoding cannot know: that this is the state asked for, affordable, and self-consistent."""
+    if not isinstance(reply, StateManifest):
+        raise MalformedMessage(f"expected a StateManifest, got {type(reply).__name__}")
+    if (reply.run_id, reply.stage) != (run_id, stage):
+        raise MalformedMessage(f"manifest is for run {short_repr(reply.run_id)} stage {reply.stage}")
+    if reply.total_bytes > max_total_bytes:
+        raise OversizeError(f"state of {reply.total_bytes} bytes exceeds the {max_total_bytes}-byte cap")
+    if min(reply.chunk_bytes, reply.total_bytes) + _FRAME_SLACK > limits.max_frame_bytes:
+        raise OversizeError(f"{reply.chunk_bytes}-byte chunks exceed the {limits.max_frame_bytes}-byte frame")
+    if len({e.name for e in reply.entries}) != len(reply.entries):
+        raise MalformedMessage("manifest names an entry twice")
+    if manifest_digest(reply) != reply.digest:
+        raise MalformedMessage("manifest digest does not match its content")
+    return reply
+
+
+async def _fetch_chunks(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, manifest: StateManifest, limits: WireLimits,
+    timeout: float,
+) -> torch.Tensor:
+    total, size, name = manifest.total_bytes, manifest.chunk_bytes, manifest.digest[:12]
+    # The one allocation sized by the peer, after the cap was checked; torch.empty does not zero-fill
+    # (a 16 GiB bytearray would hold the event loop for seconds while it is cleared).
+    data = torch.empty(total, dtype=torch.uint8)
+    view = memoryview(data.numpy())
+    for index, chunk_sha in enumerate(manifest.chunk_sha256):
+        ask = StateChunkRequest(run_id=manifest.run_id, stage=manifest.stage, digest=manifest.digest,
+                                index=index)
+        chunk = await request(reader, writer, ask, limits, timeout=timeout)
+        if not isinstance(chunk, StateChunk):
+            raise MalformedMessage(f"expected chunk {index} of state {name}, got {type(chunk).__name__}")
+        asked = (ask.run_id, ask.stage, ask.digest, index)
+        if (chunk.run_id, chunk.stage, chunk.digest, chunk.index) != asked:
+            raise MalformedMessage(f"asked for chunk {index} of state {name}, got another chunk")
+        start = index * size
+        want = min(size, total - start)
+        if len(chunk.data) != want:
+            raise MalformedMessage(f"chunk {index} has {len(chunk.data)} bytes, expected {want}")
+        big = len(chunk.data) > _HASH_OFF_LOOP
+        digest = await asyncio.to_thread(_sha256, chunk.data) if big else _sha256(chunk.data)
+        if digest != chunk_sha:
+            raise ChecksumError(f"chunk {index} of state {name}: SHA-256 does not match the manifest")
+        view[start : start + want] = chunk.data
+    return data
