@@ -104,6 +104,8 @@ class NodeDaemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._p2p = None
         self._reported_rejections: dict[str, int] = {}
+        self._throughput = 0.0
+        self._last_move = 0.0
 
     # health -------------------------------------------------------------------------------------------
 
@@ -242,10 +244,12 @@ class NodeDaemon:
 
     def _claim_stage(self) -> int | None:
         cfg = self.cfg
+        probe = StageWork(cfg, self.run_id, cfg.swarm.stage or 0, self._checkpoint_dir(0))
+        # Measured once: a node's speed, not a stage's (stages are split evenly). Re-measuring on every
+        # move would feed timing noise into the rebalancing decisions and make nodes oscillate.
+        self._throughput = probe.measure_throughput()
         if cfg.swarm.stage is not None:
             return cfg.swarm.stage
-        probe = StageWork(cfg, self.run_id, 0, self._checkpoint_dir(0))
-        self._throughput = probe.measure_throughput()
         records, rejected = self.dht.get_stage_records(self.run_id, cfg.pipeline.num_stages)
         self._count_rejections(rejected)
         me = self.dht.peer_id
@@ -263,9 +267,9 @@ class NodeDaemon:
         work = StageWork(self.cfg, self.run_id, stage, self._checkpoint_dir(stage))
         if not work.resume():
             self._download_into(work)
-        if work.throughput == 0.0:
-            work.measure_throughput()
+        work.throughput = self._throughput
         self.work = work
+        self._last_move = time.monotonic()
         self.metrics.set_stage(stage)  # counts stage changes
         self.metrics.num_stages.set(self.cfg.pipeline.num_stages)
         self._announce("joining")
@@ -365,6 +369,9 @@ class NodeDaemon:
                 self.metrics.count_record_rejected(reason)
 
     def _rebalance(self) -> None:
+        # After a move, let the swarm see it (records refresh) before deciding again.
+        if time.monotonic() - self._last_move < 2 * self.cfg.swarm.rebalance_period_s:
+            return
         records = self._observe()
         me, n = self.dht.peer_id, self.cfg.pipeline.num_stages
         target = rebalance_target(

@@ -62,13 +62,18 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
     finally:
         dht.shutdown()
     now = time.time()
+    newest: dict[str, Any] = {}  # a peer that changed stage leaves an OFFLINE record behind until it expires
+    for recs in by_stage.values():
+        for r in recs:
+            if r.peer_id not in newest or r.timestamp > newest[r.peer_id].timestamp:
+                newest[r.peer_id] = r
     peers = sorted(
         (
             {
                 "peer_id": r.peer_id, "stage": r.stage, "state": r.state.upper(), "throughput": r.throughput,
                 "progress": r.progress, "age_s": round(max(0.0, now - r.timestamp), 1), "addrs": r.addrs,
             }
-            for recs in by_stage.values() for r in recs
+            for r in newest.values()
         ),
         key=lambda p: (p["stage"], p["peer_id"]),
     )

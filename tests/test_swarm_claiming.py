@@ -1,0 +1,39 @@
+"""Stage choice and rebalancing policy (pure functions over records)."""
+
+from __future__ import annotations
+
+from protocol.messages import StageRecord
+from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
+
+
+def _rec(peer: str, stage: int, throughput: float, state: str = "online") -> StageRecord:
+    return StageRecord(peer_id=peer, run_id="r", stage=stage, num_stages=3, state=state, throughput=throughput)
+
+
+def test_loads_count_serving_peers_only_and_can_exclude_oneself():
+    records = {0: [_rec("a", 0, 2.0), _rec("b", 0, 1.0, "offline")], 1: [_rec("c", 1, 3.0, "joining")], 2: []}
+    assert stage_loads(records, 3) == [2.0, 3.0, 0.0]
+    assert stage_loads(records, 3, exclude_peer="a") == [0.0, 3.0, 0.0]
+    assert stage_servers(records, 3) == [1, 1, 0]
+
+
+def test_joiners_fill_empty_stages_first_then_the_weakest():
+    assert choose_stage([5.0, 0.0, 1.0], [2, 0, 1], "p") == 1  # empty beats low load
+    assert choose_stage([5.0, 3.0, 1.0], [2, 1, 1], "p") == 2
+    # All empty: different peers spread over the stages instead of all taking stage 0.
+    picks = {choose_stage([0.0] * 4, [0] * 4, f"peer-{i}") for i in range(40)}
+    assert picks == {0, 1, 2, 3}
+
+
+def test_an_empty_stage_is_refilled_unless_that_empties_ours():
+    assert rebalance_target([4.0, 0.0], [2, 0], current=0, my_throughput=2.0, gain=1.2) == 1
+    assert rebalance_target([0.0, 0.0], [0, 0], current=0, my_throughput=2.0, gain=1.2) is None
+
+
+def test_moves_need_the_gain_factor():
+    # Stage 0 has me (2) + 6, stage 1 has 2: moving makes the bottleneck 4 instead of 2.
+    assert rebalance_target([6.0, 2.0], [3, 1], current=0, my_throughput=2.0, gain=1.2) == 1
+    # 3 + me vs 2.9: moving gives min(3, 4.9) = 3 vs 2.9 now: < 1.2×, stay.
+    assert rebalance_target([3.0, 2.9], [1, 1], current=0, my_throughput=2.0, gain=1.2) is None
+    # Balanced: nobody moves.
+    assert rebalance_target([2.0, 4.0], [1, 2], current=0, my_throughput=2.0, gain=1.0) is None

@@ -1,0 +1,198 @@
+"""Real localhost swarms: `node start` processes over the real hivemind DHT/P2P, read with `node status`.
+
+Every wait is a poll with a deadline (LocalSwarm.wait_until); every process is reaped by the
+LocalSwarm context manager, whose process groups are killed on exit even if a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import hivemind
+import pytest
+from hivemind.utils import get_dht_time
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocol.messages import StageRecord, encode_message
+from swarm.records import SUBKEY_PREFIX, stage_key
+from swarm.simulator import LocalSwarm
+
+# Fast record timing so expiry and rebalancing happen within a test.
+FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _online(status: dict, n: int) -> bool:
+    online = [p for p in status["peers"] if p["state"] == "ONLINE"]
+    return len(online) == n and all(s["servers"] > 0 for s in status["stages"])
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions ``text`` (a node's home dir: the daemon, its DHT, its p2pd)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def _metrics(url: str) -> dict[str, list]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+@pytest.mark.timeout(600)
+def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
+    """1+5 nodes, S = 2: all ONLINE with both stages served within 60 s; SIGKILL every server of one
+    stage and it is served again within 120 s; the killed peers vanish once their records expire;
+    foreign junk under the run's keys is refused and counted; SIGTERM → OFFLINE at once, exit 0, no
+    process left; /metrics carries the documented families."""
+    with LocalSwarm(6, "swarm/tiny-2stage", FAST, workdir=tmp_path) as swarm:
+        start = time.monotonic()
+        swarm.start_all()
+        holder: dict = {}
+
+        def all_online() -> bool:
+            holder["status"] = swarm.status()
+            return _online(holder["status"], 6)
+
+        swarm.wait_until(all_online, 60 - (time.monotonic() - start), "6 peers ONLINE, both stages served")
+        status = holder["status"]
+        assert status["num_stages"] == 2 and status["run_id"] == "sim"
+
+        # Which node is which peer.
+        index_of = {swarm.health(i)["peer_id"]: i for i in range(6)}
+        counts = {s: [p["peer_id"] for p in status["peers"] if p["stage"] == s] for s in (0, 1)}
+        victim_stage = max(counts, key=lambda s: len(counts[s]))
+        victims = counts[victim_stage]
+        assert len(victims) >= 2 and len(victims) < 6
+        for peer in victims:
+            swarm.kill(index_of[peer])
+
+        def refilled() -> bool:
+            holder["status"] = swarm.status()
+            return any(p["stage"] == victim_stage and p["state"] == "ONLINE" and p["peer_id"] not in victims
+                       for p in holder["status"]["peers"])
+
+        swarm.wait_until(refilled, 120, f"stage {victim_stage} served again after killing {len(victims)} peers")
+
+        def victims_gone() -> bool:
+            holder["status"] = swarm.status()
+            return not any(p["peer_id"] in victims for p in holder["status"]["peers"])
+
+        swarm.wait_until(victims_gone, 60, "killed peers dropped from status after their records expire")
+        assert all(s["servers"] > 0 for s in holder["status"]["stages"])
+
+        # A foreign peer writes junk under the run's stage key: ignored by readers and counted.
+        survivor = next(i for i in range(6) if swarm.nodes[i].alive)
+        foreign = hivemind.DHT(start=True, initial_peers=swarm.join_addresses()[:1],
+                               host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        try:
+            exp = get_dht_time() + 60
+            junk = encode_message(StageRecord(peer_id="QmFake", run_id="sim", stage=0, num_stages=2,
+                                              state="online", throughput=1e9))
+            foreign.store(stage_key("sim", 0), subkey=SUBKEY_PREFIX + b"QmFake", value=junk, expiration_time=exp)
+            foreign.store(stage_key("sim", 0), subkey=b"junk", value=b"\x00garbage", expiration_time=exp)
+
+            def counted() -> bool:
+                samples = _metrics(swarm.metrics_url(survivor))["protoswarm_records_rejected"]
+                return sum(s.value for s in samples if s.name.endswith("_total")) > 0
+
+            swarm.wait_until(counted, 60, "a node counts the foreign records it rejected")
+            assert "QmFake" not in {p["peer_id"] for p in swarm.status()["peers"]}
+        finally:
+            foreign.shutdown()
+
+        # /metrics on a running node: the documented families, with values that match the swarm.
+        families = _metrics(swarm.metrics_url(survivor))
+        for name in ("protoswarm_peers_known", "protoswarm_stage", "protoswarm_state", "protoswarm_bootstrap_state",
+                     "protoswarm_dht_seconds", "protoswarm_dht_failures", "protoswarm_records_rejected",
+                     "protoswarm_uptime_seconds", "protoswarm_process_resident_memory_bytes"):
+            assert name in families, name
+        online_flag = {s.labels["state"]: s.value for s in families["protoswarm_state"]}
+        assert online_flag["online"] == 1.0
+
+        # SIGTERM: OFFLINE at once, exit 0, nothing left behind.
+        node = swarm.nodes[survivor]
+        peer = swarm.health(survivor)["peer_id"]
+        assert swarm.term(survivor) == 0
+        assert _processes_mentioning(str(node.home)) == []
+        after = {p["peer_id"]: p["state"] for p in swarm.status()["peers"]}
+        assert after.get(peer) == "OFFLINE"
+
+
+def _start_cli(args: list[str], home: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "start", "--identity", str(home / "id.key"), "--metrics-port", "0",
+         "--metrics-host", "127.0.0.1", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[str, re.Match]:
+    """Read the process's output line by line until ``pattern`` matches, within ``timeout`` seconds."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return "".join(seen), match
+    raise AssertionError(f"no {pattern!r} within {timeout} s; output:\n{''.join(seen)[-3000:]}")
+
+
+def test_join_to_an_unreachable_address_keeps_retrying_and_says_so(tmp_path):
+    unreachable = "/ip4/127.0.0.1/tcp/1/p2p/QmVrbSqaKXxwgVz6bKzQiEbqFxN5p6fUZR9LqxR7VYs1Ex"
+    proc = _start_cli(["--join", unreachable, "--set", "swarm.bootstrap_retry_max_s=1"], tmp_path)
+    try:
+        _, port = _read_until(proc, r"metrics: http://[^:]+:(\d+)/", 60)
+        _read_until(proc, r"cannot reach the swarm yet", 60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/health", timeout=5) as r:
+                health = json.load(r)
+            if health["bootstrap_attempts"] >= 3:
+                break
+            time.sleep(0.2)
+        assert health["bootstrap_attempts"] >= 3 and health["state"] == "joining"
+        assert health["bootstrap"] in ("retrying", "bootstrapping") and health["last_error"]
+        proc.terminate()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
+def test_a_second_daemon_with_the_same_identity_is_refused(tmp_path):
+    first = _start_cli(["--set", f"train.checkpoint_dir='{tmp_path / 'ckpt'}'"], tmp_path)
+    try:
+        _read_until(first, r"metrics: http://", 60)
+        second = _start_cli([], tmp_path)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert "already used by a running daemon" in out and "--identity" in out
+    finally:
+        first.terminate()
+        if first.wait(60) != 0:
+            pytest.fail("the first daemon did not exit cleanly")

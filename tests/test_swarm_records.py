@@ -1,0 +1,95 @@
+"""DHT records over real hivemind DHTs: signed records are read back, foreign junk is refused and counted."""
+
+from __future__ import annotations
+
+import time
+
+import hivemind
+import msgpack
+import pytest
+from hivemind.utils import get_dht_time
+
+from protocol.messages import RunRecord, StageRecord, encode_message
+from swarm.dht import SwarmDHT
+from swarm.records import SUBKEY_PREFIX, stage_key
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+
+
+@pytest.fixture
+def two_nodes():
+    a = SwarmDHT(host_maddrs=LOCAL)
+    a.run_in_background()
+    assert a.wait_online(60), a.last_error
+    b = SwarmDHT(initial_peers=a.visible_maddrs(), host_maddrs=LOCAL)
+    b.run_in_background()
+    assert b.wait_online(60), b.last_error
+    try:
+        yield a, b
+    finally:
+        b.shutdown()
+        a.shutdown()
+
+
+def _record(peer: str, stage: int = 1, **kw) -> StageRecord:
+    return StageRecord(peer_id=peer, run_id="r1", stage=stage, num_stages=2, state="online", throughput=2.0,
+                       timestamp=time.time(), **kw)
+
+
+def test_signed_records_round_trip_and_junk_is_refused_and_counted(two_nodes):
+    a, b = two_nodes
+    assert b.store_stage_record(_record(b.peer_id), expiry_s=30)
+    run = RunRecord(run_id="r1", creator=a.peer_id, created=1.0, publisher=a.peer_id,
+                    config=msgpack.packb({"pipeline": {"num_stages": 2}}))
+    assert a.store_run_record(run, expiry_s=30)
+
+    foreign = hivemind.DHT(start=True, initial_peers=a.visible_maddrs(), host_maddrs=LOCAL)
+    try:
+        exp = get_dht_time() + 30
+        key = stage_key("r1", 1)
+        forged = encode_message(_record("Qmforged"))
+        # Looks like ours but unsigned: every protoswarm DHT node refuses to store it.
+        assert not foreign.store(key, subkey=SUBKEY_PREFIX + b"Qmforged", value=forged, expiration_time=exp)
+        # A subkey the DHT cannot recognise as ours: stored, but skipped and counted by readers.
+        assert foreign.store(key, subkey=b"plain", value=b"junk", expiration_time=exp)
+        # A record claiming b's peer id cannot overwrite b's signed subkey (it has no owner key).
+        foreign.store(key, subkey=b.validator.subkey(b.peer_id), value=forged, expiration_time=exp + 5)
+    finally:
+        foreign.shutdown()
+
+    by_stage, rejected = a.get_stage_records("r1", 2)
+    assert [r.peer_id for r in by_stage[1]] == [b.peer_id] and by_stage[0] == []
+    assert rejected["foreign"] >= 1
+    inside = a.rejected_inside_dht() + b.rejected_inside_dht()
+    assert inside["unsigned"] >= 1 and inside["bad_signature"] >= 1
+
+    runs, _ = b.get_run_records()
+    assert [(r.run_id, r.publisher) for r in runs] == [("r1", a.peer_id)]
+
+
+def test_a_record_under_another_peers_name_is_refused(two_nodes):
+    a, b = two_nodes
+    # b correctly signs its own subkey, but the record inside names another peer: a peer can speak
+    # only for itself, so every DHT node refuses it (wrong_owner) and b's earlier record stays.
+    assert b.store_stage_record(_record(b.peer_id, stage=0), expiry_s=30)
+    forged = encode_message(_record("someone-else", stage=0))
+    ok = b.dht.store(stage_key("r1", 0), subkey=b.validator.subkey(b.peer_id), value=forged,
+                     expiration_time=get_dht_time() + 40)
+    assert not ok  # peer id in the record disagrees with the subkey: refused as wrong_owner
+    by_stage, _ = a.get_stage_records("r1", 2)
+    assert [r.peer_id for r in by_stage[0]] == [b.peer_id]
+    assert (a.rejected_inside_dht() + b.rejected_inside_dht())["wrong_owner"] >= 1
+
+
+def test_unreachable_initial_peers_keep_retrying():
+    dht = SwarmDHT(initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmVrbSqaKXxwgVz6bKzQiEbqFxN5p6fUZR9LqxR7VYs1Ex"],
+                   host_maddrs=LOCAL, retry_max_s=0.5)
+    dht.run_in_background()
+    try:
+        deadline = time.monotonic() + 60
+        while dht.attempts < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dht.attempts >= 3 and not dht.online
+        assert dht.state in ("retrying", "bootstrapping") and dht.last_error
+    finally:
+        dht.shutdown()
