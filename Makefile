@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/node train-local
+	$(BIN)/node start
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -113,7 +113,7 @@ class NodeDaemon:
         dht = self.dht
         return {
             "state": self.state,
-            "bootstrap": dht.state if dht else "starting",
+            "bootstrap_state": dht.state if dht else "starting",
             "bootstrap_attempts": dht.attempts if dht else 0,
             "last_error": dht.last_error if dht else None,
             "peer_id": dht.peer_id if dht else None,
@@ -379,6 +379,13 @@ class NodeDaemon:
             self.work.stage, self.work.throughput, self.cfg.swarm.rebalance_gain,
         )
         if target is None:
+            return
+        # Every server of this stage sees the same improvement at about the same time; if all of them
+        # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one
+        # does per round and the next round sees the result.
+        here = stage_servers(records, n, exclude_peer=me)[self.work.stage] + 1
+        if random.random() >= 1.0 / here:
+            logger.debug("stage %d would be better served; leaving the move to one of %d peers", target, here)
             return
         logger.info("moving from stage %d to stage %d (loads %s)", self.work.stage, target, stage_loads(records, n))
         old = self.work
