@@ -194,14 +194,40 @@ def test_join_to_an_unreachable_address_keeps_retrying_and_says_so(tmp_path):
 
 
 def test_a_second_daemon_with_the_same_identity_is_refused(tmp_path):
+    """Also: `node status` with no --join finds the local node through its /health endpoint."""
     first = _start_cli(["--set", f"train.checkpoint_dir='{tmp_path / 'ckpt'}'"], tmp_path)
     try:
-        _read_until(first, r"metrics: http://", 60)
+        _, port = _read_until(first, r"metrics: http://[^:]+:(\d+)/", 60)
         second = _start_cli([], tmp_path)
         out, _ = second.communicate(timeout=60)
         assert second.returncode == 2
         assert "already used by a running daemon" in out and "--identity" in out
+
+        _read_until(first, r"to join this swarm", 60)
+        status = subprocess.run(
+            [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "status",
+             "--health-url", f"http://127.0.0.1:{port.group(1)}/health"],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert "1 stage(s)" in status.stdout and " ONLINE " in status.stdout
     finally:
         first.terminate()
         if first.wait(60) != 0:
             pytest.fail("the first daemon did not exit cleanly")
+
+
+def test_node_sim_cli_replays_a_fault_script(tmp_path):
+    """`node sim`: two nodes of one stage, one killed and restarted; the JSON summary is the last line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", "2", "--duration", "25",
+         "--set", "swarm.refresh_s=1", "--set", "swarm.expiry_s=4", "--faults", "8:kill:1,12:start:1",
+         "--workdir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["nodes"] == 2
+    assert [(e["action"], e["node"]) for e in summary["events"]] == [("kill", 1), ("start", 1)]
+    assert summary["stages"][0]["servers"] >= 1
+    assert _processes_mentioning(str(tmp_path)) == []
