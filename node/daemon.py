@@ -34,7 +34,7 @@ from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
 from protocol.schema import PROTOCOL_VERSION
 from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
-from swarm.dht import SwarmDHT
+from swarm.dht import SwarmDHT, descendants
 from swarm.state_transfer import StageStateServer, StateTransferError, download_stage_state
 
 logger = logging.getLogger(__name__)
@@ -64,22 +64,8 @@ def config_from_run(params: dict[str, Any], local: RunConfig) -> RunConfig:
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> None:
-    """Signal every descendant process (DHT process, libp2p daemons), from /proc; best effort."""
-    me, children = os.getpid(), {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    stack, found = [me], []
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    for pid in found:
+    """Signal every descendant process (DHT process, libp2p daemons); best effort."""
+    for pid in descendants(os.getpid()):
         try:
             os.kill(pid, sig)
         except OSError:
@@ -150,8 +136,13 @@ class NodeDaemon:
                 on_state=self._on_bootstrap_state, time_op=self.metrics.time_dht,
             )
             self.dht.run_in_background()
-            if self._wait_online():
-                self._serve()
+            try:
+                if self._wait_online():
+                    self._serve()
+            except Exception:  # never leave without the orderly shutdown below (OFFLINE, checkpoint, DHT)
+                logger.exception("the node failed; shutting down")
+                self._shutdown()
+                return 1
             return self._shutdown()
         finally:
             lock.release()
@@ -334,14 +325,17 @@ class NodeDaemon:
         next_rebalance = time.monotonic() + self._jittered(sw.rebalance_period_s)
         while not self.stop.is_set():
             now = time.monotonic()
-            if now >= next_refresh:
-                self._announce("online")
-                self._publish_run_record()
-                self._observe()
-                next_refresh = now + sw.refresh_s
-            if sw.stage is None and now >= next_rebalance:
-                self._rebalance()
-                next_rebalance = now + self._jittered(sw.rebalance_period_s)
+            try:
+                if now >= next_refresh:
+                    next_refresh = now + sw.refresh_s
+                    self._announce("online")
+                    self._publish_run_record()
+                    self._observe()
+                if sw.stage is None and now >= next_rebalance:
+                    next_rebalance = now + self._jittered(sw.rebalance_period_s)
+                    self._rebalance()
+            except Exception as exc:  # a failed DHT call or download: keep serving, try again next round
+                logger.warning("swarm upkeep failed (%s: %s); retrying next round", type(exc).__name__, exc)
             self.stop.wait(max(0.05, min(next_refresh, next_rebalance) - time.monotonic()))
 
     def _jittered(self, period: float) -> float:

@@ -10,6 +10,7 @@ can serve /health and /metrics the whole time. Reads and writes go through
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -97,12 +98,25 @@ class SwarmDHT:
         return self._online.is_set()
 
     def shutdown(self) -> None:
+        """Stop the DHT process and its libp2p daemon; SIGKILL whatever of them outlives the grace period.
+
+        The DHT process ignores SIGTERM (see ``_DHTProcess``), so hivemind's own fallback (terminate)
+        would not work; the process tree is collected first because killing the DHT process reparents
+        its libp2p daemon.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+            dht, self.dht = self.dht, None
+            tree = [dht.pid, *descendants(dht.pid)] if dht.pid else []
+            dht.shutdown()
+            dht.join(5)
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass  # already gone: the normal case
         self._online.clear()
 
     def _set_state(self, state: str) -> None:
@@ -236,6 +250,29 @@ class _NullContext:
 
     def __exit__(self, *exc) -> bool:
         return False
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every descendant of ``pid`` (from /proc; empty where /proc is unavailable)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
