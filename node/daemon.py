@@ -13,6 +13,7 @@ signal kills the children and exits at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -39,8 +40,11 @@ from swarm.state_transfer import StageStateServer, StateTransferError, download_
 
 logger = logging.getLogger(__name__)
 
-# Node-local settings: never taken from the swarm's published run parameters.
+# Node-local settings: never taken from the swarm's published run parameters. data.path is local so
+# a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
+# so every replica reads its own shard.
 LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "resume", "log_every")
+LOCAL_DATA_FIELDS = ("path", "seed")
 RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire")
 
 
@@ -50,15 +54,25 @@ def run_parameters(cfg: RunConfig) -> dict[str, Any]:
     params = {s: dict(full[s]) for s in RUN_SECTIONS}
     for name in LOCAL_TRAIN_FIELDS:
         params["train"].pop(name, None)
+    for name in LOCAL_DATA_FIELDS:
+        params["data"].pop(name, None)
     return params
 
 
-def config_from_run(params: dict[str, Any], local: RunConfig) -> RunConfig:
-    """A joiner's config: the run's parameters plus this node's local settings."""
-    data = {s: dict(params.get(s, {})) for s in RUN_SECTIONS}
+def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "") -> RunConfig:
+    """A joiner's config: the run's parameters plus this node's local settings.
+
+    A joiner that left ``data.seed`` at its default gets a seed derived from its peer id, so replicas
+    do not all read the same windows.
+    """
+    data = {s: dict(params.get(s, {})) if isinstance(params.get(s), dict) else {} for s in RUN_SECTIONS}
     local_dict = local.to_dict()
     for name in LOCAL_TRAIN_FIELDS:
         data["train"][name] = local_dict["train"][name]
+    for name in LOCAL_DATA_FIELDS:
+        data["data"][name] = local_dict["data"][name]
+    if local.data.seed == 0 and peer_id:
+        data["data"]["seed"] = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") >> 1
     data["swarm"] = local_dict["swarm"]
     return build_config(data)
 
@@ -214,8 +228,11 @@ class NodeDaemon:
             if chosen is not None:
                 self.run_id = chosen.run_id
                 try:
-                    self.cfg = config_from_run(msgpack.unpackb(chosen.config, raw=False), self.cfg)
-                except (ConfigError, ValueError, TypeError) as exc:
+                    params = msgpack.unpackb(chosen.config, raw=False)
+                    if not isinstance(params, dict):
+                        raise ConfigError("the run parameters are not a table")
+                    self.cfg = config_from_run(params, self.cfg, self.dht.peer_id)
+                except (ConfigError, ValueError, TypeError, msgpack.UnpackException) as exc:
                     self._print(f"error: the swarm's run parameters are not usable here: {exc}")
                     return False
                 self._run_record = RunRecord(

@@ -1,0 +1,47 @@
+"""What a joiner takes from the swarm's published run parameters, and what stays its own."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from node.config import ConfigError, load_config
+from node.daemon import _majority, config_from_run, run_parameters
+from protocol.messages import RunRecord
+
+
+def test_run_parameters_round_trip_without_local_fields(tmp_path):
+    creator = load_config("swarm/tiny-2stage", ["train.device='cpu'", f"train.checkpoint_dir='{tmp_path}'"])
+    params = msgpack.unpackb(msgpack.packb(run_parameters(creator)), raw=False)
+    assert "checkpoint_dir" not in params["train"] and "path" not in params["data"] and "swarm" not in params
+    joiner_local = load_config("swarm/tiny", ["train.checkpoint_dir='/elsewhere'", "swarm.metrics_port=0"])
+    joined = config_from_run(params, joiner_local, peer_id="QmPeer")
+    assert joined.pipeline.num_stages == 2 and joined.model == creator.model and joined.wire == creator.wire
+    assert joined.train.checkpoint_dir == "/elsewhere" and joined.swarm.metrics_port == 0
+    assert joined.data.seed != 0  # derived from the peer id: replicas read different windows
+    assert config_from_run(params, joiner_local, peer_id="QmOther").data.seed != joined.data.seed
+
+
+def test_a_published_run_cannot_choose_the_joiners_files():
+    params = run_parameters(load_config("swarm/tiny"))
+    params["data"].update(source="text", path="/etc")  # a hostile run points at local files
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        config_from_run(params, load_config("swarm/tiny"), peer_id="QmPeer")
+
+
+def test_hostile_run_parameters_are_config_errors():
+    params = run_parameters(load_config("swarm/tiny"))
+    params["model"]["d_model"] = "huge"
+    with pytest.raises(ConfigError):
+        config_from_run(params, load_config("swarm/tiny"))
+
+
+def test_joiners_follow_the_majority_of_published_copies():
+    good, bad = msgpack.packb({"a": 1}), msgpack.packb({"a": 2})
+    copies = [RunRecord(run_id="r", creator="c", created=1.0, publisher=f"p{i}", config=good) for i in range(3)]
+    copies.append(RunRecord(run_id="r", creator="x", created=0.5, publisher="evil", config=bad))
+    assert _majority(copies, None).config == good
+    assert _majority([], None) is None
+    other = RunRecord(run_id="other", creator="c", created=1.0, publisher="p", config=good)
+    assert "several runs" in _majority([*copies, other], None)
+    assert _majority([*copies, other], "other").run_id == "other"
