@@ -109,18 +109,19 @@ def _start_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from node.daemon import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, NodeDaemon
+    from node.daemon import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS, NodeDaemon
     from node.identity import IdentityInUse
     from node.metrics import MetricsBindError
 
     if args.join:
         local = [f"train.{f}=" for f in LOCAL_TRAIN_FIELDS] + [f"data.{f}=" for f in LOCAL_DATA_FIELDS]
+        local += [f"wire.{f}=" for f in LOCAL_WIRE_FIELDS]
         run_level = [o for o in args.overrides if not (o.startswith("swarm.") or o.startswith(tuple(local)))]
         if run_level:
             raise ConfigError(
                 f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
-                f"swarm.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}} and data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
-                "can be set locally"
+                f"swarm.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}}, data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
+                f"and wire.{{{','.join(LOCAL_WIRE_FIELDS)}}} can be set locally"
             )
     cfg = load_config(args.config, [*args.overrides, *_start_overrides(args)])
     if cfg.train.threads:

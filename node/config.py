@@ -128,6 +128,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_stages")
+        if self.num_stages > 1024:
+            raise ConfigError(f"pipeline.num_stages={self.num_stages} exceeds the supported 1024")
         if self.layer_splits is not None and len(self.layer_splits) != self.num_stages - 1:
             raise ConfigError(
                 f"pipeline.layer_splits has {len(self.layer_splits)} entries; "
@@ -299,9 +301,13 @@ class SwarmConfig:
     metrics_host: str = _f("0.0.0.0", "Interface for /metrics and /health.")
     metrics_port: int = _f(9464, "Port for /metrics and /health; 0 = any free port (printed at start).")
     shutdown_timeout_s: float = _f(20.0, "Most time a graceful shutdown may take before exiting anyway.")
+    max_stage_params_m: float = _f(
+        4000.0, "Refuse to join runs whose stages hold more than this many million parameters."
+    )
 
     def __post_init__(self) -> None:
-        _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s")
+        _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s",
+                  "max_stage_params_m")
         if not 0.0 <= self.rebalance_jitter < 1.0:
             raise ConfigError(f"swarm.rebalance_jitter must be in [0, 1), got {self.rebalance_jitter!r}")
         if self.rebalance_gain < 1.0:

@@ -30,12 +30,14 @@ import msgpack
 from node.config import ConfigError, RunConfig, build_config
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
+from node.model import parameter_count
 from node.serving import StageWork
 from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
 from protocol.schema import PROTOCOL_VERSION
 from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
 from swarm.dht import SwarmDHT, descendants
+from swarm.records import choose_run
 from swarm.state_transfer import StageStateServer, StateTransferError, download_stage_state
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 # so every replica reads its own shard.
 LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "resume", "log_every")
 LOCAL_DATA_FIELDS = ("path", "seed")
+# What this node accepts from peers protects this node: its receive limits are its own, only the codecs
+# (what the run sends) are run-level.
+LOCAL_WIRE_FIELDS = ("max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s", "check_finite")
 RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire")
 
 
@@ -56,6 +61,8 @@ def run_parameters(cfg: RunConfig) -> dict[str, Any]:
         params["train"].pop(name, None)
     for name in LOCAL_DATA_FIELDS:
         params["data"].pop(name, None)
+    for name in LOCAL_WIRE_FIELDS:
+        params["wire"].pop(name, None)
     return params
 
 
@@ -71,10 +78,19 @@ def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "")
         data["train"][name] = local_dict["train"][name]
     for name in LOCAL_DATA_FIELDS:
         data["data"][name] = local_dict["data"][name]
+    for name in LOCAL_WIRE_FIELDS:
+        data["wire"][name] = local_dict["wire"][name]
     if local.data.seed == 0 and peer_id:
         data["data"]["seed"] = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") >> 1
     data["swarm"] = local_dict["swarm"]
-    return build_config(data)
+    cfg = build_config(data)
+    per_stage = parameter_count(cfg.model, cfg.pipeline) / cfg.pipeline.num_stages / 1e6
+    if per_stage > local.swarm.max_stage_params_m:
+        raise ConfigError(
+            f"the run's model has ~{per_stage:,.0f}M parameters per stage, over this node's "
+            f"swarm.max_stage_params_m={local.swarm.max_stage_params_m:,.0f}"
+        )
+    return cfg
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> None:
@@ -106,6 +122,7 @@ class NodeDaemon:
         self._reported_rejections: dict[str, int] = {}
         self._throughput = 0.0
         self._last_move = 0.0
+        self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
 
     # health -------------------------------------------------------------------------------------------
 
@@ -134,6 +151,12 @@ class NodeDaemon:
     def _print(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
+    def _fail(self, message: str) -> None:
+        """A user-facing error: print it, stop, and exit 2 after the orderly shutdown."""
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        self._exit_code = 2
+        self.stop.set()
+
     # main ---------------------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -157,7 +180,8 @@ class NodeDaemon:
                 logger.exception("the node failed; shutting down")
                 self._shutdown()
                 return 1
-            return self._shutdown()
+            code = self._shutdown()
+            return code if code else self._exit_code
         finally:
             lock.release()
 
@@ -186,18 +210,22 @@ class NodeDaemon:
                 self.metrics.set_info(peer_id=self.dht.peer_id, protocol=".".join(map(str, PROTOCOL_VERSION)))
                 return True
             if self.dht.state == "failed":
-                self._print(f"error: the DHT cannot start: {self.dht.last_error}")
+                self._fail(f"the DHT cannot start: {self.dht.last_error}")
                 return False
         return False
 
     def _serve(self) -> None:
-        if not self._resolve_run():
+        if not self._resolve_run() or self.stop.is_set():
             return
         self._start_p2p()
+        if self.stop.is_set():
+            return
         stage = self._claim_stage()
-        if stage is None:
+        if stage is None or self.stop.is_set():
             return
         self._take_stage(stage)
+        if self.stop.is_set():
+            return
         self._announce("online")
         self._set_state("online")
         self._print_banner()
@@ -219,11 +247,11 @@ class NodeDaemon:
             self._publish_run_record()
             return True
         while not self.stop.is_set():
-            records, rejected = self.dht.get_run_records()
+            records, owners, rejected = self.dht.get_run_records()
             self._count_rejections(rejected)
-            chosen = _majority(records, sw.run_id or None)
+            chosen = choose_run(records, owners, sw.run_id or None)
             if isinstance(chosen, str):
-                self._print(f"error: {chosen}")
+                self._fail(chosen)
                 return False
             if chosen is not None:
                 self.run_id = chosen.run_id
@@ -233,7 +261,7 @@ class NodeDaemon:
                         raise ConfigError("the run parameters are not a table")
                     self.cfg = config_from_run(params, self.cfg, self.dht.peer_id)
                 except (ConfigError, ValueError, TypeError, msgpack.UnpackException) as exc:
-                    self._print(f"error: the swarm's run parameters are not usable here: {exc}")
+                    self._fail(f"the swarm's run parameters are not usable here: {exc}")
                     return False
                 self._run_record = RunRecord(
                     run_id=chosen.run_id, creator=chosen.creator, created=chosen.created,
@@ -287,9 +315,12 @@ class NodeDaemon:
         peers = [r for r in records.get(work.stage, []) if r.state == "online" and r.peer_id != self.dht.peer_id]
         peers.sort(key=lambda r: -r.progress)
         for record in peers[:3]:
+            if self.stop.is_set():
+                return
             try:
                 snap = self._run_async(self._download(record.peer_id, work.stage), timeout=120)
-            except (StateTransferError, TimeoutError) as exc:
+                work.check_compatible(snap)
+            except (StateTransferError, TimeoutError, ValueError) as exc:
                 self.metrics.count_state_download("failed")
                 logger.warning("cannot download stage %d from %s: %s", work.stage, record.peer_id, exc)
                 continue
@@ -444,7 +475,12 @@ class NodeDaemon:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     def _run_async(self, coro, timeout: float):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # do not leave the download running on the loop
+            raise
 
     # banner and shutdown --------------------------------------------------------------------------------
 
@@ -493,20 +529,3 @@ class NodeDaemon:
         logger.error("shutdown took longer than %.0f s: killing child processes", self.cfg.swarm.shutdown_timeout_s)
         kill_descendants()
         return 1
-
-
-def _majority(records: list[RunRecord], run_id: str | None) -> RunRecord | str | None:
-    """The run to join: the parameters most peers republish (ties: earliest created); an error string if
-    the choice is ambiguous; None if nothing is published yet."""
-    if run_id is not None:
-        records = [r for r in records if r.run_id == run_id]
-    runs = {r.run_id for r in records}
-    if not records:
-        return None
-    if len(runs) > 1:
-        return (f"this swarm has several runs ({', '.join(sorted(runs))}); choose one with --run-id")
-    votes: dict[bytes, list[RunRecord]] = {}
-    for r in records:
-        votes.setdefault(r.config, []).append(r)
-    best = max(votes.values(), key=lambda group: (len(group), -min(r.created for r in group)))
-    return min(best, key=lambda r: r.created)

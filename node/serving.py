@@ -57,6 +57,17 @@ class StageWork:
             tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.module.state_dict().items()}
             return StageSnapshot(stage=self.stage, step=self.progress, round_id=0, tensors=tensors)
 
+    def check_compatible(self, snap: StageSnapshot) -> None:
+        """Refuse (ValueError) a downloaded state whose names, shapes or dtypes differ from this stage's."""
+        own = self.module.state_dict()
+        if snap.stage != self.stage or set(snap.tensors) != set(own):
+            missing, extra = sorted(set(own) - set(snap.tensors)), sorted(set(snap.tensors) - set(own))
+            raise ValueError(f"state is not stage {self.stage}'s: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, tensor in own.items():
+            got = snap.tensors[name]
+            if got.shape != tensor.shape or got.dtype != tensor.dtype:
+                raise ValueError(f"{name}: got {tuple(got.shape)} {got.dtype}, expected {tuple(tensor.shape)} {tensor.dtype}")
+
     def load(self, snap: StageSnapshot) -> None:
         with self.lock:
             self.module.load_state_dict(snap.tensors)

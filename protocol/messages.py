@@ -71,6 +71,13 @@ MAX_STATE_NDIM = 8
 MAX_STATE_DIM = 1 << 40
 STATE_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 _HEX = re.compile(r"[0-9a-f]*")
+# Run ids name directories on every peer (checkpoints): no separators, no "..", bounded.
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def check_run_id(run_id: str, what: str) -> None:
+    if not RUN_ID.fullmatch(run_id):
+        raise MalformedMessage(f"{what}: run id {short_repr(run_id)} must be 1-64 of [A-Za-z0-9_.-], not starting with '.'")
 
 
 def _check_ids(ids: torch.Tensor, limits: WireLimits, what: str) -> None:
@@ -266,6 +273,7 @@ class StageRecord(Message):
     addrs: list[str] = dataclasses.field(default_factory=list)  # multiaddrs the peer can be dialled at
 
     def check(self, limits: WireLimits) -> None:
+        check_run_id(self.run_id, "StageRecord")
         if self.state not in STAGE_STATES:
             raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
         if not self.stage < self.num_stages:
@@ -286,6 +294,9 @@ class RunRecord(Message):
     created: float  # creator's wall clock at creation (seconds since the epoch)
     publisher: str  # peer id of the peer that signed this copy
     config: bytes
+
+    def check(self, limits: WireLimits) -> None:
+        check_run_id(self.run_id, "RunRecord")
 
 
 @message(ERROR_KIND)

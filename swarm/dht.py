@@ -44,7 +44,22 @@ class _DHTProcess(hivemind.DHT):
     def run(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _die_with_parent()
         super().run()
+
+
+def _die_with_parent() -> None:
+    """Exit when the daemon's process is gone (e.g. OOM-killed), so this process cannot linger holding the
+    daemon's identity lock (inherited across fork) and its sockets. Polled: PR_SET_PDEATHSIG would fire
+    when the *thread* that forked us ends, which the bootstrap thread does right after start-up."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class SwarmDHT:
@@ -64,6 +79,7 @@ class SwarmDHT:
         identity_path: str | None = None,
         retry_max_s: float = 30.0,
         client_mode: bool = False,
+        call_timeout: float = 30.0,
         on_state: Callable[[str], None] | None = None,
         time_op: Callable[[str], object] | None = None,
     ):
@@ -73,6 +89,8 @@ class SwarmDHT:
         self.identity_path = identity_path
         self.retry_max_s = retry_max_s
         self.client_mode = client_mode
+        self.call_timeout = call_timeout  # every call into the DHT process: it may have died
+        self._maddrs: list[str] = []
         self.validator = SwarmRecordValidator()
         self.state = "starting"
         self.attempts = 0
@@ -161,6 +179,7 @@ class SwarmDHT:
                 dht.shutdown()
                 return
             self.dht = dht
+            self._maddrs = [str(m) for m in dht.get_visible_maddrs()]
             self.last_error = None
             self._set_state("online")
             self._online.set()
@@ -174,7 +193,8 @@ class SwarmDHT:
         return str(self.dht.peer_id) if self.dht is not None else None
 
     def visible_maddrs(self) -> list[str]:
-        return [str(m) for m in self.dht.get_visible_maddrs()] if self.dht is not None else []
+        """This node's addresses, as seen when it came online (no call into the DHT process)."""
+        return list(self._maddrs) if self.dht is not None else []
 
     # records -------------------------------------------------------------------------------------------
 
@@ -192,7 +212,8 @@ class SwarmDHT:
                 subkey=self.validator.subkey(record.peer_id),
                 value=value,
                 expiration_time=get_dht_time() + expiry_s,
-            )
+                return_future=True,
+            ).result(self.call_timeout)
         return bool(ok)
 
     def get_stage_records(self, run_id: str, num_stages: int) -> tuple[dict[int, list[StageRecord]], Counter]:
@@ -202,7 +223,9 @@ class SwarmDHT:
         by_stage: dict[int, list[StageRecord]] = {}
         for stage in range(num_stages):
             with self._timed("get"):
-                found = self.dht.get(stage_key(run_id, stage), latest=True)
+                found = self.dht.get(stage_key(run_id, stage), latest=True, return_future=True).result(
+                    self.call_timeout
+                )
             parsed = parse_entries(found.value if found is not None else None, StageRecord)
             rejected.update(parsed.rejected)
             # A record filed under another stage's key is not trusted for this one.
@@ -219,21 +242,23 @@ class SwarmDHT:
                 subkey=self.validator.subkey(run_subkey_name(record.run_id, record.publisher)),
                 value=encode_message(record, RECORD_LIMITS),
                 expiration_time=get_dht_time() + expiry_s,
-            )
+                return_future=True,
+            ).result(self.call_timeout)
         return bool(ok)
 
-    def get_run_records(self) -> tuple[list[RunRecord], Counter]:
+    def get_run_records(self) -> tuple[list[RunRecord], list[bytes], Counter]:
+        """Valid run records, the key that signed each, and the entries skipped by reason."""
         assert self.dht is not None, "get before the DHT is online"
         with self._timed("get"):
-            found = self.dht.get(RUNS_KEY, latest=True)
+            found = self.dht.get(RUNS_KEY, latest=True, return_future=True).result(self.call_timeout)
         parsed = parse_entries(found.value if found is not None else None, RunRecord)
-        return parsed.records, parsed.rejected
+        return parsed.records, parsed.owners, parsed.rejected
 
     def rejected_inside_dht(self) -> Counter:
         """Records this node's DHT process refused (stores from peers and fetched values), by reason."""
         if self.dht is None:
             return Counter()
-        return Counter(self.dht.run_coroutine(partial(_validator_counts)))
+        return Counter(self.dht.run_coroutine(partial(_validator_counts), return_future=True).result(self.call_timeout))
 
 
 async def _validator_counts(dht: hivemind.DHT, node) -> dict[str, int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections import Counter
 
 import msgpack
@@ -35,7 +36,9 @@ RUNS_KEY = "protoswarm.runs"
 MAX_STAGES = 1024
 RECORD_LIMITS = WireLimits(max_frame_bytes=256 * 1024, max_header_bytes=256 * 1024, max_tensors=1)
 
-REJECT_REASONS = ("unsigned", "bad_signature", "malformed", "version", "wrong_kind", "wrong_owner", "foreign")
+REJECT_REASONS = (
+    "unsigned", "bad_signature", "malformed", "version", "wrong_kind", "wrong_owner", "foreign", "future",
+)
 _OWNER = re.compile(rb"\[owner:.+?\]", re.S)
 
 
@@ -132,12 +135,19 @@ def run_subkey_name(run_id: str, publisher: str) -> str:
     return f"{run_id}/{publisher}"
 
 
+MAX_CLOCK_SKEW_S = 120.0  # records "from the future" beyond this are refused (they would win "newest")
+
+
 @dataclasses.dataclass
 class ParsedEntries:
-    """Valid records from one DHT key, newest per peer, plus what was skipped and why."""
+    """Valid records from one DHT key, newest per peer, plus what was skipped and why.
+
+    ``owners[i]`` is the signing key (the subkey's ``[owner:…]`` part) of ``records[i]``.
+    """
 
     records: list
     rejected: Counter
+    owners: list = dataclasses.field(default_factory=list)
 
 
 def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
@@ -147,7 +157,8 @@ def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
     records only the newest (by timestamp) per peer id is kept (a restarted peer signs with a new key).
     """
     rejected: Counter[str] = Counter()
-    newest: dict[str, object] = {}
+    newest: dict[str, tuple[object, bytes]] = {}
+    horizon = time.time() + MAX_CLOCK_SKEW_S
     for subkey, item in (entries or {}).items():
         value = getattr(item, "value", None)
         owner = owner_name(subkey)
@@ -159,11 +170,35 @@ def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
             msg = decode_message(value, RECORD_LIMITS)
             if not isinstance(msg, kind):
                 reason = "wrong_kind"
+        if reason is None and getattr(msg, "timestamp", getattr(msg, "created", 0.0)) > horizon:
+            reason = "future"
         if reason:
             rejected[reason] += 1
             continue
         key = msg.peer_id if isinstance(msg, StageRecord) else owner
         old = newest.get(key)
-        if old is None or getattr(msg, "timestamp", 0.0) >= getattr(old, "timestamp", 0.0):
-            newest[key] = msg
-    return ParsedEntries(records=list(newest.values()), rejected=rejected)
+        if old is None or getattr(msg, "timestamp", 0.0) >= getattr(old[0], "timestamp", 0.0):
+            newest[key] = (msg, _OWNER.search(subkey).group(0))
+    return ParsedEntries(
+        records=[m for m, _ in newest.values()], rejected=rejected, owners=[o for _, o in newest.values()]
+    )
+
+
+def choose_run(records: list[RunRecord], owners: list[bytes], run_id: str | None) -> RunRecord | str | None:
+    """The run to join: the parameters published by the most distinct signing keys (ties: earliest
+    created); an error string if several runs exist and none was named; None if nothing is published.
+
+    Votes are counted per key, not per record, so one key publishing many copies under invented
+    publisher names counts once.
+    """
+    pairs = [(r, o) for r, o in zip(records, owners, strict=True) if run_id is None or r.run_id == run_id]
+    if not pairs:
+        return None
+    runs = sorted({r.run_id for r, _ in pairs})
+    if len(runs) > 1:
+        return f"this swarm has several runs ({', '.join(runs)}); choose one with --run-id"
+    votes: dict[bytes, set[bytes]] = {}
+    for r, owner in pairs:
+        votes.setdefault(r.config, set()).add(owner)
+    best = max(votes, key=lambda cfg: (len(votes[cfg]), -min(r.created for r, _ in pairs if r.config == cfg)))
+    return min((r for r, _ in pairs if r.config == best), key=lambda r: r.created)

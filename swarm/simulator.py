@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -55,6 +56,8 @@ def parse_faults(text: str) -> list[Fault]:
             raise SimError(f"bad fault {item!r}: expected SECONDS:ACTION:NODE, e.g. 20:kill:2") from None
         if fault.action not in ACTIONS:
             raise SimError(f"bad fault {item!r}: action must be one of {', '.join(ACTIONS)}")
+        if not (math.isfinite(fault.at) and fault.at >= 0 and fault.node >= 0):
+            raise SimError(f"bad fault {item!r}: time and node must be non-negative numbers")
         faults.append(fault)
     return sorted(faults, key=lambda f: f.at)
 
@@ -169,6 +172,12 @@ class LocalSwarm:
         self._group_signal(self.nodes[index], signal.SIGCONT)
 
     def apply(self, fault: Fault) -> None:
+        node = self.nodes[fault.node]
+        if fault.action != "start" and not node.alive:
+            logger.warning("fault %s on node %d ignored: it is not running", fault.action, fault.node)
+            return
+        if fault.action == "term":
+            self._group_signal(node, signal.SIGCONT)  # a paused node cannot handle SIGTERM
         getattr(self, fault.action)(fault.node)
 
     def shutdown(self) -> None:
@@ -281,6 +290,9 @@ def run_simulation(
             print(text, flush=True)
 
     events = []
+    for fault in faults:
+        if fault.node >= nodes:
+            raise SimError(f"fault {fault.at:g}:{fault.action}:{fault.node} names a node outside 0..{nodes - 1}")
     with LocalSwarm(nodes, config, overrides, workdir) as swarm:
         start = time.monotonic()
         swarm.start_all()

@@ -15,8 +15,10 @@ from typing import Any
 
 import msgpack
 
+from protocol.errors import short_repr
 from protocol.messages import RunRecord
 from swarm.dht import SwarmDHT
+from swarm.records import MAX_STAGES, choose_run
 
 
 class StatusError(RuntimeError):
@@ -36,15 +38,21 @@ def peers_from_health(url: str) -> list[str]:
     return list(maddrs)
 
 
-def _pick_run(records: list[RunRecord], run_id: str | None) -> RunRecord:
-    if run_id is not None:
-        records = [r for r in records if r.run_id == run_id]
-    runs = sorted({r.run_id for r in records})
-    if not runs:
+def _pick_run(records: list[RunRecord], owners: list[bytes], run_id: str | None) -> tuple[RunRecord, dict, int]:
+    """The run (chosen as joiners choose it), its parameters, and its number of stages (validated)."""
+    chosen = choose_run(records, owners, run_id)
+    if chosen is None:
         raise StatusError(f"no run {run_id!r} in this swarm" if run_id else "no run is published in this swarm")
-    if len(runs) > 1:
-        raise StatusError(f"this swarm has several runs ({', '.join(runs)}); choose one with --run-id")
-    return min(records, key=lambda r: r.created)
+    if isinstance(chosen, str):
+        raise StatusError(chosen)
+    try:
+        params = msgpack.unpackb(chosen.config, raw=False)
+        num_stages = params["pipeline"]["num_stages"]
+    except Exception:  # any malformed parameters: a forged or corrupt record
+        raise StatusError(f"run {chosen.run_id} has unreadable parameters") from None
+    if type(num_stages) is not int or not 1 <= num_stages <= MAX_STAGES:
+        raise StatusError(f"run {chosen.run_id} declares {short_repr(num_stages)} stages (1..{MAX_STAGES} allowed)")
+    return chosen, params, num_stages
 
 
 def collect_status(join: list[str], run_id: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
@@ -53,11 +61,12 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
     try:
         if not dht.wait_online(timeout):
             raise StatusError(f"cannot reach the swarm at {', '.join(join)} within {timeout:.0f} s ({dht.last_error})")
-        records, rejected = dht.get_run_records()
-        run = _pick_run(records, run_id)
-        params = msgpack.unpackb(run.config, raw=False)
-        num_stages = int(params.get("pipeline", {}).get("num_stages", 1))
-        by_stage, stage_rejected = dht.get_stage_records(run.run_id, num_stages)
+        try:
+            records, owners, rejected = dht.get_run_records()
+            run, params, num_stages = _pick_run(records, owners, run_id)
+            by_stage, stage_rejected = dht.get_stage_records(run.run_id, num_stages)
+        except TimeoutError:
+            raise StatusError(f"the swarm did not answer within {dht.call_timeout:.0f} s") from None
         rejected.update(stage_rejected)
     finally:
         dht.shutdown()
@@ -86,7 +95,7 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
         for s in range(num_stages)
     ]
     return {
-        "run_id": run.run_id, "model": params.get("model", {}).get("name"), "num_stages": num_stages,
+        "run_id": run.run_id, "model": str((params.get("model") or {}).get("name")), "num_stages": num_stages,
         "creator": run.creator, "stages": stages, "peers": peers, "rejected_records": dict(rejected),
     }
 

@@ -6,8 +6,9 @@ import msgpack
 import pytest
 
 from node.config import ConfigError, load_config
-from node.daemon import _majority, config_from_run, run_parameters
+from node.daemon import config_from_run, run_parameters
 from protocol.messages import RunRecord
+from swarm.records import choose_run
 
 
 def test_run_parameters_round_trip_without_local_fields(tmp_path):
@@ -36,12 +37,26 @@ def test_hostile_run_parameters_are_config_errors():
         config_from_run(params, load_config("swarm/tiny"))
 
 
-def test_joiners_follow_the_majority_of_published_copies():
+def test_joiners_follow_the_majority_of_signing_keys():
+    """Votes count per signing key: one key publishing many copies under invented names counts once."""
     good, bad = msgpack.packb({"a": 1}), msgpack.packb({"a": 2})
     copies = [RunRecord(run_id="r", creator="c", created=1.0, publisher=f"p{i}", config=good) for i in range(3)]
-    copies.append(RunRecord(run_id="r", creator="x", created=0.5, publisher="evil", config=bad))
-    assert _majority(copies, None).config == good
-    assert _majority([], None) is None
+    forged = [RunRecord(run_id="r", creator="x", created=0.5, publisher=f"sybil{i}", config=bad) for i in range(5)]
+    owners = [b"k0", b"k1", b"k2"] + [b"evil"] * 5
+    assert choose_run(copies + forged, owners, None).config == good
+    assert choose_run([], [], None) is None
     other = RunRecord(run_id="other", creator="c", created=1.0, publisher="p", config=good)
-    assert "several runs" in _majority([*copies, other], None)
-    assert _majority([*copies, other], "other").run_id == "other"
+    assert "several runs" in choose_run([*copies, other], [b"k0", b"k1", b"k2", b"k3"], None)
+    assert choose_run([*copies, other], [b"k0", b"k1", b"k2", b"k3"], "other").run_id == "other"
+
+
+def test_local_limits_and_budget_are_the_joiners():
+    params = run_parameters(load_config("swarm/tiny"))
+    assert "max_frame_mib" not in params["wire"] and "fragment_codec" in params["wire"]
+    params["wire"]["max_frame_mib"] = 1e9  # a hostile run would raise the joiner's receive caps
+    local = load_config("swarm/tiny", ["swarm.max_stage_params_m=1"])
+    with pytest.raises(ConfigError, match="parameters per stage"):
+        config_from_run(params, local)  # the tiny model has ~6.6M per stage, over the budget of 1M
+    params["model"].update(d_model=262144, n_layers=4096)
+    with pytest.raises(ConfigError, match="parameters per stage"):
+        config_from_run(params, load_config("swarm/tiny"))

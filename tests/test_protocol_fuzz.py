@@ -58,6 +58,7 @@ def _protocol_errors_only(fn, *args):
 text = st.text(max_size=12)
 u63 = st.integers(0, 2**63 - 1)
 finite = st.floats(allow_nan=False, allow_infinity=False)
+run_ids = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}", fullmatch=True)
 digest = st.binary(min_size=32, max_size=32).map(bytes.hex)
 float_codec = st.sampled_from(["fp32", "bf16", "fp16", "int8", "e3m0"])
 
@@ -101,7 +102,7 @@ def _manifest(draw):
 
 def _stage_record(draw):
     num_stages = draw(st.integers(1, 2**63 - 1))
-    return pm.StageRecord(peer_id=draw(text), run_id=draw(text), stage=draw(st.integers(0, num_stages - 1)),
+    return pm.StageRecord(peer_id=draw(text), run_id=draw(run_ids), stage=draw(st.integers(0, num_stages - 1)),
                           num_stages=num_stages, state=draw(st.sampled_from(STAGE_STATES)),
                           throughput=draw(finite), progress=draw(u63), basis=draw(text), corpus=draw(text),
                           codecs=draw(st.lists(text, max_size=5)), timestamp=draw(finite))
@@ -123,7 +124,7 @@ BUILDERS = {
     "state_chunk": lambda draw: pm.StateChunk(run_id=draw(text), stage=draw(u63), digest=draw(digest),
                                               index=draw(u63), data=draw(st.binary(max_size=2000))),
     "stage_record": _stage_record,
-    "run_record": lambda draw: pm.RunRecord(run_id=draw(text), creator=draw(text), created=draw(finite),
+    "run_record": lambda draw: pm.RunRecord(run_id=draw(run_ids), creator=draw(text), created=draw(finite),
                                             publisher=draw(text), config=draw(st.binary(max_size=500))),
     "error": lambda draw: pm.ErrorReply(code=draw(text), message=draw(text),
                                         retry_after=draw(st.none() | finite)),

@@ -63,7 +63,8 @@ def test_signed_records_round_trip_and_junk_is_refused_and_counted(two_nodes):
     inside = a.rejected_inside_dht() + b.rejected_inside_dht()
     assert inside["unsigned"] >= 1 and inside["bad_signature"] >= 1
 
-    runs, _ = b.get_run_records()
+    runs, owners, _ = b.get_run_records()
+    assert len(owners) == 1 and owners[0].startswith(b"[owner:")
     assert [(r.run_id, r.publisher) for r in runs] == [("r1", a.peer_id)]
 
 
