@@ -9,6 +9,7 @@ can serve /health and /metrics the whole time. Reads and writes go through
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import signal
@@ -157,11 +158,13 @@ class SwarmDHT:
                 client_mode=self.client_mode,
                 shutdown_timeout=3,
             )
+            sockets_before = _p2pd_sockets()
             try:
                 dht.run_in_background(await_ready=True)
             except Exception as exc:  # hivemind raises P2PDaemonError/RuntimeError/… for unreachable peers
                 self.last_error = f"{type(exc).__name__}: {exc}".strip()[:300]
                 dht.shutdown()
+                _remove_unbound_sockets(_p2pd_sockets() - sockets_before)
                 if not self.initial_peers:
                     self._set_state("failed")  # nothing to retry: the local daemon itself cannot start
                     logger.error("cannot start the DHT: %s", self.last_error)
@@ -275,6 +278,30 @@ class _NullContext:
 
     def __exit__(self, *exc) -> bool:
         return False
+
+
+_SOCKET_GLOB = "/tmp/hivemind-p2p*.sock"
+
+
+def _p2pd_sockets() -> set[str]:
+    return set(glob.glob(_SOCKET_GLOB))
+
+
+def _remove_unbound_sockets(paths: set[str]) -> None:
+    """Delete socket files a failed libp2p start left behind (hivemind removes them only when its daemon
+    is still running). A path some live process still has bound (another node on this machine) is kept."""
+    if not paths:
+        return
+    try:
+        with open("/proc/net/unix") as f:
+            bound = {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) >= 8}
+    except OSError:
+        return  # cannot tell which are in use: leave them
+    for path in paths - bound:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def descendants(pid: int) -> list[int]:
