@@ -109,9 +109,10 @@ def _start_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from node.daemon import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS, NodeDaemon
+    from node.daemon import NodeDaemon
     from node.identity import IdentityInUse
     from node.metrics import MetricsBindError
+    from node.run_params import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS
 
     if args.join:
         local = [f"train.{f}=" for f in LOCAL_TRAIN_FIELDS] + [f"data.{f}=" for f in LOCAL_DATA_FIELDS]

@@ -13,7 +13,6 @@ signal kills the children and exits at once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import random
@@ -27,10 +26,10 @@ from typing import Any
 
 import msgpack
 
-from node.config import ConfigError, RunConfig, build_config
+from node.config import ConfigError, RunConfig
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
-from node.model import parameter_count
+from node.run_params import config_from_run, run_parameters
 from node.serving import StageWork
 from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
@@ -41,57 +40,6 @@ from swarm.records import choose_run
 from swarm.state_transfer import StageStateServer, StateTransferError, download_stage_state
 
 logger = logging.getLogger(__name__)
-
-# Node-local settings: never taken from the swarm's published run parameters. data.path is local so
-# a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
-# so every replica reads its own shard.
-LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "resume", "log_every")
-LOCAL_DATA_FIELDS = ("path", "seed")
-# What this node accepts from peers protects this node: its receive limits are its own, only the codecs
-# (what the run sends) are run-level.
-LOCAL_WIRE_FIELDS = ("max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s", "check_finite")
-RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire")
-
-
-def run_parameters(cfg: RunConfig) -> dict[str, Any]:
-    """The run-level part of a config: what every peer of a run must agree on."""
-    full = cfg.to_dict()
-    params = {s: dict(full[s]) for s in RUN_SECTIONS}
-    for name in LOCAL_TRAIN_FIELDS:
-        params["train"].pop(name, None)
-    for name in LOCAL_DATA_FIELDS:
-        params["data"].pop(name, None)
-    for name in LOCAL_WIRE_FIELDS:
-        params["wire"].pop(name, None)
-    return params
-
-
-def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "") -> RunConfig:
-    """A joiner's config: the run's parameters plus this node's local settings.
-
-    A joiner that left ``data.seed`` at its default gets a seed derived from its peer id, so replicas
-    do not all read the same windows.
-    """
-    data = {s: dict(params.get(s, {})) if isinstance(params.get(s), dict) else {} for s in RUN_SECTIONS}
-    local_dict = local.to_dict()
-    for name in LOCAL_TRAIN_FIELDS:
-        data["train"][name] = local_dict["train"][name]
-    for name in LOCAL_DATA_FIELDS:
-        data["data"][name] = local_dict["data"][name]
-    for name in LOCAL_WIRE_FIELDS:
-        data["wire"][name] = local_dict["wire"][name]
-    if local.data.seed == 0 and peer_id:
-        data["data"]["seed"] = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") >> 1
-    data["swarm"] = local_dict["swarm"]
-    cfg = build_config(data)
-    per_stage = parameter_count(cfg.model, cfg.pipeline) / cfg.pipeline.num_stages / 1e6
-    if per_stage > local.swarm.max_stage_params_m:
-        raise ConfigError(
-            f"the run's model has ~{per_stage:,.0f}M parameters per stage, over this node's "
-            f"swarm.max_stage_params_m={local.swarm.max_stage_params_m:,.0f}"
-        )
-    return cfg
-
 
 def kill_descendants(sig: int = signal.SIGKILL) -> None:
     """Signal every descendant process (DHT process, libp2p daemons); best effort."""

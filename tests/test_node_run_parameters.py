@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from node.config import ConfigError, load_config
-from node.daemon import config_from_run, run_parameters
+from node.run_params import config_from_run, run_parameters
 from protocol.messages import RunRecord
 from swarm.records import choose_run
 
