@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from swarm.records import (
     RECORD_LIMITS,
     RUNS_KEY,
     SwarmRecordValidator,
+    load_identity_key,
     parse_entries,
     run_subkey_name,
     stage_key,
@@ -87,12 +89,16 @@ class SwarmDHT:
         self.initial_peers = list(initial_peers)
         self.host_maddrs = list(host_maddrs)
         self.announce_maddrs = list(announce_maddrs)
+        if identity_path is None:  # a throwaway identity (status readers, tests), still one key per peer
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="protoswarm-id-")
+            identity_path = os.path.join(self._tmpdir.name, "identity.key")
         self.identity_path = identity_path
         self.retry_max_s = retry_max_s
         self.client_mode = client_mode
         self.call_timeout = call_timeout  # every call into the DHT process: it may have died
         self._maddrs: list[str] = []
-        self.validator = SwarmRecordValidator()
+        # Records are signed with the identity's own key, so readers can check signer == peer id.
+        self.validator = SwarmRecordValidator(load_identity_key(identity_path))
         self.state = "starting"
         self.attempts = 0
         self.last_error: str | None = None

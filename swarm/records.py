@@ -7,7 +7,8 @@ Keys (hivemind hashes them; each holds one value per *subkey*):
 
 A protoswarm subkey is ``b"psw1:" + <peer id or run id> + b"[owner:<RSA public key>]"``. The owner
 part makes hivemind's signature scheme apply: the value carries a signature by that key, so only
-the owner can write or overwrite its own subkey. :class:`SwarmRecordValidator` runs inside every
+the owner can write or overwrite its own subkey. The key is the node's libp2p identity key, and
+validators require the peer id derived from it to be the peer the record speaks for. :class:`SwarmRecordValidator` runs inside every
 node's DHT and refuses, for any ``psw1:`` subkey, records that are unsigned, badly signed, not a
 decodable record of the right kind and protocol version, or whose peer id disagrees with the
 subkey. Records under our keys with foreign subkeys cannot be recognised inside the DHT (it sees
@@ -18,10 +19,14 @@ Both places count rejections by reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import os
 import re
 import time
 from collections import Counter
 
+import base58
 import msgpack
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
@@ -40,10 +45,52 @@ REJECT_REASONS = (
     "unsigned", "bad_signature", "malformed", "version", "wrong_kind", "wrong_owner", "foreign", "future",
 )
 _OWNER = re.compile(rb"\[owner:.+?\]", re.S)
+_OWNER_KEY = re.compile(rb"\[owner:(.+?)\]", re.S)
 
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"protoswarm.{run_id}.stage.{stage}"
+
+
+def load_identity_key(identity_path: str) -> RSAPrivateKey:
+    """The RSA key inside a libp2p identity file (created with hivemind's generator if missing).
+
+    Records are signed with the same key that defines the peer id, so a reader can check that a
+    record's signer *is* the peer it speaks for (:func:`peer_id_of`).
+    """
+    from hivemind.p2p import P2P
+    from hivemind.proto import crypto_pb2
+
+    if not os.path.isfile(identity_path):
+        P2P.generate_identity(identity_path)
+    with open(identity_path, "rb") as f:
+        proto = crypto_pb2.PrivateKey.FromString(f.read())
+    if proto.key_type != crypto_pb2.KeyType.RSA:
+        raise ValueError(f"identity {identity_path} holds a non-RSA key; protoswarm signs records with RSA keys")
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": proto.data})  # hivemind's own (un)pickling format: DER bytes
+    return key
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_id_of(owner_key: bytes) -> str | None:
+    """The libp2p peer id (base58) of the RSA public key in an ``[owner:…]`` marker; None if unparsable."""
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPublicKey
+
+    try:
+        public = RSAPublicKey.from_bytes(owner_key)._public_key
+        der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # not a key: a forged marker
+        return None
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return base58.b58encode(b"\x12\x20" + hashlib.sha256(encoded).digest()).decode()
+
+
+def owner_key(subkey: bytes) -> bytes | None:
+    match = _OWNER_KEY.search(subkey)
+    return match.group(1) if match else None
 
 
 def owner_name(subkey: bytes) -> str | None:
@@ -87,7 +134,7 @@ class SwarmRecordValidator(RSASignatureValidator):
             return self._reject("malformed")
         if not isinstance(value, bytes):
             return self._reject("malformed")
-        reason = record_problem(owner_name(subkey), value)
+        reason = record_problem(owner_name(subkey), value, owner_key(subkey))
         return self._reject(reason) if reason else True
 
     def _reject(self, reason: str) -> bool:
@@ -114,10 +161,15 @@ def is_signed(subkey: bytes) -> bool:
     return bool(_OWNER.search(subkey))
 
 
-def record_problem(owner: str | None, value: bytes) -> str | None:
-    """Why a protoswarm record value is unacceptable (a REJECT_REASONS entry), or None if it is fine."""
+def record_problem(owner: str | None, value: bytes, key: bytes | None = None) -> str | None:
+    """Why a protoswarm record value is unacceptable (a REJECT_REASONS entry), or None if it is fine.
+
+    The signing key must be the identity key of the peer the record speaks for: a peer can only
+    announce itself, and one identity is one vote.
+    """
     if owner is None:
         return "foreign"
+    signer = peer_id_of(key) if key is not None else None
     try:
         msg = decode_message(value, RECORD_LIMITS)
     except VersionMismatch:
@@ -125,9 +177,9 @@ def record_problem(owner: str | None, value: bytes) -> str | None:
     except ProtocolError:
         return "malformed"
     if isinstance(msg, StageRecord):
-        return None if msg.peer_id == owner else "wrong_owner"
+        return None if msg.peer_id == owner == signer else "wrong_owner"
     if isinstance(msg, RunRecord):
-        return None if f"{msg.run_id}/{msg.publisher}" == owner else "wrong_owner"
+        return None if f"{msg.run_id}/{msg.publisher}" == owner and msg.publisher == signer else "wrong_owner"
     return "wrong_kind"
 
 
@@ -165,7 +217,7 @@ def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
         if owner is not None and not is_signed(subkey):
             reason = "unsigned"
         else:
-            reason = record_problem(owner, value) if isinstance(value, bytes) else "malformed"
+            reason = record_problem(owner, value, owner_key(subkey)) if isinstance(value, bytes) else "malformed"
         if reason is None:
             msg = decode_message(value, RECORD_LIMITS)
             if not isinstance(msg, kind):

@@ -94,3 +94,17 @@ def test_unreachable_initial_peers_keep_retrying():
         assert dht.state in ("retrying", "bootstrapping") and dht.last_error
     finally:
         dht.shutdown()
+
+
+def test_a_peer_cannot_announce_another_peer(two_nodes):
+    """Records are signed with the identity key, so b cannot speak for a (e.g. mark it OFFLINE) even
+    under a subkey that names a and carries b's own valid signature."""
+    a, b = two_nodes
+    assert a.store_stage_record(_record(a.peer_id, stage=1), expiry_s=30)
+    forged = encode_message(StageRecord(peer_id=a.peer_id, run_id="r1", stage=1, num_stages=2, state="offline",
+                                        timestamp=time.time() + 60))
+    subkey = SUBKEY_PREFIX + a.peer_id.encode() + b.validator.local_public_key
+    assert not b.dht.store(stage_key("r1", 1), subkey=subkey, value=forged, expiration_time=get_dht_time() + 30)
+    by_stage, _ = b.get_stage_records("r1", 2)
+    assert [(r.peer_id, r.state) for r in by_stage[1]] == [(a.peer_id, "online")]
+    assert (a.rejected_inside_dht() + b.rejected_inside_dht())["wrong_owner"] >= 1
