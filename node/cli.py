@@ -113,6 +113,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from node.identity import IdentityInUse
     from node.metrics import MetricsBindError
     from node.run_params import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS
+    from swarm.records import IdentityError
 
     if args.join:
         local = [f"train.{f}=" for f in LOCAL_TRAIN_FIELDS] + [f"data.{f}=" for f in LOCAL_DATA_FIELDS]
@@ -131,7 +132,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.train.threads)
     try:
         return NodeDaemon(cfg, create=not cfg.swarm.initial_peers).run()
-    except (IdentityInUse, MetricsBindError) as err:
+    except (IdentityInUse, IdentityError, MetricsBindError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

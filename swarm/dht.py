@@ -40,11 +40,17 @@ BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 
 
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT process, deaf to SIGINT/SIGTERM: the daemon's main process decides when it stops
-    (after announcing OFFLINE), so a Ctrl-C sent to the whole process group cannot cut it short. Its
-    libp2p daemon inherits the ignored signals."""
+    """hivemind's DHT process in its own session and deaf to SIGINT/SIGTERM: the daemon's main process
+    decides when it stops (after announcing OFFLINE), so a Ctrl-C sent to the terminal's process group
+    cannot cut it short. It exits by itself when the daemon process disappears."""
 
     def run(self) -> None:
+        # Own session: a Ctrl-C (SIGINT to the terminal's process group) reaches neither this process nor
+        # the libp2p daemon it spawns, so both are still up when the daemon announces OFFLINE.
+        try:
+            os.setsid()
+        except OSError:
+            pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _die_with_parent()

@@ -52,6 +52,10 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"protoswarm.{run_id}.stage.{stage}"
 
 
+class IdentityError(ValueError):
+    """The identity file cannot be used to sign records (unreadable, or not an RSA key)."""
+
+
 def load_identity_key(identity_path: str) -> RSAPrivateKey:
     """The RSA key inside a libp2p identity file (created with hivemind's generator if missing).
 
@@ -63,10 +67,16 @@ def load_identity_key(identity_path: str) -> RSAPrivateKey:
 
     if not os.path.isfile(identity_path):
         P2P.generate_identity(identity_path)
-    with open(identity_path, "rb") as f:
-        proto = crypto_pb2.PrivateKey.FromString(f.read())
+    try:
+        with open(identity_path, "rb") as f:
+            proto = crypto_pb2.PrivateKey.FromString(f.read())
+    except Exception as exc:  # unreadable or not a libp2p key file
+        raise IdentityError(f"identity {identity_path} is not a libp2p key file ({exc})") from None
     if proto.key_type != crypto_pb2.KeyType.RSA:
-        raise ValueError(f"identity {identity_path} holds a non-RSA key; protoswarm signs records with RSA keys")
+        raise IdentityError(
+            f"identity {identity_path} holds a non-RSA key; protoswarm signs records with the identity's RSA "
+            "key: point --identity at a new path to create one"
+        )
     key = RSAPrivateKey.__new__(RSAPrivateKey)
     key.__setstate__({"_private_key": proto.data})  # hivemind's own (un)pickling format: DER bytes
     return key
