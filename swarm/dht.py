@@ -170,13 +170,13 @@ class SwarmDHT:
                 client_mode=self.client_mode,
                 shutdown_timeout=3,
             )
-            sockets_before = _p2pd_sockets()
+            sockets_before = p2pd_sockets()
             try:
                 dht.run_in_background(await_ready=True)
             except Exception as exc:  # hivemind raises P2PDaemonError/RuntimeError/… for unreachable peers
                 self.last_error = f"{type(exc).__name__}: {exc}".strip()[:300]
                 dht.shutdown()
-                _remove_unbound_sockets(_p2pd_sockets() - sockets_before)
+                remove_unbound_sockets(p2pd_sockets() - sockets_before)
                 if not self.initial_peers:
                     self._set_state("failed")  # nothing to retry: the local daemon itself cannot start
                     logger.error("cannot start the DHT: %s", self.last_error)
@@ -295,11 +295,11 @@ class _NullContext:
 _SOCKET_GLOB = "/tmp/hivemind-p2p*.sock"
 
 
-def _p2pd_sockets() -> set[str]:
+def p2pd_sockets() -> set[str]:
     return set(glob.glob(_SOCKET_GLOB))
 
 
-def _remove_unbound_sockets(paths: set[str]) -> None:
+def remove_unbound_sockets(paths: set[str]) -> None:
     """Delete socket files a failed libp2p start left behind (hivemind removes them only when its daemon
     is still running). A path some live process still has bound (another node on this machine) is kept."""
     if not paths:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarm.dht import p2pd_sockets, remove_unbound_sockets
+
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("kill", "term", "start", "pause", "resume")
@@ -98,6 +100,7 @@ class LocalSwarm:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="protoswarm-sim-"))
         self.nodes = [SimNode(i, self.workdir / f"node{i}") for i in range(nodes)]
         self.bootstrap: str | None = None
+        self._sockets_before = p2pd_sockets()
 
     # lifecycle -----------------------------------------------------------------------------------------
 
@@ -197,6 +200,8 @@ class LocalSwarm:
                 self._group_signal(node, signal.SIGKILL)  # children left in the group, if any
                 if node.proc.poll() is None:
                     node.proc.wait(10)
+        # Killed nodes (SIGKILL: "machine died") cannot remove their libp2p socket files; the harness does.
+        remove_unbound_sockets(p2pd_sockets() - self._sockets_before)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

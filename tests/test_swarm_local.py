@@ -22,7 +22,7 @@ from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import StageRecord, encode_message
-from swarm.dht import _p2pd_sockets
+from swarm.dht import p2pd_sockets
 from swarm.records import SUBKEY_PREFIX, stage_key
 from swarm.simulator import LocalSwarm
 
@@ -173,7 +173,7 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[s
 
 def test_join_to_an_unreachable_address_keeps_retrying_and_says_so(tmp_path):
     unreachable = "/ip4/127.0.0.1/tcp/1/p2p/QmVrbSqaKXxwgVz6bKzQiEbqFxN5p6fUZR9LqxR7VYs1Ex"
-    sockets_before = _p2pd_sockets()
+    sockets_before = p2pd_sockets()
     proc = _start_cli(["--join", unreachable, "--set", "swarm.bootstrap_retry_max_s=1"], tmp_path)
     try:
         _, port = _read_until(proc, r"metrics: http://[^:]+:(\d+)/", 60)
@@ -189,7 +189,7 @@ def test_join_to_an_unreachable_address_keeps_retrying_and_says_so(tmp_path):
         assert health["bootstrap_state"] in ("retrying", "bootstrapping") and health["last_error"]
         proc.terminate()
         assert proc.wait(60) == 0
-        assert _p2pd_sockets() - sockets_before == set()  # failed attempts leave no socket files behind
+        assert p2pd_sockets() - sockets_before == set()  # failed attempts leave no socket files behind
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
