@@ -69,6 +69,7 @@ class NodeDaemon:
         self._p2p = None
         self._reported_rejections: dict[str, int] = {}
         self._throughput = 0.0
+        self._probe: StageWork | None = None
         self._last_move = 0.0
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
 
@@ -228,10 +229,12 @@ class NodeDaemon:
 
     def _claim_stage(self) -> int | None:
         cfg = self.cfg
-        probe = StageWork(cfg, self.run_id, cfg.swarm.stage or 0, self._checkpoint_dir(0))
+        probe_stage = cfg.swarm.stage or 0
+        probe = StageWork(cfg, self.run_id, probe_stage, self._checkpoint_dir(probe_stage))
         # Measured once: a node's speed, not a stage's (stages are split evenly). Re-measuring on every
         # move would feed timing noise into the rebalancing decisions and make nodes oscillate.
         self._throughput = probe.measure_throughput()
+        self._probe = probe  # reused by _take_stage if this is the stage claimed
         if cfg.swarm.stage is not None:
             return cfg.swarm.stage
         records, rejected = self.dht.get_stage_records(self.run_id, cfg.pipeline.num_stages)
@@ -248,7 +251,11 @@ class NodeDaemon:
 
     def _take_stage(self, stage: int) -> None:
         """Become a server of ``stage``: own checkpoint, else a peer's state, else the seeded init."""
-        work = StageWork(self.cfg, self.run_id, stage, self._checkpoint_dir(stage))
+        probe, self._probe = self._probe, None
+        # The probe is still at the seeded init (measuring leaves no gradients): no need to build it again.
+        work = probe if probe is not None and probe.stage == stage else StageWork(
+            self.cfg, self.run_id, stage, self._checkpoint_dir(stage)
+        )
         if not work.resume():
             self._download_into(work)
         work.throughput = self._throughput
@@ -322,14 +329,15 @@ class NodeDaemon:
         while not self.stop.is_set():
             now = time.monotonic()
             try:
+                records = None
                 if now >= next_refresh:
                     next_refresh = now + sw.refresh_s
                     self._announce("online")
                     self._publish_run_record()
-                    self._observe()
+                    records = self._observe()
                 if sw.stage is None and now >= next_rebalance:
                     next_rebalance = now + self._jittered(sw.rebalance_period_s)
-                    self._rebalance()
+                    self._rebalance(records)
             except Exception as exc:  # a failed DHT call or download: keep serving, try again next round
                 logger.warning("swarm upkeep failed (%s: %s); retrying next round", type(exc).__name__, exc)
             self.stop.wait(max(0.05, min(next_refresh, next_rebalance) - time.monotonic()))
@@ -358,11 +366,13 @@ class NodeDaemon:
             for _ in range(max(0, n)):
                 self.metrics.count_record_rejected(reason)
 
-    def _rebalance(self) -> None:
+    def _rebalance(self, records: dict[int, list[StageRecord]] | None = None) -> None:
+        """``records``: the swarm as just read by this round's refresh, if there was one."""
         # After a move, let the swarm see it (records refresh) before deciding again.
         if time.monotonic() - self._last_move < 2 * self.cfg.swarm.rebalance_period_s:
             return
-        records = self._observe()
+        if records is None:
+            records = self._observe()
         me, n = self.dht.peer_id, self.cfg.pipeline.num_stages
         target = rebalance_target(
             stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me),

@@ -144,7 +144,7 @@ class SwarmRecordValidator(RSASignatureValidator):
             return self._reject("malformed")
         if not isinstance(value, bytes):
             return self._reject("malformed")
-        reason = record_problem(owner_name(subkey), value, owner_key(subkey))
+        _, reason = check_record(owner_name(subkey), value, owner_key(subkey))
         return self._reject(reason) if reason else True
 
     def _reject(self, reason: str) -> bool:
@@ -171,26 +171,28 @@ def is_signed(subkey: bytes) -> bool:
     return bool(_OWNER.search(subkey))
 
 
-def record_problem(owner: str | None, value: bytes, key: bytes | None = None) -> str | None:
-    """Why a protoswarm record value is unacceptable (a REJECT_REASONS entry), or None if it is fine.
+def check_record(owner: str | None, value: bytes, key: bytes | None = None) -> tuple[object, str | None]:
+    """(decoded record, None) if a protoswarm record value is acceptable, else (None, a REJECT_REASONS entry).
 
     The signing key must be the identity key of the peer the record speaks for: a peer can only
     announce itself, and one identity is one vote.
     """
     if owner is None:
-        return "foreign"
+        return None, "foreign"
     signer = peer_id_of(key) if key is not None else None
     try:
         msg = decode_message(value, RECORD_LIMITS)
     except VersionMismatch:
-        return "version"
+        return None, "version"
     except ProtocolError:
-        return "malformed"
+        return None, "malformed"
     if isinstance(msg, StageRecord):
-        return None if msg.peer_id == owner == signer else "wrong_owner"
-    if isinstance(msg, RunRecord):
-        return None if f"{msg.run_id}/{msg.publisher}" == owner and msg.publisher == signer else "wrong_owner"
-    return "wrong_kind"
+        ok = msg.peer_id == owner == signer
+    elif isinstance(msg, RunRecord):
+        ok = f"{msg.run_id}/{msg.publisher}" == owner and msg.publisher == signer
+    else:
+        return None, "wrong_kind"
+    return (msg, None) if ok else (None, "wrong_owner")
 
 
 def run_subkey_name(run_id: str, publisher: str) -> str:
@@ -224,14 +226,15 @@ def parse_entries(entries: dict | None, kind: type) -> ParsedEntries:
     for subkey, item in (entries or {}).items():
         value = getattr(item, "value", None)
         owner = owner_name(subkey)
+        msg, reason = None, None
         if owner is not None and not is_signed(subkey):
             reason = "unsigned"
+        elif not isinstance(value, bytes):
+            reason = "malformed"
         else:
-            reason = record_problem(owner, value, owner_key(subkey)) if isinstance(value, bytes) else "malformed"
-        if reason is None:
-            msg = decode_message(value, RECORD_LIMITS)
-            if not isinstance(msg, kind):
-                reason = "wrong_kind"
+            msg, reason = check_record(owner, value, owner_key(subkey))
+        if reason is None and not isinstance(msg, kind):
+            reason = "wrong_kind"
         if reason is None and getattr(msg, "timestamp", getattr(msg, "created", 0.0)) > horizon:
             reason = "future"
         if reason:
