@@ -297,6 +297,9 @@ class SwarmConfig:
     rebalance_gain: float = _f(
         1.2, "Move stage only if the swarm's bottleneck throughput grows by at least this factor."
     )
+    min_replicas: int = _f(
+        2, "Servers each stage should have before throughput is balanced (redundancy, DiLoCo partners)."
+    )
     bootstrap_retry_max_s: float = _f(30.0, "Longest wait between attempts to reach initial_peers (seconds).")
     metrics_host: str = _f("0.0.0.0", "Interface for /metrics and /health.")
     metrics_port: int = _f(9464, "Port for /metrics and /health; 0 = any free port (printed at start).")
@@ -314,6 +317,8 @@ class SwarmConfig:
             raise ConfigError(f"swarm.rebalance_gain must be >= 1, got {self.rebalance_gain!r}")
         if self.expiry_s is not None and self.expiry_s <= self.refresh_s:
             raise ConfigError(f"swarm.expiry_s={self.expiry_s} must exceed swarm.refresh_s={self.refresh_s}")
+        if self.min_replicas < 1:
+            raise ConfigError(f"swarm.min_replicas must be >= 1, got {self.min_replicas}")
         if self.stage is not None and self.stage < 0:
             raise ConfigError(f"swarm.stage must be >= 0, got {self.stage}")
         if not 0 <= self.metrics_port < 65536:

@@ -242,7 +242,7 @@ class NodeDaemon:
         me = self.dht.peer_id
         loads = stage_loads(records, cfg.pipeline.num_stages, exclude_peer=me)
         servers = stage_servers(records, cfg.pipeline.num_stages, exclude_peer=me)
-        stage = choose_stage(loads, servers, me)
+        stage = choose_stage(loads, servers, me, cfg.swarm.min_replicas)
         logger.info("stage loads %s, servers %s: claiming stage %d", loads, servers, stage)
         return stage
 
@@ -376,7 +376,7 @@ class NodeDaemon:
         me, n = self.dht.peer_id, self.cfg.pipeline.num_stages
         target = rebalance_target(
             stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me),
-            self.work.stage, self.work.throughput, self.cfg.swarm.rebalance_gain,
+            self.work.stage, self.work.throughput, self.cfg.swarm.rebalance_gain, self.cfg.swarm.min_replicas,
         )
         if target is None:
             return

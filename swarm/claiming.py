@@ -4,11 +4,17 @@ Pure functions over the swarm's records, so the policy is testable without a net
 *load* is the summed measured throughput (microbatches/s) of the peers serving it that are joining
 or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
 
-- A joiner claims the stage with the lowest load (ties broken by a per-peer random order, so
-  joiners arriving together spread out instead of stampeding onto stage 0).
-- A serving node moves to another stage only if that raises the bottleneck by at least the gain
-  factor (hysteresis), or if it fills an empty stage without emptying its own. Nodes check at
-  jittered intervals, so when one moves the others see it before they decide.
+- Coverage comes before speed: a stage with no server stalls the whole pipeline, and a stage with
+  fewer than ``min_replicas`` servers dies with its next dropout and has no partner for DiLoCo
+  averaging. Throughput estimates are noisy (they are measured on shared machines), so they may
+  only decide between placements that are equally well covered.
+- A joiner claims an empty stage, else one below ``min_replicas``, else the one with the lowest
+  load (ties broken by a per-peer random order, so joiners arriving together spread out instead
+  of stampeding onto stage 0).
+- A serving node moves when that covers the stages better (fewer empty stages, then fewer missing
+  replicas), or, coverage equal, when it raises the bottleneck by at least the gain factor
+  (hysteresis). Nodes check at jittered intervals, so when one moves the others see it before
+  they decide.
 """
 
 from __future__ import annotations
@@ -41,11 +47,17 @@ def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, ex
     return counts
 
 
-def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str) -> int:
-    """The stage a joiner should claim: no servers first, then lowest load; ties in a per-peer order."""
+def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1) -> int:
+    """The stage a joiner should claim: no servers first, then fewer than ``min_replicas``, then
+    lowest load; ties in a per-peer order."""
     order = list(range(len(loads)))
     random.Random(peer_id).shuffle(order)
-    return min(order, key=lambda s: (servers[s] > 0, loads[s]))
+    return min(order, key=lambda s: (servers[s] > 0, servers[s] >= min_replicas, loads[s]))
+
+
+def coverage_gap(servers: Sequence[int], min_replicas: int) -> tuple[int, int]:
+    """(stages without a server, replicas missing below ``min_replicas``): smaller is better."""
+    return sum(1 for c in servers if c <= 0), sum(max(0, min_replicas - c) for c in servers)
 
 
 def bottleneck(loads: Iterable[float]) -> float:
@@ -58,27 +70,32 @@ def rebalance_target(
     current: int,
     my_throughput: float,
     gain: float,
+    min_replicas: int = 1,
 ) -> int | None:
     """A better stage for this node, or None to stay.
 
-    Move when some stage has no server and this node's stage keeps one without it; otherwise when
-    moving raises the bottleneck by at least ``gain`` (≥ 1) times.
+    Move when that lowers the coverage gap (empty stages first, then replicas missing below
+    ``min_replicas``); with the gap unchanged, when moving raises the bottleneck by at least ``gain``
+    (≥ 1) times. A move never widens the gap, whatever the throughputs say.
     """
     n = len(loads_without_me)
-    if servers_without_me[current] > 0:
-        empty = [s for s in range(n) if s != current and servers_without_me[s] == 0]
-        if empty:
-            return min(empty, key=lambda s: loads_without_me[s])
 
-    def with_me(stage: int) -> list[float]:
-        return [load + (my_throughput if s == stage else 0.0) for s, load in enumerate(loads_without_me)]
+    def with_me(values: Sequence, stage: int, mine) -> list:
+        return [v + (mine if s == stage else 0) for s, v in enumerate(values)]
 
-    now = bottleneck(with_me(current))
+    gap_now = coverage_gap(with_me(servers_without_me, current, 1), min_replicas)
+    now = bottleneck(with_me(loads_without_me, current, my_throughput))
+    others = [s for s in range(n) if s != current]
+    gaps = {s: coverage_gap(with_me(servers_without_me, s, 1), min_replicas) for s in others}
+    better_covered = [s for s in others if gaps[s] < gap_now]
+    if better_covered:
+        return min(better_covered, key=lambda s: (gaps[s], loads_without_me[s]))
+
     best, best_value = None, now
-    for stage in range(n):
-        if stage == current:
+    for stage in others:
+        if gaps[stage] != gap_now:
             continue
-        value = bottleneck(with_me(stage))
+        value = bottleneck(with_me(loads_without_me, stage, my_throughput))
         if value > best_value:
             best, best_value = stage, value
     if best is not None and best_value >= gain * now and best_value > now:

@@ -37,3 +37,24 @@ def test_moves_need_the_gain_factor():
     assert rebalance_target([3.0, 2.9], [1, 1], current=0, my_throughput=2.0, gain=1.2) is None
     # Balanced: nobody moves.
     assert rebalance_target([2.0, 4.0], [1, 2], current=0, my_throughput=2.0, gain=1.0) is None
+
+
+def test_coverage_before_noisy_throughput():
+    # One fast peer alone on stage 1, five slow ones on stage 0 (throughputs measured on a busy
+    # machine): by load the split is fine, but stage 1 has a single replica. A stage-0 peer moves.
+    assert rebalance_target([12.0, 20.0], [4, 1], current=0, my_throughput=3.0, gain=1.2, min_replicas=2) == 1
+    # The lone stage-1 peer never leaves, whatever the loads.
+    assert rebalance_target([15.0, 0.0], [5, 0], current=1, my_throughput=20.0, gain=1.2, min_replicas=2) is None
+    # Once both stages hold two, the throughput rule may not undo it (stage 0 would drop to one).
+    assert rebalance_target([20.0, 12.0], [1, 4], current=0, my_throughput=3.0, gain=1.2, min_replicas=2) is None
+    # With min_replicas = 1 the same loads do move that peer: that is the gain rule.
+    assert rebalance_target([20.0, 12.0], [1, 4], current=0, my_throughput=3.0, gain=1.2, min_replicas=1) == 1
+    # Too few peers for the floor everywhere: moving between two under-filled stages changes nothing.
+    assert rebalance_target([1.0, 1.0], [1, 1], current=0, my_throughput=1.0, gain=1.2, min_replicas=3) is None
+
+
+def test_joiners_fill_stages_below_the_replica_floor_first():
+    assert choose_stage([1.0, 9.0, 9.0], [1, 3, 3], "p", min_replicas=2) == 0
+    assert choose_stage([1.0, 9.0, 9.0], [2, 3, 3], "p", min_replicas=2) == 0
+    assert choose_stage([9.0, 1.0, 9.0], [3, 1, 3], "p", min_replicas=2) == 1
+    assert choose_stage([9.0, 20.0, 9.0], [3, 1, 3], "p", min_replicas=2) == 1  # floor beats load
