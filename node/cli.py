@@ -5,7 +5,7 @@
                                                                          without --join)
     node status [--join MADDR] [--run-id ID] [--json]   the swarm as a table (asks the local node
                                                          for an address when --join is not given)
-    node sim --nodes N [--config ...] [--duration S] [--faults T:ACTION:I,...] [--json]
+    node sim --nodes N [--config ...] [--duration S] [--faults T:ACTION:TARGET,...] [--json]
     node train-local [--config NAME|PATH] [--set section.field=value ...] [--device cpu|cuda|auto]
     node config show [--config ...] [--set ...]     resolved config as TOML
     node config fields                               every field with type, default and meaning
@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--nodes", type=int, default=3, help="nodes including the bootstrap (default 3)")
     _add_config_args(sim, DEFAULT_SWARM_CONFIG)
     sim.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
-    sim.add_argument("--faults", default="", metavar="T:ACTION:I,...",
-                     help="fault script: at T seconds kill|term|start|pause|resume node I, e.g. 20:kill:2,40:start:2")
+    sim.add_argument("--faults", default="", metavar="T:ACTION:TARGET,...",
+                     help="fault script: at T seconds kill|term|start|pause|resume a node: TARGET is its index, "
+                          "sS (a node serving stage S then) or new (start only), e.g. 60:kill:s1,90:start:new")
     sim.add_argument("--workdir", help="directory for identities, checkpoints and logs (default: a temp dir)")
     sim.add_argument("--json", action="store_true", help="print only the JSON summary (last line either way)")
     sim.set_defaults(func=cmd_sim)

@@ -240,9 +240,9 @@ class WireConfig:
     SECTION = "wire"
 
     activation_codec: str = _f(
-        "fp32", "Codec for boundary coefficients sent forward: fp32 (exact), bf16, fp16, int8, e3m0."
+        "bf16", "Codec for boundary coefficients sent forward: bf16, fp32 (exact), fp16, int8, e3m0."
     )
-    gradient_codec: str = _f("fp32", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
+    gradient_codec: str = _f("bf16", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
     fragment_codec: str = _f("e3m0", "Codec for DiLoCo pseudo-gradient fragments: e3m0 is 4.125 bits/value.")
     max_frame_mib: float = _f(64.0, "Largest frame accepted from a peer (MiB); larger ones are refused unread.")
     max_tensor_mvalues: float = _f(128.0, "Most values in one received tensor (Mi = 2^20 values).")
@@ -274,6 +274,36 @@ class WireConfig:
             max_token_id=vocab_size,
             check_finite=self.check_finite,
         )
+
+
+@dataclass(kw_only=True)
+class DataplaneConfig:
+    """How this node moves microbatches between pipeline stages (node-local: never taken from the run)."""
+
+    SECTION = "dataplane"
+
+    max_inflight: int = _f(4, "Microbatches a stage-0 node keeps in flight through the pipeline (backpressure).")
+    max_queue: int = _f(8, "Forward/backward jobs queued on this stage before new work is refused as busy.")
+    max_stash: int = _f(32, "Microbatches this stage holds awaiting their backward before refusing new ones.")
+    backward: str = _f(
+        "recompute", "'recompute': keep a stage's input and rerun the forward at backward time (less memory, "
+        "no stale graph across optimizer steps); 'stash': keep the forward graph (less compute)."
+    )
+    microbatch_timeout_s: float = _f(
+        30.0, "A stage-0 node drops a microbatch whose gradient has not come back within this (seconds)."
+    )
+    max_retries: int = _f(2, "Other next-stage replicas tried when one refuses or fails a microbatch.")
+    ban_base_s: float = _f(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
+    ban_max_s: float = _f(60.0, "Longest such ban (seconds).")
+    peer_strikes: int = _f(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
+                  "ban_max_s", "peer_strikes")
+        if self.backward not in ("recompute", "stash"):
+            raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
 
 
 @dataclass(kw_only=True)
@@ -340,6 +370,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def __post_init__(self) -> None:
@@ -363,6 +394,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "wire": WireConfig,
+    "dataplane": DataplaneConfig,
     "swarm": SwarmConfig,
 }
 

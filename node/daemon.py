@@ -29,6 +29,7 @@ import msgpack
 from node.config import ConfigError, RunConfig
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
+from node.pipeline import PipelineRole
 from node.run_params import config_from_run, run_parameters
 from node.serving import StageWork
 from protocol.codecs import CODECS
@@ -71,6 +72,7 @@ class NodeDaemon:
         self._throughput = 0.0
         self._probe: StageWork | None = None
         self._last_move = 0.0
+        self.pipeline: PipelineRole | None = None  # with pipeline.num_stages > 1
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
 
     # health -------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class NodeDaemon:
             "throughput": self.work.throughput if self.work else 0.0,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "protocol": ".".join(map(str, PROTOCOL_VERSION)),
+            **({"pipeline": self.pipeline.health()} if self.pipeline is not None else {}),
         }
 
     def _set_state(self, state: str) -> None:
@@ -167,7 +170,7 @@ class NodeDaemon:
         if not self._resolve_run() or self.stop.is_set():
             return
         self._start_p2p()
-        if self.stop.is_set():
+        if self.stop.is_set() or self._p2p is None:
             return
         stage = self._claim_stage()
         if stage is None or self.stop.is_set():
@@ -263,6 +266,8 @@ class NodeDaemon:
         self._last_move = time.monotonic()
         self.metrics.set_stage(stage)  # counts stage changes
         self.metrics.num_stages.set(self.cfg.pipeline.num_stages)
+        if self.pipeline is not None:
+            self.pipeline.serve(work)
         self._announce("joining")
 
     def _download_into(self, work: StageWork) -> None:
@@ -357,6 +362,8 @@ class NodeDaemon:
             stage_throughput={s: sum(r.throughput for r in recs) for s, recs in serving.items()},
         )
         self.metrics.throughput.set(self.work.throughput)
+        if self.pipeline is not None:
+            self.pipeline.observe(records, self.work.stage)
         return records
 
     def _count_rejections(self, counts, cumulative: bool = False) -> None:
@@ -402,8 +409,15 @@ class NodeDaemon:
         def loop_main() -> None:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._p2p_setup())
-            ready.set()
+            try:
+                self._loop.run_until_complete(self._p2p_setup())
+            except ConfigError as exc:
+                self._fail(str(exc))
+            except Exception as exc:
+                logger.exception("cannot start the p2p services")
+                self._fail(f"cannot start the p2p services: {exc}")
+            finally:
+                ready.set()
             self._loop.run_forever()
 
         threading.Thread(target=loop_main, name="p2p", daemon=True).start()
@@ -416,6 +430,9 @@ class NodeDaemon:
             on_error=lambda exc: self.metrics.count_protocol_error(exc.code),
         )
         await server.register(self._p2p)
+        if self.cfg.pipeline.num_stages > 1:
+            self.pipeline = PipelineRole(self.cfg, self.metrics, asyncio.get_running_loop())
+            await self.pipeline.setup(self._p2p, self.dht.peer_id, self.run_id)
 
     def _stop_p2p(self) -> None:
         async def close() -> None:
@@ -467,6 +484,8 @@ class NodeDaemon:
                     self._set_state("offline")
                 if self._trainer is not None:
                     self._trainer.join(max(1.0, deadline - time.monotonic() - 5))
+                if self.pipeline is not None:
+                    self.pipeline.stop()
                 if self.work is not None:
                     self.work.save_checkpoint()
                 if self._loop is not None:

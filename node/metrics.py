@@ -49,6 +49,18 @@ REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
     "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "version", "expired", "other",
 )
 DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
+MICROBATCH_RESULTS = ("ok", "dropped", "retried")
+PIPELINE_DIRECTIONS = ("forward", "backward")
+PIPELINE_WAYS = ("sent", "received")
+PIPELINE_PHASES = ("forward", "backward", "step")
+BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0")
+WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
+REFUSAL_CODES = (  # swarm.pipeline.REFUSAL_CODES plus "other"
+    "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "other",
+)
+# From 1 ms (one tiny stage on a fast machine) to 60 s (a whole pipeline round trip under load).
+PIPELINE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # From 1 ms (a local store) to 30 s (a get that waits out hivemind's timeouts).
 DHT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -133,6 +145,43 @@ class NodeMetrics:
         self.train_loss.set(float("nan"))
         self.train_tokens_total = counter("train_tokens", "Tokens trained on by this node.")
 
+        self.pipeline_microbatches_total = counter(
+            "pipeline_microbatches", "Microbatches a stage-0 node drove: completed, dropped, and retries "
+            "of a hop on another replica.", "result", MICROBATCH_RESULTS)
+        self.pipeline_tokens_total = counter("pipeline_tokens", "Tokens of the microbatches this stage-0 node "
+                                             "completed through the whole pipeline.")
+        self.pipeline_bytes_total = Counter(
+            "pipeline_bytes", "Pipeline frame bytes (framing included) by direction (forward: activations, "
+            "backward: gradients), way and codec.", ("direction", "way", "codec"),
+            namespace=NAMESPACE, registry=self.registry)
+        self.pipeline_dense_bytes_total = Counter(
+            "pipeline_dense_bytes", "What the same pipeline frames would weigh with dense bf16 boundaries "
+            "(d values a token).", ("direction", "way"), namespace=NAMESPACE, registry=self.registry)
+        for direction in PIPELINE_DIRECTIONS:
+            for way in PIPELINE_WAYS:
+                self.pipeline_dense_bytes_total.labels(direction, way)
+                for codec in BUILTIN_WIRE_CODECS:
+                    self.pipeline_bytes_total.labels(direction, way, codec)
+        self._sent = {"bytes": 0, "dense": 0}
+        self.pipeline_compression_ratio = gauge(
+            "pipeline_compression_ratio", "Dense-bf16 bytes over actual bytes of the pipeline frames this node "
+            "sent; NaN before the first.")
+        self.pipeline_compression_ratio.set_function(
+            lambda: self._sent["dense"] / self._sent["bytes"] if self._sent["bytes"] else float("nan"))
+        self.pipeline_refused_total = counter("pipeline_refused", "Pipeline frames this node refused, by reason.",
+                                              "code", REFUSAL_CODES)
+        self.pipeline_hop_seconds = Histogram(
+            "pipeline_hop_seconds", "Round trip of one hop to the next stage: its forward, the rest of the "
+            "pipeline and the gradient back.", namespace=NAMESPACE, registry=self.registry,
+            buckets=PIPELINE_BUCKETS_S)
+        self.pipeline_compute_seconds = Histogram(
+            "pipeline_compute_seconds", "Compute time of this stage's jobs, by phase.", ("phase",),
+            namespace=NAMESPACE, registry=self.registry, buckets=PIPELINE_BUCKETS_S)
+        for phase in PIPELINE_PHASES:
+            self.pipeline_compute_seconds.labels(phase)
+        self.pipeline_queue_depth = gauge("pipeline_queue_depth", "Forward/backward jobs queued on this stage.")
+        self.pipeline_stash = gauge("pipeline_stash", "Microbatches this stage holds awaiting their backward.")
+
     def set_info(self, *, peer_id: str | None = None, run_id: str | None = None,
                  protocol: str | None = None) -> None:
         """Fill in identity labels once known (the peer id exists only after the DHT starts)."""
@@ -216,6 +265,39 @@ class NodeMetrics:
         self.train_step.set(step)
         self.train_loss.set(loss)
         self.train_tokens_total.inc(tokens)
+
+    # pipeline (swarm.pipeline.PipelineEvents) ------------------------------------------------------------
+
+    def pipeline_bytes(self, direction: str, way: str, codec: str, nbytes: int, dense_nbytes: int) -> None:
+        direction, way = _bounded(direction, PIPELINE_DIRECTIONS), _bounded(way, PIPELINE_WAYS)
+        self.pipeline_bytes_total.labels(direction, way, _bounded(codec, WIRE_CODECS)).inc(nbytes)
+        self.pipeline_dense_bytes_total.labels(direction, way).inc(dense_nbytes)
+        if way == "sent":
+            with self._lock:
+                self._sent["bytes"] += nbytes
+                self._sent["dense"] += dense_nbytes
+
+    def pipeline_microbatch(self, result: str, tokens: int = 0) -> None:
+        self.pipeline_microbatches_total.labels(_bounded(result, MICROBATCH_RESULTS)).inc()
+        if tokens:
+            self.pipeline_tokens_total.inc(tokens)
+
+    def pipeline_refused(self, code: str) -> None:
+        self.pipeline_refused_total.labels(_bounded(code, REFUSAL_CODES)).inc()
+
+    def pipeline_hop(self, seconds: float) -> None:
+        self.pipeline_hop_seconds.observe(seconds)
+
+    def pipeline_compute(self, phase: str, seconds: float) -> None:
+        self.pipeline_compute_seconds.labels(_bounded(phase, PIPELINE_PHASES)).observe(seconds)
+
+    def pipeline_loss(self, loss: float, tokens: int) -> None:
+        """The last stage's loss of one microbatch (nats/token) and the tokens it scored."""
+        self.train_loss.set(loss)
+        self.train_tokens_total.inc(tokens)
+
+    def protocol_error(self, code: str) -> None:
+        self.count_protocol_error(code)
 
     def health(self) -> dict[str, Any]:
         """A minimal health body, used when the server is given no ``health`` callable."""

@@ -55,6 +55,7 @@ def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "")
     if local.data.seed == 0 and peer_id:
         data["data"]["seed"] = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") >> 1
     data["swarm"] = local_dict["swarm"]
+    data["dataplane"] = local_dict["dataplane"]
     cfg = build_config(data)
     per_stage = parameter_count(cfg.model, cfg.pipeline) / cfg.pipeline.num_stages / 1e6
     if per_stage > local.swarm.max_stage_params_m:

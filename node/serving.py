@@ -2,7 +2,8 @@
 
 :class:`StageWork` owns the module of one stage. With ``pipeline.num_stages == 1`` the stage is the
 whole model and the daemon trains it as a local replica while it serves (replica sync arrives with
-the Streaming DiLoCo issue); with more stages it holds the stage's parameters for the pipeline.
+the Streaming DiLoCo issue); with more stages it holds the stage's parameters and inner optimizer,
+which :class:`node.pipeline.PipelineCompute` trains from the microbatches of the pipeline.
 
 A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
 stage s from scratch holds the same weights. ``lock`` guards the parameters: the trainer holds it
@@ -43,12 +44,11 @@ class StageWork:
         else:
             ranges = cfg.pipeline.stage_ranges(cfg.model.n_layers)
             self.module = Stage(cfg.model, ranges[stage], stage, cfg.pipeline.num_stages)
-        self.optimizer: torch.optim.Optimizer | None = None
-        if self.single:
-            t = cfg.train
-            self.optimizer = torch.optim.AdamW(
-                parameter_groups(self.module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
-            )
+        t = cfg.train
+        # The inner optimizer: local training (one stage) or pipeline steps (node/pipeline.py).
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
+        )
 
     # state -----------------------------------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ class ActivationFrame(Message):
     codec: str = "fp32"  # codec of the coefficients (any float codec)
     basis: str = ""  # basis_fingerprint(U, T_fixed) of the sender, compared by the receiver
     step: int = 0  # sender's training progress when it produced the frame
+    budget_s: float = 0.0  # seconds the sender will wait for the reply (0: the receiver's own default)
 
     def check(self, limits: WireLimits) -> None:
         if self.coefficients.shape[2] == 0:
@@ -124,6 +125,7 @@ class GradientFrame(Message):
     codec: str = "fp32"
     loss: float | None = None  # the microbatch's loss, filled in by the last stage
     step: int = 0
+    queue: int = 0  # the sender's queued compute jobs when it replied (a routing hint)
 
 
 @message("fragment_request")

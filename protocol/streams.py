@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from protocol.errors import ChecksumError, ConnectionLost, ProtocolError, RemoteError, StreamIdle
-from protocol.framing import read_frame, write_frame
+from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import ErrorReply, Message, decode_message, encode_message
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
@@ -97,6 +97,8 @@ async def serve_stream(
     idle_timeout: float | None = IDLE_TIMEOUT,
     max_refusals: int = MAX_REFUSALS,
     on_error: ErrorHook | None = None,
+    on_frame: Callable[[int], None] | None = None,
+    on_sent: Callable[[Message, int], None] | None = None,
     peer: str = "?",
 ) -> None:
     """Answer each request on one stream with ``await handle(msg)`` until the peer closes it.
@@ -107,6 +109,9 @@ async def serve_stream(
     position is then unknown. Any other handler failure, including a reply that cannot be encoded,
     is logged and answered with ``internal``. The stream is closed after ``max_refusals`` refusals,
     when the peer does not take a reply within ``write_timeout``, or after ``idle_timeout`` of silence.
+
+    ``on_frame(nbytes)`` sees the size of each request frame before it is decoded; ``on_sent(reply,
+    nbytes)`` each handler reply once it was written (error replies excluded). Both count bytes.
     """
     refusals = 0
 
@@ -136,6 +141,8 @@ async def serve_stream(
                 return
             if body is None:
                 return
+            if on_frame is not None:
+                on_frame(len(body) + PREFIX_BYTES)
             try:
                 reply = await handle(decode_message(body, limits))
                 encoded = None if reply is None else encode_message(reply, limits)
@@ -149,8 +156,11 @@ async def serve_stream(
                 if not await _reply(writer, internal, limits, write_timeout, peer):
                     return
                 continue
-            if encoded is not None and not await _send_encoded(writer, encoded, write_timeout, peer):
-                return
+            if encoded is not None:
+                if not await _send_encoded(writer, encoded, write_timeout, peer):
+                    return
+                if on_sent is not None and not isinstance(reply, ErrorReply):
+                    on_sent(reply, len(encoded) + PREFIX_BYTES)
     finally:
         writer.close()
 

@@ -44,22 +44,42 @@ class SimError(RuntimeError):
 class Fault:
     at: float
     action: str
-    node: int
+    node: int | None = None  # a node index; None with ``stage`` or ``new``
+    stage: int | None = None  # "sS": one node serving stage S at that moment
+    new: bool = False  # "start:new": a node that was not in the swarm before
+
+    def __str__(self) -> str:
+        target = "new" if self.new else f"s{self.stage}" if self.stage is not None else str(self.node)
+        return f"{self.at:g}:{self.action}:{target}"
 
 
 def parse_faults(text: str) -> list[Fault]:
-    """``"20:kill:2,40:start:2"`` → faults sorted by time."""
+    """``"20:kill:2,40:start:2"`` → faults sorted by time.
+
+    The target is a node index, ``sS`` (one node serving stage S at that moment, e.g. ``60:kill:s1``),
+    or, for ``start``, ``new`` (a fresh node joining the swarm, e.g. ``90:start:new``).
+    """
     faults = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
-            at, action, node = item.split(":")
-            fault = Fault(float(at), action, int(node))
+            at, action, target = item.split(":")
+            fault = Fault(float(at), action)
+            if target == "new":
+                fault.new = True
+            elif target.startswith("s"):
+                fault.stage = int(target[1:])
+            else:
+                fault.node = int(target)
         except ValueError:
-            raise SimError(f"bad fault {item!r}: expected SECONDS:ACTION:NODE, e.g. 20:kill:2") from None
+            raise SimError(f"bad fault {item!r}: expected SECONDS:ACTION:TARGET, e.g. 20:kill:2, 60:kill:s1, "
+                           "90:start:new") from None
         if fault.action not in ACTIONS:
             raise SimError(f"bad fault {item!r}: action must be one of {', '.join(ACTIONS)}")
-        if not (math.isfinite(fault.at) and fault.at >= 0 and fault.node >= 0):
-            raise SimError(f"bad fault {item!r}: time and node must be non-negative numbers")
+        if fault.new and fault.action != "start":
+            raise SimError(f"bad fault {item!r}: only start can take a new node")
+        numbers = [v for v in (fault.node, fault.stage) if v is not None]
+        if not (math.isfinite(fault.at) and fault.at >= 0 and all(v >= 0 for v in numbers)):
+            raise SimError(f"bad fault {item!r}: time, node and stage must be non-negative numbers")
         faults.append(fault)
     return sorted(faults, key=lambda f: f.at)
 
@@ -129,7 +149,8 @@ class LocalSwarm:
             if self.bootstrap is None:
                 raise SimError("node 0 must be up before others can join")
             cmd += ["--join", self.bootstrap, "--run-id", self.run_id]
-            cmd += [a for o in self.overrides if o.startswith("swarm.") for a in ("--set", o)]
+            # Node-local settings apply to every node; run parameters come from node 0's run record.
+            cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.")) for a in ("--set", o)]
         return cmd
 
     def start(self, index: int) -> None:
@@ -174,7 +195,35 @@ class LocalSwarm:
     def resume(self, index: int) -> None:
         self._group_signal(self.nodes[index], signal.SIGCONT)
 
-    def apply(self, fault: Fault) -> None:
+    def add_node(self) -> int:
+        """A fresh node (own identity and home), not started; returns its index."""
+        index = len(self.nodes)
+        self.nodes.append(SimNode(index, self.workdir / f"node{index}"))
+        return index
+
+    def serving(self, stage: int) -> list[int]:
+        """Indices of live nodes that serve ``stage`` now (by their /health)."""
+        return [i for i in range(len(self.nodes)) if (h := self.health(i)) and h.get("stage") == stage]
+
+    def resolve(self, fault: Fault) -> int | None:
+        """The node index a fault acts on now; None when no node fits (e.g. no live server of the stage)."""
+        if fault.new:
+            return self.add_node()
+        if fault.stage is not None:
+            candidates = [i for i in self.serving(fault.stage) if i != 0] or self.serving(fault.stage)
+            return candidates[-1] if candidates else None
+        return fault.node
+
+    def apply(self, fault: Fault) -> int | None:
+        """Carry out ``fault``; returns the node index it acted on (None: nothing fitted, logged)."""
+        index = self.resolve(fault)
+        if index is None:
+            logger.warning("fault %s ignored: no live node serves stage %s", fault, fault.stage)
+            return None
+        self._apply(Fault(fault.at, fault.action, index))
+        return index
+
+    def _apply(self, fault: Fault) -> None:
         node = self.nodes[fault.node]
         if fault.action != "start" and not node.alive:
             logger.warning("fault %s on node %d ignored: it is not running", fault.action, fault.node)
@@ -279,6 +328,67 @@ class LocalSwarm:
         raise SimError(f"not within {timeout:.0f} s: {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
+class PipelineMonitor:
+    """Collects the pipeline counters and last-stage losses of every node incarnation from /health.
+
+    Counters restart with a process, so each (node, start) is kept apart and summed at the end;
+    the losses of last-stage nodes are merged by their wall-clock time.
+    """
+
+    COUNTERS = ("microbatches_ok", "microbatches_dropped", "microbatches_retried", "tokens_ok", "served",
+                "refused", "bytes_forward_sent", "bytes_backward_sent", "dense_forward_sent",
+                "dense_backward_sent")
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[int, float], dict[str, Any]] = {}  # (node, started_at) → last pipeline stats
+        self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
+        self.seen = False
+
+    def observe(self, index: int, health: dict[str, Any] | None) -> None:
+        if not health or "pipeline" not in health:
+            return
+        self.seen = True
+        started = round(time.time() - float(health.get("uptime_s", 0.0)), 0)
+        pipe = health["pipeline"]
+        self.latest[(index, started)] = {**pipe, "stage": health.get("stage")}
+        for t, loss in pipe.get("recent_losses", []):
+            self.losses[(index, t)] = loss
+
+    def summary(self, end_time: float) -> dict[str, Any]:
+        totals = {name: sum(int(p.get(name, 0)) for p in self.latest.values()) for name in self.COUNTERS}
+        curve = sorted((t, loss) for (_, t), loss in self.losses.items())
+        window = max(5, len(curve) // 10)
+        first, last = curve[:window], curve[-window:]
+        sent = totals["bytes_forward_sent"] + totals["bytes_backward_sent"]
+        dense = totals["dense_forward_sent"] + totals["dense_backward_sent"]
+        elapsed = end_time - curve[0][0] if curve else 0.0
+        buckets: dict[int, list[float]] = {}
+        for t, loss in curve:
+            buckets.setdefault(int((t - curve[0][0]) // 10), []).append(loss)
+        served: dict[int, int] = {}
+        for (index, _), p in self.latest.items():
+            served[index] = served.get(index, 0) + int(p.get("served", 0))
+        return {
+            "loss_start": round(sum(v for _, v in first) / len(first), 4) if curve else None,
+            "loss_end": round(sum(v for _, v in last) / len(last), 4) if curve else None,
+            "loss_window": window if curve else 0,
+            "losses_scored": len(curve),
+            "loss_curve_10s": [[10 * b, round(sum(v) / len(v), 4)] for b, v in sorted(buckets.items())],
+            "tokens": totals["tokens_ok"],
+            "tokens_per_s": round(totals["tokens_ok"] / elapsed, 2) if elapsed > 0 else 0.0,
+            "bytes_forward": totals["bytes_forward_sent"],
+            "bytes_backward": totals["bytes_backward_sent"],
+            "bytes_per_token": round(sent / totals["tokens_ok"], 2) if totals["tokens_ok"] else None,
+            "dense_bf16_bytes": dense,
+            "wire_compression_ratio": round(dense / sent, 2) if sent else None,
+            "microbatches_ok": totals["microbatches_ok"],
+            "microbatches_dropped": totals["microbatches_dropped"],
+            "microbatches_retried": totals["microbatches_retried"],
+            "frames_refused": totals["refused"],
+            "served_per_node": {str(i): n for i, n in sorted(served.items())},
+        }
+
+
 def run_simulation(
     nodes: int,
     config: str,
@@ -296,43 +406,63 @@ def run_simulation(
 
     events = []
     for fault in faults:
-        if fault.node >= nodes:
-            raise SimError(f"fault {fault.at:g}:{fault.action}:{fault.node} names a node outside 0..{nodes - 1}")
+        if fault.node is not None and fault.node >= nodes:
+            raise SimError(f"fault {fault} names a node outside 0..{nodes - 1} (use 'new' to add one)")
+    monitor = PipelineMonitor()
     with LocalSwarm(nodes, config, overrides, workdir) as swarm:
         start = time.monotonic()
         swarm.start_all()
         say(f"swarm of {nodes} node(s) starting in {swarm.workdir} (bootstrap {swarm.bootstrap})")
         pending = list(faults)
-        next_report = 0.0
+        next_report = next_poll = 0.0
         while (elapsed := time.monotonic() - start) < duration:
             while pending and pending[0].at <= elapsed:
                 fault = pending.pop(0)
-                swarm.apply(fault)
-                events.append({"t": round(elapsed, 1), "action": fault.action, "node": fault.node})
-                say(f"[{elapsed:6.1f}s] {fault.action} node {fault.node}")
-            if elapsed >= next_report:
-                rows = []
-                for i in range(nodes):
-                    h = swarm.health(i)
-                    rows.append(f"{i}:{h['state']}/s{h['stage']}/p{h['progress']}" if h else f"{i}:down")
-                say(f"[{elapsed:6.1f}s] " + "  ".join(rows))
-                next_report = elapsed + 5.0
+                index = swarm.apply(fault)
+                events.append({"t": round(elapsed, 1), "action": fault.action, "target": str(fault).split(":")[-1],
+                               "node": index})
+                say(f"[{elapsed:6.1f}s] {fault.action} node {index} ({fault})")
+            if elapsed >= next_poll:
+                healths = [swarm.health(i) for i in range(len(swarm.nodes))]
+                for i, h in enumerate(healths):
+                    monitor.observe(i, h)
+                next_poll = elapsed + 2.0
+                if elapsed >= next_report:
+                    rows = []
+                    for i, h in enumerate(healths):
+                        if not h:
+                            rows.append(f"{i}:down")
+                            continue
+                        row = f"{i}:{h['state']}/s{h['stage']}/p{h['progress']}"
+                        if "pipeline" in h:
+                            losses = h["pipeline"].get("recent_losses") or []
+                            row += f"/ok{h['pipeline'].get('microbatches_ok', 0)}" if h["stage"] == 0 else ""
+                            row += f"/loss{losses[-1][1]:.3f}" if losses else ""
+                        rows.append(row)
+                    say(f"[{elapsed:6.1f}s] " + "  ".join(rows))
+                    next_report = elapsed + 10.0
             time.sleep(0.5)
+        for i in range(len(swarm.nodes)):
+            monitor.observe(i, swarm.health(i))
+        end_time = time.time()
         try:
             status = swarm.status()
         except SimError as exc:
             status = {"error": str(exc)}
-        healths = [swarm.health(i) for i in range(nodes)]
+        healths = [swarm.health(i) for i in range(len(swarm.nodes))]
         summary = {
             "ok": "error" not in status and all(s["servers"] > 0 for s in status.get("stages", [])),
-            "nodes": nodes,
+            "nodes": len(swarm.nodes),
             "duration_s": round(time.monotonic() - start, 1),
             "run_id": swarm.run_id,
             "events": events,
             "stages": status.get("stages"),
             "peers_online": sum(1 for p in status.get("peers", []) if p["state"] == "ONLINE"),
             "progress": [h["progress"] if h else None for h in healths],
+            "stage_of_node": [h["stage"] if h else None for h in healths],
             "status_error": status.get("error"),
             "workdir": str(swarm.workdir) if workdir else None,
         }
+        if monitor.seen:
+            summary.update(monitor.summary(end_time))
     return summary
