@@ -113,7 +113,7 @@ class PipelineCompute:
 
     def _work(self) -> None:
         while True:
-            _, _, fn, future, loop = self._jobs.get()
+            _, _, fn, future, loop, undo = self._jobs.get()
             if fn is None:
                 return
             if future.cancelled():  # the requester gave up (deadline) before the job started: skip it
@@ -128,25 +128,26 @@ class PipelineCompute:
                 with self._count_lock:
                     self._queued -= 1
             try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
+                loop.call_soon_threadsafe(_resolve, future, result, error, undo)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
-    async def _submit(self, priority: int, fn: Callable[[], object]):
+    async def _submit(self, priority: int, fn: Callable[[], object], undo: Callable[[], object] | None = None):
+        """Run ``fn`` on the worker; ``undo`` runs (on the loop) if the awaiter was cancelled meanwhile."""
         if self._closed:
             raise RuntimeError(f"stage {self.stage} compute is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._count_lock:
             self._queued += 1
-        self._jobs.put((priority, next(self._order), fn, future, loop))
+        self._jobs.put((priority, next(self._order), fn, future, loop, undo))
         return await future
 
     def close(self) -> None:
         """Stop the worker after the queued jobs (their results still reach their awaiters)."""
         if not self._closed:
             self._closed = True
-            self._jobs.put((99, next(self._order), None, None, None))
+            self._jobs.put((99, next(self._order), None, None, None, None))
 
     # jobs ----------------------------------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class PipelineCompute:
         """Run the stage on one microbatch and keep what its backward needs; returns the output boundary."""
         if self.is_last:
             raise ValueError("the last stage runs forward_backward_last")
-        return await self._submit(FORWARD, lambda: self._forward(key, ids, boundary_in))
+        return await self._submit(FORWARD, lambda: self._forward(key, ids, boundary_in), lambda: self.drop(key))
 
     async def backward(self, key: Hashable, grad_out: torch.Tensor) -> torch.Tensor | None:
         """Backpropagate ``grad_out`` (∂L/∂ output boundary); returns ∂L/∂ input boundary (None on stage 0)."""
@@ -264,8 +265,10 @@ class PipelineCompute:
         self._timed("step", start)
 
 
-def _resolve(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.cancelled():
+def _resolve(future: asyncio.Future, result: object, error: BaseException | None, undo) -> None:
+    if future.cancelled():  # the awaiter gave up while the job ran: take back what it left behind
+        if undo is not None and error is None:
+            undo()
         return
     if error is not None:
         future.set_exception(error)

@@ -1,0 +1,257 @@
+"""The pipeline data plane over real hivemind P2P daemons in one process: routing, faults, bad input.
+
+Each stage is a real DataPlane with a real PipelineCompute of a small subspace model (d=64, k=8,
+3 stages); only the processes are shared. The multi-process swarm runs are in test_swarm_local.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from node.config import load_config
+from node.metrics import NodeMetrics
+from node.pipeline import PipelineCompute
+from node.serving import StageWork
+from protocol.framing import read_frame, write_frame
+from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, decode_message, encode_message
+from swarm.pipeline import HANDLER, DataPlane, DataplaneSettings
+
+RUN = "pipe"
+
+
+def small_config(tmp_path):
+    return load_config(
+        None,
+        model={"name": "t", "vocab_size": 256, "d_model": 64, "n_layers": 3, "n_heads": 2, "ffn_hidden": 128,
+               "max_seq_len": 64, "subspace_rank": 8},
+        pipeline={"num_stages": 3},
+        train={"batch_size": 2, "seq_len": 16, "warmup_steps": 1, "lr": 3e-3, "checkpoint_dir": str(tmp_path)},
+    )
+
+
+class Node:
+    """One daemon: a P2P instance, a DataPlane, the PipelineCompute of one stage, its own metrics."""
+
+    def __init__(self, p2p, cfg, stage, tmp_path, **settings):
+        self.p2p, self.cfg, self.metrics = p2p, cfg, NodeMetrics()
+        self.peer = p2p.peer_id.to_base58()
+        defaults = dict(microbatch_timeout_s=10.0, max_inflight=2, dense_width=cfg.model.d_model, ban_base_s=30.0,
+                        max_seq_len=cfg.model.max_seq_len)
+        self.plane = DataPlane(p2p, self.peer, RUN, DataplaneSettings(**{**defaults, **settings}),
+                               cfg.wire.limits(cfg.model.vocab_size), self.metrics)
+        self.compute = PipelineCompute(StageWork(cfg, RUN, stage, tmp_path / f"{self.peer}-{stage}"), cfg)
+        self.plane.attach(self.compute)
+
+    def refused(self, code: str) -> float:
+        return self.metrics.registry.get_sample_value("protoswarm_pipeline_refused_total", {"code": code}) or 0.0
+
+
+def _run(n, body, timeout=90):
+    async def main():
+        daemons = []
+        try:
+            daemons.append(await P2P.create())
+            for _ in range(n - 1):
+                daemons.append(await P2P.create(initial_peers=await daemons[0].get_visible_maddrs()))
+            async with asyncio.timeout(timeout):
+                await body(*daemons)
+        finally:
+            for p2p in reversed(daemons):
+                try:
+                    await p2p.shutdown()
+                except Exception:
+                    pass
+
+    asyncio.run(main())
+
+
+async def wait_for(predicate, timeout, what):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def windows(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 256, (2, 17), generator=g) for _ in range(n)]
+    counter = iter(range(1 << 30))
+    return lambda: batches[next(counter) % n]
+
+
+def test_microbatches_flow_learn_reroute_around_a_dead_replica_and_reach_a_new_one(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def body(a, b, c, d, e):
+        nodes = [Node(p, cfg, s, tmp_path) for p, s in ((a, 0), (b, 1), (c, 2), (d, 2), (e, 2))]
+        n0, n1, n2, n3, n4 = nodes
+        for node in nodes:
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])
+        n1.plane.set_next_replicas([(n2.peer, 1.0), (n3.peer, 1.0)])
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= 30, 60, "30 microbatches through 3 stages")
+        assert n2.plane.stats["served"] > 0 and n3.plane.stats["served"] > 0  # both replicas get work
+        losses = [v for _, v in sorted(list(n2.plane.losses) + list(n3.plane.losses))]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # 4 repeated windows: learned quickly
+        # k = 8 of d = 64 in bf16, one byte of token id per token: ~7× less than dense bf16 both ways.
+        for way in ("forward", "backward"):
+            ratio = n1.plane.stats[f"dense_{way}_sent"] / n1.plane.stats[f"bytes_{way}_sent"]
+            assert 5.0 < ratio < 8.0, (way, ratio)
+        assert n0.metrics.registry.get_sample_value("protoswarm_pipeline_compression_ratio") > 5.0
+
+        await d.shutdown()  # replica n3 dies: hops to it fail, stage 1 retries on n2 and bans n3
+        ok = n0.plane.stats["microbatches_ok"]
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= ok + 10, 60, "10 more after the death")
+        assert n1.plane.router.banned(n3.peer)
+        assert n1.plane.stats["microbatches_retried"] + n0.plane.stats["microbatches_dropped"] >= 1
+
+        n1.plane.set_next_replicas([(n2.peer, 1.0), (n4.peer, 1.0)])  # a new replica joins stage 2
+        await wait_for(lambda: n4.plane.stats["served"] >= 3, 60, "the new replica serves traffic")
+        n0.plane.stop_driver()
+        await wait_for(lambda: all(n.compute.in_flight == 0 for n in nodes), 30, "no stash left")
+        for node in nodes:
+            node.compute.close()
+
+    _run(5, body)
+
+
+def test_a_stuck_next_hop_drops_the_microbatch_at_its_deadline_and_frees_every_stash(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def body(a, b, c):
+        n0, n1, n2 = (Node(p, cfg, s, tmp_path, microbatch_timeout_s=2.0) for p, s in ((a, 0), (b, 1), (c, 2)))
+        for node in (n0, n1, n2):
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])
+        n1.plane.set_next_replicas([(n2.peer, 1.0)])
+        frozen = threading.Event()
+        n2.compute._jobs.put((-1, -1, frozen.wait, asyncio.get_running_loop().create_future(),
+                              asyncio.get_running_loop(), None))  # the last stage's worker hangs (a frozen machine)
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 2, 20, "drops at the deadline")
+        assert n0.plane.stats["microbatches_ok"] == 0
+        assert n0.metrics.registry.get_sample_value("protoswarm_pipeline_microbatches_total",
+                                                    {"result": "dropped"}) >= 2
+        n0.plane.stop_driver()
+        await wait_for(lambda: n0.compute.in_flight == 0 and n1.compute.in_flight == 0, 10, "stashes freed")
+        frozen.set()
+        for node in (n0, n1, n2):
+            node.compute.close()
+
+    _run(3, body)
+
+
+async def _send(client, server_peer, body: bytes):
+    _, reader, writer = await client.call_binary_stream_handler(PeerID.from_base58(server_peer), HANDLER)
+    try:
+        await write_frame(writer, body)
+        return decode_message(await read_frame(reader, timeout=20))
+    finally:
+        writer.close()
+
+
+def test_bad_frames_are_refused_counted_and_the_stage_keeps_serving(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def body(server_p2p, client):
+        last = Node(server_p2p, cfg, 2, tmp_path, peer_strikes=6)
+        await last.plane.register()
+        me = client.peer_id.to_base58()
+        ids = torch.randint(0, 256, (2, 17))
+
+        def frame(**changes):
+            fields = dict(run_id=RUN, microbatch_id=1, stage=1, route=[me, me], token_ids=ids,
+                          coefficients=torch.randn(2, 17, 8), codec="bf16", basis=last.compute.basis)
+            return ActivationFrame(**{**fields, **changes})
+
+        async def send(msg):
+            return await _send(client, last.peer, encode_message(msg) if not isinstance(msg, bytes) else msg)
+
+        reply = await send(frame())
+        assert isinstance(reply, GradientFrame) and reply.loss > 0 and tuple(reply.grad.shape) == (2, 17, 8)
+        nan = bytearray(encode_message(frame()))
+        nan[-2:] = b"\xc0\x7f"  # the last coefficient becomes a bf16 NaN
+        bad = {
+            "wrong_stage": frame(stage=0, route=[me]),
+            "wrong_run": frame(run_id="other"),
+            "basis": frame(basis="0" * 16),
+            "shape": frame(coefficients=torch.randn(2, 17, 9)),
+            "unknown_microbatch": GradientFrame(run_id=RUN, microbatch_id=7, stage=3, grad=torch.zeros(2, 17, 8)),
+            "non_finite": bytes(nan),
+        }
+        for code, msg in bad.items():
+            reply = await send(msg)
+            assert isinstance(reply, ErrorReply) and reply.code == code, (code, reply)
+        for code in ("wrong_stage", "wrong_run", "basis", "shape", "unknown_microbatch"):
+            assert last.refused(code) == 1.0, code
+        assert last.metrics.registry.get_sample_value("protoswarm_protocol_errors_total", {"code": "non_finite"}) == 1
+        reply = await send(frame(microbatch_id=2))  # still serving
+        assert isinstance(reply, GradientFrame) and reply.microbatch_id == 2
+        # Five offences so far (wrong_stage is not one: a stale route after a stage move is honest).
+        reply = await send(frame(basis="1" * 16))
+        assert isinstance(reply, ErrorReply) and reply.code == "basis"
+        reply = await send(frame(microbatch_id=3))
+        assert isinstance(reply, ErrorReply) and reply.code == "banned"
+        assert last.plane.stats["peers_banned"] == 1 and last.refused("banned") == 1.0
+        last.compute.close()
+
+    _run(2, body)
+
+
+def test_a_reply_for_another_microbatch_is_rejected_and_its_sender_banned(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def body(a, rogue):
+        n0 = Node(a, cfg, 0, tmp_path, microbatch_timeout_s=5.0, max_inflight=1)
+        await n0.plane.register()
+
+        async def lying(info, reader, writer):
+            msg = decode_message(await read_frame(reader))
+            reply = GradientFrame(run_id=RUN, microbatch_id=msg.microbatch_id + 1, stage=1,
+                                  grad=torch.zeros(msg.coefficients.shape))
+            await write_frame(writer, encode_message(reply))
+            writer.close()
+
+        await rogue.add_binary_stream_handler(HANDLER, lying)
+        rogue_peer = rogue.peer_id.to_base58()
+        n0.plane.set_next_replicas([(rogue_peer, 1.0)])
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 1, 20, "the microbatch is dropped")
+        n0.plane.stop_driver()
+        assert n0.plane.stats["microbatches_ok"] == 0
+        assert n0.refused("bad_reply") >= 1 and n0.plane.router.banned(rogue_peer)
+        await wait_for(lambda: n0.compute.in_flight == 0, 10, "stash freed")
+        assert all(p.grad is None for p in n0.compute.module.parameters())  # nothing was learned from it
+        n0.compute.close()
+
+    _run(2, body)
+
+
+@pytest.mark.parametrize("codec", ["int8", "e3m0"])
+def test_quantized_boundaries_are_a_config_switch(tmp_path, codec):
+    cfg = small_config(tmp_path)
+
+    async def body(a, b, c):
+        n0, n1, n2 = (Node(p, cfg, s, tmp_path, activation_codec=codec, gradient_codec=codec)
+                      for p, s in ((a, 0), (b, 1), (c, 2)))
+        for node in (n0, n1, n2):
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])
+        n1.plane.set_next_replicas([(n2.peer, 1.0)])
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= 4, 60, "microbatches with a quantized boundary")
+        n0.plane.stop_driver()
+        assert n1.metrics.registry.get_sample_value(
+            "protoswarm_pipeline_bytes_total", {"direction": "forward", "way": "sent", "codec": codec}) > 0
+        for node in (n0, n1, n2):
+            node.compute.close()
+
+    _run(3, body)
