@@ -283,7 +283,7 @@ class DataplaneConfig:
     SECTION = "dataplane"
 
     max_inflight: int = _f(4, "Microbatches a stage-0 node keeps in flight through the pipeline (backpressure).")
-    max_queue: int = _f(8, "Forward/backward jobs queued on this stage before new work is refused as busy.")
+    max_queue: int = _f(16, "Forward/backward jobs queued on this stage before new work is refused as busy.")
     max_stash: int = _f(32, "Microbatches this stage holds awaiting their backward before refusing new ones.")
     backward: str = _f(
         "recompute", "'recompute': keep a stage's input and rerun the forward at backward time (less memory, "

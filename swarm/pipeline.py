@@ -63,6 +63,7 @@ REFUSAL_CODES = (
     "banned", "downstream", "expired", "no_stage", "bad_reply", "loss",
 )
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
+BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
 OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate"})
 
 
@@ -98,7 +99,7 @@ class PipelineEvents:
 @dataclass
 class DataplaneSettings:
     max_inflight: int = 4
-    max_queue: int = 8
+    max_queue: int = 16
     max_stash: int = 32
     microbatch_timeout_s: float = 30.0
     max_retries: int = 2
@@ -206,7 +207,7 @@ class DataPlane:
             if exc.code in OFFENCES:
                 self._strike(peer)
             logger.info("refused a frame from %s: [%s] %s", peer, exc.code, exc)
-            retry = 0.5 if exc.code == "busy" else None
+            retry = BUSY_PAUSE_S if exc.code == "busy" else None
             return ErrorReply(code=exc.code, message=str(exc)[:500], retry_after=retry)
 
     async def _handle(self, msg: Message, peer: str, nbytes: int) -> Message:
@@ -327,15 +328,24 @@ class DataPlane:
         tried: list[str] = []
         last = "no replica of the next stage is known"
         code = "no_route"
-        for attempt in range(1 + self.settings.max_retries):
+        busy: list[str] = []  # replicas that were full: healthy, worth another try after a pause
+        failures = attempt = 0
+        while failures <= self.settings.max_retries:
             remaining = deadline - time.monotonic()
             if remaining <= 0.05:
                 code, last = "expired", f"budget spent after {attempt} attempt(s) ({last})"
                 break
             peer = self.router.choose(exclude=tried)
+            if peer is None and busy and remaining > BUSY_PAUSE_S + 0.05:
+                # Every replica left is full: that is backpressure, not failure. Wait and ask them again.
+                await asyncio.sleep(BUSY_PAUSE_S)
+                tried = [p for p in tried if p not in busy]
+                busy.clear()
+                continue
             if peer is None:
                 break
-            if attempt > 0:
+            attempt += 1
+            if attempt > 1:
                 self.stats["microbatches_retried"] += 1
                 self.events.pipeline_microbatch("retried")
             tried.append(peer)
@@ -349,6 +359,10 @@ class DataPlane:
                 soft = exc.remote_code in ("busy", "downstream", "expired")
                 self.router.failed(peer, hard=not soft)
                 code, last = "remote", f"{peer}: {exc}"
+                if exc.remote_code == "busy":
+                    busy.append(peer)
+                else:
+                    failures += 1
                 continue
             except asyncio.CancelledError:
                 self.router.failed(peer, hard=False)
@@ -356,10 +370,12 @@ class DataPlane:
             except TimeoutError:
                 self.router.failed(peer, hard=True)
                 code, last = "timeout", f"{peer} did not answer within {remaining:.1f} s"
+                failures += 1
                 continue
             except Exception as exc:  # connection refused/reset, a dead peer, a broken frame
                 self.router.failed(peer, hard=True)
                 code, last = "connection", f"{peer}: {type(exc).__name__}: {exc}"
+                failures += 1
                 continue
             finally:
                 self._count_bytes("forward", "sent", frame.codec, len(body) + PREFIX_BYTES,
@@ -370,6 +386,7 @@ class DataPlane:
                 self.stats["refused_bad_reply"] += 1
                 self.events.pipeline_refused("bad_reply")
                 code, last = "bad_reply", f"{peer}: {problem}"
+                failures += 1
                 continue
             self._count_bytes("backward", "received", reply.codec, reply_bytes, reply.grad.numel(), 0)
             self.router.succeeded(peer, time.monotonic() - sent, reply.queue)

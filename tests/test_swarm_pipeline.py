@@ -255,3 +255,28 @@ def test_quantized_boundaries_are_a_config_switch(tmp_path, codec):
             node.compute.close()
 
     _run(3, body)
+
+
+def test_a_full_replica_is_backpressure_not_a_drop(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def body(a, b, c):
+        n0 = Node(a, cfg, 0, tmp_path, max_inflight=4)
+        n1 = Node(b, cfg, 1, tmp_path, max_queue=1)  # takes one job at a time: the others hear "busy"
+        n2 = Node(c, cfg, 2, tmp_path)
+        for node in (n0, n1, n2):
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])
+        n1.plane.set_next_replicas([(n2.peer, 1.0)])
+        n0.plane.start_driver(windows())
+        stats = n0.plane.stats
+        await wait_for(lambda: stats["microbatches_ok"] >= 8 and stats["microbatches_retried"] >= 1, 60,
+                       "8 microbatches through a busy stage, some of them asked again")
+        n0.plane.stop_driver()
+        assert n1.refused("busy") >= 1
+        assert n0.plane.stats["microbatches_dropped"] == 0
+        assert not n0.plane.router.banned(n1.peer)
+        for node in (n0, n1, n2):
+            node.compute.close()
+
+    _run(3, body)

@@ -1,0 +1,65 @@
+"""The pipeline in a real localhost swarm: `node sim` with 6 node processes, 3 stages × 2 replicas.
+
+One run with the issue's fault script (a middle-stage replica SIGKILLed, a new node started later);
+everything is read from the JSON summary `node sim --json` prints, which sums every node's /health.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp_path):
+    duration, kill_at, start_at = 130, 50, 70
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", "6",
+         "--config", "configs/swarm/pipeline-local.toml", "--duration", str(duration),
+         "--faults", f"{kill_at}:kill:s1,{start_at}:start:new", "--workdir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=540, cwd=REPO,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["ok"], s
+    assert [(e["action"], e["target"]) for e in s["events"]] == [("kill", "s1"), ("start", "new")]
+    killed, new = s["events"][0]["node"], s["events"][1]["node"]
+    assert killed is not None and new == 6
+
+    # It trains: the last stages' loss falls clearly, and keeps falling after the kill.
+    assert s["loss_end"] < s["loss_start"] - 1.0, s
+    curve = dict((t, loss) for t, loss in s["loss_curve_10s"])
+    first_t = min(curve)
+    after_kill = [loss for t, loss in curve.items() if t >= kill_at - 15 + first_t]  # loss timeline starts later
+    assert min(after_kill[-3:]) < after_kill[0], s["loss_curve_10s"]
+
+    # It compresses: k = 8 of d = 256 in bf16 with one byte of id a token, headers included.
+    assert s["wire_compression_ratio"] >= 30.0, s
+    assert s["bytes_forward"] > 0 and s["bytes_backward"] > 0 and s["tokens"] > 0 and s["tokens_per_s"] > 0
+    assert s["microbatches_ok"] >= 50
+
+    # The faults: nothing hung (the run ended on time, every process is gone), and the new node serves
+    # traffic. Drops and retries are counted in the summary; their counting is pinned down
+    # deterministically in test_swarm_pipeline.py (a SIGKILL may cost a retry, a drop, or nothing).
+    assert s["duration_s"] < duration + 60
+    assert s["served_per_node"].get(str(new), 0) > 0, s["served_per_node"]
+    assert _processes_mentioning(str(tmp_path)) == []
