@@ -26,7 +26,7 @@ from node.config import ConfigError, RunConfig, describe_fields, load_config
 
 DEFAULT_LOCAL_CONFIG = "local/tiny"
 DEFAULT_SWARM_CONFIG = "swarm/tiny"
-LOCAL_SECTIONS = ("swarm",)
+LOCAL_SECTIONS = ("swarm", "dataplane")  # node-local tables: a joiner may set any of their fields
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -118,11 +118,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.join:
         local = [f"train.{f}=" for f in LOCAL_TRAIN_FIELDS] + [f"data.{f}=" for f in LOCAL_DATA_FIELDS]
         local += [f"wire.{f}=" for f in LOCAL_WIRE_FIELDS]
-        run_level = [o for o in args.overrides if not (o.startswith("swarm.") or o.startswith(tuple(local)))]
+        local += [f"{section}." for section in LOCAL_SECTIONS]
+        run_level = [o for o in args.overrides if not o.startswith(tuple(local))]
         if run_level:
             raise ConfigError(
                 f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
-                f"swarm.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}}, data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
+                f"swarm.*, dataplane.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}}, data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
                 f"and wire.{{{','.join(LOCAL_WIRE_FIELDS)}}} can be set locally"
             )
     cfg = load_config(args.config, [*args.overrides, *_start_overrides(args)])
