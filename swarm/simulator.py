@@ -84,6 +84,20 @@ def parse_faults(text: str) -> list[Fault]:
     return sorted(faults, key=lambda f: f.at)
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs (other than this one) whose command line mentions ``text``, e.g. a swarm's work directory:
+    what is left of its nodes, their DHT processes and libp2p daemons."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
 @dataclass
 class SimNode:
     index: int

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protocol.messages import StageRecord, encode_message
 from swarm.dht import p2pd_sockets
 from swarm.records import SUBKEY_PREFIX, stage_key
-from swarm.simulator import LocalSwarm
+from swarm.simulator import LocalSwarm, processes_mentioning
 
 # Fast record timing so expiry and rebalancing happen within a test.
 FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]
@@ -34,19 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _online(status: dict, n: int) -> bool:
     online = [p for p in status["peers"] if p["state"] == "ONLINE"]
     return len(online) == n and all(s["servers"] > 0 for s in status["stages"])
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line mentions ``text`` (a node's home dir: the daemon, its DHT, its p2pd)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(pid) != os.getpid():
-            found.append(int(pid))
-    return found
 
 
 def _metrics(url: str) -> dict[str, list]:
@@ -139,7 +126,7 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
         node = swarm.nodes[survivor]
         peer = swarm.health(survivor)["peer_id"]
         assert swarm.term(survivor) == 0
-        assert _processes_mentioning(str(node.home)) == []
+        assert processes_mentioning(str(node.home)) == []
         after = {p["peer_id"]: p["state"] for p in swarm.status()["peers"]}
         assert after.get(peer) == "OFFLINE"
 
@@ -233,4 +220,4 @@ def test_node_sim_cli_replays_a_fault_script(tmp_path):
     assert summary["ok"] and summary["nodes"] == 2
     assert [(e["action"], e["node"]) for e in summary["events"]] == [("kill", 1), ("start", 1)]
     assert summary["stages"][0]["servers"] >= 1
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []

@@ -7,26 +7,15 @@ everything is read from the JSON summary `node sim --json` prints, which sums ev
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from swarm.simulator import processes_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(pid) != os.getpid():
-            found.append(int(pid))
-    return found
 
 
 @pytest.mark.timeout(600)
@@ -62,4 +51,4 @@ def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp
     # deterministically in test_swarm_pipeline.py (a SIGKILL may cost a retry, a drop, or nothing).
     assert s["duration_s"] < duration + 60
     assert s["served_per_node"].get(str(new), 0) > 0, s["served_per_node"]
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
