@@ -306,7 +306,10 @@ class NodeDaemon:
             addrs=self.dht.visible_maddrs()[:8],
         )
         try:
-            stored = self.dht.store_stage_record(record, self.cfg.swarm.record_expiry_s)
+            expiry = self.cfg.swarm.record_expiry_s
+            if state == "offline":  # nothing refreshes it: let it say "left on purpose" for a while longer
+                expiry = max(3 * expiry, 60.0)
+            stored = self.dht.store_stage_record(record, expiry)
         except Exception as exc:  # counted by time_dht; retried at the next refresh
             logger.warning("cannot publish this node's record: %s", exc)
             return

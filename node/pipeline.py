@@ -16,7 +16,7 @@ Backward modes (``dataplane.backward``):
   not recompute. A graph taken before an optimizer step cannot be backpropagated after it (the
   step changed the saved weights in place), so such microbatches fall back to recomputing.
 
-``bench/pipeline.py`` measures both; docs/pipeline.md records the choice.
+``bench/backward.py`` measures both; docs/pipeline.md records the choice.
 
 The last stage fuses forward and backward into one job: it has the targets (the shifted ids), so
 nothing has to wait. Its loss is over positions 0..n-2 predicting ids 1..n-1 of the window it was

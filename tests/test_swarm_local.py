@@ -28,6 +28,8 @@ from swarm.simulator import LocalSwarm, processes_mentioning
 
 # Fast record timing so expiry and rebalancing happen within a test.
 FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]
+# These tests are about membership: keep the 2-stage pipeline's training traffic light on 2 cores.
+LIGHT = [*FAST, "dataplane.max_inflight=1"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
     server of one stage and it is served again within 120 s; the killed peers vanish once their records expire;
     foreign junk under the run's keys is refused and counted; SIGTERM → OFFLINE at once, exit 0, no
     process left; /metrics carries the documented families."""
-    with LocalSwarm(6, "swarm/tiny-2stage", FAST, workdir=tmp_path) as swarm:
+    with LocalSwarm(6, "swarm/tiny-2stage", LIGHT, workdir=tmp_path) as swarm:
         start = time.monotonic()
         swarm.start_all()
         holder: dict = {}
