@@ -103,9 +103,7 @@ def run_swarm(label: str, nodes: int, duration: float, overrides: list[str], tok
         next_report = 0.0
         replica_counts: list[list[int]] = []  # per poll once losses flow: live replicas of each stage
         while (elapsed := time.monotonic() - start) < duration:
-            healths = [swarm.health(i) for i in range(len(swarm.nodes))]
-            for i, health in enumerate(healths):
-                monitor.observe(i, health)
+            healths = monitor.poll(swarm)
             if monitor.losses:
                 stages_now = [h.get("stage") for h in healths if h]
                 replica_counts.append([stages_now.count(s) for s in range(num_stages)])
@@ -113,9 +111,7 @@ def run_swarm(label: str, nodes: int, duration: float, overrides: list[str], tok
                 log(progress_line(label, elapsed, duration, healths, monitor))
                 next_report = elapsed + REPORT_S
             time.sleep(max(0.0, POLL_S - (time.monotonic() - start - elapsed)))
-        healths = [swarm.health(i) for i in range(len(swarm.nodes))]
-        for i, health in enumerate(healths):
-            monitor.observe(i, health)
+        healths = monitor.poll(swarm)
         end_time = time.time()
         ran_s = time.monotonic() - start
         log(progress_line(label, ran_s, duration, healths, monitor) + "; shutting down")

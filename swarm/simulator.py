@@ -345,7 +345,7 @@ class LocalSwarm:
 class PipelineMonitor:
     """Collects the pipeline counters and last-stage losses of every node incarnation from /health.
 
-    Counters restart with a process, so each (node, start) is kept apart and summed at the end;
+    Counters restart with a process, so each (node, pid) is kept apart and summed at the end;
     the losses of last-stage nodes are merged by their wall-clock time.
     """
 
@@ -354,17 +354,27 @@ class PipelineMonitor:
                 "dense_backward_sent")
 
     def __init__(self) -> None:
-        self.latest: dict[tuple[int, float], dict[str, Any]] = {}  # (node, started_at) → last pipeline stats
+        self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
         self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
         self.seen = False
 
-    def observe(self, index: int, health: dict[str, Any] | None) -> None:
+    def poll(self, swarm: LocalSwarm) -> list[dict[str, Any] | None]:
+        """Read every node's /health into the monitor; returns them (None for nodes that are down)."""
+        healths = []
+        for node in swarm.nodes:
+            health = swarm.health(node.index)
+            if health is not None and node.proc is not None:
+                self.observe(node.index, node.proc.pid, health)
+            healths.append(health)
+        return healths
+
+    def observe(self, index: int, pid: int, health: dict[str, Any] | None) -> None:
+        """One /health of node ``index`` while it runs as process ``pid`` (one incarnation)."""
         if not health or "pipeline" not in health:
             return
         self.seen = True
-        started = round(time.time() - float(health.get("uptime_s", 0.0)), 0)
         pipe = health["pipeline"]
-        self.latest[(index, started)] = {**pipe, "stage": health.get("stage")}
+        self.latest[(index, pid)] = {**pipe, "stage": health.get("stage")}
         for t, loss in pipe.get("recent_losses", []):
             self.losses[(index, t)] = loss
 
@@ -437,9 +447,7 @@ def run_simulation(
                                "node": index})
                 say(f"[{elapsed:6.1f}s] {fault.action} node {index} ({fault})")
             if elapsed >= next_poll:
-                healths = [swarm.health(i) for i in range(len(swarm.nodes))]
-                for i, h in enumerate(healths):
-                    monitor.observe(i, h)
+                healths = monitor.poll(swarm)
                 next_poll = elapsed + 2.0
                 if elapsed >= next_report:
                     rows = []
@@ -456,8 +464,7 @@ def run_simulation(
                     say(f"[{elapsed:6.1f}s] " + "  ".join(rows))
                     next_report = elapsed + 10.0
             time.sleep(0.5)
-        for i in range(len(swarm.nodes)):
-            monitor.observe(i, swarm.health(i))
+        monitor.poll(swarm)
         end_time = time.time()
         try:
             status = swarm.status()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.simulator import processes_mentioning
+from swarm.simulator import PipelineMonitor, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +45,9 @@ def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp
     assert s["wire_compression_ratio"] >= 30.0, s
     assert s["bytes_forward"] > 0 and s["bytes_backward"] > 0 and s["tokens"] > 0 and s["tokens_per_s"] > 0
     assert s["microbatches_ok"] >= 50
+    # Every completed microbatch was scored by a last stage (killed nodes are stage 1, not last):
+    # counters are summed once per node process, never twice.
+    assert s["microbatches_ok"] <= s["losses_scored"] + 10 and s["tokens"] == 1024 * s["microbatches_ok"], s
 
     # The faults: nothing hung (the run ended on time, every process is gone), and the new node serves
     # traffic. Drops and retries are counted in the summary; their counting is pinned down
@@ -52,3 +55,17 @@ def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp
     assert s["duration_s"] < duration + 60
     assert s["served_per_node"].get(str(new), 0) > 0, s["served_per_node"]
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_the_monitor_sums_each_node_process_once():
+    monitor = PipelineMonitor()
+    health = {"stage": 0, "uptime_s": 1.0, "pipeline": {"microbatches_ok": 3, "tokens_ok": 30,
+                                                       "recent_losses": [[100.0, 2.0], [101.0, 1.5]]}}
+    for _ in range(3):  # polled again and again: the latest value counts, once
+        monitor.observe(0, 111, health)
+    later = {**health, "pipeline": {**health["pipeline"], "microbatches_ok": 5, "tokens_ok": 50}}
+    monitor.observe(0, 111, later)
+    monitor.observe(0, 222, health)  # the same node restarted: a new process, its own counters
+    summary = monitor.summary(end_time=110.0)
+    assert summary["microbatches_ok"] == 8 and summary["tokens"] == 80
+    assert summary["losses_scored"] == 2 and summary["tokens_per_s"] == 8.0
