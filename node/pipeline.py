@@ -261,7 +261,10 @@ class PipelineCompute:
         if not finite:
             logger.warning("stage %d: non-finite gradients; that update was skipped", self.stage)
         elif self.on_step is not None:
-            self.on_step(work.progress)
+            try:
+                self.on_step(work.progress)
+            except Exception:  # a metrics or logging hook must never fail a microbatch
+                logger.exception("stage %d: on_step hook failed", self.stage)
         self._timed("step", start)
 
 
@@ -323,11 +326,30 @@ class PipelineRole:
     def serve(self, work: StageWork) -> None:
         """Serve ``work``'s stage from now on (called on every stage change)."""
         old = self.compute
-        self.compute = PipelineCompute(work, self.cfg, on_phase=self.metrics.pipeline_compute,
-                                       on_step=lambda step: self.metrics.train_step.set(step))
+        self.compute = PipelineCompute(work, self.cfg, on_phase=self.metrics.pipeline_compute, on_step=self._on_step)
         self._call(self._attach, self.compute)
         if old is not None:
             old.close()
+
+    def _on_step(self, step: int) -> None:
+        """After each optimizer step (compute thread): the metric, and a progress line now and then."""
+        self.metrics.train_step.set(step)
+        if step % self.cfg.train.log_every or self.plane is None or self.compute is None:
+            return
+        stats, compute = self.plane.stats, self.compute
+        line = f"stage {compute.stage} step {step}"
+        if compute.is_first:
+            line += (f": microbatches ok {int(stats['microbatches_ok'])}, dropped {int(stats['microbatches_dropped'])}, "
+                     f"retried {int(stats['microbatches_retried'])}")
+        else:
+            line += f": served {int(stats['served'])}, refused {int(stats['refused'])}"
+        recent = [loss for _, loss in list(self.plane.losses)[-20:]]
+        if recent:
+            line += f", loss {sum(recent) / len(recent):.4f} (mean of the last {len(recent)})"
+        sent = stats["bytes_forward_sent"] + stats["bytes_backward_sent"]
+        if sent:
+            line += f", wire {(stats['dense_forward_sent'] + stats['dense_backward_sent']) / sent:.1f}× vs dense bf16"
+        logger.info(line)
 
     def _attach(self, compute: PipelineCompute) -> None:
         self.plane.stop_driver()
