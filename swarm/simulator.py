@@ -390,8 +390,10 @@ class PipelineMonitor:
         for t, loss in curve:
             buckets.setdefault(int((t - curve[0][0]) // 10), []).append(loss)
         served: dict[int, int] = {}
+        driven: dict[int, int] = {}
         for (index, _), p in self.latest.items():
             served[index] = served.get(index, 0) + int(p.get("served", 0))
+            driven[index] = driven.get(index, 0) + int(p.get("microbatches_ok", 0))
         return {
             "loss_start": round(sum(v for _, v in first) / len(first), 4) if curve else None,
             "loss_end": round(sum(v for _, v in last) / len(last), 4) if curve else None,
@@ -410,6 +412,7 @@ class PipelineMonitor:
             "microbatches_retried": totals["microbatches_retried"],
             "frames_refused": totals["refused"],
             "served_per_node": {str(i): n for i, n in sorted(served.items())},
+            "driven_per_node": {str(i): n for i, n in sorted(driven.items())},
         }
 
 
