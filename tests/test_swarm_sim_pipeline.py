@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.simulator import PipelineMonitor, processes_mentioning
+from swarm.simulator import PipelineMonitor, SimError, parse_faults, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,12 @@ def test_the_monitor_sums_each_node_process_once():
     summary = monitor.summary(end_time=110.0)
     assert summary["microbatches_ok"] == 8 and summary["tokens"] == 80
     assert summary["losses_scored"] == 2 and summary["tokens_per_s"] == 8.0
+
+
+def test_fault_targets_name_nodes_stages_or_new_nodes():
+    faults = parse_faults("90:start:new, 60:kill:s1,10:pause:3")
+    assert [str(f) for f in faults] == ["10:pause:3", "60:kill:s1", "90:start:new"]
+    assert faults[1].stage == 1 and faults[1].node is None and faults[2].new
+    for bad in ("5:kill:new", "5:kill:sx", "5:explode:1", "5:kill", "-1:kill:1", "5:kill:s-1"):
+        with pytest.raises(SimError):
+            parse_faults(bad)
