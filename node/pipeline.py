@@ -143,11 +143,16 @@ class PipelineCompute:
         self._jobs.put((priority, next(self._order), fn, future, loop, undo))
         return await future
 
-    def close(self) -> None:
-        """Stop the worker after the queued jobs (their results still reach their awaiters)."""
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop the worker after its current job; queued jobs are abandoned (their awaiters are
+        cancelled with the loop, or time out). ``wait_s`` > 0 waits for the thread: a process must not
+        exit while torch runs on it. Returns False if the thread was still busy after ``wait_s``."""
         if not self._closed:
             self._closed = True
-            self._jobs.put((99, next(self._order), None, None, None, None))
+            self._jobs.put((-1, -1, None, None, None, None))  # ahead of every queued job
+        if wait_s > 0:
+            self._thread.join(wait_s)
+        return not self._thread.is_alive()
 
     # jobs ----------------------------------------------------------------------------------------------
 
@@ -384,11 +389,12 @@ class PipelineRole:
                 continue
         return {}
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop driving and computing; waits (up to ``wait_s``) for the compute thread's current job."""
         if self.plane is not None:
             self._call(self.plane.stop_driver)
-        if self.compute is not None:
-            self.compute.close()
+        if self.compute is not None and not self.compute.close(wait_s):
+            logger.warning("stage %d: the compute thread is still busy after %.0f s", self.compute.stage, wait_s)
 
     def _call(self, fn, *args) -> None:
         self.loop.call_soon_threadsafe(fn, *args)

@@ -26,9 +26,9 @@ The policy:
 - **Busy is soft.** A peer that refuses with "busy" is healthy, just full: it is not banned, but its
   backlog estimate goes up by one, so the next choices prefer other replicas until that drains.
 - **New peers are routable at once**, with an initial service time of ``1 / throughput`` from their
-  announcement (or the median of the known peers when they announce none, else 1 s), lowered to
-  the fastest measured peer's when that is smaller: a joiner must get traffic as soon as it is
-  ONLINE, not wait behind a peer whose measured round trips beat the joiner's announced rate. The first
+  announcement (or the median of the known peers when they announce none, else 1 s), taken at
+  choice time as no slower than the fastest measured peer's: a joiner must get traffic as soon as
+  it is ONLINE, not wait behind a peer whose measured round trips beat the joiner's announced rate. The first
   measured reply replaces that guess outright rather than being averaged in: the announcement is
   one stage's compute rate, the measurement a round trip through the rest of the pipeline, and the
   two are not on the same scale. Until then, a fresh announcement replaces the guess.
@@ -154,15 +154,6 @@ class Router:
                 self._states[peer_id] = _PeerState(service_s=fallback, queue_at=now)
 
         self._listed = list(announced)
-        # Optimism for the unmeasured: a joiner is tried at once, not starved behind a measured peer
-        # whose round trips beat its announced rate; its first reply then sets its real estimate.
-        measured = [self._states[p].service_s for p in self._listed if self._states[p].measured]
-        if measured:
-            fastest = min(measured)
-            for peer_id in self._listed:
-                state = self._states[peer_id]
-                if not state.measured:
-                    state.service_s = min(state.service_s, fastest)
         self._forget_stale(now)
 
     def _forget_stale(self, now: float) -> None:
@@ -186,12 +177,13 @@ class Router:
         do not all pick the same replica.
         """
         now = self._clock()
+        fastest = self._fastest_measured()
         best: list[str] = []
         best_s = math.inf
         for peer_id in sorted(self._listed):  # sorted: same seed, same choices, whatever the update order
             if peer_id in exclude or self._is_banned(self._states[peer_id], now):
                 continue
-            finish_s = self._expected_finish(self._states[peer_id], now)
+            finish_s = self._expected_finish(self._states[peer_id], now, fastest)
             if best and math.isclose(finish_s, best_s, rel_tol=_TIE_REL_TOL):
                 best.append(peer_id)
             elif finish_s < best_s:
@@ -209,10 +201,21 @@ class Router:
         state = self._states.get(peer_id)
         if state is None:
             return math.inf
-        return self._expected_finish(state, self._clock())
+        return self._expected_finish(state, self._clock(), self._fastest_measured())
 
-    def _expected_finish(self, state: _PeerState, now: float) -> float:
-        return state.service_s * (1.0 + max(state.inflight, self._queue_now(state, now)))
+    def _fastest_measured(self) -> float:
+        return min((self._states[p].service_s for p in self._listed if self._states[p].measured), default=math.inf)
+
+    @staticmethod
+    def _effective_service_s(state: _PeerState, fastest_measured: float) -> float:
+        # Optimism for the unmeasured: a joiner is tried as soon as it is as good a bet as the fastest
+        # measured peer, not starved behind round trips that beat its announced rate; its first reply
+        # then sets its real estimate. Applied at choice time, so it tracks the measured peers' averages.
+        return state.service_s if state.measured else min(state.service_s, fastest_measured)
+
+    def _expected_finish(self, state: _PeerState, now: float, fastest_measured: float) -> float:
+        service_s = self._effective_service_s(state, fastest_measured)
+        return service_s * (1.0 + max(state.inflight, self._queue_now(state, now)))
 
     @staticmethod
     def _queue_now(state: _PeerState, now: float) -> float:
@@ -303,13 +306,14 @@ class Router:
         backlog, a float), ``banned_for_s`` (0.0 when not banned), ``strikes``.
         """
         now = self._clock()
+        fastest = self._fastest_measured()
         rows = []
         for peer_id in self._listed:
             state = self._states[peer_id]
             rows.append({
                 "peer_id": peer_id,
-                "expected_s": self._expected_finish(state, now),
-                "service_s": state.service_s,
+                "expected_s": self._expected_finish(state, now, fastest),
+                "service_s": self._effective_service_s(state, fastest),
                 "inflight": state.inflight,
                 "queue": self._queue_now(state, now),
                 "banned_for_s": max(0.0, state.banned_until - now) if self._is_banned(state, now) else 0.0,

@@ -162,7 +162,10 @@ class LocalSwarm:
         else:
             if self.bootstrap is None:
                 raise SimError("node 0 must be up before others can join")
-            cmd += ["--join", self.bootstrap, "--run-id", self.run_id]
+            # Any live node lets a joiner in: node 0 may have been killed by the fault script.
+            for addr in self.join_addresses()[:3]:
+                cmd += ["--join", addr]
+            cmd += ["--run-id", self.run_id]
             # Node-local settings apply to every node; run parameters come from node 0's run record.
             cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.")) for a in ("--set", o)]
         return cmd

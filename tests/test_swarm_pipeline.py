@@ -107,11 +107,15 @@ def test_microbatches_flow_learn_reroute_around_a_dead_replica_and_reach_a_new_o
             assert 5.0 < ratio < 8.0, (way, ratio)
         assert n0.metrics.registry.get_sample_value("protoswarm_pipeline_compression_ratio") > 5.0
 
-        await d.shutdown()  # replica n3 dies: hops to it fail, stage 1 retries on n2 and bans n3
+        await d.shutdown()  # replica n3 dies; route stage 1 to it alone, so hops must hit the dead peer
+        n1.plane.set_next_replicas([(n3.peer, 1.0)])
+        await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 1 and n1.plane.router.banned(n3.peer), 30,
+                       "microbatches through the dead replica are dropped, counted, and the replica banned")
+        assert n1.plane.stats["refused_downstream"] >= 1
+        n1.plane.set_next_replicas([(n2.peer, 1.0), (n3.peer, 1.0)])  # the survivor is back on the list
         ok = n0.plane.stats["microbatches_ok"]
-        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= ok + 10, 60, "10 more after the death")
-        assert n1.plane.router.banned(n3.peer)
-        assert n1.plane.stats["microbatches_retried"] + n0.plane.stats["microbatches_dropped"] >= 1
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= ok + 10, 60, "10 more through the survivor")
+        assert n1.plane.router.banned(n3.peer)  # still banned: new work went around it
 
         n1.plane.set_next_replicas([(n2.peer, 1.0), (n4.peer, 1.0)])  # a new replica joins stage 2
         await wait_for(lambda: n4.plane.stats["served"] >= 3, 60, "the new replica serves traffic")

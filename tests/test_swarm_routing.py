@@ -122,6 +122,24 @@ def test_new_peer_is_routable_immediately_with_a_sensible_estimate(clock):
     assert router.choose() == "f"
 
 
+def test_unmeasured_peer_is_tried_even_when_the_measured_one_is_faster_than_announced(clock):
+    # One request in flight at a time (CI failure of the pipeline flow test): "a" answers in 50 ms, far
+    # faster than both announced 1/s; "b" must still get work without another update() call.
+    router = _router(clock)
+    router.update([("a", 1.0), ("b", 1.0)])
+    seen = Counter()
+    for _ in range(40):
+        peer = router.choose()
+        seen[peer] += 1
+        router.started(peer)
+        clock.advance(0.05)
+        router.succeeded(peer, 0.05 if peer == "a" else 0.08)
+    assert seen["a"] > 0 and seen["b"] > 0, seen
+    # Once measured, "b" is slower and gets less of the traffic from then on.
+    assert router.expected_finish("b") > router.expected_finish("a")
+    assert router.snapshot()[0]["peer_id"] == "a"
+
+
 def test_banned_peer_is_skipped_until_the_ban_ends(clock):
     router = _router(clock, ban_base_s=2.0)
     router.update([("fast", 10.0), ("slow", 1.0)])
