@@ -10,6 +10,11 @@
 - ``swarm.status``          ``node status``: read the swarm from any peer (client-mode DHT).
 - ``swarm.simulator``       ``LocalSwarm`` / ``node sim``: real ``node start`` processes on localhost
   with a fault script; the swarm tests' fixture.
+- ``swarm.routing``         ``Router``: which replica of the next stage gets a microbatch (earliest
+  expected finish, bans with backoff).
+- ``swarm.pipeline``        ``DataPlane``: microbatches between stage replicas over hivemind P2P.
+- ``swarm.diloco``          Streaming DiLoCo's outer loop for one replica: fragments, the schedule
+  as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean.
 
-Routing and the fragment exchange land with the pipeline and Streaming DiLoCo issues.
+The fragment exchange over P2P lands with the rest of the Streaming DiLoCo issue.
 """

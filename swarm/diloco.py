@@ -1,0 +1,282 @@
+"""Streaming DiLoCo's outer loop for one replica: fragments, the shared schedule, the outer step.
+
+This module is the arithmetic of DESIGN §1.2, with no network: the fragment exchange (groups,
+deadlines, 4-bit parts over P2P) calls into it, and so do the golden tests, which check it against a
+straightforward re-implementation.
+
+- **Fragments.** A stage's parameters are cut into *units*: one unit per transformer block (every
+  parameter under ``...blocks.<i>.``) and one per remaining parameter (embedding, final norm, LM
+  head), in the module's order. Fragment ``p`` holds units ``p, p+P, p+2P, ...`` (``strided``, the
+  paper's default: each fragment spans the depth) or the ``p``-th contiguous run of them
+  (``sequential``). :class:`FragmentLayout` flattens a fragment into one fp32 vector and back, so a
+  part on the wire is one tensor whatever the fragment holds.
+- **Schedule.** Progress ``t`` is an integer count of inner steps (the daemon sums it over the
+  replicas of a stage, so fast and slow replicas meet at the same rounds). Fragment ``p`` syncs at
+  ``t_p + r·H`` for every ``r >= 0`` where that is ``> 0``, with ``t_p = floor(p·H/P)``: the
+  boundary of round ``r``. :func:`due` lists the boundaries a progress jump crosses, in order, and
+  the (fragment, round) pair is a pure function of the counter, the same on every replica.
+- **Outer step.** At a boundary a replica calls :meth:`OuterLoop.begin`: its outer gradient for the
+  fragment, ``Δ_p = θ_global,p − θ_local,p``. The swarm averages the replicas' Δ_p (every replica must
+  average *the same values*, so with a lossy codec a replica uses its own part quantized too, as
+  :func:`quantized` does). ``overlap`` (τ) inner steps later the replica calls
+  :meth:`OuterLoop.apply` with the mean: Nesterov SGD on the global copy (``m ← μ·m + Δ``,
+  ``θ̃ = θ_global − lr·(Δ + μ·m)``), then ``θ_global,p ← θ̃`` and ``θ_local,p ← α·θ_local,p + (1−α)·θ̃``,
+  which keeps part of the τ steps of local progress made while the exchange ran. A round with no
+  mean (the exchange failed or was skipped) changes nothing: the next round's Δ covers both periods.
+- **Robust mean.** :func:`robust_mean` drops non-finite parts and parts whose norm is more than
+  ``max_norm_ratio`` times the lower median norm, so one peer cannot poison the average.
+
+The global copy and momentum are float32 on ``outer_device`` (CPU by default: DESIGN §1.2 counts
+them as +66% over data parallel, which an accelerator need not hold).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from protocol.codecs import Codec, MeanAccumulator, all_finite, get_codec
+
+FRAGMENT_MODES = ("strided", "sequential")
+_BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterSettings:
+    """Streaming DiLoCo's knobs (defaults from the Streaming DiLoCo paper where it gives them)."""
+
+    inner_steps: int = 100  # H: progress units between two syncs of the same fragment
+    fragments: int = 4  # P
+    fragment_mode: str = "strided"
+    outer_lr: float = 0.4
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    overlap: int = 1  # τ: progress units between the start of a fragment's exchange and its use
+    alpha: float = 0.5  # weight of the local parameters when the averaged fragment is merged
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):
+            raise ValueError(f"inner_steps (H) must be an integer >= 1, got {self.inner_steps!r}")
+        if not (isinstance(self.fragments, int) and 1 <= self.fragments <= self.inner_steps):
+            raise ValueError(f"fragments (P) must be an integer in [1, H={self.inner_steps}] so every fragment "
+                             f"gets its own offset, got {self.fragments!r}")
+        if self.fragment_mode not in FRAGMENT_MODES:
+            raise ValueError(f"fragment_mode must be one of {FRAGMENT_MODES}, got {self.fragment_mode!r}")
+        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
+            raise ValueError(f"outer_lr must be a positive number, got {self.outer_lr!r}")
+        if not (0.0 <= self.outer_momentum < 1.0):
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if not (isinstance(self.overlap, int) and 0 <= self.overlap < self.inner_steps):
+            raise ValueError(f"overlap (τ) must be an integer in [0, H), got {self.overlap!r}")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+    def offset(self, fragment: int) -> int:
+        """t_p: the progress at which fragment ``p``'s round 0 falls (floor(p·H/P))."""
+        return fragment * self.inner_steps // self.fragments
+
+
+# ---------------------------------------------------------------------------------------- schedule
+
+@dataclass(frozen=True, order=True)
+class Boundary:
+    """One sync point: at progress ``at``, fragment ``fragment`` starts its round ``round``."""
+
+    at: int
+    fragment: int
+    round: int
+
+
+def due(settings: OuterSettings, before: int, now: int) -> list[Boundary]:
+    """Boundaries in ``(before, now]``, in progress order (then fragment order); [] if ``now <= before``."""
+    if now <= before:
+        return []
+    H, found = settings.inner_steps, []
+    for p in range(settings.fragments):
+        t_p = settings.offset(p)
+        # smallest r with t_p + r·H > max(before, 0)
+        r = max(0, (max(before, 0) - t_p) // H + 1)
+        while (at := t_p + r * H) <= now:
+            found.append(Boundary(at, p, r))
+            r += 1
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------- fragments
+
+def units(names: Iterable[str]) -> list[list[str]]:
+    """Parameter names grouped into units (a transformer block, or one other parameter), in order."""
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        grouped.setdefault(match.group(1) if match else name, []).append(name)
+    return list(grouped.values())
+
+
+def split_fragments(names: Sequence[str], count: int, mode: str = "strided") -> list[list[str]]:
+    """The parameter names of each of ``count`` fragments (see the module docstring)."""
+    if mode not in FRAGMENT_MODES:
+        raise ValueError(f"fragment mode must be one of {FRAGMENT_MODES}, got {mode!r}")
+    groups = units(names)
+    if not 1 <= count <= len(groups):
+        raise ValueError(f"{count} fragment(s) asked of {len(groups)} unit(s) (blocks and other parameters); "
+                         f"use between 1 and {len(groups)}")
+    if mode == "strided":
+        picked = [groups[p::count] for p in range(count)]
+    else:
+        bounds = [round(i * len(groups) / count) for i in range(count + 1)]
+        picked = [groups[bounds[p]:bounds[p + 1]] for p in range(count)]
+    return [[name for unit in unit_list for name in unit] for unit_list in picked]
+
+
+class FragmentLayout:
+    """Names, shapes and offsets of one fragment's parameters in its flat fp32 vector."""
+
+    def __init__(self, named: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]):
+        items = list(named.items()) if isinstance(named, Mapping) else list(named)
+        self.names = [name for name, _ in items]
+        self.shapes = [tuple(t.shape) for _, t in items]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.numel = sum(self.sizes)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One fp32 CPU vector of the fragment's tensors, in layout order."""
+        if not self.names:
+            return torch.zeros(0)
+        return torch.cat([tensors[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``vector`` (length :attr:`numel`) shaped as the fragment's tensors."""
+        if tuple(vector.shape) != (self.numel,):
+            raise ValueError(f"a fragment vector of {self.numel} values was expected, got shape {list(vector.shape)}")
+        return {n: v.view(shape) for n, v, shape in zip(self.names, vector.split(self.sizes), self.shapes, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------- the outer loop
+
+class OuterLoop:
+    """One replica's outer state: the global copy and momentum of each fragment, and the step.
+
+    ``params`` are the live (inner-optimized) parameters by name, e.g. ``dict(module.named_parameters())``;
+    they are updated in place by :meth:`apply`. Not thread-safe: call it where the inner optimizer runs.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], settings: OuterSettings,
+                 outer_device: str | torch.device = "cpu") -> None:
+        self.settings = settings
+        self.params = dict(params)
+        self.outer_device = torch.device(outer_device)
+        names = split_fragments(list(self.params), settings.fragments, settings.fragment_mode)
+        self.layouts = [FragmentLayout([(n, self.params[n]) for n in fragment]) for fragment in names]
+        self.global_ = [self._flat(p).to(self.outer_device) for p in range(settings.fragments)]
+        self.momentum = [torch.zeros_like(g) for g in self.global_]
+        self.rounds_applied = [0] * settings.fragments
+        self._pending: dict[int, int] = {}  # fragment -> round begun and not yet applied
+
+    def _flat(self, fragment: int) -> torch.Tensor:
+        return self.layouts[fragment].flatten(self.params)
+
+    def begin(self, fragment: int, round_id: int) -> torch.Tensor:
+        """Δ_p = θ_global,p − θ_local,p now (flat fp32, on ``outer_device``): this replica's part."""
+        if fragment in self._pending:
+            raise RuntimeError(f"fragment {fragment}: round {self._pending[fragment]} was begun and never applied")
+        self._pending[fragment] = round_id
+        return self.global_[fragment] - self._flat(fragment).to(self.outer_device)
+
+    def pending(self, fragment: int) -> int | None:
+        """The round begun on ``fragment`` and not yet applied, if any."""
+        return self._pending.get(fragment)
+
+    @torch.no_grad()
+    def apply(self, fragment: int, mean_delta: torch.Tensor | None) -> bool:
+        """Finish the pending round of ``fragment`` with the group's mean Δ (None: the round was skipped).
+
+        Returns True if parameters changed. A skipped round leaves the global copy, the momentum and
+        the local parameters as they are.
+        """
+        if self._pending.pop(fragment, None) is None:
+            raise RuntimeError(f"fragment {fragment}: apply() without begin()")
+        if mean_delta is None:
+            return False
+        s, layout = self.settings, self.layouts[fragment]
+        delta = mean_delta.to(self.outer_device, torch.float32).reshape(-1)
+        if delta.numel() != layout.numel or not all_finite(delta):
+            raise ValueError(f"fragment {fragment}: the mean outer gradient must be {layout.numel} finite values")
+        m = self.momentum[fragment]
+        m.mul_(s.outer_momentum).add_(delta)
+        step = delta.add(m, alpha=s.outer_momentum) if s.nesterov else m
+        self.global_[fragment].sub_(step, alpha=s.outer_lr)
+        merged = self._flat(fragment).to(self.outer_device).mul_(s.alpha).add_(self.global_[fragment], alpha=1.0 - s.alpha)
+        for name, value in layout.unflatten(merged).items():
+            param = self.params[name]
+            param.copy_(value.to(param.device, param.dtype))
+        self.rounds_applied[fragment] += 1
+        return True
+
+    def state_dict(self) -> dict:
+        """Global copies, momenta and round counts (for checkpoints and joiners' state sync)."""
+        return {"global": [g.clone() for g in self.global_], "momentum": [m.clone() for m in self.momentum],
+                "rounds_applied": list(self.rounds_applied)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key, own in (("global", self.global_), ("momentum", self.momentum)):
+            got = state[key]
+            if len(got) != len(own) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(got, own, strict=True)):
+                raise ValueError(f"outer state {key!r} does not match this stage's {len(own)} fragment(s)")
+        self.global_ = [t.to(self.outer_device, torch.float32).clone() for t in state["global"]]
+        self.momentum = [t.to(self.outer_device, torch.float32).clone() for t in state["momentum"]]
+        self.rounds_applied = [int(r) for r in state["rounds_applied"]]
+        self._pending.clear()
+
+
+# ---------------------------------------------------------------------------------------- averaging
+
+def quantized(part: torch.Tensor, codec: str | Codec) -> tuple[bytes, torch.Tensor]:
+    """``(payload, what every receiver will decode)``: a replica averages its own part as sent."""
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    payload = codec.encode(part.to("cpu", torch.float32).contiguous())
+    return payload, codec.decode(payload, tuple(part.shape))
+
+
+@dataclass
+class MeanResult:
+    mean: torch.Tensor | None  # None when no part survived
+    kept: list[int]
+    rejected: dict[int, str]  # index -> reason ("non_finite", "shape", "norm")
+
+
+def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0) -> MeanResult:
+    """FP32 mean of the parts that are finite, of the right size, and whose L2 norm is at most
+    ``max_norm_ratio`` × the lower median of the finite, non-zero norms (equal weights). The parts'
+    size is the most common one; with two parts the lower median is the smaller norm, so of an honest
+    part and a huge one, the huge one goes."""
+    if not max_norm_ratio >= 1.0:
+        raise ValueError(f"max_norm_ratio must be >= 1, got {max_norm_ratio!r}")
+    rejected: dict[int, str] = {}
+    numel = statistics.mode([p.numel() for p in parts]) if parts else 0
+    norms: dict[int, float] = {}
+    for i, part in enumerate(parts):
+        if part.numel() != numel or part.dim() != 1:
+            rejected[i] = "shape"
+        elif not all_finite(part):
+            rejected[i] = "non_finite"
+        else:
+            norms[i] = float(torch.linalg.vector_norm(part.to(torch.float32)))
+    moved = [norm for norm in norms.values() if norm > 0]  # an idle replica's zero part sets no scale
+    if moved:
+        bound = max_norm_ratio * statistics.median_low(moved)
+        for i, norm in norms.items():
+            if norm > bound:
+                rejected[i] = "norm"
+    kept = [i for i in range(len(parts)) if i not in rejected]
+    if not kept:
+        return MeanResult(None, [], rejected)
+    acc = MeanAccumulator((numel,))
+    for i in kept:
+        acc.add(parts[i])
+    return MeanResult(acc.mean(), kept, rejected)
