@@ -11,7 +11,9 @@ import threading
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
+from p2p_util import run_p2p as _run
+from p2p_util import wait_for
 
 from node.config import load_config
 from node.metrics import NodeMetrics
@@ -51,32 +53,6 @@ class Node:
         return self.metrics.registry.get_sample_value("protoswarm_pipeline_refused_total", {"code": code}) or 0.0
 
 
-def _run(n, body, timeout=90):
-    async def main():
-        daemons = []
-        try:
-            daemons.append(await P2P.create())
-            for _ in range(n - 1):
-                daemons.append(await P2P.create(initial_peers=await daemons[0].get_visible_maddrs()))
-            async with asyncio.timeout(timeout):
-                await body(*daemons)
-        finally:
-            for p2p in reversed(daemons):
-                try:
-                    await p2p.shutdown()
-                except Exception:
-                    pass
-
-    asyncio.run(main())
-
-
-async def wait_for(predicate, timeout, what):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def windows(seed=0, n=4):

@@ -1,0 +1,392 @@
+"""The fragment exchange: replicas of a stage average one fragment's outer gradients over hivemind P2P.
+
+One round is identified by ``(run, stage, fragment, round)``, a pure function of the shared progress
+counter (swarm/diloco.py), so every replica knows which round it is in without talking. The replicas
+it knows to be ONLINE on its stage (from the DHT records) are split into groups of at most
+``max_group``: sorted by a hash of the round key and each peer id, dealt round-robin. The order is new
+every round, so large stages mix gossip-style across rounds; the first peer of a group is its
+*leader*. Every replica computes the same plan from the same peer list.
+
+    member ──FragmentPart×n──▶ leader        (its part, 4-bit, in chunks; handler protoswarm.diloco.v1)
+    member ◀──FragmentPart×n── leader        (the group's mean, 4-bit: the same values for everyone)
+
+The leader takes its group's parts until all have arrived or ``gather_s`` after it reached the round
+itself, drops parts that are non-finite, mis-sized or far larger than the group's (``robust_mean``),
+averages the rest in FP32, quantizes the mean once and sends that same mean to every member whose
+part it used. It uses the dequantized mean itself too, so all members apply identical values.
+
+Faults end a round, never hang it:
+- A member that dies or is late is left out; the others finish without it.
+- A leader that dies, or answers with an error, makes its members skip the round. A skipped round
+  changes nothing (``OuterLoop.apply(p, None)``), and the next round's outer gradient covers both.
+- A member's whole wait is bounded by ``round_timeout_s``. A leader holds parts that arrive before it
+  reached the round (it may be a little behind) for at most ``round_timeout_s``, and for a bounded
+  number of rounds.
+- Malformed parts (wrong run, stage, fragment size, codec, chunking) get an ErrorReply and a strike.
+  A peer with ``peer_strikes`` strikes is refused for ``ban_s``.
+
+The exchange is torch-free apart from the tensors it carries. The outer step itself stays with the
+caller (``OuterLoop.begin`` / ``apply`` where the inner optimizer runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from protocol.codecs import get_codec
+from protocol.errors import MalformedMessage, ProtocolError, RemoteError
+from protocol.framing import PREFIX_BYTES, read_frame, write_frame
+from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
+from protocol.tensors import DEFAULT_LIMITS, WireLimits
+from swarm.diloco import quantized, robust_mean
+
+logger = logging.getLogger(__name__)
+
+HANDLER = "protoswarm.diloco.v1"
+LINGER_S = 5.0  # how long a served stream waits for the member to close after the reply
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExchangeSettings:
+    gather_s: float = 10.0  # a leader waits this long (after reaching the round) for its members' parts
+    round_timeout_s: float = 60.0  # a member's whole round, sending included; also how long early parts wait
+    max_group: int = 16  # replicas averaged together; larger stages form several groups per round
+    max_values_per_part: int = 1 << 24  # values in one FragmentPart frame (4-bit: 8 MiB)
+    codec: str = "e3m0"
+    max_norm_ratio: float = 10.0  # parts with a norm beyond this × the group's lower median are dropped
+    max_early_rounds: int = 8  # rounds a leader holds parts for before reaching them itself
+    peer_strikes: int = 4
+    ban_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("gather_s", "round_timeout_s", "ban_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.gather_s >= self.round_timeout_s:
+            raise ValueError(f"gather_s ({self.gather_s}) must be shorter than round_timeout_s ({self.round_timeout_s})")
+        for name in ("max_group", "max_values_per_part", "max_early_rounds", "peer_strikes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RoundKey:
+    stage: int
+    fragment: int
+    round: int
+
+
+@dataclass
+class RoundResult:
+    """What one replica got out of a round. ``mean`` None: the round was skipped (``reason`` says why)."""
+
+    mean: torch.Tensor | None
+    role: str  # "leader" or "member"
+    leader: str
+    group: list[str] = field(default_factory=list)  # peers whose parts are in the mean (leader's view)
+    rejected: dict[str, str] = field(default_factory=dict)  # peer -> reason (leader only)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int) -> list[list[str]]:
+    """The round's groups, leader first; the same on every replica that knows the same peers."""
+    tag = f"{run_id}/{key.stage}/{key.fragment}/{key.round}/"
+    order = sorted(set(peers), key=lambda p: hashlib.sha256((tag + p).encode()).digest())
+    if not order:
+        return []
+    count = math.ceil(len(order) / max_group)
+    return [order[i::count] for i in range(count)]
+
+
+def chunk(values: torch.Tensor, max_values: int) -> list[tuple[int, torch.Tensor]]:
+    """``(offset, slice)`` pieces of a flat tensor, each at most ``max_values`` long (one for an empty one)."""
+    n = values.numel()
+    return [(o, values[o:o + max_values]) for o in range(0, max(n, 1), max_values)] if n else [(0, values)]
+
+
+class _Gather:
+    """A leader's collection of parts for one round."""
+
+    def __init__(self, numel: int, expected: int, created: float) -> None:
+        self.numel, self.expected, self.created = numel, expected, created
+        self.parts: dict[str, torch.Tensor] = {}
+        self.arrived = asyncio.Event()  # set whenever a part arrives
+        self.result: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.closed = False  # True once the leader averaged: late parts are refused
+
+
+class FragmentExchange:
+    """This replica's end of the exchange (all methods on the event loop of ``p2p``)."""
+
+    def __init__(self, p2p: Any, peer_id: str, run_id: str, stage: int, fragment_sizes: Sequence[int],
+                 settings: ExchangeSettings, limits: WireLimits = DEFAULT_LIMITS) -> None:
+        self.p2p, self.peer_id, self.run_id, self.stage = p2p, peer_id, run_id, stage
+        self.fragment_sizes = [int(n) for n in fragment_sizes]
+        self.settings, self.limits = settings, limits
+        self.codec = get_codec(settings.codec)
+        if settings.codec not in limits.codecs:
+            raise ValueError(f"codec {settings.codec!r} is not accepted by these wire limits")
+        self.peers: set[str] = {peer_id}  # this stage's ONLINE replicas, self included
+        self._gathers: dict[RoundKey, _Gather] = {}
+        self._closed: collections.OrderedDict[RoundKey, None] = collections.OrderedDict()  # recently averaged
+        self._strikes: collections.Counter[str] = collections.Counter()
+        self._banned: dict[str, float] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    async def register(self) -> None:
+        await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """The stage's ONLINE replicas from the DHT records (self is always included)."""
+        self.peers = set(peers) | {self.peer_id}
+
+    # ----------------------------------------------------------------------------------------- a round
+
+    async def run_round(self, key: RoundKey, part: torch.Tensor) -> RoundResult:
+        """Average ``part`` (this replica's flat outer gradient of ``key.fragment``) with its group."""
+        started = time.monotonic()
+        if part.dim() != 1 or part.numel() != self.fragment_sizes[key.fragment]:
+            raise ValueError(f"fragment {key.fragment} has {self.fragment_sizes[key.fragment]} values, "
+                             f"got a part of shape {list(part.shape)}")
+        groups = plan_groups(self.run_id, key, self.peers, self.settings.max_group)
+        group = next(g for g in groups if self.peer_id in g)
+        try:
+            if group[0] == self.peer_id:
+                result = await self._lead(key, part, group)
+            else:
+                result = await self._join(key, part, group[0])
+        except Exception as exc:  # never let a round take the caller down
+            logger.warning("round %s failed: %s", key, exc)
+            result = RoundResult(None, "leader" if group[0] == self.peer_id else "member", group[0],
+                                 reason=f"error: {exc}")
+        result.seconds = time.monotonic() - started
+        self.stats["rounds_" + ("committed" if result.mean is not None else "skipped")] += 1
+        self.stats["bytes_sent"] += result.bytes_sent
+        self.stats["bytes_received"] += result.bytes_received
+        self.stats["parts_rejected"] += len(result.rejected)
+        return result
+
+    async def _lead(self, key: RoundKey, part: torch.Tensor, group: list[str]) -> RoundResult:
+        gather = self._gather(key, expected=len(group), own=True)
+        gather.expected = len(group)
+        gather.parts[self.peer_id] = quantized(part, self.codec)[1]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gather_s
+        while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
+            gather.arrived.clear()
+            try:
+                await asyncio.wait_for(gather.arrived.wait(), left)
+            except TimeoutError:
+                break
+        gather.closed = True
+        self._gathers.pop(key, None)
+        self._closed[key] = None
+        while len(self._closed) > 4 * self.settings.max_early_rounds:
+            self._closed.popitem(last=False)
+        peers = list(gather.parts)
+        outcome = robust_mean([gather.parts[p] for p in peers], self.settings.max_norm_ratio)
+        rejected = {peers[i]: why for i, why in outcome.rejected.items()}
+        for peer, why in rejected.items():
+            logger.info("round %s: dropped %s's part (%s)", key, peer, why)
+        if outcome.mean is None or self.peer_id in rejected:
+            # Without our own part in it the mean is not ours to apply: skip, and tell the members so.
+            gather.result.set_result(None)
+            return RoundResult(None, "leader", self.peer_id, rejected=rejected, reason="no usable parts")
+        mean = quantized(outcome.mean, self.codec)[1]
+        kept = [peers[i] for i in outcome.kept]
+        gather.result.set_result((mean, kept))
+        return RoundResult(mean, "leader", self.peer_id, group=kept, rejected=rejected)
+
+    async def _join(self, key: RoundKey, part: torch.Tensor, leader: str) -> RoundResult:
+        from hivemind.p2p import PeerID
+
+        timeout = self.settings.round_timeout_s
+        result = RoundResult(None, "member", leader)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(leader), HANDLER)
+                try:
+                    for body in self._encode_parts(key, quantized(part, self.codec)[1]):
+                        await write_frame(writer, body, timeout=max(0.1, deadline - loop.time()))
+                        result.bytes_sent += len(body) + PREFIX_BYTES
+                    mean, received, _ = await self._read_parts(reader, key, leader)
+                    result.bytes_received += received
+                finally:
+                    writer.close()
+        except TimeoutError:
+            result.reason = f"no mean from leader {leader} within {timeout:.0f} s"
+            return result
+        except RemoteError as exc:
+            result.reason = f"leader refused: {exc}"
+            return result
+        except (ProtocolError, OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            result.reason = f"leader {leader} unreachable or broken: {exc}"
+            return result
+        result.mean = mean
+        return result
+
+    # ----------------------------------------------------------------------------------------- wire
+
+    def _encode_parts(self, key: RoundKey, values: torch.Tensor) -> list[bytes]:
+        pieces = chunk(values, self.settings.max_values_per_part)
+        return [encode_message(FragmentPart(
+            run_id=self.run_id, stage=key.stage, round_id=key.round, fragment_id=key.fragment, part=i,
+            num_parts=len(pieces), offset=offset, total_values=values.numel(), values=piece.contiguous(),
+            codec=self.settings.codec), self.limits) for i, (offset, piece) in enumerate(pieces)]
+
+    async def _read_parts(self, reader: asyncio.StreamReader, key: RoundKey | None, peer: str,
+                          timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey]:
+        """A whole fragment sent as FragmentParts; checked against ``key`` (None: taken from the first part)."""
+        received, out, expected_parts, got = 0, None, None, 0
+        while expected_parts is None or got < expected_parts:
+            raw = await read_frame(reader, self.limits, timeout=timeout)
+            if raw is None:
+                raise RemoteError("peer closed the stream mid-fragment", remote_code="closed")
+            received += len(raw) + PREFIX_BYTES
+            msg = decode_message(raw, self.limits)
+            if isinstance(msg, ErrorReply):
+                raise RemoteError(f"[{msg.code}] {msg.message}", remote_code=msg.code)
+            if not isinstance(msg, FragmentPart):
+                raise MalformedMessage(f"expected a FragmentPart, got {type(msg).__name__}")
+            if key is None:
+                key = RoundKey(msg.stage, msg.fragment_id, msg.round_id)
+            self._check_part(msg, key, expected_parts, got)
+            if out is None:
+                out = torch.empty(msg.total_values, dtype=torch.float32)
+                expected_parts = msg.num_parts
+            out[msg.offset:msg.offset + msg.values.numel()] = msg.values
+            got += 1
+        return out, received, key
+
+    def _check_part(self, msg: FragmentPart, key: RoundKey, expected_parts: int | None, index: int) -> None:
+        if msg.run_id != self.run_id or msg.stage != self.stage:
+            raise MalformedMessage(f"part for run {msg.run_id!r} stage {msg.stage}; this is {self.run_id!r} stage {self.stage}")
+        if (msg.stage, msg.fragment_id, msg.round_id) != (key.stage, key.fragment, key.round):
+            raise MalformedMessage(f"part for fragment {msg.fragment_id} round {msg.round_id} inside "
+                                   f"fragment {key.fragment} round {key.round}")
+        if not 0 <= msg.fragment_id < len(self.fragment_sizes) or msg.total_values != self.fragment_sizes[msg.fragment_id]:
+            raise MalformedMessage(f"fragment {msg.fragment_id} of {msg.total_values} values does not exist here")
+        if msg.codec != self.settings.codec:
+            raise MalformedMessage(f"parts travel as {self.settings.codec}, got {msg.codec}")
+        per = self.settings.max_values_per_part
+        want_parts = max(1, math.ceil(msg.total_values / per))
+        if msg.num_parts != want_parts or (expected_parts is not None and msg.num_parts != expected_parts):
+            raise MalformedMessage(f"a fragment of {msg.total_values} values travels in {want_parts} part(s), "
+                                   f"got num_parts={msg.num_parts}")
+        if msg.part != index or msg.offset != index * per or msg.values.numel() != min(per, msg.total_values - msg.offset):
+            raise MalformedMessage(f"part {msg.part} at offset {msg.offset} with {msg.values.numel()} values is "
+                                   f"out of order (expected part {index} at offset {index * per})")
+
+    # ----------------------------------------------------------------------------------------- serving
+
+    def _gather(self, key: RoundKey, expected: int, own: bool = False) -> _Gather:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for old in [k for k, g in self._gathers.items() if now - g.created > self.settings.round_timeout_s]:
+            stale = self._gathers.pop(old)
+            if not stale.result.done():
+                stale.result.set_result(None)
+        gather = self._gathers.get(key)
+        if gather is None:
+            if key in self._closed:
+                raise _Refuse("late", f"round {key.round} of fragment {key.fragment} is already averaged")
+            if not own and len(self._gathers) >= self.settings.max_early_rounds:
+                raise _Refuse("busy", f"holding {len(self._gathers)} rounds already")
+            gather = self._gathers[key] = _Gather(self.fragment_sizes[key.fragment], expected, now)
+        return gather
+
+    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(info.peer_id)
+        try:
+            reply = await self._serve(peer, reader)
+            for body in reply:
+                await write_frame(writer, body, timeout=self.settings.round_timeout_s)
+                self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
+            await _linger(reader, LINGER_S)
+        except Exception as exc:  # a broken member stream must never reach the event loop
+            logger.debug("exchange stream from %s ended: %s", peer, exc)
+        finally:
+            writer.close()
+
+    async def _serve(self, peer: str, reader: asyncio.StreamReader) -> list[bytes]:
+        if self._banned.get(peer, 0.0) > time.monotonic():
+            return [self._error("banned", "too many malformed parts; try later")]
+        if peer not in self.peers:
+            return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
+        try:
+            values, received, key = await self._read_parts(reader, None, peer, timeout=self.settings.round_timeout_s)
+        except RemoteError:
+            return []
+        except ProtocolError as exc:
+            self._strike(peer, exc.code)
+            return [self._error(exc.code, str(exc))]
+        self.stats["bytes_received"] += received
+        group = next((g for g in plan_groups(self.run_id, key, self.peers, self.settings.max_group) if peer in g), [])
+        if not group or group[0] != self.peer_id:
+            # The sender's view of the stage differs from ours: tell it now rather than at its deadline.
+            return [self._error("not_leader", "this node does not lead your group in this round (views differ)")]
+        try:
+            gather = self._gather(key, expected=self.settings.max_group)
+        except _Refuse as exc:
+            return [self._error(exc.code, str(exc))]
+        if gather.closed:
+            return [self._error("late", f"round {key.round} of fragment {key.fragment} is already averaged")]
+        if peer in gather.parts or len(gather.parts) >= self.settings.max_group:
+            return [self._error("rejected", "duplicate part or full group")]
+        gather.parts[peer] = values
+        gather.arrived.set()
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(gather.result), self.settings.round_timeout_s)
+        except TimeoutError:
+            return [self._error("timeout", "the round did not finish in time")]
+        if outcome is None:
+            return [self._error("skipped", "the leader skipped this round")]
+        mean, kept = outcome
+        if peer not in kept:
+            return [self._error("rejected", "your part was dropped from the average (non-finite or far too large)")]
+        return self._encode_parts(key, mean)
+
+    def _error(self, code: str, message: str) -> bytes:
+        self.stats[f"refused_{code}"] += 1
+        return encode_message(ErrorReply(code=code, message=message[:400]), self.limits)
+
+    def _strike(self, peer: str, code: str) -> None:
+        self._strikes[peer] += 1
+        if self._strikes[peer] >= self.settings.peer_strikes:
+            self._banned[peer] = time.monotonic() + self.settings.ban_s
+            self._strikes[peer] = 0
+            logger.warning("exchange: peer %s banned for %.0f s after malformed parts (%s)", peer,
+                           self.settings.ban_s, code)
+
+
+async def _linger(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Discard what the peer still sends until it closes (at most ``seconds``). Closing a stream with
+    unread input can reset it and lose the reply just written, e.g. an error sent before the parts."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 16):
+                pass
+    except (TimeoutError, OSError, ConnectionError):
+        pass
+
+
+class _Refuse(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,37 @@
+"""Helpers for tests that run real hivemind P2P daemons inside the test process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hivemind.p2p import P2P
+
+
+def run_p2p(n, body, timeout=90):
+    """Start ``n`` connected P2P daemons, ``await body(*daemons)`` within ``timeout`` s, shut them all down."""
+    async def main():
+        daemons = []
+        try:
+            daemons.append(await P2P.create())
+            for _ in range(n - 1):
+                daemons.append(await P2P.create(initial_peers=await daemons[0].get_visible_maddrs()))
+            async with asyncio.timeout(timeout):
+                await body(*daemons)
+        finally:
+            for p2p in reversed(daemons):
+                try:
+                    await p2p.shutdown()
+                except Exception:
+                    pass
+
+    asyncio.run(main())
+
+
+async def wait_for(predicate, timeout, what):
+    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
