@@ -307,6 +307,49 @@ class DataplaneConfig:
 
 
 @dataclass(kw_only=True)
+class DilocoConfig:
+    """Streaming DiLoCo among the replicas of each stage (run-level: every replica must agree)."""
+
+    SECTION = "diloco"
+
+    enabled: bool = _f(True, "Average each stage's replicas with Streaming DiLoCo (false: replicas train apart).")
+    inner_steps: int = _f(
+        400, "H: inner optimizer steps, summed over a stage's replicas, between two syncs of one fragment "
+        "(4 replicas at H=400 each take about 100 steps)."
+    )
+    fragments: int = _f(4, "P: fragments a stage's parameters are cut into; one is synced every H/P summed steps "
+                        "(capped at the stage's blocks + other parameters).")
+    fragment_mode: str = _f("strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous.")
+    outer_lr: float = _f(0.4, "Outer SGD learning rate on the averaged outer gradient.")
+    outer_momentum: float = _f(0.9, "Outer Nesterov momentum.")
+    nesterov: bool = _f(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
+    overlap: int = _f(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use.")
+    alpha: float = _f(0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole).")
+    max_group: int = _f(16, "Replicas averaged together; bigger stages form several random groups per round.")
+    max_norm_ratio: float = _f(
+        10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average."
+    )
+    resync_rounds: int = _f(
+        3, "A replica that falls more than this many rounds behind downloads the stage's state again."
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "inner_steps", "fragments", "outer_lr", "max_group", "max_norm_ratio", "resync_rounds")
+        if self.fragments > self.inner_steps:
+            raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}")
+        if self.fragment_mode not in ("strided", "sequential"):
+            raise ConfigError(f"diloco.fragment_mode must be 'strided' or 'sequential', got {self.fragment_mode!r}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"diloco.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"diloco.alpha must be in [0, 1], got {self.alpha!r}")
+        if self.overlap < 0:
+            raise ConfigError(f"diloco.overlap must be >= 0, got {self.overlap}")
+        if self.max_norm_ratio < 1.0:
+            raise ConfigError(f"diloco.max_norm_ratio must be >= 1, got {self.max_norm_ratio!r}")
+
+
+@dataclass(kw_only=True)
 class SwarmConfig:
     """How this node finds and joins a swarm: DHT, identity, stage claiming, endpoints, timing."""
 
@@ -337,10 +380,17 @@ class SwarmConfig:
     max_stage_params_m: float = _f(
         4000.0, "Refuse to join runs whose stages hold more than this many million parameters."
     )
+    exchange_gather_s: float = _f(
+        10.0, "A fragment-exchange leader waits this long (seconds) for its group's parts after reaching the round."
+    )
+    exchange_timeout_s: float = _f(60.0, "Longest wait for one fragment exchange round (seconds); then it is skipped.")
 
     def __post_init__(self) -> None:
         _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s",
-                  "max_stage_params_m")
+                  "max_stage_params_m", "exchange_gather_s", "exchange_timeout_s")
+        if self.exchange_gather_s >= self.exchange_timeout_s:
+            raise ConfigError(f"swarm.exchange_gather_s={self.exchange_gather_s} must be below "
+                              f"swarm.exchange_timeout_s={self.exchange_timeout_s}")
         if not 0.0 <= self.rebalance_jitter < 1.0:
             raise ConfigError(f"swarm.rebalance_jitter must be in [0, 1), got {self.rebalance_jitter!r}")
         if self.rebalance_gain < 1.0:
@@ -371,6 +421,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wire: WireConfig = field(default_factory=WireConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def __post_init__(self) -> None:
@@ -395,6 +446,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "wire": WireConfig,
     "dataplane": DataplaneConfig,
+    "diloco": DilocoConfig,
     "swarm": SwarmConfig,
 }
 

@@ -13,6 +13,7 @@ signal kills the children and exits at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from node.config import ConfigError, RunConfig
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import PipelineRole
+from node.replica_sync import ReplicaSync
 from node.run_params import config_from_run, run_parameters
 from node.serving import StageWork
 from protocol.codecs import CODECS
@@ -73,7 +75,9 @@ class NodeDaemon:
         self._probe: StageWork | None = None
         self._last_move = 0.0
         self.pipeline: PipelineRole | None = None  # with pipeline.num_stages > 1
+        self.sync: ReplicaSync | None = None  # with diloco.enabled
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
+        self._losses: collections.deque[list[float]] = collections.deque(maxlen=4096)  # (unix time, loss), S = 1
 
     # health -------------------------------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class NodeDaemon:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "protocol": ".".join(map(str, PROTOCOL_VERSION)),
             **({"pipeline": self.pipeline.health()} if self.pipeline is not None else {}),
+            **({"outer": self.sync.health()} if self.sync is not None and self.work is not None else {}),
+            **({"train": {"recent_losses": list(self._losses)[-512:]}} if self._losses else {}),
         }
 
     def _set_state(self, state: str) -> None:
@@ -266,6 +272,8 @@ class NodeDaemon:
         self._last_move = time.monotonic()
         self.metrics.set_stage(stage)  # counts stage changes
         self.metrics.num_stages.set(self.cfg.pipeline.num_stages)
+        if self.sync is not None:
+            self.sync.attach(work)
         if self.pipeline is not None:
             self.pipeline.serve(work)
         self._announce("joining")
@@ -277,6 +285,7 @@ class NodeDaemon:
         for record in peers[:3]:
             if self.stop.is_set():
                 return
+            started = time.monotonic()
             try:
                 snap = self._run_async(self._download(record.peer_id, work.stage), timeout=120)
                 work.check_compatible(snap)
@@ -286,6 +295,8 @@ class NodeDaemon:
                 continue
             work.load(snap)
             self.metrics.count_state_download("ok")
+            self.metrics.state_download_seconds.observe(time.monotonic() - started)
+            self.metrics.state_download_bytes_total.inc(sum(t.numel() * t.element_size() for t in snap.tensors.values()))
             logger.info("loaded stage %d (step %d) from %s", work.stage, snap.step, record.peer_id)
             return
         logger.info("no peer serves stage %d: starting it from the seeded initialisation", work.stage)
@@ -303,7 +314,7 @@ class NodeDaemon:
             peer_id=self.dht.peer_id, run_id=self.run_id, stage=work.stage,
             num_stages=self.cfg.pipeline.num_stages, state=state, throughput=float(work.throughput),
             progress=work.progress, codecs=sorted(CODECS), timestamp=time.time(),
-            addrs=self.dht.visible_maddrs()[:8],
+            addrs=self.dht.visible_maddrs()[:8], **(self.sync.record_fields() if self.sync is not None else {}),
         )
         try:
             expiry = self.cfg.swarm.record_expiry_s
@@ -322,6 +333,12 @@ class NodeDaemon:
         def on_step(step: int, loss: float) -> None:
             t = self.cfg.train
             self.metrics.record_train_step(step=step, loss=loss, tokens=t.batch_size * t.seq_len * t.grad_accum)
+            self._losses.append([round(time.time(), 3), round(loss, 5)])
+            if self.sync is not None:
+                try:
+                    self.sync.after_step()
+                except Exception:  # replica sync must never stop local training
+                    logger.exception("replica sync failed after step %d", step)
             if step % t.log_every == 0:
                 logger.info("step %d loss %.4f (%.2f microbatches/s)", step, loss, self.work.throughput)
 
@@ -343,6 +360,8 @@ class NodeDaemon:
                     self._announce("online")
                     self._publish_run_record()
                     records = self._observe()
+                if self.sync is not None and self.sync.resync_requested:
+                    self._resync()
                 if sw.stage is None and now >= next_rebalance:
                     next_rebalance = now + self._jittered(sw.rebalance_period_s)
                     self._rebalance(records)
@@ -367,7 +386,16 @@ class NodeDaemon:
         self.metrics.throughput.set(self.work.throughput)
         if self.pipeline is not None:
             self.pipeline.observe(records, self.work.stage)
+        if self.sync is not None:
+            self.sync.observe(records)
         return records
+
+    def _resync(self) -> None:
+        """Fallen too many rounds behind: download the stage's state again, then rejoin the schedule."""
+        logger.warning("stage %d: fell behind the other replicas; downloading the stage's state again", self.work.stage)
+        self.sync.stats["resyncs"] += 1
+        self._download_into(self.work)
+        self.sync.attach(self.work)
 
     def _count_rejections(self, counts, cumulative: bool = False) -> None:
         for reason, n in counts.items():
@@ -433,8 +461,14 @@ class NodeDaemon:
             on_error=lambda exc: self.metrics.count_protocol_error(exc.code),
         )
         await server.register(self._p2p)
+        if self.cfg.diloco.enabled:
+            self.sync = ReplicaSync(self.cfg, self.metrics, asyncio.get_running_loop(), self._p2p, self.dht.peer_id,
+                                    self.run_id)
+            await self.sync.register()
         if self.cfg.pipeline.num_stages > 1:
             self.pipeline = PipelineRole(self.cfg, self.metrics, asyncio.get_running_loop())
+            if self.sync is not None:
+                self.pipeline.step_hooks.append(self.sync.after_step)
             await self.pipeline.setup(self._p2p, self.dht.peer_id, self.run_id)
 
     def _stop_p2p(self) -> None:

@@ -60,6 +60,9 @@ REFUSAL_CODES = (  # swarm.pipeline.REFUSAL_CODES plus "other"
     "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "other",
 )
 # From 1 ms (one tiny stage on a fast machine) to 60 s (a whole pipeline round trip under load).
+OUTER_RESULTS = ("started", "committed", "skipped", "missed")
+OUTER_REJECT_REASONS = ("non_finite", "shape", "norm")
+OUTER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 PIPELINE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # From 1 ms (a local store) to 30 s (a get that waits out hivemind's timeouts).
 DHT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -179,6 +182,27 @@ class NodeMetrics:
             namespace=NAMESPACE, registry=self.registry, buckets=PIPELINE_BUCKETS_S)
         for phase in PIPELINE_PHASES:
             self.pipeline_compute_seconds.labels(phase)
+        self.outer_rounds_total = counter(
+            "outer_rounds", "Streaming DiLoCo fragment rounds of this replica: started, committed (the mean was "
+            "applied), skipped (no mean: the exchange failed or timed out), missed (boundaries jumped over).",
+            "result", OUTER_RESULTS)
+        self.outer_round_seconds = Histogram(
+            "outer_round_seconds", "From a fragment's boundary to its mean being applied or given up (s).",
+            namespace=NAMESPACE, registry=self.registry, buckets=OUTER_BUCKETS_S)
+        self.outer_bytes_total = counter("outer_bytes", "Fragment exchange bytes of this replica's rounds (framing "
+                                         "included), by way.", "way", PIPELINE_WAYS)
+        self.outer_group_size = gauge("outer_group_size", "Replicas averaged in this replica's last committed round.")
+        self.outer_epoch = gauge("outer_epoch", "Sync boundaries this replica has passed (the shared schedule).")
+        self.outer_lag_epochs = gauge("outer_lag_epochs", "How many boundaries the furthest replica of this "
+                                      "stage is ahead of this one.")
+        self.outer_parts_rejected_total = counter(
+            "outer_parts_rejected", "Replicas' parts this node, as group leader, left out of an average.",
+            "reason", OUTER_REJECT_REASONS)
+        self.state_download_bytes_total = counter("state_download_bytes", "Bytes of stage state downloaded "
+                                                  "(weights and outer state) by this node.")
+        self.state_download_seconds = Histogram(
+            "state_download_seconds", "Duration of successful stage state downloads (s).", namespace=NAMESPACE,
+            registry=self.registry, buckets=OUTER_BUCKETS_S)
         self.pipeline_queue_depth = gauge("pipeline_queue_depth", "Forward/backward jobs queued on this stage.")
         self.pipeline_stash = gauge("pipeline_stash", "Microbatches this stage holds awaiting their backward.")
 

@@ -295,6 +295,7 @@ class PipelineRole:
 
     def __init__(self, cfg: RunConfig, metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg, self.metrics, self.loop = cfg, metrics, loop
+        self.step_hooks: list[Callable[[], None]] = []  # after each optimizer step, in the compute thread
         self.plane = None
         self.compute: PipelineCompute | None = None
         self._sampler = None
@@ -337,7 +338,9 @@ class PipelineRole:
             old.close()
 
     def _on_step(self, step: int) -> None:
-        """After each optimizer step (compute thread): the metric, and a progress line now and then."""
+        """After each optimizer step (compute thread): the hooks, the metric, and a progress line now and then."""
+        for hook in self.step_hooks:
+            hook()
         self.metrics.train_step.set(step)
         if step % self.cfg.train.log_every or self.plane is None or self.compute is None:
             return

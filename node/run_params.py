@@ -1,6 +1,6 @@
 """A run's parameters in the swarm: what the creator publishes and what a joiner keeps as its own.
 
-The run-level tables (model, pipeline, data, train, wire) are published as a msgpack map in a
+The run-level tables (model, pipeline, data, train, wire, diloco) are published as a msgpack map in a
 :class:`~protocol.messages.RunRecord`; node-local fields are stripped before publishing and always
 taken from the joiner's own config. A joiner also refuses runs whose stages exceed its parameter
 budget (``swarm.max_stage_params_m``).
@@ -22,7 +22,7 @@ LOCAL_DATA_FIELDS = ("path", "seed")
 # What this node accepts from peers protects this node: its receive limits are its own, only the codecs
 # (what the run sends) are run-level.
 LOCAL_WIRE_FIELDS = ("max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s", "check_finite")
-RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire")
+RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire", "diloco")
 
 
 def run_parameters(cfg: RunConfig) -> dict[str, Any]:

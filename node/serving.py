@@ -1,9 +1,11 @@
 """The stage a daemon serves: its parameters, its checkpoint, and (with one stage) local training.
 
 :class:`StageWork` owns the module of one stage. With ``pipeline.num_stages == 1`` the stage is the
-whole model and the daemon trains it as a local replica while it serves (replica sync arrives with
-the Streaming DiLoCo issue); with more stages it holds the stage's parameters and inner optimizer,
-which :class:`node.pipeline.PipelineCompute` trains from the microbatches of the pipeline.
+whole model and the daemon trains it as a local replica while it serves; with more stages it holds
+the stage's parameters and inner optimizer, which :class:`node.pipeline.PipelineCompute` trains from
+the microbatches of the pipeline. With ``diloco.enabled`` it also holds the stage's Streaming DiLoCo
+outer state (:class:`swarm.diloco.OuterLoop`: global copy and momentum per fragment), which travels
+with the weights in snapshots and checkpoints; node/replica_sync.py drives it.
 
 A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
 stage s from scratch holds the same weights. ``lock`` guards the parameters: the trainer holds it
@@ -25,7 +27,10 @@ from node.config import RunConfig
 from node.data import BatchSampler, load_corpus
 from node.model import LanguageModel, Stage, lm_loss, parameter_groups
 from node.train_local import _train_step
+from swarm.diloco import OuterLoop, OuterSettings, units
 from swarm.state_transfer import StageSnapshot
+
+OUTER_PREFIX = "outer."  # snapshot entries of the outer state: outer.global.<p>, outer.momentum.<p>
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +54,35 @@ class StageWork:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
         )
+        self.outer: OuterLoop | None = None
+        if cfg.diloco.enabled:
+            named = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+            self.outer = OuterLoop(named, outer_settings(cfg, list(named)))
 
     # state -----------------------------------------------------------------------------------------------
 
     def snapshot(self) -> StageSnapshot:
         with self.lock:
             tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.module.state_dict().items()}
-            return StageSnapshot(stage=self.stage, step=self.progress, round_id=0, tensors=tensors)
+            tensors.update(self._outer_tensors())
+            return StageSnapshot(stage=self.stage, step=self.progress, round_id=self.outer_rounds, tensors=tensors)
+
+    @property
+    def outer_rounds(self) -> int:
+        """Outer rounds applied to this state (all fragments): part of a snapshot's identity."""
+        return sum(self.outer.rounds_applied) if self.outer is not None else 0
+
+    def _outer_tensors(self) -> dict[str, torch.Tensor]:
+        if self.outer is None:
+            return {}
+        state = self.outer.state_dict()
+        out = {f"{OUTER_PREFIX}global.{p}": g for p, g in enumerate(state["global"])}
+        out.update({f"{OUTER_PREFIX}momentum.{p}": m for p, m in enumerate(state["momentum"])})
+        return out
 
     def check_compatible(self, snap: StageSnapshot) -> None:
         """Refuse (ValueError) a downloaded state whose names, shapes or dtypes differ from this stage's."""
-        own = self.module.state_dict()
+        own = {**self.module.state_dict(), **self._outer_tensors()}
         if snap.stage != self.stage or set(snap.tensors) != set(own):
             missing, extra = sorted(set(own) - set(snap.tensors)), sorted(set(snap.tensors) - set(own))
             raise ValueError(f"state is not stage {self.stage}'s: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -70,7 +93,14 @@ class StageWork:
 
     def load(self, snap: StageSnapshot) -> None:
         with self.lock:
-            self.module.load_state_dict(snap.tensors)
+            self.module.load_state_dict({k: v for k, v in snap.tensors.items() if not k.startswith(OUTER_PREFIX)})
+            if self.outer is not None:
+                n = len(self.outer.global_)
+                self.outer.load_state_dict({
+                    "global": [snap.tensors[f"{OUTER_PREFIX}global.{p}"] for p in range(n)],
+                    "momentum": [snap.tensors[f"{OUTER_PREFIX}momentum.{p}"] for p in range(n)],
+                    "rounds_applied": self.outer.rounds_applied,
+                })
             self.progress = snap.step
 
     def save_checkpoint(self) -> Path | None:
@@ -82,6 +112,7 @@ class StageWork:
                 "config": self.cfg.to_dict(),
                 "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "outer": self.outer.state_dict() if self.outer is not None else None,
             }
         path = save_checkpoint(self.checkpoint_dir, self.progress, state)
         logger.info("checkpoint of stage %d at step %d saved in %s", self.stage, self.progress, self.checkpoint_dir)
@@ -109,6 +140,12 @@ class StageWork:
             self.module.load_state_dict(state["model"])
             if self.optimizer is not None and state.get("optimizer") is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
+            if self.outer is not None and state.get("outer") is not None:
+                try:
+                    self.outer.load_state_dict(state["outer"])
+                except (ValueError, KeyError) as exc:  # other fragments (config changed): start from the weights
+                    logger.warning("outer state in the checkpoint does not fit (%s); restarting it", exc)
+                    self.outer.reset()
             self.progress = int(state["step"])
         logger.info("resumed stage %d at step %d from %s", self.stage, self.progress, self.checkpoint_dir)
         return True
@@ -163,3 +200,15 @@ class StageWork:
                 self.save_checkpoint()
         if self.progress >= t.steps:
             logger.info("reached train.steps=%d; serving without training", t.steps)
+
+
+def outer_settings(cfg: RunConfig, names: list[str]) -> OuterSettings:
+    """The Streaming DiLoCo settings of a stage with these parameters: P capped at the stage's units
+    (blocks and other parameters), H rounded down to a multiple of P so the P offsets are evenly spaced."""
+    d = cfg.diloco
+    fragments = max(1, min(d.fragments, len(units(names))))
+    spacing = max(1, d.inner_steps // fragments)
+    inner = spacing * fragments
+    return OuterSettings(inner_steps=inner, fragments=fragments, fragment_mode=d.fragment_mode, outer_lr=d.outer_lr,
+                         outer_momentum=d.outer_momentum, nesterov=d.nesterov, overlap=min(d.overlap, inner - 1),
+                         alpha=d.alpha)

@@ -268,6 +268,8 @@ class StageRecord(Message):
     state: str  # joining | online | offline
     throughput: float = 0.0  # measured microbatches per second (EMA)
     progress: int = 0  # training progress counter (optimizer steps contributed)
+    outer_epoch: int = 0  # Streaming DiLoCo: sync boundaries this replica has passed (swarm/diloco.py)
+    epoch_steps: int = 0  # inner steps this replica took since its last boundary (summed by its stage)
     basis: str = ""  # basis_fingerprint of the subspace tensors
     corpus: str = ""  # data fingerprint, so peers with another corpus are noticed at join
     codecs: list[str] = dataclasses.field(default_factory=list)  # codecs this peer can decode

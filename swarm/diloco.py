@@ -218,6 +218,13 @@ class OuterLoop:
         self.rounds_applied[fragment] += 1
         return True
 
+    def reset(self) -> None:
+        """Restart the outer state from the current parameters (global copy = them, momentum 0)."""
+        self.global_ = [self._flat(p).to(self.outer_device) for p in range(self.settings.fragments)]
+        self.momentum = [torch.zeros_like(g) for g in self.global_]
+        self.rounds_applied = [0] * self.settings.fragments
+        self._pending.clear()
+
     def state_dict(self) -> dict:
         """Global copies, momenta and round counts (for checkpoints and joiners' state sync)."""
         return {"global": [g.clone() for g in self.global_], "momentum": [m.clone() for m in self.momentum],

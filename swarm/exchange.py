@@ -95,6 +95,7 @@ class RoundResult:
     role: str  # "leader" or "member"
     leader: str
     group: list[str] = field(default_factory=list)  # peers whose parts are in the mean (leader's view)
+    group_size: int = 0  # parts in the mean (members learn it from the leader's reply)
     rejected: dict[str, str] = field(default_factory=dict)  # peer -> reason (leader only)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -148,7 +149,7 @@ class FragmentExchange:
         self.stats: collections.Counter[str] = collections.Counter()
 
     async def register(self) -> None:
-        await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
+        await self.p2p.add_binary_stream_handler(HANDLER, self.handle_stream)
 
     def set_peers(self, peers: Iterable[str]) -> None:
         """The stage's ONLINE replicas from the DHT records (self is always included)."""
@@ -209,7 +210,7 @@ class FragmentExchange:
         mean = quantized(outcome.mean, self.codec)[1]
         kept = [peers[i] for i in outcome.kept]
         gather.result.set_result((mean, kept))
-        return RoundResult(mean, "leader", self.peer_id, group=kept, rejected=rejected)
+        return RoundResult(mean, "leader", self.peer_id, group=kept, group_size=len(kept), rejected=rejected)
 
     async def _join(self, key: RoundKey, part: torch.Tensor, leader: str) -> RoundResult:
         from hivemind.p2p import PeerID
@@ -225,8 +226,9 @@ class FragmentExchange:
                     for body in self._encode_parts(key, quantized(part, self.codec)[1]):
                         await write_frame(writer, body, timeout=max(0.1, deadline - loop.time()))
                         result.bytes_sent += len(body) + PREFIX_BYTES
-                    mean, received, _ = await self._read_parts(reader, key, leader)
+                    mean, received, _, size = await self._read_parts(reader, key, leader)
                     result.bytes_received += received
+                    result.group_size = int(size)
                 finally:
                     writer.close()
         except TimeoutError:
@@ -243,17 +245,18 @@ class FragmentExchange:
 
     # ----------------------------------------------------------------------------------------- wire
 
-    def _encode_parts(self, key: RoundKey, values: torch.Tensor) -> list[bytes]:
+    def _encode_parts(self, key: RoundKey, values: torch.Tensor, weight: float = 1.0) -> list[bytes]:
         pieces = chunk(values, self.settings.max_values_per_part)
         return [encode_message(FragmentPart(
             run_id=self.run_id, stage=key.stage, round_id=key.round, fragment_id=key.fragment, part=i,
             num_parts=len(pieces), offset=offset, total_values=values.numel(), values=piece.contiguous(),
-            codec=self.settings.codec), self.limits) for i, (offset, piece) in enumerate(pieces)]
+            codec=self.settings.codec, weight=weight), self.limits) for i, (offset, piece) in enumerate(pieces)]
 
     async def _read_parts(self, reader: asyncio.StreamReader, key: RoundKey | None, peer: str,
-                          timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey]:
-        """A whole fragment sent as FragmentParts; checked against ``key`` (None: taken from the first part)."""
-        received, out, expected_parts, got = 0, None, None, 0
+                          timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey, float]:
+        """A whole fragment sent as FragmentParts; checked against ``key`` (None: taken from the first part).
+        Returns the values, the bytes read, the key and the first part's weight."""
+        received, out, expected_parts, got, weight = 0, None, None, 0, 1.0
         while expected_parts is None or got < expected_parts:
             raw = await read_frame(reader, self.limits, timeout=timeout)
             if raw is None:
@@ -269,10 +272,10 @@ class FragmentExchange:
             self._check_part(msg, key, expected_parts, got)
             if out is None:
                 out = torch.empty(msg.total_values, dtype=torch.float32)
-                expected_parts = msg.num_parts
+                expected_parts, weight = msg.num_parts, msg.weight
             out[msg.offset:msg.offset + msg.values.numel()] = msg.values
             got += 1
-        return out, received, key
+        return out, received, key, weight
 
     def _check_part(self, msg: FragmentPart, key: RoundKey, expected_parts: int | None, index: int) -> None:
         if msg.run_id != self.run_id or msg.stage != self.stage:
@@ -311,7 +314,8 @@ class FragmentExchange:
             gather = self._gathers[key] = _Gather(self.fragment_sizes[key.fragment], expected, now)
         return gather
 
-    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one member's stream (the P2P handler; the daemon dispatches to the current exchange)."""
         peer = str(info.peer_id)
         try:
             reply = await self._serve(peer, reader)
@@ -330,7 +334,7 @@ class FragmentExchange:
         if peer not in self.peers:
             return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
         try:
-            values, received, key = await self._read_parts(reader, None, peer, timeout=self.settings.round_timeout_s)
+            values, received, key, _ = await self._read_parts(reader, None, peer, timeout=self.settings.round_timeout_s)
         except RemoteError:
             return []
         except ProtocolError as exc:
@@ -360,7 +364,7 @@ class FragmentExchange:
         mean, kept = outcome
         if peer not in kept:
             return [self._error("rejected", "your part was dropped from the average (non-finite or far too large)")]
-        return self._encode_parts(key, mean)
+        return self._encode_parts(key, mean, weight=float(len(kept)))  # the weight tells members the group size
 
     def _error(self, code: str, message: str) -> bytes:
         self.stats[f"refused_{code}"] += 1

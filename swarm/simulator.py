@@ -346,18 +346,22 @@ class LocalSwarm:
 
 
 class PipelineMonitor:
-    """Collects the pipeline counters and last-stage losses of every node incarnation from /health.
+    """Collects training losses, pipeline counters and replica-sync counters of every node incarnation
+    from /health.
 
-    Counters restart with a process, so each (node, pid) is kept apart and summed at the end;
-    the losses of last-stage nodes are merged by their wall-clock time.
+    Counters restart with a process, so each (node, pid) is kept apart and summed at the end; losses
+    (the last stage's in a pipeline, every replica's with one stage) are merged by wall-clock time.
     """
 
     COUNTERS = ("microbatches_ok", "microbatches_dropped", "microbatches_retried", "tokens_ok", "served",
                 "refused", "bytes_forward_sent", "bytes_backward_sent", "dense_forward_sent",
                 "dense_backward_sent")
+    OUTER_COUNTERS = ("rounds_started", "rounds_committed", "rounds_skipped", "rounds_missed", "resyncs",
+                      "bytes_sent", "bytes_received", "parts_rejected", "inner_steps")
 
     def __init__(self) -> None:
         self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
+        self.outer: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last replica-sync stats
         self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
         self.seen = False
 
@@ -373,36 +377,55 @@ class PipelineMonitor:
 
     def observe(self, index: int, pid: int, health: dict[str, Any] | None) -> None:
         """One /health of node ``index`` while it runs as process ``pid`` (one incarnation)."""
-        if not health or "pipeline" not in health:
+        if not health:
             return
-        self.seen = True
-        pipe = health["pipeline"]
-        self.latest[(index, pid)] = {**pipe, "stage": health.get("stage")}
-        for t, loss in pipe.get("recent_losses", []):
-            self.losses[(index, t)] = loss
+        if "outer" in health:
+            self.seen = True
+            self.outer[(index, pid)] = {**health["outer"], "stage": health.get("stage")}
+        for source in ("pipeline", "train"):
+            if source not in health:
+                continue
+            self.seen = True
+            if source == "pipeline":
+                self.latest[(index, pid)] = {**health["pipeline"], "stage": health.get("stage")}
+            for t, loss in health[source].get("recent_losses", []):
+                self.losses[(index, t)] = loss
 
     def summary(self, end_time: float) -> dict[str, Any]:
-        totals = {name: sum(int(p.get(name, 0)) for p in self.latest.values()) for name in self.COUNTERS}
+        out = self._loss_summary()
+        if self.latest:
+            out.update(self._pipeline_summary(end_time))
+        if self.outer:
+            out.update(self._outer_summary())
+        return out
+
+    def _loss_summary(self) -> dict[str, Any]:
         curve = sorted((t, loss) for (_, t), loss in self.losses.items())
         window = max(5, len(curve) // 10)
         first, last = curve[:window], curve[-window:]
-        sent = totals["bytes_forward_sent"] + totals["bytes_backward_sent"]
-        dense = totals["dense_forward_sent"] + totals["dense_backward_sent"]
-        elapsed = end_time - curve[0][0] if curve else 0.0
         buckets: dict[int, list[float]] = {}
         for t, loss in curve:
             buckets.setdefault(int((t - curve[0][0]) // 10), []).append(loss)
-        served: dict[int, int] = {}
-        driven: dict[int, int] = {}
-        for (index, _), p in self.latest.items():
-            served[index] = served.get(index, 0) + int(p.get("served", 0))
-            driven[index] = driven.get(index, 0) + int(p.get("microbatches_ok", 0))
         return {
             "loss_start": round(sum(v for _, v in first) / len(first), 4) if curve else None,
             "loss_end": round(sum(v for _, v in last) / len(last), 4) if curve else None,
             "loss_window": window if curve else 0,
             "losses_scored": len(curve),
             "loss_curve_10s": [[10 * b, round(sum(v) / len(v), 4)] for b, v in sorted(buckets.items())],
+        }
+
+    def _pipeline_summary(self, end_time: float) -> dict[str, Any]:
+        totals = {name: sum(int(p.get(name, 0)) for p in self.latest.values()) for name in self.COUNTERS}
+        curve = sorted(t for (_, t) in self.losses)
+        sent = totals["bytes_forward_sent"] + totals["bytes_backward_sent"]
+        dense = totals["dense_forward_sent"] + totals["dense_backward_sent"]
+        elapsed = end_time - curve[0] if curve else 0.0
+        served: dict[int, int] = {}
+        driven: dict[int, int] = {}
+        for (index, _), p in self.latest.items():
+            served[index] = served.get(index, 0) + int(p.get("served", 0))
+            driven[index] = driven.get(index, 0) + int(p.get("microbatches_ok", 0))
+        return {
             "tokens": totals["tokens_ok"],
             "tokens_per_s": round(totals["tokens_ok"] / elapsed, 2) if elapsed > 0 else 0.0,
             "bytes_forward": totals["bytes_forward_sent"],
@@ -416,6 +439,31 @@ class PipelineMonitor:
             "frames_refused": totals["refused"],
             "served_per_node": {str(i): n for i, n in sorted(served.items())},
             "driven_per_node": {str(i): n for i, n in sorted(driven.items())},
+        }
+
+    def _outer_summary(self) -> dict[str, Any]:
+        totals = {name: sum(int(o.get(name, 0)) for o in self.outer.values()) for name in self.OUTER_COUNTERS}
+        per_stage: dict[str, int] = {}
+        per_node: dict[str, int] = {}
+        for (index, _), o in self.outer.items():
+            if o.get("stage") is not None:
+                per_stage[str(o["stage"])] = per_stage.get(str(o["stage"]), 0) + int(o.get("rounds_committed", 0))
+            per_node[str(index)] = per_node.get(str(index), 0) + int(o.get("rounds_committed", 0))
+        params = max((int(o.get("params", 0)) for o in self.outer.values()), default=0)
+        steps = totals["inner_steps"]
+        return {
+            "outer_rounds_committed": totals["rounds_committed"],
+            "outer_rounds_skipped": totals["rounds_skipped"],
+            "outer_rounds_missed": totals["rounds_missed"],
+            "outer_rounds_committed_per_stage": dict(sorted(per_stage.items())),
+            "outer_rounds_committed_per_node": dict(sorted(per_node.items())),
+            "outer_parts_rejected": totals["parts_rejected"],
+            "resyncs": totals["resyncs"],
+            "inner_steps_total": steps,
+            "bytes_sent_total": totals["bytes_sent"],
+            # Exchange bytes per parameter of a stage per inner step, summed over replicas. Data parallel
+            # with fp32 gradients sends 4 bytes per parameter per step from every replica.
+            "bytes_per_param_per_step": round(totals["bytes_sent"] / (params * steps), 6) if params and steps else None,
         }
 
 

@@ -1,0 +1,221 @@
+"""Streaming DiLoCo between the replicas of the stage this node serves (DESIGN §1.2, §2).
+
+:class:`ReplicaSync` ties three things together:
+
+- **The shared schedule.** Boundaries are *epochs*: epoch ``k`` ends when the replicas of the stage
+  have taken ``U = H/P`` inner steps between them since epoch ``k-1`` ended. Every replica publishes
+  ``(outer_epoch, epoch_steps)`` in its DHT record; a replica adds its own live count to the other
+  replicas' published counts for the same epoch, and crosses the boundary when the sum reaches ``U``.
+  A replica that sees a peer in a later epoch moves there at once, so fast and slow volunteers meet
+  at the same rounds. Boundary ``k`` syncs fragment ``k mod P`` in round ``k div P``: with the
+  summed counter ``t = k·U`` that is exactly the schedule of swarm/diloco.py.
+- **The outer step** (:class:`swarm.diloco.OuterLoop`, held by the stage's ``StageWork``). At a
+  boundary the replica computes its outer gradient for the fragment, hands it to the exchange, keeps
+  training, and applies the group's mean once it has arrived and ``overlap`` (τ) of its own steps
+  have passed. A skipped round applies nothing.
+- **The exchange** (:class:`swarm.exchange.FragmentExchange`) on the node's P2P event loop.
+
+The schedule and the outer step run in the thread that trains (the S = 1 trainer, or the pipeline's
+compute thread), between optimizer steps: :meth:`after_step`. The DHT view arrives from the daemon's
+upkeep thread: :meth:`observe`. A replica that fell more than ``diloco.resync_rounds`` rounds behind
+sets :attr:`resync_requested`; the daemon downloads the stage's state again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any
+
+from node.config import RunConfig
+from node.metrics import NodeMetrics
+from node.serving import StageWork
+from protocol.messages import StageRecord
+from swarm.exchange import HANDLER, ExchangeSettings, FragmentExchange, RoundKey
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaSync:
+    """Streaming DiLoCo for this node's stage; one per daemon, re-attached on every stage change."""
+
+    def __init__(self, cfg: RunConfig, metrics: NodeMetrics, loop: asyncio.AbstractEventLoop, p2p: Any,
+                 peer_id: str, run_id: str) -> None:
+        self.cfg, self.metrics, self.loop, self.p2p = cfg, metrics, loop, p2p
+        self.peer_id, self.run_id = peer_id, run_id
+        self.work: StageWork | None = None
+        self.exchange: FragmentExchange | None = None
+        self._lock = threading.Lock()  # the epoch state: trainer thread vs. upkeep thread
+        self.epoch = 0
+        self.epoch_steps = 0
+        self.steps = 0  # this replica's inner steps since attach (for τ)
+        self._peers: dict[str, tuple[int, int]] = {}  # peer -> (epoch, steps in it), from the records
+        self._seen_peers = False
+        self._pending: dict[int, tuple[concurrent.futures.Future, int, RoundKey, float]] = {}
+        self.resync_requested = False
+        self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
+                                      "rounds_missed": 0, "resyncs": 0, "inner_steps": 0}
+        self.last_group = 0
+
+    async def register(self) -> None:
+        await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
+
+    async def _on_stream(self, info, reader, writer) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            writer.close()
+            return
+        await exchange.handle_stream(info, reader, writer)
+
+    # ------------------------------------------------------------------------------------ attach
+
+    def attach(self, work: StageWork) -> None:
+        """Sync ``work``'s stage from now on (called on every stage change and after a resync)."""
+        if work.outer is None:
+            return
+        wire = self.cfg.wire
+        sizes = [layout.numel for layout in work.outer.layouts]
+        settings = ExchangeSettings(
+            gather_s=self.cfg.swarm.exchange_gather_s, round_timeout_s=self.cfg.swarm.exchange_timeout_s,
+            max_group=self.cfg.diloco.max_group, codec=wire.fragment_codec, max_norm_ratio=self.cfg.diloco.max_norm_ratio,
+        )
+        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, settings, wire.limits())
+        with self._lock:
+            self._abandon_pending()
+            self.work, self.exchange = work, exchange
+            self.epoch_steps, self.steps = 0, 0
+            self._peers, self._seen_peers = {}, False
+            self.resync_requested = False
+        self.metrics.outer_epoch.set(self.epoch)
+
+    @property
+    def spacing(self) -> int:
+        """U: summed inner steps between two boundaries."""
+        s = self.work.outer.settings
+        return s.inner_steps // s.fragments
+
+    # ------------------------------------------------------------------------------------ the DHT view
+
+    def observe(self, records: dict[int, list[StageRecord]]) -> None:
+        """This round's records (upkeep thread): the stage's replicas and where they are in the schedule."""
+        work, exchange = self.work, self.exchange
+        if work is None or exchange is None:
+            return
+        mates = [r for r in records.get(work.stage, []) if r.state != "offline" and r.peer_id != self.peer_id]
+        online = [r.peer_id for r in mates if r.state == "online"]
+        self.loop.call_soon_threadsafe(exchange.set_peers, [self.peer_id, *online])
+        with self._lock:
+            self._peers = {r.peer_id: (max(0, r.outer_epoch), max(0, r.epoch_steps)) for r in mates}
+            if not self._seen_peers:
+                # A joiner takes its schedule position from the stage before it contributes.
+                self._seen_peers = True
+                ahead = max((e for e, _ in self._peers.values()), default=0)
+                if ahead > self.epoch:
+                    logger.info("stage %d: joining the schedule at epoch %d", work.stage, ahead)
+                    self.epoch, self.epoch_steps = ahead, 0
+        lag = max((e for e, _ in self._peers.values()), default=self.epoch) - self.epoch
+        self.metrics.outer_lag_epochs.set(max(0, lag))
+
+    def record_fields(self) -> dict[str, int]:
+        """What this replica publishes in its StageRecord."""
+        with self._lock:
+            return {"outer_epoch": self.epoch, "epoch_steps": self.epoch_steps}
+
+    # ------------------------------------------------------------------------------------ training thread
+
+    def after_step(self) -> None:
+        """After each inner optimizer step, in the thread that trains: apply, then maybe cross a boundary."""
+        work = self.work
+        if work is None or work.outer is None:
+            return
+        self.stats["inner_steps"] += 1
+        with self._lock:
+            self.epoch_steps += 1
+            self.steps += 1
+            target = self._target_epoch()
+        self._apply_ready(work)
+        if target > self.epoch:
+            self._cross(work, target)
+
+    def _target_epoch(self) -> int:
+        ahead = max((e for e, _ in self._peers.values()), default=0)
+        if ahead > self.epoch:
+            return ahead
+        summed = self.epoch_steps + sum(s for e, s in self._peers.values() if e == self.epoch)
+        return self.epoch + 1 if summed >= self.spacing else self.epoch
+
+    def _cross(self, work: StageWork, target: int) -> None:
+        settings = work.outer.settings
+        missed = target - self.epoch - 1
+        with self._lock:
+            self.epoch, self.epoch_steps = target, 0
+        self.metrics.outer_epoch.set(target)
+        if missed > 0:
+            self.stats["rounds_missed"] += missed
+            self.metrics.outer_rounds_total.labels("missed").inc(missed)
+            logger.info("stage %d: %d round(s) missed, now at epoch %d", work.stage, missed, target)
+            if missed // settings.fragments >= self.cfg.diloco.resync_rounds:
+                self.resync_requested = True
+        fragment, round_id = target % settings.fragments, target // settings.fragments
+        if fragment in self._pending:  # its previous round never came back: give it up
+            self._finish(work, fragment, None, "superseded")
+        key = RoundKey(work.stage, fragment, round_id)
+        with work.lock:
+            part = work.outer.begin(fragment, round_id)
+        future = asyncio.run_coroutine_threadsafe(self.exchange.run_round(key, part), self.loop)
+        self._pending[fragment] = (future, self.steps, key, time.monotonic())
+        self.stats["rounds_started"] += 1
+        self.metrics.outer_rounds_total.labels("started").inc()
+
+    def _apply_ready(self, work: StageWork) -> None:
+        tau = work.outer.settings.overlap
+        for fragment, (future, begun, _, _) in list(self._pending.items()):
+            if future.done() and self.steps - begun >= tau:
+                try:
+                    result = future.result()
+                except Exception as exc:
+                    logger.warning("stage %d fragment %d: exchange failed: %s", work.stage, fragment, exc)
+                    result = None
+                self._finish(work, fragment, result, "")
+
+    def _finish(self, work: StageWork, fragment: int, result, why: str) -> None:
+        future, _, key, started = self._pending.pop(fragment)
+        if result is None and not future.done():
+            future.cancel()
+        mean = result.mean if result is not None else None
+        with work.lock:
+            applied = work.outer.apply(fragment, mean)
+        outcome = "committed" if applied else "skipped"
+        self.stats[f"rounds_{outcome}"] += 1
+        self.metrics.outer_rounds_total.labels(outcome).inc()
+        self.metrics.outer_round_seconds.observe(time.monotonic() - started)
+        if result is not None:
+            self.metrics.outer_bytes_total.labels("sent").inc(result.bytes_sent)
+            self.metrics.outer_bytes_total.labels("received").inc(result.bytes_received)
+            for reason in result.rejected.values():
+                self.metrics.outer_parts_rejected_total.labels(reason).inc()
+            if applied:
+                self.last_group = result.group_size
+                self.metrics.outer_group_size.set(result.group_size)
+        reason = why or (result.reason if result is not None else "no result")
+        log = logger.info if applied else logger.warning
+        log("stage %d fragment %d round %d %s%s", key.stage, fragment, key.round, outcome,
+            "" if applied else f" ({reason})")
+
+    def _abandon_pending(self) -> None:
+        for future, *_ in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------------------ status
+
+    def health(self) -> dict[str, Any]:
+        exchange = self.exchange
+        ex = dict(exchange.stats) if exchange is not None else {}
+        return {**self.stats, "epoch": self.epoch, "epoch_steps": self.epoch_steps,
+                "bytes_sent": int(ex.get("bytes_sent", 0)), "bytes_received": int(ex.get("bytes_received", 0)),
+                "parts_rejected": int(ex.get("parts_rejected", 0)), "group_size": self.last_group,
+                "params": sum(layout.numel for layout in self.work.outer.layouts) if self.work and self.work.outer else 0}
