@@ -97,8 +97,8 @@ EXAMPLES = {
                                       data=bytes(range(256)) * 3),
     "stage_record": lambda: StageRecord(
         peer_id=PEERS[0], run_id="run-7", stage=1, num_stages=4, state="online", throughput=3.25,
-        progress=1200, basis="cd" * 32, corpus="ef" * 32, codecs=["fp32", "bf16", "e3m0"],
-        timestamp=1_763_790_000.5),
+        progress=1200, outer_epoch=7, epoch_steps=13, basis="cd" * 32, corpus="ef" * 32,
+        codecs=["fp32", "bf16", "e3m0"], timestamp=1_763_790_000.5),
     "run_record": lambda: RunRecord(
         run_id="run-7", creator=PEERS[0], created=1_763_790_000.25, publisher=PEERS[1],
         config=msgpack.packb({"model": {"name": "tiny"}, "pipeline": {"num_stages": 2}})),
@@ -542,3 +542,11 @@ def test_stream_refuses_bad_prefix_before_reading_the_body():
                 await read_frame(reader, timeout=5)
 
     _run(main())
+
+
+def test_stage_record_refuses_a_negative_schedule_position():
+    good = EXAMPLES["stage_record"]()
+    for field in ("outer_epoch", "epoch_steps"):
+        body = _rewrite(encode_message(good), lambda h, f=field: h.__setitem__(f, -1))
+        with pytest.raises(MalformedMessage, match=r"integer in 0\.\.2\^63-1"):
+            decode_message(body)
