@@ -278,10 +278,13 @@ class NodeDaemon:
             self.pipeline.serve(work)
         self._announce("joining")
 
-    def _download_into(self, work: StageWork) -> None:
+    def _download_into(self, work: StageWork, prefer: list[str] | None = None) -> None:
+        """Load ``work``'s stage from a peer (the most advanced first; ``prefer``: only those, if any serve)."""
         records, _ = self.dht.get_stage_records(self.run_id, self.cfg.pipeline.num_stages)
         peers = [r for r in records.get(work.stage, []) if r.state == "online" and r.peer_id != self.dht.peer_id]
         peers.sort(key=lambda r: -r.progress)
+        if prefer:
+            peers = [r for r in peers if r.peer_id in prefer] or peers
         for record in peers[:3]:
             if self.stop.is_set():
                 return
@@ -394,7 +397,7 @@ class NodeDaemon:
         """Fallen too many rounds behind: download the stage's state again, then rejoin the schedule."""
         logger.warning("stage %d: fell behind the other replicas; downloading the stage's state again", self.work.stage)
         self.sync.stats["resyncs"] += 1
-        self._download_into(self.work)
+        self._download_into(self.work, prefer=self.sync.resync_from)
         self.sync.attach(self.work)
 
     def _count_rejections(self, counts, cumulative: bool = False) -> None:

@@ -56,8 +56,9 @@ class ReplicaSync:
         self._seen_peers = False
         self._pending: dict[int, tuple[concurrent.futures.Future, int, RoundKey, float]] = {}
         self.resync_requested = False
+        self.resync_from: list[str] = []  # peers to download from when resyncing (empty: any)
         self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
-                                      "rounds_missed": 0, "resyncs": 0, "inner_steps": 0}
+                                      "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
         self.last_group = 0
 
     async def register(self) -> None:
@@ -88,7 +89,7 @@ class ReplicaSync:
             self.work, self.exchange = work, exchange
             self.epoch_steps, self.steps = 0, 0
             self._peers, self._seen_peers = {}, False
-            self.resync_requested = False
+            self.resync_requested, self.resync_from = False, []
         self.metrics.outer_epoch.set(self.epoch)
 
     @property
@@ -118,11 +119,39 @@ class ReplicaSync:
                     self.epoch, self.epoch_steps = ahead, 0
         lag = max((e for e, _ in self._peers.values()), default=self.epoch) - self.epoch
         self.metrics.outer_lag_epochs.set(max(0, lag))
+        self._check_history(work, [r for r in mates if r.state == "online"])
+
+    def _check_history(self, work: StageWork, mates: list[StageRecord]) -> None:
+        """Find out whether this replica's global copies drifted from the stage's (docs/diloco.md).
+
+        For each fragment, the replicas that applied the same last round should hold the same hash
+        chain of applied means. If more of them share another chain than share ours (on a tie, the
+        larger peer id gives way), this replica downloads the stage's state from one of them.
+        """
+        mine = work.outer.history()
+        for p, own in enumerate(mine):
+            round_tag = own.split(":", 1)[0]
+            if round_tag == "-1":
+                continue
+            others: dict[str, list[str]] = {}
+            for r in mates:
+                if len(r.outer_history) == len(mine) and r.outer_history[p].split(":", 1)[0] == round_tag:
+                    others.setdefault(r.outer_history[p], []).append(r.peer_id)
+            agree = 1 + len(others.pop(own, []))
+            for value, peers in others.items():
+                if len(peers) > agree or (len(peers) == agree and max(peers) < self.peer_id):
+                    logger.warning("stage %d fragment %d: this replica's history %s differs from %d peer(s)' %s; "
+                                   "downloading the stage's state again", work.stage, p, own, len(peers), value)
+                    self.resync_from = peers
+                    self.resync_requested = True
+                    self.stats["drift_detected"] += 1
+                    return
 
     def record_fields(self) -> dict[str, int]:
         """What this replica publishes in its StageRecord."""
+        history = self.work.outer.history() if self.work is not None and self.work.outer is not None else []
         with self._lock:
-            return {"outer_epoch": self.epoch, "epoch_steps": self.epoch_steps}
+            return {"outer_epoch": self.epoch, "epoch_steps": self.epoch_steps, "outer_history": history}
 
     # ------------------------------------------------------------------------------------ training thread
 

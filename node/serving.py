@@ -78,6 +78,8 @@ class StageWork:
         state = self.outer.state_dict()
         out = {f"{OUTER_PREFIX}global.{p}": g for p, g in enumerate(state["global"])}
         out.update({f"{OUTER_PREFIX}momentum.{p}": m for p, m in enumerate(state["momentum"])})
+        out[f"{OUTER_PREFIX}last_round"] = torch.tensor(state["last_round"], dtype=torch.int64)
+        out[f"{OUTER_PREFIX}chain"] = torch.frombuffer(bytearray(b"".join(state["chain"])), dtype=torch.uint8).view(-1, 32)
         return out
 
     def check_compatible(self, snap: StageSnapshot) -> None:
@@ -100,6 +102,8 @@ class StageWork:
                     "global": [snap.tensors[f"{OUTER_PREFIX}global.{p}"] for p in range(n)],
                     "momentum": [snap.tensors[f"{OUTER_PREFIX}momentum.{p}"] for p in range(n)],
                     "rounds_applied": self.outer.rounds_applied,
+                    "last_round": snap.tensors[f"{OUTER_PREFIX}last_round"].tolist(),
+                    "chain": [bytes(row.tolist()) for row in snap.tensors[f"{OUTER_PREFIX}chain"]],
                 })
             self.progress = snap.step
 

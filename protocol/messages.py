@@ -270,6 +270,7 @@ class StageRecord(Message):
     progress: int = 0  # training progress counter (optimizer steps contributed)
     outer_epoch: int = 0  # Streaming DiLoCo: sync boundaries this replica has passed (swarm/diloco.py)
     epoch_steps: int = 0  # inner steps this replica took since its last boundary (summed by its stage)
+    outer_history: list[str] = dataclasses.field(default_factory=list)  # per fragment "<round>:<chain>"
     basis: str = ""  # basis_fingerprint of the subspace tensors
     corpus: str = ""  # data fingerprint, so peers with another corpus are noticed at join
     codecs: list[str] = dataclasses.field(default_factory=list)  # codecs this peer can decode
@@ -282,6 +283,8 @@ class StageRecord(Message):
             raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
         if not self.stage < self.num_stages:
             raise MalformedMessage(f"StageRecord: stage {self.stage} is not below num_stages {self.num_stages}")
+        if len(self.outer_history) > 256 or any(not isinstance(h, str) or len(h) > 40 for h in self.outer_history):
+            raise MalformedMessage("StageRecord: outer_history must be at most 256 short strings")
 
 
 @message("run_record")

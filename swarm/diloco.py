@@ -32,6 +32,7 @@ them as +66% over data parallel, which an accelerator need not hold).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import statistics
@@ -176,6 +177,10 @@ class OuterLoop:
         self.global_ = [self._flat(p).to(self.outer_device) for p in range(settings.fragments)]
         self.momentum = [torch.zeros_like(g) for g in self.global_]
         self.rounds_applied = [0] * settings.fragments
+        # History of each fragment: the last round applied and a hash chain over every (round, mean)
+        # applied. Replicas that applied the same means hold the same chain whatever their floats.
+        self.last_round = [-1] * settings.fragments
+        self.chain = [bytes(32)] * settings.fragments
         self._pending: dict[int, int] = {}  # fragment -> round begun and not yet applied
 
     def _flat(self, fragment: int) -> torch.Tensor:
@@ -199,7 +204,8 @@ class OuterLoop:
         Returns True if parameters changed. A skipped round leaves the global copy, the momentum and
         the local parameters as they are.
         """
-        if self._pending.pop(fragment, None) is None:
+        round_id = self._pending.pop(fragment, None)
+        if round_id is None:
             raise RuntimeError(f"fragment {fragment}: apply() without begin()")
         if mean_delta is None:
             return False
@@ -216,19 +222,30 @@ class OuterLoop:
             param = self.params[name]
             param.copy_(value.to(param.device, param.dtype))
         self.rounds_applied[fragment] += 1
+        self.last_round[fragment] = round_id
+        digest = hashlib.sha256(self.chain[fragment] + round_id.to_bytes(8, "little", signed=True))
+        digest.update(delta.numpy().tobytes())
+        self.chain[fragment] = digest.digest()
         return True
+
+    def history(self) -> list[str]:
+        """Per fragment ``"<last round>:<chain prefix>"``: what replicas compare to find drifted copies."""
+        return [f"{r}:{c.hex()[:16]}" for r, c in zip(self.last_round, self.chain, strict=True)]
 
     def reset(self) -> None:
         """Restart the outer state from the current parameters (global copy = them, momentum 0)."""
         self.global_ = [self._flat(p).to(self.outer_device) for p in range(self.settings.fragments)]
         self.momentum = [torch.zeros_like(g) for g in self.global_]
         self.rounds_applied = [0] * self.settings.fragments
+        self.last_round = [-1] * self.settings.fragments
+        self.chain = [bytes(32)] * self.settings.fragments
         self._pending.clear()
 
     def state_dict(self) -> dict:
         """Global copies, momenta and round counts (for checkpoints and joiners' state sync)."""
         return {"global": [g.clone() for g in self.global_], "momentum": [m.clone() for m in self.momentum],
-                "rounds_applied": list(self.rounds_applied)}
+                "rounds_applied": list(self.rounds_applied), "last_round": list(self.last_round),
+                "chain": list(self.chain)}
 
     def load_state_dict(self, state: Mapping) -> None:
         for key, own in (("global", self.global_), ("momentum", self.momentum)):
@@ -238,6 +255,11 @@ class OuterLoop:
         self.global_ = [t.to(self.outer_device, torch.float32).clone() for t in state["global"]]
         self.momentum = [t.to(self.outer_device, torch.float32).clone() for t in state["momentum"]]
         self.rounds_applied = [int(r) for r in state["rounds_applied"]]
+        n = len(self.global_)
+        self.last_round = [int(r) for r in state.get("last_round", [-1] * n)]
+        self.chain = [bytes(c) for c in state.get("chain", [bytes(32)] * n)]
+        if len(self.last_round) != n or len(self.chain) != n or any(len(c) != 32 for c in self.chain):
+            raise ValueError("outer state history does not match the fragments")
         self._pending.clear()
 
 

@@ -239,3 +239,26 @@ def test_one_replica_outer_step_with_unit_lr_and_no_momentum_is_the_identity():
     for n, p in params.items():
         torch.testing.assert_close(p, moved[n])
     torch.testing.assert_close(loop.global_[0], loop.layouts[0].flatten(params))
+
+
+def test_history_chain_agrees_on_the_same_means_and_tells_a_skipped_round_apart():
+    a, b = (OuterLoop(dict(tiny_model().named_parameters()), OuterSettings(inner_steps=4, fragments=2))
+            for _ in range(2))
+    mean = torch.full((a.layouts[0].numel,), 1e-4)
+    for loop in (a, b):
+        loop.begin(0, 3)
+        loop.apply(0, mean)
+    assert a.history() == b.history() and a.history()[0].startswith("3:") and a.history()[1] == "-1:" + "0" * 16
+    a.begin(0, 4)
+    a.apply(0, mean)
+    b.begin(0, 4)
+    b.apply(0, None)  # b skipped round 4: same means so far, then a gap
+    a.begin(0, 5)
+    a.apply(0, mean)
+    b.begin(0, 5)
+    b.apply(0, mean)
+    assert a.history()[0].split(":")[0] == b.history()[0].split(":")[0] == "5"
+    assert a.history() != b.history()  # the same last round, different histories: b drifted
+    state = a.state_dict()
+    b.load_state_dict(state)
+    assert b.history() == a.history()

@@ -1,0 +1,93 @@
+"""ReplicaSync's bookkeeping without a network: the shared schedule and drift detection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from node.config import load_config
+from node.metrics import NodeMetrics
+from node.replica_sync import ReplicaSync
+from node.serving import StageWork
+from protocol.messages import StageRecord
+
+
+def small(tmp_path):
+    return load_config(None, model={"name": "t", "vocab_size": 256, "d_model": 32, "n_layers": 3, "n_heads": 2,
+                                    "ffn_hidden": 64, "max_seq_len": 32, "subspace_rank": 4},
+                       train={"seq_len": 16, "checkpoint_dir": str(tmp_path)},
+                       diloco={"inner_steps": 30, "fragments": 3})
+
+
+def record(peer, epoch=0, steps=0, history=(), state="online"):
+    return StageRecord(peer_id=peer, run_id="r", stage=0, num_stages=1, state=state, outer_epoch=epoch,
+                       epoch_steps=steps, outer_history=list(history))
+
+
+def make(tmp_path, peer="P5"):
+    cfg = small(tmp_path)
+    loop = asyncio.new_event_loop()
+    sync = ReplicaSync(cfg, NodeMetrics(), loop, None, peer, "r")
+    work = StageWork(cfg, "r", 0, tmp_path / peer)
+    sync.attach(work)
+    return sync, work, loop
+
+
+def test_the_epoch_is_summed_over_replicas_and_a_joiner_takes_the_stage_position(tmp_path):
+    sync, _, loop = make(tmp_path)
+    try:
+        assert sync.spacing == 10  # H = 30 summed steps over P = 3 fragments
+        sync.observe({0: [record("P1", epoch=4, steps=3), record("P2", epoch=4, steps=5)]})
+        assert sync.epoch == 4  # joined the schedule where the stage is, without a round
+        assert sync._target_epoch() == 4
+        sync.epoch_steps = 2  # 2 + 3 + 5 = 10 summed steps: the boundary
+        assert sync._target_epoch() == 5
+        sync.observe({0: [record("P1", epoch=7)]})  # a peer is ahead: move there at once
+        assert sync._target_epoch() == 7
+        fields = sync.record_fields()
+        assert fields["outer_epoch"] == 4 and len(fields["outer_history"]) == 3
+    finally:
+        loop.close()
+
+
+def test_a_replica_whose_history_differs_from_the_majority_resyncs(tmp_path):
+    sync, work, loop = make(tmp_path, peer="P5")
+    try:
+        work.outer.begin(0, 2)
+        work.outer.apply(0, torch.zeros(work.outer.layouts[0].numel))
+        mine = work.outer.history()
+        other = ["2:" + "ab" * 8, *mine[1:]]
+        # One peer agrees with us, one differs: 2 against 1, nothing to do.
+        sync.observe({0: [record("P1", history=mine), record("P2", history=other)]})
+        assert not sync.resync_requested
+        # Two peers share another history for the same round: we are the odd one out.
+        sync.observe({0: [record("P1", history=other), record("P2", history=other)]})
+        assert sync.resync_requested and sorted(sync.resync_from) == ["P1", "P2"]
+        sync.attach(work)
+        assert not sync.resync_requested
+        # Two replicas, one each way: the larger peer id gives way, so exactly one of them resyncs.
+        sync.observe({0: [record("P9", history=other)]})
+        assert not sync.resync_requested  # P9 > P5: P9 gives way
+        sync.observe({0: [record("P1", history=other)]})
+        assert sync.resync_requested and sync.resync_from == ["P1"]
+        sync.attach(work)
+        # Histories of another round are not compared (a replica may just be a round behind).
+        sync.observe({0: [record("P1", history=["1:" + "cd" * 8, *mine[1:]]), record("P2", history=["1:" + "cd" * 8, *mine[1:]])]})
+        assert not sync.resync_requested
+    finally:
+        loop.close()
+
+
+def test_outer_state_travels_in_snapshots(tmp_path):
+    cfg = small(tmp_path)
+    a, b = StageWork(cfg, "r", 0, tmp_path / "a"), StageWork(cfg, "r", 0, tmp_path / "b")
+    a.outer.begin(1, 0)
+    a.outer.apply(1, torch.full((a.outer.layouts[1].numel,), 1e-3))
+    snap = a.snapshot()
+    assert snap.round_id == 1 and "outer.global.1" in snap.tensors and "outer.chain" in snap.tensors
+    b.check_compatible(snap)
+    b.load(snap)
+    assert b.outer.history() == a.outer.history()
+    assert all(torch.equal(x, y) for x, y in zip(a.outer.global_, b.outer.global_, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.outer.momentum, b.outer.momentum, strict=True))
