@@ -60,7 +60,6 @@ REFUSAL_CODES = (  # swarm.pipeline.REFUSAL_CODES plus "other"
     "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "other",
 )
 # From 1 ms (one tiny stage on a fast machine) to 60 s (a whole pipeline round trip under load).
-OUTER_RESULTS = ("started", "committed", "skipped", "missed")
 OUTER_REJECT_REASONS = ("non_finite", "shape", "norm")
 OUTER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 PIPELINE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -182,10 +181,12 @@ class NodeMetrics:
             namespace=NAMESPACE, registry=self.registry, buckets=PIPELINE_BUCKETS_S)
         for phase in PIPELINE_PHASES:
             self.pipeline_compute_seconds.labels(phase)
-        self.outer_rounds_total = counter(
-            "outer_rounds", "Streaming DiLoCo fragment rounds of this replica: started, committed (the mean was "
-            "applied), skipped (no mean: the exchange failed or timed out), missed (boundaries jumped over).",
-            "result", OUTER_RESULTS)
+        self.outer_rounds_total = Counter(
+            "outer_rounds", "Streaming DiLoCo fragment rounds of this replica, by fragment: started, committed (the "
+            "mean was applied), skipped (no mean: the exchange failed or timed out), missed (boundaries jumped over).",
+            ("fragment", "result"), namespace=NAMESPACE, registry=self.registry)
+        for result in ("started", "committed", "skipped", "missed"):  # fragment 0 always exists
+            self.outer_rounds_total.labels("0", result)
         self.outer_round_seconds = Histogram(
             "outer_round_seconds", "From a fragment's boundary to its mean being applied or given up (s).",
             namespace=NAMESPACE, registry=self.registry, buckets=OUTER_BUCKETS_S)

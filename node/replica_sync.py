@@ -147,7 +147,7 @@ class ReplicaSync:
                     self.stats["drift_detected"] += 1
                     return
 
-    def record_fields(self) -> dict[str, int]:
+    def record_fields(self) -> dict[str, Any]:
         """What this replica publishes in its StageRecord."""
         history = self.work.outer.history() if self.work is not None and self.work.outer is not None else []
         with self._lock:
@@ -184,7 +184,8 @@ class ReplicaSync:
         self.metrics.outer_epoch.set(target)
         if missed > 0:
             self.stats["rounds_missed"] += missed
-            self.metrics.outer_rounds_total.labels("missed").inc(missed)
+            for k in range(self.epoch - missed, self.epoch):
+                self.metrics.outer_rounds_total.labels(str(k % settings.fragments), "missed").inc()
             logger.info("stage %d: %d round(s) missed, now at epoch %d", work.stage, missed, target)
             if missed // settings.fragments >= self.cfg.diloco.resync_rounds:
                 self.resync_requested = True
@@ -197,7 +198,7 @@ class ReplicaSync:
         future = asyncio.run_coroutine_threadsafe(self.exchange.run_round(key, part), self.loop)
         self._pending[fragment] = (future, self.steps, key, time.monotonic())
         self.stats["rounds_started"] += 1
-        self.metrics.outer_rounds_total.labels("started").inc()
+        self.metrics.outer_rounds_total.labels(str(fragment), "started").inc()
 
     def _apply_ready(self, work: StageWork) -> None:
         tau = work.outer.settings.overlap
@@ -219,7 +220,7 @@ class ReplicaSync:
             applied = work.outer.apply(fragment, mean)
         outcome = "committed" if applied else "skipped"
         self.stats[f"rounds_{outcome}"] += 1
-        self.metrics.outer_rounds_total.labels(outcome).inc()
+        self.metrics.outer_rounds_total.labels(str(fragment), outcome).inc()
         self.metrics.outer_round_seconds.observe(time.monotonic() - started)
         if result is not None:
             self.metrics.outer_bytes_total.labels("sent").inc(result.bytes_sent)

@@ -149,7 +149,7 @@ def test_golden_streaming_diloco_matches_the_reference(codec, overlap, alpha):
     local, opts = replicas()
     for t in range(1, STEPS + 1):
         inner_step(local[0], opts[0], 0, t)
-    gap = max(float((a - b).abs().max()) for a, b in zip(local[0].parameters(), models[0].parameters(), strict=True))
+    gap = max(float((a - b).detach().abs().max()) for a, b in zip(local[0].parameters(), models[0].parameters(), strict=True))
     assert gap > 1e-3
 
 
