@@ -179,8 +179,9 @@ class OuterLoop:
         self.rounds_applied = [0] * settings.fragments
         # History of each fragment: the last round applied and a hash chain over every (round, mean)
         # applied. Replicas that applied the same means hold the same chain whatever their floats.
-        self.last_round = [-1] * settings.fragments
-        self.chain = [bytes(32)] * settings.fragments
+        # One (round, chain) tuple per fragment, replaced whole: a reader on another thread (the record
+        # publisher) never sees a round with the previous round's chain.
+        self._history: list[tuple[int, bytes]] = [(-1, bytes(32))] * settings.fragments
         self._pending: dict[int, int] = {}  # fragment -> round begun and not yet applied
 
     def _flat(self, fragment: int) -> torch.Tensor:
@@ -222,23 +223,29 @@ class OuterLoop:
             param = self.params[name]
             param.copy_(value.to(param.device, param.dtype))
         self.rounds_applied[fragment] += 1
-        self.last_round[fragment] = round_id
-        digest = hashlib.sha256(self.chain[fragment] + round_id.to_bytes(8, "little", signed=True))
+        digest = hashlib.sha256(self._history[fragment][1] + round_id.to_bytes(8, "little", signed=True))
         digest.update(delta.numpy().tobytes())
-        self.chain[fragment] = digest.digest()
+        self._history[fragment] = (round_id, digest.digest())
         return True
+
+    @property
+    def last_round(self) -> list[int]:
+        return [r for r, _ in self._history]
+
+    @property
+    def chain(self) -> list[bytes]:
+        return [c for _, c in self._history]
 
     def history(self) -> list[str]:
         """Per fragment ``"<last round>:<chain prefix>"``: what replicas compare to find drifted copies."""
-        return [f"{r}:{c.hex()[:16]}" for r, c in zip(self.last_round, self.chain, strict=True)]
+        return [f"{r}:{c.hex()[:16]}" for r, c in list(self._history)]
 
     def reset(self) -> None:
         """Restart the outer state from the current parameters (global copy = them, momentum 0)."""
         self.global_ = [self._flat(p).to(self.outer_device) for p in range(self.settings.fragments)]
         self.momentum = [torch.zeros_like(g) for g in self.global_]
         self.rounds_applied = [0] * self.settings.fragments
-        self.last_round = [-1] * self.settings.fragments
-        self.chain = [bytes(32)] * self.settings.fragments
+        self._history = [(-1, bytes(32))] * self.settings.fragments
         self._pending.clear()
 
     def state_dict(self) -> dict:
@@ -256,10 +263,11 @@ class OuterLoop:
         self.momentum = [t.to(self.outer_device, torch.float32).clone() for t in state["momentum"]]
         self.rounds_applied = [int(r) for r in state["rounds_applied"]]
         n = len(self.global_)
-        self.last_round = [int(r) for r in state.get("last_round", [-1] * n)]
-        self.chain = [bytes(c) for c in state.get("chain", [bytes(32)] * n)]
-        if len(self.last_round) != n or len(self.chain) != n or any(len(c) != 32 for c in self.chain):
+        rounds = [int(r) for r in state.get("last_round", [-1] * n)]
+        chains = [bytes(c) for c in state.get("chain", [bytes(32)] * n)]
+        if len(rounds) != n or len(chains) != n or any(len(c) != 32 for c in chains):
             raise ValueError("outer state history does not match the fragments")
+        self._history = list(zip(rounds, chains, strict=True))
         self._pending.clear()
 
 

@@ -58,6 +58,10 @@ def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp
     assert in_use > 0, (s["stage_of_node"], s["served_per_node"], s["driven_per_node"])
     assert processes_mentioning(str(tmp_path)) == []
 
+    # Replica sync runs inside the pipeline stages: every stage's replicas committed outer rounds.
+    per_stage = s["outer_rounds_committed_per_stage"]
+    assert all(per_stage.get(str(stage), 0) >= 1 for stage in range(3)), per_stage
+
 
 def test_the_monitor_sums_each_node_process_once():
     monitor = PipelineMonitor()
