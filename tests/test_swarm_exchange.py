@@ -29,6 +29,19 @@ def exchanges(daemons, **settings):
     return ex
 
 
+async def registered(daemons, **settings):
+    ex = exchanges(daemons, **settings)
+    for e in ex:
+        await e.register()
+    return ex, [e.peer_id for e in ex]
+
+
+def led_by(leader, peers, fragment=0):
+    """The first round of ``fragment`` whose single group ``leader`` leads."""
+    return next(RoundKey(0, fragment, r) for r in range(1000)
+                if plan_groups(RUN, RoundKey(0, fragment, r), peers, 16)[0][0] == leader)
+
+
 def parts(n, numel=1000, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(numel, generator=gen) * 1e-3 for _ in range(n)]
@@ -49,9 +62,7 @@ def test_plan_groups_is_deterministic_capped_and_mixes():
 
 def test_three_replicas_agree_on_the_same_mean():
     async def body(*daemons):
-        ex = exchanges(daemons)
-        for e in ex:
-            await e.register()
+        ex, _ = await registered(daemons)
         key = RoundKey(0, 0, 3)
         mine = parts(3)
         results = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(ex, mine, strict=True)))
@@ -75,12 +86,9 @@ def test_three_replicas_agree_on_the_same_mean():
 
 def test_a_silent_member_is_left_out_and_a_dead_leader_skips_the_round():
     async def body(*daemons):
-        ex = exchanges(daemons)
-        for e in ex:
-            await e.register()
-        peers = [e.peer_id for e in ex]
+        ex, peers = await registered(daemons)
         # A round whose leader is live: one member never shows up (it crashed before sending).
-        key = next(RoundKey(0, 0, r) for r in range(100) if plan_groups(RUN, RoundKey(0, 0, r), peers, 16)[0][0] == peers[0])
+        key = led_by(peers[0], peers, 0)
         mine = parts(3, seed=1)
         t0 = time.monotonic()
         results = await asyncio.gather(ex[0].run_round(key, mine[0]), ex[1].run_round(key, mine[1]))
@@ -90,7 +98,7 @@ def test_a_silent_member_is_left_out_and_a_dead_leader_skips_the_round():
         assert torch.equal(results[0].mean, results[1].mean)
 
         # A round led by peer 2, which is dead: the others skip it, within their deadline.
-        key = next(RoundKey(0, 1, r) for r in range(100) if plan_groups(RUN, RoundKey(0, 1, r), peers, 16)[0][0] == peers[2])
+        key = led_by(peers[2], peers, 1)
         await daemons[2].shutdown()
         t0 = time.monotonic()
         results = await asyncio.gather(*(ex[i].run_round(key, parts(1, 300, seed=i)[0]) for i in range(2)))
@@ -103,11 +111,8 @@ def test_a_silent_member_is_left_out_and_a_dead_leader_skips_the_round():
 
 def test_poisoned_part_is_dropped_and_its_sender_skips():
     async def body(*daemons):
-        ex = exchanges(daemons)
-        for e in ex:
-            await e.register()
-        peers = [e.peer_id for e in ex]
-        key = next(RoundKey(0, 0, r) for r in range(100) if plan_groups(RUN, RoundKey(0, 0, r), peers, 16)[0][0] == peers[0])
+        ex, peers = await registered(daemons)
+        key = led_by(peers[0], peers, 0)
         mine = parts(3, seed=2)
         mine[2] = mine[2] * 1e5  # replica 2 diverged (or lies): its norm is 10^5 times the others'
         results = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(ex, mine, strict=True)))
@@ -157,11 +162,8 @@ def test_malformed_parts_get_error_replies_and_repeat_offenders_are_banned():
 
 def test_early_parts_wait_for_a_late_leader():
     async def body(*daemons):
-        ex = exchanges(daemons[:2])
-        for e in ex:
-            await e.register()
-        peers = [e.peer_id for e in ex]
-        key = next(RoundKey(0, 0, r) for r in range(100) if plan_groups(RUN, RoundKey(0, 0, r), peers, 16)[0][0] == peers[0])
+        ex, peers = await registered(daemons[:2])
+        key = led_by(peers[0], peers, 0)
         mine = parts(2, seed=3)
         member = asyncio.create_task(ex[1].run_round(key, mine[1]))
         await wait_for(lambda: key in ex[0]._gathers and ex[0]._gathers[key].parts, 5, "the early part is held")
