@@ -40,7 +40,12 @@ from protocol.schema import PROTOCOL_VERSION
 from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
 from swarm.dht import SwarmDHT, descendants
 from swarm.records import choose_run
-from swarm.state_transfer import StageStateServer, StateTransferError, download_stage_state
+from swarm.state_transfer import (
+    StageStateServer,
+    StateTransferError,
+    download_from_replicas,
+    download_stage_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +290,8 @@ class NodeDaemon:
         peers.sort(key=lambda r: -r.progress)
         if prefer:
             peers = [r for r in peers if r.peer_id in prefer] or peers
+        if work.outer is not None and peers and self._download_consensus(work, peers):
+            return
         for record in peers[:3]:
             if self.stop.is_set():
                 return
@@ -303,6 +310,29 @@ class NodeDaemon:
             logger.info("loaded stage %d (step %d) from %s", work.stage, snap.step, record.peer_id)
             return
         logger.info("no peer serves stage %d: starting it from the seeded initialisation", work.stage)
+
+    def _download_consensus(self, work: StageWork, peers: list[StageRecord]) -> bool:
+        """Replica sync on: take the stage's agreed outer state from several replicas at once (resuming
+        when one leaves) and start the local weights from its global copies. False: use a full download."""
+        from hivemind.p2p import PeerID
+
+        started = time.monotonic()
+        ids = [PeerID.from_base58(r.peer_id) for r in peers[:8]]
+        try:
+            snap, served = self._run_async(download_from_replicas(
+                self._p2p, ids, self.run_id, work.stage, self.cfg.wire.limits(), timeout=100), timeout=120)
+            work.load_consensus(snap)
+        except (StateTransferError, TimeoutError, ValueError) as exc:
+            self.metrics.count_state_download("failed")
+            logger.warning("cannot download stage %d's consensus state (%s); trying a full download", work.stage, exc)
+            return False
+        work.progress = max(r.progress for r in peers)  # the schedule's position for warm-up and decay
+        self.metrics.count_state_download("ok")
+        self.metrics.state_download_seconds.observe(time.monotonic() - started)
+        self.metrics.state_download_bytes_total.inc(sum(t.numel() * t.element_size() for t in snap.tensors.values()))
+        logger.info("loaded stage %d's consensus state from %d peer(s) (chunks: %s)", work.stage, len(served),
+                    served)
+        return True
 
     async def _download(self, peer_id: str, stage: int):
         from hivemind.p2p import PeerID
@@ -462,6 +492,7 @@ class NodeDaemon:
         server = StageStateServer(
             self.run_id, lambda: self.work.snapshot() if self.work else None, self.cfg.wire.limits(),
             on_error=lambda exc: self.metrics.count_protocol_error(exc.code),
+            consensus=lambda: self.work.consensus_snapshot() if self.work else None,
         )
         await server.register(self._p2p)
         if self.cfg.diloco.enabled:

@@ -14,6 +14,7 @@ for each optimizer step, snapshots (for peers downloading this stage) copy under
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -67,6 +68,46 @@ class StageWork:
             tensors.update(self._outer_tensors())
             return StageSnapshot(stage=self.stage, step=self.progress, round_id=self.outer_rounds, tensors=tensors)
 
+    def consensus_snapshot(self) -> StageSnapshot | None:
+        """What the stage's replicas agree on: global copies, momenta and history, no local weights.
+
+        ``step`` is 0 and ``round_id`` a hash of the history, so replicas that applied the same means
+        serve identical bytes under one digest and a joiner can fetch it from several of them.
+        """
+        if self.outer is None:
+            return None
+        with self.lock:
+            tensors = self._outer_tensors()
+            history = "|".join(self.outer.history())
+        tag = int.from_bytes(hashlib.sha256(history.encode()).digest()[:7], "little")
+        return StageSnapshot(stage=self.stage, step=0, round_id=tag, tensors=tensors)
+
+    def load_consensus(self, snap: StageSnapshot) -> None:
+        """Take the stage's agreed outer state and start the local weights from its global copies."""
+        own = self._outer_tensors()
+        if snap.stage != self.stage or set(snap.tensors) != set(own):
+            raise ValueError(f"consensus state is not stage {self.stage}'s outer state")
+        for name, tensor in own.items():
+            if snap.tensors[name].shape != tensor.shape or snap.tensors[name].dtype != tensor.dtype:
+                raise ValueError(f"{name}: got {tuple(snap.tensors[name].shape)}, expected {tuple(tensor.shape)}")
+        with self.lock:
+            self._load_outer(snap.tensors)
+            with torch.no_grad():
+                for layout, flat in zip(self.outer.layouts, self.outer.global_, strict=True):
+                    for name, value in layout.unflatten(flat).items():
+                        param = self.outer.params[name]
+                        param.copy_(value.to(param.device, param.dtype))
+
+    def _load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
+        n = len(self.outer.global_)
+        self.outer.load_state_dict({
+            "global": [tensors[f"{OUTER_PREFIX}global.{p}"] for p in range(n)],
+            "momentum": [tensors[f"{OUTER_PREFIX}momentum.{p}"] for p in range(n)],
+            "rounds_applied": self.outer.rounds_applied,
+            "last_round": tensors[f"{OUTER_PREFIX}last_round"].tolist(),
+            "chain": [bytes(row.tolist()) for row in tensors[f"{OUTER_PREFIX}chain"]],
+        })
+
     @property
     def outer_rounds(self) -> int:
         """Outer rounds applied to this state (all fragments): part of a snapshot's identity."""
@@ -97,14 +138,7 @@ class StageWork:
         with self.lock:
             self.module.load_state_dict({k: v for k, v in snap.tensors.items() if not k.startswith(OUTER_PREFIX)})
             if self.outer is not None:
-                n = len(self.outer.global_)
-                self.outer.load_state_dict({
-                    "global": [snap.tensors[f"{OUTER_PREFIX}global.{p}"] for p in range(n)],
-                    "momentum": [snap.tensors[f"{OUTER_PREFIX}momentum.{p}"] for p in range(n)],
-                    "rounds_applied": self.outer.rounds_applied,
-                    "last_round": snap.tensors[f"{OUTER_PREFIX}last_round"].tolist(),
-                    "chain": [bytes(row.tolist()) for row in snap.tensors[f"{OUTER_PREFIX}chain"]],
-                })
+                self._load_outer(snap.tensors)
             self.progress = snap.step
 
     def save_checkpoint(self) -> Path | None:

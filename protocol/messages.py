@@ -69,6 +69,7 @@ STAGE_STATES = ("joining", "online", "offline")
 MAX_WEIGHT = 1e12  # a contribution's weight (e.g. tokens trained); larger ones are refused
 MAX_STATE_NDIM = 8
 MAX_STATE_DIM = 1 << 40
+STATE_PARTS = ("all", "consensus")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 _HEX = re.compile(r"[0-9a-f]*")
 # Run ids name directories on every peer (checkpoints): no separators, no "..", bounded.
@@ -168,10 +169,19 @@ class FragmentPart(Message):
 
 @message("state_request")
 class StateRequest(Message):
-    """A joiner asks a replica for the manifest of its stage's current state."""
+    """A joiner asks a replica for the manifest of its stage's current state.
+
+    ``part``: ``all`` (the replica's weights, and its outer state when it has one) or ``consensus``
+    (only what the stage's replicas agree on: the Streaming DiLoCo global copies, momenta and history,
+    the same bytes on every replica that applied the same means, so it can come from several)."""
 
     run_id: str
     stage: int
+    part: str = "all"
+
+    def check(self, limits: WireLimits) -> None:
+        if self.part not in STATE_PARTS:
+            raise MalformedMessage(f"StateRequest: part {short_repr(self.part)} is not one of {STATE_PARTS}")
 
 
 @record

@@ -34,6 +34,7 @@ Refusals the server sends on purpose are ``ErrorReply`` codes: ``wrong_run``, ``
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import sys
@@ -164,7 +165,7 @@ def decode_snapshot(manifest: StateManifest, data: torch.Tensor, check_finite: b
 
 @dataclass
 class _Serialized:
-    key: tuple[int, int, int]  # (stage, step, round_id) the bytes were taken at
+    key: tuple[str, int, int, int]  # (part, stage, step, round_id) the bytes were taken at
     manifest: StateManifest
     data: torch.Tensor  # uint8, the serialized state
 
@@ -181,13 +182,17 @@ class StageStateServer:
 
     def __init__(self, run_id: str, snapshot: Callable[[], StageSnapshot | None],
                  limits: WireLimits = DEFAULT_LIMITS, chunk_bytes: int = 4 << 20,
-                 on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2):
+                 on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2,
+                 consensus: Callable[[], StageSnapshot | None] | None = None):
+        """``consensus()``: the state every replica of the stage agrees on (``StateRequest.part ==
+        "consensus"``), or None when this node has no such thing."""
         if not 0 < chunk_bytes <= limits.max_frame_bytes - _FRAME_SLACK:
             raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - _FRAME_SLACK}")
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be at least 1, got {keep_snapshots}")
         self.run_id, self.limits, self.chunk_bytes = run_id, limits, chunk_bytes
         self._snapshot, self._on_error, self._keep = snapshot, on_error, keep_snapshots
+        self._consensus = consensus
         self._cache: OrderedDict[str, _Serialized] = OrderedDict()  # digest → bytes, least recent first
         self._lock = asyncio.Lock()  # one serialization at a time; concurrent joiners share it
 
@@ -214,13 +219,15 @@ class StageStateServer:
         if msg.run_id != self.run_id:
             text = f"this node trains run {short_repr(self.run_id)}, not {short_repr(msg.run_id)}"
             return ErrorReply(code="wrong_run", message=text)
-        snap = self._snapshot()
+        source = self._snapshot if msg.part == "all" else self._consensus
+        snap = source() if source is not None else None
         if snap is None:
-            return ErrorReply(code="no_state", message="this node has no stage state to serve yet")
+            what = "stage state" if msg.part == "all" else "consensus stage state (replica sync off?)"
+            return ErrorReply(code="no_state", message=f"this node has no {what} to serve")
         if snap.stage != msg.stage:
             text = f"this node serves stage {snap.stage}, not {msg.stage}"
             return ErrorReply(code="wrong_stage", message=text)
-        key = (snap.stage, snap.step, snap.round_id)
+        key = (msg.part, snap.stage, snap.step, snap.round_id)
         async with self._lock:
             cached = next((s for s in self._cache.values() if s.key == key), None)
             if cached is None:
@@ -327,27 +334,116 @@ async def _fetch_chunks(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, manifest: StateManifest, limits: WireLimits,
     timeout: float,
 ) -> torch.Tensor:
-    total, size, name = manifest.total_bytes, manifest.chunk_bytes, manifest.digest[:12]
+    total, size = manifest.total_bytes, manifest.chunk_bytes
     # The one allocation sized by the peer, after the cap was checked; torch.empty does not zero-fill
     # (a 16 GiB bytearray would hold the event loop for seconds while it is cleared).
     data = torch.empty(total, dtype=torch.uint8)
     view = memoryview(data.numpy())
-    for index, chunk_sha in enumerate(manifest.chunk_sha256):
-        ask = StateChunkRequest(run_id=manifest.run_id, stage=manifest.stage, digest=manifest.digest,
-                                index=index)
-        chunk = await request(reader, writer, ask, limits, timeout=timeout)
-        if not isinstance(chunk, StateChunk):
-            raise MalformedMessage(f"expected chunk {index} of state {name}, got {type(chunk).__name__}")
-        asked = (ask.run_id, ask.stage, ask.digest, index)
-        if (chunk.run_id, chunk.stage, chunk.digest, chunk.index) != asked:
-            raise MalformedMessage(f"asked for chunk {index} of state {name}, got another chunk")
+    for index in range(len(manifest.chunk_sha256)):
         start = index * size
-        want = min(size, total - start)
-        if len(chunk.data) != want:
-            raise MalformedMessage(f"chunk {index} has {len(chunk.data)} bytes, expected {want}")
-        big = len(chunk.data) > _HASH_OFF_LOOP
-        digest = await asyncio.to_thread(_sha256, chunk.data) if big else _sha256(chunk.data)
-        if digest != chunk_sha:
-            raise ChecksumError(f"chunk {index} of state {name}: SHA-256 does not match the manifest")
-        view[start : start + want] = chunk.data
+        view[start : start + min(size, total - start)] = await _get_chunk(reader, writer, manifest, index, limits, timeout)
     return data
+
+
+async def _get_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, manifest: StateManifest, index: int,
+                     limits: WireLimits, timeout: float) -> bytes | memoryview:
+    """Chunk ``index`` of the state ``manifest`` names, checked (identity, length, SHA-256)."""
+    total, size, name = manifest.total_bytes, manifest.chunk_bytes, manifest.digest[:12]
+    ask = StateChunkRequest(run_id=manifest.run_id, stage=manifest.stage, digest=manifest.digest, index=index)
+    chunk = await request(reader, writer, ask, limits, timeout=timeout)
+    if not isinstance(chunk, StateChunk):
+        raise MalformedMessage(f"expected chunk {index} of state {name}, got {type(chunk).__name__}")
+    if (chunk.run_id, chunk.stage, chunk.digest, chunk.index) != (ask.run_id, ask.stage, ask.digest, index):
+        raise MalformedMessage(f"asked for chunk {index} of state {name}, got another chunk")
+    want = min(size, total - index * size)
+    if len(chunk.data) != want:
+        raise MalformedMessage(f"chunk {index} has {len(chunk.data)} bytes, expected {want}")
+    big = len(chunk.data) > _HASH_OFF_LOOP
+    digest = await asyncio.to_thread(_sha256, chunk.data) if big else _sha256(chunk.data)
+    if digest != manifest.chunk_sha256[index]:
+        raise ChecksumError(f"chunk {index} of state {name}: SHA-256 does not match the manifest")
+    return chunk.data
+
+
+async def download_from_replicas(p2p: Any, peer_ids: list[Any], run_id: str, stage: int,
+                                 limits: WireLimits = DEFAULT_LIMITS, timeout: float = 60.0, *,
+                                 part: str = "consensus", max_total_bytes: int = 16 << 30,
+                                 ) -> tuple[StageSnapshot, dict[str, int]]:
+    """Download one state from several replicas at once; returns it and the chunks each peer sent.
+
+    Every peer is asked for its manifest of ``part``; the digest most of them offer is the state taken
+    (ties: the earliest peer in ``peer_ids``). Its chunks are fetched in parallel, one stream per
+    donor; a donor that fails or leaves hands its unfinished chunk back and the others take over, so
+    the download resumes as long as one donor of that digest remains. Chunks are verified one by
+    one against the manifest, the whole state as in :func:`download_stage_state`.
+    """
+    where = f"stage {stage} {part} state from {len(peer_ids)} peer(s)"
+    started = time.perf_counter()
+    streams: list[tuple[str, asyncio.StreamReader, asyncio.StreamWriter, StateManifest]] = []
+
+    async def manifest_of(pid: Any):
+        _, reader, writer = await p2p.call_binary_stream_handler(pid, StageStateServer.HANDLER)
+        try:
+            reply = await request(reader, writer, StateRequest(run_id=run_id, stage=stage, part=part), limits,
+                                  timeout=timeout)
+            manifest = _check_manifest(reply, run_id, stage, limits, max_total_bytes)
+        except BaseException:
+            writer.close()
+            raise
+        return str(pid), reader, writer, manifest
+
+    try:
+        async with asyncio.timeout(timeout):
+            answers = await asyncio.gather(*(manifest_of(pid) for pid in peer_ids), return_exceptions=True)
+            for pid, answer in zip(peer_ids, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    logger.info("peer %s: no %s manifest for stage %d: %s", pid, part, stage, answer)
+                else:
+                    streams.append(answer)
+            if not streams:
+                raise StateTransferError(f"{where}: no peer offered one", peer="", reason="no_state")
+            votes: dict[str, int] = {}
+            for _, _, _, m in streams:
+                votes[m.digest] = votes.get(m.digest, 0) + 1
+            digest = max(votes, key=lambda d: (votes[d], -next(i for i, s in enumerate(streams) if s[3].digest == d)))
+            donors = [s for s in streams if s[3].digest == digest]
+            manifest = donors[0][3]
+            data = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+            view = memoryview(data.numpy())
+            todo = collections.deque(range(len(manifest.chunk_sha256)))
+            served: dict[str, int] = {}
+            healthy = list(donors)
+
+            async def worker(donor) -> bool:
+                pid, reader, writer, _ = donor
+                while todo:
+                    index = todo.popleft()
+                    try:
+                        chunk = await _get_chunk(reader, writer, manifest, index, limits, timeout)
+                    except Exception as exc:  # this donor failed or left: the others take its chunk
+                        todo.appendleft(index)
+                        logger.info("peer %s left mid-download of stage %d (%s); %d chunk(s) to go", pid, stage,
+                                    exc, len(todo))
+                        return False
+                    start = index * manifest.chunk_bytes
+                    view[start : start + len(chunk)] = chunk
+                    served[pid] = served.get(pid, 0) + 1
+                return True
+
+            while todo and healthy:
+                results = await asyncio.gather(*(worker(d) for d in healthy))
+                healthy = [d for d, ok in zip(healthy, results, strict=True) if ok]
+            if todo:
+                raise StateTransferError(f"{where}: every donor of state {digest[:12]} left with {len(todo)} "
+                                         "chunk(s) to go", peer=",".join(served), reason="donors_left")
+            snap = await asyncio.to_thread(decode_snapshot, manifest, data, limits.check_finite)
+    except TimeoutError:
+        raise StateTransferError(f"{where}: not downloaded within {timeout} s", peer="", reason="timeout") from None
+    except ProtocolError as exc:
+        raise StateTransferError(f"{where}: [{exc.code}] {exc}", peer="", reason=exc.code) from exc
+    finally:
+        for _, _, writer, _ in streams:
+            writer.close()
+    logger.info("stage %d: downloaded %d bytes of %s state %s from %d peer(s) %s in %.2f s", stage,
+                manifest.total_bytes, part, digest[:12], len(served), served, time.perf_counter() - started)
+    return snap, served

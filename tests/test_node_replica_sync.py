@@ -91,3 +91,25 @@ def test_outer_state_travels_in_snapshots(tmp_path):
     assert b.outer.history() == a.outer.history()
     assert all(torch.equal(x, y) for x, y in zip(a.outer.global_, b.outer.global_, strict=True))
     assert all(torch.equal(x, y) for x, y in zip(a.outer.momentum, b.outer.momentum, strict=True))
+
+
+def test_consensus_state_is_the_same_bytes_on_agreeing_replicas_and_a_joiner_starts_from_it(tmp_path):
+    from swarm.state_transfer import encode_snapshot
+
+    cfg = small(tmp_path)
+    a, b, joiner = (StageWork(cfg, "r", 0, tmp_path / n) for n in ("a", "b", "j"))
+    mean = torch.full((a.outer.layouts[2].numel,), 1e-3)
+    for work in (a, b):
+        with torch.no_grad():  # their local weights differ; their agreed state does not
+            next(work.module.parameters()).add_(torch.rand(()).item())
+        work.outer.begin(2, 0)
+        work.outer.apply(2, mean)
+    digest = [encode_snapshot(w.consensus_snapshot(), "r", 1 << 20)[0].digest for w in (a, b)]
+    assert digest[0] == digest[1]
+    assert "stages.0.lm_head.weight" not in a.consensus_snapshot().tensors  # no local weights
+    joiner.load_consensus(a.consensus_snapshot())
+    assert joiner.outer.history() == a.outer.history()
+    for layout, flat in zip(joiner.outer.layouts, a.outer.global_, strict=True):
+        params = dict(joiner.module.named_parameters())
+        for name, value in layout.unflatten(flat).items():
+            assert torch.equal(params[name].detach(), value)

@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 from hivemind.p2p import P2P
+from p2p_util import run_p2p
 
 from protocol.errors import ProtocolError, RemoteError
 from protocol.messages import StateChunk, StateChunkRequest, StateManifest, StateRequest
@@ -23,6 +24,7 @@ from swarm.state_transfer import (
     StageStateServer,
     StateTransferError,
     decode_snapshot,
+    download_from_replicas,
     download_stage_state,
     encode_snapshot,
     manifest_digest,
@@ -292,3 +294,47 @@ def test_client_that_walks_away_does_not_break_the_server():
 
     _run(body)
 
+
+
+class _LeavingServer(StageStateServer):
+    """Serves ``after`` chunks, then its daemon shuts down (a donor that leaves mid-download)."""
+
+    def __init__(self, p2p, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.p2p, self.after, self.chunks = p2p, after, 0
+
+    def _chunk(self, msg, peer):
+        self.chunks += 1
+        if self.chunks > self.after:
+            asyncio.get_running_loop().create_task(self.p2p.shutdown())
+            raise RuntimeError("leaving")
+        return super()._chunk(msg, peer)
+
+
+def test_consensus_state_comes_from_several_replicas_and_resumes_when_one_leaves():
+    snap, other = _snap(40), _snap(41)
+
+    async def body(client, a, b, c, d):
+        leaving = _LeavingServer(a, RUN, lambda: None, LIMITS, CHUNK, consensus=lambda: snap, after=1)
+        await leaving.register(a)
+        for p2p in (b, c):
+            await StageStateServer(RUN, lambda: None, LIMITS, CHUNK, consensus=lambda: snap).register(p2p)
+        await StageStateServer(RUN, lambda: None, LIMITS, CHUNK, consensus=lambda: other).register(d)  # drifted
+        ids = [p.peer_id for p in (d, a, b, c)]
+        got, served = await download_from_replicas(client, ids, RUN, 1, LIMITS, timeout=20)
+        _assert_bit_exact(got, snap)  # the digest three replicas offer, not the lone drifted one's
+        assert str(d.peer_id) not in served
+        assert len(served) >= 2 and sum(served.values()) == len(encode_snapshot(snap, RUN, CHUNK, LIMITS)[0].chunk_sha256)
+        assert leaving.chunks > 1 and served.get(str(a.peer_id), 0) <= 1  # it left; the others finished its share
+
+        # Nobody has a consensus state (full snapshots only): a named error, not a hang.
+        empty = await P2P.create(initial_peers=await client.get_visible_maddrs())
+        try:
+            await StageStateServer(RUN, lambda: snap, LIMITS, CHUNK).register(empty)
+            with pytest.raises(StateTransferError) as err:
+                await download_from_replicas(client, [empty.peer_id], RUN, 1, LIMITS, timeout=10)
+            assert err.value.reason == "no_state"
+        finally:
+            await empty.shutdown()
+
+    run_p2p(5, body, timeout=60)
