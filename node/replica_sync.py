@@ -245,7 +245,7 @@ class ReplicaSync:
     def health(self) -> dict[str, Any]:
         exchange = self.exchange
         ex = dict(exchange.stats) if exchange is not None else {}
-        return {**self.stats, "epoch": self.epoch, "epoch_steps": self.epoch_steps,
+        return {**self.stats, "epoch": self.epoch, "epoch_steps": self.epoch_steps, "rounds_in_flight": len(self._pending),
                 "bytes_sent": int(ex.get("bytes_sent", 0)), "bytes_received": int(ex.get("bytes_received", 0)),
                 "parts_rejected": int(ex.get("parts_rejected", 0)), "group_size": self.last_group,
                 "params": sum(layout.numel for layout in self.work.outer.layouts) if self.work and self.work.outer else 0}

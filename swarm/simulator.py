@@ -31,7 +31,8 @@ from swarm.dht import p2pd_sockets, remove_unbound_sockets
 
 logger = logging.getLogger(__name__)
 
-ACTIONS = ("kill", "term", "start", "pause", "resume")
+ACTIONS = ("kill", "kill-in-round", "term", "start", "pause", "resume")
+IN_ROUND_WAIT_S = 15.0  # kill-in-round: how long to wait for the node to have a fragment exchange in flight
 _METRICS_LINE = re.compile(r"metrics: http://[^:]+:(\d+)/metrics")
 _JOIN_LINE = re.compile(r"node start --join (\S+)")
 
@@ -133,6 +134,7 @@ class LocalSwarm:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="protoswarm-sim-"))
         self.nodes = [SimNode(i, self.workdir / f"node{i}") for i in range(nodes)]
+        self.last_in_round: bool | None = None  # set by a kill-in-round fault: whether it hit an exchange
         self.bootstrap: str | None = None
         self._sockets_before = p2pd_sockets()
 
@@ -247,7 +249,23 @@ class LocalSwarm:
             return
         if fault.action == "term":
             self._group_signal(node, signal.SIGCONT)  # a paused node cannot handle SIGTERM
+        if fault.action == "kill-in-round":
+            self.last_in_round = self._wait_in_round(fault.node)
+            self.kill(fault.node)
+            return
         getattr(self, fault.action)(fault.node)
+
+    def _wait_in_round(self, index: int) -> bool:
+        """Wait (up to IN_ROUND_WAIT_S) until node ``index`` reports a fragment exchange in flight."""
+        deadline = time.monotonic() + IN_ROUND_WAIT_S
+        while time.monotonic() < deadline:
+            health = self.health(index) or {}
+            if health.get("outer", {}).get("rounds_in_flight", 0) > 0:
+                return True
+            time.sleep(0.1)
+        logger.warning("node %d had no fragment exchange in flight within %.0f s; killing it anyway", index,
+                       IN_ROUND_WAIT_S)
+        return False
 
     def shutdown(self) -> None:
         """Terminate every node gracefully, then kill whatever is left of their process groups."""
@@ -496,9 +514,11 @@ def run_simulation(
         while (elapsed := time.monotonic() - start) < duration:
             while pending and pending[0].at <= elapsed:
                 fault = pending.pop(0)
+                swarm.last_in_round = None
                 index = swarm.apply(fault)
                 events.append({"t": round(elapsed, 1), "action": fault.action, "target": str(fault).split(":")[-1],
-                               "node": index})
+                               "node": index,
+                               **({"in_round": swarm.last_in_round} if swarm.last_in_round is not None else {})})
                 say(f"[{elapsed:6.1f}s] {fault.action} node {index} ({fault})")
             if elapsed >= next_poll:
                 healths = monitor.poll(swarm)

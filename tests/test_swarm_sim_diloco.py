@@ -1,7 +1,7 @@
 """Streaming DiLoCo in a real localhost swarm: `node sim` with 4 whole-model replicas (S = 1).
 
-One run with a fault script: a replica is SIGKILLed while rounds are running and a new node starts
-later; everything is read from the JSON summary `node sim --json` prints (every node's /health).
+One run with a fault script: a replica is SIGKILLed while one of its fragment exchanges is in flight
+and a new node starts later; everything is read from the JSON summary `node sim --json` prints (every node's /health).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def test_replicas_average_fragments_survive_a_killed_replica_and_a_joiner_contri
     out = subprocess.run(
         [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", "4",
          "--config", "configs/swarm/diloco-local.toml", "--duration", str(duration),
-         "--faults", f"{kill_at}:kill:2,{start_at}:start:new", "--workdir", str(tmp_path), "--json"],
+         "--faults", f"{kill_at}:kill-in-round:2,{start_at}:start:new", "--workdir", str(tmp_path), "--json"],
         capture_output=True, text=True, timeout=420, cwd=REPO,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     s = json.loads(out.stdout.strip().splitlines()[-1])
     assert s["ok"], s
-    assert [(e["action"], e["node"]) for e in s["events"]] == [("kill", 2), ("start", 4)]
+    assert [(e["action"], e["node"]) for e in s["events"]] == [("kill-in-round", 2), ("start", 4)]
+    assert s["events"][0]["in_round"] is True  # it died with a fragment exchange in flight
 
     # It trains, and the replicas really average: rounds commit on every node that lived through some.
     assert s["loss_end"] < s["loss_start"] - 0.5, s
