@@ -304,9 +304,7 @@ class NodeDaemon:
                 logger.warning("cannot download stage %d from %s: %s", work.stage, record.peer_id, exc)
                 continue
             work.load(snap)
-            self.metrics.count_state_download("ok")
-            self.metrics.state_download_seconds.observe(time.monotonic() - started)
-            self.metrics.state_download_bytes_total.inc(sum(t.numel() * t.element_size() for t in snap.tensors.values()))
+            self._count_download(snap, started)
             logger.info("loaded stage %d (step %d) from %s", work.stage, snap.step, record.peer_id)
             return
         logger.info("no peer serves stage %d: starting it from the seeded initialisation", work.stage)
@@ -327,12 +325,15 @@ class NodeDaemon:
             logger.warning("cannot download stage %d's consensus state (%s); trying a full download", work.stage, exc)
             return False
         work.progress = max(r.progress for r in peers)  # the schedule's position for warm-up and decay
-        self.metrics.count_state_download("ok")
-        self.metrics.state_download_seconds.observe(time.monotonic() - started)
-        self.metrics.state_download_bytes_total.inc(sum(t.numel() * t.element_size() for t in snap.tensors.values()))
+        self._count_download(snap, started)
         logger.info("loaded stage %d's consensus state from %d peer(s) (chunks: %s)", work.stage, len(served),
                     served)
         return True
+
+    def _count_download(self, snap, started: float) -> None:
+        self.metrics.count_state_download("ok")
+        self.metrics.state_download_seconds.observe(time.monotonic() - started)
+        self.metrics.state_download_bytes_total.inc(sum(t.numel() * t.element_size() for t in snap.tensors.values()))
 
     async def _download(self, peer_id: str, stage: int):
         from hivemind.p2p import PeerID

@@ -84,12 +84,7 @@ class StageWork:
 
     def load_consensus(self, snap: StageSnapshot) -> None:
         """Take the stage's agreed outer state and start the local weights from its global copies."""
-        own = self._outer_tensors()
-        if snap.stage != self.stage or set(snap.tensors) != set(own):
-            raise ValueError(f"consensus state is not stage {self.stage}'s outer state")
-        for name, tensor in own.items():
-            if snap.tensors[name].shape != tensor.shape or snap.tensors[name].dtype != tensor.dtype:
-                raise ValueError(f"{name}: got {tuple(snap.tensors[name].shape)}, expected {tuple(tensor.shape)}")
+        self.check_compatible(snap, self._outer_tensors())
         with self.lock:
             self._load_outer(snap.tensors)
             with torch.no_grad():
@@ -123,9 +118,11 @@ class StageWork:
         out[f"{OUTER_PREFIX}chain"] = torch.frombuffer(bytearray(b"".join(state["chain"])), dtype=torch.uint8).view(-1, 32)
         return out
 
-    def check_compatible(self, snap: StageSnapshot) -> None:
-        """Refuse (ValueError) a downloaded state whose names, shapes or dtypes differ from this stage's."""
-        own = {**self.module.state_dict(), **self._outer_tensors()}
+    def check_compatible(self, snap: StageSnapshot, own: dict[str, torch.Tensor] | None = None) -> None:
+        """Refuse (ValueError) a downloaded state whose names, shapes or dtypes differ from this stage's
+        (``own``: what to compare with; default the weights and the outer state)."""
+        if own is None:
+            own = {**self.module.state_dict(), **self._outer_tensors()}
         if snap.stage != self.stage or set(snap.tensors) != set(own):
             missing, extra = sorted(set(own) - set(snap.tensors)), sorted(set(snap.tensors) - set(own))
             raise ValueError(f"state is not stage {self.stage}'s: missing {missing[:3]}, unexpected {extra[:3]}")

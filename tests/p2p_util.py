@@ -1,4 +1,4 @@
-"""Helpers for tests that run real hivemind P2P daemons inside the test process."""
+"""Helpers for tests that run real swarm pieces: P2P daemons in the test process, `node sim` as a subprocess."""
 
 from __future__ import annotations
 
@@ -35,3 +35,19 @@ async def wait_for(predicate, timeout, what):
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.05)
+
+
+def run_sim(nodes: int, config: str, duration: float, faults: str, workdir, timeout: float) -> dict:
+    """``node sim ... --json`` as a real subprocess; its JSON summary (asserting a clean exit)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", str(nodes),
+         "--config", config, "--duration", str(duration), "--faults", faults, "--workdir", str(workdir), "--json"],
+        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

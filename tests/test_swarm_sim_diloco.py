@@ -6,29 +6,16 @@ and a new node starts later; everything is read from the JSON summary `node sim 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from p2p_util import run_sim
 
 from swarm.simulator import PipelineMonitor, processes_mentioning
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(480)
 def test_replicas_average_fragments_survive_a_killed_replica_and_a_joiner_contributes(tmp_path):
     duration, kill_at, start_at = 110, 45, 60
-    out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", "4",
-         "--config", "configs/swarm/diloco-local.toml", "--duration", str(duration),
-         "--faults", f"{kill_at}:kill-in-round:2,{start_at}:start:new", "--workdir", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=420, cwd=REPO,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    s = json.loads(out.stdout.strip().splitlines()[-1])
+    s = run_sim(4, "configs/swarm/diloco-local.toml", duration, f"{kill_at}:kill-in-round:2,{start_at}:start:new", tmp_path, timeout=420)
     assert s["ok"], s
     assert [(e["action"], e["node"]) for e in s["events"]] == [("kill-in-round", 2), ("start", 4)]
     assert s["events"][0]["in_round"] is True  # it died with a fragment exchange in flight

@@ -6,29 +6,16 @@ everything is read from the JSON summary `node sim --json` prints, which sums ev
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from p2p_util import run_sim
 
 from swarm.simulator import PipelineMonitor, SimError, parse_faults, processes_mentioning
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(600)
 def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp_path):
     duration, kill_at, start_at = 130, 50, 70
-    out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", "6",
-         "--config", "configs/swarm/pipeline-local.toml", "--duration", str(duration),
-         "--faults", f"{kill_at}:kill:s1,{start_at}:start:new", "--workdir", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=540, cwd=REPO,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    s = json.loads(out.stdout.strip().splitlines()[-1])
+    s = run_sim(6, "configs/swarm/pipeline-local.toml", duration, f"{kill_at}:kill:s1,{start_at}:start:new", tmp_path, timeout=540)
     assert s["ok"], s
     assert [(e["action"], e["target"]) for e in s["events"]] == [("kill", "s1"), ("start", "new")]
     killed, new = s["events"][0]["node"], s["events"][1]["node"]
