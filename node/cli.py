@@ -152,13 +152,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from protocol.link import LinkSpec
     from swarm.simulator import SimError, parse_faults, run_simulation
 
     try:
+        # --link, else the config's swarm.link: the sim emulates it for every node (namespaces when root)
+        text = args.link if args.link is not None else _load(args).swarm.link
+        link = LinkSpec.parse(text) if text else None
         summary = run_simulation(
             nodes=args.nodes, config=args.config, overrides=args.overrides, duration=args.duration,
-            faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json,
+            faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json, link=link,
+            link_mode=args.link_mode,
         )
+    except ValueError as err:  # a bad --link
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except SimError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -221,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "sS (a node serving stage S then) or new (start only), e.g. 60:kill:s1,90:start:new")
     sim.add_argument("--workdir", help="directory for identities, checkpoints and logs (default: a temp dir)")
     sim.add_argument("--json", action="store_true", help="print only the JSON summary (last line either way)")
+    sim.add_argument("--link", metavar="RATE[,delay=D]",
+                     help="give every node a home link, e.g. 80mbit or 20mbit,delay=30ms (default: the config's "
+                          "swarm.link; none). As root: a network namespace per node with tc tbf; otherwise "
+                          "in-process throttling of protoswarm's own streams")
+    sim.add_argument("--link-mode", choices=("auto", "netns", "app"), default="auto",
+                     help="how --link is emulated: auto (namespaces when root), netns (fail without root), "
+                          "app (in-process)")
     sim.set_defaults(func=cmd_sim)
 
     config = sub.add_parser("config", help="show the resolved config or document every field")

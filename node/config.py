@@ -324,6 +324,10 @@ class DilocoConfig:
     outer_momentum: float = _f(0.9, "Outer Nesterov momentum.")
     nesterov: bool = _f(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
     overlap: int = _f(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use.")
+    blocking: bool = _f(
+        False, "Wait τ steps after a boundary until the fragment's mean is back (the paper's schedule; 0 = no "
+        "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed."
+    )
     alpha: float = _f(0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole).")
     max_group: int = _f(16, "Replicas averaged together; bigger stages form several random groups per round.")
     max_norm_ratio: float = _f(
@@ -384,8 +388,20 @@ class SwarmConfig:
         10.0, "A fragment-exchange leader waits this long (seconds) for its group's parts after reaching the round."
     )
     exchange_timeout_s: float = _f(60.0, "Longest wait for one fragment exchange round (seconds); then it is skipped.")
+    link: str = _f(
+        "", "Emulate a home link: RATE[,delay=D] (e.g. 80mbit,delay=30ms) throttles this node's protoswarm streams "
+        "in-process and delays each frame sent; the DHT is not shaped. `node sim` emulates it with namespaces when "
+        "root. Empty = none."
+    )
 
     def __post_init__(self) -> None:
+        if self.link:
+            from protocol.link import LinkSpec
+
+            try:
+                LinkSpec.parse(self.link)
+            except ValueError as exc:
+                raise ConfigError(f"swarm.link: {exc}") from None
         _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s",
                   "max_stage_params_m", "exchange_gather_s", "exchange_timeout_s")
         if self.exchange_gather_s >= self.exchange_timeout_s:

@@ -104,8 +104,24 @@ class NodeDaemon:
             "protocol": ".".join(map(str, PROTOCOL_VERSION)),
             **({"pipeline": self.pipeline.health()} if self.pipeline is not None else {}),
             **({"outer": self.sync.health()} if self.sync is not None and self.work is not None else {}),
-            **({"train": {"recent_losses": list(self._losses)[-512:]}} if self._losses else {}),
+            **({"train": self._train_health()} if self._losses else {}),
         }
+
+    def _emulate_link(self, text: str) -> None:
+        """``swarm.link``: throttle and delay this process's protoswarm streams (not the DHT)."""
+        from protocol import link
+
+        spec = link.LinkSpec.parse(text) if text else None
+        if spec is None or (spec.rate_bps is None and not spec.delay_s):
+            return
+        link.install(link.LinkEmulator(spec))
+        self._print(f"link: emulating {spec} in-process (protoswarm streams only; DHT traffic is not shaped)")
+
+    def _train_health(self) -> dict[str, Any]:
+        """Local training (S = 1): the last losses, and the compute time for utilisation."""
+        work = self.work
+        return {"recent_losses": list(self._losses)[-512:], "started_at": work.started_at if work else None,
+                "compute_s": round(work.compute_s, 3) if work else 0.0}
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -129,6 +145,7 @@ class NodeDaemon:
             self.server = MetricsServer(self.metrics, host=sw.metrics_host, port=sw.metrics_port, health=self.health)
             self.server.start()
             self._print(f"metrics: {self.server.url}/metrics   health: {self.server.url}/health")
+            self._emulate_link(sw.link)
             self._install_signals()
             self.dht = SwarmDHT(
                 initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
@@ -366,7 +383,8 @@ class NodeDaemon:
     def _train(self) -> None:
         def on_step(step: int, loss: float) -> None:
             t = self.cfg.train
-            self.metrics.record_train_step(step=step, loss=loss, tokens=t.batch_size * t.seq_len * t.grad_accum)
+            self.metrics.record_train_step(step=step, loss=loss, tokens=t.batch_size * t.seq_len * t.grad_accum,
+                                           seconds=self.work.last_step_s)
             self._losses.append([round(time.time(), 3), round(loss, 5)])
             if self.sync is not None:
                 try:

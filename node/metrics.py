@@ -146,6 +146,8 @@ class NodeMetrics:
         self.train_loss = gauge("train_loss", "Training loss of the last step (nats/token); NaN before one.")
         self.train_loss.set(float("nan"))
         self.train_tokens_total = counter("train_tokens", "Tokens trained on by this node.")
+        self.train_compute_seconds_total = counter(
+            "train_compute_seconds", "Wall time inside local training steps (forward, backward, optimizer step), S = 1.")
 
         self.pipeline_microbatches_total = counter(
             "pipeline_microbatches", "Microbatches a stage-0 node drove: completed, dropped, and retries "
@@ -196,6 +198,8 @@ class NodeMetrics:
         self.outer_epoch = gauge("outer_epoch", "Sync boundaries this replica has passed (the shared schedule).")
         self.outer_lag_epochs = gauge("outer_lag_epochs", "How many boundaries the furthest replica of this "
                                       "stage is ahead of this one.")
+        self.outer_wait_seconds_total = counter(
+            "outer_wait_seconds", "Time training stood still waiting for a fragment's mean (diloco.blocking).")
         self.outer_parts_rejected_total = counter(
             "outer_parts_rejected", "Replicas' parts this node, as group leader, left out of an average.",
             "reason", OUTER_REJECT_REASONS)
@@ -285,8 +289,9 @@ class NodeMetrics:
         """Count one stage-state download by ``result`` (one of ``DOWNLOAD_RESULTS``, else "other")."""
         self.state_downloads_total.labels(_bounded(result, DOWNLOAD_RESULTS)).inc()
 
-    def record_train_step(self, *, step: int, loss: float, tokens: int) -> None:
-        """Record one finished local training step: its index, loss (nats/token) and tokens trained."""
+    def record_train_step(self, *, step: int, loss: float, tokens: int, seconds: float = 0.0) -> None:
+        """Record one finished local training step: its index, loss (nats/token), tokens and compute time."""
+        self.train_compute_seconds_total.inc(seconds)
         self.train_step.set(step)
         self.train_loss.set(loss)
         self.train_tokens_total.inc(tokens)

@@ -60,6 +60,7 @@ class ReplicaSync:
         self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
                                       "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
         self.last_group = 0
+        self.wait_s = 0.0  # training stood still for a mean (diloco.blocking)
 
     async def register(self) -> None:
         await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
@@ -168,6 +169,8 @@ class ReplicaSync:
         self._apply_ready(work)
         if target > self.epoch:
             self._cross(work, target)
+            if work.outer.settings.overlap == 0:  # no overlap: the mean is wanted before the next step
+                self._apply_ready(work)
 
     def _target_epoch(self) -> int:
         ahead = max((e for e, _ in self._peers.values()), default=0)
@@ -203,6 +206,8 @@ class ReplicaSync:
     def _apply_ready(self, work: StageWork) -> None:
         tau = work.outer.settings.overlap
         for fragment, (future, begun, _, _) in list(self._pending.items()):
+            if self.cfg.diloco.blocking and self.steps - begun >= tau and not future.done():
+                self._wait(future)
             if future.done() and self.steps - begun >= tau:
                 try:
                     result = future.result()
@@ -210,6 +215,14 @@ class ReplicaSync:
                     logger.warning("stage %d fragment %d: exchange failed: %s", work.stage, fragment, exc)
                     result = None
                 self._finish(work, fragment, result, "")
+
+    def _wait(self, future: concurrent.futures.Future) -> None:
+        """diloco.blocking: stand still until the round ends (its own deadline bounds it), timed."""
+        started = time.monotonic()
+        concurrent.futures.wait([future], timeout=self.cfg.swarm.exchange_timeout_s + 10.0)
+        waited = time.monotonic() - started
+        self.wait_s += waited
+        self.metrics.outer_wait_seconds_total.inc(waited)
 
     def _finish(self, work: StageWork, fragment: int, result, why: str) -> None:
         future, _, key, started = self._pending.pop(fragment)
@@ -245,7 +258,7 @@ class ReplicaSync:
     def health(self) -> dict[str, Any]:
         exchange = self.exchange
         ex = dict(exchange.stats) if exchange is not None else {}
-        return {**self.stats, "epoch": self.epoch, "epoch_steps": self.epoch_steps, "rounds_in_flight": len(self._pending),
+        return {**self.stats, "wait_s": round(self.wait_s, 3), "epoch": self.epoch, "epoch_steps": self.epoch_steps, "rounds_in_flight": len(self._pending),
                 "bytes_sent": int(ex.get("bytes_sent", 0)), "bytes_received": int(ex.get("bytes_received", 0)),
                 "parts_rejected": int(ex.get("parts_rejected", 0)), "group_size": self.last_group,
                 "params": sum(layout.numel for layout in self.work.outer.layouts) if self.work and self.work.outer else 0}

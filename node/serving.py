@@ -44,6 +44,9 @@ class StageWork:
         self.lock = threading.Lock()
         self.progress = 0  # optimizer steps this stage's parameters have taken
         self.throughput = 0.0  # microbatches per second (EMA while training, else measured)
+        self.compute_s = 0.0  # wall time inside local training steps (S = 1)
+        self.last_step_s = 0.0
+        self.started_at: float | None = None  # unix time the first local training step began
         torch.manual_seed(cfg.train.seed * 1_000_003 + stage)
         if self.single:
             self.module: torch.nn.Module = LanguageModel(cfg.model, cfg.pipeline)
@@ -224,10 +227,14 @@ class StageWork:
         samples = t.batch_size * t.grad_accum
         while not stop.is_set() and self.progress < t.steps:
             start = time.perf_counter()
+            if self.started_at is None:
+                self.started_at = time.time()
             with self.lock:
                 loss = _train_step(self.module, self.optimizer, sampler, self.progress, cfg, torch.device("cpu"))
                 self.progress += 1
-            rate = samples / max(time.perf_counter() - start, 1e-9) / t.grad_accum
+            self.last_step_s = time.perf_counter() - start
+            self.compute_s += self.last_step_s
+            rate = samples / max(self.last_step_s, 1e-9) / t.grad_accum
             self.throughput = rate if self.throughput == 0 else 0.9 * self.throughput + 0.1 * rate
             if on_step is not None:
                 on_step(self.progress, loss)

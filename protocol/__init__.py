@@ -7,6 +7,8 @@
   header, raw payloads), typed field validation, the major-version check.
 - ``protocol.framing``    frames on a byte stream: 12-byte prefix (magic, format, length, CRC-32),
   the size cap checked before reading, ``read_frame``/``write_frame``/``FrameDecoder``.
+- ``protocol.link``       emulated access link (rate, one-way delay) on protoswarm's own frames, the
+  fallback when network namespaces + ``tc`` are unavailable: ``LinkSpec``, ``LinkEmulator``, ``install``.
 - ``protocol.streams``    messages on asyncio streams (hivemind P2P binary streams): ``request`` and
   ``serve_stream``, which answers bad input with an ``ErrorReply`` instead of failing.
 - ``protocol.tensors``    tensors on the wire: descriptors, ``WireLimits`` caps, ``encode_tensor`` /

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 from protocol.errors import (
     ChecksumError,
@@ -31,10 +32,16 @@ from protocol.errors import (
 )
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
+if TYPE_CHECKING:
+    from protocol.link import LinkEmulator
+
 MAGIC = b"PSW"
 FRAME_FORMAT = 1
 _PREFIX = struct.Struct("<3sBII")
 PREFIX_BYTES = _PREFIX.size  # 12
+
+# The emulated access link every frame read or written pays for; set by protocol.link.install (None: off).
+_link_emulator: LinkEmulator | None = None
 
 
 def frame_prefix(body: bytes | bytearray | memoryview) -> bytes:
@@ -148,6 +155,8 @@ async def read_frame(
             prefix = first + await reader.readexactly(PREFIX_BYTES - 1)
             length, crc = parse_prefix(prefix, limits)
             body = await reader.readexactly(length)
+            if (link := _link_emulator) is not None:
+                await link.after_receive(PREFIX_BYTES + length)
     except TimeoutError:
         if idle.expired():
             raise StreamIdle(f"no frame started within {idle_timeout} s") from None
@@ -174,7 +183,10 @@ async def write_frame(
     """
     try:
         async with asyncio.timeout(timeout) as deadline:
-            writer.write(frame_prefix(body))
+            prefix = frame_prefix(body)
+            if (link := _link_emulator) is not None:
+                await link.before_send(len(prefix) + len(body))
+            writer.write(prefix)
             writer.write(body)
             await writer.drain()
     except TimeoutError:

@@ -1,4 +1,4 @@
-"""A local swarm of real `node start` processes on 127.0.0.1, with a fault script.
+"""A local swarm of real `node start` processes on 127.0.0.1 (or on emulated home links), with a fault script.
 
 :class:`LocalSwarm` starts node 0 (which creates the run) and nodes 1..N-1 (which join it), each a
 separate process group with its own identity, checkpoint directory, log file and metrics port, and
@@ -6,6 +6,11 @@ one torch thread. It can kill (SIGKILL to the whole group: a machine dying), ter
 the daemon: a graceful exit), pause/resume (SIGSTOP/SIGCONT: a frozen machine) and restart nodes,
 read each node's /health, and read the swarm through `node status`. Everything it starts is reaped
 on exit. Used by `node sim` and by the swarm tests (as a context manager).
+
+With ``link=LinkSpec(...)`` each node gets a home link of that rate: its own network namespace with
+tc tbf on both directions (swarm/links.py) when this process is root, or else, in-process throttling
+of the nodes' protoswarm streams (``swarm.link``, protocol/link.py), which says so: that fallback
+does not shape the DHT. ``link_mode`` forces one ("netns" or "app").
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.link import LinkSpec
 from swarm.dht import p2pd_sockets, remove_unbound_sockets
+from swarm.links import NetnsLab, netns_unavailable
 
 logger = logging.getLogger(__name__)
 
+LINK_MODES = ("auto", "netns", "app")
 ACTIONS = ("kill", "kill-in-round", "term", "start", "pause", "resume")
 IN_ROUND_WAIT_S = 15.0  # kill-in-round: how long to wait for the node to have a fragment exchange in flight
 _METRICS_LINE = re.compile(r"metrics: http://[^:]+:(\d+)/metrics")
@@ -107,6 +115,7 @@ class SimNode:
     metrics_port: int | None = None
     log_offset: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    host: str = "127.0.0.1"  # where its /health and libp2p listen (its namespace's address with a lab)
 
     @property
     def log(self) -> Path:
@@ -126,6 +135,8 @@ class LocalSwarm:
         workdir: str | Path | None = None,
         run_id: str = "sim",
         startup_timeout: float = 90.0,
+        link: LinkSpec | None = None,
+        link_mode: str = "auto",
     ):
         if nodes < 1:
             raise SimError("a swarm needs at least one node")
@@ -137,6 +148,44 @@ class LocalSwarm:
         self.last_in_round: bool | None = None  # set by a kill-in-round fault: whether it hit an exchange
         self.bootstrap: str | None = None
         self._sockets_before = p2pd_sockets()
+        self.link, self.link_mode, self.link_note = link, "none", ""
+        self.lab: NetnsLab | None = None
+        if link is not None:
+            self._set_up_links(link, link_mode)
+
+    def _set_up_links(self, link: LinkSpec, mode: str) -> None:
+        if mode not in LINK_MODES:
+            raise SimError(f"link mode must be one of {', '.join(LINK_MODES)}, got {mode!r}")
+        reason = netns_unavailable() if mode in ("auto", "netns") else "in-process emulation was asked for"
+        if reason and mode == "netns":
+            raise SimError(f"cannot emulate links with network namespaces: {reason}")
+        if reason:
+            self.link_mode = "app"
+            self.link_note = (f"{link}: in-process throttling of protoswarm's own streams only (DHT traffic is not "
+                              f"shaped), because {reason}")
+        else:
+            self.lab = NetnsLab()
+            self.link_mode = "netns"
+            self.link_note = (f"{link}: each node in its own network namespace, tc tbf on both directions of its "
+                              f"link ({self.lab.bridge}, 10.{self.lab.octet}.0.0/16)"
+                              + (", delay added per frame by the nodes (no netem here)" if link.delay_s else ""))
+        logger.info("links: %s", self.link_note)
+
+    def _link_setting(self) -> list[str]:
+        """The node-side part of the link emulation (`swarm.link`), if any."""
+        if self.link is None:
+            return []
+        if self.link_mode == "app":
+            return ["--set", f"swarm.link={json.dumps(str(self.link))}"]
+        # The namespace shapes the rate; the node adds only the delay (and drops a rate its config names).
+        delay_only = str(LinkSpec(None, self.link.delay_s)) if self.link.delay_s else ""
+        return ["--set", f"swarm.link={json.dumps(delay_only)}"]
+
+    def link_bytes(self) -> list[dict[str, int] | None]:
+        """Bytes each node's emulated link carried (network-namespace labs only; None otherwise)."""
+        if self.lab is None:
+            return [None] * len(self.nodes)
+        return [self.lab.link_bytes(n.index) if n.index in self.lab.hosts else None for n in self.nodes]
 
     # lifecycle -----------------------------------------------------------------------------------------
 
@@ -153,11 +202,15 @@ class LocalSwarm:
             self.start(node.index)
 
     def _command(self, node: SimNode) -> list[str]:
+        prefix = []
+        if self.lab is not None:
+            host = self.lab.add(node.index, self.link)
+            node.host, prefix = host.address, self.lab.exec_prefix(node.index)
         cmd = [
-            sys.executable, "-m", "node.cli", "start", "--config", self.config,
-            "--identity", str(node.home / "identity.key"), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-            "--set", f"train.checkpoint_dir={json.dumps(str(node.home / 'checkpoints'))}",
+            *prefix, sys.executable, "-m", "node.cli", "start", "--config", self.config,
+            "--identity", str(node.home / "identity.key"), "--metrics-host", node.host, "--metrics-port", "0",
+            "--host-maddrs", f"/ip4/{node.host}/tcp/0", "--threads", "1",
+            "--set", f"train.checkpoint_dir={json.dumps(str(node.home / 'checkpoints'))}", *self._link_setting(),
         ]
         if node.index == 0:
             cmd += ["--run-id", self.run_id] + [a for o in self.overrides for a in ("--set", o)]
@@ -286,6 +339,8 @@ class LocalSwarm:
                     node.proc.wait(10)
         # Killed nodes (SIGKILL: "machine died") cannot remove their libp2p socket files; the harness does.
         remove_unbound_sockets(p2pd_sockets() - self._sockets_before)
+        if self.lab is not None:
+            self.lab.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -317,15 +372,15 @@ class LocalSwarm:
                 return None
             node.metrics_port = int(match.group(1))
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/health", timeout=5) as r:
+            with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/health", timeout=5) as r:
                 return json.load(r)
         except (OSError, ValueError):
             return None
 
     def metrics_url(self, index: int) -> str | None:
         self.health(index)
-        port = self.nodes[index].metrics_port
-        return f"http://127.0.0.1:{port}/metrics" if port else None
+        node = self.nodes[index]
+        return f"http://{node.host}:{node.metrics_port}/metrics" if node.metrics_port else None
 
     def join_addresses(self) -> list[str]:
         """Multiaddrs of live nodes (any of them lets a reader into the swarm)."""
@@ -493,6 +548,8 @@ def run_simulation(
     faults: list[Fault],
     workdir: str | None = None,
     quiet: bool = False,
+    link: LinkSpec | None = None,
+    link_mode: str = "auto",
 ) -> dict[str, Any]:
     """Start the swarm, replay ``faults``, print progress, and return a summary."""
 
@@ -505,7 +562,9 @@ def run_simulation(
         if fault.node is not None and fault.node >= nodes:
             raise SimError(f"fault {fault} names a node outside 0..{nodes - 1} (use 'new' to add one)")
     monitor = PipelineMonitor()
-    with LocalSwarm(nodes, config, overrides, workdir) as swarm:
+    with LocalSwarm(nodes, config, overrides, workdir, link=link, link_mode=link_mode) as swarm:
+        if swarm.link_note:
+            say(f"links: {swarm.link_note}")
         start = time.monotonic()
         swarm.start_all()
         say(f"swarm of {nodes} node(s) starting in {swarm.workdir} (bootstrap {swarm.bootstrap})")
@@ -558,6 +617,9 @@ def run_simulation(
             "status_error": status.get("error"),
             "workdir": str(swarm.workdir) if workdir else None,
         }
+        if link is not None:
+            summary["link"] = {"spec": str(link), "mode": swarm.link_mode, "note": swarm.link_note,
+                               "bytes": swarm.link_bytes()}
         if monitor.seen:
             summary.update(monitor.summary(end_time))
     return summary

@@ -37,7 +37,7 @@ async def wait_for(predicate, timeout, what):
         await asyncio.sleep(0.05)
 
 
-def run_sim(nodes: int, config: str, duration: float, faults: str, workdir, timeout: float) -> dict:
+def run_sim(nodes: int, config: str, duration: float, faults: str, workdir, timeout: float, extra=()) -> dict:
     """``node sim ... --json`` as a real subprocess; its JSON summary (asserting a clean exit)."""
     import json
     import subprocess
@@ -46,7 +46,7 @@ def run_sim(nodes: int, config: str, duration: float, faults: str, workdir, time
 
     out = subprocess.run(
         [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "sim", "--nodes", str(nodes),
-         "--config", config, "--duration", str(duration), "--faults", faults, "--workdir", str(workdir), "--json"],
+         "--config", config, "--duration", str(duration), "--faults", faults, "--workdir", str(workdir), "--json", *extra],
         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

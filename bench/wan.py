@@ -1,0 +1,377 @@
+"""The headline benchmarks over emulated home links: pipeline, Streaming DiLoCo, and hivemind's own DP.
+
+Every run is a real localhost swarm of `node start` processes (swarm/simulator.py) whose nodes each
+sit in their own network namespace with tc tbf shaping both directions of their link (swarm/links.py)
+when this process is root; otherwise the nodes throttle their own protoswarm streams in-process
+(the DHT is then unshaped and the link byte counts are missing, and the JSON says so). One machine,
+one invocation, the same token budget within each family:
+
+- **pipeline**  ``configs/swarm/pipeline-local.toml`` (tiny d=256, 3 stages, batch 8 × 128), 3 nodes
+  (one per stage), replica sync off. Variants: subspace k=8 coefficients in bf16 and in int8, and
+  dense bf16 activations (``model.subspace_rank="none"``), each over 80 Mbit/s links and over
+  unshaped loopback-speed links. Figures: tokens/s, wall time to a fixed loss, bytes on the links.
+  The loss is the last stage's loss on microbatches it has not trained on yet (one pass over fresh
+  data, so each one is held out when it is scored), smoothed over 10 microbatches; time is counted
+  from the first scored microbatch.
+- **diloco**    ``configs/swarm/diloco-local.toml`` (tiny as one stage, batch 4 × 64), 4 replicas,
+  H=60 summed inner steps, 3 fragments, 4-bit parts. Compute utilisation = time inside training
+  steps / wall time from the first step to the last, averaged over replicas, over 80 and 20 Mbit/s,
+  without overlap (τ=0, blocking), with the paper's overlap (τ=1, blocking), and with this project's
+  default (τ=1, never blocking: the mean is applied whenever it is back).
+- **hivemind**  bench/hivemind_dp.py: 4 peers of ``hivemind.Optimizer`` synchronous data parallel
+  (fp16 gradients) training the same model on the same data shape and tokens, over 80 Mbit/s.
+
+    python bench/wan.py --quick     # about 15 minutes on 2 cores: smaller token budgets
+    python bench/wan.py             # twice the budgets
+
+The last line printed is one JSON object with every figure; PNGs go to docs/img/wan[-quick].png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from protocol.link import LinkSpec
+from swarm.links import NetnsLab, netns_unavailable
+from swarm.simulator import LocalSwarm, PipelineMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPE_CONFIG = "configs/swarm/pipeline-local.toml"
+DILOCO_CONFIG = "configs/swarm/diloco-local.toml"
+PIPE_VARIANTS = {
+    "subspace_bf16": [],
+    "subspace_int8": ['wire.activation_codec="int8"', 'wire.gradient_codec="int8"'],
+    "dense_bf16": ['model.subspace_rank="none"'],
+}
+PIPE_COMMON = ["diloco.enabled=false", "swarm.min_replicas=1"]
+DILOCO_VARIANTS = {
+    "no_overlap": ["diloco.blocking=true", "diloco.overlap=0"],
+    "overlap": ["diloco.blocking=true", "diloco.overlap=1"],
+    "nonblocking": ["diloco.blocking=false", "diloco.overlap=1"],
+}
+DILOCO_COMMON = ["diloco.inner_steps=60", "diloco.fragments=3"]
+PIPE_TARGET_LOSS = 3.0  # the fixed loss for time-to-loss: the subspace run reaches it at about a third of its budget
+SMOOTH = 10
+POLL_S = 2.0
+
+
+def log(msg: str) -> None:
+    print(f"[wan {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def smoothed(curve: list[tuple[float, float]], window: int = SMOOTH) -> list[tuple[float, float]]:
+    out = []
+    for i in range(len(curve)):
+        chunk = curve[max(0, i - window + 1): i + 1]
+        out.append((curve[i][0], sum(v for _, v in chunk) / len(chunk)))
+    return out
+
+
+def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
+    if len(curve) < SMOOTH:
+        return None
+    t0 = curve[0][0]
+    for t, v in smoothed(curve)[SMOOTH - 1:]:
+        if v <= target:
+            return round(t - t0, 1)
+    return None
+
+
+def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | None, enough, deadline_s: float,
+              link_mode: str) -> dict[str, Any]:
+    """Start a swarm, poll until ``enough(healths)`` or the deadline, and collect what it did."""
+    monitor = PipelineMonitor()
+    started = time.monotonic()
+    with LocalSwarm(nodes, config, overrides, link=link, link_mode=link_mode,
+                    startup_timeout=120.0) as swarm:
+        swarm.start_all()
+        healths: list = []
+        while time.monotonic() - started < deadline_s:
+            healths = monitor.poll(swarm)
+            if enough(healths):
+                break
+            time.sleep(POLL_S)
+        else:
+            log(f"  deadline of {deadline_s:.0f} s reached before the budget")
+        healths = monitor.poll(swarm)
+        end = time.time()
+        link_bytes = swarm.link_bytes()
+        mode, note = swarm.link_mode, swarm.link_note
+    out = monitor.summary(end) if monitor.seen else {}
+    curve = sorted((t, loss) for (_, t), loss in monitor.losses.items())
+    return {**out, "curve": curve, "healths": healths, "link_mode": mode, "link_note": note,
+            "link_bytes_total": sum(b["sent"] for b in link_bytes if b) if any(link_bytes) else None,
+            "run_s": round(time.monotonic() - started, 1)}
+
+
+def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: str) -> dict[str, dict]:
+    rows = {}
+    for name, extra in PIPE_VARIANTS.items():
+        label = f"{name} @ {link or 'loopback'}"
+        log(f"pipeline {label}: 3 nodes until {budget} tokens")
+
+        def enough(healths, budget=budget) -> bool:
+            return sum(h["pipeline"].get("tokens_ok", 0) for h in healths if h and "pipeline" in h) >= budget
+
+        res = run_swarm(PIPE_CONFIG, 3, PIPE_COMMON + extra, link, enough, deadline_s, mode)
+        stages = sorted(h["stage"] for h in res["healths"] if h and h.get("stage") is not None)
+        row = {
+            "config": PIPE_CONFIG, "overrides": PIPE_COMMON + extra, "link": str(link) if link else "loopback",
+            "link_mode": res["link_mode"] if link else "none", "stages_of_nodes": stages,
+            "tokens": res.get("tokens"), "tokens_per_s": res.get("tokens_per_s"),
+            "time_to_loss_s": time_to_loss(res["curve"], PIPE_TARGET_LOSS), "target_loss": PIPE_TARGET_LOSS,
+            "loss_end": res.get("loss_end"), "boundary_bytes_per_token": res.get("bytes_per_token"),
+            "link_bytes_total": res["link_bytes_total"],
+            "link_bytes_per_token": round(res["link_bytes_total"] / res["tokens"], 1)
+            if res["link_bytes_total"] and res.get("tokens") else None,
+            "microbatches_dropped": res.get("microbatches_dropped"), "run_s": res["run_s"],
+            "curve": [[round(t - res["curve"][0][0], 2), v] for t, v in res["curve"]] if res["curve"] else [],
+        }
+        log(f"  {row['tokens_per_s']} tok/s, time to loss {PIPE_TARGET_LOSS}: {row['time_to_loss_s']} s, "
+            f"loss_end {row['loss_end']}, link bytes/token {row['link_bytes_per_token']}")
+        rows[name] = row
+    return rows
+
+
+def utilisation(healths: list) -> tuple[float | None, list]:
+    per = []
+    for h in healths:
+        train = (h or {}).get("train") or {}
+        losses, began = train.get("recent_losses") or [], train.get("started_at")
+        if losses and began and losses[-1][0] > began:
+            per.append(round(train["compute_s"] / (losses[-1][0] - began), 4))
+    return (round(sum(per) / len(per), 4) if per else None), per
+
+
+def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, variants: list[str]) -> dict[str, dict]:
+    rows = {}
+    for name in variants:
+        extra = DILOCO_COMMON + DILOCO_VARIANTS[name]
+        log(f"diloco {name} @ {link}: 4 replicas until {budget} tokens in all")
+        tokens_per_step = 4 * 64  # diloco-local: batch 4 × seq 64
+
+        def enough(healths, tokens_per_step=tokens_per_step) -> bool:
+            return sum(h.get("progress", 0) for h in healths if h) * tokens_per_step >= budget
+
+        res = run_swarm(DILOCO_CONFIG, 4, extra, link, enough, deadline_s, mode)
+        util, per = utilisation(res["healths"])
+        outer = [h.get("outer", {}) for h in res["healths"] if h]
+        steps = sum(h.get("progress", 0) for h in res["healths"] if h)
+        row = {
+            "config": DILOCO_CONFIG, "overrides": extra, "link": str(link), "link_mode": res["link_mode"],
+            "utilization": util, "utilization_per_replica": per,
+            "wait_s_per_replica": [o.get("wait_s") for o in outer],
+            "tokens": steps * tokens_per_step,
+            "tokens_per_s": round(steps * tokens_per_step / _train_wall(res["healths"]), 1)
+            if _train_wall(res["healths"]) else None,
+            "rounds_committed": res.get("rounds_committed"), "rounds_skipped": res.get("rounds_skipped"),
+            "loss_end": res.get("loss_end"), "link_bytes_total": res["link_bytes_total"],
+            "exchange_bytes_sent": res.get("bytes_sent_total"), "run_s": res["run_s"],
+        }
+        log(f"  utilisation {util} {per}, {row['tokens_per_s']} tok/s, committed {row['rounds_committed']}, "
+            f"skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
+        rows[name] = row
+    return rows
+
+
+def _train_wall(healths: list) -> float:
+    """Wall seconds from the first replica's first step to the last replica's last step."""
+    starts = [h["train"]["started_at"] for h in healths if h and (h.get("train") or {}).get("started_at")]
+    ends = [h["train"]["recent_losses"][-1][0] for h in healths if h and (h.get("train") or {}).get("recent_losses")]
+    return max(ends) - min(starts) if starts and ends else 0.0
+
+
+def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4) -> dict[str, Any]:
+    log(f"hivemind.Optimizer DP @ {link or 'loopback'}: {peers} peers, {tokens_per_peer} tokens each")
+    lab = NetnsLab() if link is not None and netns_unavailable() is None else None
+    procs, outs = [], []
+    workdir = Path(tempfile.mkdtemp(prefix="protoswarm-hm-"))
+    started = time.monotonic()
+    try:
+        join: list[str] = []
+        for i in range(peers):
+            prefix, host = [], "127.0.0.1"
+            if lab is not None:
+                host, prefix = lab.add(i, link).address, lab.exec_prefix(i)
+            cmd = [*prefix, sys.executable, str(ROOT / "bench/hivemind_dp.py"), "--config", DILOCO_CONFIG,
+                            "--peer-index", str(i), "--peers", str(peers), "--host", host,
+                            "--tokens", str(tokens_per_peer), "--run-id", f"wan-hm-{os.getpid()}",
+                            "--deadline-s", str(int(deadline_s))]
+            if join:
+                cmd += ["--initial-peers", *join]
+            out = open(workdir / f"peer{i}.out", "w+")
+            outs.append(out)
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}))
+            if i == 0:
+                join = [_wait_join(workdir / "peer0.out", procs[0])]
+        results = []
+        for proc, out in zip(procs, outs, strict=True):
+            try:
+                proc.wait(max(1.0, deadline_s - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                log("  a hivemind peer passed the deadline: killing it")
+            out.seek(0)
+            last = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+            results.append(json.loads(last[-1]) if last else None)
+        link_bytes = [lab.link_bytes(i) for i in range(peers)] if lab is not None else None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
+        for out in outs:
+            out.close()
+        if lab is not None:
+            lab.close()
+    done = [r for r in results if r]
+    tokens = sum(r["tokens"] for r in done)
+    wall = max((r["wall_s"] for r in done), default=0.0)
+    row = {
+        "script": "bench/hivemind_dp.py", "config": DILOCO_CONFIG, "peers": peers, "peers_finished": len(done),
+        "link": str(link) if link else "loopback", "link_mode": "netns" if lab is not None else "none",
+        "tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,
+        "loss_end": round(sum(r["loss_end"] for r in done) / len(done), 4) if done else None,
+        "val_loss": round(sum(r["val_loss"] for r in done) / len(done), 4) if done else None,
+        "epochs": [r.get("epochs") for r in done],
+        "utilization": round(sum(r["compute_s"] / r["wall_s"] for r in done if r["wall_s"]) / len(done), 4)
+        if done else None,
+        "link_bytes_total": sum(b["sent"] for b in link_bytes) if link_bytes else None,
+        "settings": done[0].get("settings") if done else None, "run_s": round(time.monotonic() - started, 1),
+    }
+    if not done:
+        row["error"] = "no peer finished; logs in " + str(workdir)
+    log(f"  {row['tokens_per_s']} tok/s, loss_end {row['loss_end']}, link bytes {row['link_bytes_total']}")
+    return row
+
+
+def _wait_join(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if line.startswith("JOIN "):
+                return line.split()[1]
+        if proc.poll() is not None:
+            raise RuntimeError(f"hivemind peer 0 exited ({proc.returncode}): {path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError("hivemind peer 0 printed no JOIN line in time")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for link, rows in summary["pipeline"].items():
+        for name, row in rows.items():
+            if row["curve"]:
+                pts = smoothed([tuple(p) for p in row["curve"]])
+                ax.plot([t for t, _ in pts], [v for _, v in pts], label=f"{name} @ {link}",
+                        linestyle="-" if link != "loopback" else ":")
+    ax.axhline(PIPE_TARGET_LOSS, color="grey", linewidth=0.8)
+    ax.set(xlabel="seconds since the first scored microbatch", ylabel="loss (smoothed, held out)",
+           title="pipeline, 3 stages: loss vs wall time")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    labels, values = [], []
+    for link, rows in summary["pipeline"].items():
+        for name, row in rows.items():
+            labels.append(f"{name}\n{link}")
+            values.append(row["tokens_per_s"] or 0)
+    ax.bar(range(len(values)), values, color=["C0", "C1", "C2"] * 2)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set(ylabel="tokens/s", title="pipeline throughput")
+    ax = axes[2]
+    labels, values = [], []
+    for link, rows in summary["diloco"].items():
+        for name, row in rows.items():
+            labels.append(f"{name}\n{link}")
+            values.append(row["utilization"] or 0)
+    hm = summary.get("hivemind")
+    if hm:
+        labels.append(f"hivemind DP\n{hm['link']}")
+        values.append(hm["utilization"] or 0)
+    ax.bar(range(len(values)), values, color="C4")
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set(ylabel="compute time / wall time", ylim=(0, 1), title="4 replicas: compute utilisation")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller token budgets (about 15 minutes here)")
+    parser.add_argument("--link-mode", choices=("auto", "netns", "app"), default="auto")
+    parser.add_argument("--only", choices=("pipeline", "diloco", "hivemind"), action="append",
+                        help="run only these families (default: all)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    scale = 1 if args.quick else 2
+    families = args.only or ["pipeline", "diloco", "hivemind"]
+    fast, slow = LinkSpec.parse("80mbit"), LinkSpec.parse("20mbit")
+    started = time.monotonic()
+    summary: dict[str, Any] = {
+        "bench": "wan", "quick": args.quick, "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}", "netns": netns_unavailable() or "available",
+        "pipeline": {}, "diloco": {},
+    }
+    if "pipeline" in families:
+        budget = 40_000 * scale
+        for link in (fast, None):
+            summary["pipeline"][str(link) if link else "loopback"] = pipeline_rows(link, budget, 240.0 * scale,
+                                                                                   args.link_mode)
+    if "diloco" in families:
+        budget = 4 * 40 * 256 * scale  # about 40 steps a replica
+        for link in (fast, slow):
+            names = list(DILOCO_VARIANTS) if link is fast or not args.quick else ["no_overlap", "overlap"]
+            summary["diloco"][str(link)] = diloco_rows(link, budget, 240.0 * scale, args.link_mode, names)
+    if "hivemind" in families:
+        summary["hivemind"] = hivemind_row(fast, 40 * 256 * scale, 300.0 * scale)
+    pipe = summary["pipeline"].get("80mbit", {})
+    if pipe:
+        loop = summary["pipeline"]["loopback"]
+        sub, dense = pipe["subspace_bf16"]["tokens_per_s"], pipe["dense_bf16"]["tokens_per_s"]
+        summary["pipeline_80mbit_tokens_per_s"] = {k: r["tokens_per_s"] for k, r in pipe.items()}
+        summary["pipeline_loopback_tokens_per_s"] = {k: r["tokens_per_s"] for k, r in loop.items()}
+        summary["pipeline_80mbit_subspace_over_dense"] = round(sub / dense, 3) if sub and dense else None
+        summary["pipeline_80mbit_over_loopback"] = {
+            k: round(r["tokens_per_s"] / loop[k]["tokens_per_s"], 3) if r["tokens_per_s"] and loop[k]["tokens_per_s"]
+            else None for k, r in pipe.items()}
+        summary["pipeline_80mbit_time_to_loss_s"] = {k: r["time_to_loss_s"] for k, r in pipe.items()}
+    if summary["diloco"]:
+        summary["diloco_80mbit_utilization"] = {k: r["utilization"] for k, r in summary["diloco"]["80mbit"].items()}
+        summary["diloco_20mbit_utilization"] = {k: r["utilization"] for k, r in summary["diloco"]["20mbit"].items()}
+    if "hivemind" in summary:
+        hm = summary["hivemind"]
+        summary["hivemind_80mbit"] = {k: hm[k] for k in ("tokens", "tokens_per_s", "loss_end", "val_loss",
+                                                           "link_bytes_total", "utilization")}
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    png = ROOT / "docs/img" / ("wan-quick.png" if args.quick else "wan.png")
+    if summary["pipeline"] and summary["diloco"]:
+        plot(summary, png)
+        summary["plot"] = str(png.relative_to(ROOT))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Home links for localhost swarms: one network namespace per node, veth pairs on a bridge, tc tbf.
+
+:class:`NetnsLab` gives each node of a local swarm its own Linux network namespace with one
+interface, ``eth0``, at its own address. The other end of each veth pair sits on a bridge in the
+root namespace, which holds the address ``10.O.0.1``, so the harness still reaches every node's
+/metrics and /health. With a :class:`~protocol.link.LinkSpec`, ``tc tbf`` shapes both directions
+of each node's link to the given rate:
+
+- the **uplink** on ``eth0`` inside the node's namespace (what the node sends);
+- the **downlink** on the bridge end of the pair (what the bridge delivers to the node).
+
+tbf only shapes a device's egress, so one qdisc per end covers both directions, like an access
+link with a symmetric rate. Everything a node sends is shaped: our streams, hivemind's DHT RPCs,
+the libp2p handshakes, and anything a baseline process sends. This machine's kernel has no
+``netem``, so a link's delay is added by the node itself, per frame (see protocol/link.py).
+
+Bytes on each link come from the bridge end's interface counters. They count every frame
+including headers: what the link really carried.
+
+Needs root. :func:`netns_unavailable` says why it cannot run (no root, no ``ip``/``tc``, namespaces
+refused). Names carry the creating process id, so a lab whose creator died (SIGKILL, crash) is
+removed by the next lab that starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.link import LinkSpec
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^pw([0-9a-f]+)x(\d+)")
+_labs_made = 0
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {out.stderr.strip()}")
+    return out
+
+
+def _tc(*args: str) -> None:
+    out = subprocess.run(["tc", *args], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"`tc {' '.join(args)}` failed: {out.stderr.strip()}")
+
+
+def netns_unavailable() -> str | None:
+    """Why network-namespace links cannot be set up here, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces and tc need root (this process is not uid 0)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"the `{tool}` command (iproute2) is not installed"
+    probe = f"pw{os.getpid():x}x99probe"
+    out = _ip("netns", "add", probe, check=False)
+    if out.returncode != 0:
+        return f"cannot create a network namespace: {out.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+def tbf_args(rate_bps: float) -> list[str]:
+    """tc tbf parameters for a rate: a bucket of 10 ms of traffic (at least 64 KiB, so one GSO
+    packet fits) and 50 ms of queue before drops, like a modest home router."""
+    burst = max(64 * 1024, int(rate_bps / 8 / 100))
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", "50ms"]
+
+
+@dataclass
+class LabHost:
+    index: int
+    netns: str
+    address: str
+    bridge_end: str  # the veth end on the bridge: its rx is the node's tx and vice versa
+    spec: LinkSpec | None = None
+
+
+class NetnsLab:
+    """A bridge and one namespace per node; :meth:`close` (or the context manager) removes them all."""
+
+    def __init__(self) -> None:
+        global _labs_made
+        reason = netns_unavailable()
+        if reason:
+            raise RuntimeError(f"network-namespace links are unavailable: {reason}")
+        remove_stale_labs()
+        self.base = f"pw{os.getpid():x}x{_labs_made}"
+        _labs_made += 1
+        self.octet = _free_octet()
+        self.bridge = f"{self.base}b"
+        self.gateway = f"10.{self.octet}.0.1"
+        self.hosts: dict[int, LabHost] = {}
+        _ip("link", "add", self.bridge, "type", "bridge")
+        try:
+            _ip("addr", "add", f"{self.gateway}/16", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except Exception:
+            self.close()
+            raise
+
+    def __enter__(self) -> NetnsLab:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def address(self, index: int) -> str:
+        if not 0 <= index < 200 * 250:
+            raise ValueError(f"node index {index} out of range for one lab")
+        return f"10.{self.octet}.{index // 200 + 1}.{index % 200 + 10}"
+
+    def add(self, index: int, spec: LinkSpec | None = None) -> LabHost:
+        """The node's namespace, created on first use (a restarted node keeps its address)."""
+        if index in self.hosts:
+            return self.hosts[index]
+        ns, end, inner = f"{self.base}n{index}", f"{self.base}h{index}", f"{self.base}i{index}"
+        host = LabHost(index, ns, self.address(index), end)
+        _ip("netns", "add", ns)
+        self.hosts[index] = host
+        _ip("link", "add", end, "type", "veth", "peer", "name", inner)
+        _ip("link", "set", inner, "netns", ns)
+        _ip("link", "set", end, "master", self.bridge)
+        _ip("link", "set", end, "up")
+        _ip("-n", ns, "link", "set", inner, "name", "eth0")
+        _ip("-n", ns, "addr", "add", f"{host.address}/16", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        self.shape(index, spec)
+        return host
+
+    def shape(self, index: int, spec: LinkSpec | None) -> None:
+        """(Re)shape a node's link to ``spec``'s rate in both directions; None or no rate: unshaped."""
+        host = self.hosts[index]
+        for prefix, dev in ((["-n", host.netns], "eth0"), ([], host.bridge_end)):
+            subprocess.run(["tc", *prefix, "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
+            if spec is not None and spec.rate_bps:
+                _tc(*prefix, "qdisc", "add", "dev", dev, "root", *tbf_args(spec.rate_bps))
+        host.spec = spec
+
+    def exec_prefix(self, index: int) -> list[str]:
+        """Prepend to a command to run it inside node ``index``'s namespace."""
+        return ["ip", "netns", "exec", self.hosts[index].netns]
+
+    def link_bytes(self, index: int) -> dict[str, int]:
+        """Bytes the node's link carried so far: {"sent": …, "received": …} (Ethernet frames)."""
+        stats = Path("/sys/class/net") / self.hosts[index].bridge_end / "statistics"
+        return {"sent": int((stats / "rx_bytes").read_text()), "received": int((stats / "tx_bytes").read_text())}
+
+    def close(self) -> None:
+        for host in list(self.hosts.values()):
+            _kill_namespace(host.netns)
+        self.hosts.clear()
+        _ip("link", "del", self.bridge, check=False)
+
+
+def _kill_namespace(ns: str) -> None:
+    out = _ip("netns", "pids", ns, check=False)
+    for pid in out.stdout.split():
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    _ip("netns", "del", ns, check=False)  # takes the veth pair with it
+
+
+def remove_stale_labs() -> None:
+    """Remove namespaces and bridges left by labs whose creating process is gone."""
+    names = _ip("netns", "list", check=False).stdout.split()
+    links = re.findall(r"^\d+: ([^:@]+)", _ip("-o", "link", "show", check=False).stdout, re.M)
+    for name in names + links:
+        match = _NAME.match(name)
+        if not match or Path(f"/proc/{int(match.group(1), 16)}").exists():
+            continue
+        logger.info("removing %s, left by a dead process", name)
+        if name in names:
+            _kill_namespace(name)
+        else:
+            _ip("link", "del", name, check=False)
+
+
+def _free_octet() -> int:
+    """A second octet for 10.O.0.0/16 that no route of this machine uses yet."""
+    routes = _ip("-4", "route", "show", check=False).stdout
+    used = {int(m) for m in re.findall(r"\b10\.(\d+)\.", routes)}
+    start = 64 + os.getpid() % 128
+    for step in range(190):
+        octet = 64 + (start - 64 + step) % 190
+        if octet not in used:
+            return octet
+    raise RuntimeError("no free 10.x.0.0/16 subnet for a network-namespace lab")
