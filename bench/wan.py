@@ -90,30 +90,47 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 
 
 def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | None, enough, deadline_s: float,
-              link_mode: str) -> dict[str, Any]:
-    """Start a swarm, poll until ``enough(healths)`` or the deadline, and collect what it did."""
+              link_mode: str, ready=None) -> dict[str, Any]:
+    """Start a swarm and poll it. The measured window opens when ``ready(healths)`` (default: at once)
+    and closes when ``enough(healths_at_open, healths)`` or at the deadline; returns what it did.
+
+    With ``ready`` and network namespaces, the swarm forms over unshaped links and ``link`` is
+    applied when the window opens: joining (the stage-state download) is not what is measured."""
     monitor = PipelineMonitor()
     started = time.monotonic()
-    with LocalSwarm(nodes, config, overrides, link=link, link_mode=link_mode,
+    late = ready is not None and link is not None and link_mode != "app" and netns_unavailable() is None
+    with LocalSwarm(nodes, config, overrides, link=LinkSpec(None, 0.0) if late else link, link_mode=link_mode,
                     startup_timeout=120.0) as swarm:
         swarm.start_all()
-        healths: list = []
-        while time.monotonic() - started < deadline_s:
+        opened: list | None = None
+        opened_at = bytes_at_open = None
+        while True:
             healths = monitor.poll(swarm)
-            if enough(healths):
+            if opened is None and (ready is None or ready(healths)):
+                if late:
+                    swarm.reshape(link)
+                    healths = monitor.poll(swarm)
+                opened, opened_at, bytes_at_open = healths, time.time(), swarm.link_bytes()
+            if opened is not None and enough(opened, healths):
+                break
+            if time.monotonic() - started > deadline_s:
+                log(f"  deadline of {deadline_s:.0f} s reached " + ("before the budget" if opened else
+                                                                    "before every node was working"))
                 break
             time.sleep(POLL_S)
-        else:
-            log(f"  deadline of {deadline_s:.0f} s reached before the budget")
-        healths = monitor.poll(swarm)
         end = time.time()
         link_bytes = swarm.link_bytes()
         mode, note = swarm.link_mode, swarm.link_note
     out = monitor.summary(end) if monitor.seen else {}
     curve = sorted((t, loss) for (_, t), loss in monitor.losses.items())
-    return {**out, "curve": curve, "healths": healths, "link_mode": mode, "link_note": note,
+    window_bytes = None
+    if opened is not None and any(link_bytes):
+        window_bytes = sum(b["sent"] - (a or {"sent": 0})["sent"]
+                           for a, b in zip(bytes_at_open, link_bytes, strict=True) if b)
+    return {**out, "curve": curve, "opened": opened, "opened_at": opened_at, "healths": healths, "end": end,
+            "link_mode": mode, "link_note": note, "run_s": round(time.monotonic() - started, 1),
             "link_bytes_total": sum(b["sent"] for b in link_bytes if b) if any(link_bytes) else None,
-            "run_s": round(time.monotonic() - started, 1)}
+            "link_bytes_window": window_bytes}
 
 
 def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: str) -> dict[str, dict]:
@@ -122,7 +139,7 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
         label = f"{name} @ {link or 'loopback'}"
         log(f"pipeline {label}: 3 nodes until {budget} tokens")
 
-        def enough(healths, budget=budget) -> bool:
+        def enough(_, healths, budget=budget) -> bool:
             return sum(h["pipeline"].get("tokens_ok", 0) for h in healths if h and "pipeline" in h) >= budget
 
         res = run_swarm(PIPE_CONFIG, 3, PIPE_COMMON + extra, link, enough, deadline_s, mode)
@@ -145,52 +162,57 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
     return rows
 
 
-def utilisation(healths: list) -> tuple[float | None, list]:
-    per = []
-    for h in healths:
-        train = (h or {}).get("train") or {}
-        losses, began = train.get("recent_losses") or [], train.get("started_at")
-        if losses and began and losses[-1][0] > began:
-            per.append(round(train["compute_s"] / (losses[-1][0] - began), 4))
-    return (round(sum(per) / len(per), 4) if per else None), per
+def _by_peer(healths: list) -> dict[str, dict]:
+    return {h["peer_id"]: h for h in healths if h and h.get("peer_id")}
+
+
+def _steps(healths: list) -> int:
+    return sum(h.get("progress", 0) for h in healths if h)
 
 
 def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, variants: list[str]) -> dict[str, dict]:
+    """The window opens once all 4 replicas train (joiners download the stage state first) and
+    closes after ``budget`` tokens in all; utilisation and tokens/s are over that window."""
     rows = {}
+    tokens_per_step = 4 * 64  # diloco-local: batch 4 × seq 64
     for name in variants:
         extra = DILOCO_COMMON + DILOCO_VARIANTS[name]
-        log(f"diloco {name} @ {link}: 4 replicas until {budget} tokens in all")
-        tokens_per_step = 4 * 64  # diloco-local: batch 4 × seq 64
+        log(f"diloco {name} @ {link}: 4 replicas, {budget} tokens in all once every replica trains")
 
-        def enough(healths, tokens_per_step=tokens_per_step) -> bool:
-            return sum(h.get("progress", 0) for h in healths if h) * tokens_per_step >= budget
+        def ready(healths) -> bool:
+            return sum(1 for h in healths if h and (h.get("train") or {}).get("started_at")) == 4
 
-        res = run_swarm(DILOCO_CONFIG, 4, extra, link, enough, deadline_s, mode)
-        util, per = utilisation(res["healths"])
-        outer = [h.get("outer", {}) for h in res["healths"] if h]
-        steps = sum(h.get("progress", 0) for h in res["healths"] if h)
-        row = {
-            "config": DILOCO_CONFIG, "overrides": extra, "link": str(link), "link_mode": res["link_mode"],
-            "utilization": util, "utilization_per_replica": per,
-            "wait_s_per_replica": [o.get("wait_s") for o in outer],
-            "tokens": steps * tokens_per_step,
-            "tokens_per_s": round(steps * tokens_per_step / _train_wall(res["healths"]), 1)
-            if _train_wall(res["healths"]) else None,
-            "rounds_committed": res.get("rounds_committed"), "rounds_skipped": res.get("rounds_skipped"),
-            "loss_end": res.get("loss_end"), "link_bytes_total": res["link_bytes_total"],
-            "exchange_bytes_sent": res.get("bytes_sent_total"), "run_s": res["run_s"],
-        }
-        log(f"  utilisation {util} {per}, {row['tokens_per_s']} tok/s, committed {row['rounds_committed']}, "
-            f"skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
+        def enough(opened, healths) -> bool:
+            return (_steps(healths) - _steps(opened)) * tokens_per_step >= budget
+
+        res = run_swarm(DILOCO_CONFIG, 4, extra, link, enough, deadline_s, mode, ready=ready)
+        row: dict[str, Any] = {"config": DILOCO_CONFIG, "overrides": extra, "link": str(link),
+                               "link_mode": res["link_mode"], "run_s": res["run_s"]}
+        if res["opened"] is None:
+            row["error"] = "the 4 replicas never all trained before the deadline"
+            rows[name] = row
+            log(f"  {row['error']}")
+            continue
+        wall = res["end"] - res["opened_at"]
+        before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
+        per, waits = [], []
+        for peer, h in after.items():
+            if peer in before and h.get("train"):
+                per.append(round((h["train"]["compute_s"] - before[peer]["train"]["compute_s"]) / wall, 4))
+                waits.append(round(h["outer"]["wait_s"] - before[peer]["outer"]["wait_s"], 2))
+        steps = _steps(res["healths"]) - _steps(res["opened"])
+        row.update({
+            "window_s": round(wall, 1), "utilization": round(sum(per) / len(per), 4) if per else None,
+            "utilization_per_replica": per, "wait_s_per_replica": waits, "tokens": steps * tokens_per_step,
+            "tokens_per_s": round(steps * tokens_per_step / wall, 1),
+            "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
+            "loss_end": res.get("loss_end"), "link_bytes_window": res["link_bytes_window"],
+            "exchange_bytes_sent": res.get("bytes_sent_total"),
+        })
+        log(f"  utilisation {row['utilization']} {per}, waits {waits} s, {row['tokens_per_s']} tok/s, committed "
+            f"{row['rounds_committed']}, skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
         rows[name] = row
     return rows
-
-
-def _train_wall(healths: list) -> float:
-    """Wall seconds from the first replica's first step to the last replica's last step."""
-    starts = [h["train"]["started_at"] for h in healths if h and (h.get("train") or {}).get("started_at")]
-    ends = [h["train"]["recent_losses"][-1][0] for h in healths if h and (h.get("train") or {}).get("recent_losses")]
-    return max(ends) - min(starts) if starts and ends else 0.0
 
 
 def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4) -> dict[str, Any]:

@@ -181,6 +181,14 @@ class LocalSwarm:
         delay_only = str(LinkSpec(None, self.link.delay_s)) if self.link.delay_s else ""
         return ["--set", f"swarm.link={json.dumps(delay_only)}"]
 
+    def reshape(self, link: LinkSpec | None) -> None:
+        """Change every node's link rate now (namespace labs only; delay stays as the nodes started)."""
+        if self.lab is None:
+            raise SimError("links can only be reshaped live with network namespaces")
+        self.link = link if link is not None else LinkSpec(None, 0.0)
+        for index in self.lab.hosts:
+            self.lab.shape(index, link)
+
     def link_bytes(self) -> list[dict[str, int] | None]:
         """Bytes each node's emulated link carried (network-namespace labs only; None otherwise)."""
         if self.lab is None:
