@@ -113,3 +113,62 @@ def test_consensus_state_is_the_same_bytes_on_agreeing_replicas_and_a_joiner_sta
         params = dict(joiner.module.named_parameters())
         for name, value in layout.unflatten(flat).items():
             assert torch.equal(params[name].detach(), value)
+
+
+def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int):
+    """One boundary crossed with an exchange that takes 0.4 s; returns the sync after that step."""
+    import threading
+    import time
+    import types
+
+    cfg = small(tmp_path)
+    cfg.diloco.blocking, cfg.diloco.overlap = blocking, overlap
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sync = ReplicaSync(cfg, NodeMetrics(), loop, None, "P5", "r")
+    work = StageWork(cfg, "r", 0, tmp_path / "P5")
+    sync.attach(work)
+
+    class SlowExchange:
+        def __init__(self):
+            self.stats = {}
+
+        async def run_round(self, key, part):
+            await asyncio.sleep(0.4)
+            return types.SimpleNamespace(mean=torch.zeros_like(part), bytes_sent=1, bytes_received=1, rejected={},
+                                         group_size=2, reason="")
+
+    sync.exchange = SlowExchange()
+    sync.epoch_steps = sync.spacing - 1  # the next step reaches the boundary
+    started = time.monotonic()
+    sync.after_step()
+    return sync, time.monotonic() - started, loop
+
+
+def _stop(loop) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def test_blocking_without_overlap_waits_for_the_mean_before_the_next_step(tmp_path):
+    sync, took, loop = _run_with_slow_exchange(tmp_path, blocking=True, overlap=0)
+    _stop(loop)
+    assert sync.stats["rounds_committed"] == 1 and not sync._pending
+    assert took >= 0.35 and sync.wait_s >= 0.35  # it stood still for the round, and counted it
+    # With overlap (τ = 1) the boundary step does not wait; the next step does.
+    sync, took, loop = _run_with_slow_exchange(tmp_path / "tau1", blocking=True, overlap=1)
+    try:
+        assert sync.stats["rounds_committed"] == 0 and len(sync._pending) == 1 and sync.wait_s == 0.0
+        sync.after_step()
+        assert sync.stats["rounds_committed"] == 1 and sync.wait_s > 0.0
+    finally:
+        _stop(loop)
+
+
+def test_non_blocking_never_waits(tmp_path):
+    sync, _, loop = _run_with_slow_exchange(tmp_path, blocking=False, overlap=0)
+    try:
+        assert sync.wait_s == 0.0
+        assert sync.stats["rounds_committed"] == 0 and len(sync._pending) == 1  # applied when it is back
+    finally:
+        _stop(loop)
