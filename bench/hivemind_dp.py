@@ -3,8 +3,8 @@
 Trains the whole model (S = 1) of a protoswarm config on the embedded corpus with hivemind's own
 ``hivemind.Optimizer`` in its synchronous data-parallel mode (``use_local_updates=False``): every
 local step adds this peer's gradient to an accumulator and reports progress in the DHT; once the
-swarm has accumulated ``target_batch_size`` samples (default 4 · peers · batch, about one global step
-per 4 local steps of each peer) the peers all-reduce their gradients (``Float16Compression``) and
+swarm has accumulated ``target_batch_size`` samples (default peers · batch: one global step per
+local step of each peer, plain synchronous data parallel) the peers all-reduce their gradients (``Float16Compression``) and
 every peer applies the same AdamW step. Parameters are also averaged every epoch (fp32), in the
 background: hivemind's defaults (``delay_state_averaging=True``, ``average_state_every=1``); the
 gradient step itself is never delayed (``delay_optimizer_step``/``delay_grad_averaging`` False).
@@ -80,10 +80,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--initial-peers", nargs="+", action="extend", default=[], metavar="MADDR")
     p.add_argument("--tokens", type=int, required=True, help="this peer's own token budget")
     p.add_argument("--run-id", required=True)
-    p.add_argument("--target-batch-size", type=int, help="samples per global epoch (default 4·peers·batch)")
+    p.add_argument("--target-batch-size", type=int,
+                   help="samples per global epoch (default peers·batch: one optimizer step per local step of each "
+                        "peer, i.e. plain synchronous data parallel)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--deadline-s", type=float, default=600.0)
+    p.add_argument("--start-file", help="print READY once set up, then wait for this file before training "
+                                        "(the driver creates it when every peer is READY)")
     args = p.parse_args(argv)
     if not 0 <= args.peer_index < args.peers:
         p.error(f"--peer-index {args.peer_index} is outside 0..{args.peers - 1}")
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
     samples_per_step = t.batch_size * t.grad_accum
     hm = {  # hivemind.Optimizer's settings (the gradient compression and averager timeouts are added below)
         "batch_size_per_step": samples_per_step,
-        "target_batch_size": args.target_batch_size or 4 * args.peers * samples_per_step,
+        "target_batch_size": args.target_batch_size or args.peers * samples_per_step,
         "use_local_updates": False, "matchmaking_time": 3.0, "averaging_timeout": 30.0, "load_state_timeout": 60.0,
         # hivemind's defaults: gradients averaged in step (synchronous DP), parameters in the background
         "delay_optimizer_step": False, "delay_grad_averaging": False, "delay_state_averaging": True,
@@ -176,6 +180,12 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
 
     soft_deadline = started + args.deadline_s - min(60.0, 0.25 * args.deadline_s)  # room to shut down
     tokens_per_step = samples_per_step * t.seq_len
+    if args.start_file:  # a common start: no peer trains alone while the others are still joining
+        _emit("READY")
+        while not os.path.exists(args.start_file):
+            if time.monotonic() > soft_deadline:
+                raise SystemExit("error: the start file never appeared")
+            time.sleep(0.1)
     losses: list[list[float]] = []
     compute_s = step_s = 0.0
     first_step = last_step = None

@@ -6,22 +6,28 @@ when this process is root; otherwise the nodes throttle their own protoswarm str
 (the DHT is then unshaped and the link byte counts are missing, and the JSON says so). One machine,
 one invocation, the same token budget within each family:
 
-- **pipeline**  ``configs/swarm/pipeline-local.toml`` (tiny d=256, 3 stages, batch 8 × 128), 3 nodes
-  (one per stage), replica sync off. Variants: subspace k=8 coefficients in bf16 and in int8, and
-  dense bf16 activations (``model.subspace_rank="none"``), each over 80 Mbit/s links and over
-  unshaped loopback-speed links. Figures: tokens/s, wall time to a fixed loss, bytes on the links.
-  The loss is the last stage's loss on microbatches it has not trained on yet (one pass over fresh
-  data, so each one is held out when it is scored), smoothed over 10 microbatches; time is counted
-  from the first scored microbatch.
+- **pipeline**  ``configs/swarm/pipeline-local.toml`` (tiny d=256, 3 stages, batch 8 × 128), 3 nodes,
+  node i pinned to stage i (``swarm.stage``: no claiming or moves in the measurement), replica sync
+  off, 100k tokens (``--quick``). Variants: subspace k=8 coefficients in bf16 and in int8, and dense
+  bf16 activations (``model.subspace_rank="none"``, the naive dense model: no frozen token table),
+  each over 80 Mbit/s links and over unshaped links ("loopback": namespaces joined by unshaped veth
+  pairs, so bytes are still counted). Figures: tokens/s from the first scored microbatch to the end,
+  wall time to a fixed loss, bytes on the links. The loss is the last stage's loss on microbatches
+  it has not trained on yet (one pass over fresh data, so each one is held out when it is scored),
+  smoothed over 10 microbatches; time is counted from the first scored microbatch.
 - **diloco**    ``configs/swarm/diloco-local.toml`` (tiny as one stage, batch 4 × 64), 4 replicas,
-  H=60 summed inner steps, 3 fragments, 4-bit parts. Compute utilisation = time inside training
-  steps / wall time from the first step to the last, averaged over replicas, over 80 and 20 Mbit/s,
-  without overlap (τ=0, blocking), with the paper's overlap (τ=1, blocking), and with this project's
-  default (τ=1, never blocking: the mean is applied whenever it is back).
+  H=60 summed inner steps, 3 fragments, 4-bit parts. The swarm forms over unshaped links; the link
+  is applied once all 4 replicas train, and the window runs for 4 × 40 steps' tokens from there.
+  Compute utilisation = time inside training steps / window wall time, averaged over replicas,
+  over 80 and 20 Mbit/s, without overlap (τ=0, blocking), with the paper's overlap (τ=1, blocking),
+  and (80 Mbit/s; both links without --quick) with this project's default (τ=1, never blocking:
+  the mean is applied whenever it is back).
 - **hivemind**  bench/hivemind_dp.py: 4 peers of ``hivemind.Optimizer`` synchronous data parallel
-  (fp16 gradients) training the same model on the same data shape and tokens, over 80 Mbit/s.
+  (one optimizer step per local step of every peer, fp16 gradients, hivemind's default background
+  parameter averaging) training the same model on the same data shape and the same tokens per peer
+  as a DiLoCo replica's window, over 80 Mbit/s. The peers start training together once all joined.
 
-    python bench/wan.py --quick     # about 15 minutes on 2 cores: smaller token budgets
+    python bench/wan.py --quick     # about 15 minutes on 2 cores
     python bench/wan.py             # twice the budgets
 
 The last line printed is one JSON object with every figure; PNGs go to docs/img/wan[-quick].png.
@@ -55,14 +61,14 @@ PIPE_VARIANTS = {
     "subspace_int8": ['wire.activation_codec="int8"', 'wire.gradient_codec="int8"'],
     "dense_bf16": ['model.subspace_rank="none"'],
 }
-PIPE_COMMON = ["diloco.enabled=false", "swarm.min_replicas=1"]
+PIPE_COMMON = ["diloco.enabled=false"]  # and node i serves stage i (swarm.stage): no claiming or moves
 DILOCO_VARIANTS = {
     "no_overlap": ["diloco.blocking=true", "diloco.overlap=0"],
     "overlap": ["diloco.blocking=true", "diloco.overlap=1"],
     "nonblocking": ["diloco.blocking=false", "diloco.overlap=1"],
 }
 DILOCO_COMMON = ["diloco.inner_steps=60", "diloco.fragments=3"]
-PIPE_TARGET_LOSS = 3.0  # the fixed loss for time-to-loss: the subspace run reaches it at about a third of its budget
+PIPE_TARGET_LOSS = 2.8  # the fixed loss for time-to-loss (smoothed), about a third into the subspace runs
 SMOOTH = 10
 POLL_S = 2.0
 
@@ -90,7 +96,7 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 
 
 def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | None, enough, deadline_s: float,
-              link_mode: str, ready=None) -> dict[str, Any]:
+              link_mode: str, ready=None, node_overrides=None) -> dict[str, Any]:
     """Start a swarm and poll it. The measured window opens when ``ready(healths)`` (default: at once)
     and closes when ``enough(healths_at_open, healths)`` or at the deadline; returns what it did.
 
@@ -100,7 +106,7 @@ def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | No
     started = time.monotonic()
     late = ready is not None and link is not None and link_mode != "app" and netns_unavailable() is None
     with LocalSwarm(nodes, config, overrides, link=LinkSpec(None, 0.0) if late else link, link_mode=link_mode,
-                    startup_timeout=120.0) as swarm:
+                    startup_timeout=120.0, node_overrides=node_overrides) as swarm:
         swarm.start_all()
         opened: list | None = None
         opened_at = bytes_at_open = None
@@ -142,11 +148,14 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
         def enough(_, healths, budget=budget) -> bool:
             return sum(h["pipeline"].get("tokens_ok", 0) for h in healths if h and "pipeline" in h) >= budget
 
-        res = run_swarm(PIPE_CONFIG, 3, PIPE_COMMON + extra, link, enough, deadline_s, mode)
+        # "loopback": namespaces with unshaped veth links when they are available, so bytes are counted too
+        unshaped = LinkSpec(None, 0.0) if mode != "app" and netns_unavailable() is None else None
+        res = run_swarm(PIPE_CONFIG, 3, PIPE_COMMON + extra, link or unshaped, enough, deadline_s, mode,
+                        node_overrides={i: [f"swarm.stage={i}"] for i in range(3)})
         stages = sorted(h["stage"] for h in res["healths"] if h and h.get("stage") is not None)
         row = {
             "config": PIPE_CONFIG, "overrides": PIPE_COMMON + extra, "link": str(link) if link else "loopback",
-            "link_mode": res["link_mode"] if link else "none", "stages_of_nodes": stages,
+            "link_mode": res["link_mode"] + (" (unshaped)" if link is None else ""), "stages_of_nodes": stages,
             "tokens": res.get("tokens"), "tokens_per_s": res.get("tokens_per_s"),
             "time_to_loss_s": time_to_loss(res["curve"], PIPE_TARGET_LOSS), "target_loss": PIPE_TARGET_LOSS,
             "loss_end": res.get("loss_end"), "boundary_bytes_per_token": res.get("bytes_per_token"),
@@ -230,7 +239,7 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
             cmd = [*prefix, sys.executable, str(ROOT / "bench/hivemind_dp.py"), "--config", DILOCO_CONFIG,
                             "--peer-index", str(i), "--peers", str(peers), "--host", host,
                             "--tokens", str(tokens_per_peer), "--run-id", f"wan-hm-{os.getpid()}",
-                            "--deadline-s", str(int(deadline_s))]
+                            "--deadline-s", str(int(deadline_s)), "--start-file", str(workdir / "GO")]
             if join:
                 cmd += ["--initial-peers", *join]
             out = open(workdir / f"peer{i}.out", "w+")
@@ -238,7 +247,10 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}))
             if i == 0:
-                join = [_wait_join(workdir / "peer0.out", procs[0])]
+                join = [_wait_line(workdir / "peer0.out", procs[0], "JOIN ").split()[1]]
+        for i, proc in enumerate(procs):  # every peer joined and loaded the state: start together
+            _wait_line(workdir / f"peer{i}.out", proc, "READY")
+        (workdir / "GO").touch()
         results = []
         for proc, out in zip(procs, outs, strict=True):
             try:
@@ -279,16 +291,16 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
     return row
 
 
-def _wait_join(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> str:
+def _wait_line(path: Path, proc: subprocess.Popen, prefix: str, timeout: float = 180.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in path.read_text().splitlines():
-            if line.startswith("JOIN "):
-                return line.split()[1]
+            if line.startswith(prefix):
+                return line
         if proc.poll() is not None:
-            raise RuntimeError(f"hivemind peer 0 exited ({proc.returncode}): {path.read_text()[-2000:]}")
+            raise RuntimeError(f"a hivemind peer exited ({proc.returncode}): {path.read_text()[-2000:]}")
         time.sleep(0.2)
-    raise RuntimeError("hivemind peer 0 printed no JOIN line in time")
+    raise RuntimeError(f"a hivemind peer printed no {prefix.strip()} line in time")
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -355,7 +367,7 @@ def main() -> None:
         "pipeline": {}, "diloco": {},
     }
     if "pipeline" in families:
-        budget = 40_000 * scale
+        budget = 100_000 * scale
         for link in (fast, None):
             summary["pipeline"][str(link) if link else "loopback"] = pipeline_rows(link, budget, 240.0 * scale,
                                                                                    args.link_mode)

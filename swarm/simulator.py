@@ -137,11 +137,13 @@ class LocalSwarm:
         startup_timeout: float = 90.0,
         link: LinkSpec | None = None,
         link_mode: str = "auto",
+        node_overrides: dict[int, list[str]] | None = None,
     ):
         if nodes < 1:
             raise SimError("a swarm needs at least one node")
         self.config, self.overrides, self.run_id = config, list(overrides or []), run_id
         self.startup_timeout = startup_timeout
+        self.node_overrides = node_overrides or {}  # node-local settings of single nodes, e.g. swarm.stage
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="protoswarm-sim-"))
         self.nodes = [SimNode(i, self.workdir / f"node{i}") for i in range(nodes)]
@@ -231,7 +233,7 @@ class LocalSwarm:
             cmd += ["--run-id", self.run_id]
             # Node-local settings apply to every node; run parameters come from node 0's run record.
             cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.")) for a in ("--set", o)]
-        return cmd
+        return cmd + [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
 
     def start(self, index: int) -> None:
         node = self.nodes[index]
