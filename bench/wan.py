@@ -8,7 +8,7 @@ one invocation, the same token budget within each family:
 
 - **pipeline**  ``configs/swarm/pipeline-local.toml`` (tiny d=256, 3 stages, batch 8 × 128), 3 nodes,
   node i pinned to stage i (``swarm.stage``: no claiming or moves in the measurement), replica sync
-  off, 100k tokens (``--quick``). Variants: subspace k=8 coefficients in bf16 and in int8, and dense
+  off, 70k tokens (``--quick``). Variants: subspace k=8 coefficients in bf16 and in int8, and dense
   bf16 activations (``model.subspace_rank="none"``, the naive dense model: no frozen token table),
   each over 80 Mbit/s links and over unshaped links ("loopback": namespaces joined by unshaped veth
   pairs, so bytes are still counted). Figures: tokens/s from the first scored microbatch to the end,
@@ -68,7 +68,9 @@ DILOCO_VARIANTS = {
     "nonblocking": ["diloco.blocking=false", "diloco.overlap=1"],
 }
 DILOCO_COMMON = ["diloco.inner_steps=60", "diloco.fragments=3"]
-PIPE_TARGET_LOSS = 2.8  # the fixed loss for time-to-loss (smoothed), about a third into the subspace runs
+# Fixed losses for time-to-loss (smoothed): the dense model (no frozen table) learns slower early, so
+# it gets an easier target too; the subspace runs reach 2.8 about a third into their budget.
+PIPE_TARGETS = (3.2, 2.8)
 SMOOTH = 10
 POLL_S = 2.0
 
@@ -157,7 +159,7 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
             "config": PIPE_CONFIG, "overrides": PIPE_COMMON + extra, "link": str(link) if link else "loopback",
             "link_mode": res["link_mode"] + (" (unshaped)" if link is None else ""), "stages_of_nodes": stages,
             "tokens": res.get("tokens"), "tokens_per_s": res.get("tokens_per_s"),
-            "time_to_loss_s": time_to_loss(res["curve"], PIPE_TARGET_LOSS), "target_loss": PIPE_TARGET_LOSS,
+            "time_to_loss_s": {str(x): time_to_loss(res["curve"], x) for x in PIPE_TARGETS},
             "loss_end": res.get("loss_end"), "boundary_bytes_per_token": res.get("bytes_per_token"),
             "link_bytes_total": res["link_bytes_total"],
             "link_bytes_per_token": round(res["link_bytes_total"] / res["tokens"], 1)
@@ -165,7 +167,7 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
             "microbatches_dropped": res.get("microbatches_dropped"), "run_s": res["run_s"],
             "curve": [[round(t - res["curve"][0][0], 2), v] for t, v in res["curve"]] if res["curve"] else [],
         }
-        log(f"  {row['tokens_per_s']} tok/s, time to loss {PIPE_TARGET_LOSS}: {row['time_to_loss_s']} s, "
+        log(f"  {row['tokens_per_s']} tok/s, time to loss: {row['time_to_loss_s']} s, "
             f"loss_end {row['loss_end']}, link bytes/token {row['link_bytes_per_token']}")
         rows[name] = row
     return rows
@@ -216,6 +218,8 @@ def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, varia
             "tokens_per_s": round(steps * tokens_per_step / wall, 1),
             "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
             "loss_end": res.get("loss_end"), "link_bytes_window": res["link_bytes_window"],
+            "link_bytes_per_token": round(res["link_bytes_window"] / (steps * tokens_per_step), 1)
+            if res["link_bytes_window"] and steps else None,
             "exchange_bytes_sent": res.get("bytes_sent_total"),
         })
         log(f"  utilisation {row['utilization']} {per}, waits {waits} s, {row['tokens_per_s']} tok/s, committed "
@@ -283,6 +287,7 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
         "utilization": round(sum(r["compute_s"] / r["wall_s"] for r in done if r["wall_s"]) / len(done), 4)
         if done else None,
         "link_bytes_total": sum(b["sent"] for b in link_bytes) if link_bytes else None,
+        "link_bytes_per_token": round(sum(b["sent"] for b in link_bytes) / tokens, 1) if link_bytes and tokens else None,
         "settings": done[0].get("settings") if done else None, "run_s": round(time.monotonic() - started, 1),
     }
     if not done:
@@ -309,7 +314,7 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     ax = axes[0]
     for link, rows in summary["pipeline"].items():
         for name, row in rows.items():
@@ -317,7 +322,8 @@ def plot(summary: dict, path: Path) -> None:
                 pts = smoothed([tuple(p) for p in row["curve"]])
                 ax.plot([t for t, _ in pts], [v for _, v in pts], label=f"{name} @ {link}",
                         linestyle="-" if link != "loopback" else ":")
-    ax.axhline(PIPE_TARGET_LOSS, color="grey", linewidth=0.8)
+    for target in PIPE_TARGETS:
+        ax.axhline(target, color="grey", linewidth=0.8)
     ax.set(xlabel="seconds since the first scored microbatch", ylabel="loss (smoothed, held out)",
            title="pipeline, 3 stages: loss vs wall time")
     ax.legend(fontsize=7)
@@ -343,6 +349,21 @@ def plot(summary: dict, path: Path) -> None:
     ax.bar(range(len(values)), values, color="C4")
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set(ylabel="compute time / wall time", ylim=(0, 1), title="4 replicas: compute utilisation")
+    ax = axes[3]
+    labels, values = [], []
+    for name, row in summary["pipeline"].get("80mbit", {}).items():
+        labels.append(f"pipeline\n{name}")
+        values.append(row["link_bytes_per_token"] or 0)
+    for name, row in summary["diloco"].get("80mbit", {}).items():
+        labels.append(f"DiLoCo\n{name}")
+        values.append(row["link_bytes_per_token"] or 0)
+    if hm:
+        labels.append("hivemind\nDP")
+        values.append(hm["link_bytes_per_token"] or 0)
+    ax.bar(range(len(values)), values, color=["C0"] * 3 + ["C4"] * (len(values) - 3))
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set(ylabel="bytes on the links per token (log)", title="80 Mbit/s: link bytes per token")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -367,7 +388,7 @@ def main() -> None:
         "pipeline": {}, "diloco": {},
     }
     if "pipeline" in families:
-        budget = 100_000 * scale
+        budget = 70_000 * scale
         for link in (fast, None):
             summary["pipeline"][str(link) if link else "loopback"] = pipeline_rows(link, budget, 240.0 * scale,
                                                                                    args.link_mode)
@@ -377,7 +398,7 @@ def main() -> None:
             names = list(DILOCO_VARIANTS) if link is fast or not args.quick else ["no_overlap", "overlap"]
             summary["diloco"][str(link)] = diloco_rows(link, budget, 240.0 * scale, args.link_mode, names)
     if "hivemind" in families:
-        summary["hivemind"] = hivemind_row(fast, 40 * 256 * scale, 300.0 * scale)
+        summary["hivemind"] = hivemind_row(fast, 40 * 256 * scale, 360.0 * scale)
     pipe = summary["pipeline"].get("80mbit", {})
     if pipe:
         loop = summary["pipeline"]["loopback"]
@@ -395,7 +416,7 @@ def main() -> None:
     if "hivemind" in summary:
         hm = summary["hivemind"]
         summary["hivemind_80mbit"] = {k: hm[k] for k in ("tokens", "tokens_per_s", "loss_end", "val_loss",
-                                                           "link_bytes_total", "utilization")}
+                                                           "link_bytes_total", "link_bytes_per_token", "utilization")}
     summary["wall_s"] = round(time.monotonic() - started, 1)
     png = ROOT / "docs/img" / ("wan-quick.png" if args.quick else "wan.png")
     if summary["pipeline"] and summary["diloco"]:

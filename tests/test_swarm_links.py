@@ -122,3 +122,9 @@ def test_in_process_fallback_says_so(tmp_path):
             assert time.monotonic() < deadline and swarm.nodes[0].alive, swarm.nodes[0].log.read_text()[-2000:]
             time.sleep(0.2)
         assert "link: emulating 8mbit in-process" in swarm.nodes[0].log.read_text()
+
+
+def test_sim_refuses_a_bad_link_spec():
+    out = subprocess.run([sys.executable, "-m", "node.cli", "sim", "--nodes", "1", "--link", "80mbps"],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and "80mbps" in out.stderr, out.stderr
