@@ -17,15 +17,14 @@ one invocation, the same token budget within each family:
   smoothed over 10 microbatches; time is counted from the first scored microbatch.
 - **diloco**    ``configs/swarm/diloco-local.toml`` (tiny as one stage, batch 4 × 64), 4 replicas,
   H=60 summed inner steps, 3 fragments, 4-bit parts. The swarm forms over unshaped links; the link
-  is applied once all 4 replicas train, and the window runs for 4 × 40 steps' tokens from there.
+  is applied once all 4 replicas train, and the window runs for 4 × 60 steps' tokens from there.
   Compute utilisation = time inside training steps / window wall time, averaged over replicas,
   over 80 and 20 Mbit/s, without overlap (τ=0, blocking), with the paper's overlap (τ=1, blocking),
-  and (80 Mbit/s; both links without --quick) with this project's default (τ=1, never blocking:
-  the mean is applied whenever it is back).
+  and with this project's default (τ=1, never blocking: the mean is applied whenever it is back).
 - **hivemind**  bench/hivemind_dp.py: 4 peers of ``hivemind.Optimizer`` synchronous data parallel
   (one optimizer step per local step of every peer, fp16 gradients, hivemind's default background
-  parameter averaging) training the same model on the same data shape and the same tokens per peer
-  as a DiLoCo replica's window, over 80 Mbit/s. The peers start training together once all joined.
+  parameter averaging) training the same model on the same data shape, 40 steps (10,240 tokens) a
+  peer, over 80 Mbit/s. The peers start training together once all joined.
 
     python bench/wan.py --quick     # about 15 minutes on 2 cores
     python bench/wan.py             # twice the budgets
@@ -36,10 +35,12 @@ The last line printed is one JSON object with every figure; PNGs go to docs/img/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,15 +99,16 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 
 
 def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | None, enough, deadline_s: float,
-              link_mode: str, ready=None, node_overrides=None) -> dict[str, Any]:
+              link_mode: str, ready=None, node_overrides=None, shape_late: bool = False) -> dict[str, Any]:
     """Start a swarm and poll it. The measured window opens when ``ready(healths)`` (default: at once)
     and closes when ``enough(healths_at_open, healths)`` or at the deadline; returns what it did.
 
-    With ``ready`` and network namespaces, the swarm forms over unshaped links and ``link`` is
-    applied when the window opens: joining (the stage-state download) is not what is measured."""
+    With ``shape_late`` and network namespaces, the swarm forms over unshaped links and ``link`` is
+    applied when the window opens: joining (the stage-state download) is not what is measured. Link
+    bytes are counted over the window."""
     monitor = PipelineMonitor()
     started = time.monotonic()
-    late = ready is not None and link is not None and link_mode != "app" and netns_unavailable() is None
+    late = shape_late and link is not None and link_mode != "app" and netns_unavailable() is None
     with LocalSwarm(nodes, config, overrides, link=LinkSpec(None, 0.0) if late else link, link_mode=link_mode,
                     startup_timeout=120.0, node_overrides=node_overrides) as swarm:
         swarm.start_all()
@@ -117,7 +119,6 @@ def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | No
             if opened is None and (ready is None or ready(healths)):
                 if late:
                     swarm.reshape(link)
-                    healths = monitor.poll(swarm)
                 opened, opened_at, bytes_at_open = healths, time.time(), swarm.link_bytes()
             if opened is not None and enough(opened, healths):
                 break
@@ -148,22 +149,26 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
         log(f"pipeline {label}: 3 nodes until {budget} tokens")
 
         def enough(_, healths, budget=budget) -> bool:
-            return sum(h["pipeline"].get("tokens_ok", 0) for h in healths if h and "pipeline" in h) >= budget
+            return _pipe_tokens(healths) >= budget and all(healths)
+
+        def flowing(healths) -> bool:
+            return _pipe_tokens(healths) > 0 and all(healths)
 
         # "loopback": namespaces with unshaped veth links when they are available, so bytes are counted too
         unshaped = LinkSpec(None, 0.0) if mode != "app" and netns_unavailable() is None else None
         res = run_swarm(PIPE_CONFIG, 3, PIPE_COMMON + extra, link or unshaped, enough, deadline_s, mode,
-                        node_overrides={i: [f"swarm.stage={i}"] for i in range(3)})
+                        node_overrides={i: [f"swarm.stage={i}"] for i in range(3)}, ready=flowing)
         stages = sorted(h["stage"] for h in res["healths"] if h and h.get("stage") is not None)
+        window_tokens = _pipe_tokens(res["healths"]) - _pipe_tokens(res["opened"] or [])
         row = {
             "config": PIPE_CONFIG, "overrides": PIPE_COMMON + extra, "link": str(link) if link else "loopback",
             "link_mode": res["link_mode"] + (" (unshaped)" if link is None else ""), "stages_of_nodes": stages,
             "tokens": res.get("tokens"), "tokens_per_s": res.get("tokens_per_s"),
             "time_to_loss_s": {str(x): time_to_loss(res["curve"], x) for x in PIPE_TARGETS},
             "loss_end": res.get("loss_end"), "boundary_bytes_per_token": res.get("bytes_per_token"),
-            "link_bytes_total": res["link_bytes_total"],
-            "link_bytes_per_token": round(res["link_bytes_total"] / res["tokens"], 1)
-            if res["link_bytes_total"] and res.get("tokens") else None,
+            "link_bytes_window": res["link_bytes_window"],
+            "link_bytes_per_token": round(res["link_bytes_window"] / window_tokens, 1)
+            if res["link_bytes_window"] and window_tokens else None,
             "microbatches_dropped": res.get("microbatches_dropped"), "run_s": res["run_s"],
             "curve": [[round(t - res["curve"][0][0], 2), v] for t, v in res["curve"]] if res["curve"] else [],
         }
@@ -171,6 +176,10 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
             f"loss_end {row['loss_end']}, link bytes/token {row['link_bytes_per_token']}")
         rows[name] = row
     return rows
+
+
+def _pipe_tokens(healths: list) -> int:
+    return sum(h["pipeline"].get("tokens_ok", 0) for h in healths if h and "pipeline" in h)
 
 
 def _by_peer(healths: list) -> dict[str, dict]:
@@ -193,10 +202,10 @@ def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, varia
         def ready(healths) -> bool:
             return sum(1 for h in healths if h and (h.get("train") or {}).get("started_at")) == 4
 
-        def enough(opened, healths) -> bool:
-            return (_steps(healths) - _steps(opened)) * tokens_per_step >= budget
+        def enough(opened, healths) -> bool:  # counted on complete polls only (a slow /health is retried)
+            return all(healths) and (_steps(healths) - _steps(opened)) * tokens_per_step >= budget
 
-        res = run_swarm(DILOCO_CONFIG, 4, extra, link, enough, deadline_s, mode, ready=ready)
+        res = run_swarm(DILOCO_CONFIG, 4, extra, link, enough, deadline_s, mode, ready=ready, shape_late=True)
         row: dict[str, Any] = {"config": DILOCO_CONFIG, "overrides": extra, "link": str(link),
                                "link_mode": res["link_mode"], "run_s": res["run_s"]}
         if res["opened"] is None:
@@ -229,70 +238,85 @@ def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, varia
 
 
 def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4) -> dict[str, Any]:
-    log(f"hivemind.Optimizer DP @ {link or 'loopback'}: {peers} peers, {tokens_per_peer} tokens each")
+    """hivemind.Optimizer peers in their own namespaces (shaped from the start: hivemind's joiners load
+    the state as they would over such links); they start training together, and link bytes are
+    counted from that start. Without namespaces the row runs unshaped on loopback and says so."""
     lab = NetnsLab() if link is not None and netns_unavailable() is None else None
-    procs, outs = [], []
+    label = str(link) if lab is not None else f"loopback ({netns_unavailable() or 'no link asked'})"
+    log(f"hivemind.Optimizer DP @ {label}: {peers} peers, {tokens_per_peer} tokens each")
+    procs, outs, results = [], [], []
     workdir = Path(tempfile.mkdtemp(prefix="protoswarm-hm-"))
     started = time.monotonic()
+    bytes_at_go = link_bytes = None
     try:
-        join: list[str] = []
-        for i in range(peers):
-            prefix, host = [], "127.0.0.1"
-            if lab is not None:
-                host, prefix = lab.add(i, link).address, lab.exec_prefix(i)
-            cmd = [*prefix, sys.executable, str(ROOT / "bench/hivemind_dp.py"), "--config", DILOCO_CONFIG,
-                            "--peer-index", str(i), "--peers", str(peers), "--host", host,
-                            "--tokens", str(tokens_per_peer), "--run-id", f"wan-hm-{os.getpid()}",
-                            "--deadline-s", str(int(deadline_s)), "--start-file", str(workdir / "GO")]
-            if join:
-                cmd += ["--initial-peers", *join]
-            out = open(workdir / f"peer{i}.out", "w+")
-            outs.append(out)
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}))
-            if i == 0:
-                join = [_wait_line(workdir / "peer0.out", procs[0], "JOIN ").split()[1]]
-        for i, proc in enumerate(procs):  # every peer joined and loaded the state: start together
-            _wait_line(workdir / f"peer{i}.out", proc, "READY")
-        (workdir / "GO").touch()
-        results = []
-        for proc, out in zip(procs, outs, strict=True):
-            try:
-                proc.wait(max(1.0, deadline_s - (time.monotonic() - started)))
-            except subprocess.TimeoutExpired:
-                log("  a hivemind peer passed the deadline: killing it")
-            out.seek(0)
-            last = [ln for ln in out.read().splitlines() if ln.startswith("{")]
-            results.append(json.loads(last[-1]) if last else None)
-        link_bytes = [lab.link_bytes(i) for i in range(peers)] if lab is not None else None
+        try:
+            join: list[str] = []
+            for i in range(peers):
+                prefix, host = [], "127.0.0.1"
+                if lab is not None:
+                    host, prefix = lab.add(i, link).address, lab.exec_prefix(i)
+                cmd = [*prefix, sys.executable, str(ROOT / "bench/hivemind_dp.py"), "--config", DILOCO_CONFIG,
+                       "--peer-index", str(i), "--peers", str(peers), "--host", host, "--tokens", str(tokens_per_peer),
+                       "--run-id", f"wan-hm-{os.getpid()}", "--deadline-s", str(int(deadline_s)),
+                       "--start-file", str(workdir / "GO")]
+                if join:
+                    cmd += ["--initial-peers", *join]
+                out = open(workdir / f"peer{i}.out", "w+")
+                outs.append(out)
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                              start_new_session=True,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}))
+                if i == 0:
+                    join = [_wait_line(workdir / "peer0.out", procs[0], "JOIN ").split()[1]]
+            for i, proc in enumerate(procs):  # every peer joined and loaded the state: start together
+                _wait_line(workdir / f"peer{i}.out", proc, "READY")
+            bytes_at_go = [lab.link_bytes(i) for i in range(peers)] if lab is not None else None
+            (workdir / "GO").touch()
+            for proc, out in zip(procs, outs, strict=True):
+                try:
+                    proc.wait(max(1.0, deadline_s - (time.monotonic() - started)))
+                except subprocess.TimeoutExpired:
+                    log("  a hivemind peer passed the deadline: killing it")
+                out.seek(0)
+                last = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+                results.append(json.loads(last[-1]) if last else None)
+            link_bytes = [lab.link_bytes(i) for i in range(peers)] if lab is not None else None
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, 9)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(10)
+            for out in outs:
+                out.close()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
-        for out in outs:
-            out.close()
         if lab is not None:
             lab.close()
     done = [r for r in results if r]
     tokens = sum(r["tokens"] for r in done)
     wall = max((r["wall_s"] for r in done), default=0.0)
+    sent = sum(b["sent"] - a["sent"] for a, b in zip(bytes_at_go, link_bytes, strict=True)) if link_bytes else None
     row = {
         "script": "bench/hivemind_dp.py", "config": DILOCO_CONFIG, "peers": peers, "peers_finished": len(done),
-        "link": str(link) if link else "loopback", "link_mode": "netns" if lab is not None else "none",
-        "tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,
+        "peers_complete": sum(1 for r in done if r.get("complete")), "link": label,
+        "link_mode": "netns" if lab is not None else "none", "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1) if wall else None,
         "loss_end": round(sum(r["loss_end"] for r in done) / len(done), 4) if done else None,
         "val_loss": round(sum(r["val_loss"] for r in done) / len(done), 4) if done else None,
         "epochs": [r.get("epochs") for r in done],
+        # forward + backward only: the local AdamW step happens inside opt.step(), with the averaging
         "utilization": round(sum(r["compute_s"] / r["wall_s"] for r in done if r["wall_s"]) / len(done), 4)
         if done else None,
-        "link_bytes_total": sum(b["sent"] for b in link_bytes) if link_bytes else None,
-        "link_bytes_per_token": round(sum(b["sent"] for b in link_bytes) / tokens, 1) if link_bytes and tokens else None,
+        "link_bytes_window": sent, "link_bytes_per_token": round(sent / tokens, 1) if sent and tokens else None,
         "settings": done[0].get("settings") if done else None, "run_s": round(time.monotonic() - started, 1),
     }
     if not done:
         row["error"] = "no peer finished; logs in " + str(workdir)
-    log(f"  {row['tokens_per_s']} tok/s, loss_end {row['loss_end']}, link bytes {row['link_bytes_total']}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log(f"  {row['tokens_per_s']} tok/s, loss_end {row['loss_end']}, link bytes {row['link_bytes_window']}, "
+        f"complete peers {row['peers_complete']}/{peers}")
     return row
 
 
@@ -387,39 +411,56 @@ def main() -> None:
         f"Python {platform.python_version()}", "netns": netns_unavailable() or "available",
         "pipeline": {}, "diloco": {},
     }
-    if "pipeline" in families:
-        budget = 70_000 * scale
+    def family(name: str, run) -> None:  # one family failing must not lose the others' figures
+        if name not in families:
+            return
+        try:
+            run()
+        except Exception as exc:
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            summary.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+
+    def pipeline() -> None:
         for link in (fast, None):
-            summary["pipeline"][str(link) if link else "loopback"] = pipeline_rows(link, budget, 240.0 * scale,
-                                                                                   args.link_mode)
-    if "diloco" in families:
-        budget = 4 * 40 * 256 * scale  # about 40 steps a replica
+            summary["pipeline"][str(link) if link else "loopback"] = pipeline_rows(link, 70_000 * scale,
+                                                                                   240.0 * scale, args.link_mode)
+
+    def diloco() -> None:
         for link in (fast, slow):
-            names = list(DILOCO_VARIANTS) if link is fast or not args.quick else ["no_overlap", "overlap"]
-            summary["diloco"][str(link)] = diloco_rows(link, budget, 240.0 * scale, args.link_mode, names)
-    if "hivemind" in families:
+            # about 60 steps a replica (120 without --quick)
+            summary["diloco"][str(link)] = diloco_rows(link, 4 * 60 * 256 * scale, 240.0 * scale, args.link_mode,
+                                                       list(DILOCO_VARIANTS))
+
+    def hivemind() -> None:
         summary["hivemind"] = hivemind_row(fast, 40 * 256 * scale, 360.0 * scale)
+
+    family("pipeline", pipeline)
+    family("diloco", diloco)
+    family("hivemind", hivemind)
     pipe = summary["pipeline"].get("80mbit", {})
-    if pipe:
+    if pipe and "loopback" in summary["pipeline"]:
         loop = summary["pipeline"]["loopback"]
         sub, dense = pipe["subspace_bf16"]["tokens_per_s"], pipe["dense_bf16"]["tokens_per_s"]
         summary["pipeline_80mbit_tokens_per_s"] = {k: r["tokens_per_s"] for k, r in pipe.items()}
         summary["pipeline_loopback_tokens_per_s"] = {k: r["tokens_per_s"] for k, r in loop.items()}
         summary["pipeline_80mbit_subspace_over_dense"] = round(sub / dense, 3) if sub and dense else None
+        lsub, ldense = loop["subspace_bf16"]["tokens_per_s"], loop["dense_bf16"]["tokens_per_s"]
+        summary["pipeline_loopback_subspace_over_dense"] = round(lsub / ldense, 3) if lsub and ldense else None
         summary["pipeline_80mbit_over_loopback"] = {
             k: round(r["tokens_per_s"] / loop[k]["tokens_per_s"], 3) if r["tokens_per_s"] and loop[k]["tokens_per_s"]
             else None for k, r in pipe.items()}
         summary["pipeline_80mbit_time_to_loss_s"] = {k: r["time_to_loss_s"] for k, r in pipe.items()}
-    if summary["diloco"]:
+    if len(summary["diloco"]) == 2:
         summary["diloco_80mbit_utilization"] = {k: r["utilization"] for k, r in summary["diloco"]["80mbit"].items()}
         summary["diloco_20mbit_utilization"] = {k: r["utilization"] for k, r in summary["diloco"]["20mbit"].items()}
     if "hivemind" in summary:
         hm = summary["hivemind"]
-        summary["hivemind_80mbit"] = {k: hm[k] for k in ("tokens", "tokens_per_s", "loss_end", "val_loss",
-                                                           "link_bytes_total", "link_bytes_per_token", "utilization")}
+        summary["hivemind_80mbit"] = {k: hm[k] for k in ("link", "tokens", "tokens_per_s", "loss_end", "val_loss",
+                                                           "link_bytes_window", "link_bytes_per_token", "utilization",
+                                                           "peers_complete")}
     summary["wall_s"] = round(time.monotonic() - started, 1)
     png = ROOT / "docs/img" / ("wan-quick.png" if args.quick else "wan.png")
-    if summary["pipeline"] and summary["diloco"]:
+    if len(summary["pipeline"]) == 2 and len(summary["diloco"]) == 2:
         plot(summary, png)
         summary["plot"] = str(png.relative_to(ROOT))
     if args.out:

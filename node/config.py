@@ -450,6 +450,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.diloco.enabled and self.diloco.blocking and self.pipeline.num_stages > 1:
+            raise ConfigError("diloco.blocking needs pipeline.num_stages = 1: a waiting replica would stall the "
+                              "compute thread that every microbatch through its stage needs")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _fields_dict(getattr(self, name)) for name in SECTIONS}

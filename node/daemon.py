@@ -517,6 +517,7 @@ class NodeDaemon:
         if self.cfg.diloco.enabled:
             self.sync = ReplicaSync(self.cfg, self.metrics, asyncio.get_running_loop(), self._p2p, self.dht.peer_id,
                                     self.run_id)
+            self.sync.stop = self.stop
             await self.sync.register()
         if self.cfg.pipeline.num_stages > 1:
             self.pipeline = PipelineRole(self.cfg, self.metrics, asyncio.get_running_loop())

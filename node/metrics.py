@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -343,6 +343,25 @@ class MetricsBindError(OSError):
     """The metrics server could not bind its address; the message says what to change."""
 
 
+def _float_param(url: str, name: str) -> float | None:
+    values = parse_qs(urlsplit(url).query).get(name)
+    try:
+        return float(values[0]) if values else None
+    except ValueError:
+        return None
+
+
+def _losses_after(body: dict[str, Any], since: float | None) -> dict[str, Any]:
+    """``/health?since=T``: only the losses scored after unix time T (pollers take just what is new)."""
+    if since is None:
+        return body
+    for section in ("pipeline", "train"):
+        part = body.get(section)
+        if isinstance(part, dict) and "recent_losses" in part:
+            body[section] = {**part, "recent_losses": [x for x in part["recent_losses"] if x[0] > since]}
+    return body
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10.0  # seconds a client may take to send its request; a stuck one must not pin a thread
@@ -358,7 +377,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(status, body, CONTENT_TYPE_PLAIN_0_0_4 if status == 200 else "text/plain")
         elif path == "/health":
             try:
-                body, status = json.dumps(self.server.health(), default=str).encode(), 200
+                since = _float_param(self.path, "since")
+                body, status = json.dumps(_losses_after(self.server.health(), since), default=str).encode(), 200
             except Exception as exc:
                 logger.exception("health callable failed")
                 body, status = json.dumps({"status": "error", "error": repr(exc)}).encode(), 500

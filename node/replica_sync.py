@@ -61,6 +61,7 @@ class ReplicaSync:
                                       "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
         self.last_group = 0
         self.wait_s = 0.0  # training stood still for a mean (diloco.blocking)
+        self.stop: threading.Event | None = None  # the daemon's: a blocking wait ends at shutdown
 
     async def register(self) -> None:
         await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
@@ -207,7 +208,7 @@ class ReplicaSync:
         tau = work.outer.settings.overlap
         for fragment, (future, begun, _, _) in list(self._pending.items()):
             if self.cfg.diloco.blocking and self.steps - begun >= tau and not future.done():
-                self._wait(future)
+                self._wait(future, self._pending[fragment][3])
             if future.done() and self.steps - begun >= tau:
                 try:
                     result = future.result()
@@ -216,10 +217,13 @@ class ReplicaSync:
                     result = None
                 self._finish(work, fragment, result, "")
 
-    def _wait(self, future: concurrent.futures.Future) -> None:
-        """diloco.blocking: stand still until the round ends (its own deadline bounds it), timed."""
+    def _wait(self, future: concurrent.futures.Future, round_started: float) -> None:
+        """diloco.blocking: stand still until the round ends, the node stops, or the round's own deadline
+        (from its start, so a round that never ends is waited for once) has passed; timed."""
         started = time.monotonic()
-        concurrent.futures.wait([future], timeout=self.cfg.swarm.exchange_timeout_s + 10.0)
+        deadline = round_started + self.cfg.swarm.exchange_timeout_s + 5.0
+        while not future.done() and time.monotonic() < deadline and not (self.stop and self.stop.is_set()):
+            concurrent.futures.wait([future], timeout=min(0.5, max(0.0, deadline - time.monotonic())))
         waited = time.monotonic() - started
         self.wait_s += waited
         self.metrics.outer_wait_seconds_total.inc(waited)

@@ -1,8 +1,9 @@
 """An emulated access link ("home link") for this process: a rate limit and a one-way delay.
 
-The benchmark's real link is a Linux network namespace per node with ``tc tbf`` (rate) and ``tc netem``
-(delay) on its veth. This module is the fallback when that is not possible (no root, no netem): it
-slows down protoswarm's *own* streams at the framing layer. :func:`install` an emulator and every
+The real emulation is a Linux network namespace per node with ``tc tbf`` shaping its veth
+(swarm/links.py). This module does two jobs: it is the fallback when namespaces are not possible (no
+root), and it adds the link's one-way *delay* in both cases, because this machine's kernel has no
+``netem``. It slows down protoswarm's *own* streams at the framing layer. :func:`install` an emulator and every
 frame that :func:`protocol.framing.write_frame` sends or :func:`protocol.framing.read_frame` receives
 in this process pays for the link. Only those streams are emulated: pipeline activation/gradient
 frames, DiLoCo fragment exchanges, state transfer. hivemind's DHT RPCs, the libp2p handshake and any

@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -310,10 +311,29 @@ def remove_unbound_sockets(paths: set[str]) -> None:
     except OSError:
         return  # cannot tell which are in use: leave them
     for path in paths - bound:
+        # /proc/net/unix lists only this network namespace's sockets; a node in another namespace
+        # (a link-emulation lab) may still serve this path: ask the path itself.
+        if _accepts_connections(path):
+            continue
         try:
             os.remove(path)
         except OSError:
             pass
+
+
+def _accepts_connections(path: str) -> bool:
+    """Whether a live process listens on the unix socket ``path`` (unknown errors count as yes)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
 
 
 def descendants(pid: int) -> list[int]:

@@ -14,8 +14,10 @@ link with a symmetric rate. Everything a node sends is shaped: our streams, hive
 the libp2p handshakes, and anything a baseline process sends. This machine's kernel has no
 ``netem``, so a link's delay is added by the node itself, per frame (see protocol/link.py).
 
-Bytes on each link come from the bridge end's interface counters. They count every frame
-including headers: what the link really carried.
+Bytes on each link come from the bridge end's interface counters: what the link carried, headers
+included (veth counts a segmentation-offload packet with one set of headers, so header overhead is
+undercounted by up to a few percent), and including any traffic of the harness itself (its
+/health polls).
 
 Needs root. :func:`netns_unavailable` says why it cannot run (no root, no ``ip``/``tc``, namespaces
 refused). Names carry the creating process id, so a lab whose creator died (SIGKILL, crash) is
@@ -60,11 +62,21 @@ def netns_unavailable() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"the `{tool}` command (iproute2) is not installed"
-    probe = f"pw{os.getpid():x}x99probe"
+    probe = f"pw{os.getpid():x}x99p"
     out = _ip("netns", "add", probe, check=False)
     if out.returncode != 0:
         return f"cannot create a network namespace: {out.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
+    try:  # the rest of what a lab needs: a veth pair and a tbf qdisc (inside the probe namespace)
+        for args in (["link", "add", "name", "pwa", "type", "veth", "peer", "name", "pwb"], ["link", "set", "pwa", "up"]):
+            out = _ip("-n", probe, *args, check=False)
+            if out.returncode != 0:
+                return f"cannot create a veth pair: {out.stderr.strip()}"
+        tc = subprocess.run(["tc", "-n", probe, "qdisc", "add", "dev", "pwa", "root", *tbf_args(8e6)],
+                            capture_output=True, text=True, timeout=30)
+        if tc.returncode != 0:
+            return f"tc tbf does not work here: {tc.stderr.strip()}"
+    finally:
+        _ip("netns", "del", probe, check=False)
     return None
 
 
@@ -100,6 +112,8 @@ class NetnsLab:
         self.gateway = f"10.{self.octet}.0.1"
         self.hosts: dict[int, LabHost] = {}
         _ip("link", "add", self.bridge, "type", "bridge")
+        # With br_netfilter loaded (Docker hosts), bridged frames would cross iptables' FORWARD chain.
+        _ip("link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "0", check=False)
         try:
             _ip("addr", "add", f"{self.gateway}/16", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
@@ -123,18 +137,26 @@ class NetnsLab:
         if index in self.hosts:
             return self.hosts[index]
         ns, end, inner = f"{self.base}n{index}", f"{self.base}h{index}", f"{self.base}i{index}"
+        if max(len(end), len(inner)) > 15:  # IFNAMSIZ
+            raise RuntimeError(f"interface name {end!r} is too long for Linux (15 characters at most)")
         host = LabHost(index, ns, self.address(index), end)
-        _ip("netns", "add", ns)
         self.hosts[index] = host
-        _ip("link", "add", end, "type", "veth", "peer", "name", inner)
-        _ip("link", "set", inner, "netns", ns)
-        _ip("link", "set", end, "master", self.bridge)
-        _ip("link", "set", end, "up")
-        _ip("-n", ns, "link", "set", inner, "name", "eth0")
-        _ip("-n", ns, "addr", "add", f"{host.address}/16", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        self.shape(index, spec)
+        try:
+            _ip("netns", "add", ns)
+            _ip("link", "add", end, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", ns)
+            _ip("link", "set", end, "master", self.bridge)
+            _ip("link", "set", end, "up")
+            _ip("-n", ns, "link", "set", inner, "name", "eth0")
+            _ip("-n", ns, "addr", "add", f"{host.address}/16", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            self.shape(index, spec)
+        except Exception:  # leave nothing half-built behind
+            del self.hosts[index]
+            _ip("link", "del", end, check=False)
+            _kill_namespace(ns)
+            raise
         return host
 
     def shape(self, index: int, spec: LinkSpec | None) -> None:

@@ -153,7 +153,12 @@ class LocalSwarm:
         self.link, self.link_mode, self.link_note = link, "none", ""
         self.lab: NetnsLab | None = None
         if link is not None:
-            self._set_up_links(link, link_mode)
+            try:
+                self._set_up_links(link, link_mode)
+            except Exception as exc:
+                if self._own_workdir:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+                raise exc if isinstance(exc, SimError) else SimError(f"cannot set up the links: {exc}") from exc
 
     def _set_up_links(self, link: LinkSpec, mode: str) -> None:
         if mode not in LINK_MODES:
@@ -220,7 +225,7 @@ class LocalSwarm:
             *prefix, sys.executable, "-m", "node.cli", "start", "--config", self.config,
             "--identity", str(node.home / "identity.key"), "--metrics-host", node.host, "--metrics-port", "0",
             "--host-maddrs", f"/ip4/{node.host}/tcp/0", "--threads", "1",
-            "--set", f"train.checkpoint_dir={json.dumps(str(node.home / 'checkpoints'))}", *self._link_setting(),
+            "--set", f"train.checkpoint_dir={json.dumps(str(node.home / 'checkpoints'))}",
         ]
         if node.index == 0:
             cmd += ["--run-id", self.run_id] + [a for o in self.overrides for a in ("--set", o)]
@@ -233,7 +238,8 @@ class LocalSwarm:
             cmd += ["--run-id", self.run_id]
             # Node-local settings apply to every node; run parameters come from node 0's run record.
             cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.")) for a in ("--set", o)]
-        return cmd + [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
+        cmd += [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
+        return cmd + self._link_setting()  # last: the harness's link wins over a swarm.link in the overrides
 
     def start(self, index: int) -> None:
         node = self.nodes[index]
@@ -342,15 +348,17 @@ class LocalSwarm:
                 node.exit_codes.append(node.proc.wait(max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 logger.warning("node %d did not stop in time: killing it", node.index)
-        for node in self.nodes:
-            if node.proc is not None:
-                self._group_signal(node, signal.SIGKILL)  # children left in the group, if any
-                if node.proc.poll() is None:
-                    node.proc.wait(10)
-        # Killed nodes (SIGKILL: "machine died") cannot remove their libp2p socket files; the harness does.
-        remove_unbound_sockets(p2pd_sockets() - self._sockets_before)
-        if self.lab is not None:
-            self.lab.close()
+        try:
+            for node in self.nodes:
+                if node.proc is not None:
+                    self._group_signal(node, signal.SIGKILL)  # children left in the group, if any
+                    if node.proc.poll() is None:
+                        node.proc.wait(10)
+            # Killed nodes (SIGKILL: "machine died") cannot remove their libp2p socket files; the harness does.
+            remove_unbound_sockets(p2pd_sockets() - self._sockets_before)
+        finally:
+            if self.lab is not None:
+                self.lab.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -372,7 +380,8 @@ class LocalSwarm:
             time.sleep(0.2)
         raise SimError(f"node {node.index}: no {pattern.pattern!r} within {timeout:.0f} s:\n{self._read_log(node)[-3000:]}")
 
-    def health(self, index: int) -> dict[str, Any] | None:
+    def health(self, index: int, since: float | None = None) -> dict[str, Any] | None:
+        """Node ``index``'s /health (None when it is down); ``since``: only losses scored after that time."""
         node = self.nodes[index]
         if not node.alive:
             return None
@@ -382,7 +391,8 @@ class LocalSwarm:
                 return None
             node.metrics_port = int(match.group(1))
         try:
-            with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/health", timeout=5) as r:
+            with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/health" + (f"?since={since}" if since else ""),
+                                        timeout=5) as r:
                 return json.load(r)
         except (OSError, ValueError):
             return None
@@ -446,15 +456,19 @@ class PipelineMonitor:
         self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
         self.outer: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last replica-sync stats
         self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
+        self.last_loss_t: dict[tuple[int, int], float] = {}  # (node, pid) → time of its last loss seen
         self.seen = False
 
     def poll(self, swarm: LocalSwarm) -> list[dict[str, Any] | None]:
         """Read every node's /health into the monitor; returns them (None for nodes that are down)."""
         healths = []
         for node in swarm.nodes:
-            health = swarm.health(node.index)
-            if health is not None and node.proc is not None:
-                self.observe(node.index, node.proc.pid, health)
+            pid = node.proc.pid if node.proc is not None else None
+            # Only the losses this incarnation scored since the last poll: small replies (with link
+            # emulation the polls cross the nodes' shaped links too).
+            health = swarm.health(node.index, since=self.last_loss_t.get((node.index, pid)))
+            if health is not None and pid is not None:
+                self.observe(node.index, pid, health)
             healths.append(health)
         return healths
 
@@ -473,6 +487,7 @@ class PipelineMonitor:
                 self.latest[(index, pid)] = {**health["pipeline"], "stage": health.get("stage")}
             for t, loss in health[source].get("recent_losses", []):
                 self.losses[(index, t)] = loss
+                self.last_loss_t[(index, pid)] = max(t, self.last_loss_t.get((index, pid), 0.0))
 
     def summary(self, end_time: float) -> dict[str, Any]:
         out = self._loss_summary()
