@@ -50,6 +50,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import moving_average  # bench/pipeline.py (this script's folder is first on sys.path)
+
 from protocol.link import LinkSpec
 from swarm.links import NetnsLab, netns_unavailable
 from swarm.simulator import LocalSwarm, PipelineMonitor
@@ -81,11 +83,8 @@ def log(msg: str) -> None:
 
 
 def smoothed(curve: list[tuple[float, float]], window: int = SMOOTH) -> list[tuple[float, float]]:
-    out = []
-    for i in range(len(curve)):
-        chunk = curve[max(0, i - window + 1): i + 1]
-        out.append((curve[i][0], sum(v for _, v in chunk) / len(chunk)))
-    return out
+    """(time, trailing mean of the last ``window`` losses)."""
+    return list(zip([t for t, _ in curve], moving_average([v for _, v in curve], window), strict=True))
 
 
 def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -332,6 +331,13 @@ def _wait_line(path: Path, proc: subprocess.Popen, prefix: str, timeout: float =
     raise RuntimeError(f"a hivemind peer printed no {prefix.strip()} line in time")
 
 
+def _bars(ax, bars: list[tuple[str, float | None]], color, **settings) -> None:
+    """One bar chart panel from (label, value) pairs; a missing value draws as 0."""
+    ax.bar(range(len(bars)), [v or 0 for _, v in bars], color=color)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    ax.set(**settings)
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -351,43 +357,20 @@ def plot(summary: dict, path: Path) -> None:
     ax.set(xlabel="seconds since the first scored microbatch", ylabel="loss (smoothed, held out)",
            title="pipeline, 3 stages: loss vs wall time")
     ax.legend(fontsize=7)
-    ax = axes[1]
-    labels, values = [], []
-    for link, rows in summary["pipeline"].items():
-        for name, row in rows.items():
-            labels.append(f"{name}\n{link}")
-            values.append(row["tokens_per_s"] or 0)
-    ax.bar(range(len(values)), values, color=["C0", "C1", "C2"] * 2)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set(ylabel="tokens/s", title="pipeline throughput")
-    ax = axes[2]
-    labels, values = [], []
-    for link, rows in summary["diloco"].items():
-        for name, row in rows.items():
-            labels.append(f"{name}\n{link}")
-            values.append(row["utilization"] or 0)
-    hm = summary.get("hivemind")
-    if hm:
-        labels.append(f"hivemind DP\n{hm['link']}")
-        values.append(hm["utilization"] or 0)
-    ax.bar(range(len(values)), values, color="C4")
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set(ylabel="compute time / wall time", ylim=(0, 1), title="4 replicas: compute utilisation")
-    ax = axes[3]
-    labels, values = [], []
-    for name, row in summary["pipeline"].get("80mbit", {}).items():
-        labels.append(f"pipeline\n{name}")
-        values.append(row["link_bytes_per_token"] or 0)
-    for name, row in summary["diloco"].get("80mbit", {}).items():
-        labels.append(f"DiLoCo\n{name}")
-        values.append(row["link_bytes_per_token"] or 0)
-    if hm:
-        labels.append("hivemind\nDP")
-        values.append(hm["link_bytes_per_token"] or 0)
-    ax.bar(range(len(values)), values, color=["C0"] * 3 + ["C4"] * (len(values) - 3))
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set(ylabel="bytes on the links per token (log)", title="80 Mbit/s: link bytes per token")
+    pipe, diloco, hm = summary["pipeline"], summary["diloco"], summary.get("hivemind")
+    _bars(axes[1], [(f"{name}\n{link}", row["tokens_per_s"]) for link, rows in pipe.items()
+                    for name, row in rows.items()],
+          ["C0", "C1", "C2"] * 2, ylabel="tokens/s", title="pipeline throughput")
+    util = [(f"{name}\n{link}", row["utilization"]) for link, rows in diloco.items() for name, row in rows.items()]
+    util += [(f"hivemind DP\n{hm['link']}", hm["utilization"])] if hm else []
+    _bars(axes[2], util, "C4", ylabel="compute time / wall time", ylim=(0, 1),
+          title="4 replicas: compute utilisation")
+    per_token = [(f"pipeline\n{name}", row["link_bytes_per_token"]) for name, row in pipe.get("80mbit", {}).items()]
+    per_token += [(f"DiLoCo\n{name}", row["link_bytes_per_token"]) for name, row in diloco.get("80mbit", {}).items()]
+    per_token += [("hivemind\nDP", hm["link_bytes_per_token"])] if hm else []
+    axes[3].set_yscale("log")
+    _bars(axes[3], per_token, ["C0"] * 3 + ["C4"] * (len(per_token) - 3),
+          ylabel="bytes on the links per token (log)", title="80 Mbit/s: link bytes per token")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
