@@ -126,13 +126,16 @@ def cmd_start(args: argparse.Namespace) -> int:
                 f"swarm.*, dataplane.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}}, data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
                 f"and wire.{{{','.join(LOCAL_WIRE_FIELDS)}}} can be set locally"
             )
+    if args.status_every <= 0:
+        raise ConfigError(f"--status-every must be positive, got {args.status_every}")
     cfg = load_config(args.config, [*args.overrides, *_start_overrides(args)])
     if cfg.train.threads:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
     try:
-        return NodeDaemon(cfg, create=not cfg.swarm.initial_peers).run()
+        return NodeDaemon(cfg, create=not cfg.swarm.initial_peers, status_mode=args.status,
+                          status_every_s=args.status_every).run()
     except (IdentityInUse, IdentityError, MetricsBindError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -162,7 +165,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         summary = run_simulation(
             nodes=args.nodes, config=args.config, overrides=args.overrides, duration=args.duration,
             faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json, link=link,
-            link_mode=args.link_mode,
+            link_mode=args.link_mode, prometheus_sd=args.prometheus_sd,
         )
     except ValueError as err:  # a bad --link
         print(f"error: {err}", file=sys.stderr)
@@ -197,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run the daemon: start a new swarm, or join one with --join")
     _add_config_args(start, DEFAULT_SWARM_CONFIG)
     start.add_argument("--join", "--initial-peers", dest="join", action="append", default=[], metavar="MADDR",
-                       help="multiaddr of a swarm peer (…/p2p/<peer id>); repeatable. Without it: a new swarm")
+                       help="multiaddr of a swarm peer (…/p2p/<peer id>), or the http://HOST:PORT of a peer's metrics "
+                            "port (its addresses are read from /health); repeatable. Without it: a new swarm")
     start.add_argument("--run-id", help="run to create (default: <model>-<random>) or to join")
     start.add_argument("--stage", type=int, help="serve this stage and never rebalance")
     start.add_argument("--identity", help="key file of this daemon's identity (default ~/.protoswarm/identity.key)")
@@ -209,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--metrics-port", type=int, help="port for /metrics and /health (default 9464; 0 = any)")
     start.add_argument("--device", help="cpu, cuda, cuda:N or auto (one daemon per GPU: cuda:0, cuda:1, …)")
     start.add_argument("--threads", type=int, help="torch threads for this daemon")
+    start.add_argument("--status", choices=("auto", "line", "log", "off"), default="auto",
+                       help="live status (stage, peers, tok/s, loss, bytes): auto = a line redrawn in place on a "
+                            "terminal, a log line every --status-every seconds otherwise (default auto)")
+    start.add_argument("--status-every", type=float, default=60.0, metavar="S",
+                       help="seconds between status log lines when not on a terminal (default 60)")
     start.set_defaults(func=cmd_start)
 
     status = sub.add_parser("status", help="print the swarm: stages, peers, state, throughput, progress")
@@ -236,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--link-mode", choices=("auto", "netns", "app"), default="auto",
                      help="how --link is emulated: auto (namespaces when root), netns (fail without root), "
                           "app (in-process)")
+    sim.add_argument("--prometheus-sd", metavar="FILE",
+                     help="keep FILE listing the live nodes' /metrics endpoints for Prometheus's file_sd_configs "
+                          "(rewritten atomically as nodes start and stop; docs/metrics.md)")
     sim.set_defaults(func=cmd_sim)
 
     config = sub.add_parser("config", help="show the resolved config or document every field")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import random
 import secrets
@@ -34,6 +35,7 @@ from node.pipeline import PipelineRole
 from node.replica_sync import ReplicaSync
 from node.run_params import config_from_run, run_parameters
 from node.serving import StageWork
+from node.status_line import RateWindow, StatusLine
 from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
 from protocol.schema import PROTOCOL_VERSION
@@ -59,10 +61,14 @@ def kill_descendants(sig: int = signal.SIGKILL) -> None:
 
 
 class NodeDaemon:
-    def __init__(self, cfg: RunConfig, *, create: bool, out=sys.stdout):
+    def __init__(self, cfg: RunConfig, *, create: bool, out=None, status_mode: str = "off",
+                 status_every_s: float = 60.0):
         self.cfg = cfg
         self.create = create
-        self.out = out
+        self.out = out if out is not None else sys.stdout
+        self._status = StatusLine(self.status_snapshot, mode=status_mode, log_every_s=status_every_s)
+        self._record_rate = RateWindow(30.0)  # tokens/s announced in this node's stage record
+        self._peers_known: int | None = None
         self.started = time.monotonic()
         self.metrics = NodeMetrics()
         self.stop = threading.Event()
@@ -107,6 +113,21 @@ class NodeDaemon:
             **({"train": self._train_health()} if self._losses else {}),
         }
 
+    def status_snapshot(self) -> dict[str, Any]:
+        """Totals and state for the live status line (node/status_line.py)."""
+        return {"state": self.state, "stage": self.work.stage if self.work else None,
+                "num_stages": self.cfg.pipeline.num_stages, "peers": self._peers_known,
+                "loss": self._recent_loss(), **self.metrics.totals()}
+
+    def _recent_loss(self) -> float | None:
+        """Mean of the last 20 losses this node scored (S = 1 steps, or last-stage microbatches)."""
+        plane = self.pipeline.plane if self.pipeline is not None else None
+        try:  # the deques grow on other threads
+            recent = [v for _, v in list(plane.losses if plane is not None else self._losses)[-20:]]
+        except RuntimeError:
+            return None
+        return sum(recent) / len(recent) if recent else None
+
     def _emulate_link(self, text: str) -> None:
         """``swarm.link``: throttle and delay this process's protoswarm streams (not the DHT)."""
         from protocol import link
@@ -145,6 +166,7 @@ class NodeDaemon:
             self.server = MetricsServer(self.metrics, host=sw.metrics_host, port=sw.metrics_port, health=self.health)
             self.server.start()
             self._print(f"metrics: {self.server.url}/metrics   health: {self.server.url}/health")
+            self._status.start()
             self._emulate_link(sw.link)
             self._install_signals()
             self.dht = SwarmDHT(
@@ -163,6 +185,7 @@ class NodeDaemon:
             code = self._shutdown()
             return code if code else self._exit_code
         finally:
+            self._status.stop()
             lock.release()
 
     def _install_signals(self) -> None:
@@ -366,6 +389,8 @@ class NodeDaemon:
             num_stages=self.cfg.pipeline.num_stages, state=state, throughput=float(work.throughput),
             progress=work.progress, codecs=sorted(CODECS), timestamp=time.time(),
             addrs=self.dht.visible_maddrs()[:8], **(self.sync.record_fields() if self.sync is not None else {}),
+            tokens_per_s=round(max(0.0, self._record_rate.update(self.metrics.totals()["tokens"])), 3),
+            loss=round(self._recent_loss() or 0.0, 5),
         )
         try:
             expiry = self.cfg.swarm.record_expiry_s
@@ -430,10 +455,15 @@ class NodeDaemon:
         self._count_rejections(rejected)
         self._count_rejections(self.dht.rejected_inside_dht(), cumulative=True)
         serving = {s: [r for r in recs if r.state != "offline"] for s, recs in records.items()}
+        everyone = [r for recs in serving.values() for r in recs]
+        losses = [r.loss for r in everyone if r.loss > 0]
+        self._peers_known = len({r.peer_id for r in everyone})
         self.metrics.set_swarm_view(
-            peers_known=len({r.peer_id for recs in serving.values() for r in recs}),
+            peers_known=self._peers_known,
             stage_peers={s: len(recs) for s, recs in serving.items()},
             stage_throughput={s: sum(r.throughput for r in recs) for s, recs in serving.items()},
+            tokens_per_second=sum(r.tokens_per_s for r in everyone),
+            loss=sum(losses) / len(losses) if losses else math.nan,
         )
         self.metrics.throughput.set(self.work.throughput)
         if self.pipeline is not None:

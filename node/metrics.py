@@ -16,6 +16,7 @@ import errno
 import importlib.metadata
 import json
 import logging
+import math
 import socket
 import socketserver
 import threading
@@ -46,7 +47,8 @@ STATES = ("starting", "joining", "online", "offline")
 BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 DHT_OPS = ("store", "get")
 REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
-    "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "version", "expired", "other",
+    "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "future", "version", "expired",
+    "other",
 )
 DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
 MICROBATCH_RESULTS = ("ok", "dropped", "retried")
@@ -127,6 +129,10 @@ class NodeMetrics:
         self.stage_throughput = gauge("stage_throughput_samples_per_second",
                                       "Summed announced throughput of each stage (samples/s).", ("stage",))
         self.throughput = gauge("throughput_samples_per_second", "This node's measured throughput (samples/s).")
+        self.swarm_tokens = gauge("swarm_tokens_per_second",
+                                  "Training tokens/s of the whole swarm: the sum of the live rates in the stage records.")
+        self.swarm_loss = gauge("swarm_loss", "Mean recent training loss announced by the swarm's loss-scoring nodes.")
+        self.swarm_loss.set(math.nan)
 
         self.dht_seconds = Histogram("dht_seconds", "Latency of DHT operations (s), failed ones included.",
                                      ("op",), namespace=NAMESPACE, registry=self.registry,
@@ -167,6 +173,8 @@ class NodeMetrics:
                 for codec in BUILTIN_WIRE_CODECS:
                     self.pipeline_bytes_total.labels(direction, way, codec)
         self._sent = {"bytes": 0, "dense": 0}
+        # Plain running totals for the live status line and the rates announced in stage records.
+        self._totals = {"tokens": 0, "bytes_sent": 0, "bytes_received": 0}
         self.pipeline_compression_ratio = gauge(
             "pipeline_compression_ratio", "Dense-bf16 bytes over actual bytes of the pipeline frames this node "
             "sent; NaN before the first.")
@@ -245,10 +253,14 @@ class NodeMetrics:
             self.stage.set(-1 if stage is None else stage)
 
     def set_swarm_view(self, *, peers_known: int, stage_peers: Mapping[int, int],
-                       stage_throughput: Mapping[int, float]) -> None:
-        """Publish this node's view of the swarm: peer count, peers and summed samples/s per stage."""
+                       stage_throughput: Mapping[int, float], tokens_per_second: float = 0.0,
+                       loss: float = math.nan) -> None:
+        """Publish this node's view of the swarm: peer count, peers and summed samples/s per stage, and the
+        swarm's training tokens/s and loss as announced in the records."""
         with self._lock:
             self.peers_known.set(peers_known)
+            self.swarm_tokens.set(tokens_per_second)
+            self.swarm_loss.set(loss)
             stages = {str(s) for s in (*stage_peers, *stage_throughput)}
             for stage in stages:
                 self.stage_peers.labels(stage).set(stage_peers.get(int(stage), 0))
@@ -295,6 +307,8 @@ class NodeMetrics:
         self.train_step.set(step)
         self.train_loss.set(loss)
         self.train_tokens_total.inc(tokens)
+        with self._lock:
+            self._totals["tokens"] += tokens
 
     # pipeline (swarm.pipeline.PipelineEvents) ------------------------------------------------------------
 
@@ -302,8 +316,9 @@ class NodeMetrics:
         direction, way = _bounded(direction, PIPELINE_DIRECTIONS), _bounded(way, PIPELINE_WAYS)
         self.pipeline_bytes_total.labels(direction, way, _bounded(codec, WIRE_CODECS)).inc(nbytes)
         self.pipeline_dense_bytes_total.labels(direction, way).inc(dense_nbytes)
-        if way == "sent":
-            with self._lock:
+        with self._lock:
+            self._totals["bytes_sent" if way == "sent" else "bytes_received"] += nbytes
+            if way == "sent":
                 self._sent["bytes"] += nbytes
                 self._sent["dense"] += dense_nbytes
 
@@ -311,6 +326,21 @@ class NodeMetrics:
         self.pipeline_microbatches_total.labels(_bounded(result, MICROBATCH_RESULTS)).inc()
         if tokens:
             self.pipeline_tokens_total.inc(tokens)
+            with self._lock:
+                self._totals["tokens"] += tokens
+
+    def outer_bytes(self, sent: int, received: int) -> None:
+        """Fragment-exchange bytes of one of this replica's rounds."""
+        self.outer_bytes_total.labels("sent").inc(sent)
+        self.outer_bytes_total.labels("received").inc(received)
+        with self._lock:
+            self._totals["bytes_sent"] += sent
+            self._totals["bytes_received"] += received
+
+    def totals(self) -> dict[str, int]:
+        """Tokens trained (local steps and, on stage 0, completed microbatches) and pipeline + exchange bytes."""
+        with self._lock:
+            return dict(self._totals)
 
     def pipeline_refused(self, code: str) -> None:
         self.pipeline_refused_total.labels(_bounded(code, REFUSAL_CODES)).inc()

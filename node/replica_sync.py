@@ -240,8 +240,7 @@ class ReplicaSync:
         self.metrics.outer_rounds_total.labels(str(fragment), outcome).inc()
         self.metrics.outer_round_seconds.observe(time.monotonic() - started)
         if result is not None:
-            self.metrics.outer_bytes_total.labels("sent").inc(result.bytes_sent)
-            self.metrics.outer_bytes_total.labels("received").inc(result.bytes_received)
+            self.metrics.outer_bytes(result.bytes_sent, result.bytes_received)
             for reason in result.rejected.values():
                 self.metrics.outer_parts_rejected_total.labels(reason).inc()
             if applied:

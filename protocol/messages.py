@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 STAGE_STATES = ("joining", "online", "offline")
+MAX_TOKENS_PER_S = 1e9  # a stage record's announced rate; larger ones are refused (not summed into views)
+MAX_LOSS = 1e4
 MAX_WEIGHT = 1e12  # a contribution's weight (e.g. tokens trained); larger ones are refused
 MAX_STATE_NDIM = 8
 MAX_STATE_DIM = 1 << 40
@@ -286,9 +288,17 @@ class StageRecord(Message):
     codecs: list[str] = dataclasses.field(default_factory=list)  # codecs this peer can decode
     timestamp: float = 0.0  # sender's wall clock (seconds since the epoch)
     addrs: list[str] = dataclasses.field(default_factory=list)  # multiaddrs the peer can be dialled at
+    # Live figures for the swarm summary (node/metrics.py): tokens trained per second over the last
+    # half minute (S = 1 replicas, and stage-0 peers for the microbatches they complete; 0 otherwise),
+    # and the mean recent training loss of a peer that scores it (0 = none yet). Added in 1.x: older
+    # peers omit them (0) and ignore them.
+    tokens_per_s: float = 0.0
+    loss: float = 0.0
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "StageRecord")
+        if not (0.0 <= self.tokens_per_s <= MAX_TOKENS_PER_S and 0.0 <= self.loss <= MAX_LOSS):
+            raise MalformedMessage(f"StageRecord: tokens_per_s {self.tokens_per_s} or loss {self.loss} out of range")
         if self.state not in STAGE_STATES:
             raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
         if not self.stage < self.num_stages:

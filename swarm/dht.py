@@ -3,13 +3,16 @@
 :class:`SwarmDHT` starts ``hivemind.DHT`` (one background process with one libp2p daemon) in a thread.
 With ``initial_peers`` it keeps retrying with exponential backoff until one of them answers, and
 reports its state (``starting → bootstrapping → online``, ``retrying`` between attempts) so the node
-can serve /health and /metrics the whole time. Reads and writes go through
+can serve /health and /metrics the whole time. An initial peer may also be the URL of a node's
+metrics port (``http://bootstrap:9464``): it is resolved through that node's /health to its multiaddrs
+at every attempt, so containers can join a peer whose id they cannot know in advance. Reads and writes go through
 :mod:`swarm.records`: signed, schema-checked, counted when rejected.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import signal
@@ -17,6 +20,9 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -38,6 +44,49 @@ from swarm.records import (
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
+_LOOPBACK = ("/ip4/127.", "/ip6/::1/")
+
+
+def is_join_url(peer: str) -> bool:
+    return peer.startswith(("http://", "https://"))
+
+
+def maddrs_from_health(url: str, timeout: float = 5.0) -> list[str]:
+    """A node's multiaddrs, read from its /health endpoint (``http://host:port`` means ``…/health``).
+
+    Loopback addresses are dropped unless the URL's host is itself loopback: they would point at the
+    reader's own machine. Raises ``OSError`` (unreachable) or ``ValueError`` (not a node's /health).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        url = urllib.parse.urlunsplit(parts._replace(path="/health"))
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        health = json.load(response)
+    if not isinstance(health, dict) or not isinstance(health.get("maddrs", []), list):
+        raise ValueError(f"{url} did not answer with a node's /health JSON")
+    maddrs = [m for m in health.get("maddrs") or [] if isinstance(m, str) and m.startswith("/")]
+    host = parts.hostname or ""
+    if host not in ("localhost", "::1") and not host.startswith("127."):
+        maddrs = [m for m in maddrs if not m.startswith(_LOOPBACK)]
+    return maddrs
+
+
+def resolve_initial_peers(peers: Sequence[str], timeout: float = 5.0) -> tuple[list[str], list[str]]:
+    """Multiaddrs to bootstrap from: multiaddrs as given, URLs through /health. Returns (maddrs, errors)."""
+    maddrs, errors = [], []
+    for peer in peers:
+        if not is_join_url(peer):
+            maddrs.append(peer)
+            continue
+        try:
+            found = maddrs_from_health(peer, timeout)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            errors.append(f"{peer}: {getattr(exc, 'reason', exc)}")
+            continue
+        if not found:
+            errors.append(f"{peer}: that node is not in a swarm yet")
+        maddrs += found
+    return maddrs, errors
 
 
 class _DHTProcess(hivemind.DHT):
@@ -161,8 +210,18 @@ class SwarmDHT:
         while not self._stop.is_set():
             self.attempts += 1
             self._set_state("bootstrapping")
+            initial_peers, errors = resolve_initial_peers(self.initial_peers)
+            if self.initial_peers and not initial_peers:  # only URLs, none of them answering yet
+                self.last_error = "; ".join(errors)[:300]
+                self._set_state("retrying")
+                logger.warning("cannot reach any of %s (attempt %d: %s); retrying in %.0f s",
+                               self.initial_peers, self.attempts, self.last_error, delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, self.retry_max_s)
+                continue
             dht = _DHTProcess(
-                initial_peers=self.initial_peers or None,
+                initial_peers=initial_peers or None,
                 start=False,
                 host_maddrs=self.host_maddrs,
                 announce_maddrs=self.announce_maddrs or None,

@@ -138,12 +138,16 @@ class LocalSwarm:
         link: LinkSpec | None = None,
         link_mode: str = "auto",
         node_overrides: dict[int, list[str]] | None = None,
+        prometheus_sd: str | Path | None = None,
     ):
         if nodes < 1:
             raise SimError("a swarm needs at least one node")
         self.config, self.overrides, self.run_id = config, list(overrides or []), run_id
         self.startup_timeout = startup_timeout
         self.node_overrides = node_overrides or {}  # node-local settings of single nodes, e.g. swarm.stage
+        # Prometheus file-based service discovery: the live nodes' metrics endpoints, rewritten as they change.
+        self.prometheus_sd = Path(prometheus_sd) if prometheus_sd else None
+        self._sd_written: list | None = None
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="protoswarm-sim-"))
         self.nodes = [SimNode(i, self.workdir / f"node{i}") for i in range(nodes)]
@@ -359,6 +363,7 @@ class LocalSwarm:
         finally:
             if self.lab is not None:
                 self.lab.close()
+            self.write_prometheus_targets()  # no live node left: an empty target list
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -380,16 +385,34 @@ class LocalSwarm:
             time.sleep(0.2)
         raise SimError(f"node {node.index}: no {pattern.pattern!r} within {timeout:.0f} s:\n{self._read_log(node)[-3000:]}")
 
+    def _metrics_port(self, node: SimNode) -> int | None:
+        if node.metrics_port is None:
+            match = _METRICS_LINE.search(self._read_log(node))
+            node.metrics_port = int(match.group(1)) if match else None
+        return node.metrics_port
+
+    def write_prometheus_targets(self) -> bool:
+        """Write the live nodes' metrics endpoints to ``prometheus_sd`` (Prometheus ``file_sd_configs``
+        format) when they changed; atomically, so Prometheus never reads half a file. True if written."""
+        if self.prometheus_sd is None:
+            return False
+        groups = [{"targets": [f"{node.host}:{node.metrics_port}"],
+                   "labels": {"swarm": self.run_id, "node": str(node.index)}}
+                  for node in self.nodes if node.alive and self._metrics_port(node) is not None]
+        if groups == self._sd_written:
+            return False
+        self.prometheus_sd.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.prometheus_sd.with_name(self.prometheus_sd.name + ".tmp")
+        tmp.write_text(json.dumps(groups, indent=1) + "\n")
+        os.replace(tmp, self.prometheus_sd)
+        self._sd_written = groups
+        return True
+
     def health(self, index: int, since: float | None = None) -> dict[str, Any] | None:
         """Node ``index``'s /health (None when it is down); ``since``: only losses scored after that time."""
         node = self.nodes[index]
-        if not node.alive:
+        if not node.alive or self._metrics_port(node) is None:
             return None
-        if node.metrics_port is None:
-            match = _METRICS_LINE.search(self._read_log(node))
-            if not match:
-                return None
-            node.metrics_port = int(match.group(1))
         try:
             with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/health" + (f"?since={since}" if since else ""),
                                         timeout=5) as r:
@@ -575,8 +598,11 @@ def run_simulation(
     quiet: bool = False,
     link: LinkSpec | None = None,
     link_mode: str = "auto",
+    prometheus_sd: str | None = None,
 ) -> dict[str, Any]:
-    """Start the swarm, replay ``faults``, print progress, and return a summary."""
+    """Start the swarm, replay ``faults``, print progress, and return a summary.
+
+    ``prometheus_sd``: keep this file listing the live nodes' /metrics targets (file_sd_configs)."""
 
     def say(text: str) -> None:
         if not quiet:
@@ -587,7 +613,8 @@ def run_simulation(
         if fault.node is not None and fault.node >= nodes:
             raise SimError(f"fault {fault} names a node outside 0..{nodes - 1} (use 'new' to add one)")
     monitor = PipelineMonitor()
-    with LocalSwarm(nodes, config, overrides, workdir, link=link, link_mode=link_mode) as swarm:
+    with LocalSwarm(nodes, config, overrides, workdir, link=link, link_mode=link_mode,
+                    prometheus_sd=prometheus_sd) as swarm:
         if swarm.link_note:
             say(f"links: {swarm.link_note}")
         start = time.monotonic()
@@ -606,6 +633,8 @@ def run_simulation(
                 say(f"[{elapsed:6.1f}s] {fault.action} node {index} ({fault})")
             if elapsed >= next_poll:
                 healths = monitor.poll(swarm)
+                if swarm.write_prometheus_targets():
+                    say(f"[{elapsed:6.1f}s] prometheus targets: {len(swarm._sd_written)} node(s) in {prometheus_sd}")
                 next_poll = elapsed + 2.0
                 if elapsed >= next_report:
                     rows = []

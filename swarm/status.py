@@ -7,7 +7,6 @@ and leaves.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ import msgpack
 
 from protocol.errors import short_repr
 from protocol.messages import RunRecord
-from swarm.dht import SwarmDHT
+from swarm.dht import SwarmDHT, maddrs_from_health
 from swarm.records import MAX_STAGES, choose_run
 
 
@@ -28,14 +27,12 @@ class StatusError(RuntimeError):
 def peers_from_health(url: str) -> list[str]:
     """Multiaddrs of the local node, from its /health endpoint (so `node status` needs no arguments)."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            health = json.load(response)
+        maddrs = maddrs_from_health(url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatusError(f"no --join given and no local node answers at {url} ({exc}); pass --join MADDR") from None
-    maddrs = health.get("maddrs") or []
     if not maddrs:
-        raise StatusError(f"the local node at {url} is not in a swarm yet (state {health.get('state')})")
-    return list(maddrs)
+        raise StatusError(f"the local node at {url} is not in a swarm yet")
+    return maddrs
 
 
 def _pick_run(records: list[RunRecord], owners: list[bytes], run_id: str | None) -> tuple[RunRecord, dict, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.metrics import MetricsBindError, MetricsServer, NodeMetrics
@@ -85,6 +86,45 @@ def test_served_families_match_the_documented_table(serve):
     }
     assert undocumented == set(), "served but missing from the table in docs/metrics.md"
     assert all(name.startswith("protoswarm_") for name in families)
+
+
+def _documented_rows() -> dict[str, tuple[str, set[str], str]]:
+    """name → (type, label names, unit) from the table in docs/metrics.md."""
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        match = re.match(r"\|\s*`(protoswarm_\w+)`\s*\|([^|]+)\|([^|]+)\|([^|]+)\|", line)
+        if match:
+            name, kind, labels, unit = (g.strip() for g in match.groups())
+            rows[name] = (kind.split()[0], set(re.findall(r"`(\w+)`", labels)), unit)
+    return rows
+
+
+def test_documented_types_labels_and_names_follow_prometheus_conventions(serve):
+    """Types and label names in the table are the served ones; names carry their unit and type suffixes;
+    no label can grow with the number of peers except the one-series-per-node info metric."""
+    metrics = NodeMetrics()
+    _, _, body = _get(serve(metrics).url + "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    # Label names as declared (children may not exist yet): prometheus_client keeps them on the wrapper.
+    declared = {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+    assert "protoswarm_stage_peers" in declared
+    rows = _documented_rows()
+    assert len(rows) == len(_documented_names())
+    for name, (kind, labels, unit) in rows.items():
+        family = families.get(name) or families.get(name.removesuffix("_total"))
+        if family is None:
+            continue  # /proc-only metrics on other systems; existence is the test above
+        assert family.type == {"info": "gauge"}.get(kind, kind), (name, family.type, kind)  # info: a gauge of 1
+        if kind != "info":
+            assert declared.get(name.removesuffix("_total"), set()) == labels, (name, declared.get(name), labels)
+        if kind == "counter":
+            assert name.endswith("_total"), name
+        if unit.split()[0] == "s":
+            assert "_seconds" in name, name
+        if unit == "bytes":
+            assert "_bytes" in name, name
+        if name != "protoswarm_node_info":
+            assert not {"peer", "peer_id", "instance", "addr"} & labels, (name, labels)
 
 
 def test_updates_show_up_as_label_values(serve):
