@@ -212,8 +212,11 @@ def test_entrypoint_is_the_packaged_daemon(dockerfile: Path) -> None:
     assert argv[:2] == ["node", "start"], argv
     target = PYPROJECT["project"]["scripts"].get(argv[0])
     assert target == "node.cli:main", f"`{argv[0]}` is not a [project.scripts] entry of node.cli:main"
-    args = start_args(argv[1:])
+    cmd = only(dockerfile, "CMD")
+    assert len(cmd) == 1, f"{dockerfile.name}: one CMD (the default flags)"
+    args = start_args([*argv[1:], *exec_form(cmd[0][1])])
     assert args.command == "start" and not args.join  # the bare image starts a new swarm
+    assert args.host_maddrs == ["/ip4/0.0.0.0/tcp/31337"]  # on the EXPOSEd p2p port
     # The installed console script really runs that subcommand (help only: nothing starts).
     got = subprocess.run([tool(argv[0]), *argv[1:], "--help"], capture_output=True, text=True, timeout=120)
     assert got.returncode == 0 and "--join" in got.stdout, got.stdout + got.stderr
