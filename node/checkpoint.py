@@ -2,7 +2,9 @@
 
 A checkpoint is ``<dir>/ckpt-<step>.pt`` holding tensors and plain Python values only, loaded with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling). The newest complete file wins; older
-ones beyond ``keep`` are removed after a new one is in place.
+ones beyond ``keep`` are removed after a new one is in place, and temporary files left by a process
+killed mid-write are removed by the next save. If the newest file is unreadable anyway (damaged
+disk), :func:`load_latest` falls back to the one before it.
 """
 
 from __future__ import annotations
@@ -62,23 +64,40 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     older = [path for s, path in list_checkpoints(directory) if s < step]
     for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
+    written = final.stat().st_mtime
     for stale in directory.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
-        if stale.stat().st_mtime < final.stat().st_mtime:
-            stale.unlink(missing_ok=True)
+        try:
+            if stale.stat().st_mtime < written:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
     logger.info("checkpoint step=%d written to %s", step, final)
     return final
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The newest checkpoint's state, or None when there is none; raises CheckpointError if unreadable."""
+    """The newest readable checkpoint's state, or None when there is none.
+
+    A checkpoint that cannot be read (a damaged disk, a file edited by hand: never a crash, whose
+    writes are atomic) is skipped with a warning and the next older one is used, so a node resumes
+    from its last good state instead of refusing to start. The damaged file is left where it is for
+    inspection; the next save of that step replaces it. Raises CheckpointError only when checkpoints
+    exist and none of them can be read.
+    """
     found = list_checkpoints(directory)
     if not found:
         return None
-    step, path = found[-1]
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err}); move it away to start fresh") from err
-    if not isinstance(state, dict) or state.get("step") != step:
-        raise CheckpointError(f"checkpoint {path} does not hold step {step}")
-    return state
+    errors = []
+    for step, path in reversed(found):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch raises several types for a damaged file
+            errors.append(f"{path.name} cannot be read ({err})")
+        else:
+            if isinstance(state, dict) and state.get("step") == step:
+                if errors:
+                    logger.warning("skipped %d unreadable checkpoint(s) in %s (%s); using %s", len(errors), directory,
+                                   "; ".join(errors), path.name)
+                return state
+            errors.append(f"{path.name} does not hold step {step}")
+    raise CheckpointError(f"no checkpoint in {directory} can be read: {'; '.join(errors)}; move them away to start fresh")

@@ -91,12 +91,15 @@ def _start_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     if args.join:
         out.append(f"swarm.initial_peers={json.dumps(args.join)}")
-    for flag, field in (("run_id", "run_id"), ("identity", "identity_path"), ("metrics_host", "metrics_host")):
+    for flag, field in (("run_id", "run_id"), ("identity", "identity_path"), ("metrics_host", "metrics_host"),
+                        ("swarm_key", "access_key_file")):
         if getattr(args, flag) is not None:
             out.append(f"swarm.{field}={json.dumps(getattr(args, flag))}")
     for flag in ("host_maddrs", "announce_maddrs"):
         if getattr(args, flag):
             out.append(f"swarm.{flag}={json.dumps(getattr(args, flag))}")
+    if args.allow_peer:
+        out.append(f"swarm.allow_peers={json.dumps(args.allow_peer)}")
     if args.stage is not None:
         out.append(f"swarm.stage={args.stage}")
     if args.metrics_port is not None:
@@ -113,6 +116,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from node.identity import IdentityInUse
     from node.metrics import MetricsBindError
     from node.run_params import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS
+    from swarm.access import AccessError
     from swarm.records import IdentityError
 
     if args.join:
@@ -136,18 +140,20 @@ def cmd_start(args: argparse.Namespace) -> int:
     try:
         return NodeDaemon(cfg, create=not cfg.swarm.initial_peers, status_mode=args.status,
                           status_every_s=args.status_every).run()
-    except (IdentityInUse, IdentityError, MetricsBindError) as err:
+    except (IdentityInUse, IdentityError, MetricsBindError, AccessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from swarm.access import AccessError, SwarmAccess, load_key
     from swarm.status import StatusError, collect_status, format_status, peers_from_health
 
     try:
+        access = SwarmAccess(load_key(args.swarm_key) if args.swarm_key else None)
         join = args.join or peers_from_health(args.health_url)
-        status = collect_status(join, run_id=args.run_id, timeout=args.timeout)
-    except StatusError as err:
+        status = collect_status(join, run_id=args.run_id, timeout=args.timeout, access=access)
+    except (StatusError, AccessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(status) if args.json else format_status(status))
@@ -205,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--run-id", help="run to create (default: <model>-<random>) or to join")
     start.add_argument("--stage", type=int, help="serve this stage and never rebalance")
     start.add_argument("--identity", help="key file of this daemon's identity (default ~/.protoswarm/identity.key)")
+    start.add_argument("--swarm-key", metavar="FILE",
+                       help="file with the swarm's shared secret: only peers holding it take part (docs/security.md)")
+    start.add_argument("--allow-peer", action="append", default=[], metavar="PEER_ID",
+                       help="take part only with these peers (repeatable; docs/security.md)")
     start.add_argument("--host-maddrs", action="append", default=[], metavar="MADDR",
                        help="libp2p listen address, e.g. /ip4/0.0.0.0/tcp/31337 (repeatable)")
     start.add_argument("--announce-maddrs", action="append", default=[], metavar="MADDR",
@@ -226,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--health-url", default="http://127.0.0.1:9464/health",
                         help="without --join, ask this local node for its address (default: %(default)s)")
     status.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the swarm")
+    status.add_argument("--swarm-key", metavar="FILE",
+                        help="the swarm's key file: show only peers holding it, as members see the swarm")
     status.add_argument("--json", action="store_true", help="one JSON object for scripts")
     status.set_defaults(func=cmd_status)
 

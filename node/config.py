@@ -393,8 +393,18 @@ class SwarmConfig:
         "in-process and delays each frame sent; the DHT is not shaped. `node sim` emulates it with namespaces when "
         "root. Empty = none."
     )
+    access_key_file: str = _f(
+        "", "Swarm key: a file with a shared secret (>= 16 bytes). Only peers holding it serve stages, join exchanges "
+        "or publish run parameters in this node's view (docs/security.md). Empty = an open swarm."
+    )
+    allow_peers: list[str] = _flist(
+        [], "Allow-list of peer ids: records and streams of any other peer are ignored. Empty = no allow-list."
+    )
 
     def __post_init__(self) -> None:
+        bad = [p for p in self.allow_peers if not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{20,128}", p)]
+        if bad:
+            raise ConfigError(f"swarm.allow_peers: {bad[0]!r} is not a base58 peer id")
         if self.link:
             from protocol.link import LinkSpec
 

@@ -39,6 +39,7 @@ from node.status_line import RateWindow, StatusLine
 from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
 from protocol.schema import PROTOCOL_VERSION
+from swarm.access import GatedP2P, SwarmAccess
 from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
 from swarm.dht import SwarmDHT, descendants
 from swarm.records import choose_run
@@ -87,6 +88,7 @@ class NodeDaemon:
         self._last_move = 0.0
         self.pipeline: PipelineRole | None = None  # with pipeline.num_stages > 1
         self.sync: ReplicaSync | None = None  # with diloco.enabled
+        self.access = SwarmAccess()  # from the config in run()
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
         self._losses: collections.deque[list[float]] = collections.deque(maxlen=4096)  # (unix time, loss), S = 1
 
@@ -105,6 +107,7 @@ class NodeDaemon:
             "num_stages": self.cfg.pipeline.num_stages,
             "stage": self.work.stage if self.work else None,
             "progress": self.work.progress if self.work else 0,
+            "resumed_from": self.work.resumed_from if self.work else None,
             "throughput": self.work.throughput if self.work else 0.0,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "protocol": ".".join(map(str, PROTOCOL_VERSION)),
@@ -161,6 +164,7 @@ class NodeDaemon:
 
     def run(self) -> int:
         sw = self.cfg.swarm
+        self.access = SwarmAccess.from_config(sw)  # AccessError (a bad key file) stops the node at once
         lock = IdentityLock(sw.identity_path).acquire()
         try:
             self.server = MetricsServer(self.metrics, host=sw.metrics_host, port=sw.metrics_port, health=self.health)
@@ -172,8 +176,10 @@ class NodeDaemon:
             self.dht = SwarmDHT(
                 initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
                 identity_path=str(lock.path), retry_max_s=sw.bootstrap_retry_max_s,
-                on_state=self._on_bootstrap_state, time_op=self.metrics.time_dht,
+                on_state=self._on_bootstrap_state, time_op=self.metrics.time_dht, access=self.access,
             )
+            if not self.access.open:
+                self._print(f"access: {self.access.describe()} (docs/security.md)")
             self.dht.run_in_background()
             try:
                 if self._wait_online():
@@ -210,6 +216,7 @@ class NodeDaemon:
         self._set_state("joining")
         while not self.stop.is_set():
             if self.dht.wait_online(0.2):
+                self.access.self_id = self.dht.peer_id
                 self.metrics.set_info(peer_id=self.dht.peer_id, protocol=".".join(map(str, PROTOCOL_VERSION)))
                 return True
             if self.dht.state == "failed":
@@ -245,7 +252,7 @@ class NodeDaemon:
             self.run_id = sw.run_id or f"{self.cfg.model.name}-{secrets.token_hex(3)}"
             self._run_record = RunRecord(
                 run_id=self.run_id, creator=self.dht.peer_id, created=time.time(), publisher=self.dht.peer_id,
-                config=msgpack.packb(run_parameters(self.cfg)),
+                config=msgpack.packb(run_parameters(self.cfg)), access=self.access.proof(self.run_id, self.dht.peer_id),
             )
             self._publish_run_record()
             return True
@@ -269,6 +276,7 @@ class NodeDaemon:
                 self._run_record = RunRecord(
                     run_id=chosen.run_id, creator=chosen.creator, created=chosen.created,
                     publisher=self.dht.peer_id, config=chosen.config,
+                    access=self.access.proof(chosen.run_id, self.dht.peer_id),
                 )
                 self._publish_run_record()
                 return True
@@ -310,7 +318,9 @@ class NodeDaemon:
         work = probe if probe is not None and probe.stage == stage else StageWork(
             self.cfg, self.run_id, stage, self._checkpoint_dir(stage)
         )
-        if not work.resume():
+        if work.resume():
+            self._catch_up_resumed(work)
+        else:
             self._download_into(work)
         work.throughput = self._throughput
         self.work = work
@@ -320,8 +330,41 @@ class NodeDaemon:
         if self.sync is not None:
             self.sync.attach(work)
         if self.pipeline is not None:
+            if self._periodic_checkpoint not in self.pipeline.step_hooks:  # after the outer step's hook
+                self.pipeline.step_hooks.append(self._periodic_checkpoint)
             self.pipeline.serve(work)
         self._announce("joining")
+
+    def _catch_up_resumed(self, work: StageWork) -> None:
+        """Resumed from a checkpoint: if the stage's other replicas applied outer rounds since it was
+        written, take the stage's consensus state instead of its stale global copies (docs/node.md,
+        "Checkpoints and crashes"). The inner optimizer state and the progress stay the checkpoint's
+        (the progress never goes back). With no records to compare yet, ReplicaSync compares at its
+        first view of the stage."""
+        from node.replica_sync import rounds_behind
+
+        if work.outer is None or self.sync is None:
+            return
+        records, _ = self.dht.get_stage_records(self.run_id, self.cfg.pipeline.num_stages)
+        mates = [r for r in records.get(work.stage, []) if r.state == "online" and r.peer_id != self.dht.peer_id]
+        behind = rounds_behind(work.outer.history(), mates)
+        if behind is None:
+            return
+        logger.warning("stage %d: the checkpoint of step %d is behind the stage (%s); downloading the stage's state",
+                       work.stage, work.progress, behind)
+        self.sync.stats["resyncs"] += 1
+        progress, history = work.progress, work.outer.history()
+        self._download_into(work)
+        if work.outer.history() != history:  # downloaded: the schedule position comes from the records
+            work.resumed_schedule = None
+        with work.lock:
+            work.progress = max(work.progress, progress)
+
+    def _periodic_checkpoint(self) -> None:
+        """A pipeline stage's step hook (compute thread): start a checkpoint when one is due."""
+        work = self.work
+        if work is not None:
+            work.maybe_checkpoint()
 
     def _download_into(self, work: StageWork, prefer: list[str] | None = None) -> None:
         """Load ``work``'s stage from a peer (the most advanced first; ``prefer``: only those, if any serve)."""
@@ -390,7 +433,7 @@ class NodeDaemon:
             progress=work.progress, codecs=sorted(CODECS), timestamp=time.time(),
             addrs=self.dht.visible_maddrs()[:8], **(self.sync.record_fields() if self.sync is not None else {}),
             tokens_per_s=round(max(0.0, self._record_rate.update(self.metrics.totals()["tokens"])), 3),
-            loss=round(self._recent_loss() or 0.0, 5),
+            loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(self.run_id, self.dht.peer_id),
         )
         try:
             expiry = self.cfg.swarm.record_expiry_s
@@ -476,8 +519,11 @@ class NodeDaemon:
         """Fallen too many rounds behind: download the stage's state again, then rejoin the schedule."""
         logger.warning("stage %d: fell behind the other replicas; downloading the stage's state again", self.work.stage)
         self.sync.stats["resyncs"] += 1
-        self._download_into(self.work, prefer=self.sync.resync_from)
-        self.sync.attach(self.work)
+        work, progress = self.work, self.work.progress
+        self._download_into(work, prefer=self.sync.resync_from)
+        with work.lock:  # the schedule's (and the data's) position never goes back
+            work.progress = max(work.progress, progress)
+        self.sync.attach(work)
 
     def _count_rejections(self, counts, cumulative: bool = False) -> None:
         for reason, n in counts.items():
@@ -537,7 +583,9 @@ class NodeDaemon:
         ready.wait(60)
 
     async def _p2p_setup(self) -> None:
-        self._p2p = await self.dht.dht.replicate_p2p()
+        # Every protoswarm handler and call goes through the access rules (swarm/access.py).
+        self._p2p = GatedP2P(await self.dht.dht.replicate_p2p(), self.access,
+                             on_denied=lambda peer: self.metrics.access_denied_total.inc())
         server = StageStateServer(
             self.run_id, lambda: self.work.snapshot() if self.work else None, self.cfg.wire.limits(),
             on_error=lambda exc: self.metrics.count_protocol_error(exc.code),
@@ -608,7 +656,10 @@ class NodeDaemon:
                 if self.pipeline is not None:
                     self.pipeline.stop()
                 if self.work is not None:
-                    self.work.save_checkpoint()
+                    try:
+                        self.work.save_checkpoint()
+                    except Exception:  # a full disk: still leave the swarm properly; the last periodic one stays
+                        logger.exception("cannot write the shutdown checkpoint")
                 if self._loop is not None:
                     self._stop_p2p()
                 if self.dht is not None:

@@ -48,7 +48,7 @@ BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 DHT_OPS = ("store", "get")
 REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
     "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "future", "version", "expired",
-    "other",
+    "access", "other",
 )
 DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
 MICROBATCH_RESULTS = ("ok", "dropped", "retried")
@@ -143,6 +143,8 @@ class NodeMetrics:
                                           "op", DHT_OPS)
         self.records_rejected_total = counter("records_rejected", "Stage records from the DHT rejected.",
                                               "reason", REJECT_REASONS)
+        self.access_denied_total = counter("access_denied", "Streams from peers outside the allow-list, closed "
+                                           "unread, and calls to them refused.")
         self.protocol_errors_total = counter("protocol_errors", "Bad input from peers, by error code.",
                                              "code", (*ERROR_CODES, "other"))
         self.state_downloads_total = counter("state_downloads", "Stage state downloads, by result.",

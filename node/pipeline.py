@@ -369,12 +369,16 @@ class PipelineRole:
                 t = self.cfg.train
                 corpus = load_corpus(self.cfg.data)
                 self._sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, self.cfg.data)
-                self._drawn = compute.work.progress * t.grad_accum
+                # The data position: a checkpoint's (windows drawn before it, even those whose step
+                # never completed, are not drawn again), else where the progress puts it.
+                self._drawn = max(compute.work.progress * t.grad_accum, compute.work.data_position or 0)
             self.plane.start_driver(self._next_batch)
 
     def _next_batch(self) -> torch.Tensor:
         batch = self._sampler.batch(self._drawn)
         self._drawn += 1
+        if self.compute is not None:
+            self.compute.work.data_position = self._drawn  # saved with the stage's checkpoints
         return batch
 
     def observe(self, records: dict, stage: int) -> None:

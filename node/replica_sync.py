@@ -39,6 +39,31 @@ from swarm.exchange import HANDLER, ExchangeSettings, FragmentExchange, RoundKey
 logger = logging.getLogger(__name__)
 
 
+def rounds_behind(history: list[str], mates: list[StageRecord]) -> str | None:
+    """Whether a replica whose outer history is ``history`` (``OuterLoop.history()``) missed rounds the
+    stage's other replicas applied: a description of the first such peer, else None.
+
+    Every missed mean leaves this replica's global copy one outer step away from the stage's (and its
+    history chain different), so a replica resumed from a checkpoint that is behind by even one round
+    takes the stage's consensus state instead of contributing parts against a stale global copy.
+    """
+    mine = [_round_of(h) for h in history]
+    for r in mates:
+        if len(r.outer_history) != len(mine):
+            continue
+        theirs = [_round_of(h) for h in r.outer_history]
+        if any(t > m for t, m in zip(theirs, mine, strict=True)):
+            return f"{r.peer_id} applied rounds {theirs}, this state {mine}"
+    return None
+
+
+def _round_of(entry: str) -> int:
+    try:
+        return int(entry.split(":", 1)[0])
+    except ValueError:
+        return -1
+
+
 class ReplicaSync:
     """Streaming DiLoCo for this node's stage; one per daemon, re-attached on every stage change."""
 
@@ -54,6 +79,7 @@ class ReplicaSync:
         self.steps = 0  # this replica's inner steps since attach (for τ)
         self._peers: dict[str, tuple[int, int]] = {}  # peer -> (epoch, steps in it), from the records
         self._seen_peers = False
+        self._verify_resumed = False  # attached to a state resumed from a checkpoint: compare it once
         self._pending: dict[int, tuple[concurrent.futures.Future, int, RoundKey, float]] = {}
         self.resync_requested = False
         self.resync_from: list[str] = []  # peers to download from when resyncing (empty: any)
@@ -86,13 +112,26 @@ class ReplicaSync:
             max_group=self.cfg.diloco.max_group, codec=wire.fragment_codec, max_norm_ratio=self.cfg.diloco.max_norm_ratio,
         )
         exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, settings, wire.limits())
+        saved, work.resumed_schedule = work.resumed_schedule, None  # a checkpoint's position: taken once
         with self._lock:
             self._abandon_pending()
             self.work, self.exchange = work, exchange
             self.epoch_steps, self.steps = 0, 0
+            if saved is not None:  # resumed from a checkpoint: continue the schedule where it stood
+                self.epoch = max(0, int(saved.get("outer_epoch", 0)))
+                self.epoch_steps = max(0, int(saved.get("epoch_steps", 0)))
+            self._verify_resumed = saved is not None
             self._peers, self._seen_peers = {}, False
             self.resync_requested, self.resync_from = False, []
+        work.schedule_state = lambda: self.schedule_position(work)
         self.metrics.outer_epoch.set(self.epoch)
+
+    def schedule_position(self, work: StageWork) -> dict[str, int] | None:
+        """Where ``work``'s stage is in the shared schedule (for its checkpoints); None once detached."""
+        with self._lock:
+            if self.work is not work:
+                return None
+            return {"outer_epoch": self.epoch, "epoch_steps": self.epoch_steps}
 
     @property
     def spacing(self) -> int:
@@ -121,7 +160,17 @@ class ReplicaSync:
                     self.epoch, self.epoch_steps = ahead, 0
         lag = max((e for e, _ in self._peers.values()), default=self.epoch) - self.epoch
         self.metrics.outer_lag_epochs.set(max(0, lag))
-        self._check_history(work, [r for r in mates if r.state == "online"])
+        online = [r for r in mates if r.state == "online"]
+        if self._verify_resumed and online:
+            # A resumed checkpoint the daemon could not compare at start (no records yet): do it now.
+            self._verify_resumed = False
+            behind = rounds_behind(work.outer.history(), online)
+            if behind is not None:
+                logger.warning("stage %d: the resumed checkpoint is behind the stage (%s); downloading the "
+                               "stage's state", work.stage, behind)
+                self.resync_requested = True
+                return
+        self._check_history(work, online)
 
     def _check_history(self, work: StageWork, mates: list[StageRecord]) -> None:
         """Find out whether this replica's global copies drifted from the stage's (docs/diloco.md).

@@ -10,6 +10,12 @@ with the weights in snapshots and checkpoints; node/replica_sync.py drives it.
 A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
 stage s from scratch holds the same weights. ``lock`` guards the parameters: the trainer holds it
 for each optimizer step, snapshots (for peers downloading this stage) copy under it.
+
+Checkpoints (docs/node.md, "Checkpoints and crashes") hold the weights, the inner optimizer, the outer
+state, the progress (the learning-rate schedule's position), the replica-sync schedule position and
+the data position. :meth:`maybe_checkpoint` writes one every ``train.checkpoint_every`` steps of
+progress: the state is copied under ``lock`` (milliseconds) and written on a background thread, so
+training never waits for the disk.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +54,15 @@ class StageWork:
         self.compute_s = 0.0  # wall time inside local training steps (S = 1)
         self.last_step_s = 0.0
         self.started_at: float | None = None  # unix time the first local training step began
+        # Checkpoints: what they add to the weights, and when the next periodic one is due.
+        self.resumed_from: int | None = None  # the checkpoint's step, when this stage resumed from one
+        self.resumed_schedule: dict[str, int] | None = None  # its replica-sync position, until ReplicaSync takes it
+        self.schedule_state: Callable[[], dict[str, int] | None] | None = None  # set by ReplicaSync.attach
+        self.data_position: int | None = None  # a pipeline stage 0: the next microbatch its sampler draws
+        self.saved_step: int | None = None  # progress of the newest checkpoint written or loaded
+        self._next_save = max(0, cfg.train.checkpoint_every)
+        self._write_lock = threading.Lock()  # one checkpoint write at a time
+        self._writer: threading.Thread | None = None
         torch.manual_seed(cfg.train.seed * 1_000_003 + stage)
         if self.single:
             self.module: torch.nn.Module = LanguageModel(cfg.model, cfg.pipeline)
@@ -141,27 +157,83 @@ class StageWork:
                 self._load_outer(snap.tensors)
             self.progress = snap.step
 
-    def save_checkpoint(self) -> Path | None:
+    # checkpoints -----------------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """A copy of everything a checkpoint holds; the parameters are copied under ``lock``."""
+        schedule = self.schedule_state() if self.schedule_state is not None else None  # its own lock, not ours
         with self.lock:
-            state = {
+            return {
                 "step": self.progress,
                 "run_id": self.run_id,
                 "stage": self.stage,
                 "config": self.cfg.to_dict(),
-                "model": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "outer": self.outer.state_dict() if self.outer is not None else None,
+                "saved_at": time.time(),
+                "model": _copied(self.module.state_dict()),
+                "optimizer": _copied(self.optimizer.state_dict()) if self.optimizer is not None else None,
+                "outer": self.outer.state_dict() if self.outer is not None else None,  # copies already
+                "schedule": schedule,
+                "data_position": (self.data_position if self.data_position is not None
+                                  else self.progress * self.cfg.train.grad_accum),
             }
-        path = save_checkpoint(self.checkpoint_dir, self.progress, state)
-        logger.info("checkpoint of stage %d at step %d saved in %s", self.stage, self.progress, self.checkpoint_dir)
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current state now (after any periodic write still running)."""
+        self.wait_for_checkpoint()
+        return self._write(self.checkpoint_state())
+
+    def maybe_checkpoint(self) -> bool:
+        """After an optimizer step: start a periodic checkpoint in the background when one is due
+        (every ``train.checkpoint_every`` steps of progress; skipped while the previous one is still
+        being written, and tried again at the next step). True when one was started."""
+        every = self.cfg.train.checkpoint_every
+        if not every or self.progress < self._next_save:
+            return False
+        if self._writer is not None and self._writer.is_alive():
+            return False
+        state = self.checkpoint_state()
+        self._next_save = (state["step"] // every + 1) * every
+        self._writer = threading.Thread(target=self._write_quietly, args=(state,), name="checkpoint", daemon=True)
+        self._writer.start()
+        return True
+
+    def wait_for_checkpoint(self, timeout: float | None = None) -> bool:
+        """Wait for a background checkpoint write; False if it is still running after ``timeout``."""
+        writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
+            return not writer.is_alive()
+        return True
+
+    def _write(self, state: dict[str, Any]) -> Path:
+        started = time.monotonic()
+        with self._write_lock:
+            path = save_checkpoint(self.checkpoint_dir, state["step"], state)
+            self.saved_step = state["step"]
+        logger.info("checkpoint of stage %d at step %d saved in %s (%.2f s)", self.stage, state["step"],
+                    self.checkpoint_dir, time.monotonic() - started)
         return path
 
+    def _write_quietly(self, state: dict[str, Any]) -> None:
+        try:
+            self._write(state)
+        except Exception:  # a full disk must not stop training; the previous checkpoint is intact
+            logger.exception("stage %d: cannot write the checkpoint of step %d", self.stage, state["step"])
+
+    def _schedule_next_save(self) -> None:
+        every = self.cfg.train.checkpoint_every
+        self._next_save = (self.progress // every + 1) * every if every else 0
+
     def resume(self) -> bool:
-        """Load this node's own checkpoint of the same run, stage and model; False if there is none."""
+        """Load this node's own checkpoint of the same run, stage and model; False if there is none
+        (or ``train.resume`` is off). The newest readable one is used (node/checkpoint.py)."""
+        if not self.cfg.train.resume:
+            logger.info("train.resume=false: not looking for a checkpoint in %s", self.checkpoint_dir)
+            return False
         try:
             state = load_latest(self.checkpoint_dir)
         except CheckpointError as exc:
-            logger.warning("ignoring unreadable checkpoint in %s: %s", self.checkpoint_dir, exc)
+            logger.warning("ignoring unreadable checkpoints in %s: %s", self.checkpoint_dir, exc)
             return False
         if state is None:
             return False
@@ -177,7 +249,10 @@ class StageWork:
         with self.lock:
             self.module.load_state_dict(state["model"])
             if self.optimizer is not None and state.get("optimizer") is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                try:
+                    self.optimizer.load_state_dict(state["optimizer"])
+                except (ValueError, KeyError) as exc:  # other parameter groups: keep a fresh optimizer
+                    logger.warning("inner optimizer state in the checkpoint does not fit (%s); restarting it", exc)
             if self.outer is not None and state.get("outer") is not None:
                 try:
                     self.outer.load_state_dict(state["outer"])
@@ -185,7 +260,18 @@ class StageWork:
                     logger.warning("outer state in the checkpoint does not fit (%s); restarting it", exc)
                     self.outer.reset()
             self.progress = int(state["step"])
-        logger.info("resumed stage %d at step %d from %s", self.stage, self.progress, self.checkpoint_dir)
+            position = state.get("data_position")
+            self.data_position = int(position) if position is not None and not self.single else None
+            schedule = state.get("schedule")
+            self.resumed_schedule = dict(schedule) if isinstance(schedule, dict) else None
+        self.resumed_from = self.saved_step = self.progress
+        self._schedule_next_save()
+        age = time.time() - float(state.get("saved_at", time.time()))
+        rounds = self.outer.history() if self.outer is not None else []
+        logger.info("resumed from checkpoint step %d (stage %d, saved %.0f s ago%s%s) in %s", self.progress,
+                    self.stage, age, f", outer history {rounds}" if rounds else "",
+                    f", schedule epoch {self.resumed_schedule.get('outer_epoch')}" if self.resumed_schedule else "",
+                    self.checkpoint_dir)
         return True
 
     # throughput ------------------------------------------------------------------------------------------
@@ -238,10 +324,21 @@ class StageWork:
             self.throughput = rate if self.throughput == 0 else 0.9 * self.throughput + 0.1 * rate
             if on_step is not None:
                 on_step(self.progress, loss)
-            if t.checkpoint_every and self.progress % t.checkpoint_every == 0:
-                self.save_checkpoint()
+            self.maybe_checkpoint()
         if self.progress >= t.steps:
             logger.info("reached train.steps=%d; serving without training", t.steps)
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor cloned to the CPU (and containers rebuilt): a state_dict that later
+    optimizer steps cannot change while it is being written."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
 
 
 def outer_settings(cfg: RunConfig, names: list[str]) -> OuterSettings:

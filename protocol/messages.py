@@ -211,6 +211,11 @@ class StateEntry(Record):
         _check_digest(self.sha256, f"state entry {self.name!r}")
 
 
+def _check_access(access: str, what: str) -> None:
+    if access and (len(access) != 64 or not _HEX.fullmatch(access)):
+        raise MalformedMessage(f"{what}: access must be empty or 64 lowercase hex characters")
+
+
 def _check_digest(digest: str, what: str) -> None:
     if len(digest) != 64 or not _HEX.fullmatch(digest):
         raise MalformedMessage(f"{what}: sha256 must be 64 lowercase hex characters")
@@ -294,9 +299,11 @@ class StageRecord(Message):
     # peers omit them (0) and ignore them.
     tokens_per_s: float = 0.0
     loss: float = 0.0
+    access: str = ""  # proof of the swarm key for (run, peer id), hex HMAC-SHA256 (swarm/access.py); "" = none
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "StageRecord")
+        _check_access(self.access, "StageRecord")
         if not (0.0 <= self.tokens_per_s <= MAX_TOKENS_PER_S and 0.0 <= self.loss <= MAX_LOSS):
             raise MalformedMessage(f"StageRecord: tokens_per_s {self.tokens_per_s} or loss {self.loss} out of range")
         if self.state not in STAGE_STATES:
@@ -321,9 +328,11 @@ class RunRecord(Message):
     created: float  # creator's wall clock at creation (seconds since the epoch)
     publisher: str  # peer id of the peer that signed this copy
     config: bytes
+    access: str = ""  # proof of the swarm key for (run, publisher) (swarm/access.py); "" = none
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "RunRecord")
+        _check_access(self.access, "RunRecord")
 
 
 @message(ERROR_KIND)

@@ -45,7 +45,7 @@ from protocol.tensors import (
     split_header,
 )
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)  # 1.1: StageRecord.tokens_per_s and .loss
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)  # 1.1: StageRecord.tokens_per_s, .loss; access proofs in records
 ERROR_KIND = "error"  # its layout is frozen across major versions so any peer can read the refusal
 
 _U32 = struct.Struct("<I")

@@ -14,7 +14,9 @@ a reply must be taken by the peer within ``write_timeout``, and an idle stream i
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from protocol.errors import ChecksumError, ConnectionLost, ProtocolError, RemoteError, StreamIdle
@@ -31,6 +33,63 @@ FRAME_TIMEOUT = 60.0  # seconds from a frame's first byte to its last
 WRITE_TIMEOUT = 60.0  # seconds for the peer to take one frame we send
 IDLE_TIMEOUT = 600.0  # seconds a served stream may sit idle between requests
 MAX_REFUSALS = 16  # refused requests on one stream before it is closed
+MAX_TRACKED_PEERS = 4096  # peers a PeerStrikes table remembers at most
+
+
+class PeerStrikes:
+    """Offences per peer within a sliding window, and the bans they earn; bounded in memory.
+
+    :meth:`strike` records one offence; the ``limit``-th within ``window_s`` bans the peer for ``ban_s``
+    and clears its offences, so a peer that keeps offending while banned is banned again. Each peer
+    holds at most ``limit`` timestamps, and at most ``max_peers`` peers are remembered: the one struck
+    least recently is forgotten first. A flood of fresh identities therefore costs a fixed amount of
+    memory; at worst it makes the node forget an old offender (or lift its ban) early.
+    """
+
+    def __init__(self, limit: int, window_s: float, ban_s: float, *, max_peers: int = MAX_TRACKED_PEERS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if limit < 1 or max_peers < 1 or not window_s > 0 or not ban_s > 0:
+            raise ValueError("PeerStrikes needs limit >= 1, max_peers >= 1 and positive window_s and ban_s")
+        self.limit, self.window_s, self.ban_s, self.max_peers = int(limit), window_s, ban_s, int(max_peers)
+        self._clock = clock
+        # peer -> (offence times within the window, end of its ban or 0.0); least recently struck first
+        self._peers: collections.OrderedDict[str, tuple[collections.deque[float], float]] = collections.OrderedDict()
+        self.bans = 0  # bans imposed so far
+
+    def strike(self, peer: str) -> bool:
+        """Count one offence by ``peer``; True when it earned a ban just now."""
+        now = self._clock()
+        times, until = self._peers.pop(peer, None) or (collections.deque(maxlen=self.limit), 0.0)
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        times.append(now)
+        banned = len(times) >= self.limit
+        if banned:
+            times.clear()
+            until = now + self.ban_s
+            self.bans += 1
+        self._peers[peer] = (times, until)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+        return banned
+
+    def banned_for(self, peer: str) -> float:
+        """Seconds ``peer``'s ban still lasts (0.0: not banned)."""
+        entry = self._peers.get(peer)
+        if entry is None or not entry[1]:
+            return 0.0
+        times, until = entry
+        left = until - self._clock()
+        if left > 0:
+            return left
+        if times:
+            self._peers[peer] = (times, 0.0)
+        else:
+            del self._peers[peer]  # nothing left to remember
+        return 0.0
+
+    def __len__(self) -> int:
+        return len(self._peers)
 
 
 async def send_message(

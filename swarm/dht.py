@@ -31,6 +31,7 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from protocol.messages import RunRecord, StageRecord, encode_message
+from swarm.access import SwarmAccess
 from swarm.records import (
     RECORD_LIMITS,
     RUNS_KEY,
@@ -141,6 +142,7 @@ class SwarmDHT:
         call_timeout: float = 30.0,
         on_state: Callable[[str], None] | None = None,
         time_op: Callable[[str], object] | None = None,
+        access: SwarmAccess | None = None,
     ):
         self.initial_peers = list(initial_peers)
         self.host_maddrs = list(host_maddrs)
@@ -161,6 +163,7 @@ class SwarmDHT:
         self.dht: hivemind.DHT | None = None
         self._on_state = on_state
         self._time_op = time_op
+        self.access = access or SwarmAccess()  # records failing it are skipped by readers (swarm/access.py)
         self._online = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -307,6 +310,9 @@ class SwarmDHT:
             by_stage[stage] = [r for r in parsed.records if r.stage == stage and r.run_id == run_id]
             if len(parsed.records) > len(by_stage[stage]):
                 rejected["wrong_kind"] += len(parsed.records) - len(by_stage[stage])
+            admitted = [r for r in by_stage[stage] if self.access.admits_record(run_id, r.peer_id, r.access)]
+            rejected["access"] += len(by_stage[stage]) - len(admitted)
+            by_stage[stage] = admitted
         return by_stage, rejected
 
     def store_run_record(self, record: RunRecord, expiry_s: float) -> bool:
@@ -327,7 +333,14 @@ class SwarmDHT:
         with self._timed("get"):
             found = self.dht.get(RUNS_KEY, latest=True, return_future=True).result(self.call_timeout)
         parsed = parse_entries(found.value if found is not None else None, RunRecord)
-        return parsed.records, parsed.owners, parsed.rejected
+        records, owners, rejected = [], [], parsed.rejected
+        for record, owner in zip(parsed.records, parsed.owners, strict=True):
+            if self.access.admits_record(record.run_id, record.publisher, record.access):
+                records.append(record)
+                owners.append(owner)
+            else:
+                rejected["access"] += 1
+        return records, owners, rejected
 
     def rejected_inside_dht(self) -> Counter:
         """Records this node's DHT process refused (stores from peers and fetched values), by reason."""

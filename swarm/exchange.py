@@ -22,8 +22,10 @@ Faults end a round, never hang it:
 - A member's whole wait is bounded by ``round_timeout_s``. A leader holds parts that arrive before it
   reached the round (it may be a little behind) for at most ``round_timeout_s``, and for a bounded
   number of rounds.
-- Malformed parts (wrong run, stage, fragment size, codec, chunking) get an ErrorReply and a strike.
-  A peer with ``peer_strikes`` strikes is refused for ``ban_s``.
+- Malformed parts (undecodable frames, wrong run, stage, fragment size, codec, chunking) get an
+  ErrorReply and a strike, and are passed to ``on_error`` (the node counts them). A peer with
+  ``peer_strikes`` strikes within ``ban_s`` is refused for ``ban_s``. A stream that ends or stays
+  silent for ``round_timeout_s`` before a whole fragment arrived is closed without a strike.
 
 The exchange is torch-free apart from the tensors it carries. The outer step itself stays with the
 caller (``OuterLoop.begin`` / ``apply`` where the inner optimizer runs).
@@ -37,16 +39,17 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from protocol.codecs import get_codec
-from protocol.errors import MalformedMessage, ProtocolError, RemoteError
+from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
+from protocol.streams import PeerStrikes
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.diloco import quantized, robust_mean
 
@@ -134,7 +137,9 @@ class FragmentExchange:
     """This replica's end of the exchange (all methods on the event loop of ``p2p``)."""
 
     def __init__(self, p2p: Any, peer_id: str, run_id: str, stage: int, fragment_sizes: Sequence[int],
-                 settings: ExchangeSettings, limits: WireLimits = DEFAULT_LIMITS) -> None:
+                 settings: ExchangeSettings, limits: WireLimits = DEFAULT_LIMITS,
+                 on_error: Callable[[ProtocolError], None] | None = None) -> None:
+        """``on_error(exc)`` sees every malformed input a member sends (metrics)."""
         self.p2p, self.peer_id, self.run_id, self.stage = p2p, peer_id, run_id, stage
         self.fragment_sizes = [int(n) for n in fragment_sizes]
         self.settings, self.limits = settings, limits
@@ -144,8 +149,8 @@ class FragmentExchange:
         self.peers: set[str] = {peer_id}  # this stage's ONLINE replicas, self included
         self._gathers: dict[RoundKey, _Gather] = {}
         self._closed: collections.OrderedDict[RoundKey, None] = collections.OrderedDict()  # recently averaged
-        self._strikes: collections.Counter[str] = collections.Counter()
-        self._banned: dict[str, float] = {}
+        self.strikes = PeerStrikes(settings.peer_strikes, settings.ban_s, settings.ban_s)  # bounded per peer
+        self.on_error = on_error
         self.stats: collections.Counter[str] = collections.Counter()
 
     async def register(self) -> None:
@@ -258,7 +263,7 @@ class FragmentExchange:
         Returns the values, the bytes read, the key and the first part's weight."""
         received, out, expected_parts, got, weight = 0, None, None, 0, 1.0
         while expected_parts is None or got < expected_parts:
-            raw = await read_frame(reader, self.limits, timeout=timeout)
+            raw = await read_frame(reader, self.limits, timeout=timeout, idle_timeout=timeout)
             if raw is None:
                 raise RemoteError("peer closed the stream mid-fragment", remote_code="closed")
             received += len(raw) + PREFIX_BYTES
@@ -329,16 +334,16 @@ class FragmentExchange:
             writer.close()
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader) -> list[bytes]:
-        if self._banned.get(peer, 0.0) > time.monotonic():
+        if self.strikes.banned_for(peer) > 0:
             return [self._error("banned", "too many malformed parts; try later")]
         if peer not in self.peers:
             return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
         try:
             values, received, key, _ = await self._read_parts(reader, None, peer, timeout=self.settings.round_timeout_s)
-        except RemoteError:
+        except (RemoteError, ConnectionLost, StreamIdle):  # the member left or went quiet: no offence
             return []
         except ProtocolError as exc:
-            self._strike(peer, exc.code)
+            self._strike(peer, exc)
             return [self._error(exc.code, str(exc))]
         self.stats["bytes_received"] += received
         group = next((g for g in plan_groups(self.run_id, key, self.peers, self.settings.max_group) if peer in g), [])
@@ -370,13 +375,14 @@ class FragmentExchange:
         self.stats[f"refused_{code}"] += 1
         return encode_message(ErrorReply(code=code, message=message[:400]), self.limits)
 
-    def _strike(self, peer: str, code: str) -> None:
-        self._strikes[peer] += 1
-        if self._strikes[peer] >= self.settings.peer_strikes:
-            self._banned[peer] = time.monotonic() + self.settings.ban_s
-            self._strikes[peer] = 0
+    def _strike(self, peer: str, exc: ProtocolError) -> None:
+        logger.info("exchange: refused input from %s [%s] %s", peer, exc.code, exc)
+        if self.on_error is not None:
+            self.on_error(exc)
+        if self.strikes.strike(peer):
+            self.stats["peers_banned"] += 1
             logger.warning("exchange: peer %s banned for %.0f s after malformed parts (%s)", peer,
-                           self.settings.ban_s, code)
+                           self.settings.ban_s, exc.code)
 
 
 async def _linger(reader: asyncio.StreamReader, seconds: float) -> None:

@@ -50,7 +50,7 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
-from protocol.streams import serve_stream
+from protocol.streams import PeerStrikes, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.routing import Router
 
@@ -141,8 +141,8 @@ class DataPlane:
         self.compute: StageCompute | None = None
         self.router = Router(ban_base_s=settings.ban_base_s, ban_max_s=settings.ban_max_s)
         self._ids = itertools.count(1)
-        self._strikes: dict[str, list[float]] = {}
-        self._banned: dict[str, float] = {}
+        # Offences per peer (bounded): peer_strikes within ban_max_s ban it for ban_max_s.
+        self.strikes = PeerStrikes(settings.peer_strikes, settings.ban_max_s, settings.ban_max_s)
         self.stats: dict[str, float] = collections.Counter()
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
         self._driver: asyncio.Task | None = None
@@ -212,11 +212,8 @@ class DataPlane:
 
     async def _handle(self, msg: Message, peer: str, nbytes: int) -> Message:
         start = time.monotonic()
-        until = self._banned.get(peer)
-        if until is not None:
-            if until > start:
-                raise _Refused("banned", f"too many bad frames; refused for {until - start:.0f} s more")
-            del self._banned[peer]
+        if (left := self.strikes.banned_for(peer)) > 0:
+            raise _Refused("banned", f"too many bad frames; refused for {left:.0f} s more")
         if isinstance(msg, GradientFrame):
             raise _Refused("unknown_microbatch", f"no microbatch {msg.microbatch_id} awaits a backward from {peer}: "
                            "gradients travel only as replies to activation frames")
@@ -292,14 +289,9 @@ class DataPlane:
         return reply  # serve_stream sends it; on_sent counts its bytes
 
     def _strike(self, peer: str) -> None:
-        now = time.monotonic()
-        window = [t for t in self._strikes.get(peer, []) if now - t < self.settings.ban_max_s] + [now]
-        self._strikes[peer] = window
-        if len(window) >= self.settings.peer_strikes:
-            self._banned[peer] = now + self.settings.ban_max_s
-            self._strikes.pop(peer, None)
+        if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("peer %s sent %d bad frames: refusing it for %.0f s", peer, len(window),
+            logger.warning("peer %s sent %d bad frames: refusing it for %.0f s", peer, self.settings.peer_strikes,
                            self.settings.ban_max_s)
 
     def _count_bytes(self, direction: str, way: str, codec: str, nbytes: int, values: int, ids: int) -> None:

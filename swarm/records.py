@@ -43,6 +43,7 @@ RECORD_LIMITS = WireLimits(max_frame_bytes=256 * 1024, max_header_bytes=256 * 10
 
 REJECT_REASONS = (
     "unsigned", "bad_signature", "malformed", "version", "wrong_kind", "wrong_owner", "foreign", "future",
+    "access",  # readers only: no valid proof of the swarm key, or not on the allow-list (swarm/access.py)
 )
 _OWNER = re.compile(rb"\[owner:.+?\]", re.S)
 _OWNER_KEY = re.compile(rb"\[owner:(.+?)\]", re.S)

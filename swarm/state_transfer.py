@@ -27,8 +27,9 @@ assembled bytes and the rebuilt tensors); the server holds one serialized copy p
 Hashing, serializing and rebuilding run in worker threads. Nothing is pickled. Every failure, and
 running past ``timeout``, is a :class:`StateTransferError` naming the peer, the stage and a reason.
 Refusals the server sends on purpose are ``ErrorReply`` codes: ``wrong_run``, ``wrong_stage``,
-``no_state`` and ``stale``; malformed requests are refused by ``serve_stream`` and counted through
-``on_error``.
+``no_state``, ``stale`` and ``banned``; malformed requests are refused by ``serve_stream`` and counted
+through ``on_error``. Malformed requests and requests for another run are strikes: a peer with
+``peer_strikes`` of them within ``ban_s`` is refused (``banned``) for ``ban_s``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from protocol.messages import (
     StateManifest,
     StateRequest,
 )
-from protocol.streams import request, serve_stream
+from protocol.streams import PeerStrikes, request, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
 logger = logging.getLogger(__name__)
@@ -183,9 +184,11 @@ class StageStateServer:
     def __init__(self, run_id: str, snapshot: Callable[[], StageSnapshot | None],
                  limits: WireLimits = DEFAULT_LIMITS, chunk_bytes: int = 4 << 20,
                  on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2,
-                 consensus: Callable[[], StageSnapshot | None] | None = None):
+                 consensus: Callable[[], StageSnapshot | None] | None = None, peer_strikes: int = 8,
+                 ban_s: float = 60.0):
         """``consensus()``: the state every replica of the stage agrees on (``StateRequest.part ==
-        "consensus"``), or None when this node has no such thing."""
+        "consensus"``), or None when this node has no such thing. ``on_error(exc)`` sees every
+        malformed request (metrics); ``peer_strikes`` offences within ``ban_s`` ban a peer for ``ban_s``."""
         if not 0 < chunk_bytes <= limits.max_frame_bytes - _FRAME_SLACK:
             raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - _FRAME_SLACK}")
         if keep_snapshots < 1:
@@ -195,6 +198,8 @@ class StageStateServer:
         self._consensus = consensus
         self._cache: OrderedDict[str, _Serialized] = OrderedDict()  # digest → bytes, least recent first
         self._lock = asyncio.Lock()  # one serialization at a time; concurrent joiners share it
+        self.strikes = PeerStrikes(peer_strikes, ban_s, ban_s)  # bounded per peer
+        self.stats: collections.Counter[str] = collections.Counter()
 
     async def register(self, p2p: Any) -> None:
         await p2p.add_binary_stream_handler(self.HANDLER, self._on_stream)
@@ -205,28 +210,47 @@ class StageStateServer:
         async def handle(msg: Message) -> Message:
             return await self.handle(msg, peer)
 
-        await serve_stream(reader, writer, handle, self.limits, on_error=self._on_error, peer=peer)
+        def on_error(exc: ProtocolError) -> None:
+            if self._on_error is not None:
+                self._on_error(exc)
+            self._strike(peer, exc.code)
+
+        await serve_stream(reader, writer, handle, self.limits, on_error=on_error, peer=peer)
 
     async def handle(self, msg: Message, peer: str = "?") -> Message:
         """The reply to one request (public so a wrapper or a test can drive it without a stream)."""
+        if (left := self.strikes.banned_for(peer)) > 0:
+            return self._refuse("banned", f"too many bad requests; refused for {left:.0f} s more", retry_after=left)
         if isinstance(msg, StateRequest):
             return await self._manifest(msg, peer)
         if isinstance(msg, StateChunkRequest):
             return self._chunk(msg, peer)
         raise MalformedMessage(f"{self.HANDLER} does not answer {type(msg).__name__}")
 
+    def _refuse(self, code: str, message: str, retry_after: float | None = None) -> ErrorReply:
+        self.stats[f"refused_{code}"] += 1
+        return ErrorReply(code=code, message=message, retry_after=retry_after)
+
+    def _strike(self, peer: str, code: str) -> None:
+        self.stats["strikes"] += 1
+        if self.strikes.strike(peer):
+            self.stats["peers_banned"] += 1
+            logger.warning("peer %s: %d bad state requests (last: %s); refusing it for %.0f s", peer,
+                           self.strikes.limit, code, self.strikes.ban_s)
+
     async def _manifest(self, msg: StateRequest, peer: str) -> Message:
         if msg.run_id != self.run_id:
+            self._strike(peer, "wrong_run")
             text = f"this node trains run {short_repr(self.run_id)}, not {short_repr(msg.run_id)}"
-            return ErrorReply(code="wrong_run", message=text)
+            return self._refuse("wrong_run", text)
         source = self._snapshot if msg.part == "all" else self._consensus
         snap = source() if source is not None else None
         if snap is None:
             what = "stage state" if msg.part == "all" else "consensus stage state (replica sync off?)"
-            return ErrorReply(code="no_state", message=f"this node has no {what} to serve")
+            return self._refuse("no_state", f"this node has no {what} to serve")
         if snap.stage != msg.stage:
             text = f"this node serves stage {snap.stage}, not {msg.stage}"
-            return ErrorReply(code="wrong_stage", message=text)
+            return self._refuse("wrong_stage", text)
         key = (msg.part, snap.stage, snap.step, snap.round_id)
         async with self._lock:
             cached = next((s for s in self._cache.values() if s.key == key), None)
@@ -247,11 +271,12 @@ class StageStateServer:
 
     def _chunk(self, msg: StateChunkRequest, peer: str) -> Message:
         if msg.run_id != self.run_id:
-            return ErrorReply(code="wrong_run", message=f"this node trains run {short_repr(self.run_id)}")
+            self._strike(peer, "wrong_run")
+            return self._refuse("wrong_run", f"this node trains run {short_repr(self.run_id)}")
         cached = self._cache.get(msg.digest)
         if cached is None:
             logger.info("peer %s: stage %d: state %s is no longer held", peer, msg.stage, msg.digest[:12])
-            return ErrorReply(code="stale", message="that state is no longer held; request a new manifest")
+            return self._refuse("stale", "that state is no longer held; request a new manifest")
         manifest = cached.manifest
         if msg.stage != manifest.stage or msg.index >= len(manifest.chunk_sha256):
             raise MalformedMessage(f"no chunk {msg.index} of stage {msg.stage} in state {msg.digest[:12]}")

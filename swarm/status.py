@@ -16,6 +16,7 @@ import msgpack
 
 from protocol.errors import short_repr
 from protocol.messages import RunRecord
+from swarm.access import SwarmAccess
 from swarm.dht import SwarmDHT, maddrs_from_health
 from swarm.records import MAX_STAGES, choose_run
 
@@ -52,8 +53,11 @@ def _pick_run(records: list[RunRecord], owners: list[bytes], run_id: str | None)
     return chosen, params, num_stages
 
 
-def collect_status(join: list[str], run_id: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    dht = SwarmDHT(initial_peers=join, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True, retry_max_s=2.0)
+def collect_status(join: list[str], run_id: str | None = None, timeout: float = 30.0,
+                   access: SwarmAccess | None = None) -> dict[str, Any]:
+    # With the swarm's access rules, records of peers outside them are skipped (as members skip them).
+    dht = SwarmDHT(initial_peers=join, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True, retry_max_s=2.0,
+                   access=access)
     dht.run_in_background()
     try:
         if not dht.wait_online(timeout):

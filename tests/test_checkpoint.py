@@ -53,3 +53,38 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
     assert not list(tmp_path.glob("*.tmp")) and load_latest(tmp_path)["step"] == 1
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((1000,), float(step))})
+    newest = list_checkpoints(tmp_path)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:300])  # damaged on disk (a crash never does this: writes are atomic)
+    with caplog.at_level("WARNING", logger="node.checkpoint"):
+        state = load_latest(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.full((1000,), 1.0))
+    assert "ckpt-00000002.pt cannot be read" in caplog.text and "using ckpt-00000001.pt" in caplog.text
+    assert newest.exists()  # left for inspection; the next save of step 2 replaces it
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    assert load_latest(tmp_path)["step"] == 2
+
+
+def test_a_checkpoint_holding_another_step_is_skipped_too(tmp_path):
+    save_checkpoint(tmp_path, 3, {"step": 3})
+    save_checkpoint(tmp_path, 4, {"step": 4})
+    torch.save({"step": 99}, list_checkpoints(tmp_path)[-1][1])  # renamed or copied by hand
+    assert load_latest(tmp_path)["step"] == 3
+    with pytest.raises(CheckpointError, match="does not hold step 3"):
+        torch.save({"step": 98}, list_checkpoints(tmp_path)[0][1])
+        load_latest(tmp_path)
+
+
+def test_the_next_save_removes_temporary_files_of_a_killed_writer(tmp_path):
+    import os
+    import time
+
+    stale = tmp_path / ".ckpt-00000002.pt.x1y2.tmp"
+    stale.write_bytes(b"\x80\x02partial")
+    os.utime(stale, (time.time() - 5, time.time() - 5))
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    assert not stale.exists() and not list(tmp_path.glob("*.tmp"))
