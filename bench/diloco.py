@@ -38,8 +38,7 @@ from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.model import LanguageModel, parameter_groups
 from node.train_local import evaluate, lr_at
-from protocol.codecs import get_codec
-from swarm.diloco import OuterLoop, OuterSettings, due, quantized, robust_mean
+from swarm.diloco import InProcessGroup, OuterLoop, OuterSettings
 
 
 def inner_step(model, opt, batch, lr) -> float:
@@ -93,36 +92,23 @@ class Run:
             self.bytes_per_step[t] = 4 * numel  # each replica sends its fp32 gradient once
             self.record(t, model)
 
-    def diloco(self, settings: OuterSettings, codec: str) -> None:
+    def diloco(self, settings: OuterSettings, codec: str, corrupt=None) -> None:
+        """Streaming DiLoCo among the replicas (swarm.diloco.InProcessGroup); ``corrupt``: a poisoner."""
         models = [copy.deepcopy(self.base) for _ in self.samplers]
         opts = [self.optimizer(m) for m in models]
-        loops = [OuterLoop(dict(m.named_parameters()), settings) for m in models]
-        enc = get_codec(codec)
-        in_flight: dict[int, tuple[int, torch.Tensor]] = {}
-        rejected = 0
+        group = InProcessGroup([OuterLoop(dict(m.named_parameters()), settings) for m in models], settings,
+                               codec, corrupt=corrupt)
         eval_model = copy.deepcopy(self.base)
         for t in range(1, self.steps + 1):
             lr = lr_at(t - 1, self.cfg)
             losses = [inner_step(m, o, s.batch(t - 1), lr) for m, o, s in zip(models, opts, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
-            for p in [p for p, (t0, _) in in_flight.items() if t0 + settings.overlap == t and settings.overlap > 0]:
-                mean = in_flight.pop(p)[1]
-                for loop in loops:
-                    loop.apply(p, mean)
-            for b in due(settings, t - 1, t):
-                parts = [quantized(loop.begin(b.fragment, b.round), enc)[1] for loop in loops]
-                self.bytes_per_step[t] += enc.payload_nbytes(parts[0].numel())
-                result = robust_mean(parts)
-                rejected += len(result.rejected)
-                in_flight[b.fragment] = (t, result.mean)
-                if settings.overlap == 0:
-                    mean = in_flight.pop(b.fragment)[1]
-                    for loop in loops:
-                        loop.apply(b.fragment, mean)
+            self.bytes_per_step[t] += group.after_step(t)
             if t % self.eval_every == 0 or t == self.steps:
-                self.load_global(eval_model, loops[0])
+                self.load_global(eval_model, group.loops[0])
                 self.record(t, eval_model)
-        self.rejected = rejected
+        self.rejected = sum(len(r) for r in group.rejected)
+        self.group = group
 
     @staticmethod
     @torch.no_grad()

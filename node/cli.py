@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -160,10 +161,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from protocol.link import LinkSpec
     from swarm.simulator import SimError, parse_faults, run_simulation
 
+    # SIGTERM and SIGINT both unwind through the swarm's shutdown (every node stopped, nothing left
+    # behind), also when SIGINT arrives ignored from a background shell.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         # --link, else the config's swarm.link: the sim emulates it for every node (namespaces when root)
         text = args.link if args.link is not None else _load(args).swarm.link

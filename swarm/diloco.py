@@ -317,3 +317,52 @@ def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0) -> 
     for i in kept:
         acc.add(parts[i])
     return MeanResult(acc.mean(), kept, rejected)
+
+
+class InProcessGroup:
+    """M replicas' outer loops agreeing in one process as the fragment exchange makes them agree: at
+    each boundary every replica's part (as sent: quantized with ``codec`` when given) goes through
+    :func:`robust_mean`, and the mean is applied τ inner steps later (at once with τ = 0). The golden
+    test, the benches and the poisoning test drive replicas with it; the swarm uses swarm/exchange.py.
+
+    ``corrupt(replica, part) -> part``, if given, replaces what a replica sends (a poisoner). Call
+    :meth:`after_step` once after every replica finished inner step ``t`` (1-based).
+    """
+
+    def __init__(self, loops: Sequence[OuterLoop], settings: OuterSettings, codec: str | Codec | None = None,
+                 max_norm_ratio: float = 10.0, corrupt=None):
+        self.loops, self.settings, self.max_norm_ratio, self.corrupt = list(loops), settings, max_norm_ratio, corrupt
+        self.codec = get_codec(codec) if isinstance(codec, str) else codec
+        self.in_flight: dict[int, tuple[int, torch.Tensor]] = {}
+        self.rejected: list[dict[int, str]] = []  # per round: replica → reason, when any part was dropped
+        self.kept: list[list[int]] = []
+
+    def after_step(self, t: int) -> int:
+        """Finish rounds whose τ steps are done, start the rounds due at ``t``; returns the payload bytes
+        one replica sent at this step."""
+        tau, sent = self.settings.overlap, 0
+        for p in [p for p, (t0, _) in self.in_flight.items() if tau > 0 and t0 + tau == t]:
+            self._apply(p, self.in_flight.pop(p)[1])
+        for b in due(self.settings, t - 1, t):
+            parts = [loop.begin(b.fragment, b.round) for loop in self.loops]
+            if self.codec is not None:
+                parts = [quantized(part, self.codec)[1] for part in parts]
+                sent += self.codec.payload_nbytes(parts[0].numel())
+            else:
+                sent += 4 * parts[0].numel()
+            if self.corrupt is not None:
+                parts = [self.corrupt(r, part) for r, part in enumerate(parts)]
+            result = robust_mean(parts, self.max_norm_ratio)
+            self.kept.append(result.kept)
+            if result.rejected:
+                self.rejected.append(dict(result.rejected))
+            if result.mean is None:
+                continue  # every part dropped: the round is skipped, as a leader would
+            self.in_flight[b.fragment] = (t, result.mean)
+            if tau == 0:
+                self._apply(b.fragment, self.in_flight.pop(b.fragment)[1])
+        return sent
+
+    def _apply(self, fragment: int, mean: torch.Tensor) -> None:
+        for loop in self.loops:
+            loop.apply(fragment, mean)

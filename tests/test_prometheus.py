@@ -9,8 +9,10 @@ Grafana dashboard evaluates against the live data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -134,11 +136,15 @@ def test_prometheus_scrapes_every_node_of_a_sim_swarm(tools, tmp_path):
                     (needed, empty)
         finally:
             if sim.poll() is None:
-                sim.send_signal(signal.SIGINT)  # the sim shuts its nodes down gracefully
+                sim.send_signal(signal.SIGTERM)  # the sim shuts its nodes down gracefully
                 try:
                     sim.wait(120)
                 except subprocess.TimeoutExpired:
                     sim.kill()
                     sim.wait(30)
+            leftover = processes_mentioning(str(workdir))  # the sim must have reaped its nodes...
+            for pid in leftover:  # ...but never leave them running for the rest of the suite
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
     assert json.loads(sd.read_text()) == [], "the sim leaves an empty target list when its nodes are gone"
-    assert processes_mentioning(str(workdir)) == []
+    assert leftover == [], "node sim left processes behind after SIGTERM"

@@ -12,6 +12,7 @@ from node.model import LanguageModel
 from protocol.codecs import get_codec
 from swarm.diloco import (
     Boundary,
+    InProcessGroup,
     OuterLoop,
     OuterSettings,
     due,
@@ -109,27 +110,13 @@ def run_reference(settings: OuterSettings, codec: str | None):
 
 def run_swarm_diloco(settings: OuterSettings, codec: str | None):
     models, opts = replicas()
-    loops = [OuterLoop(dict(m.named_parameters()), settings) for m in models]
-    in_flight: dict[int, tuple[int, torch.Tensor]] = {}
+    group = InProcessGroup([OuterLoop(dict(m.named_parameters()), settings) for m in models], settings, codec)
     for t in range(1, STEPS + 1):
         for r, (m, o) in enumerate(zip(models, opts, strict=True)):
             inner_step(m, o, r, t)
-        for p in [p for p, (t0, _) in in_flight.items() if t0 + settings.overlap == t and settings.overlap > 0]:
-            _, mean = in_flight.pop(p)
-            for loop in loops:
-                assert loop.apply(p, mean)
-        for b in due(settings, t - 1, t):
-            parts = [loop.begin(b.fragment, b.round) for loop in loops]
-            if codec is not None:
-                parts = [quantized(part, codec)[1] for part in parts]
-            result = robust_mean(parts)
-            assert result.kept == list(range(REPLICAS)) and not result.rejected
-            in_flight[b.fragment] = (t, result.mean)
-            if settings.overlap == 0:
-                _, mean = in_flight.pop(b.fragment)
-                for loop in loops:
-                    assert loop.apply(b.fragment, mean)
-    return models, loops
+        group.after_step(t)
+    assert group.kept and all(kept == list(range(REPLICAS)) for kept in group.kept) and not group.rejected
+    return models, group.loops
 
 
 @pytest.mark.parametrize("codec", [None, "e3m0"])
