@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sim, DEFAULT_SWARM_CONFIG)
     sim.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     sim.add_argument("--faults", default="", metavar="T:ACTION:TARGET,...",
-                     help="fault script: at T seconds kill|kill-in-round|term|start|pause|resume a node: TARGET is its index, "
+                     help="fault script: at T seconds kill|kill-in-round|term|start|pause|resume|partition|heal a node (partition "
+                          "and heal need --link with namespaces): TARGET is its index, "
                           "sS (a node serving stage S then) or new (start only), e.g. 60:kill:s1,90:start:new")
     sim.add_argument("--workdir", help="directory for identities, checkpoints and logs (default: a temp dir)")
     sim.add_argument("--json", action="store_true", help="print only the JSON summary (last line either way)")

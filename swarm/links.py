@@ -168,6 +168,10 @@ class NetnsLab:
                 _tc(*prefix, "qdisc", "add", "dev", dev, "root", *tbf_args(spec.rate_bps))
         host.spec = spec
 
+    def set_link_up(self, index: int, up: bool) -> None:
+        """Cut (``up=False``) or restore node ``index``'s only link: a network partition of that node."""
+        _ip("link", "set", self.hosts[index].bridge_end, "up" if up else "down")
+
     def exec_prefix(self, index: int) -> list[str]:
         """Prepend to a command to run it inside node ``index``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[index].netns]

@@ -39,7 +39,7 @@ from swarm.links import NetnsLab, netns_unavailable
 logger = logging.getLogger(__name__)
 
 LINK_MODES = ("auto", "netns", "app")
-ACTIONS = ("kill", "kill-in-round", "term", "start", "pause", "resume")
+ACTIONS = ("kill", "kill-in-round", "term", "start", "pause", "resume", "partition", "heal")
 IN_ROUND_WAIT_S = 15.0  # kill-in-round: how long to wait for the node to have a fragment exchange in flight
 _METRICS_LINE = re.compile(r"metrics: http://[^:]+:(\d+)/metrics")
 _JOIN_LINE = re.compile(r"node start --join (\S+)")
@@ -287,6 +287,16 @@ class LocalSwarm:
     def resume(self, index: int) -> None:
         self._group_signal(self.nodes[index], signal.SIGCONT)
 
+    def partition(self, index: int) -> None:
+        """Cut node ``index`` off the network (its namespace's link down; it keeps running)."""
+        if self.lab is None or index not in self.lab.hosts:
+            raise SimError("partitions need network-namespace links (--link with root)")
+        self.lab.set_link_up(index, False)
+
+    def heal(self, index: int) -> None:
+        if self.lab is not None and index in self.lab.hosts:
+            self.lab.set_link_up(index, True)
+
     def add_node(self) -> int:
         """A fresh node (own identity and home), not started; returns its index."""
         index = len(self.nodes)
@@ -317,7 +327,7 @@ class LocalSwarm:
 
     def _apply(self, fault: Fault) -> None:
         node = self.nodes[fault.node]
-        if fault.action != "start" and not node.alive:
+        if fault.action not in ("start", "heal") and not node.alive:
             logger.warning("fault %s on node %d ignored: it is not running", fault.action, fault.node)
             return
         if fault.action == "term":
