@@ -114,6 +114,7 @@ class NodeDaemon:
             **({"pipeline": self.pipeline.health()} if self.pipeline is not None else {}),
             **({"outer": self.sync.health()} if self.sync is not None and self.work is not None else {}),
             **({"train": self._train_health()} if self._losses else {}),
+            **({"banned": banned} if (banned := {k: v for k, v in self.metrics.banned().items() if v}) else {}),
         }
 
     def status_snapshot(self) -> dict[str, Any]:
@@ -592,6 +593,12 @@ class NodeDaemon:
             consensus=lambda: self.work.consensus_snapshot() if self.work else None,
         )
         await server.register(self._p2p)
+        # Who is banned where: peer_banned_seconds{peer_id, where} and /health "banned" (bounded).
+        self.metrics.watch_bans("state", server.strikes.banned)
+        self.metrics.watch_bans("exchange", lambda: self.sync.exchange.strikes.banned()
+                                if self.sync is not None and self.sync.exchange is not None else {})
+        self.metrics.watch_bans("pipeline", lambda: self.pipeline.plane.strikes.banned()
+                                if self.pipeline is not None and self.pipeline.plane is not None else {})
         if self.cfg.diloco.enabled:
             self.sync = ReplicaSync(self.cfg, self.metrics, asyncio.get_running_loop(), self._p2p, self.dht.peer_id,
                                     self.run_id)

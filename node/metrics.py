@@ -36,6 +36,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 from protocol.errors import ERROR_CODES
 
@@ -46,6 +47,8 @@ DEFAULT_METRICS_PORT = 9464
 STATES = ("starting", "joining", "online", "offline")
 BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 DHT_OPS = ("store", "get")
+BAN_PLACES = ("pipeline", "exchange", "state", "other")  # where a peer earned its ban
+MAX_BANNED_SERIES = 32
 REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
     "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "future", "version", "expired",
     "access", "other",
@@ -220,6 +223,9 @@ class NodeMetrics:
             registry=self.registry, buckets=OUTER_BUCKETS_S)
         self.pipeline_queue_depth = gauge("pipeline_queue_depth", "Forward/backward jobs queued on this stage.")
         self.pipeline_stash = gauge("pipeline_stash", "Microbatches this stage holds awaiting their backward.")
+        # Peers banned now, by where (bounded: MAX_BANNED_SERIES series at most, gone when the ban ends).
+        self._ban_sources: dict[str, Callable[[], Mapping[str, float]]] = {}
+        self.registry.register(_BannedPeers(self))
 
     def set_info(self, *, peer_id: str | None = None, run_id: str | None = None,
                  protocol: str | None = None) -> None:
@@ -339,6 +345,20 @@ class NodeMetrics:
             self._totals["bytes_sent"] += sent
             self._totals["bytes_received"] += received
 
+    def watch_bans(self, where: str, source: Callable[[], Mapping[str, float]]) -> None:
+        """Export the bans ``source()`` reports (peer → seconds left) as ``peer_banned_seconds{where}``."""
+        self._ban_sources[_bounded(where, BAN_PLACES)] = source
+
+    def banned(self) -> dict[str, dict[str, float]]:
+        """Peers banned now, by where: for /health."""
+        out = {}
+        for where, source in list(self._ban_sources.items()):
+            try:
+                out[where] = {peer: round(left, 1) for peer, left in source().items()}
+            except Exception:
+                continue
+        return out
+
     def totals(self) -> dict[str, int]:
         """Tokens trained (local steps and, on stage 0, completed microbatches) and pipeline + exchange bytes."""
         with self._lock:
@@ -453,6 +473,33 @@ class _Server(ThreadingHTTPServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
+
+
+class _BannedPeers:
+    """``protoswarm_peer_banned_seconds{peer_id, where}``: seconds each banned peer's ban still lasts.
+
+    Read at scrape time from the ban tables (``NodeMetrics.watch_bans``); the longest
+    ``MAX_BANNED_SERIES`` bans are shown, so a flood of identities cannot grow the series count."""
+
+    def __init__(self, metrics: NodeMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return [GaugeMetricFamily(f"{NAMESPACE}_peer_banned_seconds", self.__doc__.split("\n")[0], labels=("peer_id", "where"))]
+
+    def collect(self):
+        family = GaugeMetricFamily(f"{NAMESPACE}_peer_banned_seconds",
+                                   "Seconds each banned peer's ban still lasts, by where it misbehaved.",
+                                   labels=("peer_id", "where"))
+        bans = []
+        for where, source in list(self.metrics._ban_sources.items()):
+            try:
+                bans += [(left, peer, where) for peer, left in source().items()]
+            except Exception:  # a table being replaced (stage move): skip it this scrape
+                continue
+        for left, peer, where in sorted(bans, reverse=True)[:MAX_BANNED_SERIES]:
+            family.add_metric([peer, where], round(left, 1))
+        yield family
 
 
 class MetricsServer:

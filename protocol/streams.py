@@ -88,6 +88,11 @@ class PeerStrikes:
             del self._peers[peer]  # nothing left to remember
         return 0.0
 
+    def banned(self) -> dict[str, float]:
+        """Every peer banned now → seconds its ban still lasts (at most ``max_peers`` entries)."""
+        now = self._clock()
+        return {peer: until - now for peer, (_, until) in list(self._peers.items()) if until > now}
+
     def __len__(self) -> int:
         return len(self._peers)
 

@@ -208,6 +208,13 @@ class FragmentExchange:
         rejected = {peers[i]: why for i, why in outcome.rejected.items()}
         for peer, why in rejected.items():
             logger.info("round %s: dropped %s's part (%s)", key, peer, why)
+            # A part the robust mean drops (non-finite, wrong size, an outlier norm) is poison or a
+            # broken replica either way: a strike, and repeat offenders are banned like senders of
+            # malformed frames.
+            if peer != self.peer_id and self.strikes.strike(peer):
+                self.stats["peers_banned"] += 1
+                logger.warning("exchange: peer %s banned for %.0f s after parts dropped from the average (%s)",
+                               peer, self.settings.ban_s, why)
         if outcome.mean is None or self.peer_id in rejected:
             # Without our own part in it the mean is not ours to apply: skip, and tell the members so.
             gather.result.set_result(None)

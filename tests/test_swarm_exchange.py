@@ -125,6 +125,27 @@ def test_poisoned_part_is_dropped_and_its_sender_skips():
     run_p2p(3, body)
 
 
+def test_a_repeat_poisoner_is_banned_and_shown_while_the_honest_replicas_keep_averaging():
+    async def body(*daemons):
+        ex, peers = await registered(daemons, peer_strikes=2)
+        leader, poisoner = ex[0], peers[2]
+        keys = [RoundKey(0, 0, r) for r in range(1000)
+                if plan_groups(RUN, RoundKey(0, 0, r), peers, 16)[0][0] == peers[0]][:3]
+        for n, key in enumerate(keys):
+            mine = parts(3, seed=10 + n)
+            mine[2] = mine[2] * 1e5  # every round: a part 10^5 times the others' norm
+            lead, honest, bad = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(ex, mine, strict=True)))
+            assert sorted(lead.group) == sorted(peers[:2]) and torch.equal(lead.mean, honest.mean)
+            assert bad.mean is None
+            if n == 0:
+                assert leader.strikes.banned() == {}  # one dropped part is a strike, not yet a ban
+        # Two strikes: banned, and the leader's ban table names it (exported as peer_banned_seconds).
+        assert set(leader.strikes.banned()) == {poisoner} and leader.stats["peers_banned"] == 1
+        assert 0 < leader.strikes.banned()[poisoner] <= leader.settings.ban_s
+
+    run_p2p(3, body)
+
+
 def test_malformed_parts_get_error_replies_and_repeat_offenders_are_banned():
     async def body(*daemons):
         ex = exchanges(daemons[:1], peer_strikes=2)
