@@ -173,9 +173,16 @@ class StageWork:
                 "optimizer": _copied(self.optimizer.state_dict()) if self.optimizer is not None else None,
                 "outer": self.outer.state_dict() if self.outer is not None else None,  # copies already
                 "schedule": schedule,
-                "data_position": (self.data_position if self.data_position is not None
-                                  else self.progress * self.cfg.train.grad_accum),
+                "data_position": self._data_position(),
             }
+
+    def _data_position(self) -> int | None:
+        """The next microbatch the stage's sampler draws: S = 1 and a pipeline's stage 0 (which drives
+        the microbatches); None on the other pipeline stages, which draw none."""
+        if not self.single and self.stage != 0:
+            return None
+        drawn = self.data_position
+        return drawn if drawn is not None else self.progress * self.cfg.train.grad_accum
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current state now (after any periodic write still running)."""
@@ -261,7 +268,7 @@ class StageWork:
                     self.outer.reset()
             self.progress = int(state["step"])
             position = state.get("data_position")
-            self.data_position = int(position) if position is not None and not self.single else None
+            self.data_position = int(position) if position is not None and not self.single and self.stage == 0 else None
             schedule = state.get("schedule")
             self.resumed_schedule = dict(schedule) if isinstance(schedule, dict) else None
         self.resumed_from = self.saved_step = self.progress
