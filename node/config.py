@@ -212,6 +212,7 @@ class TrainConfig:
     eval_batches: int = _f(8, "Validation microbatches per evaluation.")
     log_every: int = _f(10, "Print progress every this many steps (steps).")
     checkpoint_every: int = _f(100, "Write a checkpoint every this many steps (steps); 0 = only at the end.")
+    checkpoint_keep: int = _f(2, "Newest checkpoints kept (>= 1); older ones are removed once a new one is written.")
     checkpoint_dir: str = _f("runs/local", "Directory for checkpoints (created if missing).")
     resume: bool = _f(True, "Resume from the latest checkpoint in checkpoint_dir when one exists.")
     seed: int = _f(0, "Seed for parameter init (trainable parts) and dropout-free sampling.")
@@ -219,7 +220,8 @@ class TrainConfig:
     threads: int | None = _f(None, "torch intra-op threads; None = torch's default.")
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches")
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches",
+                  "checkpoint_keep")
         _positive(self, "threads")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:

@@ -17,7 +17,7 @@ from node.model import parameter_count
 # Node-local settings: never taken from the swarm's published run parameters. data.path is local so
 # a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
 # so every replica reads its own shard.
-LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "resume", "log_every")
+LOCAL_TRAIN_FIELDS = ("device", "threads", "checkpoint_dir", "checkpoint_keep", "resume", "log_every")
 LOCAL_DATA_FIELDS = ("path", "seed")
 # What this node accepts from peers protects this node: its receive limits are its own, only the codecs
 # (what the run sends) are run-level.

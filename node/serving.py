@@ -215,7 +215,7 @@ class StageWork:
     def _write(self, state: dict[str, Any]) -> Path:
         started = time.monotonic()
         with self._write_lock:
-            path = save_checkpoint(self.checkpoint_dir, state["step"], state)
+            path = save_checkpoint(self.checkpoint_dir, state["step"], state, keep=self.cfg.train.checkpoint_keep)
             self.saved_step = state["step"]
         logger.info("checkpoint of stage %d at step %d saved in %s (%.2f s)", self.stage, state["step"],
                     self.checkpoint_dir, time.monotonic() - started)

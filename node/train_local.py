@@ -217,14 +217,15 @@ def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = N
                     logger.info("step %d val_loss %.4f", completed, result.val_losses[-1][1])
                 if (t.checkpoint_every and completed % t.checkpoint_every == 0) or completed == t.steps:
                     state = _checkpoint_state(cfg, model, opt, completed, result, corpus.fingerprint)
-                    save_checkpoint(t.checkpoint_dir, completed, state)
+                    save_checkpoint(t.checkpoint_dir, completed, state, keep=t.checkpoint_keep)
                     saved = completed
                 if stop.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if at_boundary and completed > saved:
                 save_checkpoint(t.checkpoint_dir, completed,
-                                _checkpoint_state(cfg, model, opt, completed, result, corpus.fingerprint))
+                                _checkpoint_state(cfg, model, opt, completed, result, corpus.fingerprint),
+                                keep=t.checkpoint_keep)
                 logger.warning("interrupted: checkpoint of step %d saved in %s", completed, t.checkpoint_dir)
             elif not at_boundary:
                 logger.warning("stopped mid-step: not saving a half-applied update; newest checkpoint is step %d",
