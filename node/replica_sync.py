@@ -111,7 +111,8 @@ class ReplicaSync:
             gather_s=self.cfg.swarm.exchange_gather_s, round_timeout_s=self.cfg.swarm.exchange_timeout_s,
             max_group=self.cfg.diloco.max_group, codec=wire.fragment_codec, max_norm_ratio=self.cfg.diloco.max_norm_ratio,
         )
-        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, settings, wire.limits())
+        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, settings, wire.limits(),
+                                    on_error=lambda exc: self.metrics.count_protocol_error(exc.code))
         saved, work.resumed_schedule = work.resumed_schedule, None  # a checkpoint's position: taken once
         with self._lock:
             self._abandon_pending()

@@ -1,0 +1,693 @@
+"""A seeded fuzz harness for the node's P2P stream handlers (used by tests/test_fuzz_handlers.py).
+
+Each handler gets a list of :class:`Case` objects: the bytes a hostile peer writes on one fresh
+stream. The families are random bytes; framing damage (bad magic or format, a wrong CRC, a length
+prefix over the cap, truncation); msgpack headers of the right message kind with another major
+version, wrong field types, absurd integers, wrong dtypes, shapes and codecs; non-finite tensors
+(byte-patched, since every encoder refuses to send them); out-of-range token ids; other message
+kinds; and valid messages that are bit-flipped or truncated behind a recomputed CRC, so the
+decoder is reached. Everything is built from this repository's own encoders (``encode_message``
+and ``encode_frame``) and damaged at the byte or header level; only our own bytes are unpacked.
+
+An *oracle* says what the node must answer to each case: it reads the case the way the node does
+(frame, then ``decode_message`` with the node's :class:`WireLimits`, then the handler's own rules)
+and returns an :class:`Expect`: the ErrorReply codes allowed, the reply types that count as
+service, the protocol error the node must count, and whether a reply can be read at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+import torch
+
+from protocol.errors import ConnectionLost, ProtocolError
+from protocol.framing import FRAME_FORMAT, MAGIC, PREFIX_BYTES, encode_frame, parse_prefix, read_frame
+from protocol.messages import (
+    ActivationFrame,
+    ErrorReply,
+    FragmentPart,
+    GradientFrame,
+    Message,
+    StateChunk,
+    StateChunkRequest,
+    StateManifest,
+    StateRequest,
+    decode_message,
+    encode_message,
+)
+from protocol.tensors import BUILTIN_CODECS, WireLimits, payload_nbytes
+
+MAX_INT = (1 << 63) - 1
+# Values that replace one header field: wrong types, out of range, non-finite, oversize.
+HOSTILE: tuple[Any, ...] = (
+    -1, -(1 << 63), 1 << 63, (1 << 64) - 1, True, 1.5, float("nan"), float("inf"), "x", "", None, [], {},
+    b"\x00\xff", "é" * 600, list(range(5000)), {"nested": [[[]]]},
+)
+# Replies (from our own node) are decoded with generous limits: a StateChunk or a gradient is fine.
+REPLY_LIMITS = WireLimits(codecs=BUILTIN_CODECS)
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # the kind of damage, e.g. "oversize", "version", "non_finite"
+    data: bytes  # written on one fresh stream
+    close: bool = False  # close the stream right after writing: the node sees it end (truncations)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the node must do with one case."""
+
+    codes: frozenset[str] = frozenset()  # ErrorReply codes it may answer
+    ok: tuple[type, ...] = ()  # reply types that are proper service
+    counted: str | None = None  # the protocol error code it counts (on_error → protoswarm_protocol_errors_total)
+    reply: str = "required"  # "required" | "optional" (stream position lost) | "none" | "held" (answers late)
+    refusal: str | None = None  # a handler-level refusal code (protoswarm_pipeline_refused_total)
+
+
+# ----------------------------------------------------------------------------------------- bytes
+
+
+def unpack_body(body: bytes) -> tuple[dict, bytes]:
+    """(header, payload bytes) of a body this process encoded itself."""
+    (hlen,) = struct.unpack_from("<I", body)
+    return msgpack.unpackb(body[4 : 4 + hlen], raw=False, strict_map_key=False), body[4 + hlen :]
+
+
+def pack_body(header: Any, payload: bytes = b"") -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack("<I", len(packed)) + packed + payload
+
+
+def payload_spans(header: dict, payload: bytes) -> dict[str, tuple[int, int]]:
+    """Where each payload of a valid body lies: name -> (start, end) within the payload bytes."""
+    spans, offset = {}, 0
+    for name, descriptor in header["payloads"]:
+        size = descriptor["bytes"] if "bytes" in descriptor else payload_nbytes(descriptor, WireLimits())
+        spans[name] = (offset, offset + size)
+        offset += size
+    assert offset == len(payload)
+    return spans
+
+
+def with_payload(body: bytes, name: str, descriptor: dict | None = None, data: bytes | None = None,
+                 patch: tuple[int, bytes] | None = None) -> bytes:
+    """``body`` with payload ``name`` given a new descriptor and/or bytes (or bytes patched at an offset)."""
+    header, payload = unpack_body(body)
+    spans = payload_spans(header, payload)
+    start, end = spans[name]
+    chunk = payload[start:end] if data is None else data
+    if patch is not None:
+        at, raw = patch
+        chunk = chunk[:at] + raw + chunk[at + len(raw) :]
+    if descriptor is not None:
+        header["payloads"] = [[n, descriptor if n == name else d] for n, d in header["payloads"]]
+    return pack_body(header, payload[:start] + chunk + payload[end:])
+
+
+def with_header(body: bytes, change: Callable[[dict], None]) -> bytes:
+    header, payload = unpack_body(body)
+    change(header)
+    return pack_body(header, payload)
+
+
+def bad_crc(body: bytes) -> bytes:
+    frame = bytearray(encode_frame(body))
+    frame[8] ^= 0x01  # the CRC's low byte
+    return bytes(frame)
+
+
+def prefix(length: int, crc: int = 0, magic: bytes = MAGIC, fmt: int = FRAME_FORMAT) -> bytes:
+    return struct.pack("<3sBII", magic, fmt, length, crc)
+
+
+def flip(data: bytes, rng: random.Random, count: int) -> bytes:
+    out = bytearray(data)
+    for _ in range(count):
+        i = rng.randrange(len(out))
+        out[i] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+
+def framing_cases(rng: random.Random, valid: list[bytes], limits: WireLimits) -> list[Case]:
+    """Damage at the frame level, the same for every handler."""
+    body = rng.choice(valid)
+    cap = limits.max_frame_bytes
+    cases = [
+        Case("random_bytes", rng.randbytes(rng.randint(PREFIX_BYTES, 2048))) for _ in range(6)
+    ] + [
+        Case("random_bytes_short", rng.randbytes(rng.randint(1, PREFIX_BYTES - 1)), close=True) for _ in range(2)
+    ] + [
+        Case("bad_magic", prefix(len(body), zlib.crc32(body), magic=b"PSX")),
+        Case("bad_format", prefix(len(body), zlib.crc32(body), fmt=FRAME_FORMAT + 1)),
+        Case("oversize", prefix(cap + 1)),
+        Case("oversize", prefix((1 << 32) - 1)),
+        Case("oversize_then_junk", prefix(rng.randint(cap + 1, (1 << 32) - 1)) + rng.randbytes(512)),
+        Case("checksum", bad_crc(body)),
+        Case("checksum", bad_crc(rng.choice(valid))),
+        Case("empty_stream", b"", close=True),
+        Case("empty_body", encode_frame(b"")),
+        Case("garbage_body", encode_frame(rng.randbytes(rng.randint(1, 4096)))),
+        Case("garbage_body", encode_frame(rng.randbytes(rng.randint(1, 64)))),
+    ]
+    for _ in range(4):  # a valid frame cut anywhere, then the stream ends
+        frame = encode_frame(rng.choice(valid))
+        cases.append(Case("truncated_frame", frame[: rng.randrange(1, len(frame))], close=True))
+    return cases
+
+
+def mutation_cases(rng: random.Random, valid: list[bytes], n: int) -> list[Case]:
+    """Valid bodies bit-flipped, truncated or extended behind a recomputed CRC (the decoder is reached)."""
+    cases = []
+    for i in range(n):
+        body = rng.choice(valid)
+        kind = i % 4
+        if kind == 0:
+            cases.append(Case("flipped_body", encode_frame(flip(body, rng, rng.randint(1, 8)))))
+        elif kind == 1:
+            header_len = struct.unpack_from("<I", body)[0] + 4  # aim at the header half of the time
+            end = header_len if rng.random() < 0.5 else len(body)
+            cases.append(Case("flipped_header", encode_frame(flip(body[:end], rng, rng.randint(1, 4)) + body[end:])))
+        elif kind == 2:
+            cases.append(Case("truncated_body", encode_frame(body[: rng.randrange(0, len(body))])))
+        else:
+            cases.append(Case("extended_body", encode_frame(body + rng.randbytes(rng.randint(1, 64)))))
+    return cases
+
+
+def header_cases(rng: random.Random, valid: list[bytes], n: int) -> list[Case]:
+    """One header slot replaced by a hostile value, deleted, or joined by unknown keys."""
+    cases = []
+    for i in range(n):
+        body = rng.choice(valid)
+        header, _ = unpack_body(body)
+        scalar = [k for k in header if k not in ("v", "kind", "payloads")]
+
+        def change(h: dict, i=i, scalar=scalar) -> None:
+            key = rng.choice(scalar)
+            if i % 5 == 0:
+                del h[key]
+            elif i % 5 == 1:
+                h[f"unknown_{rng.randrange(100)}"] = rng.choice(HOSTILE)  # ignored: a later minor version
+            else:
+                h[key] = rng.choice(HOSTILE)
+
+        cases.append(Case("header_value", encode_frame(with_header(body, change))))
+    structural = [
+        ("version_major", lambda h: h.__setitem__("v", [2, 0])),
+        ("version_major", lambda h: h.__setitem__("v", [0, 9])),
+        ("version_major", lambda h: h.__setitem__("v", [255, 255])),
+        ("version_minor", lambda h: h.__setitem__("v", [1, 999])),  # a later minor version: accepted
+        ("version_bad", lambda h: h.__setitem__("v", "1.1")),
+        ("version_bad", lambda h: h.__setitem__("v", [1])),
+        ("version_bad", lambda h: h.pop("v")),
+        ("kind", lambda h: h.__setitem__("kind", "no_such_kind")),
+        ("kind", lambda h: h.__setitem__("kind", 7)),
+        ("kind", lambda h: h.pop("kind")),
+        ("payloads", lambda h: h.__setitem__("payloads", "not a list")),
+        ("payloads", lambda h: h.__setitem__("payloads", h["payloads"] * 5)),  # listed twice; too many
+        ("payloads", lambda h: h.__setitem__("payloads", [])),
+        ("payloads", lambda h: h["payloads"].append(["extra", {"bytes": 0}])),
+    ]
+    for family, change in structural:
+        cases.append(Case(family, encode_frame(with_header(rng.choice(valid), change))))
+    body = rng.choice(valid)
+    hlen = struct.unpack_from("<I", body)[0]
+    cases += [
+        Case("header_length", encode_frame(struct.pack("<I", len(body)) + body[4:])),  # runs past the end
+        Case("header_length", encode_frame(struct.pack("<I", (1 << 32) - 1) + body[4:])),  # over the cap
+        Case("header_length", encode_frame(struct.pack("<I", hlen - 1) + body[4:])),  # header cut short
+        Case("header_length", encode_frame(b"\x01\x00")),  # no room for the length
+        Case("header_not_map", encode_frame(pack_body([1, 2, 3]))),
+        Case("header_ext", encode_frame(pack_body(msgpack.ExtType(5, b"boom")))),
+        Case("header_nested", encode_frame(struct.pack("<I", 1022) + b"\x91" * 1021 + b"\xc0")),
+    ]
+    return cases
+
+
+def tensor_cases(body: bytes, name: str, *, integer: bool) -> list[Case]:
+    """Wrong dtype, ndim, shape and payload length for payload ``name`` of ``body``."""
+    header, payload = unpack_body(body)
+    descriptor = dict(next(d for n, d in header["payloads"] if n == name))
+    shape = list(descriptor["shape"])
+    numel = 1
+    for s in shape:
+        numel *= s
+    out = []
+
+    def add(family: str, desc: dict, data: bytes | None = None) -> None:
+        out.append(Case(family, encode_frame(with_payload(body, name, desc, data))))
+
+    if integer:
+        add("wrong_dtype", {"codec": "bf16", "shape": shape}, bytes(2 * numel))
+        add("wrong_dtype", {"codec": "fp32", "shape": shape}, bytes(4 * numel))
+    else:
+        add("wrong_dtype", {"codec": "u8", "shape": shape}, bytes(numel))
+        add("wrong_dtype", {"codec": "i64", "shape": shape}, bytes(8 * numel))
+        add("wrong_dtype", {"codec": "fp64", "shape": shape}, bytes(8 * numel))
+        add("wrong_dtype", {"codec": "hivemind-float16", "shape": shape}, bytes(2 * numel))
+    add("wrong_dtype", {"codec": ["u8"], "shape": shape})
+    add("wrong_ndim", {**descriptor, "shape": [numel]})
+    add("wrong_ndim", {**descriptor, "shape": [1, *shape]})
+    add("wrong_ndim", {**descriptor, "shape": [1] * 5})
+    add("bad_shape", {**descriptor, "shape": [-1, *shape[1:]]})
+    add("bad_shape", {**descriptor, "shape": [str(s) for s in shape]})
+    add("bad_shape", {**descriptor, "shape": [1 << 40] * len(shape)})  # refused from the header alone
+    add("bad_shape", {**descriptor, "shape": [0] * (len(shape) - 1) + [1 << 40]})
+    add("bad_shape", {**descriptor, "shape": [1 << 20] * len(shape)})
+    add("bad_descriptor", {**descriptor, "extra": 1})
+    add("bad_descriptor", {"bytes": len(payload)})
+    start, end = payload_spans(header, payload)[name]
+    add("payload_length", descriptor, payload[start : end - 1] if end > start else b"\x00")
+    add("payload_length", descriptor, payload[start:end] + b"\x00\x00")
+    return out
+
+
+def _f32(value: float) -> bytes:
+    return struct.pack("<f", value)
+
+
+def non_finite_cases(message: Callable[[str], Message], name: str) -> list[Case]:
+    """``message(codec)`` encoded, then payload ``name`` patched to hold NaN, inf or a poisoned scale."""
+    patches = [
+        ("fp32", 0, _f32(float("nan"))), ("fp32", 4, _f32(float("-inf"))),
+        ("bf16", 0, b"\xc0\x7f"), ("bf16", 2, b"\x80\xff"),  # NaN, -inf
+        ("fp16", 0, b"\x00\x7c"), ("fp16", 0, b"\x00\x7e"),  # inf, NaN
+        ("int8", 0, _f32(float("nan"))), ("int8", 0, _f32(float("inf"))), ("int8", 0, _f32(-1.0)),
+        ("e3m0", 0, _f32(float("nan"))), ("e3m0", 0, _f32(float("inf"))), ("e3m0", 0, _f32(-2.0)),
+    ]
+    return [Case("non_finite", encode_frame(with_payload(encode_message(message(codec)), name, patch=(at, raw))))
+            for codec, at, raw in patches]
+
+
+# ----------------------------------------------------------------------------------------- oracle
+
+
+def first_frame(data: bytes, limits: WireLimits, eof: bool) -> tuple[str, Any, int]:
+    """What a reader meets first in ``data``: ("body", body, bytes left), ("error", code, bytes left),
+    ("end", None, 0) (clean end of stream) or ("wait", None, 0) (it needs more bytes)."""
+    if not data:
+        return ("end", None, 0) if eof else ("wait", None, 0)
+    if len(data) < PREFIX_BYTES:
+        return ("error", "frame", 0) if eof else ("wait", None, 0)
+    try:
+        length, crc = parse_prefix(data[:PREFIX_BYTES], limits)
+    except ProtocolError as exc:
+        return "error", exc.code, len(data) - PREFIX_BYTES
+    if len(data) - PREFIX_BYTES < length:
+        return ("error", "frame", 0) if eof else ("wait", None, 0)
+    body = data[PREFIX_BYTES : PREFIX_BYTES + length]
+    rest = len(data) - PREFIX_BYTES - length
+    if zlib.crc32(body) != crc:
+        return "error", "checksum", rest
+    return "body", body, rest
+
+
+HandlerRule = Callable[[Message], Expect]
+
+
+def serve_oracle(case: Case, limits: WireLimits, rule: HandlerRule) -> Expect:
+    """The answer of a handler behind ``protocol.streams.serve_stream`` (pipeline, state) to ``case``."""
+    what, value, rest = first_frame(case.data, limits, case.close)
+    assert what != "wait", f"{case.family}: the node would wait for more bytes"
+    if what == "end":
+        return Expect(reply="none")
+    if what == "error":
+        # After a framing error the node replies and closes; unread bytes may reset the stream first.
+        lost = value != "checksum" and rest > 0
+        return Expect(codes=frozenset({value}), counted=value,
+                      reply="none" if case.close else "optional" if lost else "required")
+    try:
+        msg = decode_message(value, limits)
+    except ProtocolError as exc:
+        return Expect(codes=frozenset({exc.code}), counted=exc.code, reply="none" if case.close else "required")
+    expect = rule(msg)
+    return replace(expect, reply="none") if case.close else expect
+
+
+@dataclass
+class PipelineTarget:
+    """What a pipeline stage accepts (swarm/pipeline.py ``DataPlane._check``; docs/pipeline.md)."""
+
+    run_id: str
+    stage: int  # the stage served; requests come from stage - 1
+    basis: str
+    width: int
+    max_seq_len: int
+    max_batch: int = 4096
+
+    def rule(self, msg: Message) -> Expect:
+        def refused(code: str) -> Expect:
+            return Expect(codes=frozenset({code}), refusal=code)
+
+        if isinstance(msg, GradientFrame):
+            return refused("unknown_microbatch")
+        if not isinstance(msg, ActivationFrame):
+            return refused("route")
+        if msg.run_id != self.run_id:
+            return refused("wrong_run")
+        if msg.stage != self.stage - 1:
+            return refused("wrong_stage")
+        if msg.basis != self.basis:
+            return refused("basis")
+        batch, seq, width = msg.coefficients.shape
+        if width != self.width or not (1 <= batch <= self.max_batch and 2 <= seq <= self.max_seq_len):
+            return refused("shape")
+        if len(msg.route) != msg.stage + 1:
+            return refused("route")
+        # Served: a gradient, or a refusal for load (busy, expired) or a non-finite loss of our own.
+        return Expect(codes=frozenset({"busy", "expired", "loss", "duplicate"}), ok=(GradientFrame,))
+
+
+@dataclass
+class StateTarget:
+    """What a state server accepts (swarm/state_transfer.py ``StageStateServer.handle``)."""
+
+    run_id: str
+    stage: int
+    chunks: dict[str, int] = field(default_factory=dict)  # digests it holds -> number of chunks
+    parts: tuple[str, ...] = ("all",)  # the StateRequest parts it has a state for
+    volatile: bool = False  # it trains: a held state can go stale (evicted by a newer one) at any time
+
+    def rule(self, msg: Message) -> Expect:
+        if isinstance(msg, StateRequest):
+            if msg.run_id != self.run_id:
+                return Expect(codes=frozenset({"wrong_run"}))
+            if msg.part not in self.parts:
+                return Expect(codes=frozenset({"no_state"}))
+            if msg.stage != self.stage:
+                return Expect(codes=frozenset({"wrong_stage"}))
+            return Expect(ok=(StateManifest,))
+        if isinstance(msg, StateChunkRequest):
+            if msg.run_id != self.run_id:
+                return Expect(codes=frozenset({"wrong_run"}))
+            if msg.digest not in self.chunks:
+                return Expect(codes=frozenset({"stale"}))
+            stale = frozenset({"stale"} if self.volatile else ())
+            if msg.stage != self.stage or msg.index >= self.chunks[msg.digest]:
+                return Expect(codes=frozenset({"malformed"}) | stale, counted="malformed")
+            return Expect(codes=stale, ok=(StateChunk,))
+        return Expect(codes=frozenset({"malformed"}), counted="malformed")
+
+
+@dataclass
+class ExchangeTarget:
+    """What a fragment-exchange leader accepts (swarm/exchange.py ``FragmentExchange._serve``).
+
+    ``check`` is the exchange's own part check (``FragmentExchange._check_part``), ``leader(key)``
+    the leader of the group the fuzzing peer is in for a round."""
+
+    limits: WireLimits
+    check: Callable[[FragmentPart, tuple[int, int, int], int | None, int], None]
+    leads: Callable[[tuple[int, int, int]], bool]  # whether the node leads the sender's group in that round
+
+    def oracle(self, case: Case) -> Expect:
+        data, key, expected_parts, got = case.data, None, None, 0
+        while True:
+            what, value, _ = first_frame(data, self.limits, case.close)
+            assert what != "wait", f"{case.family}: the node would wait for more bytes"
+            if what == "end":
+                return Expect(reply="none")  # the member left mid-fragment: no reply, no strike
+            if what == "error":
+                return Expect(codes=frozenset({value}), counted=value, reply="none" if case.close else "required")
+            data = data[PREFIX_BYTES + len(value) :]
+            try:
+                msg = decode_message(value, self.limits)
+            except ProtocolError as exc:
+                return self._refused(exc.code, case)
+            if isinstance(msg, ErrorReply):
+                return Expect(reply="none")  # a member's refusal ends its stream quietly
+            if not isinstance(msg, FragmentPart):
+                return self._refused("malformed", case)
+            if key is None:
+                key = (msg.stage, msg.fragment_id, msg.round_id)
+            try:
+                self.check(msg, key, expected_parts, got)
+            except ProtocolError as exc:
+                return self._refused(exc.code, case)
+            expected_parts = expected_parts or msg.num_parts
+            got += 1
+            if got == expected_parts:
+                break
+        if case.close:
+            return Expect(reply="none")
+        if not self.leads(key):
+            return Expect(codes=frozenset({"not_leader"}))
+        # Held for the node's own round: answered once it averaged, or at round_timeout_s.
+        return Expect(codes=frozenset({"timeout", "late", "busy", "rejected", "skipped"}), reply="held")
+
+    @staticmethod
+    def _refused(code: str, case: Case) -> Expect:
+        return Expect(codes=frozenset({code}), counted=code, reply="none" if case.close else "required")
+
+
+# ----------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Outcome:
+    """What the fuzzing peer saw: a decoded reply, or how the stream ended."""
+
+    reply: Message | None = None
+    ended: str = ""  # "eof", "lost" (reset, broken), "timeout", "closed" (we closed first), "unreadable"
+
+    @property
+    def code(self) -> str | None:
+        return self.reply.code if isinstance(self.reply, ErrorReply) else None
+
+    def __str__(self) -> str:
+        if self.reply is None:
+            return self.ended
+        return f"ErrorReply[{self.code}]" if self.code else type(self.reply).__name__
+
+
+async def send_case(p2p: Any, peer_id: Any, handler: str, case: Case, timeout: float, *,
+                    wait: bool = True) -> Outcome:
+    """Open a stream to ``handler`` on ``peer_id``, write the case and read one reply (or how it ended)."""
+    _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer_id, handler), timeout)
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                writer.write(case.data)
+                await writer.drain()
+        except (OSError, TimeoutError):  # the node closed early (e.g. after an oversize prefix)
+            pass
+        if case.close or not wait:
+            return Outcome(ended="closed")
+        try:
+            raw = await read_frame(reader, REPLY_LIMITS, timeout=timeout, idle_timeout=timeout)
+        except ConnectionLost:
+            return Outcome(ended="lost")
+        except ProtocolError as exc:
+            return Outcome(ended="timeout" if exc.code in ("timeout", "idle") else f"unreadable ({exc})")
+        if raw is None:
+            return Outcome(ended="eof")
+        return Outcome(reply=decode_message(raw, REPLY_LIMITS))
+    finally:
+        writer.close()
+
+
+def check(case: Case, expect: Expect, got: Outcome) -> str | None:
+    """None if ``got`` is an answer ``expect`` allows, else what is wrong."""
+    if expect.reply in ("none", "held") and got.reply is None:
+        return None
+    if got.reply is None:
+        if expect.reply == "optional" and got.ended in ("eof", "lost"):
+            return None
+        return f"{case.family}: no reply ({got.ended}), expected {sorted(expect.codes)} {expect.ok}"
+    if got.code is not None:
+        return None if got.code in expect.codes else (
+            f"{case.family}: answered [{got.code}] {got.reply.message!r}, expected {sorted(expect.codes)} {expect.ok}")
+    return None if isinstance(got.reply, expect.ok) else f"{case.family}: answered {got}, expected {expect}"
+
+
+def tally(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def ids(shape: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def floats(shape: tuple[int, ...], seed: int, scale: float = 0.1) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ----------------------------------------------------------------------------------------- corpora
+
+LARGE_BYTES = 8 << 20  # the "large" cases: frames well under the cap that the node must read whole
+
+
+def pipeline_corpus(rng: random.Random, t: PipelineTarget, client: str, vocab: int, *, large: bool = False,
+                    mutations: int = 24) -> list[Case]:
+    """Cases for the pipeline handler (swarm/pipeline.py) of a node serving stage ``t.stage``."""
+    s, k = t.stage, t.width
+    seeds = iter(range(1 << 30))
+
+    def frame(batch: int = 2, seq: int = 17, width: int = k, **changes) -> ActivationFrame:
+        seed = next(seeds)
+        fields = dict(run_id=t.run_id, microbatch_id=rng.randrange(1, 1 << 40), stage=s - 1, route=[client] * s,
+                      token_ids=ids((batch, seq), vocab, seed), coefficients=floats((batch, seq, width), seed),
+                      codec="bf16", basis=t.basis, budget_s=10.0)
+        return ActivationFrame(**{**fields, **changes})
+
+    def enc(msg: Message) -> bytes:
+        return encode_message(msg)
+
+    valid = [enc(frame()), enc(frame(codec="fp32")), enc(frame(batch=1, seq=5, codec="int8"))]
+    semantic = {
+        "valid": frame(), "valid_e3m0": frame(codec="e3m0"), "absurd_ints": frame(microbatch_id=MAX_INT, step=MAX_INT),
+        "absurd_budget": frame(budget_s=1e300), "wrong_run": frame(run_id="another-run"),
+        "wrong_stage": frame(stage=s, route=[client] * (s + 1)), "absurd_stage": frame(stage=MAX_INT),
+        "basis": frame(basis="0" * 16), "wrong_width": frame(width=k + 1), "short_seq": frame(seq=1),
+        "long_seq": frame(seq=t.max_seq_len + 1), "empty_batch": frame(batch=0), "route": frame(route=[client] * (s + 1)),
+        "ids_out_of_vocab": frame(token_ids=torch.full((2, 17), vocab + 44)),
+        "ids_huge": frame(token_ids=torch.full((2, 17), 1 << 40)),
+        "gradient_request": GradientFrame(run_id=t.run_id, microbatch_id=1, stage=s + 1, grad=floats((2, 17, k), 1)),
+        "other_kind": StateRequest(run_id=t.run_id, stage=s),
+        "error_kind": ErrorReply(code="frame", message="you first"),
+    }
+    cases = [Case(f"semantic_{name}", encode_frame(enc(msg))) for name, msg in semantic.items()]
+    body = valid[0]
+    neg = torch.tensor([[-5] + [1] * 16, [2] * 17], dtype=torch.int32)
+    cases += [
+        Case("ids_negative", encode_frame(with_payload(body, "token_ids", {"codec": "i32", "shape": [2, 17]},
+                                                       neg.numpy().tobytes()))),
+        Case("ids_vs_coefficients", encode_frame(with_payload(
+            body, "coefficients", {"codec": "bf16", "shape": [2, 16, k]}, bytes(2 * 2 * 16 * k)))),
+        Case("codec_field_mismatch", encode_frame(with_header(body, lambda h: h.__setitem__("codec", "fp32")))),
+    ]
+    cases += non_finite_cases(lambda codec: frame(codec=codec), "coefficients")
+    cases += tensor_cases(body, "token_ids", integer=True) + tensor_cases(body, "coefficients", integer=False)
+    cases += header_cases(rng, valid, 16) + mutation_cases(rng, valid, mutations)
+    cases += framing_cases(rng, valid, WireLimits())
+    if large:  # read whole, then refused: the garbage at the header, the message for its width
+        cases += [Case("large_garbage", encode_frame(rng.randbytes(LARGE_BYTES))),
+                  Case("large_message", encode_frame(enc(frame(batch=4, seq=t.max_seq_len, width=2048, codec="fp32"))))]
+    return cases
+
+
+def state_corpus(rng: random.Random, t: StateTarget, digest: str, *, large: bool = False,
+                 mutations: int = 16) -> list[Case]:
+    """Cases for the state server (swarm/state_transfer.py); ``digest`` names a state it holds."""
+    nchunks = t.chunks[digest]
+
+    def chunk_req(**changes) -> StateChunkRequest:
+        return StateChunkRequest(**{**dict(run_id=t.run_id, stage=t.stage, digest=digest, index=0), **changes})
+
+    valid = [encode_message(StateRequest(run_id=t.run_id, stage=t.stage)), encode_message(chunk_req()),
+             encode_message(chunk_req(index=nchunks - 1))]
+    semantic = {
+        "valid_manifest": StateRequest(run_id=t.run_id, stage=t.stage),
+        "valid_consensus": StateRequest(run_id=t.run_id, stage=t.stage, part="consensus"),
+        "valid_chunk": chunk_req(index=rng.randrange(nchunks)),
+        "wrong_run": StateRequest(run_id="another-run", stage=t.stage), "wrong_stage": StateRequest(run_id=t.run_id, stage=t.stage + 1),
+        "absurd_stage": StateRequest(run_id=t.run_id, stage=MAX_INT), "chunk_wrong_run": chunk_req(run_id="another-run"),
+        "chunk_unknown_digest": chunk_req(digest="e" * 64), "chunk_bad_digest": chunk_req(digest="zz"),
+        "chunk_out_of_range": chunk_req(index=nchunks), "chunk_absurd_index": chunk_req(index=MAX_INT),
+        "chunk_wrong_stage": chunk_req(stage=t.stage + 1),
+        "other_kind": StateChunk(run_id=t.run_id, stage=t.stage, digest=digest, index=0, data=b"\x00" * 64),
+        "error_kind": ErrorReply(code="stale", message="you first"),
+        "gradient_kind": GradientFrame(run_id=t.run_id, microbatch_id=1, stage=1, grad=floats((1, 2, 3), 2)),
+    }
+    cases = [Case(f"semantic_{name}", encode_frame(encode_message(msg))) for name, msg in semantic.items()]
+    blob = encode_message(semantic["other_kind"])
+    cases += [
+        Case("bad_part", encode_frame(with_header(valid[0], lambda h: h.__setitem__("part", "everything")))),
+        *(Case("blob_descriptor", encode_frame(with_payload(blob, "data", d))) for d in
+          ({"bytes": -1}, {"bytes": 1 << 40}, {"bytes": "64"}, {"codec": "u8", "shape": [64]}, {"bytes": 63})),
+    ]
+    cases += header_cases(rng, valid, 12) + mutation_cases(rng, valid, mutations)
+    cases += framing_cases(rng, valid, WireLimits())
+    if large:
+        cases += [Case("large_garbage", encode_frame(rng.randbytes(LARGE_BYTES))),
+                  Case("large_blob", encode_frame(encode_message(StateChunk(run_id=t.run_id, stage=t.stage, digest=digest,
+                                                                             index=0, data=rng.randbytes(LARGE_BYTES)))))]
+    return cases
+
+
+def exchange_corpus(rng: random.Random, run_id: str, stage: int, sizes: list[int], per_part: int,
+                    key: tuple[int, int], codec: str = "e3m0", *, large: bool = False,
+                    mutations: int = 16) -> list[Case]:
+    """Cases for the fragment exchange (swarm/exchange.py); ``key`` = (fragment, round) of a round whose
+    group the fuzzing peer leads, so a fully valid fragment is answered ``not_leader`` at once."""
+    fragment, round_id = key
+    total = sizes[fragment]
+    num_parts = max(1, -(-total // per_part))
+
+    def part(index: int = 0, **changes) -> FragmentPart:
+        offset = index * per_part
+        n = min(per_part, total - offset)
+        fields = dict(run_id=run_id, stage=stage, round_id=round_id, fragment_id=fragment, part=index,
+                      num_parts=num_parts, offset=offset, total_values=total, codec=codec,
+                      values=floats((n,), index, 1e-3))
+        return FragmentPart(**{**fields, **changes})
+
+    def stream(first: bytes | None = None, *rest: FragmentPart, after: bytes = b"") -> bytes:
+        """Frames of a whole fragment: ``first`` (a body) in place of part 0, then the other parts."""
+        later = list(rest) if rest else [part(i) for i in range(1, num_parts)]
+        return (encode_frame(first if first is not None else encode_message(part(0)))
+                + b"".join(encode_frame(encode_message(p)) for p in later) + after)
+
+    other = 1 - fragment if len(sizes) > 1 else fragment
+    valid_body = encode_message(part(0))
+    semantic: dict[str, bytes] = {
+        "valid": stream(),
+        "wrong_run": stream(encode_message(part(0, run_id="another-run"))),
+        "wrong_stage": stream(encode_message(part(0, stage=stage + 1))),
+        "absurd_stage": stream(encode_message(part(0, stage=MAX_INT))),
+        "no_such_fragment": stream(encode_message(part(0, fragment_id=len(sizes)))),
+        "absurd_fragment": stream(encode_message(part(0, fragment_id=MAX_INT))),
+        "wrong_fragment_size": stream(encode_message(part(0, fragment_id=other))) if other != fragment else b"",
+        "wrong_total": stream(encode_message(part(0, total_values=total + per_part))),
+        "wrong_codec": stream(encode_message(part(0, codec="int8" if codec != "int8" else "fp32"))),
+        "wrong_num_parts": stream(encode_message(part(0, num_parts=num_parts + 1))),
+        "wrong_offset": stream(encode_message(part(0, offset=1, values=floats((min(per_part, total - 1),), 0))))
+        if total > 1 else b"",
+        "short_part": stream(encode_message(part(0, values=floats((min(per_part, total) - 1,), 0))))
+        if total > 1 else b"",
+        "part_index": stream(encode_message(part(1))) if num_parts > 1 else b"",
+        "absurd_round": stream(encode_message(part(0, round_id=MAX_INT)),
+                               *[part(i, round_id=MAX_INT) for i in range(1, num_parts)]),
+        "mixed_rounds": stream(None, *[part(i, round_id=round_id + 1) for i in range(1, num_parts)])
+        if num_parts > 1 else b"",
+        "duplicate_part": stream(None, part(0)) if num_parts > 1 else b"",
+        "weight_zero": stream(with_header(valid_body, lambda h: h.__setitem__("weight", 0.0))),
+        "weight_nan": stream(with_header(valid_body, lambda h: h.__setitem__("weight", float("nan")))),
+        "weight_huge": stream(with_header(valid_body, lambda h: h.__setitem__("weight", 1e13))),
+        "other_kind": stream(encode_message(StateRequest(run_id=run_id, stage=stage))),
+        "then_garbage": stream(None, after=encode_frame(rng.randbytes(100))) if num_parts == 1 else b"",
+    }
+    cases = [Case(f"semantic_{name}", data) for name, data in semantic.items() if data]
+    cases += [
+        Case("member_refusal", encode_frame(encode_message(ErrorReply(code="busy", message="not now")))),
+        Case("left_mid_fragment", encode_frame(valid_body), close=True) if num_parts > 1 else
+        Case("left_after_fragment", encode_frame(valid_body), close=True),
+        Case("truncated_part", stream()[: -rng.randint(1, 40)], close=True),
+    ]
+    rest = b"".join(encode_frame(encode_message(part(i))) for i in range(1, num_parts))
+    one = [Case(c.family, c.data + (rest if not c.close and c.data.startswith(MAGIC) else b""), c.close)
+           for c in non_finite_cases(lambda c: part(0, codec=c), "values")
+           + tensor_cases(valid_body, "values", integer=False)
+           + header_cases(rng, [valid_body], 12) + mutation_cases(rng, [valid_body], mutations)]
+    cases += one + framing_cases(rng, [valid_body], WireLimits())
+    if large:
+        cases += [Case("large_garbage", encode_frame(rng.randbytes(LARGE_BYTES))),
+                  Case("large_part", encode_frame(encode_message(part(0, values=floats((4 * LARGE_BYTES // 4,), 3),
+                                                                      total_values=4 * LARGE_BYTES // 4,
+                                                                      codec="e3m0"))))]
+    return cases
