@@ -9,27 +9,13 @@ import copy
 
 import pytest
 import torch
+from test_swarm_diloco import batch, tiny_model  # the golden test's model and learnable batches
 
-from node.config import load_config
 from node.model import LanguageModel
 from swarm.diloco import InProcessGroup, OuterLoop, OuterSettings
 
 HONEST, STEPS = 3, 36
 SETTINGS = OuterSettings(inner_steps=6, fragments=3, overlap=1, alpha=0.5, outer_lr=0.7)
-
-
-def _model() -> LanguageModel:
-    cfg = load_config(None, model={"name": "t", "vocab_size": 256, "d_model": 32, "n_layers": 4, "n_heads": 2,
-                                   "ffn_hidden": 64, "max_seq_len": 32, "subspace_rank": 4},
-                      train={"seq_len": 16})
-    torch.manual_seed(0)
-    return LanguageModel(cfg.model)
-
-
-def _batch(replica: int, step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1000 * replica + step)
-    start = torch.randint(0, 200, (2, 1), generator=gen)  # rows count up from a random start: learnable
-    return (start + torch.arange(17)) % 256
 
 
 def _val_loss(model: LanguageModel, loop: OuterLoop) -> float:
@@ -39,19 +25,19 @@ def _val_loss(model: LanguageModel, loop: OuterLoop) -> float:
         for layout, flat in zip(loop.layouts, loop.global_, strict=True):
             for name, value in layout.unflatten(flat).items():
                 params[name].copy_(value)
-        ids = torch.stack([_batch(99, s)[0] for s in range(8)])
+        ids = torch.stack([batch(99, s)[0] for s in range(8)])
         return float(probe(ids[:, :-1], ids[:, 1:]))
 
 
 def _train(replicas: int, corrupt=None) -> tuple[InProcessGroup, float]:
-    base = _model()
+    base = tiny_model()
     models = [copy.deepcopy(base) for _ in range(replicas)]
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95)) for m in models]
     group = InProcessGroup([OuterLoop(dict(m.named_parameters()), SETTINGS) for m in models], SETTINGS, "e3m0",
                            corrupt=corrupt)
     for t in range(1, STEPS + 1):
         for r, (m, o) in enumerate(zip(models, opts, strict=True)):
-            ids = _batch(r, t)
+            ids = batch(r, t)
             loss = m(ids[:, :-1], ids[:, 1:])
             o.zero_grad()
             loss.backward()
@@ -96,7 +82,7 @@ def test_a_poisoner_is_dropped_every_round_and_the_honest_replicas_do_not_notice
 
 def test_training_really_moves_and_a_poisoner_inside_the_bound_is_the_documented_limit(honest):
     _, honest_loss = honest
-    base_loss = _val_loss(_model(), OuterLoop(dict(_model().named_parameters()), SETTINGS))
+    base_loss = _val_loss(tiny_model(), OuterLoop(dict(tiny_model().named_parameters()), SETTINGS))
     assert honest_loss < base_loss - 0.3, (base_loss, honest_loss)  # the comparison above is not vacuous
     group, loss = _train(HONEST + 1, _poison("inside_bound"))
     assert not group.rejected  # 5× the honest norm passes the 10× bound: docs/security.md says so
