@@ -298,10 +298,13 @@ class DataplaneConfig:
     ban_base_s: float = _f(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
     ban_max_s: float = _f(60.0, "Longest such ban (seconds).")
     peer_strikes: int = _f(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
+    outlier_ratio: float = _f(
+        100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
-                  "ban_max_s", "peer_strikes")
+                  "ban_max_s", "peer_strikes", "outlier_ratio")
         if self.backward not in ("recompute", "stash"):
             raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
         if self.max_retries < 0:

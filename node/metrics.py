@@ -62,7 +62,7 @@ BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
 REFUSAL_CODES = (  # swarm.pipeline.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "other",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "other",
 )
 # From 1 ms (one tiny stage on a fast machine) to 60 s (a whole pipeline round trip under load).
 OUTER_REJECT_REASONS = ("non_finite", "shape", "norm")

@@ -313,6 +313,7 @@ class PipelineRole:
             microbatch_timeout_s=d.microbatch_timeout_s, max_retries=d.max_retries, ban_base_s=d.ban_base_s,
             ban_max_s=d.ban_max_s, peer_strikes=d.peer_strikes, activation_codec=cfg.wire.activation_codec,
             gradient_codec=cfg.wire.gradient_codec, dense_width=cfg.model.d_model, max_seq_len=cfg.model.max_seq_len,
+            outlier_ratio=d.outlier_ratio,
         )
         self.plane = DataPlane(p2p, peer_id, run_id, settings, cfg.wire.limits(cfg.model.vocab_size), self.metrics)
         await self.plane.register()

@@ -32,6 +32,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -60,11 +61,11 @@ HANDLER = "protoswarm.pipeline.v1"
 DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier",
 )
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
 BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
-OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate"})
+OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier"})
 
 
 class StageCompute(Protocol):
@@ -111,6 +112,28 @@ class DataplaneSettings:
     dense_width: int = 0  # d_model: the width a dense boundary would carry (for the compression ratio)
     max_seq_len: int = 1 << 16
     max_batch: int = 4096
+    outlier_ratio: float = 100.0  # tensors with an RMS beyond this × the recent median are refused (ScaleGuard)
+
+
+class ScaleGuard:
+    """Refuses tensors far larger than what this node recently accepted: garbage from a broken or
+    malicious neighbour that is finite and well-formed. The RMS of each accepted tensor is kept (the
+    last ``window``); once ``warmup`` are known, one whose RMS exceeds ``ratio`` × their median is refused
+    and not remembered. Slow drifts pass (the median follows them); so does garbage of ordinary
+    size, which no check on magnitudes can tell from a real update (docs/security.md)."""
+
+    def __init__(self, ratio: float, window: int = 64, warmup: int = 8):
+        self.ratio, self.warmup = ratio, warmup
+        self.history: collections.deque[float] = collections.deque(maxlen=window)
+
+    def check(self, tensor: torch.Tensor, what: str) -> str | None:
+        rms = float(tensor.detach().float().pow(2).mean().sqrt()) if tensor.numel() else 0.0
+        if len(self.history) >= self.warmup:
+            median = statistics.median(self.history)
+            if median > 0 and rms > self.ratio * median:
+                return f"{what} RMS {rms:.3g} is over {self.ratio:g}× the recent median {median:.3g}"
+        self.history.append(rms)
+        return None
 
 
 class HopFailed(Exception):
@@ -143,6 +166,9 @@ class DataPlane:
         self._ids = itertools.count(1)
         # Offences per peer (bounded): peer_strikes within ban_max_s ban it for ban_max_s.
         self.strikes = PeerStrikes(settings.peer_strikes, settings.ban_max_s, settings.ban_max_s)
+        # Finite garbage of absurd size from a neighbour: incoming activations, gradient replies.
+        self.activation_guard = ScaleGuard(settings.outlier_ratio)
+        self.gradient_guard = ScaleGuard(settings.outlier_ratio)
         self.stats: dict[str, float] = collections.Counter()
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
         self._driver: asyncio.Task | None = None
@@ -281,6 +307,8 @@ class DataPlane:
         if len(msg.route) != msg.stage + 1:
             raise _Refused("route", f"a frame from stage {msg.stage} must carry {msg.stage + 1} route entries, "
                            f"not {len(msg.route)}")
+        if (problem := self.activation_guard.check(msg.coefficients, "activation")) is not None:
+            raise _Refused("outlier", problem)
 
     def _reply(self, msg: ActivationFrame, compute: StageCompute, grad: torch.Tensor, loss: float | None) -> GradientFrame:
         reply = GradientFrame(run_id=self.run_id, microbatch_id=msg.microbatch_id, stage=compute.stage,
@@ -397,7 +425,7 @@ class DataPlane:
             return f"gradient shape {list(reply.grad.shape)} for coefficients {list(frame.coefficients.shape)}"
         if compute.num_stages - 1 == reply.stage and reply.loss is None:
             return "the last stage's reply carries no loss"
-        return None
+        return self.gradient_guard.check(reply.grad, "gradient")
 
     async def _exchange(self, peer: str, body: bytes) -> tuple[Message, int]:
         from hivemind.p2p import PeerID

@@ -21,17 +21,17 @@ from node.pipeline import PipelineCompute
 from node.serving import StageWork
 from protocol.framing import read_frame, write_frame
 from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, decode_message, encode_message
-from swarm.pipeline import HANDLER, DataPlane, DataplaneSettings
+from swarm.pipeline import HANDLER, DataPlane, DataplaneSettings, ScaleGuard
 
 RUN = "pipe"
 
 
-def small_config(tmp_path):
+def small_config(tmp_path, num_stages=3):
     return load_config(
         None,
         model={"name": "t", "vocab_size": 256, "d_model": 64, "n_layers": 3, "n_heads": 2, "ffn_hidden": 128,
                "max_seq_len": 64, "subspace_rank": 8},
-        pipeline={"num_stages": 3},
+        pipeline={"num_stages": num_stages},
         train={"batch_size": 2, "seq_len": 16, "warmup_steps": 1, "lr": 3e-3, "checkpoint_dir": str(tmp_path)},
     )
 
@@ -260,3 +260,53 @@ def test_a_full_replica_is_backpressure_not_a_drop(tmp_path):
             node.compute.close()
 
     _run(3, body)
+
+
+def test_a_replica_returning_huge_gradients_is_refused_banned_and_the_microbatches_go_elsewhere(tmp_path):
+    """Finite, well-formed garbage: gradients 10^6 times the honest ones. Once the node has seen honest
+    replies, such a reply is `bad_reply`, its sender is banned, the microbatch is retried on the honest
+    replica, and the stage's weights stay finite and close to what honest training gives."""
+    cfg2 = small_config(tmp_path, num_stages=2)
+
+    async def body(a, b, rogue):
+        n0 = Node(a, cfg2, 0, tmp_path, microbatch_timeout_s=10.0, max_inflight=1)
+        n1 = Node(b, cfg2, 1, tmp_path)
+        for n in (n0, n1):
+            await n.plane.register()
+
+        async def garbage(info, reader, writer):
+            msg = decode_message(await read_frame(reader))
+            g = torch.Generator().manual_seed(msg.microbatch_id)
+            reply = GradientFrame(run_id=RUN, microbatch_id=msg.microbatch_id, stage=1, loss=1.0,
+                                  grad=torch.randn(msg.coefficients.shape, generator=g) * 1e6)
+            await write_frame(writer, encode_message(reply))
+            writer.close()
+
+        await rogue.add_binary_stream_handler(HANDLER, garbage)
+        honest, rogue_peer = n1.peer, rogue.peer_id.to_base58()
+        n0.plane.set_next_replicas([(honest, 1.0)])
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= 10, 60, "honest warm-up")
+        # The rogue now looks fast: it is tried first.
+        n0.plane.set_next_replicas([(honest, 1.0), (rogue_peer, 0.001)])
+        ok = n0.plane.stats["microbatches_ok"]
+        await wait_for(lambda: n0.refused("bad_reply") >= 1 and n0.plane.stats["microbatches_ok"] >= ok + 10, 60,
+                       "the rogue's reply refused and training going on through the honest replica")
+        n0.plane.stop_driver()
+        assert n0.plane.router.banned(rogue_peer)
+        assert n0.plane.stats["microbatches_dropped"] == 0  # retried on the honest replica, not lost
+        assert all(torch.isfinite(p).all() and p.abs().max() < 100 for p in n0.compute.module.parameters())
+        for n in (n0, n1):
+            n.compute.close()
+
+    _run(3, body)
+
+
+def test_the_scale_guard_refuses_only_far_outliers_after_warm_up():
+    guard = ScaleGuard(ratio=100.0, window=16, warmup=4)
+    assert all(guard.check(torch.full((8,), 1.0), "x") is None for _ in range(3))
+    assert guard.check(torch.full((8,), 1e9), "x") is None  # still warming up: accepted (and remembered)
+    for _ in range(6):
+        assert guard.check(torch.full((8,), 2.0), "x") is None  # drift within the ratio passes
+    assert "over 100× the recent median" in guard.check(torch.full((8,), 1e4), "gradient")
+    assert guard.check(torch.full((8,), 150.0), "x") is None  # 75× the median: passes
