@@ -22,9 +22,11 @@ Measured, from every node's /health and /metrics every 2 s:
 - survivor crashes: processes that exited without the script killing or stopping them;
 - hangs: periods over 3 × the round deadline (swarm.exchange_timeout_s) in which the swarm's progress
   (microbatches completed by stage 0) did not move although every stage had a replica up and
-  reachable, plus nodes up and reachable whose /health stopped answering that long;
+  reachable, plus nodes up and reachable whose /health stopped answering that long, plus nodes that
+  answer but stay out of "online" for over 120 s;
 - rounds committed (all replicas), loss at the start and end (the last stage's loss, smoothed);
-- checkpoint restores: restarted nodes whose /health says they resumed from their own checkpoint;
+- checkpoint restores: restarted nodes whose /health says they resumed from their own checkpoint
+  (and how long each took to be online again, and its stage before and after);
 - bad messages rejected (protocol errors and pipeline refusals counted by the nodes).
 
     python bench/chaos.py --quick    # 10 minutes
@@ -195,6 +197,8 @@ def main() -> None:
     hangs: list[dict] = []
     restarts: list[dict] = []
     unresponsive_since: dict[int, float] = {}
+    joining_since: dict[int, float] = {}  # node → since when it answers /health but is not online
+    stage_of: dict[int, int | None] = {}  # node → the stage it served when the script took it down
     bad_seen: dict[tuple[int, int], float] = {}
     with LocalSwarm(NODES, "swarm/tiny", OVERRIDES, args.workdir, link=link,
                     link_mode="netns" if link else "auto") as swarm:
@@ -218,7 +222,9 @@ def main() -> None:
                     deliberate.discard(index)
                     events.append({"t": round(elapsed, 1), "action": action, "node": index})
                     if action == "start":
-                        restarts.append({"node": index, "t": round(elapsed, 1), "resumed_from": None})
+                        restarts.append({"node": index, "t": round(elapsed, 1), "resumed_from": None,
+                                         "stage_before": stage_of.get(index), "stage_after": None,
+                                         "online_after_s": None})
                     say(f"[{elapsed:6.1f}s] {action} node {index}")
             # Take one node down, one at a time.
             if elapsed >= next_event and not down:
@@ -228,6 +234,7 @@ def main() -> None:
                     back = elapsed + (rng.uniform(5, 20) if how == "pause" else rng.uniform(10, 30))
                     if how in ("kill", "term"):
                         deliberate.add(index)
+                    stage_of[index] = (swarm.health(index) or {}).get("stage")
                     getattr(swarm, how)(index)
                     if how in ("kill", "term"):
                         exits_seen[index] = len(swarm.nodes[index].exit_codes)
@@ -261,8 +268,20 @@ def main() -> None:
                 h = healths[i]
                 if h:
                     for r in restarts:
-                        if r["node"] == i and r["resumed_from"] is None and h.get("resumed_from") is not None:
+                        if r["node"] != i or r["online_after_s"] is not None:
+                            continue
+                        if h.get("resumed_from") is not None:
                             r["resumed_from"] = h["resumed_from"]
+                        if h.get("state") == "online":
+                            r["online_after_s"] = round(elapsed - r["t"], 1)
+                            r["stage_after"] = h.get("stage")
+                    if h.get("state") != "online" and i not in down:
+                        joining_since.setdefault(i, elapsed)
+                        if elapsed - joining_since[i] > 120:
+                            hangs.append({"node": i, "t": round(elapsed, 1), "what": f"not online for 120 s ({h.get('state')})"})
+                            joining_since[i] = elapsed
+                    else:
+                        joining_since.pop(i, None)
                     bad = _metric_sum(swarm.metrics_url(i), ("protoswarm_protocol_errors_total",
                                                              "protoswarm_pipeline_refused_total"))
                     if bad is not None and node.proc is not None:
@@ -286,6 +305,7 @@ def main() -> None:
     while (leftover := processes_mentioning(str(workdir))) and time.monotonic() < deadline:
         time.sleep(0.5)
     restored = [r for r in restarts if r["resumed_from"] is not None]
+    came_back = [r for r in restarts if r["online_after_s"] is not None]
     result = {
         "duration_s": duration,
         "seed": args.seed,
@@ -306,7 +326,9 @@ def main() -> None:
         "loss_start": summary.get("loss_start"),
         "loss_end": summary.get("loss_end"),
         "restarts": len(restarts),
+        "restarts_back_online": len(came_back),
         "checkpoint_restores": len(restored),
+        "restores_of_those_back_online": len([r for r in came_back if r["resumed_from"] is not None]),
         "restart_details": restarts,
         "bad_messages_rejected": int(sum(bad_seen.values())),
         "processes_left": len(leftover),
