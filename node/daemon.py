@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from node.checkpoint import list_checkpoints
 from node.config import ConfigError, RunConfig
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
@@ -40,7 +41,7 @@ from protocol.codecs import CODECS
 from protocol.messages import RunRecord, StageRecord
 from protocol.schema import PROTOCOL_VERSION
 from swarm.access import GatedP2P, SwarmAccess
-from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
+from swarm.claiming import choose_stage, prefer_own_stage, rebalance_target, stage_loads, stage_servers
 from swarm.dht import SwarmDHT, descendants
 from swarm.records import choose_run
 from swarm.state_transfer import (
@@ -306,8 +307,23 @@ class NodeDaemon:
         loads = stage_loads(records, cfg.pipeline.num_stages, exclude_peer=me)
         servers = stage_servers(records, cfg.pipeline.num_stages, exclude_peer=me)
         stage = choose_stage(loads, servers, me, cfg.swarm.min_replicas)
+        own = self._own_checkpoint_stage()
+        if (back := prefer_own_stage(stage, own, servers)) != stage:
+            logger.info("stage loads %s, servers %s: back to stage %d, which this node has a checkpoint of "
+                        "(stage %d would be the pick otherwise)", loads, servers, back, stage)
+            return back
         logger.info("stage loads %s, servers %s: claiming stage %d", loads, servers, stage)
         return stage
+
+    def _own_checkpoint_stage(self) -> int | None:
+        """The stage of this node's newest checkpoint in this run, if any."""
+        newest: tuple[float, int] | None = None
+        for stage in range(self.cfg.pipeline.num_stages):
+            found = list_checkpoints(self._checkpoint_dir(stage))
+            if found:
+                mtime = found[-1][1].stat().st_mtime
+                newest = max(newest, (mtime, stage)) if newest else (mtime, stage)
+        return newest[1] if newest else None
 
     def _checkpoint_dir(self, stage: int) -> Path:
         return Path(self.cfg.train.checkpoint_dir) / self.run_id / f"{self.dht.peer_id}-stage{stage}"

@@ -121,7 +121,10 @@ class PipelineCompute:
                     self._queued -= 1
                 continue
             try:
-                result, error = fn(), None
+                # The stage's lock across the whole job: a state download or resync (another thread)
+                # must not copy new weights in between a forward and its backward.
+                with self.work.lock:
+                    result, error = fn(), None
             except BaseException as exc:  # handed to the awaiting coroutine, never lost
                 result, error = None, exc
             finally:

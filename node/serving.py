@@ -48,7 +48,8 @@ class StageWork:
         self.cfg, self.run_id, self.stage = cfg, run_id, stage
         self.checkpoint_dir = checkpoint_dir
         self.single = cfg.pipeline.num_stages == 1
-        self.lock = threading.Lock()
+        # Re-entrant: a pipeline compute job holds it across forward/backward and its optimizer step.
+        self.lock = threading.RLock()
         self.progress = 0  # optimizer steps this stage's parameters have taken
         self.throughput = 0.0  # microbatches per second (EMA while training, else measured)
         self.compute_s = 0.0  # wall time inside local training steps (S = 1)

@@ -55,6 +55,15 @@ def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, m
     return min(order, key=lambda s: (servers[s] > 0, servers[s] >= min_replicas, loads[s]))
 
 
+def prefer_own_stage(chosen: int, own: int | None, servers: Sequence[int]) -> int:
+    """A restarted node returns to ``own``, the stage of its newest checkpoint (resuming is cheaper than
+    downloading and keeps its optimizer state), unless ``chosen`` is a stage nobody serves: covering
+    every stage comes first. Rebalancing moves it later if the swarm gains by it."""
+    if own is None or not 0 <= own < len(servers) or servers[chosen] <= 0:
+        return chosen
+    return own
+
+
 def coverage_gap(servers: Sequence[int], min_replicas: int) -> tuple[int, int]:
     """(stages without a server, replicas missing below ``min_replicas``): smaller is better."""
     return sum(1 for c in servers if c <= 0), sum(max(0, min_replicas - c) for c in servers)

@@ -58,3 +58,12 @@ def test_joiners_fill_stages_below_the_replica_floor_first():
     assert choose_stage([1.0, 9.0, 9.0], [2, 3, 3], "p", min_replicas=2) == 0
     assert choose_stage([9.0, 1.0, 9.0], [3, 1, 3], "p", min_replicas=2) == 1
     assert choose_stage([9.0, 20.0, 9.0], [3, 1, 3], "p", min_replicas=2) == 1  # floor beats load
+
+
+def test_a_restarted_node_returns_to_its_checkpointed_stage_unless_a_stage_is_empty():
+    from swarm.claiming import prefer_own_stage
+
+    assert prefer_own_stage(chosen=1, own=0, servers=[3, 1]) == 0  # stage 1 is thin, not empty: resume
+    assert prefer_own_stage(chosen=1, own=0, servers=[3, 0]) == 1  # nobody serves stage 1: cover it
+    assert prefer_own_stage(chosen=1, own=None, servers=[3, 1]) == 1  # no checkpoint: the usual pick
+    assert prefer_own_stage(chosen=0, own=5, servers=[1, 1]) == 0  # a checkpoint of a stage the run lacks
