@@ -284,7 +284,11 @@ class ReplicaSync:
             future.cancel()
         mean = result.mean if result is not None else None
         with work.lock:
-            applied = work.outer.apply(fragment, mean)
+            try:
+                applied = work.outer.apply(fragment, mean)
+            except RuntimeError as exc:  # the stage's state was replaced (resync) while the round was out
+                logger.warning("stage %d fragment %d: round dropped (%s)", work.stage, fragment, exc)
+                applied = False
         outcome = "committed" if applied else "skipped"
         self.stats[f"rounds_{outcome}"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), outcome).inc()
