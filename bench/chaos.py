@@ -50,6 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from protocol.link import LinkSpec
 from swarm.exchange import HANDLER as EXCHANGE_HANDLER
 from swarm.links import netns_unavailable
@@ -68,6 +70,7 @@ OVERRIDES = [
 
 
 def _metric_sum(url: str | None, names: tuple[str, ...]) -> float | None:
+    """Sum of the samples named ``names`` on a node's /metrics; None when it does not answer."""
     if url is None:
         return None
     try:
@@ -75,11 +78,7 @@ def _metric_sum(url: str | None, names: tuple[str, ...]) -> float | None:
             text = r.read().decode()
     except OSError:
         return None
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(names) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
 
 
 class Hostile:

@@ -209,12 +209,9 @@ class FragmentExchange:
         for peer, why in rejected.items():
             logger.info("round %s: dropped %s's part (%s)", key, peer, why)
             # A part the robust mean drops (non-finite, wrong size, an outlier norm) is poison or a
-            # broken replica either way: a strike, and repeat offenders are banned like senders of
-            # malformed frames.
-            if peer != self.peer_id and self.strikes.strike(peer):
-                self.stats["peers_banned"] += 1
-                logger.warning("exchange: peer %s banned for %.0f s after parts dropped from the average (%s)",
-                               peer, self.settings.ban_s, why)
+            # broken replica either way: a strike, like a malformed frame.
+            if peer != self.peer_id:
+                self._offence(peer, f"part dropped from the average: {why}")
         if outcome.mean is None or self.peer_id in rejected:
             # Without our own part in it the mean is not ours to apply: skip, and tell the members so.
             gather.result.set_result(None)
@@ -386,10 +383,13 @@ class FragmentExchange:
         logger.info("exchange: refused input from %s [%s] %s", peer, exc.code, exc)
         if self.on_error is not None:
             self.on_error(exc)
+        self._offence(peer, f"malformed parts: {exc.code}")
+
+    def _offence(self, peer: str, why: str) -> None:
+        """One strike against ``peer``; the ``peer_strikes``-th within ``ban_s`` bans it."""
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("exchange: peer %s banned for %.0f s after malformed parts (%s)", peer,
-                           self.settings.ban_s, exc.code)
+            logger.warning("exchange: peer %s banned for %.0f s (%s)", peer, self.settings.ban_s, why)
 
 
 async def _linger(reader: asyncio.StreamReader, seconds: float) -> None:

@@ -46,14 +46,19 @@ def train_a_little(work: StageWork) -> None:
     work.outer.apply(1, torch.full((work.outer.layouts[1].numel,), 1e-3))
 
 
-def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_resume_restores_them(tmp_path):
-    cfg = config(tmp_path)
+def saved_and_reopened(cfg, tmp_path, schedule: dict[str, int]) -> tuple[StageWork, StageWork]:
+    """A stage trained a little and checkpointed at schedule position ``schedule``, and a fresh
+    StageWork on the same checkpoint directory (not resumed yet)."""
     a = StageWork(cfg, "r", 0, tmp_path / "a")
     train_a_little(a)
-    a.schedule_state = lambda: {"outer_epoch": 5, "epoch_steps": 3}
+    a.schedule_state = lambda: dict(schedule)
     a.save_checkpoint()
+    return a, StageWork(cfg, "r", 0, tmp_path / "a")
 
-    b = StageWork(cfg, "r", 0, tmp_path / "a")
+
+def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_resume_restores_them(tmp_path):
+    cfg = config(tmp_path)
+    a, b = saved_and_reopened(cfg, tmp_path, {"outer_epoch": 5, "epoch_steps": 3})
     assert b.resume() and b.resumed_from == b.progress == b.saved_step == 4
     assert all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values(),
                                                  strict=True))
@@ -152,11 +157,7 @@ def test_rounds_behind_compares_the_last_round_of_every_fragment():
 @pytest.mark.parametrize("ahead", [True, False])
 def test_a_resumed_replica_compares_itself_with_the_stage_at_its_first_view(tmp_path, ahead):
     cfg = config(tmp_path)
-    a = StageWork(cfg, "r", 0, tmp_path / "a")
-    train_a_little(a)
-    a.schedule_state = lambda: {"outer_epoch": 4, "epoch_steps": 1}
-    a.save_checkpoint()
-    b = StageWork(cfg, "r", 0, tmp_path / "a")
+    _, b = saved_and_reopened(cfg, tmp_path, {"outer_epoch": 4, "epoch_steps": 1})
     assert b.resume()
     loop = asyncio.new_event_loop()
     try:
