@@ -35,7 +35,7 @@ from node.serving import StageWork
 def held_bytes(compute: PipelineCompute) -> int:
     """Bytes kept for the in-flight microbatches now: saved activations (unique storages) + inputs."""
     seen, total = set(), 0
-    for stash in compute._stash.values():
+    for stash in compute.engine._stash.values():
         for t in [stash.ids, stash.boundary_in, *getattr(stash, "saved", [])]:
             if t is None:
                 continue
@@ -62,8 +62,8 @@ async def run(mode: str, cfg, stage: int, inflight: int, rounds: int, tmp: Path)
         # Hooks are per thread: install them on the worker thread, around the stage's own forward.
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out = compute._forward(key, ids, c)
-        compute._stash[key].saved = list(saved)
+            out = compute.engine.forward(key, ids, c)
+        compute.engine._stash[key].saved = list(saved)
         return out
 
     times, held = [], []
@@ -73,7 +73,8 @@ async def run(mode: str, cfg, stage: int, inflight: int, rounds: int, tmp: Path)
         start = time.perf_counter()
         outs = []
         for i, (ids, c) in enumerate(batch):
-            outs.append(await compute._submit(FORWARD, lambda k=(r, i), ids=ids, c=c: forward_counting(k, ids, c)))
+            outs.append(await compute._submit(FORWARD, "forward",
+                                              lambda k=(r, i), ids=ids, c=c: forward_counting(k, ids, c)))
         if r:
             held.append(held_bytes(compute) / inflight)
         for i, out in enumerate(outs):

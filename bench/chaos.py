@@ -20,7 +20,7 @@ to a random live node's pipeline, exchange and state handlers.
 Measured, from every node's /health and /metrics every 2 s:
 
 - survivor crashes: processes that exited without the script killing or stopping them;
-- hangs: periods over 3 × the round deadline (swarm.exchange_timeout_s) in which the swarm's progress
+- hangs: periods over 3 × the round deadline (exchange.timeout_s) in which the swarm's progress
   (microbatches completed by stage 0) did not move although every stage had a replica up and
   reachable, plus nodes up and reachable whose /health stopped answering that long, plus nodes that
   answer but stay out of "online" for over 120 s;
@@ -60,12 +60,12 @@ from swarm.simulator import LocalSwarm, PipelineMonitor, processes_mentioning
 from swarm.state_transfer import StageStateServer
 
 NODES = 4
-DEADLINE_S = 20.0  # swarm.exchange_timeout_s below: the round deadline
+DEADLINE_S = 20.0  # exchange.timeout_s below: the round deadline
 OVERRIDES = [
     "pipeline.num_stages=2", "diloco.enabled=true", "diloco.inner_steps=60", "diloco.fragments=3",
     "train.batch_size=4", "train.seq_len=64", "train.checkpoint_every=20",
     "swarm.refresh_s=2", "swarm.expiry_s=8", "swarm.rebalance_period_s=10",
-    "swarm.exchange_gather_s=6", f"swarm.exchange_timeout_s={DEADLINE_S}",
+    "exchange.gather_s=6", f"exchange.timeout_s={DEADLINE_S}",
 ]
 
 

@@ -85,6 +85,11 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def _weights(state: dict) -> dict[str, torch.Tensor]:
+    """Every stage's weights of a checkpoint, named as in the whole model (``stages.<s>.<name>``)."""
+    return {f"stages.{s}.{name}": t for s, stage in state["stages"].items() for name, t in stage["model"].items()}
+
+
 def _load_step(path: Path, step: int) -> dict:
     """One checkpoint by path, read the way node.checkpoint reads (weights_only, step checked)."""
     try:
@@ -116,8 +121,9 @@ def pseudo_gradient(quick: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Te
         (step_a, path_a), (step_b, _) = found[-2], found[-1]
         state_a, state_b = _load_step(path_a, step_a), load_latest(tmp)
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
-    tensors = [(name, (state_a["model"][name].float() - state_b["model"][name].float()).contiguous())
-               for name in state_b["model"] if name in trainable]
+    model_a, model_b = _weights(state_a), _weights(state_b)
+    tensors = [(name, (model_a[name].float() - model_b[name].float()).contiguous())
+               for name in model_b if name in trainable]
     flat = torch.cat([t.reshape(-1) for _, t in tensors])
     info = {
         "preset": "tiny", "steps_a": step_a, "steps_b": step_b, "inner_steps": step_b - step_a,

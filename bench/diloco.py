@@ -24,7 +24,7 @@ Prints one JSON object as its last line and writes a PNG of the loss curves.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
@@ -36,84 +36,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
-from node.model import LanguageModel, parameter_groups
-from node.train_local import evaluate, lr_at
-from swarm.diloco import InProcessGroup, OuterLoop, OuterSettings
-
-
-def inner_step(model, opt, batch, lr) -> float:
-    for group in opt.param_groups:
-        group["lr"] = lr
-    loss = model(batch[:, :-1], batch[:, 1:])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return loss.item()
+from node.engine import StageChain, StageEngine, build_engine
+from node.train_local import evaluate
+from swarm.diloco import DilocoConfig, InProcessGroup, OuterLoop
 
 
 class Run:
-    def __init__(self, cfg, base: LanguageModel, samplers, val, steps: int, eval_every: int):
+    """One variant: the replicas are production stage engines (node/engine.py) of the whole model (S = 1),
+    all at the same seeded init; the inner step (AdamW, schedule, clipping) is the engine's."""
+
+    def __init__(self, cfg, samplers, val, steps: int, eval_every: int):
         self.cfg, self.samplers, self.val = cfg, samplers, val
         self.steps, self.eval_every = steps, eval_every
-        self.base = base
         self.tokens_per_step = len(samplers) * cfg.train.batch_size * cfg.train.seq_len
         self.curve: list[tuple[int, float]] = []
         self.train_losses: list[float] = []
         self.bytes_per_step = [0] * (steps + 1)
 
-    def optimizer(self, model):
-        t = self.cfg.train
-        return torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    def engine(self, grad_accum: int = 1) -> StageEngine:
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
+        return build_engine(cfg, 0, "cpu", backward="stash")
 
-    def record(self, step: int, model: LanguageModel) -> None:
+    def record(self, step: int, engine: StageEngine) -> None:
         if step % self.eval_every == 0 or step == self.steps:
-            self.curve.append((step * self.tokens_per_step, evaluate(model, self.val, torch.device("cpu"))))
+            self.curve.append((step * self.tokens_per_step, evaluate(StageChain([engine]), self.val)))
             print(f"  step {step}: val {self.curve[-1][1]:.4f}", file=sys.stderr, flush=True)
 
     def data_parallel(self) -> None:
-        model = copy.deepcopy(self.base)
-        opt = self.optimizer(model)
-        numel = sum(p.numel() for p in model.parameters())
-        m = len(self.samplers)
+        """One engine accumulating the M replicas' microbatches: the average of their gradients."""
+        engine = self.engine(grad_accum=len(self.samplers))
+        numel = sum(p.numel() for p in engine.module.parameters())
         for t in range(1, self.steps + 1):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(t - 1, self.cfg)
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for sampler in self.samplers:
-                batch = sampler.batch(t - 1)
-                loss = model(batch[:, :-1], batch[:, 1:])
-                (loss / m).backward()  # the average of the M replicas' gradients
-                total += loss.item() / m
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            self.train_losses.append(total)
+            losses = [engine.forward_backward_last(sampler.batch(t - 1), None)[0] for sampler in self.samplers]
+            self.train_losses.append(sum(losses) / len(losses))
             self.bytes_per_step[t] = 4 * numel  # each replica sends its fp32 gradient once
-            self.record(t, model)
+            self.record(t, engine)
 
-    def diloco(self, settings: OuterSettings, codec: str, corrupt=None) -> None:
+    def diloco(self, settings: DilocoConfig, codec: str, corrupt=None) -> None:
         """Streaming DiLoCo among the replicas (swarm.diloco.InProcessGroup); ``corrupt``: a poisoner."""
-        models = [copy.deepcopy(self.base) for _ in self.samplers]
-        opts = [self.optimizer(m) for m in models]
-        group = InProcessGroup([OuterLoop(dict(m.named_parameters()), settings) for m in models], settings,
+        engines = [self.engine() for _ in self.samplers]
+        group = InProcessGroup([OuterLoop(dict(e.module.named_parameters()), settings) for e in engines], settings,
                                codec, corrupt=corrupt)
-        eval_model = copy.deepcopy(self.base)
+        global_model = self.engine()
         for t in range(1, self.steps + 1):
-            lr = lr_at(t - 1, self.cfg)
-            losses = [inner_step(m, o, s.batch(t - 1), lr) for m, o, s in zip(models, opts, self.samplers, strict=True)]
+            losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
             self.bytes_per_step[t] += group.after_step(t)
             if t % self.eval_every == 0 or t == self.steps:
-                self.load_global(eval_model, group.loops[0])
-                self.record(t, eval_model)
+                self.load_global(global_model, group.loops[0])
+                self.record(t, global_model)
         self.rejected = sum(len(r) for r in group.rejected)
         self.group = group
 
     @staticmethod
     @torch.no_grad()
-    def load_global(model: LanguageModel, loop: OuterLoop) -> None:
-        params = dict(model.named_parameters())
+    def load_global(engine: StageEngine, loop: OuterLoop) -> None:
+        params = dict(engine.module.named_parameters())
         for layout, flat in zip(loop.layouts, loop.global_, strict=True):
             for name, value in layout.unflatten(flat).items():
                 params[name].copy_(value)
@@ -163,21 +141,19 @@ def main() -> None:
     samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, args.replicas)
                 for r in range(args.replicas)]
     val = validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
-    torch.manual_seed(0)
-    base = LanguageModel(cfg.model, cfg.pipeline)
-    numel = sum(p.numel() for p in base.parameters())
+    numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
     variants = [
         ("data_parallel", None, None),
-        ("diloco", OuterSettings(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7), "fp32"),
-        ("streaming_fp32", OuterSettings(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "fp32"),
-        ("streaming_e3m0", OuterSettings(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "e3m0"),
+        ("diloco", DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7), "fp32"),
+        ("streaming_fp32", DilocoConfig(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "fp32"),
+        ("streaming_e3m0", DilocoConfig(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "e3m0"),
     ]
     t0 = time.time()
     rows = []
     for label, settings, codec in variants:
         print(f"training {label} ...", file=sys.stderr, flush=True)
         started = time.time()
-        run = Run(cfg, base, samplers, val, steps, eval_every=max(1, H))
+        run = Run(cfg, samplers, val, steps, eval_every=max(1, H))
         if settings is None:
             run.data_parallel()
         else:

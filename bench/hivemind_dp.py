@@ -12,7 +12,7 @@ gradient step itself is never delayed (``delay_optimizer_step``/``delay_grad_ave
 time, as hivemind asks), ``offload_optimizer=True``. The final JSON repeats them under "settings".
 bench/wan.py starts N of these (often in separate network namespaces) and reads their stdout.
 
-Fair to node/train_local.py: the same model builder and seeded init as a one-stage ``StageWork``
+Fair to node/train_local.py: the same model builder and seeded init as a one-stage stage engine
 (``train.seed · 1_000_003``), AdamW with the config's lr, betas and decoupled weight decay on matrices
 only (``parameter_groups``), the global gradient norm clipped to ``train.grad_clip`` (applied to the
 averaged gradient just before the AdamW step), and ``lr_at`` (warm-up + cosine to ``train.steps``) as
@@ -58,7 +58,8 @@ from hivemind.optim.grad_averager import GradientAverager
 
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
-from node.model import LanguageModel, parameter_groups
+from node.engine import StageChain, build_engine
+from node.model import lm_loss, parameter_groups
 from node.train_local import evaluate, lr_at
 
 PROGRESS_EVERY_S = 5.0
@@ -140,8 +141,9 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
     corpus = load_corpus(cfg.data)
     sampler = BatchSampler(corpus.train, t.seq_len, t.batch_size, cfg.data.seed, args.peer_index, args.peers)
     val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
-    torch.manual_seed(t.seed * 1_000_003)  # what StageWork does for stage 0: every peer starts identical
-    model = LanguageModel(cfg.model, cfg.pipeline)
+    # The stage engine's seeded init of stage 0 (what every protoswarm replica starts from); hivemind's
+    # optimizer steps it, so only the module is used.
+    model = build_engine(cfg, 0, "cpu").module
     model.train()
 
     samples_per_step = t.batch_size * t.grad_accum
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             batch = sampler.batch(state["steps"] * t.grad_accum + micro)
-            loss = model(batch[:, :-1], batch[:, 1:])
+            loss = lm_loss(model(None, batch)[:, :-1], batch[:, 1:])  # the engine's loss on the window
             (loss / t.grad_accum).backward()
             loss_sum += loss.item()
         t1 = time.perf_counter()
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
         "tokens_per_s": round(state["tokens"] / wall_s, 2) if wall_s > 0 else 0.0,
         "loss_end": round(sum(tail) / len(tail), 4) if tail else None, "losses": losses,
         "epochs": opt.local_epoch, "compute_s": round(compute_s, 3), "optimizer_step_s": round(step_s, 3),
-        "val_loss": round(evaluate(model, val_batches, torch.device("cpu")), 4),
+        "val_loss": round(evaluate(StageChain.around([model], t), val_batches), 4),
         "grad_compression": "float16", "complete": complete, "settings": settings,
     }
 

@@ -10,7 +10,8 @@ stages, and on held-out batches measures:
 - ``max_rel_reconstruction_error_sent_part``: the same error relative to ``|x − T_fixed[ids]|``, the
   part the boundary actually carries (stricter: T_fixed is most of |x|);
 - ``max_rel_grad_error``: worst per-parameter ``|g_staged − g_unsplit| / |g_unsplit|`` where the staged
-  model crosses every boundary through the codec (coefficients forward, ∂L/∂c backward);
+  model crosses every boundary through the codec (coefficients forward, ∂L/∂c backward) on the
+  production stage engine (``node.engine.StageChain``: the code a swarm's stages run);
 - ``max_rel_boundary_grad_error``: autograd's ∂L/∂c vs ``encode_grad(∂L/∂x)`` of the unsplit model;
 - a control: the same reconstruction applied to a dense model of the same shape, which must fail.
 
@@ -23,6 +24,7 @@ Prints one JSON object as its last line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import load_config
 from node.data import load_corpus, validation_batches
+from node.engine import StageChain
 from node.model import LanguageModel, lm_loss
-from node.stages import run_staged
 from node.train_local import train_local
 from protocol import subspace
 
@@ -62,7 +64,9 @@ def per_token_rel(err: torch.Tensor, ref: torch.Tensor) -> float:
     return (err.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
 
 
-def measure(model: LanguageModel, batches: list[torch.Tensor]) -> dict:
+def measure(model: LanguageModel, batches: list[torch.Tensor], train) -> dict:
+    """Worst errors over ``batches``; ``train``: the [train] section (the engines' accumulation is set
+    high enough that no optimizer step runs)."""
     recon, recon_sent, grad_err, bgrad_err = 0.0, 0.0, 0.0, 0.0
     for batch in batches:
         ids, targets = batch[:, :-1], batch[:, 1:]
@@ -73,14 +77,17 @@ def measure(model: LanguageModel, batches: list[torch.Tensor]) -> dict:
             recon = max(recon, per_token_rel(err, x))
             recon_sent = max(recon_sent, per_token_rel(err, x - stage.table[ids]))
         model.zero_grad(set_to_none=True)
-        staged = run_staged(model, ids, targets)
+        # The engine takes the whole window (seq_len + 1 ids) and scores positions 0..n-2; its boundaries
+        # have one more position than the unsplit run's, whose gradient is zero (nothing scores it).
+        staged = StageChain.around(model.stages, train).train_microbatch(batch, record=True)
         if abs(staged.loss - ref_loss) > 1e-4 * abs(ref_loss):
             raise AssertionError(f"staged loss {staged.loss} differs from unsplit {ref_loss}")
         for name, p in model.named_parameters():
             ref = ref_grads[name]
-            grad_err = max(grad_err, ((p.grad - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+            grad_err = max(grad_err, ((p.grad * train.grad_accum - ref).norm() / ref.norm().clamp_min(1e-30)).item())
         for stage, dx, dc in zip(model.stages, dxs, staged.boundary_grads, strict=False):
             expected = subspace.encode_grad(dx, stage.basis)
+            dc = dc[:, : dx.shape[1]] * train.grad_accum  # the engine scaled the loss by 1/grad_accum (2^-30)
             bgrad_err = max(bgrad_err, ((dc - expected).norm() / expected.norm().clamp_min(1e-30)).item())
     return {"recon": recon, "recon_sent": recon_sent, "grad": grad_err, "boundary_grad": bgrad_err}
 
@@ -124,7 +131,7 @@ def main() -> None:
         model = result.model.float()
         corpus = load_corpus(cfg.data)
         batches = validation_batches(corpus.val, cfg.train.seq_len, 8, n_batches)
-        errors = measure(model, batches)
+        errors = measure(model, batches, dataclasses.replace(cfg.train, grad_accum=1 << 30))
         tokens = batches[0].shape[0] * cfg.train.seq_len
         k, d = cfg.model.subspace_rank, cfg.model.d_model
         dense_bytes = tokens * d * 2

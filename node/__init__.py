@@ -3,16 +3,24 @@
 - ``node.daemon``       ``NodeDaemon``: ``node start``'s lifecycle (metrics first, background bootstrap,
                         run parameters, stage claiming and rebalancing, OFFLINE + checkpoint on exit)
 - ``node.run_params``   what a run publishes and what a joiner keeps local (``config_from_run``)
-- ``node.serving``      ``StageWork``: the served stage's parameters, checkpoint, and local training
+- ``node.engine``       ``StageEngine``: one stage's tensors on its device and its inner training step, the
+                        only stage engine; ``StageChain``: every stage in one process
+- ``node.serving``      ``StageWork``: the served stage's engine, checkpoints, snapshots, and local training
+- ``node.pipeline``     ``PipelineCompute`` (a stage engine on its worker thread) and ``PipelineRole``
+                        (serving and driving a pipeline stage)
+- ``node.replica_sync`` ``ReplicaSync``: Streaming DiLoCo between the replicas of the served stage
+- ``node.memory``       per-stage memory estimate and ``node plan``
+- ``node.status_line``  ``node start``'s live status line
 - ``node.identity``     the identity key's lock (one running daemon per identity)
 - ``node.metrics``      ``NodeMetrics`` (Prometheus registry) and ``MetricsServer`` (/metrics, /health)
-- ``node.config``       typed run config (``RunConfig`` = model / pipeline / data / train / wire / swarm
-                        tables) loaded from TOML presets in ``configs/`` with ``section.field=value`` overrides
-- ``node.model``        Llama-style decoder split into ``Stage`` modules; subspace constraint (W = U·Z)
-- ``node.stages``       ``StageRunner``: forward/backward of one stage on boundary tensors; ``run_staged``
+- ``node.config``       typed run config (``RunConfig``: one section per component; the swarm and
+                        protocol components' sections are defined next to them) loaded from TOML presets
+                        in ``configs/`` with ``section.field=value`` overrides
+- ``node.model``        Llama-style decoder split into ``Stage`` modules; subspace constraint (W = U·Z);
+                        the parameter-balanced stage split
 - ``node.data``         embedded stdlib corpus, text / uint16-shard loaders, tokenizers, ``BatchSampler``
-- ``node.checkpoint``   atomic (write-then-rename) checkpoints and resume
-- ``node.train_local``  one-process training loop (``node train-local``)
-- ``node.device``       device selection and autocast
-- ``node.cli``          the ``node`` / ``protoswarm`` command (start, status, sim, train-local, config)
+- ``node.checkpoint``   atomic (write-then-rename) checkpoints in one format, and resume
+- ``node.train_local``  one-process training (``node train-local``) on a ``StageChain``
+- ``node.device``       device choice (``auto``), autocast, device memory figures
+- ``node.cli``          the ``node`` / ``protoswarm`` command (start, status, sim, plan, train-local, config)
 """

@@ -1,7 +1,11 @@
 """Atomic checkpoints: write to a temporary file, fsync, rename; a crash never leaves a torn one.
 
 A checkpoint is ``<dir>/ckpt-<step>.pt`` holding tensors and plain Python values only, loaded with
-``torch.load(weights_only=True)`` (no arbitrary unpickling). The newest complete file wins; older
+``torch.load(weights_only=True)`` (no arbitrary unpickling). One format for ``train-local`` and the
+daemon (:func:`checkpoint_state`): the step, the config, and under ``stages`` each stage's engine state
+(:meth:`node.engine.StageEngine.state`: weights, inner optimizer, outer state, progress) by stage index;
+train-local holds every stage, a daemon the one it serves. Each writer adds its own fields (the run id
+and schedule position of a daemon; the losses and corpus fingerprint of train-local). The newest complete file wins; older
 ones beyond ``keep`` are removed after a new one is in place, and temporary files left by a process
 killed mid-write are removed by the next save. If the newest file is unreadable anyway (damaged
 disk), :func:`load_latest` falls back to the one before it.
@@ -21,10 +25,27 @@ import torch
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+CHECKPOINT_FORMAT = 2  # 1: the layouts before one engine (model/optimizer at the top level)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used (corrupt, or made for another model)."""
+
+
+def checkpoint_state(step: int, config: dict[str, Any], stages: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """What a checkpoint holds: ``stages`` maps stage index → engine state; ``extra`` the writer's fields."""
+    return {"format": CHECKPOINT_FORMAT, "step": step, "config": config, "stages": dict(stages), **extra}
+
+
+def stage_state(state: dict[str, Any], stage: int, where: str | Path = "the checkpoint") -> dict[str, Any]:
+    """The engine state of ``stage`` in a loaded checkpoint; CheckpointError when it is not there."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{where} has format {state.get('format', 1)}, this protoswarm reads format "
+                              f"{CHECKPOINT_FORMAT}; move it away to start fresh")
+    stages = state.get("stages") or {}
+    if stage not in stages:
+        raise CheckpointError(f"{where} holds stages {sorted(stages)}, not stage {stage}")
+    return stages[stage]
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:

@@ -9,6 +9,11 @@
     node train-local [--config NAME|PATH] [--set section.field=value ...] [--device cpu|cuda|auto]
     node config show [--config ...] [--set ...]     resolved config as TOML
     node config fields                               every field with type, default and meaning
+    node plan --model PRESET [--stages S] --device-mem GIB [--device-type cuda|cpu] [--json]
+              [--config ...] [--set ...] [--batch-size B] [--seq-len N] [--inflight M]
+                                                    memory per stage (docs/memory.md); without
+                                                    --stages the fewest stages that fit; exit 1
+                                                    when a stage does not fit
 
 User mistakes (bad config, missing paths, unusable checkpoints) print one ``error:`` line and exit 2.
 """
@@ -116,20 +121,19 @@ def cmd_start(args: argparse.Namespace) -> int:
     from node.daemon import NodeDaemon
     from node.identity import IdentityInUse
     from node.metrics import MetricsBindError
-    from node.run_params import LOCAL_DATA_FIELDS, LOCAL_TRAIN_FIELDS, LOCAL_WIRE_FIELDS
+    from node.run_params import LOCAL_FIELDS
     from swarm.access import AccessError
     from swarm.records import IdentityError
 
     if args.join:
-        local = [f"train.{f}=" for f in LOCAL_TRAIN_FIELDS] + [f"data.{f}=" for f in LOCAL_DATA_FIELDS]
-        local += [f"wire.{f}=" for f in LOCAL_WIRE_FIELDS]
+        local = [f"{section}.{f}=" for section, names in LOCAL_FIELDS.items() for f in names]
         local += [f"{section}." for section in LOCAL_SECTIONS]
         run_level = [o for o in args.overrides if not o.startswith(tuple(local))]
         if run_level:
+            fields = [f"{section}.{{{','.join(names)}}}" for section, names in LOCAL_FIELDS.items()]
             raise ConfigError(
                 f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
-                f"swarm.*, dataplane.*, train.{{{','.join(LOCAL_TRAIN_FIELDS)}}}, data.{{{','.join(LOCAL_DATA_FIELDS)}}} "
-                f"and wire.{{{','.join(LOCAL_WIRE_FIELDS)}}} can be set locally"
+                f"swarm.*, dataplane.*, {', '.join(fields[:-1])} and {fields[-1]} can be set locally"
             )
     if args.status_every <= 0:
         raise ConfigError(f"--status-every must be positive, got {args.status_every}")
@@ -198,6 +202,41 @@ def cmd_config(args: argparse.Namespace) -> int:
     else:
         print(config_to_toml(_load(args)), end="")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from node.memory import GIB, format_plan, plan, smallest_stages
+
+    if not 0 < args.device_mem < float("inf"):
+        raise ConfigError(f"--device-mem must be a positive number of GiB, got {args.device_mem}")
+    overrides = []
+    if args.model is not None:  # the preset's [model] table, under any --set model.* the user gives
+        preset = load_config(args.model if args.model.endswith(".toml") else f"model/{args.model}")
+        overrides += [f"model.{key}={_toml_value(value)}" for key, value in preset.to_dict()["model"].items()]
+    overrides += args.overrides
+    for flag, field in (("batch_size", "train.batch_size"), ("seq_len", "train.seq_len"),
+                        ("inflight", "dataplane.max_inflight"), ("stages", "pipeline.num_stages")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{field}={getattr(args, flag)}")
+    args.overrides = overrides
+    cfg = _load(args)
+    memory = int(args.device_mem * GIB)
+    smallest = None
+    if args.stages is None:
+        smallest = smallest_stages(cfg, memory, args.device_type)
+        args.overrides += [f"pipeline.num_stages={smallest or cfg.model.n_layers}", 'pipeline.layer_splits="none"']
+        cfg = _load(args)
+    result = plan(cfg, memory, args.device_type)
+    if args.stages is None:
+        result["smallest_stages"] = smallest
+    if not args.json:
+        if args.stages is None:
+            print(f"smallest number of stages that fits: {smallest}" if smallest else
+                  f"does not fit even with one layer per stage ({cfg.model.n_layers} stages):")
+        print(format_plan(result))
+    else:
+        print(json.dumps(result))
+    return 0 if result["fits"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=["show", "fields"])
     _add_config_args(config, DEFAULT_LOCAL_CONFIG)
     config.set_defaults(func=cmd_config)
+
+    plan = sub.add_parser("plan", help="memory each stage needs, from the config alone (docs/memory.md); "
+                                       "exit 0 when every stage fits, 1 when one does not")
+    plan.add_argument("--model", metavar="PRESET",
+                      help="model preset under configs/model (tiny, small, 125m, 1b, 8b) or a TOML path; its [model] "
+                           "table replaces the config's")
+    _add_config_args(plan, None)  # no config: node/config.py's defaults for everything but the model
+    plan.add_argument("--stages", type=int, help="pipeline stages S (default: print the fewest that fit)")
+    plan.add_argument("--device-mem", type=float, required=True, metavar="GIB", help="memory of one device (GiB)")
+    plan.add_argument("--device-type", choices=("cuda", "cpu"), default="cuda",
+                      help="cuda: bf16 autocast, DiLoCo outer state in host memory, a CUDA context allowance; "
+                           "cpu: fp32, everything in RAM (default cuda)")
+    plan.add_argument("--batch-size", type=int, help="shortcut for --set train.batch_size=B")
+    plan.add_argument("--seq-len", type=int, help="shortcut for --set train.seq_len=N")
+    plan.add_argument("--inflight", type=int, help="shortcut for --set dataplane.max_inflight=M")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Typed run configuration, loaded from TOML presets in ``configs/`` with command-line overrides.
 
-A run config has one table per component (``[model]``, ``[pipeline]``, ``[data]``, ``[train]``,
-``[wire]``, ``[swarm]``).
+A run config has one table per component: ``[model]``, ``[pipeline]``, ``[data]``, ``[train]`` and
+``[swarm]`` are defined here; ``[wire]`` (protocol/tensors.py), ``[dataplane]`` (swarm/pipeline.py),
+``[diloco]`` (swarm/diloco.py) and ``[exchange]`` (swarm/exchange.py) next to the component that takes
+the section itself as its config. The field helpers and ``ConfigError`` are protocol/settings.py's.
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
 relative to the extending file, or to the shipped ``configs/`` directory), then the file's own
 tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``.
@@ -24,30 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from configs import CONFIG_DIR
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is invalid; the message names the field or file."""
-
-
-def _f(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
-
-
-def _flist(default: list[Any], doc: str) -> Any:
-    """A list-valued field (each instance gets its own copy of the default)."""
-    return field(default_factory=lambda: list(default), metadata={"doc": doc})
-
-
-def _positive(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{_section(obj)}.{name} must be positive, got {value!r}")
-
-
-def _section(obj: object) -> str:
-    return getattr(obj, "SECTION", type(obj).__name__)
+from protocol.settings import ConfigError, check_positive, setting, setting_list
+from protocol.tensors import WireConfig
+from swarm.diloco import DilocoConfig
+from swarm.exchange import ExchangeConfig
+from swarm.pipeline import DataplaneConfig
 
 
 @dataclass(kw_only=True)
@@ -56,37 +39,37 @@ class ModelConfig:
 
     SECTION = "model"
 
-    name: str = _f("custom", "Preset name, for logs and checkpoints only.")
-    vocab_size: int = _f(256, "Token vocabulary size (tokens). 256 = raw bytes.")
-    d_model: int = _f(256, "Residual stream width d (features per token).")
-    n_layers: int = _f(8, "Number of transformer blocks.")
-    n_heads: int = _f(4, "Attention query heads; d_model must be divisible by it.")
-    n_kv_heads: int | None = _f(None, "Key/value heads for grouped-query attention; None = n_heads.")
-    ffn_hidden: int | None = _f(None, "SwiGLU hidden width (features); None = 8/3·d rounded up to 64.")
-    max_seq_len: int = _f(256, "Longest sequence the RoPE tables cover (tokens).")
-    rope_theta: float = _f(10000.0, "RoPE base frequency.")
-    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
-    init_std: float = _f(0.02, "Std of the normal init of dense weights and the dense embedding.")
-    subspace_rank: int | None = _f(
+    name: str = setting("custom", "Preset name, for logs and checkpoints only.")
+    vocab_size: int = setting(256, "Token vocabulary size (tokens). 256 = raw bytes.")
+    d_model: int = setting(256, "Residual stream width d (features per token).")
+    n_layers: int = setting(8, "Number of transformer blocks.")
+    n_heads: int = setting(4, "Attention query heads; d_model must be divisible by it.")
+    n_kv_heads: int | None = setting(None, "Key/value heads for grouped-query attention; None = n_heads.")
+    ffn_hidden: int | None = setting(None, "SwiGLU hidden width (features); None = 8/3·d rounded up to 64.")
+    max_seq_len: int = setting(256, "Longest sequence the RoPE tables cover (tokens).")
+    rope_theta: float = setting(10000.0, "RoPE base frequency.")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon.")
+    init_std: float = setting(0.02, "Std of the normal init of dense weights and the dense embedding.")
+    subspace_rank: int | None = setting(
         None,
         "k: rank of the shared subspace every stage boundary lives in (numbers per token sent "
         "between stages). None = ordinary dense model.",
     )
-    subspace_seed: int = _f(
+    subspace_seed: int = setting(
         0, "Seed the swarm agrees on; derives the basis U (d×k) and the frozen token table T_fixed (V×d)."
     )
-    fixed_table_std: float = _f(
+    fixed_table_std: float = setting(
         1.0, "Std of the entries of the frozen high-rank token table T_fixed (subspace model only)."
     )
-    fixed_table: bool | None = _f(
+    fixed_table: bool | None = setting(
         None,
         "Add the frozen token table T_fixed to the input embedding. None = on exactly when "
         "subspace_rank is set; true with a dense model gives the fair dense baseline (DESIGN §1.1).",
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
-        _positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
+        check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -120,14 +103,14 @@ class PipelineConfig:
 
     SECTION = "pipeline"
 
-    num_stages: int = _f(1, "Number of pipeline stages S the layers are split into.")
-    layer_splits: list[int] | None = _f(
+    num_stages: int = setting(1, "Number of pipeline stages S the layers are split into.")
+    layer_splits: list[int] | None = setting(
         None,
         "First layer index of stages 1..S-1 (S-1 increasing ints); None = as even as possible.",
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "num_stages")
+        check_positive(self, "num_stages")
         if self.num_stages > 1024:
             raise ConfigError(f"pipeline.num_stages={self.num_stages} exceeds the supported 1024")
         if self.layer_splits is not None and len(self.layer_splits) != self.num_stages - 1:
@@ -162,17 +145,17 @@ class DataConfig:
 
     SECTION = "data"
 
-    source: str = _f(
+    source: str = setting(
         "stdlib",
         "'stdlib' (embedded default: this Python's standard-library sources), 'text' (a UTF-8 file "
         "or directory) or 'tokens' (pre-tokenized little-endian uint16 .bin shards).",
     )
-    path: str | None = _f(None, "File or directory for source 'text' or 'tokens'.")
-    tokenizer: str = _f("bytes", "'bytes' (vocabulary 256) or the path of a local tokenizer.json file.")
-    val_fraction: float = _f(0.02, "Share of the corpus held out for validation (0..0.5).")
-    max_bytes: int | None = _f(None, "Read at most this many bytes of text (bytes); None = all.")
-    seed: int = _f(0, "Peer data seed: picks the shard and the order of training windows.")
-    shard_count: int = _f(1, "Number of disjoint shards the training split is cut into.")
+    path: str | None = setting(None, "File or directory for source 'text' or 'tokens'.")
+    tokenizer: str = setting("bytes", "'bytes' (vocabulary 256) or the path of a local tokenizer.json file.")
+    val_fraction: float = setting(0.02, "Share of the corpus held out for validation (0..0.5).")
+    max_bytes: int | None = setting(None, "Read at most this many bytes of text (bytes); None = all.")
+    seed: int = setting(0, "Peer data seed: picks the shard and the order of training windows.")
+    shard_count: int = setting(1, "Number of disjoint shards the training split is cut into.")
 
     def __post_init__(self) -> None:
         if self.source not in ("stdlib", "text", "tokens"):
@@ -181,7 +164,7 @@ class DataConfig:
             raise ConfigError(f"data.path is required when data.source={self.source!r}")
         if not 0.0 < self.val_fraction <= 0.5:
             raise ConfigError(f"data.val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
-        _positive(self, "max_bytes", "shard_count")
+        check_positive(self, "max_bytes", "shard_count")
 
     def check_paths(self) -> None:
         """Fail early, naming the field, when a configured path does not exist."""
@@ -197,32 +180,37 @@ class TrainConfig:
 
     SECTION = "train"
 
-    steps: int = _f(200, "Optimizer steps to run (steps).")
-    batch_size: int = _f(16, "Sequences per microbatch.")
-    seq_len: int = _f(128, "Tokens per training sequence (tokens); at most model.max_seq_len.")
-    grad_accum: int = _f(1, "Microbatches accumulated per optimizer step.")
-    lr: float = _f(1e-3, "Peak AdamW learning rate.")
-    min_lr_ratio: float = _f(0.1, "Cosine schedule floor as a fraction of lr.")
-    warmup_steps: int = _f(20, "Linear warm-up length (steps).")
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices only).")
-    beta1: float = _f(0.9, "AdamW beta1.")
-    beta2: float = _f(0.95, "AdamW beta2.")
-    grad_clip: float = _f(1.0, "Clip the global gradient L2 norm to this; 0 disables.")
-    eval_every: int = _f(50, "Validate every this many steps (steps); 0 = only at the end.")
-    eval_batches: int = _f(8, "Validation microbatches per evaluation.")
-    log_every: int = _f(10, "Print progress every this many steps (steps).")
-    checkpoint_every: int = _f(100, "Write a checkpoint every this many steps (steps); 0 = only at the end.")
-    checkpoint_keep: int = _f(2, "Newest checkpoints kept (>= 1); older ones are removed once a new one is written.")
-    checkpoint_dir: str = _f("runs/local", "Directory for checkpoints (created if missing).")
-    resume: bool = _f(True, "Resume from the latest checkpoint in checkpoint_dir when one exists.")
-    seed: int = _f(0, "Seed for parameter init (trainable parts) and dropout-free sampling.")
-    device: str = _f("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
-    threads: int | None = _f(None, "torch intra-op threads; None = torch's default.")
+    steps: int = setting(200, "Optimizer steps to run (steps).")
+    batch_size: int = setting(16, "Sequences per microbatch.")
+    seq_len: int = setting(128, "Tokens per training sequence (tokens); at most model.max_seq_len.")
+    grad_accum: int = setting(1, "Microbatches accumulated per optimizer step.")
+    lr: float = setting(1e-3, "Peak AdamW learning rate.")
+    min_lr_ratio: float = setting(0.1, "Cosine schedule floor as a fraction of lr.")
+    warmup_steps: int = setting(20, "Linear warm-up length (steps).")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay (matrices only).")
+    beta1: float = setting(0.9, "AdamW beta1.")
+    beta2: float = setting(0.95, "AdamW beta2.")
+    grad_clip: float = setting(1.0, "Clip the global gradient L2 norm to this; 0 disables.")
+    eval_every: int = setting(50, "Validate every this many steps (steps); 0 = only at the end.")
+    eval_batches: int = setting(8, "Validation microbatches per evaluation.")
+    log_every: int = setting(10, "Print progress every this many steps (steps).")
+    checkpoint_every: int = setting(100, "Write a checkpoint every this many steps (steps); 0 = only at the end.")
+    checkpoint_keep: int = setting(
+        2, "Newest checkpoints kept (>= 1); older ones are removed once a new one is written."
+    )
+    checkpoint_dir: str = setting("runs/local", "Directory for checkpoints (created if missing).")
+    resume: bool = setting(True, "Resume from the latest checkpoint in checkpoint_dir when one exists.")
+    seed: int = setting(0, "Seed for parameter init (trainable parts) and dropout-free sampling.")
+    device: str = setting(
+        "auto", "Compute device: 'auto' (the first CUDA device when torch sees one, else the CPU), 'cpu', 'cuda' or "
+        "'cuda:N'. An explicit CUDA device that is not there is an error, never a fall-back to the CPU."
+    )
+    threads: int | None = setting(None, "torch intra-op threads; None = torch's default.")
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches",
-                  "checkpoint_keep")
-        _positive(self, "threads")
+        check_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches",
+                       "checkpoint_keep")
+        check_positive(self, "threads")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -231,131 +219,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", self.device):
             raise ConfigError(f"train.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
-
-
-@dataclass(kw_only=True)
-class WireConfig:
-    """What this node puts on the wire and what it accepts from peers (protocol/)."""
-
-    SECTION = "wire"
-
-    activation_codec: str = _f(
-        "bf16", "Codec for boundary coefficients sent forward: bf16, fp32 (exact), fp16, int8, e3m0."
-    )
-    gradient_codec: str = _f("bf16", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
-    fragment_codec: str = _f("e3m0", "Codec for DiLoCo pseudo-gradient fragments: e3m0 is 4.125 bits/value.")
-    max_frame_mib: float = _f(64.0, "Largest frame accepted from a peer (MiB); larger ones are refused unread.")
-    max_tensor_mvalues: float = _f(128.0, "Most values in one received tensor (Mi = 2^20 values).")
-    max_decoded_mib: float = _f(512.0, "Most memory all tensors of one received message decode to (MiB).")
-    frame_timeout_s: float = _f(60.0, "Deadline for receiving one whole frame (seconds); stalls are dropped.")
-    check_finite: bool = _f(True, "Reject received float tensors holding NaN or inf.")
-
-    def __post_init__(self) -> None:
-        from protocol.codecs import get_codec
-        from protocol.errors import UnknownCodec
-
-        for name in ("activation_codec", "gradient_codec", "fragment_codec"):
-            try:
-                get_codec(getattr(self, name))
-            except UnknownCodec as err:
-                raise ConfigError(f"wire.{name}: {err}") from None
-        _positive(self, "max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s")
-
-    def limits(self, vocab_size: int | None = None) -> Any:
-        """The :class:`protocol.tensors.WireLimits` these settings describe."""
-        from protocol.tensors import BUILTIN_CODECS, WireLimits
-
-        chosen = {self.activation_codec, self.gradient_codec, self.fragment_codec}
-        return WireLimits(
-            max_frame_bytes=int(self.max_frame_mib * (1 << 20)),
-            max_tensor_values=int(self.max_tensor_mvalues * (1 << 20)),
-            max_decoded_bytes=int(self.max_decoded_mib * (1 << 20)),
-            codecs=BUILTIN_CODECS | chosen,  # a hivemind-* codec is accepted only when configured
-            max_token_id=vocab_size,
-            check_finite=self.check_finite,
-        )
-
-
-@dataclass(kw_only=True)
-class DataplaneConfig:
-    """How this node moves microbatches between pipeline stages (node-local: never taken from the run)."""
-
-    SECTION = "dataplane"
-
-    max_inflight: int = _f(4, "Microbatches a stage-0 node keeps in flight through the pipeline (backpressure).")
-    max_queue: int = _f(16, "Forward/backward jobs queued on this stage before new work is refused as busy.")
-    max_stash: int = _f(32, "Microbatches this stage holds awaiting their backward before refusing new ones.")
-    backward: str = _f(
-        "recompute", "'recompute': keep a stage's input and rerun the forward at backward time (less memory, "
-        "no stale graph across optimizer steps); 'stash': keep the forward graph (less compute)."
-    )
-    microbatch_timeout_s: float = _f(
-        30.0, "A stage-0 node drops a microbatch whose gradient has not come back within this (seconds)."
-    )
-    max_retries: int = _f(2, "Other next-stage replicas tried when one refuses or fails a microbatch.")
-    ban_base_s: float = _f(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
-    ban_max_s: float = _f(60.0, "Longest such ban (seconds).")
-    peer_strikes: int = _f(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
-    outlier_ratio: float = _f(
-        100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
-    )
-
-    def __post_init__(self) -> None:
-        _positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
-                  "ban_max_s", "peer_strikes", "outlier_ratio")
-        if self.backward not in ("recompute", "stash"):
-            raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
-        if self.max_retries < 0:
-            raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
-
-
-@dataclass(kw_only=True)
-class DilocoConfig:
-    """Streaming DiLoCo among the replicas of each stage (run-level: every replica must agree)."""
-
-    SECTION = "diloco"
-
-    enabled: bool = _f(True, "Average each stage's replicas with Streaming DiLoCo (false: replicas train apart).")
-    inner_steps: int = _f(
-        400, "H: inner optimizer steps, summed over a stage's replicas, between two syncs of one fragment "
-        "(4 replicas at H=400 each take about 100 steps)."
-    )
-    fragments: int = _f(4, "P: fragments a stage's parameters are cut into; one is synced every H/P summed steps "
-                        "(capped at the stage's blocks + other parameters).")
-    fragment_mode: str = _f("strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous.")
-    outer_lr: float = _f(0.4, "Outer SGD learning rate on the averaged outer gradient.")
-    outer_momentum: float = _f(0.9, "Outer Nesterov momentum.")
-    nesterov: bool = _f(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
-    overlap: int = _f(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use.")
-    blocking: bool = _f(
-        False, "Wait τ steps after a boundary until the fragment's mean is back (the paper's schedule; 0 = no "
-        "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed."
-    )
-    alpha: float = _f(0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole).")
-    max_group: int = _f(16, "Replicas averaged together; bigger stages form several random groups per round.")
-    max_norm_ratio: float = _f(
-        10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average."
-    )
-    resync_rounds: int = _f(
-        3, "A replica that falls more than this many rounds behind downloads the stage's state again."
-    )
-
-    def __post_init__(self) -> None:
-        _positive(self, "inner_steps", "fragments", "outer_lr", "max_group", "max_norm_ratio", "resync_rounds")
-        if self.fragments > self.inner_steps:
-            raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}")
-        if self.fragment_mode not in ("strided", "sequential"):
-            raise ConfigError(f"diloco.fragment_mode must be 'strided' or 'sequential', got {self.fragment_mode!r}")
-        if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(f"diloco.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"diloco.alpha must be in [0, 1], got {self.alpha!r}")
-        if self.overlap < 0:
-            raise ConfigError(f"diloco.overlap must be >= 0, got {self.overlap}")
-        if self.max_norm_ratio < 1.0:
-            raise ConfigError(f"diloco.max_norm_ratio must be >= 1, got {self.max_norm_ratio!r}")
 
 
 @dataclass(kw_only=True)
@@ -364,45 +229,43 @@ class SwarmConfig:
 
     SECTION = "swarm"
 
-    run_id: str = _f("", "Run to create or join; empty = a fresh id when creating, discovered when joining.")
-    initial_peers: list[str] = _flist([], "Multiaddrs of swarm peers to join (…/p2p/<id>); empty = start a swarm.")
-    host_maddrs: list[str] = _flist(["/ip4/0.0.0.0/tcp/0"], "libp2p listen addresses (port 0 = any free).")
-    announce_maddrs: list[str] = _flist([], "Addresses other peers should dial (behind NAT/port forwarding).")
-    identity_path: str = _f(
+    run_id: str = setting("", "Run to create or join; empty = a fresh id when creating, discovered when joining.")
+    initial_peers: list[str] = setting_list(
+        [], "Multiaddrs of swarm peers to join (…/p2p/<id>); empty = start a swarm."
+    )
+    host_maddrs: list[str] = setting_list(["/ip4/0.0.0.0/tcp/0"], "libp2p listen addresses (port 0 = any free).")
+    announce_maddrs: list[str] = setting_list([], "Addresses other peers should dial (behind NAT/port forwarding).")
+    identity_path: str = setting(
         "~/.protoswarm/identity.key", "Persistent libp2p identity (created on first run); one per daemon."
     )
-    stage: int | None = _f(None, "Serve this stage and never rebalance; None = claim the weakest stage.")
-    refresh_s: float = _f(10.0, "Re-publish this node's record every this many seconds.")
-    expiry_s: float | None = _f(None, "Records expire after this many seconds; None = 2 × refresh_s.")
-    rebalance_period_s: float = _f(30.0, "Mean interval between rebalancing checks (seconds, jittered).")
-    rebalance_jitter: float = _f(0.5, "Random fraction ± applied to each rebalancing interval.")
-    rebalance_gain: float = _f(
+    stage: int | None = setting(None, "Serve this stage and never rebalance; None = claim the weakest stage.")
+    refresh_s: float = setting(10.0, "Re-publish this node's record every this many seconds.")
+    expiry_s: float | None = setting(None, "Records expire after this many seconds; None = 2 × refresh_s.")
+    rebalance_period_s: float = setting(30.0, "Mean interval between rebalancing checks (seconds, jittered).")
+    rebalance_jitter: float = setting(0.5, "Random fraction ± applied to each rebalancing interval.")
+    rebalance_gain: float = setting(
         1.2, "Move stage only if the swarm's bottleneck throughput grows by at least this factor."
     )
-    min_replicas: int = _f(
+    min_replicas: int = setting(
         2, "Servers each stage should have before throughput is balanced (redundancy, DiLoCo partners)."
     )
-    bootstrap_retry_max_s: float = _f(30.0, "Longest wait between attempts to reach initial_peers (seconds).")
-    metrics_host: str = _f("0.0.0.0", "Interface for /metrics and /health.")
-    metrics_port: int = _f(9464, "Port for /metrics and /health; 0 = any free port (printed at start).")
-    shutdown_timeout_s: float = _f(20.0, "Most time a graceful shutdown may take before exiting anyway.")
-    max_stage_params_m: float = _f(
-        4000.0, "Refuse to join runs whose stages hold more than this many million parameters."
+    bootstrap_retry_max_s: float = setting(30.0, "Longest wait between attempts to reach initial_peers (seconds).")
+    metrics_host: str = setting("0.0.0.0", "Interface for /metrics and /health.")
+    metrics_port: int = setting(9464, "Port for /metrics and /health; 0 = any free port (printed at start).")
+    shutdown_timeout_s: float = setting(20.0, "Most time a graceful shutdown may take before exiting anyway.")
+    max_stage_params_m: float = setting(
+        4000.0, "Refuse to join runs whose largest stage holds more than this many million parameters."
     )
-    exchange_gather_s: float = _f(
-        10.0, "A fragment-exchange leader waits this long (seconds) for its group's parts after reaching the round."
-    )
-    exchange_timeout_s: float = _f(60.0, "Longest wait for one fragment exchange round (seconds); then it is skipped.")
-    link: str = _f(
+    link: str = setting(
         "", "Emulate a home link: RATE[,delay=D] (e.g. 80mbit,delay=30ms) throttles this node's protoswarm streams "
         "in-process and delays each frame sent; the DHT is not shaped. `node sim` emulates it with namespaces when "
         "root. Empty = none."
     )
-    access_key_file: str = _f(
+    access_key_file: str = setting(
         "", "Swarm key: a file with a shared secret (>= 16 bytes). Only peers holding it serve stages, join exchanges "
         "or publish run parameters in this node's view (docs/security.md). Empty = an open swarm."
     )
-    allow_peers: list[str] = _flist(
+    allow_peers: list[str] = setting_list(
         [], "Allow-list of peer ids: records and streams of any other peer are ignored. Empty = no allow-list."
     )
 
@@ -417,11 +280,8 @@ class SwarmConfig:
                 LinkSpec.parse(self.link)
             except ValueError as exc:
                 raise ConfigError(f"swarm.link: {exc}") from None
-        _positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s", "shutdown_timeout_s",
-                  "max_stage_params_m", "exchange_gather_s", "exchange_timeout_s")
-        if self.exchange_gather_s >= self.exchange_timeout_s:
-            raise ConfigError(f"swarm.exchange_gather_s={self.exchange_gather_s} must be below "
-                              f"swarm.exchange_timeout_s={self.exchange_timeout_s}")
+        check_positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s",
+                       "shutdown_timeout_s", "max_stage_params_m")
         if not 0.0 <= self.rebalance_jitter < 1.0:
             raise ConfigError(f"swarm.rebalance_jitter must be in [0, 1), got {self.rebalance_jitter!r}")
         if self.rebalance_gain < 1.0:
@@ -453,6 +313,7 @@ class RunConfig:
     wire: WireConfig = field(default_factory=WireConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     diloco: DilocoConfig = field(default_factory=DilocoConfig)
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def __post_init__(self) -> None:
@@ -481,6 +342,7 @@ SECTIONS: dict[str, type] = {
     "wire": WireConfig,
     "dataplane": DataplaneConfig,
     "diloco": DilocoConfig,
+    "exchange": ExchangeConfig,
     "swarm": SwarmConfig,
 }
 

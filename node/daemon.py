@@ -30,6 +30,7 @@ import msgpack
 
 from node.checkpoint import list_checkpoints
 from node.config import ConfigError, RunConfig
+from node.device import device_memory, resolve_device
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import PipelineRole
@@ -70,6 +71,11 @@ class NodeDaemon:
         self.out = out if out is not None else sys.stdout
         self._status = StatusLine(self.status_snapshot, mode=status_mode, log_every_s=status_every_s)
         self._record_rate = RateWindow(30.0)  # tokens/s announced in this node's stage record
+        # The status line's rates: tokens trained, bytes sent and received per second over the last 10 s.
+        self._status_rates = {total: (rate, RateWindow(10.0)) for total, rate in
+                              (("tokens", "tokens_per_s"), ("bytes_sent", "sent_per_s"),
+                               ("bytes_received", "received_per_s"))}
+        self.device = resolve_device(cfg.train.device)  # ConfigError now, before anything starts
         self._peers_known: int | None = None
         self.started = time.monotonic()
         self.metrics = NodeMetrics()
@@ -86,6 +92,7 @@ class NodeDaemon:
         self._reported_rejections: dict[str, int] = {}
         self._throughput = 0.0
         self._probe: StageWork | None = None
+        self._fit: list[int] = []  # stages whose estimated memory fits this node's device (at claim time)
         self._last_move = 0.0
         self.pipeline: PipelineRole | None = None  # with pipeline.num_stages > 1
         self.sync: ReplicaSync | None = None  # with diloco.enabled
@@ -110,6 +117,7 @@ class NodeDaemon:
             "progress": self.work.progress if self.work else 0,
             "resumed_from": self.work.resumed_from if self.work else None,
             "throughput": self.work.throughput if self.work else 0.0,
+            "device": self._device_health(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "protocol": ".".join(map(str, PROTOCOL_VERSION)),
             **({"pipeline": self.pipeline.health()} if self.pipeline is not None else {}),
@@ -118,11 +126,18 @@ class NodeDaemon:
             **({"banned": banned} if (banned := {k: v for k, v in self.metrics.banned().items() if v}) else {}),
         }
 
+    def _device_health(self) -> dict[str, Any]:
+        """The compute device and its memory (bytes): in use now, peak, total, free."""
+        return device_memory(self.device)
+
     def status_snapshot(self) -> dict[str, Any]:
-        """Totals and state for the live status line (node/status_line.py)."""
+        """Totals, rates and state for the live status line (node/status_line.py)."""
+        totals = self.metrics.totals()
+        rates = {rate: max(0.0, window.update(totals.get(total, 0)))
+                 for total, (rate, window) in self._status_rates.items()}
         return {"state": self.state, "stage": self.work.stage if self.work else None,
                 "num_stages": self.cfg.pipeline.num_stages, "peers": self._peers_known,
-                "loss": self._recent_loss(), **self.metrics.totals()}
+                "loss": self._recent_loss(), "memory": self._device_health(), **totals, **rates}
 
     def _recent_loss(self) -> float | None:
         """Mean of the last 20 losses this node scored (S = 1 steps, or last-stage microbatches)."""
@@ -147,7 +162,8 @@ class NodeDaemon:
         """Local training (S = 1): the last losses, and the compute time for utilisation."""
         work = self.work
         return {"recent_losses": list(self._losses)[-512:], "started_at": work.started_at if work else None,
-                "compute_s": round(work.compute_s, 3) if work else 0.0}
+                "compute_s": round(work.compute_s, 3) if work else 0.0,
+                "tokens": work.tokens_trained if work else 0}
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -291,10 +307,43 @@ class NodeDaemon:
 
     # stage ----------------------------------------------------------------------------------------------
 
+    def _stages_that_fit(self) -> list[int] | None:
+        """The stages whose estimated memory (node/memory.py) fits this node's device now; None, with the
+        node stopped and the reason printed, when none does (before any download or training)."""
+        from node.device import free_memory
+        from node.memory import GIB, estimate_stage
+
+        free = free_memory(self.device)
+        outer_on_device = self.cfg.diloco.outer_device == "device" or self.device.type == "cpu"
+        need = {s: estimate_stage(self.cfg, s, self.device.type, outer_on_device=outer_on_device).device_bytes
+                for s in range(self.cfg.pipeline.num_stages)}
+        fit = [s for s, n in need.items() if n <= free]
+        pinned = self.cfg.swarm.stage
+        if pinned is not None and pinned not in fit:
+            self._fail(f"stage {pinned} of run {self.run_id} needs ~{need[pinned] / GIB:.2f} GiB on {self.device}, "
+                       f"which has {free / GIB:.2f} GiB free (`node plan` shows why; more stages, a smaller "
+                       f"train.batch_size or dataplane.backward=recompute need less)")
+            return None
+        if not fit:
+            smallest = min(need.values())
+            self._fail(f"no stage of run {self.run_id} fits {self.device}: the smallest needs ~{smallest / GIB:.2f} GiB, "
+                       f"{free / GIB:.2f} GiB are free (`node plan --config ... --device-mem GIB` shows how many "
+                       f"stages would fit)")
+            return None
+        if len(fit) < len(need):
+            logger.warning("stages %s do not fit %s (%.2f GiB free; they need %s GiB): not claiming them",
+                           sorted(set(need) - set(fit)), self.device, free / GIB,
+                           [round(need[s] / GIB, 2) for s in sorted(set(need) - set(fit))])
+        return fit
+
     def _claim_stage(self) -> int | None:
         cfg = self.cfg
-        probe_stage = cfg.swarm.stage or 0
-        probe = StageWork(cfg, self.run_id, probe_stage, self._checkpoint_dir(probe_stage))
+        fit = self._stages_that_fit()
+        if fit is None:
+            return None
+        self._fit = fit
+        probe_stage = cfg.swarm.stage if cfg.swarm.stage is not None else fit[0]
+        probe = StageWork(cfg, self.run_id, probe_stage, self._checkpoint_dir(probe_stage), self.device)
         # Measured once: a node's speed, not a stage's (stages are split evenly). Re-measuring on every
         # move would feed timing noise into the rebalancing decisions and make nodes oscillate.
         self._throughput = probe.measure_throughput()
@@ -307,7 +356,10 @@ class NodeDaemon:
         loads = stage_loads(records, cfg.pipeline.num_stages, exclude_peer=me)
         servers = stage_servers(records, cfg.pipeline.num_stages, exclude_peer=me)
         stage = choose_stage(loads, servers, me, cfg.swarm.min_replicas)
+        if stage not in fit:  # the swarm's pick does not fit this device: the neediest stage that does
+            stage = min(fit, key=lambda s: (servers[s], loads[s]))
         own = self._own_checkpoint_stage()
+        own = own if own in fit else None
         if (back := prefer_own_stage(stage, own, servers)) != stage:
             logger.info("stage loads %s, servers %s: back to stage %d, which this node has a checkpoint of "
                         "(stage %d would be the pick otherwise)", loads, servers, back, stage)
@@ -333,7 +385,7 @@ class NodeDaemon:
         probe, self._probe = self._probe, None
         # The probe is still at the seeded init (measuring leaves no gradients): no need to build it again.
         work = probe if probe is not None and probe.stage == stage else StageWork(
-            self.cfg, self.run_id, stage, self._checkpoint_dir(stage)
+            self.cfg, self.run_id, stage, self._checkpoint_dir(stage), self.device
         )
         if work.resume():
             self._catch_up_resumed(work)
@@ -561,7 +613,7 @@ class NodeDaemon:
             stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me),
             self.work.stage, self.work.throughput, self.cfg.swarm.rebalance_gain, self.cfg.swarm.min_replicas,
         )
-        if target is None:
+        if target is None or target not in self._fit:
             return
         # Every server of this stage sees the same improvement at about the same time; if all of them
         # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one

@@ -9,8 +9,8 @@ stage satisfies ``x − T_fixed[ids] ∈ span(U)`` by construction and plain Ada
 The last stage's blocks are ordinary dense blocks: nothing downstream reads their output.
 
 The model is a list of ``Stage`` modules (layer ranges from ``PipelineConfig``). ``LanguageModel``
-runs them back to back, passing the full residual stream (the "unsplit" model); ``node.stages``
-runs the same stages through the boundary codec, as a swarm does.
+runs them back to back, passing the full residual stream (the "unsplit" model, the reference the
+exactness tests compare with); ``node.engine`` trains stages through the boundary codec, as a swarm does.
 """
 
 from __future__ import annotations
@@ -116,12 +116,16 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x), basis)
 
 
-def shared_tensors(cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The seed-derived basis U (None for a dense model) and frozen table T_fixed (None when unused)."""
-    basis = subspace.make_basis(cfg.subspace_seed, cfg.d_model, cfg.subspace_rank) if cfg.subspace_rank else None
+def shared_tensors(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The seed-derived basis U (None for a dense model) and frozen table T_fixed (None when unused),
+    built on ``device`` (the same bits on any device: protocol/subspace.py)."""
+    basis = None
+    if cfg.subspace_rank:
+        basis = subspace.make_basis(cfg.subspace_seed, cfg.d_model, cfg.subspace_rank, device=device)
     table = None
     if cfg.uses_fixed_table:
-        table = subspace.make_fixed_table(cfg.subspace_seed, cfg.vocab_size, cfg.d_model, cfg.fixed_table_std)
+        table = subspace.make_fixed_table(cfg.subspace_seed, cfg.vocab_size, cfg.d_model, cfg.fixed_table_std,
+                                          device=device)
     return basis, table
 
 
@@ -203,13 +207,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class LanguageModel(nn.Module):
     """All stages in one process, residual stream passed directly between them (the unsplit model)."""
 
-    def __init__(self, cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, pipeline: PipelineConfig | None = None,
+                 stages: list[Stage] | None = None) -> None:
+        """Build the stages (``torch``'s global seed decides the init), or hold ``stages`` already built
+        (e.g. the modules of a :class:`node.engine.StageChain`: the same tensors, no copy)."""
         super().__init__()
-        pipeline = pipeline or PipelineConfig()
         self.cfg = cfg
-        ranges = pipeline.stage_ranges(cfg.n_layers)
-        shared = shared_tensors(cfg)  # one copy of T_fixed for all stages in this process
-        self.stages = nn.ModuleList(Stage(cfg, r, i, len(ranges), shared) for i, r in enumerate(ranges))
+        if stages is None:
+            ranges = stage_layers(cfg, pipeline or PipelineConfig())
+            shared = shared_tensors(cfg)  # one copy of T_fixed for all stages in this process
+            stages = [Stage(cfg, r, i, len(ranges), shared) for i, r in enumerate(ranges)]
+        self.stages = nn.ModuleList(stages)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (b, n, V), or the mean loss when ``targets`` are given."""
@@ -233,15 +241,73 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def layer_parameters(cfg: ModelConfig, dense_writers: bool) -> int:
+    """Trainable parameters of one block: dense writers on the last stage, ``U·Z`` writers elsewhere."""
+    d, k, head_dim = cfg.d_model, cfg.subspace_rank, cfg.d_model // cfg.n_heads
+    attn = d * cfg.n_heads * head_dim + 2 * d * cfg.kv_heads * head_dim
+    rank = d if dense_writers or not k else k
+    writers = rank * (cfg.n_heads * head_dim + cfg.hidden)
+    return 2 * d + attn + 2 * d * cfg.hidden + writers
+
+
+def stage_parameters(cfg: ModelConfig, layers: range, index: int, num_stages: int) -> int:
+    """Trainable parameters of stage ``index`` holding ``layers``: blocks, plus the embedding on the
+    first stage and the final norm and LM head on the last."""
+    last = index == num_stages - 1
+    total = len(layers) * layer_parameters(cfg, dense_writers=last)
+    if index == 0:
+        total += cfg.vocab_size * (cfg.subspace_rank or cfg.d_model)
+    if last:
+        total += cfg.d_model + cfg.d_model * cfg.vocab_size
+    return total
+
+
+def stage_layers(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> list[range]:
+    """The layers of each stage: ``pipeline.layer_splits`` when given, else the contiguous split (every
+    stage at least one layer) whose largest stage holds the fewest parameters, counting the embedding
+    on the first stage and the LM head on the last (an 8b model's head is ~2.4 layers' worth); among
+    those, the one with the most even stages (least sum of squared stage sizes)."""
+    pipeline = pipeline or PipelineConfig()
+    if pipeline.layer_splits is not None or pipeline.num_stages == 1:
+        return pipeline.stage_ranges(cfg.n_layers)
+    n, count = cfg.n_layers, pipeline.num_stages
+    pipeline.stage_ranges(n)  # the same errors as an explicit split (too many stages)
+
+    def size(s: int, a: int, b: int) -> int:
+        return stage_parameters(cfg, range(a, b), s, count)
+
+    largest = _partition(n, count, lambda s, a, b, before: max(before, size(s, a, b)))[0]
+    _, starts = _partition(n, count, lambda s, a, b, before: before + size(s, a, b) ** 2
+                           if size(s, a, b) <= largest else math.inf)
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], n], strict=True)]
+
+
+def _partition(n: int, count: int, extend) -> tuple[float, list[int]]:
+    """Dynamic programme over contiguous splits of ``n`` layers into ``count`` non-empty stages:
+    ``extend(stage, first, end, cost so far)`` gives the cost with one more stage; returns the least
+    total cost and the first layer of each stage."""
+    best = [[math.inf] * (n + 1) for _ in range(count + 1)]
+    cut = [[0] * (n + 1) for _ in range(count + 1)]
+    best[0][0] = 0
+    for s in range(1, count + 1):
+        for i in ([n] if s == count else range(s, n - (count - s) + 1)):
+            for j in range(s - 1, i):
+                if best[s - 1][j] < math.inf and (cost := extend(s - 1, j, i, best[s - 1][j])) < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    starts, i = [], n
+    for s in range(count, 0, -1):
+        i = cut[s][i]
+        starts.append(i)
+    return best[count][n], starts[::-1]
+
+
 def parameter_count(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> int:
     """Trainable parameters of the model, computed from the config alone (no allocation)."""
-    pipeline = pipeline or PipelineConfig()
-    d, k, head_dim = cfg.d_model, cfg.subspace_rank, cfg.d_model // cfg.n_heads
-    ranges = pipeline.stage_ranges(cfg.n_layers)
-    total = cfg.vocab_size * (k or d) + d + d * cfg.vocab_size  # embedding, final norm, head
-    for index, layers in enumerate(ranges):
-        rank = None if index == len(ranges) - 1 else k
-        attn = d * cfg.n_heads * head_dim + 2 * d * cfg.kv_heads * head_dim
-        writers = (rank or d) * (cfg.n_heads * head_dim + cfg.hidden)
-        total += len(layers) * (2 * d + attn + 2 * d * cfg.hidden + writers)
-    return total
+    ranges = stage_layers(cfg, pipeline)
+    return sum(stage_parameters(cfg, r, i, len(ranges)) for i, r in enumerate(ranges))
+
+
+def largest_stage_parameters(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> int:
+    """Trainable parameters of the model's largest stage."""
+    ranges = stage_layers(cfg, pipeline)
+    return max(stage_parameters(cfg, r, i, len(ranges)) for i, r in enumerate(ranges))

@@ -34,7 +34,7 @@ from node.config import RunConfig
 from node.metrics import NodeMetrics
 from node.serving import StageWork
 from protocol.messages import StageRecord
-from swarm.exchange import HANDLER, ExchangeSettings, FragmentExchange, RoundKey
+from swarm.exchange import HANDLER, FragmentExchange, RoundKey
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,8 @@ class ReplicaSync:
             return
         wire = self.cfg.wire
         sizes = [layout.numel for layout in work.outer.layouts]
-        settings = ExchangeSettings(
-            gather_s=self.cfg.swarm.exchange_gather_s, round_timeout_s=self.cfg.swarm.exchange_timeout_s,
-            max_group=self.cfg.diloco.max_group, codec=wire.fragment_codec, max_norm_ratio=self.cfg.diloco.max_norm_ratio,
-        )
-        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, settings, wire.limits(),
+        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, self.cfg.exchange,
+                                    wire.fragment_codec, wire.limits(),
                                     on_error=lambda exc: self.metrics.count_protocol_error(exc.code))
         saved, work.resumed_schedule = work.resumed_schedule, None  # a checkpoint's position: taken once
         with self._lock:
@@ -271,7 +268,7 @@ class ReplicaSync:
         """diloco.blocking: stand still until the round ends, the node stops, or the round's own deadline
         (from its start, so a round that never ends is waited for once) has passed; timed."""
         started = time.monotonic()
-        deadline = round_started + self.cfg.swarm.exchange_timeout_s + 5.0
+        deadline = round_started + self.cfg.exchange.timeout_s + 5.0
         while not future.done() and time.monotonic() < deadline and not (self.stop and self.stop.is_set()):
             concurrent.futures.wait([future], timeout=min(0.5, max(0.0, deadline - time.monotonic())))
         waited = time.monotonic() - started

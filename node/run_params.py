@@ -1,8 +1,8 @@
 """A run's parameters in the swarm: what the creator publishes and what a joiner keeps as its own.
 
-The run-level tables (model, pipeline, data, train, wire, diloco) are published as a msgpack map in a
-:class:`~protocol.messages.RunRecord`; node-local fields are stripped before publishing and always
-taken from the joiner's own config. A joiner also refuses runs whose stages exceed its parameter
+The run-level tables (model, pipeline, data, train, wire, diloco, exchange) are published as a
+msgpack map in a :class:`~protocol.messages.RunRecord`; node-local fields are stripped before
+publishing and always taken from the joiner's own config. A joiner also refuses runs whose stages exceed its parameter
 budget (``swarm.max_stage_params_m``).
 """
 
@@ -12,7 +12,7 @@ import hashlib
 from typing import Any
 
 from node.config import ConfigError, RunConfig, build_config
-from node.model import parameter_count
+from node.model import largest_stage_parameters
 
 # Node-local settings: never taken from the swarm's published run parameters. data.path is local so
 # a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
@@ -22,19 +22,24 @@ LOCAL_DATA_FIELDS = ("path", "seed")
 # What this node accepts from peers protects this node: its receive limits are its own, only the codecs
 # (what the run sends) are run-level.
 LOCAL_WIRE_FIELDS = ("max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s", "check_finite")
-RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire", "diloco")
+# The exchange's groups, outlier bound and chunking are the run's (every replica must plan the same
+# groups and cut parts the same way); its deadlines and bans are each node's own.
+LOCAL_EXCHANGE_FIELDS = ("gather_s", "timeout_s", "max_early_rounds", "peer_strikes", "ban_s")
+# Where the outer state lives depends on this node's hardware, not on the run.
+LOCAL_DILOCO_FIELDS = ("outer_device",)
+RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire", "diloco", "exchange")
+# Each run-level section's node-local fields: stripped before publishing, always the joiner's own.
+LOCAL_FIELDS = {"train": LOCAL_TRAIN_FIELDS, "data": LOCAL_DATA_FIELDS, "wire": LOCAL_WIRE_FIELDS,
+                "diloco": LOCAL_DILOCO_FIELDS, "exchange": LOCAL_EXCHANGE_FIELDS}
 
 
 def run_parameters(cfg: RunConfig) -> dict[str, Any]:
     """The run-level part of a config: what every peer of a run must agree on."""
     full = cfg.to_dict()
     params = {s: dict(full[s]) for s in RUN_SECTIONS}
-    for name in LOCAL_TRAIN_FIELDS:
-        params["train"].pop(name, None)
-    for name in LOCAL_DATA_FIELDS:
-        params["data"].pop(name, None)
-    for name in LOCAL_WIRE_FIELDS:
-        params["wire"].pop(name, None)
+    for section, names in LOCAL_FIELDS.items():
+        for name in names:
+            params[section].pop(name, None)
     return params
 
 
@@ -46,21 +51,18 @@ def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "")
     """
     data = {s: dict(params.get(s, {})) if isinstance(params.get(s), dict) else {} for s in RUN_SECTIONS}
     local_dict = local.to_dict()
-    for name in LOCAL_TRAIN_FIELDS:
-        data["train"][name] = local_dict["train"][name]
-    for name in LOCAL_DATA_FIELDS:
-        data["data"][name] = local_dict["data"][name]
-    for name in LOCAL_WIRE_FIELDS:
-        data["wire"][name] = local_dict["wire"][name]
+    for section, names in LOCAL_FIELDS.items():
+        for name in names:
+            data[section][name] = local_dict[section][name]
     if local.data.seed == 0 and peer_id:
         data["data"]["seed"] = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") >> 1
     data["swarm"] = local_dict["swarm"]
     data["dataplane"] = local_dict["dataplane"]
     cfg = build_config(data)
-    per_stage = parameter_count(cfg.model, cfg.pipeline) / cfg.pipeline.num_stages / 1e6
-    if per_stage > local.swarm.max_stage_params_m:
+    largest = largest_stage_parameters(cfg.model, cfg.pipeline) / 1e6
+    if largest > local.swarm.max_stage_params_m:
         raise ConfigError(
-            f"the run's model has ~{per_stage:,.0f}M parameters per stage, over this node's "
+            f"the run's largest stage has ~{largest:,.0f}M parameters, over this node's "
             f"swarm.max_stage_params_m={local.swarm.max_stage_params_m:,.0f}"
         )
     return cfg

@@ -1,21 +1,21 @@
-"""The stage a daemon serves: its parameters, its checkpoint, and (with one stage) local training.
+"""The stage a daemon serves: its engine, its checkpoints and snapshots, and (with one stage) local training.
 
-:class:`StageWork` owns the module of one stage. With ``pipeline.num_stages == 1`` the stage is the
-whole model and the daemon trains it as a local replica while it serves; with more stages it holds
-the stage's parameters and inner optimizer, which :class:`node.pipeline.PipelineCompute` trains from
-the microbatches of the pipeline. With ``diloco.enabled`` it also holds the stage's Streaming DiLoCo
-outer state (:class:`swarm.diloco.OuterLoop`: global copy and momentum per fragment), which travels
-with the weights in snapshots and checkpoints; node/replica_sync.py drives it.
+:class:`StageWork` holds the :class:`node.engine.StageEngine` of one stage (the stage's tensors, on the
+daemon's device: weights, inner optimizer, and with ``diloco.enabled`` the Streaming DiLoCo outer state,
+:class:`swarm.diloco.OuterLoop`, which node/replica_sync.py drives). With ``pipeline.num_stages == 1``
+the stage is the whole model and the daemon trains it as a local replica while it serves
+(:meth:`train`); with more stages :class:`node.pipeline.PipelineCompute` trains it from the
+microbatches of the pipeline.
 
 A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
-stage s from scratch holds the same weights. ``lock`` guards the parameters: the trainer holds it
-for each optimizer step, snapshots (for peers downloading this stage) copy under it.
+stage s from scratch holds the same weights. ``lock`` (the engine's) guards the parameters: training
+holds it for each optimizer step, snapshots (for peers downloading this stage) copy under it.
 
-Checkpoints (docs/node.md, "Checkpoints and crashes") hold the weights, the inner optimizer, the outer
-state, the progress (the learning-rate schedule's position), the replica-sync schedule position and
-the data position. :meth:`maybe_checkpoint` writes one every ``train.checkpoint_every`` steps of
-progress: the state is copied under ``lock`` (milliseconds) and written on a background thread, so
-training never waits for the disk.
+Checkpoints (docs/node.md, "Checkpoints and crashes"; the format of node/checkpoint.py) hold the engine
+state (weights, inner optimizer, outer state, progress: the learning-rate schedule's position), the
+replica-sync schedule position and the data position. :meth:`maybe_checkpoint` writes one every
+``train.checkpoint_every`` steps of progress: the state is copied under ``lock`` (milliseconds) and
+written on a background thread, so training never waits for the disk.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 
-from node.checkpoint import CheckpointError, load_latest, save_checkpoint
+from node.checkpoint import CheckpointError, checkpoint_state, load_latest, save_checkpoint, stage_state
 from node.config import RunConfig
 from node.data import BatchSampler, load_corpus
-from node.model import LanguageModel, Stage, lm_loss, parameter_groups
-from node.train_local import _train_step
-from swarm.diloco import OuterLoop, OuterSettings, units
+from node.engine import StageEngine, build_engine
 from swarm.state_transfer import StageSnapshot
 
 OUTER_PREFIX = "outer."  # snapshot entries of the outer state: outer.global.<p>, outer.momentum.<p>
@@ -44,41 +42,59 @@ logger = logging.getLogger(__name__)
 
 
 class StageWork:
-    def __init__(self, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path):
+    def __init__(self, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path,
+                 device: torch.device | str = "cpu"):
         self.cfg, self.run_id, self.stage = cfg, run_id, stage
         self.checkpoint_dir = checkpoint_dir
         self.single = cfg.pipeline.num_stages == 1
-        # Re-entrant: a pipeline compute job holds it across forward/backward and its optimizer step.
-        self.lock = threading.RLock()
-        self.progress = 0  # optimizer steps this stage's parameters have taken
         self.throughput = 0.0  # microbatches per second (EMA while training, else measured)
         self.compute_s = 0.0  # wall time inside local training steps (S = 1)
         self.last_step_s = 0.0
+        self.tokens_trained = 0  # tokens of the local training steps taken since start (S = 1)
         self.started_at: float | None = None  # unix time the first local training step began
         # Checkpoints: what they add to the weights, and when the next periodic one is due.
         self.resumed_from: int | None = None  # the checkpoint's step, when this stage resumed from one
         self.resumed_schedule: dict[str, int] | None = None  # its replica-sync position, until ReplicaSync takes it
         self.schedule_state: Callable[[], dict[str, int] | None] | None = None  # set by ReplicaSync.attach
-        self.data_position: int | None = None  # a pipeline stage 0: the next microbatch its sampler draws
+        self.data_position: int | None = None  # S = 1 and a pipeline's stage 0: the next microbatch drawn
         self.saved_step: int | None = None  # progress of the newest checkpoint written or loaded
         self._next_save = max(0, cfg.train.checkpoint_every)
         self._write_lock = threading.Lock()  # one checkpoint write at a time
         self._writer: threading.Thread | None = None
-        torch.manual_seed(cfg.train.seed * 1_000_003 + stage)
-        if self.single:
-            self.module: torch.nn.Module = LanguageModel(cfg.model, cfg.pipeline)
-        else:
-            ranges = cfg.pipeline.stage_ranges(cfg.model.n_layers)
-            self.module = Stage(cfg.model, ranges[stage], stage, cfg.pipeline.num_stages)
-        t = cfg.train
-        # The inner optimizer: local training (one stage) or pipeline steps (node/pipeline.py).
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
-        )
-        self.outer: OuterLoop | None = None
+        self.engine: StageEngine = build_engine(cfg, stage, device)
         if cfg.diloco.enabled:
-            named = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-            self.outer = OuterLoop(named, outer_settings(cfg, list(named)))
+            self.engine.attach_outer(cfg.diloco, cfg.diloco.outer_device)
+
+    # the engine's tensors --------------------------------------------------------------------------------
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def outer(self):
+        return self.engine.outer
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self.engine.lock
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def progress(self) -> int:
+        """Optimizer steps this stage's parameters have taken."""
+        return self.engine.progress
+
+    @progress.setter
+    def progress(self, value: int) -> None:
+        self.engine.progress = value
 
     # state -----------------------------------------------------------------------------------------------
 
@@ -109,9 +125,8 @@ class StageWork:
             self._load_outer(snap.tensors)
             with torch.no_grad():
                 for layout, flat in zip(self.outer.layouts, self.outer.global_, strict=True):
-                    for name, value in layout.unflatten(flat).items():
-                        param = self.outer.params[name]
-                        param.copy_(value.to(param.device, param.dtype))
+                    for name, value in layout.unflatten(flat.to(self.device)).items():  # one copy a fragment
+                        self.outer.params[name].copy_(value)
 
     def _load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
         n = len(self.outer.global_)
@@ -157,30 +172,22 @@ class StageWork:
             if self.outer is not None:
                 self._load_outer(snap.tensors)
             self.progress = snap.step
+            self.engine.version += 1  # graphs kept from before are stale
 
     # checkpoints -----------------------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """A copy of everything a checkpoint holds; the parameters are copied under ``lock``."""
+        """A copy of everything a checkpoint holds; the engine state is copied under ``lock``."""
         schedule = self.schedule_state() if self.schedule_state is not None else None  # its own lock, not ours
         with self.lock:
-            return {
-                "step": self.progress,
-                "run_id": self.run_id,
-                "stage": self.stage,
-                "config": self.cfg.to_dict(),
-                "saved_at": time.time(),
-                "model": _copied(self.module.state_dict()),
-                "optimizer": _copied(self.optimizer.state_dict()) if self.optimizer is not None else None,
-                "outer": self.outer.state_dict() if self.outer is not None else None,  # copies already
-                "schedule": schedule,
-                "data_position": self._data_position(),
-            }
+            return checkpoint_state(self.progress, self.cfg.to_dict(), {self.stage: self.engine.state()},
+                                    run_id=self.run_id, stage=self.stage, saved_at=time.time(), schedule=schedule,
+                                    data_position=self._data_position())
 
     def _data_position(self) -> int | None:
         """The next microbatch the stage's sampler draws: S = 1 and a pipeline's stage 0 (which drives
         the microbatches); None on the other pipeline stages, which draw none."""
-        if not self.single and self.stage != 0:
+        if not self._draws_data:
             return None
         drawn = self.data_position
         return drawn if drawn is not None else self.progress * self.cfg.train.grad_accum
@@ -240,10 +247,11 @@ class StageWork:
             return False
         try:
             state = load_latest(self.checkpoint_dir)
+            saved = stage_state(state, self.stage, self.checkpoint_dir) if state is not None else None
         except CheckpointError as exc:
-            logger.warning("ignoring unreadable checkpoints in %s: %s", self.checkpoint_dir, exc)
+            logger.warning("ignoring unusable checkpoints in %s: %s", self.checkpoint_dir, exc)
             return False
-        if state is None:
+        if saved is None:
             return False
         now = self.cfg.to_dict()
         same = (
@@ -255,21 +263,9 @@ class StageWork:
             logger.warning("checkpoint in %s belongs to another run/stage/model; not resuming", self.checkpoint_dir)
             return False
         with self.lock:
-            self.module.load_state_dict(state["model"])
-            if self.optimizer is not None and state.get("optimizer") is not None:
-                try:
-                    self.optimizer.load_state_dict(state["optimizer"])
-                except (ValueError, KeyError) as exc:  # other parameter groups: keep a fresh optimizer
-                    logger.warning("inner optimizer state in the checkpoint does not fit (%s); restarting it", exc)
-            if self.outer is not None and state.get("outer") is not None:
-                try:
-                    self.outer.load_state_dict(state["outer"])
-                except (ValueError, KeyError) as exc:  # other fragments (config changed): start from the weights
-                    logger.warning("outer state in the checkpoint does not fit (%s); restarting it", exc)
-                    self.outer.reset()
-            self.progress = int(state["step"])
+            self.engine.load_state(saved)
             position = state.get("data_position")
-            self.data_position = int(position) if position is not None and not self.single and self.stage == 0 else None
+            self.data_position = int(position) if position is not None and self._draws_data else None
             schedule = state.get("schedule")
             self.resumed_schedule = dict(schedule) if isinstance(schedule, dict) else None
         self.resumed_from = self.saved_step = self.progress
@@ -286,76 +282,45 @@ class StageWork:
 
     def measure_throughput(self, iters: int = 3) -> float:
         """Microbatches per second for forward + backward of this stage on a synthetic microbatch."""
-        t, m = self.cfg.train, self.cfg.model
-        ids = torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len))
-        module = self.module
-        stage = module.stages[0] if self.single else module
-        width = stage.boundary_width
-
-        def step() -> None:
-            if self.single:
-                loss = module(ids, ids)
-            else:
-                boundary = None if stage.is_first else torch.randn(t.batch_size, t.seq_len, width)
-                out = stage(boundary, ids)
-                loss = lm_loss(out, ids) if stage.is_last else out.float().square().mean()
-            loss.backward()
-            module.zero_grad(set_to_none=True)
-
-        step()  # warm-up
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        self.throughput = iters / max(time.perf_counter() - start, 1e-9)
+        t = self.cfg.train
+        self.throughput = self.engine.measure_throughput(t.batch_size, t.seq_len, iters)
         return self.throughput
 
     # local training (one stage = whole model) ----------------------------------------------------------
 
+    @property
+    def _draws_data(self) -> bool:
+        """S = 1 and a pipeline's stage 0 draw microbatches from a sampler; other stages draw none."""
+        return self.single or self.stage == 0
+
     def train(self, stop: threading.Event, on_step: Callable[[int, float], None] | None = None) -> None:
         """Train until ``train.steps`` or ``stop``; stops only at step boundaries."""
-        assert self.single and self.optimizer is not None
+        assert self.single
         cfg, t = self.cfg, self.cfg.train
         corpus = load_corpus(cfg.data)
         sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
-        self.module.train()
-        samples = t.batch_size * t.grad_accum
+        engine = self.engine
+        if self.data_position is None:
+            self.data_position = self.progress * t.grad_accum
         while not stop.is_set() and self.progress < t.steps:
             start = time.perf_counter()
             if self.started_at is None:
                 self.started_at = time.time()
             with self.lock:
-                loss = _train_step(self.module, self.optimizer, sampler, self.progress, cfg, torch.device("cpu"))
-                self.progress += 1
+                before = self.progress
+                losses = []
+                for _ in range(t.grad_accum):
+                    losses.append(engine.forward_backward_last(sampler.batch(self.data_position), None)[0])
+                    self.data_position += 1
             self.last_step_s = time.perf_counter() - start
             self.compute_s += self.last_step_s
-            rate = samples / max(self.last_step_s, 1e-9) / t.grad_accum
+            if self.progress == before:  # non-finite gradients: the engine skipped the update
+                continue
+            self.tokens_trained += t.batch_size * t.seq_len * t.grad_accum
+            rate = t.grad_accum / max(self.last_step_s, 1e-9)
             self.throughput = rate if self.throughput == 0 else 0.9 * self.throughput + 0.1 * rate
             if on_step is not None:
-                on_step(self.progress, loss)
+                on_step(self.progress, sum(losses) / len(losses))
             self.maybe_checkpoint()
         if self.progress >= t.steps:
             logger.info("reached train.steps=%d; serving without training", t.steps)
-
-
-def _copied(value: Any) -> Any:
-    """``value`` with every tensor cloned to the CPU (and containers rebuilt): a state_dict that later
-    optimizer steps cannot change while it is being written."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
-    return value
-
-
-def outer_settings(cfg: RunConfig, names: list[str]) -> OuterSettings:
-    """The Streaming DiLoCo settings of a stage with these parameters: P capped at the stage's units
-    (blocks and other parameters), H rounded down to a multiple of P so the P offsets are evenly spaced."""
-    d = cfg.diloco
-    fragments = max(1, min(d.fragments, len(units(names))))
-    spacing = max(1, d.inner_steps // fragments)
-    inner = spacing * fragments
-    return OuterSettings(inner_steps=inner, fragments=fragments, fragment_mode=d.fragment_mode, outer_lr=d.outer_lr,
-                         outer_momentum=d.outer_momentum, nesterov=d.nesterov, overlap=min(d.overlap, inner - 1),
-                         alpha=d.alpha)

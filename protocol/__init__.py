@@ -12,7 +12,9 @@
 - ``protocol.streams``    messages on asyncio streams (hivemind P2P binary streams): ``request`` and
   ``serve_stream``, which answers bad input with an ``ErrorReply`` instead of failing.
 - ``protocol.tensors``    tensors on the wire: descriptors, ``WireLimits`` caps, ``encode_tensor`` /
-  ``decode_tensor``, integer wire types for token ids.
+  ``decode_tensor``, integer wire types for token ids; ``WireConfig``, the ``[wire]`` config section.
+- ``protocol.settings``   what every layer's config sections are built from: ``ConfigError`` and the
+  documented-field helpers ``setting`` / ``setting_list`` / ``check_positive``.
 - ``protocol.codecs``     float tensor codecs by name: fp32, bf16, fp16, int8 (blockwise absmax),
   e3m0 (4-bit float); ``MeanAccumulator`` for FP32 averaging.
 - ``protocol.hivemind_compat``  hivemind's Float16/Uniform8Bit codecs behind the same interface, and

@@ -8,9 +8,13 @@ and are expanded back with ``∂L/∂x ≈ (∂L/∂c) · Uᵀ`` (exact on every
 stage can influence, which is all of span(U)).
 
 ``U`` and ``T_fixed`` are a pure function of ``(seed, vocab_size, d, k)``: every peer builds the same
-tensors locally and nothing is sent to agree on them. They are generated on the CPU in float64 with a
-seeded ``torch.Generator`` (QR for the orthonormal basis) and then cast, so they do not depend on the
-device; ``basis_fingerprint`` lets peers confirm bit-equality.
+tensors locally and nothing is sent to agree on them, and ``basis_fingerprint`` lets peers confirm
+bit-equality. ``U`` (d×k, small) is generated on the CPU in float64 with a seeded ``torch.Generator``
+(QR) and then cast and moved. ``T_fixed`` (V×d: 2 GiB in fp32 for an 8b model, on every stage) is
+generated where it is used, with integer and IEEE-exact float operations only, so a GPU and a CPU build
+the same bits: a counter-based 32-bit hash of (seed, entry index) picks a point of a piecewise-linear
+inverse normal CDF (2^16 segments, from a quantile table computed on the CPU in float64). The entries
+are N(0, std²) up to that discretisation (tails cut at ±4.3 std).
 
 Plain functions on tensors; no ``torch.nn`` modules, so the wire layer and tests can use them alone.
 """
@@ -32,7 +36,8 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return gen
 
 
-def make_basis(seed: int, d: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def make_basis(seed: int, d: int, k: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
     """Orthonormal ``U ∈ R^{d×k}`` derived from ``seed`` (QR of a Gaussian matrix, signs fixed)."""
     if not 0 < k <= d:
         raise ValueError(f"subspace rank k={k} must be in 1..d={d}")
@@ -40,13 +45,52 @@ def make_basis(seed: int, d: int, k: int, dtype: torch.dtype = torch.float32) ->
     q, r = torch.linalg.qr(gauss)
     # QR is unique only up to column signs; pin them so every LAPACK gives the same U.
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
-    return q.to(dtype).contiguous()
+    return q.to(dtype).contiguous().to(device)
 
 
-def make_fixed_table(seed: int, vocab_size: int, d: int, std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Frozen high-rank token table ``T_fixed ∈ R^{V×d}`` with i.i.d. N(0, std²) entries."""
-    table = torch.randn(vocab_size, d, generator=_generator(seed, _TABLE_STREAM), dtype=torch.float32)
-    return (table * std).to(dtype).contiguous()
+_MASK32 = 0xFFFFFFFF
+_SEGMENTS = 1 << 16  # pieces of the inverse normal CDF; the low 16 bits of a hash place a point in one
+_TABLE_CHUNK = 1 << 22  # entries generated at once (bounds the int64 temporaries to ~100 MB)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x·c mod 2^32`` for int64 tensors holding 32-bit values, without int64 overflow (exact anywhere)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser with full avalanche (xor-shift / multiply), on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _normal_quantiles() -> torch.Tensor:
+    """Φ⁻¹ at 2^16 + 1 evenly spaced probabilities (midpoints of 2^16 + 1 cells), fp32, from float64 on the CPU."""
+    p = (torch.arange(_SEGMENTS + 1, dtype=torch.float64) + 0.5) / (_SEGMENTS + 1)
+    return torch.special.ndtri(p).to(torch.float32)
+
+
+def make_fixed_table(seed: int, vocab_size: int, d: int, std: float, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen high-rank token table ``T_fixed ∈ R^{V×d}`` with i.i.d. ~N(0, std²) entries, generated on
+    ``device``; the same bits on every device (see the module docstring)."""
+    n = vocab_size * d
+    if n >= 1 << 32:
+        raise ValueError(f"a {vocab_size}×{d} table has over 2^32 entries; the generator counts in 32 bits")
+    key = int(_hash32(torch.tensor([(int(seed) * 1_000_003 + _TABLE_STREAM) & _MASK32]))[0])
+    quantiles = _normal_quantiles().to(device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for start in range(0, n, _TABLE_CHUNK):
+        index = torch.arange(start, min(n, start + _TABLE_CHUNK), dtype=torch.int64, device=device)
+        h = _hash32(_hash32(index) ^ key)
+        low, frac = quantiles[h >> 16], ((h & 0xFFFF).to(torch.float32) * 2 + 1) / (2 * _SEGMENTS)
+        # Separate IEEE operations (no fused multiply-add): bit-identical on the CPU and on CUDA.
+        out[start : start + len(index)] = low + (quantiles[(h >> 16) + 1] - low) * frac
+    return (out * std).view(vocab_size, d).to(dtype).contiguous()
 
 
 def basis_fingerprint(*tensors: torch.Tensor) -> str:

@@ -9,6 +9,9 @@ finiteness.
 
 ``encode_tensor``/``decode_tensor`` give the same thing as one self-describing byte string
 (``u32 header length | msgpack descriptor | payload``), for places that carry a lone tensor.
+
+:class:`WireConfig` is the ``[wire]`` config section: the codecs this node sends with and the
+receive caps it builds its :class:`WireLimits` from.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from protocol.errors import (
     UnknownCodec,
     short_repr,
 )
+from protocol.settings import ConfigError, check_positive, setting
 
 MiB = 1 << 20
 
@@ -70,6 +74,44 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+
+
+@dataclass(kw_only=True)
+class WireConfig:
+    """What this node puts on the wire and what it accepts from peers (protocol/)."""
+
+    SECTION = "wire"
+
+    activation_codec: str = setting(
+        "bf16", "Codec for boundary coefficients sent forward: bf16, fp32 (exact), fp16, int8, e3m0."
+    )
+    gradient_codec: str = setting("bf16", "Codec for boundary gradients ∂L/∂c sent backward (same choices).")
+    fragment_codec: str = setting("e3m0", "Codec for DiLoCo pseudo-gradient fragments: e3m0 is 4.125 bits/value.")
+    max_frame_mib: float = setting(64.0, "Largest frame accepted from a peer (MiB); larger ones are refused unread.")
+    max_tensor_mvalues: float = setting(128.0, "Most values in one received tensor (Mi = 2^20 values).")
+    max_decoded_mib: float = setting(512.0, "Most memory all tensors of one received message decode to (MiB).")
+    frame_timeout_s: float = setting(60.0, "Deadline for receiving one whole frame (seconds); stalls are dropped.")
+    check_finite: bool = setting(True, "Reject received float tensors holding NaN or inf.")
+
+    def __post_init__(self) -> None:
+        for name in ("activation_codec", "gradient_codec", "fragment_codec"):
+            try:
+                get_codec(getattr(self, name))
+            except UnknownCodec as err:
+                raise ConfigError(f"wire.{name}: {err}") from None
+        check_positive(self, "max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s")
+
+    def limits(self, vocab_size: int | None = None) -> WireLimits:
+        """The :class:`WireLimits` these settings describe."""
+        chosen = {self.activation_codec, self.gradient_codec, self.fragment_codec}
+        return WireLimits(
+            max_frame_bytes=int(self.max_frame_mib * MiB),
+            max_tensor_values=int(self.max_tensor_mvalues * MiB),
+            max_decoded_bytes=int(self.max_decoded_mib * MiB),
+            codecs=BUILTIN_CODECS | chosen,  # a hivemind-* codec is accepted only when configured
+            max_token_id=vocab_size,
+            check_finite=self.check_finite,
+        )
 
 
 def int_wire_type(tensor: torch.Tensor) -> str:

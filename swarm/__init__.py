@@ -12,9 +12,15 @@
   with a fault script; the swarm tests' fixture.
 - ``swarm.routing``         ``Router``: which replica of the next stage gets a microbatch (earliest
   expected finish, bans with backoff).
-- ``swarm.pipeline``        ``DataPlane``: microbatches between stage replicas over hivemind P2P.
+- ``swarm.pipeline``        ``DataPlane``: microbatches between stage replicas over hivemind P2P;
+  ``DataplaneConfig``, the ``[dataplane]`` section it takes.
 - ``swarm.diloco``          Streaming DiLoCo's outer loop for one replica: fragments, the schedule
-  as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean.
+  as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean;
+  ``DilocoConfig``, the ``[diloco]`` section it takes.
+- ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
+  hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
+- ``swarm.access``, ``swarm.links``  swarm-key access control; the home-link lab of the simulator.
 
-The fragment exchange over P2P lands with the rest of the Streaming DiLoCo issue.
+Each component takes its config section itself (built on ``protocol.settings``); node/config.py
+only composes the sections into a run config.
 """

@@ -26,12 +26,17 @@ straightforward re-implementation.
 - **Robust mean.** :func:`robust_mean` drops non-finite parts and parts whose norm is more than
   ``max_norm_ratio`` times the lower median norm, so one peer cannot poison the average.
 
-The global copy and momentum are float32 on ``outer_device`` (CPU by default: DESIGN §1.2 counts
-them as +66% over data parallel, which an accelerator need not hold).
+The knobs are the ``[diloco]`` config section itself, :class:`DilocoConfig`; a stage runs on
+:meth:`DilocoConfig.for_units` of it (P capped at the stage's units, H a multiple of P).
+
+The global copy and momentum are float32 on ``outer_device`` (the CPU by default, in page-locked
+memory when the parameters are on a GPU: DESIGN §1.2 counts them as +66% over data parallel, which an
+accelerator need not hold). A fragment crosses between the two as one flat vector each way per round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -42,40 +47,79 @@ from dataclasses import dataclass
 import torch
 
 from protocol.codecs import Codec, MeanAccumulator, all_finite, get_codec
+from protocol.settings import ConfigError, check_positive, setting
 
 FRAGMENT_MODES = ("strided", "sequential")
+OUTER_DEVICES = ("auto", "cpu", "pinned", "device")
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
 
 
-@dataclass(frozen=True, kw_only=True)
-class OuterSettings:
-    """Streaming DiLoCo's knobs (defaults from the Streaming DiLoCo paper where it gives them)."""
+@dataclass(kw_only=True)
+class DilocoConfig:
+    """Streaming DiLoCo among the replicas of each stage (run-level: every replica must agree)."""
 
-    inner_steps: int = 100  # H: progress units between two syncs of the same fragment
-    fragments: int = 4  # P
-    fragment_mode: str = "strided"
-    outer_lr: float = 0.4
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    overlap: int = 1  # τ: progress units between the start of a fragment's exchange and its use
-    alpha: float = 0.5  # weight of the local parameters when the averaged fragment is merged
+    SECTION = "diloco"
+
+    enabled: bool = setting(
+        True, "Average each stage's replicas with Streaming DiLoCo (false: replicas train apart)."
+    )
+    inner_steps: int = setting(
+        400, "H: inner optimizer steps, summed over a stage's replicas, between two syncs of one fragment "
+        "(4 replicas at H=400 each take about 100 steps)."
+    )
+    fragments: int = setting(4, "P: fragments a stage's parameters are cut into (1..H); one is synced every H/P "
+                             "summed steps (capped at the stage's blocks + other parameters).")
+    fragment_mode: str = setting(
+        "strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous."
+    )
+    outer_lr: float = setting(0.4, "Outer SGD learning rate on the averaged outer gradient.")
+    outer_momentum: float = setting(0.9, "Outer Nesterov momentum.")
+    nesterov: bool = setting(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
+    overlap: int = setting(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use "
+                           "(0..H-1).")
+    blocking: bool = setting(
+        False, "Wait τ steps after a boundary until the fragment's mean is back (the paper's schedule; 0 = no "
+        "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed."
+    )
+    alpha: float = setting(
+        0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole)."
+    )
+    resync_rounds: int = setting(
+        3, "A replica that falls more than this many rounds behind downloads the stage's state again."
+    )
+    outer_device: str = setting(
+        "auto", "Where the global copy and momentum live (node-local): 'auto' (pinned host memory when training "
+        "on CUDA, else the CPU), 'cpu', 'pinned' (page-locked host memory; needs CUDA) or 'device' (the GPU: "
+        "+8 bytes a parameter there)."
+    )
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):
-            raise ValueError(f"inner_steps (H) must be an integer >= 1, got {self.inner_steps!r}")
-        if not (isinstance(self.fragments, int) and 1 <= self.fragments <= self.inner_steps):
-            raise ValueError(f"fragments (P) must be an integer in [1, H={self.inner_steps}] so every fragment "
-                             f"gets its own offset, got {self.fragments!r}")
+        if self.outer_device not in OUTER_DEVICES:
+            raise ConfigError(f"diloco.outer_device must be one of {OUTER_DEVICES}, got {self.outer_device!r}")
+        for name in ("inner_steps", "fragments", "overlap", "resync_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"diloco.{name} must be an integer, got {value!r}")
+        check_positive(self, "inner_steps", "fragments", "outer_lr", "resync_rounds")
+        if self.fragments > self.inner_steps:
+            raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}: "
+                              "every fragment needs its own offset")
         if self.fragment_mode not in FRAGMENT_MODES:
-            raise ValueError(f"fragment_mode must be one of {FRAGMENT_MODES}, got {self.fragment_mode!r}")
-        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
-            raise ValueError(f"outer_lr must be a positive number, got {self.outer_lr!r}")
-        if not (0.0 <= self.outer_momentum < 1.0):
-            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
-        if not (isinstance(self.overlap, int) and 0 <= self.overlap < self.inner_steps):
-            raise ValueError(f"overlap (τ) must be an integer in [0, H), got {self.overlap!r}")
-        if not (0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+            raise ConfigError(f"diloco.fragment_mode must be one of {FRAGMENT_MODES}, got {self.fragment_mode!r}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"diloco.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"diloco.alpha must be in [0, 1], got {self.alpha!r}")
+        if not 0 <= self.overlap < self.inner_steps:
+            raise ConfigError(f"diloco.overlap (τ) must be in [0, diloco.inner_steps={self.inner_steps}), "
+                              f"got {self.overlap}")
+
+    def for_units(self, n_units: int) -> DilocoConfig:
+        """This config for a stage of ``n_units`` units (blocks and other parameters): P capped at them,
+        H rounded down to a multiple of P so the P offsets are evenly spaced, τ kept below that H."""
+        fragments = max(1, min(self.fragments, n_units))
+        inner = max(1, self.inner_steps // fragments) * fragments
+        return dataclasses.replace(self, inner_steps=inner, fragments=fragments, overlap=min(self.overlap, inner - 1))
 
     def offset(self, fragment: int) -> int:
         """t_p: the progress at which fragment ``p``'s round 0 falls (floor(p·H/P))."""
@@ -93,7 +137,7 @@ class Boundary:
     round: int
 
 
-def due(settings: OuterSettings, before: int, now: int) -> list[Boundary]:
+def due(settings: DilocoConfig, before: int, now: int) -> list[Boundary]:
     """Boundaries in ``(before, now]``, in progress order (then fragment order); [] if ``now <= before``."""
     if now <= before:
         return []
@@ -146,10 +190,11 @@ class FragmentLayout:
         self.numel = sum(self.sizes)
 
     def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One fp32 CPU vector of the fragment's tensors, in layout order."""
+        """One fp32 vector of the fragment's tensors, in layout order, on the tensors' device (one
+        concatenation there: moving it elsewhere is then one copy, not one per tensor)."""
         if not self.names:
             return torch.zeros(0)
-        return torch.cat([tensors[n].detach().reshape(-1).to("cpu", torch.float32) for n in self.names])
+        return torch.cat([tensors[n].detach().reshape(-1).float() for n in self.names])
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``vector`` (length :attr:`numel`) shaped as the fragment's tensors."""
@@ -167,15 +212,18 @@ class OuterLoop:
     they are updated in place by :meth:`apply`. Not thread-safe: call it where the inner optimizer runs.
     """
 
-    def __init__(self, params: Mapping[str, torch.Tensor], settings: OuterSettings,
-                 outer_device: str | torch.device = "cpu") -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor], settings: DilocoConfig,
+                 outer_device: str | torch.device = "cpu", pin_memory: bool = False) -> None:
         self.settings = settings
         self.params = dict(params)
         self.outer_device = torch.device(outer_device)
+        # Page-locked host memory for the outer state when the parameters are on a GPU: fragments move
+        # between them in one DMA copy each way, and host memory is what a volunteer has more of.
+        self.pin_memory = pin_memory and self.outer_device.type == "cpu"
         names = split_fragments(list(self.params), settings.fragments, settings.fragment_mode)
         self.layouts = [FragmentLayout([(n, self.params[n]) for n in fragment]) for fragment in names]
-        self.global_ = [self._flat(p).to(self.outer_device) for p in range(settings.fragments)]
-        self.momentum = [torch.zeros_like(g) for g in self.global_]
+        self.global_ = [self._outer(self._flat(p)) for p in range(settings.fragments)]
+        self.momentum = [self._outer(torch.zeros_like(g)) for g in self.global_]
         self.rounds_applied = [0] * settings.fragments
         # History of each fragment: the last round applied and a hash chain over every (round, mean)
         # applied. Replicas that applied the same means hold the same chain whatever their floats.
@@ -185,14 +233,27 @@ class OuterLoop:
         self._pending: dict[int, int] = {}  # fragment -> round begun and not yet applied
 
     def _flat(self, fragment: int) -> torch.Tensor:
+        """The fragment's live parameters as one fp32 vector, where the parameters are."""
         return self.layouts[fragment].flatten(self.params)
+
+    def _outer(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A new fp32 copy of ``tensor`` on the outer device (pinned when configured): one copy."""
+        out = torch.empty(tensor.shape, dtype=torch.float32, device=self.outer_device, pin_memory=self.pin_memory)
+        out.copy_(tensor, non_blocking=self.pin_memory)
+        if self.pin_memory and tensor.is_cuda:
+            torch.cuda.current_stream(tensor.device).synchronize()  # the copy must land before it is read
+        return out
+
+    def _param_device(self, fragment: int) -> torch.device:
+        names = self.layouts[fragment].names
+        return self.params[names[0]].device if names else self.outer_device
 
     def begin(self, fragment: int, round_id: int) -> torch.Tensor:
         """Δ_p = θ_global,p − θ_local,p now (flat fp32, on ``outer_device``): this replica's part."""
         if fragment in self._pending:
             raise RuntimeError(f"fragment {fragment}: round {self._pending[fragment]} was begun and never applied")
         self._pending[fragment] = round_id
-        return self.global_[fragment] - self._flat(fragment).to(self.outer_device)
+        return self.global_[fragment] - self._outer(self._flat(fragment))
 
     def pending(self, fragment: int) -> int | None:
         """The round begun on ``fragment`` and not yet applied, if any."""
@@ -218,13 +279,16 @@ class OuterLoop:
         m.mul_(s.outer_momentum).add_(delta)
         step = delta.add(m, alpha=s.outer_momentum) if s.nesterov else m
         self.global_[fragment].sub_(step, alpha=s.outer_lr)
-        merged = self._flat(fragment).to(self.outer_device).mul_(s.alpha).add_(self.global_[fragment], alpha=1.0 - s.alpha)
-        for name, value in layout.unflatten(merged).items():
+        # The merge runs where the parameters are: the new global copy crosses once, whole.
+        fresh = self.global_[fragment].to(self._param_device(fragment), non_blocking=self.pin_memory)
+        for name, value in layout.unflatten(fresh).items():
             param = self.params[name]
-            param.copy_(value.to(param.device, param.dtype))
+            param.mul_(s.alpha).add_(value.to(param.dtype), alpha=1.0 - s.alpha)
+        if self.pin_memory and fresh.is_cuda:
+            torch.cuda.current_stream(fresh.device).synchronize()  # the pinned source is written again later
         self.rounds_applied[fragment] += 1
         digest = hashlib.sha256(self._history[fragment][1] + round_id.to_bytes(8, "little", signed=True))
-        digest.update(delta.numpy().tobytes())
+        digest.update(delta.cpu().numpy().tobytes())
         self._history[fragment] = (round_id, digest.digest())
         return True
 
@@ -242,15 +306,16 @@ class OuterLoop:
 
     def reset(self) -> None:
         """Restart the outer state from the current parameters (global copy = them, momentum 0)."""
-        self.global_ = [self._flat(p).to(self.outer_device) for p in range(self.settings.fragments)]
-        self.momentum = [torch.zeros_like(g) for g in self.global_]
+        self.global_ = [self._outer(self._flat(p)) for p in range(self.settings.fragments)]
+        self.momentum = [self._outer(torch.zeros_like(g)) for g in self.global_]
         self.rounds_applied = [0] * self.settings.fragments
         self._history = [(-1, bytes(32))] * self.settings.fragments
         self._pending.clear()
 
     def state_dict(self) -> dict:
-        """Global copies, momenta and round counts (for checkpoints and joiners' state sync)."""
-        return {"global": [g.clone() for g in self.global_], "momentum": [m.clone() for m in self.momentum],
+        """Global copies, momenta and round counts (for checkpoints and joiners' state sync), on the CPU."""
+        return {"global": [g.to("cpu", copy=True) for g in self.global_],
+                "momentum": [m.to("cpu", copy=True) for m in self.momentum],
                 "rounds_applied": list(self.rounds_applied), "last_round": list(self.last_round),
                 "chain": list(self.chain)}
 
@@ -259,8 +324,8 @@ class OuterLoop:
             got = state[key]
             if len(got) != len(own) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(got, own, strict=True)):
                 raise ValueError(f"outer state {key!r} does not match this stage's {len(own)} fragment(s)")
-        self.global_ = [t.to(self.outer_device, torch.float32).clone() for t in state["global"]]
-        self.momentum = [t.to(self.outer_device, torch.float32).clone() for t in state["momentum"]]
+        self.global_ = [self._outer(t) for t in state["global"]]
+        self.momentum = [self._outer(t) for t in state["momentum"]]
         self.rounds_applied = [int(r) for r in state["rounds_applied"]]
         n = len(self.global_)
         rounds = [int(r) for r in state.get("last_round", [-1] * n)]
@@ -329,7 +394,7 @@ class InProcessGroup:
     :meth:`after_step` once after every replica finished inner step ``t`` (1-based).
     """
 
-    def __init__(self, loops: Sequence[OuterLoop], settings: OuterSettings, codec: str | Codec | None = None,
+    def __init__(self, loops: Sequence[OuterLoop], settings: DilocoConfig, codec: str | Codec | None = None,
                  max_norm_ratio: float = 10.0, corrupt=None):
         self.loops, self.settings, self.max_norm_ratio, self.corrupt = list(loops), settings, max_norm_ratio, corrupt
         self.codec = get_codec(codec) if isinstance(codec, str) else codec

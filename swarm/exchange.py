@@ -19,13 +19,17 @@ Faults end a round, never hang it:
 - A member that dies or is late is left out; the others finish without it.
 - A leader that dies, or answers with an error, makes its members skip the round. A skipped round
   changes nothing (``OuterLoop.apply(p, None)``), and the next round's outer gradient covers both.
-- A member's whole wait is bounded by ``round_timeout_s``. A leader holds parts that arrive before it
-  reached the round (it may be a little behind) for at most ``round_timeout_s``, and for a bounded
-  number of rounds.
+- A member's whole wait is bounded by ``timeout_s``. A leader holds parts that arrive before it
+  reached the round (it may be a little behind) for at most ``timeout_s``, and for at most
+  ``max_early_rounds`` rounds.
 - Malformed parts (undecodable frames, wrong run, stage, fragment size, codec, chunking) get an
   ErrorReply and a strike, and are passed to ``on_error`` (the node counts them). A peer with
   ``peer_strikes`` strikes within ``ban_s`` is refused for ``ban_s``. A stream that ends or stays
-  silent for ``round_timeout_s`` before a whole fragment arrived is closed without a strike.
+  silent for ``timeout_s`` before a whole fragment arrived is closed without a strike.
+
+``max_group``, ``gather_s`` and the other limits named above are fields of the ``[exchange]`` config
+section, :class:`ExchangeConfig`, which :class:`FragmentExchange` takes as it is; parts travel in the
+codec ``wire.fragment_codec``.
 
 The exchange is torch-free apart from the tensors it carries. The outer step itself stays with the
 caller (``OuterLoop.begin`` / ``apply`` where the inner optimizer runs).
@@ -49,6 +53,7 @@ from protocol.codecs import get_codec
 from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
+from protocol.settings import ConfigError, check_positive, setting
 from protocol.streams import PeerStrikes
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.diloco import quantized, robust_mean
@@ -59,28 +64,40 @@ HANDLER = "protoswarm.diloco.v1"
 LINGER_S = 5.0  # how long a served stream waits for the member to close after the reply
 
 
-@dataclass(frozen=True, kw_only=True)
-class ExchangeSettings:
-    gather_s: float = 10.0  # a leader waits this long (after reaching the round) for its members' parts
-    round_timeout_s: float = 60.0  # a member's whole round, sending included; also how long early parts wait
-    max_group: int = 16  # replicas averaged together; larger stages form several groups per round
-    max_values_per_part: int = 1 << 24  # values in one FragmentPart frame (4-bit: 8 MiB)
-    codec: str = "e3m0"
-    max_norm_ratio: float = 10.0  # parts with a norm beyond this × the group's lower median are dropped
-    max_early_rounds: int = 8  # rounds a leader holds parts for before reaching them itself
-    peer_strikes: int = 4
-    ban_s: float = 120.0
+@dataclass(kw_only=True)
+class ExchangeConfig:
+    """The fragment exchange between a stage's replicas: groups, deadlines, outliers, bans.
+
+    ``max_group``, ``max_norm_ratio`` and ``max_values_per_part`` are run-level (every replica must
+    plan the same groups and chunk parts the same way); the deadlines and bans are node-local."""
+
+    SECTION = "exchange"
+
+    gather_s: float = setting(
+        10.0, "A group's leader waits this long (seconds) for its members' parts after reaching the round itself."
+    )
+    timeout_s: float = setting(
+        60.0, "Longest wait for one exchange round, sending included (seconds); then it is skipped. Parts that "
+        "arrive before the leader reached their round are held this long at most."
+    )
+    max_group: int = setting(16, "Replicas averaged together; bigger stages form several random groups per round.")
+    max_norm_ratio: float = setting(
+        10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average (>= 1)."
+    )
+    max_values_per_part: int = setting(
+        1 << 24, "Values in one FragmentPart frame; a fragment travels in ceil(values / this) parts (e3m0: 8 MiB)."
+    )
+    max_early_rounds: int = setting(8, "Rounds a leader holds parts for before it reached them itself.")
+    peer_strikes: int = setting(4, "Malformed or dropped parts from one peer within ban_s before it is banned.")
+    ban_s: float = setting(120.0, "How long a banned peer's parts are refused (seconds); also the strikes' window.")
 
     def __post_init__(self) -> None:
-        for name in ("gather_s", "round_timeout_s", "ban_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.gather_s >= self.round_timeout_s:
-            raise ValueError(f"gather_s ({self.gather_s}) must be shorter than round_timeout_s ({self.round_timeout_s})")
-        for name in ("max_group", "max_values_per_part", "max_early_rounds", "peer_strikes"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_positive(self, "gather_s", "timeout_s", "max_group", "max_norm_ratio", "max_values_per_part",
+                       "max_early_rounds", "peer_strikes", "ban_s")
+        if self.gather_s >= self.timeout_s:
+            raise ConfigError(f"exchange.gather_s={self.gather_s} must be below exchange.timeout_s={self.timeout_s}")
+        if self.max_norm_ratio < 1.0:
+            raise ConfigError(f"exchange.max_norm_ratio must be >= 1, got {self.max_norm_ratio!r}")
 
 
 @dataclass(frozen=True)
@@ -137,19 +154,20 @@ class FragmentExchange:
     """This replica's end of the exchange (all methods on the event loop of ``p2p``)."""
 
     def __init__(self, p2p: Any, peer_id: str, run_id: str, stage: int, fragment_sizes: Sequence[int],
-                 settings: ExchangeSettings, limits: WireLimits = DEFAULT_LIMITS,
+                 config: ExchangeConfig, codec: str, limits: WireLimits = DEFAULT_LIMITS,
                  on_error: Callable[[ProtocolError], None] | None = None) -> None:
-        """``on_error(exc)`` sees every malformed input a member sends (metrics)."""
+        """``codec``: what parts travel as (``wire.fragment_codec``). ``on_error(exc)`` sees every
+        malformed input a member sends (metrics)."""
         self.p2p, self.peer_id, self.run_id, self.stage = p2p, peer_id, run_id, stage
         self.fragment_sizes = [int(n) for n in fragment_sizes]
-        self.settings, self.limits = settings, limits
-        self.codec = get_codec(settings.codec)
-        if settings.codec not in limits.codecs:
-            raise ValueError(f"codec {settings.codec!r} is not accepted by these wire limits")
+        self.config, self.limits = config, limits
+        self.codec_name, self.codec = codec, get_codec(codec)
+        if codec not in limits.codecs:
+            raise ValueError(f"codec {codec!r} is not accepted by these wire limits")
         self.peers: set[str] = {peer_id}  # this stage's ONLINE replicas, self included
         self._gathers: dict[RoundKey, _Gather] = {}
         self._closed: collections.OrderedDict[RoundKey, None] = collections.OrderedDict()  # recently averaged
-        self.strikes = PeerStrikes(settings.peer_strikes, settings.ban_s, settings.ban_s)  # bounded per peer
+        self.strikes = PeerStrikes(config.peer_strikes, config.ban_s, config.ban_s)  # bounded per peer
         self.on_error = on_error
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -168,7 +186,7 @@ class FragmentExchange:
         if part.dim() != 1 or part.numel() != self.fragment_sizes[key.fragment]:
             raise ValueError(f"fragment {key.fragment} has {self.fragment_sizes[key.fragment]} values, "
                              f"got a part of shape {list(part.shape)}")
-        groups = plan_groups(self.run_id, key, self.peers, self.settings.max_group)
+        groups = plan_groups(self.run_id, key, self.peers, self.config.max_group)
         group = next(g for g in groups if self.peer_id in g)
         try:
             if group[0] == self.peer_id:
@@ -191,7 +209,7 @@ class FragmentExchange:
         gather.expected = len(group)
         gather.parts[self.peer_id] = quantized(part, self.codec)[1]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.gather_s
+        deadline = loop.time() + self.config.gather_s
         while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
             gather.arrived.clear()
             try:
@@ -201,10 +219,10 @@ class FragmentExchange:
         gather.closed = True
         self._gathers.pop(key, None)
         self._closed[key] = None
-        while len(self._closed) > 4 * self.settings.max_early_rounds:
+        while len(self._closed) > 4 * self.config.max_early_rounds:
             self._closed.popitem(last=False)
         peers = list(gather.parts)
-        outcome = robust_mean([gather.parts[p] for p in peers], self.settings.max_norm_ratio)
+        outcome = robust_mean([gather.parts[p] for p in peers], self.config.max_norm_ratio)
         rejected = {peers[i]: why for i, why in outcome.rejected.items()}
         for peer, why in rejected.items():
             logger.info("round %s: dropped %s's part (%s)", key, peer, why)
@@ -224,7 +242,7 @@ class FragmentExchange:
     async def _join(self, key: RoundKey, part: torch.Tensor, leader: str) -> RoundResult:
         from hivemind.p2p import PeerID
 
-        timeout = self.settings.round_timeout_s
+        timeout = self.config.timeout_s
         result = RoundResult(None, "member", leader)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -255,11 +273,11 @@ class FragmentExchange:
     # ----------------------------------------------------------------------------------------- wire
 
     def _encode_parts(self, key: RoundKey, values: torch.Tensor, weight: float = 1.0) -> list[bytes]:
-        pieces = chunk(values, self.settings.max_values_per_part)
+        pieces = chunk(values, self.config.max_values_per_part)
         return [encode_message(FragmentPart(
             run_id=self.run_id, stage=key.stage, round_id=key.round, fragment_id=key.fragment, part=i,
             num_parts=len(pieces), offset=offset, total_values=values.numel(), values=piece.contiguous(),
-            codec=self.settings.codec, weight=weight), self.limits) for i, (offset, piece) in enumerate(pieces)]
+            codec=self.codec_name, weight=weight), self.limits) for i, (offset, piece) in enumerate(pieces)]
 
     async def _read_parts(self, reader: asyncio.StreamReader, key: RoundKey | None, peer: str,
                           timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey, float]:
@@ -294,9 +312,9 @@ class FragmentExchange:
                                    f"fragment {key.fragment} round {key.round}")
         if not 0 <= msg.fragment_id < len(self.fragment_sizes) or msg.total_values != self.fragment_sizes[msg.fragment_id]:
             raise MalformedMessage(f"fragment {msg.fragment_id} of {msg.total_values} values does not exist here")
-        if msg.codec != self.settings.codec:
-            raise MalformedMessage(f"parts travel as {self.settings.codec}, got {msg.codec}")
-        per = self.settings.max_values_per_part
+        if msg.codec != self.codec_name:
+            raise MalformedMessage(f"parts travel as {self.codec_name}, got {msg.codec}")
+        per = self.config.max_values_per_part
         want_parts = max(1, math.ceil(msg.total_values / per))
         if msg.num_parts != want_parts or (expected_parts is not None and msg.num_parts != expected_parts):
             raise MalformedMessage(f"a fragment of {msg.total_values} values travels in {want_parts} part(s), "
@@ -310,7 +328,7 @@ class FragmentExchange:
     def _gather(self, key: RoundKey, expected: int, own: bool = False) -> _Gather:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for old in [k for k, g in self._gathers.items() if now - g.created > self.settings.round_timeout_s]:
+        for old in [k for k, g in self._gathers.items() if now - g.created > self.config.timeout_s]:
             stale = self._gathers.pop(old)
             if not stale.result.done():
                 stale.result.set_result(None)
@@ -318,7 +336,7 @@ class FragmentExchange:
         if gather is None:
             if key in self._closed:
                 raise _Refuse("late", f"round {key.round} of fragment {key.fragment} is already averaged")
-            if not own and len(self._gathers) >= self.settings.max_early_rounds:
+            if not own and len(self._gathers) >= self.config.max_early_rounds:
                 raise _Refuse("busy", f"holding {len(self._gathers)} rounds already")
             gather = self._gathers[key] = _Gather(self.fragment_sizes[key.fragment], expected, now)
         return gather
@@ -329,7 +347,7 @@ class FragmentExchange:
         try:
             reply = await self._serve(peer, reader)
             for body in reply:
-                await write_frame(writer, body, timeout=self.settings.round_timeout_s)
+                await write_frame(writer, body, timeout=self.config.timeout_s)
                 self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
             await _linger(reader, LINGER_S)
         except Exception as exc:  # a broken member stream must never reach the event loop
@@ -343,29 +361,29 @@ class FragmentExchange:
         if peer not in self.peers:
             return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
         try:
-            values, received, key, _ = await self._read_parts(reader, None, peer, timeout=self.settings.round_timeout_s)
+            values, received, key, _ = await self._read_parts(reader, None, peer, timeout=self.config.timeout_s)
         except (RemoteError, ConnectionLost, StreamIdle):  # the member left or went quiet: no offence
             return []
         except ProtocolError as exc:
             self._strike(peer, exc)
             return [self._error(exc.code, str(exc))]
         self.stats["bytes_received"] += received
-        group = next((g for g in plan_groups(self.run_id, key, self.peers, self.settings.max_group) if peer in g), [])
+        group = next((g for g in plan_groups(self.run_id, key, self.peers, self.config.max_group) if peer in g), [])
         if not group or group[0] != self.peer_id:
             # The sender's view of the stage differs from ours: tell it now rather than at its deadline.
             return [self._error("not_leader", "this node does not lead your group in this round (views differ)")]
         try:
-            gather = self._gather(key, expected=self.settings.max_group)
+            gather = self._gather(key, expected=self.config.max_group)
         except _Refuse as exc:
             return [self._error(exc.code, str(exc))]
         if gather.closed:
             return [self._error("late", f"round {key.round} of fragment {key.fragment} is already averaged")]
-        if peer in gather.parts or len(gather.parts) >= self.settings.max_group:
+        if peer in gather.parts or len(gather.parts) >= self.config.max_group:
             return [self._error("rejected", "duplicate part or full group")]
         gather.parts[peer] = values
         gather.arrived.set()
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(gather.result), self.settings.round_timeout_s)
+            outcome = await asyncio.wait_for(asyncio.shield(gather.result), self.config.timeout_s)
         except TimeoutError:
             return [self._error("timeout", "the round did not finish in time")]
         if outcome is None:
@@ -389,7 +407,7 @@ class FragmentExchange:
         """One strike against ``peer``; the ``peer_strikes``-th within ``ban_s`` bans it."""
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("exchange: peer %s banned for %.0f s (%s)", peer, self.settings.ban_s, why)
+            logger.warning("exchange: peer %s banned for %.0f s (%s)", peer, self.config.ban_s, why)
 
 
 async def _linger(reader: asyncio.StreamReader, seconds: float) -> None:

@@ -22,8 +22,9 @@ lengths, backward frames for microbatches it never saw, duplicates. Undecodable 
 frames are refused by ``protocol.streams.serve_stream`` before the handler sees them. A peer with
 ``peer_strikes`` offences is refused outright for ``ban_max_s``.
 
-The compute itself is the node's (``node.pipeline.PipelineCompute``); this module only needs the
-duck type :class:`StageCompute`.
+:class:`DataPlane` takes the ``[dataplane]`` config section as it is (:class:`DataplaneConfig`), plus
+the ``[wire]`` codecs and the model's widths. The compute itself is the node's
+(``node.pipeline.PipelineCompute``); this module only needs the duck type :class:`StageCompute`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
+from protocol.settings import ConfigError, check_positive, setting
 from protocol.streams import PeerStrikes, serve_stream
-from protocol.tensors import DEFAULT_LIMITS, WireLimits
+from protocol.tensors import WireConfig, WireLimits
 from swarm.routing import Router
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ REFUSAL_CODES = (
 )
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
 BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
+MAX_BATCH = 4096  # sequences in one received microbatch; more is refused as a malformed shape
 OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier"})
 
 
@@ -97,22 +100,37 @@ class PipelineEvents:
     def protocol_error(self, code: str) -> None: ...
 
 
-@dataclass
-class DataplaneSettings:
-    max_inflight: int = 4
-    max_queue: int = 16
-    max_stash: int = 32
-    microbatch_timeout_s: float = 30.0
-    max_retries: int = 2
-    ban_base_s: float = 2.0
-    ban_max_s: float = 60.0
-    peer_strikes: int = 8
-    activation_codec: str = "bf16"
-    gradient_codec: str = "bf16"
-    dense_width: int = 0  # d_model: the width a dense boundary would carry (for the compression ratio)
-    max_seq_len: int = 1 << 16
-    max_batch: int = 4096
-    outlier_ratio: float = 100.0  # tensors with an RMS beyond this × the recent median are refused (ScaleGuard)
+@dataclass(kw_only=True)
+class DataplaneConfig:
+    """How this node moves microbatches between pipeline stages (node-local: never taken from the run)."""
+
+    SECTION = "dataplane"
+
+    max_inflight: int = setting(4, "Microbatches a stage-0 node keeps in flight through the pipeline (backpressure).")
+    max_queue: int = setting(16, "Forward/backward jobs queued on this stage before new work is refused as busy.")
+    max_stash: int = setting(32, "Microbatches this stage holds awaiting their backward before refusing new ones.")
+    backward: str = setting(
+        "recompute", "'recompute': keep a stage's input and rerun the forward at backward time (less memory, "
+        "no stale graph across optimizer steps); 'stash': keep the forward graph (less compute)."
+    )
+    microbatch_timeout_s: float = setting(
+        30.0, "A stage-0 node drops a microbatch whose gradient has not come back within this (seconds)."
+    )
+    max_retries: int = setting(2, "Other next-stage replicas tried when one refuses or fails a microbatch.")
+    ban_base_s: float = setting(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
+    ban_max_s: float = setting(60.0, "Longest such ban (seconds).")
+    peer_strikes: int = setting(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
+    outlier_ratio: float = setting(
+        100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
+    )
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
+                       "ban_max_s", "peer_strikes", "outlier_ratio")
+        if self.backward not in ("recompute", "stash"):
+            raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
 
 
 class ScaleGuard:
@@ -156,19 +174,25 @@ class DataPlane:
     All methods run on the event loop of ``p2p`` (one thread); ``compute`` does the torch work on its own.
     """
 
-    def __init__(self, p2p: Any, peer_id: str, run_id: str, settings: DataplaneSettings,
-                 limits: WireLimits = DEFAULT_LIMITS, events: PipelineEvents | None = None) -> None:
+    def __init__(self, p2p: Any, peer_id: str, run_id: str, config: DataplaneConfig, wire: WireConfig, *,
+                 d_model: int, max_seq_len: int, limits: WireLimits | None = None,
+                 events: PipelineEvents | None = None) -> None:
+        """``wire``: the codecs frames are sent with; ``limits``: what is accepted (default ``wire.limits()``).
+        ``d_model`` is the width a dense boundary would carry (for the compression ratio); ``max_seq_len``
+        the longest microbatch accepted (tokens)."""
         self.p2p, self.peer_id, self.run_id = p2p, peer_id, run_id
-        self.settings, self.limits = settings, limits
+        self.config, self.wire = config, wire
+        self.limits = limits if limits is not None else wire.limits()
+        self.d_model, self.max_seq_len = d_model, max_seq_len
         self.events = events or PipelineEvents()
         self.compute: StageCompute | None = None
-        self.router = Router(ban_base_s=settings.ban_base_s, ban_max_s=settings.ban_max_s)
+        self.router = Router(ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s)
         self._ids = itertools.count(1)
         # Offences per peer (bounded): peer_strikes within ban_max_s ban it for ban_max_s.
-        self.strikes = PeerStrikes(settings.peer_strikes, settings.ban_max_s, settings.ban_max_s)
+        self.strikes = PeerStrikes(config.peer_strikes, config.ban_max_s, config.ban_max_s)
         # Finite garbage of absurd size from a neighbour: incoming activations, gradient replies.
-        self.activation_guard = ScaleGuard(settings.outlier_ratio)
-        self.gradient_guard = ScaleGuard(settings.outlier_ratio)
+        self.activation_guard = ScaleGuard(config.outlier_ratio)
+        self.gradient_guard = ScaleGuard(config.outlier_ratio)
         self.stats: dict[str, float] = collections.Counter()
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
         self._driver: asyncio.Task | None = None
@@ -181,7 +205,7 @@ class DataPlane:
     def attach(self, compute: StageCompute | None) -> None:
         """Serve ``compute``'s stage from now on (None: serve nothing); the routes are for its next stage."""
         self.compute = compute
-        self.router = Router(ban_base_s=self.settings.ban_base_s, ban_max_s=self.settings.ban_max_s)
+        self.router = Router(ban_base_s=self.config.ban_base_s, ban_max_s=self.config.ban_max_s)
 
     def set_next_replicas(self, replicas: Iterable[tuple[str, float]]) -> None:
         """The ONLINE replicas of the next stage (peer id, announced throughput), from the DHT records."""
@@ -220,7 +244,7 @@ class DataPlane:
 
         await serve_stream(reader, writer, handle, self.limits, on_error=on_error, on_frame=on_frame,
                            on_sent=on_sent, peer=peer,
-                           frame_timeout=self.settings.microbatch_timeout_s, idle_timeout=self.settings.microbatch_timeout_s)
+                           frame_timeout=self.config.microbatch_timeout_s, idle_timeout=self.config.microbatch_timeout_s)
 
     async def handle(self, msg: Message, peer: str, nbytes: int = 0) -> Message:
         """The reply to one request from ``peer`` (public so tests can drive it without a stream)."""
@@ -250,11 +274,11 @@ class DataPlane:
             raise _Refused("no_stage", "this node serves no pipeline stage right now")
         self._check(msg, compute)
         self._count_bytes("forward", "received", msg.codec, nbytes, msg.coefficients.numel(), msg.token_ids.numel())
-        if compute.in_flight >= self.settings.max_stash or compute.queue_depth >= self.settings.max_queue:
+        if compute.in_flight >= self.config.max_stash or compute.queue_depth >= self.config.max_queue:
             raise _Refused("busy", f"stage {compute.stage} holds {compute.in_flight} microbatches, "
                            f"{compute.queue_depth} jobs queued")
-        budget = msg.budget_s if 0 < msg.budget_s <= self.settings.microbatch_timeout_s \
-            else self.settings.microbatch_timeout_s
+        budget = msg.budget_s if 0 < msg.budget_s <= self.config.microbatch_timeout_s \
+            else self.config.microbatch_timeout_s
         deadline = start + budget
         ids, boundary = msg.token_ids, msg.coefficients
         self.stats["served"] += 1
@@ -290,7 +314,6 @@ class DataPlane:
         return self._reply(msg, compute, grad, reply.loss)
 
     def _check(self, msg: ActivationFrame, compute: StageCompute) -> None:
-        s = self.settings
         if msg.run_id != self.run_id:
             raise _Refused("wrong_run", f"this node trains run {self.run_id!r}, not {msg.run_id[:64]!r}")
         if msg.stage != compute.stage - 1:
@@ -302,8 +325,8 @@ class DataPlane:
         if width != compute.width:
             raise _Refused("shape", f"coefficients carry {width} values per token; stage {compute.stage} "
                            f"takes {compute.width}")
-        if not (1 <= batch <= s.max_batch and 2 <= seq <= s.max_seq_len):
-            raise _Refused("shape", f"microbatch of {batch}×{seq} tokens is outside 1..{s.max_batch} × 2..{s.max_seq_len}")
+        if not (1 <= batch <= MAX_BATCH and 2 <= seq <= self.max_seq_len):
+            raise _Refused("shape", f"microbatch of {batch}×{seq} tokens is outside 1..{MAX_BATCH} × 2..{self.max_seq_len}")
         if len(msg.route) != msg.stage + 1:
             raise _Refused("route", f"a frame from stage {msg.stage} must carry {msg.stage + 1} route entries, "
                            f"not {len(msg.route)}")
@@ -312,22 +335,22 @@ class DataPlane:
 
     def _reply(self, msg: ActivationFrame, compute: StageCompute, grad: torch.Tensor, loss: float | None) -> GradientFrame:
         reply = GradientFrame(run_id=self.run_id, microbatch_id=msg.microbatch_id, stage=compute.stage,
-                              grad=grad.detach().float().contiguous(), codec=self.settings.gradient_codec, loss=loss,
+                              grad=grad.detach().float().contiguous(), codec=self.wire.gradient_codec, loss=loss,
                               step=getattr(getattr(compute, "work", None), "progress", 0), queue=compute.queue_depth)
         return reply  # serve_stream sends it; on_sent counts its bytes
 
     def _strike(self, peer: str) -> None:
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("peer %s sent %d bad frames: refusing it for %.0f s", peer, self.settings.peer_strikes,
-                           self.settings.ban_max_s)
+            logger.warning("peer %s sent %d bad frames: refusing it for %.0f s", peer, self.config.peer_strikes,
+                           self.config.ban_max_s)
 
     def _count_bytes(self, direction: str, way: str, codec: str, nbytes: int, values: int, ids: int) -> None:
         """Count a frame and what the same frame would weigh with a dense bf16 boundary."""
         width = self.compute.width if self.compute else 1
         tokens = values // max(1, width)
         payload = get_codec(codec).payload_nbytes(values)
-        dense = nbytes - payload + tokens * self.settings.dense_width * DENSE_BYTES_PER_VALUE
+        dense = nbytes - payload + tokens * self.d_model * DENSE_BYTES_PER_VALUE
         self.stats[f"bytes_{direction}_{way}"] += nbytes
         self.stats[f"dense_{direction}_{way}"] += dense
         self.events.pipeline_bytes(direction, way, codec, nbytes, dense)
@@ -342,7 +365,7 @@ class DataPlane:
         route = [*route, self.peer_id]
         frame = ActivationFrame(
             run_id=self.run_id, microbatch_id=next(self._ids), stage=compute.stage, route=route,
-            token_ids=ids, coefficients=out.detach().float().contiguous(), codec=self.settings.activation_codec,
+            token_ids=ids, coefficients=out.detach().float().contiguous(), codec=self.wire.activation_codec,
             basis=compute.basis, step=getattr(getattr(compute, "work", None), "progress", 0),
         )
         tried: list[str] = []
@@ -350,7 +373,7 @@ class DataPlane:
         code = "no_route"
         busy: list[str] = []  # replicas that were full: healthy, worth another try after a pause
         failures = attempt = 0
-        while failures <= self.settings.max_retries:
+        while failures <= self.config.max_retries:
             remaining = deadline - time.monotonic()
             if remaining <= 0.05:
                 code, last = "expired", f"budget spent after {attempt} attempt(s) ({last})"
@@ -456,7 +479,7 @@ class DataPlane:
             self._driver = None
 
     async def _drive(self, next_batch: Callable[[], torch.Tensor]) -> None:
-        slots = asyncio.Semaphore(self.settings.max_inflight)
+        slots = asyncio.Semaphore(self.config.max_inflight)
         tasks: set[asyncio.Task] = set()
         try:
             while True:
@@ -477,7 +500,7 @@ class DataPlane:
     async def _one(self, compute: StageCompute, ids: torch.Tensor, slots: asyncio.Semaphore) -> None:
         key = ("driver", next(self._ids))
         start = time.monotonic()
-        deadline = start + self.settings.microbatch_timeout_s
+        deadline = start + self.config.microbatch_timeout_s
         tokens = ids.shape[0] * (ids.shape[1] - 1)
         try:
             out = await compute.forward(key, ids, None)

@@ -241,7 +241,7 @@ class LocalSwarm:
                 cmd += ["--join", addr]
             cmd += ["--run-id", self.run_id]
             # Node-local settings apply to every node; run parameters come from node 0's run record.
-            cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.")) for a in ("--set", o)]
+            cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.", "exchange.")) for a in ("--set", o)]
         cmd += [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
         return cmd + self._link_setting()  # last: the harness's link wins over a swarm.link in the overrides
 
@@ -490,6 +490,8 @@ class PipelineMonitor:
         self.outer: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last replica-sync stats
         self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
         self.last_loss_t: dict[tuple[int, int], float] = {}  # (node, pid) → time of its last loss seen
+        self.trained: dict[tuple[int, int], int] = {}  # (node, pid) → tokens of its local steps (S = 1)
+        self.devices: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → its device and memory
         self.seen = False
 
     def poll(self, swarm: LocalSwarm) -> list[dict[str, Any] | None]:
@@ -512,6 +514,10 @@ class PipelineMonitor:
         if "outer" in health:
             self.seen = True
             self.outer[(index, pid)] = {**health["outer"], "stage": health.get("stage")}
+        if isinstance(health.get("device"), dict):
+            self.devices[(index, pid)] = health["device"]
+        if "train" in health:
+            self.trained[(index, pid)] = int(health["train"].get("tokens", 0))
         for source in ("pipeline", "train"):
             if source not in health:
                 continue
@@ -526,9 +532,22 @@ class PipelineMonitor:
         out = self._loss_summary()
         if self.latest:
             out.update(self._pipeline_summary(end_time))
+        elif self.trained:
+            out.update(self._replica_summary(end_time))
+        if self.devices:
+            peaks = [int(d.get("peak_bytes", 0)) for d in self.devices.values()]
+            out["devices"] = sorted({str(d.get("device")) for d in self.devices.values()})
+            out["peak_memory_bytes_max"] = max(peaks)
         if self.outer:
             out.update(self._outer_summary())
         return out
+
+    def _replica_summary(self, end_time: float) -> dict[str, Any]:
+        """One stage: every replica trains the whole model; tokens/s over the swarm since the first loss."""
+        tokens = sum(self.trained.values())
+        first = min((t for (_, t) in self.losses), default=None)
+        elapsed = end_time - first if first is not None else 0.0
+        return {"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0}
 
     def _loss_summary(self) -> dict[str, Any]:
         curve = sorted((t, loss) for (_, t), loss in self.losses.items())

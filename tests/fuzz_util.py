@@ -444,7 +444,7 @@ class ExchangeTarget:
             return Expect(reply="none")
         if not self.leads(key):
             return Expect(codes=frozenset({"not_leader"}))
-        # Held for the node's own round: answered once it averaged, or at round_timeout_s.
+        # Held for the node's own round: answered once it averaged, or at exchange.timeout_s.
         return Expect(codes=frozenset({"timeout", "late", "busy", "rejected", "skipped"}), reply="held")
 
     @staticmethod

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
 from configs import CONFIG_DIR
 from node.config import SECTIONS, ConfigError, describe_fields, load_config, parse_override
 from node.model import LanguageModel, parameter_count
+from node.run_params import config_from_run, run_parameters
+from swarm import diloco, exchange, pipeline
 
 SHIPPED = sorted(CONFIG_DIR.rglob("*.toml"))
 
@@ -70,6 +73,12 @@ def test_even_stage_split():
     ("train.grad_clip=inf", "train.grad_clip must be a finite number"),
     ("model.rope_theta=nan", "model.rope_theta must be a finite number"),
     ("train.device='cuda:x'", "train.device"),
+    ("diloco.overlap=400", "diloco.overlap"),
+    ("diloco.fragments=500", "diloco.fragments=500 exceeds diloco.inner_steps=400"),
+    ("exchange.gather_s=60", "exchange.gather_s=60.0 must be below exchange.timeout_s=60.0"),
+    ("exchange.max_group=0", "exchange.max_group must be positive"),
+    ("exchange.max_norm_ratio=0.5", "exchange.max_norm_ratio must be >= 1"),
+    ("dataplane.backward='none'", "dataplane.backward"),
 ])
 def test_invalid_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -120,3 +129,29 @@ def test_wire_codecs_are_checked_by_name():
     limits = cfg.wire.limits(vocab_size=cfg.model.vocab_size)
     assert cfg.wire.activation_codec == "bf16"
     assert limits.max_frame_bytes == 1 << 20 and limits.max_token_id == cfg.model.vocab_size
+
+
+@pytest.mark.parametrize(("section", "component", "parameter"), [
+    ("wire", pipeline.DataPlane.__init__, "wire"),
+    ("dataplane", pipeline.DataPlane.__init__, "config"),
+    ("diloco", diloco.OuterLoop.__init__, "settings"),
+    ("diloco", diloco.InProcessGroup.__init__, "settings"),
+    ("diloco", diloco.due, "settings"),
+    ("exchange", exchange.FragmentExchange.__init__, "config"),
+])
+def test_each_section_is_the_config_its_component_takes(section, component, parameter):
+    """A component takes its config section itself: no settings class copies the section field by field."""
+    assert typing.get_type_hints(component)[parameter] is SECTIONS[section]
+    for module in (pipeline, diloco, exchange):
+        assert not [name for name in vars(module) if name.endswith("Settings")], module.__name__
+    assert SECTIONS[section].SECTION == section
+
+
+def test_the_exchange_plans_groups_from_the_run_and_keeps_its_deadlines_local():
+    creator = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.max_norm_ratio=3.0"])
+    params = run_parameters(creator)
+    assert params["exchange"] == {"max_group": 4, "max_norm_ratio": 3.0, "max_values_per_part": 1 << 24}
+    local = load_config("swarm/tiny", ["exchange.max_group=8", "exchange.timeout_s=15", "exchange.ban_s=5"])
+    joined = config_from_run(params, local, peer_id="QmPeer")
+    assert (joined.exchange.max_group, joined.exchange.max_norm_ratio) == (4, 3.0)  # the run's
+    assert (joined.exchange.timeout_s, joined.exchange.ban_s, joined.exchange.gather_s) == (15.0, 5.0, 10.0)  # its own

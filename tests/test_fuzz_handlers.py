@@ -55,11 +55,11 @@ from protocol.messages import (
     encode_message,
 )
 from protocol.streams import PeerStrikes, request
-from protocol.tensors import WireLimits
+from protocol.tensors import WireConfig, WireLimits
 from swarm.exchange import HANDLER as EXCHANGE
-from swarm.exchange import ExchangeSettings, FragmentExchange, RoundKey, plan_groups
+from swarm.exchange import ExchangeConfig, FragmentExchange, RoundKey, plan_groups
 from swarm.pipeline import HANDLER as PIPELINE
-from swarm.pipeline import DataPlane, DataplaneSettings, PipelineEvents
+from swarm.pipeline import DataPlane, DataplaneConfig, PipelineEvents
 from swarm.state_transfer import StageSnapshot, StageStateServer, download_stage_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # hivemind's own
@@ -153,12 +153,12 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
     async def body(server, client):
         me, you = server.peer_id.to_base58(), client.peer_id.to_base58()
         events, exchange_errors, state_errors = _Events(), [], []
-        plane = DataPlane(server, me, RUN, DataplaneSettings(peer_strikes=10**6, max_seq_len=MAX_SEQ,
-                                                             microbatch_timeout_s=10.0), node_limits, events)
+        plane = DataPlane(server, me, RUN, DataplaneConfig(peer_strikes=10**6, microbatch_timeout_s=10.0),
+                          WireConfig(), d_model=WIDTH, max_seq_len=MAX_SEQ, limits=node_limits, events=events)
         plane.attach(_Stage())
         await plane.register()
-        settings = ExchangeSettings(gather_s=0.5, round_timeout_s=2.0, max_values_per_part=256, peer_strikes=10**6)
-        exchange = FragmentExchange(server, me, RUN, 0, SIZES, settings, limits, on_error=exchange_errors.append)
+        config = ExchangeConfig(gather_s=0.5, timeout_s=2.0, max_values_per_part=256, peer_strikes=10**6)
+        exchange = FragmentExchange(server, me, RUN, 0, SIZES, config, "e3m0", limits, on_error=exchange_errors.append)
         exchange.set_peers([me, you])
         await exchange.register()
         state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, peer_strikes=10**6,
@@ -173,7 +173,7 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
 
         pipe = PipelineTarget(RUN, 2, _Stage.basis, WIDTH, MAX_SEQ)
         st = StateTarget(RUN, 1, {manifest.digest: len(manifest.chunk_sha256)})
-        checker = FragmentExchange(None, me, RUN, 0, SIZES, settings, limits)
+        checker = FragmentExchange(None, me, RUN, 0, SIZES, config, "e3m0", limits)
         peers = [me, you]
         leads = lambda key: plan_groups(RUN, RoundKey(*key), peers, 16)[0][0] == me  # noqa: E731
         ex = ExchangeTarget(limits, lambda m, k, e, i: checker._check_part(m, RoundKey(*k), e, i), leads)
@@ -191,7 +191,7 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
         problems, seen = [], {}
         for name, handler, cases, oracle in runs:
             found, seen[name] = await _run_cases(client, server.peer_id, handler, cases, oracle, 15.0,
-                                                 held_timeout=settings.round_timeout_s + 5)
+                                                 held_timeout=config.timeout_s + 5)
             problems += [f"{name}: {p}" for p in found]
         assert not problems, "\n".join(problems[:40])
 
@@ -247,9 +247,9 @@ def test_state_server_bans_repeat_offenders_and_silent_members_cannot_hold_excha
         assert await ask(StateRequest(run_id=RUN, stage=1)) == "StateManifest"
 
         # A member that opens streams and then says nothing, or stops after one part of a fragment, is
-        # let go after round_timeout_s: no stream is held for ever, and it is not an offence.
-        settings = ExchangeSettings(gather_s=0.5, round_timeout_s=1.5, max_values_per_part=256)
-        exchange = FragmentExchange(server, me, RUN, 0, SIZES, settings, limits, on_error=exchange_errors.append)
+        # let go after exchange.timeout_s: no stream is held for ever, and it is not an offence.
+        config = ExchangeConfig(gather_s=0.5, timeout_s=1.5, max_values_per_part=256)
+        exchange = FragmentExchange(server, me, RUN, 0, SIZES, config, "e3m0", limits, on_error=exchange_errors.append)
         exchange.set_peers([me, you])
         await exchange.register()
         first = FragmentPart(run_id=RUN, stage=0, round_id=1, fragment_id=0, part=0, num_parts=4, offset=0,
@@ -353,7 +353,7 @@ async def _fuzz_live(swarm, member, h1, cfg, basis, pipe_limits, limits, report)
         sizes = [sizes_by[p] for p in range(len(sizes_by))]
 
         peers = [target_id, me]
-        max_group = cfg.diloco.max_group
+        max_group = cfg.exchange.max_group
 
         def leads(key) -> bool:
             return plan_groups(run, RoundKey(*key), peers, max_group)[0][0] == target_id
@@ -383,9 +383,9 @@ async def _fuzz_live(swarm, member, h1, cfg, basis, pipe_limits, limits, report)
         pipe = PipelineTarget(run, 1, basis, cfg.model.subspace_rank, cfg.model.max_seq_len)
         st = StateTarget(run, 1, {m.digest: len(m.chunk_sha256) for m in (manifest, consensus)},
                          parts=("all", "consensus"), volatile=True)
-        checker = FragmentExchange(None, target_id, run, 1, sizes, ExchangeSettings(), limits)
+        checker = FragmentExchange(None, target_id, run, 1, sizes, cfg.exchange, cfg.wire.fragment_codec, limits)
         ex = ExchangeTarget(limits, lambda m, k, e, i: checker._check_part(m, RoundKey(*k), e, i), leads)
-        per_part = ExchangeSettings().max_values_per_part
+        per_part = cfg.exchange.max_values_per_part
         ex_cases = exchange_corpus(rng, run, 1, sizes, per_part, (fragment, mine), large=True, mutations=8)
 
         def valid_activation() -> bytes:

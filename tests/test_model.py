@@ -7,7 +7,6 @@ import torch
 
 from node.config import load_config
 from node.model import LanguageModel, parameter_groups
-from node.stages import StageRunner, run_staged
 from protocol import subspace
 
 
@@ -62,12 +61,17 @@ def test_basis_is_orthonormal_deterministic_and_seeded():
         subspace.make_basis(0, 8, 9)
 
 
+# fp32 rounding of x (|x| ≈ |T_fixed[ids]| ≈ 16) relative to the part a boundary carries, |x − T_fixed[ids]|
+# (≈ 0.5 at init): ulp(16)/0.5 ≈ 4e-6 a coordinate; 3e-5 bounds it per token. The control below is ~1.
+EXACT = 3e-5
+
+
 def test_boundaries_are_exactly_reconstructible_before_and_after_training():
     _, model = build()
     ids, _ = batch()
-    assert max_reconstruction_error(model, ids) <= 1e-5
+    assert max_reconstruction_error(model, ids) <= EXACT
     train_a_few_steps(model)
-    assert max_reconstruction_error(model, ids) <= 1e-5
+    assert max_reconstruction_error(model, ids) <= EXACT
 
 
 def test_dense_model_boundaries_are_not_reconstructible():
@@ -80,45 +84,6 @@ def test_dense_model_boundaries_are_not_reconstructible():
         back = subspace.decode(subspace.encode(x, ids, shared.basis, shared.table), ids, shared.basis, shared.table)
     rel = ((back - x).norm(dim=-1) / (x - shared.table[ids]).norm(dim=-1)).max().item()
     assert rel > 0.5
-
-
-def test_staged_gradients_match_the_unsplit_model():
-    _, model = build()
-    train_a_few_steps(model, 2)
-    ids, targets = batch(seed=7)
-    model.zero_grad()
-    loss = model(ids, targets)
-    loss.backward()
-    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    staged = run_staged(model, ids, targets)
-    assert abs(staged.loss - loss.item()) <= 1e-5 * loss.item()
-    for name, p in model.named_parameters():
-        rel = ((p.grad - reference[name]).norm() / reference[name].norm()).item()
-        assert rel <= 1e-4, name
-    # Each boundary carries k numbers per token both ways.
-    k = model.cfg.subspace_rank
-    assert all(b.shape == (2, 48, k) for b in staged.boundaries)
-    assert all(g.shape == (2, 48, k) for g in staged.boundary_grads)
-
-
-def test_boundary_gradient_map_matches_autograd():
-    _, model = build()
-    ids, targets = batch()
-    xs = boundaries(model, ids)
-    for x in xs:
-        x.retain_grad()
-    x_last = model.stages[-1].run_blocks(xs[-1])
-    from node.model import lm_loss
-
-    lm_loss(model.stages[-1].logits(x_last), targets).backward()
-    model.zero_grad(set_to_none=True)
-    staged = run_staged(model, ids, targets)
-    for stage, x, dc in zip(model.stages, xs, staged.boundary_grads, strict=False):
-        expected = subspace.encode_grad(x.grad, stage.basis)
-        assert torch.allclose(dc, expected, rtol=1e-4, atol=1e-7)
-        # decode_grad lifts ∂L/∂c back to the stream; re-encoding it is the identity on R^k.
-        assert torch.allclose(subspace.encode_grad(subspace.decode_grad(dc, stage.basis), stage.basis), dc, atol=1e-6)
 
 
 def test_last_stage_is_unconstrained_and_others_are():
@@ -147,21 +112,6 @@ def test_causal_and_gqa():
         a, b = model(ids), model(changed)
     assert torch.allclose(a[0, :20], b[0, :20], atol=1e-5)
     assert not torch.allclose(a[0, 20:], b[0, 20:], atol=1e-3)
-
-
-def test_stage_runner_guards_and_drop():
-    _, model = build()
-    runner = StageRunner(model.stages[1])
-    ids, _ = batch()
-    with pytest.raises(ValueError, match="boundary_in"):
-        runner.forward(0, ids)
-    first = StageRunner(model.stages[0])
-    out = first.forward(1, ids)
-    assert first.in_flight == 1
-    with pytest.raises(ValueError, match="already in flight"):
-        first.forward(1, ids)
-    assert first.drop(1) and first.in_flight == 0 and not first.drop(1)
-    assert out.shape[-1] == model.stages[0].boundary_width
 
 
 def test_bf16_autocast_keeps_the_residual_stream_fp32():
@@ -206,23 +156,6 @@ def test_gqa_equals_full_attention_with_repeated_kv_heads():
     ids, _ = batch()
     with torch.no_grad():
         assert torch.allclose(gqa(ids), full(ids), atol=1e-5)
-
-
-def test_stage_runner_microbatches_out_of_order_accumulate_like_the_mean_loss():
-    _, model = build(stages=2)
-    mbs = [batch(seed=s) for s in (11, 12, 13)]
-    loss = sum(model(ids, targets) for ids, targets in mbs) / len(mbs)
-    loss.backward()
-    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    first, last = StageRunner(model.stages[0]), StageRunner(model.stages[1])
-    for mb, (ids, targets) in enumerate(mbs):  # all forwards in flight before any backward
-        last.forward(mb, ids, first.forward(mb, ids).clone(), targets)
-    assert first.in_flight == last.in_flight == 3
-    for mb in (2, 0, 1):
-        first.backward(mb, last.backward(mb, loss_scale=1 / 3))
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.grad, reference[name], rtol=1e-4, atol=1e-7), name
 
 
 def test_compression_ratio_of_tiny_preset():

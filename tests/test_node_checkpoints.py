@@ -94,7 +94,7 @@ def test_periodic_checkpoints_are_copied_at_once_and_written_in_the_background(t
                 next(work.module.parameters()).add_(1.0)
             work.wait_for_checkpoint(30)
             saved = torch.load(list_checkpoints(work.checkpoint_dir)[-1][1], weights_only=True)
-            assert torch.equal(next(iter(saved["model"].values())), saved_weights)
+            assert torch.equal(next(iter(saved["stages"][0]["model"].values())), saved_weights)
     assert started == [False, False, True, False, False, True, False]
     assert [s for s, _ in list_checkpoints(work.checkpoint_dir)] == [3, 6] and work.saved_step == 6
 

@@ -141,12 +141,12 @@ def test_a_non_finite_loss_leaves_no_gradient_behind(tmp_path):
         weight.data[0, 0] = float("nan")  # diverged weights: the loss is NaN
         with pytest.raises(FloatingPointError):
             await last.forward_backward_last(window, torch.zeros(2, 17, 8))
-        assert all(p.grad is None for p in last.module.parameters()) and last.accumulated == 0
+        assert all(p.grad is None for p in last.module.parameters()) and last.engine.accumulated == 0
         weight.data[0, 0] = saved
         return await last.forward_backward_last(window, torch.zeros(2, 17, 8))
 
     loss, grad = asyncio.run(run())
-    assert loss > 0 and grad.shape == (2, 17, 8) and last.accumulated == 1
+    assert loss > 0 and grad.shape == (2, 17, 8) and last.engine.accumulated == 1
     last.close()
 
 

@@ -47,6 +47,9 @@ def test_the_epoch_is_summed_over_replicas_and_a_joiner_takes_the_stage_position
         assert sync._target_epoch() == 7
         fields = sync.record_fields()
         assert fields["outer_epoch"] == 4 and len(fields["outer_history"]) == 3
+        # The exchange takes the [exchange] section itself, and the run's fragment codec.
+        assert sync.exchange.config is sync.cfg.exchange
+        assert sync.exchange.codec_name == sync.cfg.wire.fragment_codec
     finally:
         loop.close()
 

@@ -55,8 +55,15 @@ def test_local_limits_and_budget_are_the_joiners():
     assert "max_frame_mib" not in params["wire"] and "fragment_codec" in params["wire"]
     params["wire"]["max_frame_mib"] = 1e9  # a hostile run would raise the joiner's receive caps
     local = load_config("swarm/tiny", ["swarm.max_stage_params_m=1"])
-    with pytest.raises(ConfigError, match="parameters per stage"):
-        config_from_run(params, local)  # the tiny model has ~6.6M per stage, over the budget of 1M
+    with pytest.raises(ConfigError, match="largest stage has ~6M parameters"):
+        config_from_run(params, local)  # the tiny model has ~6.5M in its one stage, over the budget of 1M
     params["model"].update(d_model=262144, n_layers=4096)
-    with pytest.raises(ConfigError, match="parameters per stage"):
+    with pytest.raises(ConfigError, match="largest stage"):
         config_from_run(params, load_config("swarm/tiny"))
+
+
+def test_the_stage_budget_checks_the_largest_stage_not_the_mean():
+    params = run_parameters(load_config("swarm/tiny", ["pipeline.num_stages=2"]))  # stages of 2.83M and 2.51M
+    config_from_run(params, load_config("swarm/tiny", ["swarm.max_stage_params_m=2.9"]))
+    with pytest.raises(ConfigError, match="largest stage has ~3M parameters"):
+        config_from_run(params, load_config("swarm/tiny", ["swarm.max_stage_params_m=2.7"]))  # the mean is 2.67M

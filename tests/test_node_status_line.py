@@ -200,11 +200,12 @@ def test_node_start_on_a_terminal_draws_the_status_line_and_a_url_joiner_logs_it
         # A joiner given only the first node's metrics URL; its output is a pipe: plain status log lines.
         second = _node(["--join", f"http://127.0.0.1:{port}", "--status-every", "1"], tmp_path / "b",
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        # The first node's terminal: the line redrawn in place, naming the state, peers, rate and bytes.
-        _read_fd_until(primary, re.escape(CLEAR) + r"online · replica · 2 peers · [\d,]+ tok/s · loss [\d.]+ · ↑ ",
-                       120, seen)
+        # The first node's terminal: the line redrawn in place, naming the state, peers, its training rate
+        # (a replica trains the whole model: never 0 tok/s once it runs), loss, bytes and its memory.
+        _read_fd_until(primary, re.escape(CLEAR) + r"online · replica · 2 peers · [1-9][\d,]* tok/s · loss [\d.]+ · ↑ "
+                       r"[^\r]* · cpu [\d.]+ GB resident, peak [\d.]+", 120, seen)
         joiner: list[str] = []
-        _read_fd_until(second.stdout.fileno(), r"status: online · replica · 2 peers · [\d,]+ tok/s", 120, joiner)
+        _read_fd_until(second.stdout.fileno(), r"status: online · replica · 2 peers · [1-9][\d,]* tok/s", 120, joiner)
         assert "\x1b[" not in "".join(joiner)  # no terminal control codes in plain logs
         for proc in (second, first):
             proc.send_signal(signal.SIGTERM)

@@ -12,10 +12,10 @@ import torch
 from test_swarm_diloco import batch, tiny_model  # the golden test's model and learnable batches
 
 from node.model import LanguageModel
-from swarm.diloco import InProcessGroup, OuterLoop, OuterSettings
+from swarm.diloco import DilocoConfig, InProcessGroup, OuterLoop
 
 HONEST, STEPS = 3, 36
-SETTINGS = OuterSettings(inner_steps=6, fragments=3, overlap=1, alpha=0.5, outer_lr=0.7)
+SETTINGS = DilocoConfig(inner_steps=6, fragments=3, overlap=1, alpha=0.5, outer_lr=0.7)
 
 
 def _val_loss(model: LanguageModel, loop: OuterLoop) -> float:
@@ -57,7 +57,7 @@ def _poison(kind: str):
         if kind == "noise":
             return torch.randn(part.shape, generator=torch.Generator().manual_seed(7)) * 1e3
         if kind == "inside_bound":
-            return part * 5.0  # within max_norm_ratio = 10 × the median: not detectable by norm
+            return part * 5.0  # within exchange.max_norm_ratio = 10 × the median: not detectable by norm
         raise AssertionError(kind)
     return corrupt
 

@@ -129,8 +129,8 @@ def test_a_peer_without_the_key_cannot_claim_a_stage_or_join_an_exchange(tmp_pat
     key = tmp_path / "swarm.key"
     key.write_bytes(KEY)
     keyed = [f'swarm.access_key_file="{key}"']
-    fast = ["swarm.refresh_s=1", "swarm.expiry_s=6", "diloco.inner_steps=30", "swarm.exchange_gather_s=4",
-            "swarm.exchange_timeout_s=15"]
+    fast = ["swarm.refresh_s=1", "swarm.expiry_s=6", "diloco.inner_steps=30", "exchange.gather_s=4",
+            "exchange.timeout_s=15"]
     # Nodes 0 and 1 hold the key; node 2 joins the same swarm without it.
     with LocalSwarm(3, "swarm/diloco-local", fast, workdir=tmp_path / "sim",
                     node_overrides={0: keyed, 1: keyed}) as swarm:

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from node.config import load_config
+from node.config import ConfigError, load_config
 from node.model import LanguageModel
 from protocol.codecs import get_codec
 from swarm.diloco import (
     Boundary,
+    DilocoConfig,
     InProcessGroup,
     OuterLoop,
-    OuterSettings,
     due,
     quantized,
     robust_mean,
@@ -64,7 +64,7 @@ def reference_fragments(model) -> list[list[str]]:
     return [[n for unit in members[p::3] for n in unit] for p in range(3)]
 
 
-def run_reference(settings: OuterSettings, codec: str | None):
+def run_reference(settings: DilocoConfig, codec: str | None):
     """Streaming DiLoCo written out plainly: whole tensors, explicit formulas, no swarm.diloco code."""
     H, P, tau, lr, mu, alpha = (settings.inner_steps, settings.fragments, settings.overlap, settings.outer_lr,
                                 settings.outer_momentum, settings.alpha)
@@ -75,14 +75,16 @@ def run_reference(settings: OuterSettings, codec: str | None):
     started: dict[int, tuple[int, dict]] = {}  # fragment -> (start step, mean delta by name)
 
     def finish(p):
+        # The formulas of DESIGN §1.2, in the same fused floating-point operations as swarm.diloco (a·x + y
+        # rounds once there): with a 4-bit codec one last-bit difference can flip a value to the next step.
         _, mean = started.pop(p)
         with torch.no_grad():
             for n in frags[p]:
-                mom[n] = mu * mom[n] + mean[n]
-                glob[n] = glob[n] - lr * (mean[n] + mu * mom[n])
+                mom[n] = mom[n].mul(mu).add(mean[n])  # m ← μ·m + Δ
+                glob[n] = glob[n].sub(mean[n].add(mom[n], alpha=mu), alpha=lr)  # θ ← θ − lr·(Δ + μ·m)
                 for m in models:
                     local = dict(m.named_parameters())[n]
-                    local.copy_(alpha * local + (1 - alpha) * glob[n])
+                    local.mul_(alpha).add_(glob[n], alpha=1 - alpha)  # α·θ_local + (1−α)·θ
 
     for t in range(1, STEPS + 1):
         for r, (m, o) in enumerate(zip(models, opts, strict=True)):
@@ -108,7 +110,7 @@ def run_reference(settings: OuterSettings, codec: str | None):
     return models
 
 
-def run_swarm_diloco(settings: OuterSettings, codec: str | None):
+def run_swarm_diloco(settings: DilocoConfig, codec: str | None):
     models, opts = replicas()
     group = InProcessGroup([OuterLoop(dict(m.named_parameters()), settings) for m in models], settings, codec)
     for t in range(1, STEPS + 1):
@@ -122,7 +124,7 @@ def run_swarm_diloco(settings: OuterSettings, codec: str | None):
 @pytest.mark.parametrize("codec", [None, "e3m0"])
 @pytest.mark.parametrize("overlap,alpha", [(2, 0.5), (0, 0.0)])
 def test_golden_streaming_diloco_matches_the_reference(codec, overlap, alpha):
-    settings = OuterSettings(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7)
+    settings = DilocoConfig(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7)
     assert split_fragments([n for n, _ in tiny_model().named_parameters()], 3) == reference_fragments(tiny_model())
     reference = run_reference(settings, codec)
     models, loops = run_swarm_diloco(settings, codec)
@@ -141,7 +143,7 @@ def test_golden_streaming_diloco_matches_the_reference(codec, overlap, alpha):
 
 
 def test_schedule_is_a_pure_function_of_progress():
-    s = OuterSettings(inner_steps=6, fragments=3)
+    s = DilocoConfig(inner_steps=6, fragments=3)
     assert [s.offset(p) for p in range(3)] == [0, 2, 4]
     expected = [Boundary(2, 1, 0), Boundary(4, 2, 0), Boundary(6, 0, 1), Boundary(8, 1, 1), Boundary(10, 2, 1),
                 Boundary(12, 0, 2)]
@@ -168,10 +170,21 @@ def test_fragments_strided_sequential_and_errors():
         split_fragments(names, 7)
     with pytest.raises(ValueError, match="fragment mode"):
         split_fragments(names, 2, "random")
-    for bad in ({"fragments": 0}, {"fragments": 7, "inner_steps": 6}, {"overlap": 100}, {"alpha": 1.5},
-                {"outer_lr": 0.0}, {"outer_momentum": 1.0}, {"fragment_mode": "x"}):
-        with pytest.raises(ValueError):
-            OuterSettings(**bad)
+    for bad in ({"fragments": 0}, {"fragments": 7, "inner_steps": 6}, {"overlap": 6, "inner_steps": 6},
+                {"overlap": -1}, {"alpha": 1.5}, {"outer_lr": 0.0}, {"outer_momentum": 1.0}, {"fragment_mode": "x"},
+                {"inner_steps": 6.0}):
+        with pytest.raises(ConfigError):  # a ValueError naming the diloco.* field
+            DilocoConfig(**bad)
+
+
+def test_a_stage_fits_the_config_to_its_units():
+    """P is capped at the stage's units, H rounded down to a multiple of P, τ kept below H; a copy."""
+    config = DilocoConfig(inner_steps=10, fragments=4, overlap=9)
+    fitted = config.for_units(3)
+    assert (fitted.fragments, fitted.inner_steps, fitted.overlap) == (3, 9, 8)
+    assert (config.fragments, config.inner_steps) == (4, 10)  # the run's section is unchanged
+    assert config.for_units(7) == DilocoConfig(inner_steps=8, fragments=4, overlap=7)
+    assert [fitted.offset(p) for p in range(3)] == [0, 3, 6]
 
 
 def test_robust_mean_drops_poison_and_keeps_idle_replicas():
@@ -190,7 +203,7 @@ def test_robust_mean_drops_poison_and_keeps_idle_replicas():
 def test_skipped_round_changes_nothing_and_state_round_trips():
     model = tiny_model()
     params = dict(model.named_parameters())
-    loop = OuterLoop(params, OuterSettings(inner_steps=4, fragments=2))
+    loop = OuterLoop(params, DilocoConfig(inner_steps=4, fragments=2))
     before = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         params["stages.0.lm_head.weight"].add_(0.01)
@@ -207,7 +220,7 @@ def test_skipped_round_changes_nothing_and_state_round_trips():
     with pytest.raises(ValueError, match="finite"):
         loop.apply(1, torch.full((loop.layouts[1].numel,), float("nan")))
     state = loop.state_dict()
-    other = OuterLoop(dict(tiny_model().named_parameters()), OuterSettings(inner_steps=4, fragments=2))
+    other = OuterLoop(dict(tiny_model().named_parameters()), DilocoConfig(inner_steps=4, fragments=2))
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.global_, loop.global_, strict=True))
 
@@ -216,7 +229,7 @@ def test_one_replica_outer_step_with_unit_lr_and_no_momentum_is_the_identity():
     # Δ = θ_g − θ, θ̃ = θ_g − 1·Δ = θ: plain DiLoCo with lr 1 and μ 0 must leave a lone replica where it is.
     model = tiny_model()
     params = dict(model.named_parameters())
-    loop = OuterLoop(params, OuterSettings(inner_steps=2, fragments=1, outer_lr=1.0, outer_momentum=0.0, alpha=0.0,
+    loop = OuterLoop(params, DilocoConfig(inner_steps=2, fragments=1, outer_lr=1.0, outer_momentum=0.0, alpha=0.0,
                                            overlap=0))
     with torch.no_grad():
         for p in params.values():
@@ -229,7 +242,7 @@ def test_one_replica_outer_step_with_unit_lr_and_no_momentum_is_the_identity():
 
 
 def test_history_chain_agrees_on_the_same_means_and_tells_a_skipped_round_apart():
-    a, b = (OuterLoop(dict(tiny_model().named_parameters()), OuterSettings(inner_steps=4, fragments=2))
+    a, b = (OuterLoop(dict(tiny_model().named_parameters()), DilocoConfig(inner_steps=4, fragments=2))
             for _ in range(2))
     mean = torch.full((a.layouts[0].numel,), 1e-4)
     for loop in (a, b):

@@ -12,16 +12,17 @@ from p2p_util import run_p2p, wait_for
 
 from protocol.framing import read_frame, write_frame
 from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
+from protocol.settings import ConfigError
 from swarm.diloco import quantized, robust_mean
-from swarm.exchange import HANDLER, ExchangeSettings, FragmentExchange, RoundKey, chunk, plan_groups
+from swarm.exchange import HANDLER, ExchangeConfig, FragmentExchange, RoundKey, chunk, plan_groups
 
 RUN = "ex"
 SIZES = [1000, 300]
 
 
-def exchanges(daemons, **settings):
-    defaults = dict(gather_s=3.0, round_timeout_s=8.0, max_values_per_part=256)
-    ex = [FragmentExchange(p, p.peer_id.to_base58(), RUN, 0, SIZES, ExchangeSettings(**{**defaults, **settings}))
+def exchanges(daemons, **config):
+    defaults = dict(gather_s=3.0, timeout_s=8.0, max_values_per_part=256)
+    ex = [FragmentExchange(p, p.peer_id.to_base58(), RUN, 0, SIZES, ExchangeConfig(**{**defaults, **config}), "e3m0")
           for p in daemons]
     peers = [e.peer_id for e in ex]
     for e in ex:
@@ -29,8 +30,8 @@ def exchanges(daemons, **settings):
     return ex
 
 
-async def registered(daemons, **settings):
-    ex = exchanges(daemons, **settings)
+async def registered(daemons, **config):
+    ex = exchanges(daemons, **config)
     for e in ex:
         await e.register()
     return ex, [e.peer_id for e in ex]
@@ -141,7 +142,7 @@ def test_a_repeat_poisoner_is_banned_and_shown_while_the_honest_replicas_keep_av
                 assert leader.strikes.banned() == {}  # one dropped part is a strike, not yet a ban
         # Two strikes: banned, and the leader's ban table names it (exported as peer_banned_seconds).
         assert set(leader.strikes.banned()) == {poisoner} and leader.stats["peers_banned"] == 1
-        assert 0 < leader.strikes.banned()[poisoner] <= leader.settings.ban_s
+        assert 0 < leader.strikes.banned()[poisoner] <= leader.config.ban_s
 
     run_p2p(3, body)
 
@@ -199,8 +200,10 @@ def test_early_parts_wait_for_a_late_leader():
     run_p2p(2, body)
 
 
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="gather_s"):
-        ExchangeSettings(gather_s=10, round_timeout_s=5)
-    with pytest.raises(ValueError, match="max_group"):
-        ExchangeSettings(max_group=0)
+def test_config_is_checked():
+    with pytest.raises(ConfigError, match=r"exchange\.gather_s"):
+        ExchangeConfig(gather_s=10, timeout_s=5)
+    with pytest.raises(ConfigError, match=r"exchange\.max_group"):
+        ExchangeConfig(max_group=0)
+    with pytest.raises(ConfigError, match=r"exchange\.max_norm_ratio"):
+        ExchangeConfig(max_norm_ratio=0.5)

@@ -222,4 +222,6 @@ def test_node_sim_cli_replays_a_fault_script(tmp_path):
     assert summary["ok"] and summary["nodes"] == 2
     assert [(e["action"], e["node"]) for e in summary["events"]] == [("kill", 1), ("start", 1)]
     assert summary["stages"][0]["servers"] >= 1
+    # One stage: replicas train the whole model; the swarm's tokens/s counts their local steps.
+    assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["devices"] == ["cpu"]
     assert processes_mentioning(str(tmp_path)) == []

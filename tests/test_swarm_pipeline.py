@@ -21,7 +21,8 @@ from node.pipeline import PipelineCompute
 from node.serving import StageWork
 from protocol.framing import read_frame, write_frame
 from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, decode_message, encode_message
-from swarm.pipeline import HANDLER, DataPlane, DataplaneSettings, ScaleGuard
+from protocol.tensors import WireConfig
+from swarm.pipeline import HANDLER, DataPlane, DataplaneConfig, ScaleGuard
 
 RUN = "pipe"
 
@@ -39,13 +40,14 @@ def small_config(tmp_path, num_stages=3):
 class Node:
     """One daemon: a P2P instance, a DataPlane, the PipelineCompute of one stage, its own metrics."""
 
-    def __init__(self, p2p, cfg, stage, tmp_path, **settings):
+    def __init__(self, p2p, cfg, stage, tmp_path, wire=None, **dataplane):
         self.p2p, self.cfg, self.metrics = p2p, cfg, NodeMetrics()
         self.peer = p2p.peer_id.to_base58()
-        defaults = dict(microbatch_timeout_s=10.0, max_inflight=2, dense_width=cfg.model.d_model, ban_base_s=30.0,
-                        max_seq_len=cfg.model.max_seq_len)
-        self.plane = DataPlane(p2p, self.peer, RUN, DataplaneSettings(**{**defaults, **settings}),
-                               cfg.wire.limits(cfg.model.vocab_size), self.metrics)
+        defaults = dict(microbatch_timeout_s=10.0, max_inflight=2, ban_base_s=30.0)
+        wire = wire or cfg.wire
+        self.plane = DataPlane(p2p, self.peer, RUN, DataplaneConfig(**{**defaults, **dataplane}), wire,
+                               d_model=cfg.model.d_model, max_seq_len=cfg.model.max_seq_len,
+                               limits=wire.limits(cfg.model.vocab_size), events=self.metrics)
         self.compute = PipelineCompute(StageWork(cfg, RUN, stage, tmp_path / f"{self.peer}-{stage}"), cfg)
         self.plane.attach(self.compute)
 
@@ -113,7 +115,7 @@ def test_a_stuck_next_hop_drops_the_microbatch_at_its_deadline_and_frees_every_s
         n0.plane.set_next_replicas([(n1.peer, 1.0)])
         n1.plane.set_next_replicas([(n2.peer, 1.0)])
         frozen = threading.Event()
-        n2.compute._jobs.put((-1, -1, frozen.wait, asyncio.get_running_loop().create_future(),
+        n2.compute._jobs.put((-1, -1, "forward", frozen.wait, asyncio.get_running_loop().create_future(),
                               asyncio.get_running_loop(), None))  # the last stage's worker hangs (a frozen machine)
         n0.plane.start_driver(windows())
         await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 2, 20, "drops at the deadline")
@@ -220,8 +222,8 @@ def test_quantized_boundaries_are_a_config_switch(tmp_path, codec):
     cfg = small_config(tmp_path)
 
     async def body(a, b, c):
-        n0, n1, n2 = (Node(p, cfg, s, tmp_path, activation_codec=codec, gradient_codec=codec)
-                      for p, s in ((a, 0), (b, 1), (c, 2)))
+        wire = WireConfig(activation_codec=codec, gradient_codec=codec)
+        n0, n1, n2 = (Node(p, cfg, s, tmp_path, wire=wire) for p, s in ((a, 0), (b, 1), (c, 2)))
         for node in (n0, n1, n2):
             await node.plane.register()
         n0.plane.set_next_replicas([(n1.peer, 1.0)])

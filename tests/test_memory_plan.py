@@ -1,0 +1,241 @@
+"""The per-stage memory estimate (node/memory.py) and ``node plan``: the JSON contract and exit codes,
+agreement with peaks measured through the production stage engine, and the table in docs/memory.md.
+
+How the peak is measured. The estimate counts torch tensors, so the test measures torch's tensor
+memory: ``torch.profiler.profile(profile_memory=True)`` makes torch's CPU allocator report every
+allocation and free, each with the allocator's running total of bytes allocated since profiling began
+(``total_allocated``), so the maximum of that total over a window is the exact peak of the tensors
+allocated in it, whatever the order or the timestamp resolution of the events. The engine is built
+and warmed up first (one microbatch and its optimizer step, so AdamW's state exists), the tensors it
+then holds are counted from their storages (``StageEngine.tensors()``: weights, frozen buffers,
+optimizer state; plus the DiLoCo outer state), and one round of ``dataplane.max_inflight``
+microbatches is profiled: every forward of the round before any backward, as a pipeline stage sees
+them. Measured peak = held tensors + the window's peak.
+
+Why not the process's peak RSS (``VmHWM`` in a fresh subprocess minus a baseline after a warm-up):
+it counts the interpreter and torch's libraries (~0.5 GB here, more than a test stage), and glibc
+keeps freed blocks mapped, so a round after the warm-up barely moves the high-water mark (tiny, stage
+0 of 3 at 8 x 129 tokens: RSS grew 17 MB in a round whose tensors peaked 80 MB above the start).
+Resetting the mark (``/proc/self/clear_refs``) does not help with that, and it cannot tell tensors
+from allocator slack. The profiler sees exactly what the estimate describes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch._C._profiler import _ExtraFields_Allocation
+
+from node.cli import main
+from node.config import load_config
+from node.engine import build_engine
+from node.memory import GIB, estimate_stage, plan, smallest_stages
+from node.model import parameter_count, shared_tensors, stage_layers, stage_parameters
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "memory.md"
+TOLERANCE = 0.20
+
+
+# ---------------------------------------------------------------------------------------------- node plan
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["plan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_json_contract_for_8b_in_8_stages(capsys):
+    code, out, _ = _run(capsys, "--model", "8b", "--stages", "8", "--device-mem", "24", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["fits"] is True
+    cfg = load_config("model/8b", ["pipeline.num_stages=8"])
+    ranges = stage_layers(cfg.model, cfg.pipeline)
+    assert [row["stage"] for row in result["stages"]] == list(range(8))
+    for row, layers in zip(result["stages"], ranges, strict=True):
+        assert row["layers"] == [layers.start, layers.stop - 1]
+        assert row["params"] == stage_parameters(cfg.model, layers, row["stage"], 8)
+        estimate = estimate_stage(cfg, row["stage"], "cuda")
+        assert row["memory_gib"] == round(estimate.device_bytes / GIB, 3)
+        assert row["fits"] is (estimate.device_bytes <= 24 * GIB)
+        assert row["host_gib"] > 0  # the DiLoCo outer state lives in host memory on cuda
+    assert sum(row["params"] for row in result["stages"]) == parameter_count(cfg.model, cfg.pipeline)
+    assert result["largest_stage_gib"] == max(row["memory_gib"] for row in result["stages"])
+    a = result["assumptions"]
+    assert (a["batch_size"], a["seq_len"], a["backward"], a["inflight"]) == (16, 128, "recompute", 4)
+    assert a["cuda_overhead_gib"] > 0 and "bf16" in a["precision"]
+
+
+def test_plan_exits_1_when_a_stage_does_not_fit(capsys):
+    code, out, _ = _run(capsys, "--model", "8b", "--stages", "8", "--device-mem", "12", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and result["fits"] is False and not all(row["fits"] for row in result["stages"])
+    code, out, _ = _run(capsys, "--model", "8b", "--stages", "8", "--device-mem", "12")
+    assert code == 1 and "NO" in out and "fits: no" in out
+
+
+def test_plan_without_stages_gives_the_fewest_that_fit(capsys):
+    cfg = load_config("model/1b")
+    expected = smallest_stages(cfg, 16 * GIB, "cuda")
+    code, out, _ = _run(capsys, "--model", "1b", "--device-mem", "16", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["smallest_stages"] == expected == result["num_stages"] == len(result["stages"])
+    assert expected > 1 and all(not row["fits"] for row in plan(cfg, 16 * GIB)["stages"])  # S = 1 does not fit
+    code, out, _ = _run(capsys, "--model", "1b", "--device-mem", "16")
+    assert code == 0 and f"smallest number of stages that fits: {expected}" in out
+    code, out, _ = _run(capsys, "--model", "8b", "--device-mem", "8", "--json")  # no S fits
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and result["smallest_stages"] is None and result["num_stages"] == 32
+
+
+def test_plan_flags_and_overrides_reach_the_estimate(capsys):
+    code, out, _ = _run(capsys, "--model", "125m", "--stages", "3", "--device-mem", "64", "--device-type", "cpu",
+                        "--batch-size", "2", "--seq-len", "64", "--inflight", "3", "--set", "dataplane.backward=stash",
+                        "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    a = result["assumptions"]
+    assert code == 0 and (a["batch_size"], a["seq_len"], a["inflight"], a["backward"]) == (2, 64, 3, "stash")
+    assert a["precision"] == "fp32" and a["outer_state"] == "device" and a["cuda_overhead_gib"] == 0
+    cfg = load_config("model/125m", ["pipeline.num_stages=3", "train.batch_size=2", "train.seq_len=64",
+                                     "dataplane.max_inflight=3", "dataplane.backward=stash"])
+    for row in result["stages"]:
+        assert row["memory_bytes"] == estimate_stage(cfg, row["stage"], "cpu").device_bytes
+        assert row["host_gib"] == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "nope", "--stages", "2", "--device-mem", "24"],
+    ["--model", "tiny", "--stages", "9", "--device-mem", "24"],  # tiny has 8 layers
+    ["--model", "tiny", "--stages", "2", "--device-mem", "0"],
+    ["--model", "tiny", "--stages", "2", "--device-mem", "-4"],
+    ["--model", "tiny", "--stages", "2", "--device-mem", "24", "--batch-size", "0"],
+])
+def test_plan_bad_input_exits_2_with_one_error_line(capsys, argv):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------- the estimate
+
+def test_estimate_components_follow_the_config():
+    cfg = load_config("model/125m", ["pipeline.num_stages=3"])
+    first, middle, last = (estimate_stage(cfg, s, "cuda") for s in range(3))
+    for e in (first, middle, last):
+        assert e.parts["weights"] == 4 * e.params and e.parts["optimizer"] == 8 * e.params
+        assert e.host_bytes == e.parts["outer"] == 8 * e.params  # pinned host memory on cuda
+        assert e.parts["fixed_table"] == 4 * 32000 * 768
+    assert last.parts["logits"] > 0 and first.parts["logits"] == middle.parts["logits"] == 0
+    on_device = estimate_stage(cfg, 1, "cuda", outer_on_device=True)
+    assert on_device.host_bytes == 0 and on_device.device_bytes == middle.device_bytes + middle.parts["outer"]
+    stash = estimate_stage(load_config("model/125m", ["pipeline.num_stages=3", "dataplane.backward=stash"]), 1,
+                           "cuda", inflight=3)
+    assert stash.parts["activations"] == 3 * middle.parts["activations"]
+    assert estimate_stage(cfg, 1, "cuda", inflight=1).parts["inputs"] * 4 == middle.parts["inputs"]
+    no_outer = load_config("model/125m", ["pipeline.num_stages=3", "diloco.enabled=false"])
+    assert estimate_stage(no_outer, 1, "cpu").parts["outer"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- measured peaks
+
+def _held_bytes(engine) -> int:
+    tensors = list(engine.tensors().values())
+    if engine.outer is not None:
+        tensors += [*engine.outer.global_, *engine.outer.momentum]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _window_peak(prof) -> int:
+    """The most bytes allocated at once during the profile, above what was allocated when it began."""
+    events = []
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            if isinstance(node.extra_fields, _ExtraFields_Allocation):
+                events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    assert events, "the profiler reported no allocation"
+    events.sort(key=lambda e: e[0])
+    before = events[0][1] - events[0][2]
+    return max(total for _, total, _ in events) - before
+
+
+def measured_peak(cfg, stage: int, shared) -> int:
+    """Peak bytes of torch tensors while stage ``stage`` trains on the CPU through node.engine."""
+    engine = build_engine(cfg, stage, "cpu", shared=shared)
+    if cfg.diloco.enabled:
+        engine.attach_outer(cfg.diloco, "cpu")
+    t, inflight = cfg.train, cfg.dataplane.max_inflight
+    gen = torch.Generator().manual_seed(stage)
+
+    def inputs():
+        ids = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=gen)
+        return ids, None if engine.is_first else torch.randn(t.batch_size, t.seq_len + 1, engine.boundary_width,
+                                                             generator=gen)
+
+    def train(count: int) -> None:
+        if engine.is_last:
+            for _ in range(count):
+                engine.forward_backward_last(*inputs())
+            return
+        shapes = [engine.forward(key, *inputs()).shape for key in range(count)]  # all in flight, then back
+        for key, shape in enumerate(shapes):
+            engine.backward(key, torch.randn(shape, generator=gen))
+
+    train(1)  # warm-up: one optimizer step, so AdamW's state exists from here on
+    assert engine.progress == 1 and engine.in_flight == 0
+    held = _held_bytes(engine)
+    gc.collect()  # collect earlier garbage now, not inside the window
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        train(inflight)
+    assert engine.progress == 1 + inflight // t.grad_accum and engine.in_flight == 0
+    return held + _window_peak(prof)
+
+
+MEASURED = {  # preset, stages, overrides: each exercises a different mix of the estimate's terms
+    "tiny-activations": ("tiny", 3, ["train.batch_size=8", "train.seq_len=128"]),
+    "tiny-stash": ("tiny", 2, ["train.batch_size=4", "train.seq_len=64", "dataplane.backward=stash",
+                               "dataplane.max_inflight=2"]),
+    "tiny-one-stage": ("tiny", 1, ["train.batch_size=4", "train.seq_len=64", "dataplane.max_inflight=2"]),
+    "tiny-loss": ("tiny", 2, ["train.batch_size=4", "train.seq_len=64", "model.vocab_size=8192"]),  # logits peak
+    "small": ("small", 2, ["train.batch_size=4", "train.seq_len=64"]),
+    "125m": ("125m", 2, ["train.batch_size=2", "train.seq_len=64"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MEASURED))
+def test_cpu_plan_matches_measured_peak_on_every_stage(case):
+    preset, stages, overrides = MEASURED[case]
+    cfg = load_config(f"model/{preset}", [f"pipeline.num_stages={stages}", *overrides])
+    shared = shared_tensors(cfg.model)  # one T_fixed for the preset's stages, as StageChain does
+    rows = []
+    for stage in range(stages):
+        measured = measured_peak(cfg, stage, shared)
+        estimated = estimate_stage(cfg, stage, "cpu").device_bytes
+        rows.append((stage, measured, estimated, estimated / measured - 1))
+    report = "; ".join(f"stage {s}: measured {m} B, estimated {e} B ({err:+.1%})" for s, m, e, err in rows)
+    assert all(abs(err) <= TOLERANCE for *_, err in rows), report
+
+
+# ---------------------------------------------------------------------------------------------- docs
+
+def test_docs_table_matches_smallest_stages():
+    section = DOCS.read_text().split("## Stages per card", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        match = re.fullmatch(r"\|\s*`?(tiny|small|125m|1b|8b)`?\s*\|(.+)\|\s*", line)
+        if match:
+            cells = [c.strip() for c in match.group(2).split("|")][:3]
+            table[match.group(1)] = [None if c in ("—", "-", "none") else int(c) for c in cells]
+    assert set(table) == {"tiny", "small", "125m", "1b", "8b"}, table
+    for preset, row in table.items():
+        cfg = load_config(f"model/{preset}")
+        assert row == [smallest_stages(cfg, gb * GIB, "cuda") for gb in (12, 16, 24)], preset
