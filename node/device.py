@@ -24,7 +24,7 @@ def resolve_device(spec: str) -> torch.device:
     if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
         raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
     if spec == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type != "cuda":
         return device

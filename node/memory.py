@@ -118,14 +118,6 @@ def _largest_tensor(m: ModelConfig, first: bool, last: bool) -> int:
     return max(sizes)
 
 
-def _decay_group_sizes(m: ModelConfig, num_layers: int, params: int, first: bool, last: bool) -> tuple[int, int]:
-    """Parameters in AdamW's two groups (node.model.parameter_groups): matrices; norms and embedding."""
-    no_decay = num_layers * 2 * m.d_model + (m.d_model if last else 0)
-    if first:
-        no_decay += m.vocab_size * (m.subspace_rank or m.d_model)
-    return params - no_decay, no_decay
-
-
 def estimate_stage(cfg: RunConfig, stage: int, device_type: str = "cuda", *, inflight: int | None = None,
                    outer_on_device: bool | None = None) -> StageMemory:
     """The memory of stage ``stage`` of ``cfg`` (``cfg.pipeline``'s split) training on ``device_type``.
@@ -228,10 +220,10 @@ def _backward_temporaries(m: ModelConfig, tokens: int, last: bool, cuda: bool) -
 
 
 def _step_temporaries(m: ModelConfig, num_layers: int, params: int, first: bool, last: bool, cuda: bool) -> int:
-    """AdamW's temporaries during the step. cuda (foreach): sqrt(exp_avg_sq) for a whole parameter
-    group at once; cpu (one tensor at a time): sqrt(exp_avg_sq) and its quotient for the largest tensor."""
+    """AdamW's temporaries during the step. cuda: none (the engine uses the fused kernel, which updates
+    in place); cpu (one tensor at a time): sqrt(exp_avg_sq) and its quotient for the largest tensor."""
     if cuda:
-        return FP32 * max(_decay_group_sizes(m, num_layers, params, first, last))
+        return 0
     return 2 * FP32 * _largest_tensor(m, first, last)
 
 

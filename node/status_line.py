@@ -2,13 +2,13 @@
 
 The line reads, for example::
 
-    online · stage 1/3 · 5 peers · 2,310 tok/s · loss 2.41 · ↑ 1.2 MB/s ↓ 0.9 MB/s (84 MB / 61 MB) · cuda:0 3.1/24.0 GB, peak 3.4
+    online · stage 1/3 · 5 peers · 2,310 tok/s · loss 2.41 · cuda:0 3.1/24.0 GB (peak 3.4) · ↑ 1.2 MB/s ↓ 0.9 MB/s (84 MB / 61 MB)
 
 ``tok/s`` is this node's own training rate over the last 10 s (local steps with S = 1; on stage 0 the
-tokens of the microbatches it completed), ``loss`` its recent mean loss when it scores one, the bytes
-are its pipeline and fragment-exchange traffic (frames, framing included), and the last part is the
-compute device's memory: on CUDA torch's allocated bytes now and at the peak out of the card's total,
-on the CPU the process's resident memory now and at the peak. On a terminal the line is redrawn
+tokens of the microbatches it completed), ``loss`` its recent mean loss when it scores one, then the
+compute device's memory (on CUDA torch's allocated bytes now out of the card's total, and the peak; on
+the CPU the process's resident memory now and at the peak), and last its pipeline and fragment-exchange
+traffic (frames, framing included). On a terminal the line is redrawn
 every second at the bottom; anything else written to the terminal (logs, the banner) clears it first
 and the next tick redraws it. When the output is not a terminal (a service, a container, a pipe),
 the same text goes to the log every ``log_every_s`` seconds instead.
@@ -72,15 +72,15 @@ def format_status(snap: dict[str, Any]) -> str:
     loss = snap.get("loss")
     if loss is not None and math.isfinite(loss):
         parts.append(f"loss {loss:.3f}")
-    parts.append(f"↑ {_bytes(snap.get('sent_per_s', 0.0))}/s ↓ {_bytes(snap.get('received_per_s', 0.0))}/s "
-                 f"({_bytes(snap.get('bytes_sent', 0))} / {_bytes(snap.get('bytes_received', 0))})")
     memory = snap.get("memory")
     if memory:
         used, peak = memory.get("allocated_bytes", 0), memory.get("peak_bytes", 0)
         if memory.get("device", "cpu") == "cpu":
-            parts.append(f"cpu {_gb(used)} GB resident, peak {_gb(peak)}")
+            parts.append(f"cpu {_gb(used)} GB (peak {_gb(peak)})")
         else:
-            parts.append(f"{memory['device']} {_gb(used)}/{_gb(memory.get('total_bytes', 0))} GB, peak {_gb(peak)}")
+            parts.append(f"{memory['device']} {_gb(used)}/{_gb(memory.get('total_bytes', 0))} GB (peak {_gb(peak)})")
+    parts.append(f"↑ {_bytes(snap.get('sent_per_s', 0.0))}/s ↓ {_bytes(snap.get('received_per_s', 0.0))}/s "
+                 f"({_bytes(snap.get('bytes_sent', 0))} / {_bytes(snap.get('bytes_received', 0))})")
     return " · ".join(parts)
 
 

@@ -72,10 +72,10 @@ def test_device_memory_reports_use_and_peak():
     assert 0 < memory["free_bytes"] <= memory["total_bytes"]
     line = format_status({"state": "online", "stage": 0, "num_stages": 1, "peers": 2, "tokens_per_s": 10.0,
                           "memory": memory})
-    assert "cpu " in line and "GB resident, peak" in line
+    assert "cpu " in line and "GB (peak" in line
     gpu = format_status({"state": "online", "memory": {"device": "cuda:0", "allocated_bytes": 3.1e9,
                                                         "peak_bytes": 3.4e9, "total_bytes": 24e9}})
-    assert gpu.endswith("cuda:0 3.1/24.0 GB, peak 3.4")
+    assert "· cuda:0 3.1/24.0 GB (peak 3.4) ·" in gpu
 
 
 def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch, capsys):
