@@ -1,41 +1,26 @@
 """The per-stage memory estimate (node/memory.py) and ``node plan``: the JSON contract and exit codes,
 agreement with peaks measured through the production stage engine, and the table in docs/node.md.
 
-How the peak is measured. The estimate counts torch tensors, so the test measures torch's tensor
-memory: ``torch.profiler.profile(profile_memory=True)`` makes torch's CPU allocator report every
-allocation and free, each with the allocator's running total of bytes allocated since profiling began
-(``total_allocated``), so the maximum of that total over a window is the exact peak of the tensors
-allocated in it, whatever the order or the timestamp resolution of the events. The engine is built
-and warmed up first (one microbatch and its optimizer step, so AdamW's state exists), the tensors it
-then holds are counted from their storages (``StageEngine.tensors()``: weights, frozen buffers,
-optimizer state; plus the DiLoCo outer state), and one round of ``dataplane.max_inflight``
-microbatches is profiled: every forward of the round before any backward, as a pipeline stage sees
-them. Measured peak = held tensors + the window's peak.
-
-Why not the process's peak RSS (``VmHWM`` in a fresh subprocess minus a baseline after a warm-up):
-it counts the interpreter and torch's libraries (~0.5 GB here, more than a test stage), and glibc
-keeps freed blocks mapped, so a round after the warm-up barely moves the high-water mark (tiny, stage
-0 of 3 at 8 x 129 tokens: RSS grew 17 MB in a round whose tensors peaked 80 MB above the start).
-Resetting the mark (``/proc/self/clear_refs``) does not help with that, and it cannot tell tensors
-from allocator slack. The profiler sees exactly what the estimate describes.
+How the peak is measured: bench/memory_peaks.py (the harness this test and the benchmark share; its
+docstring says why the profiler and not the process's RSS).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch._C._profiler import _ExtraFields_Allocation
 
 from node.cli import main
 from node.config import load_config
-from node.engine import build_engine
 from node.memory import GIB, estimate_stage, plan, smallest_stages
-from node.model import parameter_count, shared_tensors, stage_layers, stage_parameters
+from node.model import parameter_count, stage_layers, stage_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from memory_peaks import MEASURED, compare
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "node.md"  # "Stages per card" (issue: docs/node.md)
 TOLERANCE = 0.20
@@ -142,87 +127,13 @@ def test_estimate_components_follow_the_config():
 
 # ---------------------------------------------------------------------------------------------- measured peaks
 
-def _held_bytes(engine) -> int:
-    tensors = list(engine.tensors().values())
-    if engine.outer is not None:
-        tensors += [*engine.outer.global_, *engine.outer.momentum]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _window_peak(prof) -> int:
-    """The most bytes allocated at once during the profile, above what was allocated when it began."""
-    events = []
-
-    def walk(nodes) -> None:
-        for node in nodes:
-            if isinstance(node.extra_fields, _ExtraFields_Allocation):
-                events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    assert events, "the profiler reported no allocation"
-    events.sort(key=lambda e: e[0])
-    before = events[0][1] - events[0][2]
-    return max(total for _, total, _ in events) - before
-
-
-def measured_peak(cfg, stage: int, shared) -> int:
-    """Peak bytes of torch tensors while stage ``stage`` trains on the CPU through node.engine."""
-    engine = build_engine(cfg, stage, "cpu", shared=shared)
-    if cfg.diloco.enabled:
-        engine.attach_outer(cfg.diloco, "cpu")
-    t, inflight = cfg.train, cfg.dataplane.max_inflight
-    gen = torch.Generator().manual_seed(stage)
-
-    def inputs():
-        ids = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), generator=gen)
-        return ids, None if engine.is_first else torch.randn(t.batch_size, t.seq_len + 1, engine.boundary_width,
-                                                             generator=gen)
-
-    def train(count: int) -> None:
-        if engine.is_last:
-            for _ in range(count):
-                engine.forward_backward_last(*inputs())
-            return
-        shapes = [engine.forward(key, *inputs()).shape for key in range(count)]  # all in flight, then back
-        for key, shape in enumerate(shapes):
-            engine.backward(key, torch.randn(shape, generator=gen))
-
-    train(1)  # warm-up: one optimizer step, so AdamW's state exists from here on
-    assert engine.progress == 1 and engine.in_flight == 0
-    held = _held_bytes(engine)
-    gc.collect()  # collect earlier garbage now, not inside the window
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        train(inflight)
-    assert engine.progress == 1 + inflight // t.grad_accum and engine.in_flight == 0
-    return held + _window_peak(prof)
-
-
-MEASURED = {  # preset, stages, overrides: each exercises a different mix of the estimate's terms
-    "tiny-activations": ("tiny", 3, ["train.batch_size=8", "train.seq_len=128"]),
-    "tiny-stash": ("tiny", 2, ["train.batch_size=4", "train.seq_len=64", "dataplane.backward=stash",
-                               "dataplane.max_inflight=2"]),
-    "tiny-one-stage": ("tiny", 1, ["train.batch_size=4", "train.seq_len=64", "dataplane.max_inflight=2"]),
-    "tiny-loss": ("tiny", 2, ["train.batch_size=4", "train.seq_len=64", "model.vocab_size=8192"]),  # logits peak
-    "small": ("small", 2, ["train.batch_size=4", "train.seq_len=64"]),
-    "125m": ("125m", 2, ["train.batch_size=2", "train.seq_len=64"]),
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_cpu_plan_matches_measured_peak_on_every_stage(case):
-    preset, stages, overrides = MEASURED[case]
-    cfg = load_config(f"model/{preset}", [f"pipeline.num_stages={stages}", *overrides])
-    shared = shared_tensors(cfg.model)  # one T_fixed for the preset's stages, as StageChain does
-    rows = []
-    for stage in range(stages):
-        measured = measured_peak(cfg, stage, shared)
-        estimated = estimate_stage(cfg, stage, "cpu").device_bytes
-        rows.append((stage, measured, estimated, estimated / measured - 1))
-    report = "; ".join(f"stage {s}: measured {m} B, estimated {e} B ({err:+.1%})" for s, m, e, err in rows)
-    assert all(abs(err) <= TOLERANCE for *_, err in rows), report
+    rows = compare(case)
+    report = "; ".join(f"stage {r['stage']}: measured {r['measured_bytes']} B, estimated {r['estimated_bytes']} B "
+                       f"({r['error']:+.1%})" for r in rows)
+    assert all(abs(r["error"]) <= TOLERANCE for r in rows), report
 
 
 # ---------------------------------------------------------------------------------------------- docs
