@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import load_config
 from node.pipeline import FORWARD, PipelineCompute
-from node.serving import StageWork
+from node.stage_store import StageStore
 
 
 def held_bytes(compute: PipelineCompute) -> int:
@@ -48,7 +48,7 @@ def held_bytes(compute: PipelineCompute) -> int:
 
 async def run(mode: str, cfg, stage: int, inflight: int, rounds: int, tmp: Path) -> dict:
     cfg.dataplane.backward = mode
-    compute = PipelineCompute(StageWork(cfg, "bench", stage, tmp / mode), cfg)
+    compute = PipelineCompute(StageStore.fresh(cfg, "bench", stage, tmp / mode), cfg)
     t = cfg.train
     width = compute.width
     gen = torch.Generator().manual_seed(0)

@@ -52,11 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol.link import LinkSpec
+from swarm.dataplane import HANDLER as PIPELINE_HANDLER
 from swarm.exchange import HANDLER as EXCHANGE_HANDLER
-from swarm.links import netns_unavailable
-from swarm.pipeline import HANDLER as PIPELINE_HANDLER
-from swarm.simulator import LocalSwarm, PipelineMonitor, processes_mentioning
+from swarm.sim.link import LinkSpec
+from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.netns import netns_unavailable
+from swarm.sim.swarm import LocalSwarm, processes_mentioning
 from swarm.state_transfer import StageStateServer
 
 NODES = 4

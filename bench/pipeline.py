@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import load_config
 from node.train_local import train_local
-from swarm.simulator import LocalSwarm, PipelineMonitor
+from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.swarm import LocalSwarm
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/swarm/pipeline-local.toml"

@@ -1,7 +1,7 @@
 """The headline benchmarks over emulated home links: pipeline, Streaming DiLoCo, and hivemind's own DP.
 
-Every run is a real localhost swarm of `node start` processes (swarm/simulator.py) whose nodes each
-sit in their own network namespace with tc tbf shaping both directions of their link (swarm/links.py)
+Every run is a real localhost swarm of `node start` processes (swarm/sim/swarm.py) whose nodes each
+sit in their own network namespace with tc tbf shaping both directions of their link (swarm/sim/netns.py)
 when this process is root; otherwise the nodes throttle their own protoswarm streams in-process
 (the DHT is then unshaped and the link byte counts are missing, and the JSON says so). One machine,
 one invocation, the same token budget within each family:
@@ -52,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import moving_average  # bench/pipeline.py (this script's folder is first on sys.path)
 
-from protocol.link import LinkSpec
-from swarm.links import NetnsLab, netns_unavailable
-from swarm.simulator import LocalSwarm, PipelineMonitor
+from swarm.sim.link import LinkSpec
+from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.netns import NetnsLab, netns_unavailable
+from swarm.sim.swarm import LocalSwarm
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPE_CONFIG = "configs/swarm/pipeline-local.toml"

@@ -1,11 +1,17 @@
 """The daemon a volunteer runs, and everything local to one peer. Imports ``swarm`` and ``protocol``.
 
-- ``node.daemon``       ``NodeDaemon``: ``node start``'s lifecycle (metrics first, background bootstrap,
-                        run parameters, stage claiming and rebalancing, OFFLINE + checkpoint on exit)
+- ``node.daemon``       ``NodeDaemon``: ``node start``'s lifecycle only (metrics first, background bootstrap,
+                        run parameters, claiming, hosting a stage, rebalancing, OFFLINE + checkpoint on exit)
+- ``node.services``     ``NodeServices``: the P2P loop and the handlers that live as long as the node
+- ``node.context``      ``NodeContext``: what a stage host needs of the node around it
+- ``node.stage_host``   ``StageHost``: everything for the one stage served, built and torn down as a unit;
+                        ``ReplicaTrainer``: local training of the whole model (one stage)
+- ``node.stage_store``  ``StageStore``: a stage's persistence (checkpoints, snapshots for peers, loading them)
+- ``node.stage_download`` ``StageDownloader``: a stage's state from its other replicas
+- ``node.claim``        which stage fits this node's device and which it should take
 - ``node.run_params``   what a run publishes and what a joiner keeps local (``config_from_run``)
 - ``node.engine``       ``StageEngine``: one stage's tensors on its device and its inner training step, the
                         only stage engine; ``StageChain``: every stage in one process
-- ``node.serving``      ``StageWork``: the served stage's engine, checkpoints, snapshots, and local training
 - ``node.pipeline``     ``PipelineCompute`` (a stage engine on its worker thread) and ``PipelineRole``
                         (serving and driving a pipeline stage)
 - ``node.replica_sync`` ``ReplicaSync``: Streaming DiLoCo between the replicas of the served stage

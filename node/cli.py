@@ -170,8 +170,10 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from protocol.link import LinkSpec
-    from swarm.simulator import SimError, parse_faults, run_simulation
+    from swarm.sim.faults import parse_faults
+    from swarm.sim.link import LinkSpec
+    from swarm.sim.run import run_simulation
+    from swarm.sim.swarm import SimError
 
     # SIGTERM and SIGINT both unwind through the swarm's shutdown (every node stopped, nothing left
     # behind), also when SIGINT arrives ignored from a background shell.

@@ -1,7 +1,7 @@
 """Typed run configuration, loaded from TOML presets in ``configs/`` with command-line overrides.
 
 A run config has one table per component: ``[model]``, ``[pipeline]``, ``[data]``, ``[train]`` and
-``[swarm]`` are defined here; ``[wire]`` (protocol/tensors.py), ``[dataplane]`` (swarm/pipeline.py),
+``[swarm]`` are defined here; ``[wire]`` (protocol/tensors.py), ``[dataplane]`` (swarm/dataplane/config.py),
 ``[diloco]`` (swarm/diloco.py) and ``[exchange]`` (swarm/exchange.py) next to the component that takes
 the section itself as its config. The field helpers and ``ConfigError`` are protocol/settings.py's.
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
@@ -28,9 +28,9 @@ from typing import Any
 from configs import CONFIG_DIR
 from protocol.settings import ConfigError, check_positive, setting, setting_list
 from protocol.tensors import WireConfig
+from swarm.dataplane import DataplaneConfig
 from swarm.diloco import DilocoConfig
 from swarm.exchange import ExchangeConfig
-from swarm.pipeline import DataplaneConfig
 
 
 @dataclass(kw_only=True)
@@ -274,7 +274,7 @@ class SwarmConfig:
         if bad:
             raise ConfigError(f"swarm.allow_peers: {bad[0]!r} is not a base58 peer id")
         if self.link:
-            from protocol.link import LinkSpec
+            from swarm.sim.link import LinkSpec
 
             try:
                 LinkSpec.parse(self.link)

@@ -60,7 +60,7 @@ PIPELINE_WAYS = ("sent", "received")
 PIPELINE_PHASES = ("forward", "backward", "step")
 BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
-REFUSAL_CODES = (  # swarm.pipeline.REFUSAL_CODES plus "other"
+REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
     "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "other",
 )
@@ -318,7 +318,7 @@ class NodeMetrics:
         with self._lock:
             self._totals["tokens"] += tokens
 
-    # pipeline (swarm.pipeline.PipelineEvents) ------------------------------------------------------------
+    # pipeline (swarm.dataplane.PipelineEvents) -----------------------------------------------------------
 
     def pipeline_bytes(self, direction: str, way: str, codec: str, nbytes: int, dense_nbytes: int) -> None:
         direction, way = _bounded(direction, PIPELINE_DIRECTIONS), _bounded(way, PIPELINE_WAYS)

@@ -37,7 +37,7 @@ import torch
 
 from node.config import ConfigError, RunConfig
 from node.engine import StageEngine, UnknownMicrobatch
-from node.serving import StageWork
+from node.stage_store import StageStore
 from protocol.subspace import basis_fingerprint
 
 __all__ = ["PipelineCompute", "PipelineRole", "UnknownMicrobatch"]
@@ -52,7 +52,7 @@ class PipelineCompute:
 
     def __init__(
         self,
-        work: StageWork,
+        work: StageStore,
         cfg: RunConfig,
         *,
         on_step: Callable[[int], None] | None = None,
@@ -208,7 +208,7 @@ def _resolve(future: asyncio.Future, result: object, error: BaseException | None
 class PipelineRole:
     """What a daemon with ``pipeline.num_stages > 1`` does besides the DHT: serve and drive its stage.
 
-    Owns the :class:`swarm.pipeline.DataPlane` (on the daemon's P2P event loop) and the
+    Owns the :class:`swarm.dataplane.DataPlane` (on the daemon's P2P event loop) and the
     :class:`PipelineCompute` of the stage the node serves; a stage-0 node also drives microbatches
     from its own data shard. The daemon calls :meth:`setup` on the loop, then :meth:`serve`,
     :meth:`observe` and :meth:`stop` from its own threads.
@@ -223,7 +223,7 @@ class PipelineRole:
         self._drawn = 0
 
     async def setup(self, p2p, peer_id: str, run_id: str) -> None:
-        from swarm.pipeline import DataPlane
+        from swarm.dataplane import DataPlane
 
         cfg = self.cfg
         if cfg.train.seq_len + 1 > cfg.model.max_seq_len:
@@ -246,7 +246,7 @@ class PipelineRole:
                 if dropped:
                     logger.warning("freed %d stale microbatch stash(es) on stage %d", dropped, self.compute.stage)
 
-    def serve(self, work: StageWork) -> None:
+    def serve(self, work: StageStore) -> None:
         """Serve ``work``'s stage from now on (called on every stage change)."""
         old = self.compute
         self.compute = PipelineCompute(work, self.cfg, on_phase=self.metrics.pipeline_compute, on_step=self._on_step)

@@ -9,7 +9,7 @@
   A replica that sees a peer in a later epoch moves there at once, so fast and slow volunteers meet
   at the same rounds. Boundary ``k`` syncs fragment ``k mod P`` in round ``k div P``: with the
   summed counter ``t = k·U`` that is exactly the schedule of swarm/diloco.py.
-- **The outer step** (:class:`swarm.diloco.OuterLoop`, held by the stage's ``StageWork``). At a
+- **The outer step** (:class:`swarm.diloco.OuterLoop`, held by the stage's ``StageStore``). At a
   boundary the replica computes its outer gradient for the fragment, hands it to the exchange, keeps
   training, and applies the group's mean once it has arrived and ``overlap`` (τ) of its own steps
   have passed. A skipped round applies nothing.
@@ -32,7 +32,7 @@ from typing import Any
 
 from node.config import RunConfig
 from node.metrics import NodeMetrics
-from node.serving import StageWork
+from node.stage_store import StageStore
 from protocol.messages import StageRecord
 from swarm.exchange import HANDLER, FragmentExchange, RoundKey
 
@@ -71,7 +71,7 @@ class ReplicaSync:
                  peer_id: str, run_id: str) -> None:
         self.cfg, self.metrics, self.loop, self.p2p = cfg, metrics, loop, p2p
         self.peer_id, self.run_id = peer_id, run_id
-        self.work: StageWork | None = None
+        self.work: StageStore | None = None
         self.exchange: FragmentExchange | None = None
         self._lock = threading.Lock()  # the epoch state: trainer thread vs. upkeep thread
         self.epoch = 0
@@ -101,7 +101,7 @@ class ReplicaSync:
 
     # ------------------------------------------------------------------------------------ attach
 
-    def attach(self, work: StageWork) -> None:
+    def attach(self, work: StageStore) -> None:
         """Sync ``work``'s stage from now on (called on every stage change and after a resync)."""
         if work.outer is None:
             return
@@ -124,7 +124,7 @@ class ReplicaSync:
         work.schedule_state = lambda: self.schedule_position(work)
         self.metrics.outer_epoch.set(self.epoch)
 
-    def schedule_position(self, work: StageWork) -> dict[str, int] | None:
+    def schedule_position(self, work: StageStore) -> dict[str, int] | None:
         """Where ``work``'s stage is in the shared schedule (for its checkpoints); None once detached."""
         with self._lock:
             if self.work is not work:
@@ -170,7 +170,7 @@ class ReplicaSync:
                 return
         self._check_history(work, online)
 
-    def _check_history(self, work: StageWork, mates: list[StageRecord]) -> None:
+    def _check_history(self, work: StageStore, mates: list[StageRecord]) -> None:
         """Find out whether this replica's global copies drifted from the stage's (docs/diloco.md).
 
         For each fragment, the replicas that applied the same last round should hold the same hash
@@ -227,7 +227,7 @@ class ReplicaSync:
         summed = self.epoch_steps + sum(s for e, s in self._peers.values() if e == self.epoch)
         return self.epoch + 1 if summed >= self.spacing else self.epoch
 
-    def _cross(self, work: StageWork, target: int) -> None:
+    def _cross(self, work: StageStore, target: int) -> None:
         settings = work.outer.settings
         missed = target - self.epoch - 1
         with self._lock:
@@ -251,7 +251,7 @@ class ReplicaSync:
         self.stats["rounds_started"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), "started").inc()
 
-    def _apply_ready(self, work: StageWork) -> None:
+    def _apply_ready(self, work: StageStore) -> None:
         tau = work.outer.settings.overlap
         for fragment, (future, begun, _, _) in list(self._pending.items()):
             if self.cfg.diloco.blocking and self.steps - begun >= tau and not future.done():
@@ -275,7 +275,7 @@ class ReplicaSync:
         self.wait_s += waited
         self.metrics.outer_wait_seconds_total.inc(waited)
 
-    def _finish(self, work: StageWork, fragment: int, result, why: str) -> None:
+    def _finish(self, work: StageStore, fragment: int, result, why: str) -> None:
         future, _, key, started = self._pending.pop(fragment)
         if result is None and not future.done():
             future.cancel()

@@ -3,16 +3,22 @@
 The run-level tables (model, pipeline, data, train, wire, diloco, exchange) are published as a
 msgpack map in a :class:`~protocol.messages.RunRecord`; node-local fields are stripped before
 publishing and always taken from the joiner's own config. A joiner also refuses runs whose stages exceed its parameter
-budget (``swarm.max_stage_params_m``).
+budget (``swarm.max_stage_params_m``). :func:`created_run` and :func:`joined_run` make the record a
+creator publishes and the config and record a joiner takes from the one it chose.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
+import time
 from typing import Any
+
+import msgpack
 
 from node.config import ConfigError, RunConfig, build_config
 from node.model import largest_stage_parameters
+from protocol.messages import RunRecord
 
 # Node-local settings: never taken from the swarm's published run parameters. data.path is local so
 # a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
@@ -66,3 +72,29 @@ def config_from_run(params: dict[str, Any], local: RunConfig, peer_id: str = "")
             f"swarm.max_stage_params_m={local.swarm.max_stage_params_m:,.0f}"
         )
     return cfg
+
+
+class RunUnusable(Exception):
+    """The swarm's run cannot be joined here (several runs and none named, or unusable parameters)."""
+
+
+def created_run(cfg: RunConfig, peer_id: str, proof) -> RunRecord:
+    """The record of a new run this node creates (``swarm.run_id``, else ``<model>-<random>``)."""
+    run_id = cfg.swarm.run_id or f"{cfg.model.name}-{secrets.token_hex(3)}"
+    return RunRecord(run_id=run_id, creator=peer_id, created=time.time(), publisher=peer_id,
+                     config=msgpack.packb(run_parameters(cfg)), access=proof(run_id, peer_id))
+
+
+def joined_run(chosen: RunRecord, local: RunConfig, peer_id: str, proof) -> tuple[RunConfig, RunRecord]:
+    """This node's config for the run ``chosen`` (its parameters plus the local fields) and the record this
+    node republishes for it; RunUnusable when the parameters cannot be used here."""
+    try:
+        params = msgpack.unpackb(chosen.config, raw=False)
+        if not isinstance(params, dict):
+            raise ConfigError("the run parameters are not a table")
+        cfg = config_from_run(params, local, peer_id)
+    except (ConfigError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise RunUnusable(f"the swarm's run parameters are not usable here: {exc}") from None
+    record = RunRecord(run_id=chosen.run_id, creator=chosen.creator, created=chosen.created, publisher=peer_id,
+                       config=chosen.config, access=proof(chosen.run_id, peer_id))
+    return cfg, record

@@ -6,9 +6,8 @@
 - ``protocol.schema``     the machinery under messages: body layout (u32 header length, msgpack
   header, raw payloads), typed field validation, the major-version check.
 - ``protocol.framing``    frames on a byte stream: 12-byte prefix (magic, format, length, CRC-32),
-  the size cap checked before reading, ``read_frame``/``write_frame``/``FrameDecoder``.
-- ``protocol.link``       emulated access link (rate, one-way delay) on protoswarm's own frames, the
-  fallback when network namespaces + ``tc`` are unavailable: ``LinkSpec``, ``LinkEmulator``, ``install``.
+  the size cap checked before reading, ``read_frame``/``write_frame``/``FrameDecoder``; ``FrameHook``
+  and ``set_frame_hook``, what the simulator's emulated link (``swarm.sim.link``) plugs in as.
 - ``protocol.streams``    messages on asyncio streams (hivemind P2P binary streams): ``request`` and
   ``serve_stream``, which answers bad input with an ``ErrorReply`` instead of failing.
 - ``protocol.tensors``    tensors on the wire: descriptors, ``WireLimits`` caps, ``encode_tensor`` /

@@ -11,7 +11,9 @@ Noise). After a framing error the stream's position is unknown, so the stream sh
 
 :func:`read_frame`/:func:`write_frame` work on asyncio streams (which is what hivemind's
 ``add_binary_stream_handler``/``call_binary_stream_handler`` hand out); :class:`FrameDecoder`
-splits frames out of bytes fed to it, for transports that deliver chunks.
+splits frames out of bytes fed to it, for transports that deliver chunks. A :class:`FrameHook`
+installed with :func:`set_frame_hook` is awaited around every frame they read or write (the
+simulator's emulated access link); framing knows nothing else about it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from protocol.errors import (
     ChecksumError,
@@ -32,16 +34,38 @@ from protocol.errors import (
 )
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 
-if TYPE_CHECKING:
-    from protocol.link import LinkEmulator
-
 MAGIC = b"PSW"
 FRAME_FORMAT = 1
 _PREFIX = struct.Struct("<3sBII")
 PREFIX_BYTES = _PREFIX.size  # 12
 
-# The emulated access link every frame read or written pays for; set by protocol.link.install (None: off).
-_link_emulator: LinkEmulator | None = None
+
+class FrameHook(Protocol):
+    """What every frame read or written in this process passes through once :func:`set_frame_hook`
+    installs it; ``nbytes`` counts the whole frame, prefix included. Both waits happen inside the
+    frame's timeout. The simulator's emulated access link (swarm/sim/link.py) is one."""
+
+    async def before_send(self, nbytes: int) -> None:
+        """A frame of ``nbytes`` is about to be written: return when it may go."""
+
+    async def after_receive(self, nbytes: int) -> None:
+        """A frame of ``nbytes`` was read whole: return when it may be handed on."""
+
+
+# None, the normal case, costs one global lookup and an ``is None`` test per frame.
+_frame_hook: FrameHook | None = None
+
+
+def set_frame_hook(hook: FrameHook | None) -> FrameHook | None:
+    """Make ``hook`` this process's frame hook from now on (None: none); returns the one it replaces."""
+    global _frame_hook
+    previous, _frame_hook = _frame_hook, hook
+    return previous
+
+
+def frame_hook() -> FrameHook | None:
+    """The installed frame hook, or None."""
+    return _frame_hook
 
 
 def frame_prefix(body: bytes | bytearray | memoryview) -> bytes:
@@ -155,8 +179,8 @@ async def read_frame(
             prefix = first + await reader.readexactly(PREFIX_BYTES - 1)
             length, crc = parse_prefix(prefix, limits)
             body = await reader.readexactly(length)
-            if (link := _link_emulator) is not None:
-                await link.after_receive(PREFIX_BYTES + length)
+            if (hook := _frame_hook) is not None:
+                await hook.after_receive(PREFIX_BYTES + length)
     except TimeoutError:
         if idle.expired():
             raise StreamIdle(f"no frame started within {idle_timeout} s") from None
@@ -184,8 +208,8 @@ async def write_frame(
     try:
         async with asyncio.timeout(timeout) as deadline:
             prefix = frame_prefix(body)
-            if (link := _link_emulator) is not None:
-                await link.before_send(len(prefix) + len(body))
+            if (hook := _frame_hook) is not None:
+                await hook.before_send(len(prefix) + len(body))
             writer.write(prefix)
             writer.write(body)
             await writer.drain()

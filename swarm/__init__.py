@@ -8,18 +8,22 @@
 - ``swarm.state_transfer``  ``StageStateServer`` / ``download_stage_state``: a stage's weights over
   hivemind P2P, chunked and SHA-256 verified.
 - ``swarm.status``          ``node status``: read the swarm from any peer (client-mode DHT).
-- ``swarm.simulator``       ``LocalSwarm`` / ``node sim``: real ``node start`` processes on localhost
-  with a fault script; the swarm tests' fixture.
 - ``swarm.routing``         ``Router``: which replica of the next stage gets a microbatch (earliest
   expected finish, bans with backoff).
-- ``swarm.pipeline``        ``DataPlane``: microbatches between stage replicas over hivemind P2P;
-  ``DataplaneConfig``, the ``[dataplane]`` section it takes.
+- ``swarm.dataplane``       ``DataPlane``: microbatches between stage replicas over hivemind P2P,
+  one role a file (serve, send, drive; its docstring maps them); ``DataplaneConfig``, the
+  ``[dataplane]`` section it takes.
 - ``swarm.diloco``          Streaming DiLoCo's outer loop for one replica: fragments, the schedule
   as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean;
   ``DilocoConfig``, the ``[diloco]`` section it takes.
 - ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
   hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
-- ``swarm.access``, ``swarm.links``  swarm-key access control; the home-link lab of the simulator.
+- ``swarm.access``          swarm-key access control.
+- ``swarm.procs``           what a node's child processes leave behind: ``descendants``, libp2p socket
+  files (``p2pd_sockets``, ``remove_unbound_sockets``).
+- ``swarm.sim``             the localhost simulator, a package (its docstring maps it): ``LocalSwarm`` /
+  ``node sim``, real ``node start`` processes with a fault script, the swarm tests' fixture; the
+  network-namespace home links; ``LinkSpec`` and the in-process ``LinkEmulator`` (``swarm.link``).
 
 Each component takes its config section itself (built on ``protocol.settings``); node/config.py
 only composes the sections into a run config.

@@ -11,12 +11,10 @@ at every attempt, so containers can join a peer whose id they cannot know in adv
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -32,6 +30,7 @@ from hivemind.utils import get_dht_time
 
 from protocol.messages import RunRecord, StageRecord, encode_message
 from swarm.access import SwarmAccess
+from swarm.procs import descendants, p2pd_sockets, remove_unbound_sockets
 from swarm.records import (
     RECORD_LIMITS,
     RUNS_KEY,
@@ -363,72 +362,6 @@ class _NullContext:
 
     def __exit__(self, *exc) -> bool:
         return False
-
-
-_SOCKET_GLOB = "/tmp/hivemind-p2p*.sock"
-
-
-def p2pd_sockets() -> set[str]:
-    return set(glob.glob(_SOCKET_GLOB))
-
-
-def remove_unbound_sockets(paths: set[str]) -> None:
-    """Delete socket files a failed libp2p start left behind (hivemind removes them only when its daemon
-    is still running). A path some live process still has bound (another node on this machine) is kept."""
-    if not paths:
-        return
-    try:
-        with open("/proc/net/unix") as f:
-            bound = {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) >= 8}
-    except OSError:
-        return  # cannot tell which are in use: leave them
-    for path in paths - bound:
-        # /proc/net/unix lists only this network namespace's sockets; a node in another namespace
-        # (a link-emulation lab) may still serve this path: ask the path itself.
-        if _accepts_connections(path):
-            continue
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def _accepts_connections(path: str) -> bool:
-    """Whether a live process listens on the unix socket ``path`` (unknown errors count as yes)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(path)
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every descendant of ``pid`` (from /proc; empty where /proc is unavailable)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -338,7 +338,7 @@ def serve_oracle(case: Case, limits: WireLimits, rule: HandlerRule) -> Expect:
 
 @dataclass
 class PipelineTarget:
-    """What a pipeline stage accepts (swarm/pipeline.py ``DataPlane._check``; docs/pipeline.md)."""
+    """What a pipeline stage accepts (swarm/dataplane/serve.py ``HopServer._check``; docs/pipeline.md)."""
 
     run_id: str
     stage: int  # the stage served; requests come from stage - 1
@@ -534,7 +534,7 @@ LARGE_BYTES = 8 << 20  # the "large" cases: frames well under the cap that the n
 
 def pipeline_corpus(rng: random.Random, t: PipelineTarget, client: str, vocab: int, *, large: bool = False,
                     mutations: int = 24) -> list[Case]:
-    """Cases for the pipeline handler (swarm/pipeline.py) of a node serving stage ``t.stage``."""
+    """Cases for the pipeline handler (swarm/dataplane/serve.py) of a node serving stage ``t.stage``."""
     s, k = t.stage, t.width
     seeds = iter(range(1 << 30))
 

@@ -9,7 +9,7 @@ from configs import CONFIG_DIR
 from node.config import SECTIONS, ConfigError, describe_fields, load_config, parse_override
 from node.model import LanguageModel, parameter_count
 from node.run_params import config_from_run, run_parameters
-from swarm import diloco, exchange, pipeline
+from swarm import dataplane, diloco, exchange
 
 SHIPPED = sorted(CONFIG_DIR.rglob("*.toml"))
 
@@ -132,8 +132,8 @@ def test_wire_codecs_are_checked_by_name():
 
 
 @pytest.mark.parametrize(("section", "component", "parameter"), [
-    ("wire", pipeline.DataPlane.__init__, "wire"),
-    ("dataplane", pipeline.DataPlane.__init__, "config"),
+    ("wire", dataplane.DataPlane.__init__, "wire"),
+    ("dataplane", dataplane.DataPlane.__init__, "config"),
     ("diloco", diloco.OuterLoop.__init__, "settings"),
     ("diloco", diloco.InProcessGroup.__init__, "settings"),
     ("diloco", diloco.due, "settings"),
@@ -142,7 +142,7 @@ def test_wire_codecs_are_checked_by_name():
 def test_each_section_is_the_config_its_component_takes(section, component, parameter):
     """A component takes its config section itself: no settings class copies the section field by field."""
     assert typing.get_type_hints(component)[parameter] is SECTIONS[section]
-    for module in (pipeline, diloco, exchange):
+    for module in (dataplane, diloco, exchange):
         assert not [name for name in vars(module) if name.endswith("Settings")], module.__name__
     assert SECTIONS[section].SECTION == section
 

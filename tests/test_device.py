@@ -78,20 +78,26 @@ def test_device_memory_reports_use_and_peak():
     assert "· cuda:0 3.1/24.0 GB (peak 3.4) ·" in gpu
 
 
-def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch, capsys):
-    from node import device as device_module
-    from node.daemon import NodeDaemon
+def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch):
+    from node import claim
     from node.memory import estimate_stage
 
     cfg = load_config("model/125m", ["pipeline.num_stages=3", "train.device='cpu'"])
     need = [estimate_stage(cfg, s, "cpu").device_bytes for s in range(3)]
-    daemon = NodeDaemon(cfg, create=True, status_mode="off")
-    daemon.run_id = "r"
-    monkeypatch.setattr(device_module, "free_memory", lambda device: sorted(need)[1])  # the two smaller fit
-    assert daemon._stages_that_fit() == sorted(range(3), key=lambda s: need[s])[:2]
-    monkeypatch.setattr(device_module, "free_memory", lambda device: min(need) - 1)  # none fits: stop, say why
-    assert daemon._stages_that_fit() is None and daemon.stop.is_set() and daemon._exit_code == 2
-    assert "no stage of run r fits cpu" in capsys.readouterr().err
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(claim, "free_memory", lambda device: sorted(need)[1])  # the two smaller fit
+    fit, failure = claim.stages_that_fit(cfg, cpu, "r")
+    assert failure is None and fit == sorted(sorted(range(3), key=lambda s: need[s])[:2])
+    # The swarm's weakest stage does not fit: the neediest one that does is picked instead.
+    unfit = next(s for s in range(3) if s not in fit)
+    loads, servers = [1.0, 1.0, 1.0], [1, 1, 1]
+    servers[unfit] = 0
+    assert claim.pick_stage(loads, servers, "me", 1, fit, own=None) in fit
+    monkeypatch.setattr(claim, "free_memory", lambda device: min(need) - 1)  # none fits: the reason to stop
+    fit, failure = claim.stages_that_fit(cfg, cpu, "r")
+    assert fit == [] and failure.startswith("no stage of run r fits cpu")
+    pinned = load_config("model/125m", ["pipeline.num_stages=3", "swarm.stage=1"])
+    assert "stage 1 of run r needs" in claim.stages_that_fit(pinned, cpu, "r")[1]
 
 
 def test_node_start_refuses_a_model_this_machine_cannot_hold(tmp_path):

@@ -377,7 +377,7 @@ def test_build_context_holds_the_package_and_nothing_heavy() -> None:
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
     needed = ["pyproject.toml", PYPROJECT["project"]["readme"], "node/cli.py", "configs/swarm/tiny.toml",
-              *(f"{pkg}/__init__.py" for pkg in PYPROJECT["tool"]["setuptools"]["packages"])]
+              *(f"{pkg.replace('.', '/')}/__init__.py" for pkg in PYPROJECT["tool"]["setuptools"]["packages"])]
     for path in needed:
         assert (REPO / path).is_file(), path
         assert not _dockerignore_excludes(patterns, path), f".dockerignore leaves out {path}"

@@ -8,7 +8,6 @@ the daemon's one-stage replica.
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ import torch
 from node.config import load_config
 from node.engine import StageChain, StageEngine, UnknownMicrobatch, build_engine
 from node.model import LanguageModel, lm_loss
-from node.serving import StageWork
+from node.stage_host import ReplicaTrainer
+from node.stage_store import StageStore
 from node.train_local import train_local
 from protocol import subspace
 
@@ -132,9 +132,9 @@ def test_one_inner_step_for_train_local_and_the_one_stage_daemon(tmp_path, small
                  "pipeline.num_stages=1", "diloco.enabled=false"]
     cfg = load_config("local/tiny", overrides)
     result = train_local(cfg)
-    work = StageWork(cfg, "r", 0, tmp_path / "daemon")
+    work = StageStore.fresh(cfg, "r", 0, tmp_path / "daemon")
     losses = []
-    work.train(threading.Event(), on_step=lambda step, loss: losses.append(loss))
+    ReplicaTrainer(work, cfg).run(lambda: False, on_step=lambda step, loss: losses.append(loss))
     assert work.progress == 3
     assert losses == [loss for _, loss in result.train_losses]
     for (name, a), (_, b) in zip(result.chain.engines[0].module.state_dict().items(),

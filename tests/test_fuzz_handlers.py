@@ -1,4 +1,4 @@
-"""Fuzzing every P2P stream handler the daemon registers: the pipeline (swarm/pipeline.py), the
+"""Fuzzing every P2P stream handler the daemon registers: the pipeline (swarm/dataplane/), the
 fragment exchange (swarm/exchange.py) and the state server (swarm/state_transfer.py).
 
 The harness is tests/fuzz_util.py: seeded cases (random bytes, framing damage, oversize prefixes,
@@ -56,10 +56,10 @@ from protocol.messages import (
 )
 from protocol.streams import PeerStrikes, request
 from protocol.tensors import WireConfig, WireLimits
+from swarm.dataplane import HANDLER as PIPELINE
+from swarm.dataplane import DataPlane, DataplaneConfig, PipelineEvents
 from swarm.exchange import HANDLER as EXCHANGE
 from swarm.exchange import ExchangeConfig, FragmentExchange, RoundKey, plan_groups
-from swarm.pipeline import HANDLER as PIPELINE
-from swarm.pipeline import DataPlane, DataplaneConfig, PipelineEvents
 from swarm.state_transfer import StageSnapshot, StageStateServer, download_stage_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # hivemind's own
@@ -293,7 +293,7 @@ def test_a_real_node_answers_counts_bans_and_keeps_serving_under_fuzzing(tmp_pat
     from node.model import shared_tensors
     from protocol.subspace import basis_fingerprint
     from swarm.dht import SwarmDHT
-    from swarm.simulator import LocalSwarm
+    from swarm.sim.swarm import LocalSwarm
 
     cfg = load_config(CONFIG)
     basis = basis_fingerprint(*(t for t in shared_tensors(cfg.model) if t is not None))

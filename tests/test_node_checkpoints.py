@@ -11,7 +11,7 @@ from node.checkpoint import list_checkpoints
 from node.config import load_config
 from node.metrics import NodeMetrics
 from node.replica_sync import ReplicaSync, rounds_behind
-from node.serving import StageWork
+from node.stage_store import StageStore
 from protocol.messages import StageRecord
 
 MODEL = {"name": "t", "vocab_size": 256, "d_model": 32, "n_layers": 3, "n_heads": 2, "ffn_hidden": 64,
@@ -28,7 +28,7 @@ def record(peer, history, state="online"):
     return StageRecord(peer_id=peer, run_id="r", stage=0, num_stages=1, state=state, outer_history=list(history))
 
 
-def step(work: StageWork, seed: int) -> None:
+def step(work: StageStore, seed: int) -> None:
     """One inner optimizer step with made-up gradients, as training takes it."""
     gen = torch.Generator().manual_seed(seed)
     with work.lock:
@@ -39,21 +39,21 @@ def step(work: StageWork, seed: int) -> None:
         work.progress += 1
 
 
-def train_a_little(work: StageWork) -> None:
+def train_a_little(work: StageStore) -> None:
     for i in range(4):
         step(work, i)
     work.outer.begin(1, 0)
     work.outer.apply(1, torch.full((work.outer.layouts[1].numel,), 1e-3))
 
 
-def saved_and_reopened(cfg, tmp_path, schedule: dict[str, int]) -> tuple[StageWork, StageWork]:
+def saved_and_reopened(cfg, tmp_path, schedule: dict[str, int]) -> tuple[StageStore, StageStore]:
     """A stage trained a little and checkpointed at schedule position ``schedule``, and a fresh
-    StageWork on the same checkpoint directory (not resumed yet)."""
-    a = StageWork(cfg, "r", 0, tmp_path / "a")
+    StageStore on the same checkpoint directory (not resumed yet)."""
+    a = StageStore.fresh(cfg, "r", 0, tmp_path / "a")
     train_a_little(a)
     a.schedule_state = lambda: dict(schedule)
     a.save_checkpoint()
-    return a, StageWork(cfg, "r", 0, tmp_path / "a")
+    return a, StageStore.fresh(cfg, "r", 0, tmp_path / "a")
 
 
 def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_resume_restores_them(tmp_path):
@@ -75,7 +75,7 @@ def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_res
         sync.attach(b)
         assert (sync.epoch, sync.epoch_steps) == (5, 3) and b.resumed_schedule is None
         assert b.checkpoint_state()["schedule"] == {"outer_epoch": 5, "epoch_steps": 3}
-        sync.attach(StageWork(cfg, "r", 0, tmp_path / "other"))  # a stage change: b's position is no longer kept
+        sync.attach(StageStore.fresh(cfg, "r", 0, tmp_path / "other"))  # a stage change: b's position is no longer kept
         assert b.checkpoint_state()["schedule"] is None
     finally:
         loop.close()
@@ -83,7 +83,7 @@ def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_res
 
 def test_periodic_checkpoints_are_copied_at_once_and_written_in_the_background(tmp_path):
     cfg = config(tmp_path)  # checkpoint_every = 3
-    work = StageWork(cfg, "r", 0, tmp_path / "w")
+    work = StageStore.fresh(cfg, "r", 0, tmp_path / "w")
     started = []
     for i in range(7):
         step(work, i)
@@ -102,7 +102,7 @@ def test_periodic_checkpoints_are_copied_at_once_and_written_in_the_background(t
 def test_a_busy_writer_delays_the_next_periodic_checkpoint_to_the_next_step(tmp_path):
     import threading
 
-    work = StageWork(config(tmp_path), "r", 0, tmp_path / "w")
+    work = StageStore.fresh(config(tmp_path), "r", 0, tmp_path / "w")
     gate = threading.Event()
     work._writer = threading.Thread(target=gate.wait)  # a write still in progress
     work._writer.start()
@@ -117,29 +117,29 @@ def test_a_busy_writer_delays_the_next_periodic_checkpoint_to_the_next_step(tmp_
 
 def test_resume_falls_back_to_the_previous_checkpoint_and_honours_train_resume(tmp_path):
     cfg = config(tmp_path)
-    a = StageWork(cfg, "r", 0, tmp_path / "a")
+    a = StageStore.fresh(cfg, "r", 0, tmp_path / "a")
     step(a, 0)
     a.save_checkpoint()
     step(a, 1)
     newest = a.save_checkpoint()
     newest.write_bytes(newest.read_bytes()[:500])  # damaged on disk
-    b = StageWork(cfg, "r", 0, tmp_path / "a")
+    b = StageStore.fresh(cfg, "r", 0, tmp_path / "a")
     assert b.resume() and b.resumed_from == 1
-    off = StageWork(config(tmp_path, resume=False), "r", 0, tmp_path / "a")
+    off = StageStore.fresh(config(tmp_path, resume=False), "r", 0, tmp_path / "a")
     assert not off.resume() and off.progress == 0 and off.resumed_from is None
 
 
 def test_a_pipeline_stage_saves_and_restores_its_data_position(tmp_path):
     cfg = config(tmp_path, stages=2)
-    a = StageWork(cfg, "r", 0, tmp_path / "s0")
+    a = StageStore.fresh(cfg, "r", 0, tmp_path / "s0")
     a.progress, a.data_position = 5, 23  # stage 0 drew 23 microbatches (some still in flight)
     a.save_checkpoint()
-    b = StageWork(cfg, "r", 0, tmp_path / "s0")
+    b = StageStore.fresh(cfg, "r", 0, tmp_path / "s0")
     assert b.resume() and (b.progress, b.data_position) == (5, 23)
-    fresh = StageWork(cfg, "r", 0, tmp_path / "fresh")
+    fresh = StageStore.fresh(cfg, "r", 0, tmp_path / "fresh")
     fresh.progress = 4
     assert fresh.checkpoint_state()["data_position"] == 4 * cfg.train.grad_accum  # nothing drawn yet: the progress
-    later = StageWork(cfg, "r", 1, tmp_path / "s1")  # a later stage draws no data
+    later = StageStore.fresh(cfg, "r", 1, tmp_path / "s1")  # a later stage draws no data
     later.progress = 5
     assert later.checkpoint_state()["data_position"] is None
 

@@ -11,7 +11,7 @@ import torch
 from node.config import load_config
 from node.model import LanguageModel
 from node.pipeline import PipelineCompute, UnknownMicrobatch
-from node.serving import StageWork
+from node.stage_store import StageStore
 
 
 def small_config(tmp_path, **train):
@@ -27,7 +27,7 @@ def small_config(tmp_path, **train):
 
 def computes(cfg, tmp_path, mode="recompute"):
     cfg.dataplane.backward = mode
-    return [PipelineCompute(StageWork(cfg, "r", s, tmp_path / f"s{s}"), cfg) for s in range(3)]
+    return [PipelineCompute(StageStore.fresh(cfg, "r", s, tmp_path / f"s{s}"), cfg) for s in range(3)]
 
 
 async def chain(stages, key, window):

@@ -9,7 +9,7 @@ import torch
 from node.config import load_config
 from node.metrics import NodeMetrics
 from node.replica_sync import ReplicaSync
-from node.serving import StageWork
+from node.stage_store import StageStore
 from protocol.messages import StageRecord
 
 
@@ -29,7 +29,7 @@ def make(tmp_path, peer="P5"):
     cfg = small(tmp_path)
     loop = asyncio.new_event_loop()
     sync = ReplicaSync(cfg, NodeMetrics(), loop, None, peer, "r")
-    work = StageWork(cfg, "r", 0, tmp_path / peer)
+    work = StageStore.fresh(cfg, "r", 0, tmp_path / peer)
     sync.attach(work)
     return sync, work, loop
 
@@ -84,7 +84,7 @@ def test_a_replica_whose_history_differs_from_the_majority_resyncs(tmp_path):
 
 def test_outer_state_travels_in_snapshots(tmp_path):
     cfg = small(tmp_path)
-    a, b = StageWork(cfg, "r", 0, tmp_path / "a"), StageWork(cfg, "r", 0, tmp_path / "b")
+    a, b = StageStore.fresh(cfg, "r", 0, tmp_path / "a"), StageStore.fresh(cfg, "r", 0, tmp_path / "b")
     a.outer.begin(1, 0)
     a.outer.apply(1, torch.full((a.outer.layouts[1].numel,), 1e-3))
     snap = a.snapshot()
@@ -100,7 +100,7 @@ def test_consensus_state_is_the_same_bytes_on_agreeing_replicas_and_a_joiner_sta
     from swarm.state_transfer import encode_snapshot
 
     cfg = small(tmp_path)
-    a, b, joiner = (StageWork(cfg, "r", 0, tmp_path / n) for n in ("a", "b", "j"))
+    a, b, joiner = (StageStore.fresh(cfg, "r", 0, tmp_path / n) for n in ("a", "b", "j"))
     mean = torch.full((a.outer.layouts[2].numel,), 1e-3)
     for work in (a, b):
         with torch.no_grad():  # their local weights differ; their agreed state does not
@@ -130,7 +130,7 @@ def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int):
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     sync = ReplicaSync(cfg, NodeMetrics(), loop, None, "P5", "r")
-    work = StageWork(cfg, "r", 0, tmp_path / "P5")
+    work = StageStore.fresh(cfg, "r", 0, tmp_path / "P5")
     sync.attach(work)
 
     class SlowExchange:

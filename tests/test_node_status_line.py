@@ -24,7 +24,7 @@ import pytest
 
 from node.status_line import CLEAR, RateWindow, StatusLine, format_status
 from swarm.dht import maddrs_from_health, resolve_initial_peers
-from swarm.simulator import processes_mentioning
+from swarm.sim.swarm import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import pytest
 from grafana_util import dashboard_exprs
 from prom_util import PromServer, prometheus_tools
 
-from swarm.simulator import processes_mentioning
+from swarm.sim.swarm import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 3

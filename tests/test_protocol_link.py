@@ -1,4 +1,5 @@
-"""The emulated access link (protocol.link): spec parsing, rate and delay over real TCP streams.
+"""The emulated access link (swarm/sim/link.py, framing's frame hook): spec parsing, rate and delay over
+real TCP streams.
 
 Rates are measured over ~1.6 s transfers on 127.0.0.1 (loopback is ~1000x faster than the emulated
 link, so the emulator is what sets the pace) and checked to ±15%. Every test that installs an
@@ -14,9 +15,9 @@ import pytest
 
 from protocol.errors import FrameTimeout
 from protocol.framing import PREFIX_BYTES, encode_frame, read_frame, write_frame
-from protocol.link import LinkEmulator, LinkSpec, current, install
 from protocol.messages import StageRecord, StateRequest
 from protocol.streams import request, serve_stream
+from swarm.sim.link import LinkEmulator, LinkSpec, current, install
 
 RATE = 8e6  # bits/s: 1 MB/s
 FRAME = 64 * 1024  # body bytes per frame

@@ -17,7 +17,7 @@ from protocol.framing import read_frame, write_frame
 from protocol.messages import ErrorReply, RunRecord, StageRecord, decode_message, encode_message
 from swarm.access import AccessError, GatedP2P, SwarmAccess, load_key
 from swarm.dht import SwarmDHT
-from swarm.simulator import LocalSwarm, processes_mentioning
+from swarm.sim.swarm import LocalSwarm, processes_mentioning
 
 KEY = b"0123456789abcdef-the-swarm-secret"
 PEER_A = "QmRf24vKpZ8C8aZ4b2sYVk3DdDDf5bvp7VdQYxGfUkXgxA"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from p2p_util import run_sim
 
-from protocol.link import LinkSpec
-from swarm.links import NetnsLab, netns_unavailable, remove_stale_labs
-from swarm.simulator import LocalSwarm
+from swarm.sim.link import LinkSpec
+from swarm.sim.netns import NetnsLab, netns_unavailable, remove_stale_labs
+from swarm.sim.swarm import LocalSwarm
 
 NO_NETNS = netns_unavailable()
 needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"needs network namespaces: {NO_NETNS}")
@@ -88,7 +88,7 @@ def test_tbf_shapes_both_directions_of_a_namespaced_link():
 @needs_netns
 @pytest.mark.timeout(60)
 def test_a_lab_left_by_a_dead_process_is_removed():
-    code = "from swarm.links import NetnsLab; lab = NetnsLab(); lab.add(0); print(lab.hosts[0].netns, flush=True)"
+    code = "from swarm.sim.netns import NetnsLab; lab = NetnsLab(); lab.add(0); print(lab.hosts[0].netns, flush=True)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])  # exits without closing its lab
     netns = out.stdout.split()[-1]

@@ -22,9 +22,9 @@ from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import StageRecord, encode_message
-from swarm.dht import p2pd_sockets
+from swarm.procs import p2pd_sockets
 from swarm.records import SUBKEY_PREFIX, stage_key
-from swarm.simulator import LocalSwarm, processes_mentioning
+from swarm.sim.swarm import LocalSwarm, processes_mentioning
 
 # Fast record timing so expiry and rebalancing happen within a test.
 FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]

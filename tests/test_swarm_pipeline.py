@@ -18,11 +18,11 @@ from p2p_util import wait_for
 from node.config import load_config
 from node.metrics import NodeMetrics
 from node.pipeline import PipelineCompute
-from node.serving import StageWork
+from node.stage_store import StageStore
 from protocol.framing import read_frame, write_frame
 from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, decode_message, encode_message
 from protocol.tensors import WireConfig
-from swarm.pipeline import HANDLER, DataPlane, DataplaneConfig, ScaleGuard
+from swarm.dataplane import HANDLER, DataPlane, DataplaneConfig, ScaleGuard
 
 RUN = "pipe"
 
@@ -48,7 +48,7 @@ class Node:
         self.plane = DataPlane(p2p, self.peer, RUN, DataplaneConfig(**{**defaults, **dataplane}), wire,
                                d_model=cfg.model.d_model, max_seq_len=cfg.model.max_seq_len,
                                limits=wire.limits(cfg.model.vocab_size), events=self.metrics)
-        self.compute = PipelineCompute(StageWork(cfg, RUN, stage, tmp_path / f"{self.peer}-{stage}"), cfg)
+        self.compute = PipelineCompute(StageStore.fresh(cfg, RUN, stage, tmp_path / f"{self.peer}-{stage}"), cfg)
         self.plane.attach(self.compute)
 
     def refused(self, code: str) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from node.checkpoint import list_checkpoints, load_latest
-from swarm.simulator import LocalSwarm, processes_mentioning
+from swarm.sim.swarm import LocalSwarm, processes_mentioning
 
 OVERRIDES = ["swarm.refresh_s=1", "swarm.expiry_s=6", "train.checkpoint_every=20", "train.batch_size=2",
              "train.seq_len=32", "train.log_every=1000"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from p2p_util import run_sim
 
-from swarm.simulator import PipelineMonitor, processes_mentioning
+from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.swarm import processes_mentioning
 
 
 @pytest.mark.timeout(480)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 from p2p_util import run_sim
 
-from swarm.simulator import PipelineMonitor, SimError, parse_faults, processes_mentioning
+from swarm.sim.faults import parse_faults
+from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.swarm import SimError, processes_mentioning
 
 
 @pytest.mark.timeout(600)

@@ -3,7 +3,7 @@
 :class:`NetnsLab` gives each node of a local swarm its own Linux network namespace with one
 interface, ``eth0``, at its own address. The other end of each veth pair sits on a bridge in the
 root namespace, which holds the address ``10.O.0.1``, so the harness still reaches every node's
-/metrics and /health. With a :class:`~protocol.link.LinkSpec`, ``tc tbf`` shapes both directions
+/metrics and /health. With a :class:`~swarm.sim.link.LinkSpec`, ``tc tbf`` shapes both directions
 of each node's link to the given rate:
 
 - the **uplink** on ``eth0`` inside the node's namespace (what the node sends);
@@ -12,7 +12,7 @@ of each node's link to the given rate:
 tbf only shapes a device's egress, so one qdisc per end covers both directions, like an access
 link with a symmetric rate. Everything a node sends is shaped: our streams, hivemind's DHT RPCs,
 the libp2p handshakes, and anything a baseline process sends. This machine's kernel has no
-``netem``, so a link's delay is added by the node itself, per frame (see protocol/link.py).
+``netem``, so a link's delay is added by the node itself, per frame (see swarm/sim/link.py).
 
 Bytes on each link come from the bridge end's interface counters: what the link carried, headers
 included (veth counts a segmentation-offload packet with one set of headers, so header overhead is
@@ -34,7 +34,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.link import LinkSpec
+from swarm.sim.link import LinkSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,21 +1,22 @@
-"""The stage a daemon serves: its engine, its checkpoints and snapshots, and (with one stage) local training.
+"""A stage's persistence: its checkpoints, its snapshots for peers, and loading either back.
 
-:class:`StageWork` holds the :class:`node.engine.StageEngine` of one stage (the stage's tensors, on the
-daemon's device: weights, inner optimizer, and with ``diloco.enabled`` the Streaming DiLoCo outer state,
-:class:`swarm.diloco.OuterLoop`, which node/replica_sync.py drives). With ``pipeline.num_stages == 1``
-the stage is the whole model and the daemon trains it as a local replica while it serves
-(:meth:`train`); with more stages :class:`node.pipeline.PipelineCompute` trains it from the
-microbatches of the pipeline.
+:class:`StageStore` keeps the state of one stage's :class:`node.engine.StageEngine` (the stage's tensors
+on the daemon's device: weights, inner optimizer, and with ``diloco.enabled`` the Streaming DiLoCo outer
+state, :class:`swarm.diloco.OuterLoop`) on disk and on the wire:
 
-A fresh stage is initialised from ``train.seed`` and the stage index alone, so every peer that starts
-stage s from scratch holds the same weights. ``lock`` (the engine's) guards the parameters: training
-holds it for each optimizer step, snapshots (for peers downloading this stage) copy under it.
+- **Checkpoints** (docs/node.md, "Checkpoints and crashes"; the format of node/checkpoint.py) hold the
+  engine state (weights, inner optimizer, outer state, progress: the learning-rate schedule's
+  position), the replica-sync schedule position and the data position. :meth:`maybe_checkpoint` writes
+  one every ``train.checkpoint_every`` steps of progress: the state is copied under the engine's lock
+  (milliseconds) and written on a background thread, so training never waits for the disk.
+  :meth:`resume` loads this node's newest checkpoint of the same run, stage and model.
+- **Snapshots** for peers downloading the stage (swarm/state_transfer.py): the whole state
+  (:meth:`snapshot`), or with replica sync the consensus only (:meth:`consensus_snapshot`: global copies,
+  momenta and history, identical bytes on every replica that applied the same means); and loading them
+  (:meth:`load`, :meth:`load_consensus`) after checking names, shapes and dtypes.
 
-Checkpoints (docs/node.md, "Checkpoints and crashes"; the format of node/checkpoint.py) hold the engine
-state (weights, inner optimizer, outer state, progress: the learning-rate schedule's position), the
-replica-sync schedule position and the data position. :meth:`maybe_checkpoint` writes one every
-``train.checkpoint_every`` steps of progress: the state is copied under ``lock`` (milliseconds) and
-written on a background thread, so training never waits for the disk.
+A fresh stage (:meth:`StageStore.fresh`) is initialised from ``train.seed`` and the stage index alone,
+so every peer that starts stage s from scratch holds the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch
 
 from node.checkpoint import CheckpointError, checkpoint_state, load_latest, save_checkpoint, stage_state
 from node.config import RunConfig
-from node.data import BatchSampler, load_corpus
 from node.engine import StageEngine, build_engine
 from swarm.state_transfer import StageSnapshot
 
@@ -41,17 +41,13 @@ OUTER_PREFIX = "outer."  # snapshot entries of the outer state: outer.global.<p>
 logger = logging.getLogger(__name__)
 
 
-class StageWork:
-    def __init__(self, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path,
-                 device: torch.device | str = "cpu"):
-        self.cfg, self.run_id, self.stage = cfg, run_id, stage
+class StageStore:
+    """The checkpoints and snapshots of one stage's engine (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, engine: StageEngine, checkpoint_dir: Path):
+        self.cfg, self.run_id, self.stage, self.engine = cfg, run_id, engine.stage, engine
         self.checkpoint_dir = checkpoint_dir
         self.single = cfg.pipeline.num_stages == 1
-        self.throughput = 0.0  # microbatches per second (EMA while training, else measured)
-        self.compute_s = 0.0  # wall time inside local training steps (S = 1)
-        self.last_step_s = 0.0
-        self.tokens_trained = 0  # tokens of the local training steps taken since start (S = 1)
-        self.started_at: float | None = None  # unix time the first local training step began
         # Checkpoints: what they add to the weights, and when the next periodic one is due.
         self.resumed_from: int | None = None  # the checkpoint's step, when this stage resumed from one
         self.resumed_schedule: dict[str, int] | None = None  # its replica-sync position, until ReplicaSync takes it
@@ -61,9 +57,16 @@ class StageWork:
         self._next_save = max(0, cfg.train.checkpoint_every)
         self._write_lock = threading.Lock()  # one checkpoint write at a time
         self._writer: threading.Thread | None = None
-        self.engine: StageEngine = build_engine(cfg, stage, device)
+
+    @classmethod
+    def fresh(cls, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path,
+              device: torch.device | str = "cpu") -> StageStore:
+        """Stage ``stage`` at its seeded initialisation on ``device`` (with its outer state when
+        ``diloco.enabled``), stored under ``checkpoint_dir``."""
+        engine = build_engine(cfg, stage, device)
         if cfg.diloco.enabled:
-            self.engine.attach_outer(cfg.diloco, cfg.diloco.outer_device)
+            engine.attach_outer(cfg.diloco, cfg.diloco.outer_device)
+        return cls(cfg, run_id, engine, checkpoint_dir)
 
     # the engine's tensors --------------------------------------------------------------------------------
 
@@ -278,49 +281,7 @@ class StageWork:
                     self.checkpoint_dir)
         return True
 
-    # throughput ------------------------------------------------------------------------------------------
-
-    def measure_throughput(self, iters: int = 3) -> float:
-        """Microbatches per second for forward + backward of this stage on a synthetic microbatch."""
-        t = self.cfg.train
-        self.throughput = self.engine.measure_throughput(t.batch_size, t.seq_len, iters)
-        return self.throughput
-
-    # local training (one stage = whole model) ----------------------------------------------------------
-
     @property
     def _draws_data(self) -> bool:
         """S = 1 and a pipeline's stage 0 draw microbatches from a sampler; other stages draw none."""
         return self.single or self.stage == 0
-
-    def train(self, stop: threading.Event, on_step: Callable[[int, float], None] | None = None) -> None:
-        """Train until ``train.steps`` or ``stop``; stops only at step boundaries."""
-        assert self.single
-        cfg, t = self.cfg, self.cfg.train
-        corpus = load_corpus(cfg.data)
-        sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
-        engine = self.engine
-        if self.data_position is None:
-            self.data_position = self.progress * t.grad_accum
-        while not stop.is_set() and self.progress < t.steps:
-            start = time.perf_counter()
-            if self.started_at is None:
-                self.started_at = time.time()
-            with self.lock:
-                before = self.progress
-                losses = []
-                for _ in range(t.grad_accum):
-                    losses.append(engine.forward_backward_last(sampler.batch(self.data_position), None)[0])
-                    self.data_position += 1
-            self.last_step_s = time.perf_counter() - start
-            self.compute_s += self.last_step_s
-            if self.progress == before:  # non-finite gradients: the engine skipped the update
-                continue
-            self.tokens_trained += t.batch_size * t.seq_len * t.grad_accum
-            rate = t.grad_accum / max(self.last_step_s, 1e-9)
-            self.throughput = rate if self.throughput == 0 else 0.9 * self.throughput + 0.1 * rate
-            if on_step is not None:
-                on_step(self.progress, sum(losses) / len(losses))
-            self.maybe_checkpoint()
-        if self.progress >= t.steps:
-            logger.info("reached train.steps=%d; serving without training", t.steps)

@@ -1,11 +1,12 @@
 """An emulated access link ("home link") for this process: a rate limit and a one-way delay.
 
 The real emulation is a Linux network namespace per node with ``tc tbf`` shaping its veth
-(swarm/links.py). This module does two jobs: it is the fallback when namespaces are not possible (no
+(swarm/sim/netns.py). This module does two jobs: it is the fallback when namespaces are not possible (no
 root), and it adds the link's one-way *delay* in both cases, because this machine's kernel has no
-``netem``. It slows down protoswarm's *own* streams at the framing layer. :func:`install` an emulator and every
-frame that :func:`protocol.framing.write_frame` sends or :func:`protocol.framing.read_frame` receives
-in this process pays for the link. Only those streams are emulated: pipeline activation/gradient
+``netem``. It slows down protoswarm's *own* streams at the framing layer: :func:`install` an emulator
+(it becomes framing's :class:`~protocol.framing.FrameHook`) and every frame that
+:func:`protocol.framing.write_frame` sends or :func:`protocol.framing.read_frame` receives in this
+process pays for the link. Only those streams are emulated: pipeline activation/gradient
 frames, DiLoCo fragment exchanges, state transfer. hivemind's DHT RPCs, the libp2p handshake and any
 other traffic run at the real speed of the underlying transport.
 
@@ -35,7 +36,8 @@ Timeouts: the waits happen inside framing's per-frame timeout, so a link too slo
 
 Cost when nothing is installed: one global lookup and an ``is None`` test per frame, no await.
 
-Spec text (:meth:`LinkSpec.parse`) follows ``tc``: ``80mbit``, ``1.5gbit``, ``500kbit``, ``9600bit``
+:class:`LinkSpec` is also what the ``swarm.link`` setting of ``node start`` and ``node sim --link``
+parse to. Spec text (:meth:`LinkSpec.parse`) follows ``tc``: ``80mbit``, ``1.5gbit``, ``500kbit``, ``9600bit``
 (k/m/g = 10^3/10^6/10^9 bits per second; ``bps`` is not accepted because tc reads it as *bytes*),
 ``80mbit,delay=30ms``, ``delay=30ms`` (units ``s``, ``ms``, ``us``); ``""`` or ``"none"`` means no
 emulation and parses to ``None``.
@@ -51,6 +53,7 @@ import time
 from dataclasses import dataclass
 
 from protocol import framing
+from protocol.framing import FrameHook
 
 __all__ = ["LinkEmulator", "LinkSpec", "current", "install"]
 
@@ -182,8 +185,8 @@ def _format_delay(delay: float) -> str:
 class LinkEmulator:
     """The access link of this process (see the module docstring for the model).
 
-    ``before_send(nbytes)`` / ``after_receive(nbytes)`` are awaited by framing for each frame once the
-    emulator is :func:`install`-ed. Counters: ``bytes_sent``/``bytes_received`` and
+    ``before_send(nbytes)`` / ``after_receive(nbytes)`` (framing's ``FrameHook``) are awaited by framing
+    for each frame once the emulator is :func:`install`-ed. Counters: ``bytes_sent``/``bytes_received`` and
     ``frames_sent``/``frames_received`` (frames that got through the link), ``wait_s_up``/``wait_s_down``
     (seconds callers spent waiting for the link, queueing included, the fixed delay excluded).
     Safe to share between event loops in different threads.
@@ -258,14 +261,12 @@ class LinkEmulator:
             }
 
 
-def install(emulator: LinkEmulator | None) -> LinkEmulator | None:
+def install(emulator: LinkEmulator | None) -> FrameHook | None:
     """Make ``emulator`` this process's link for every frame read or written from now on (None: no
-    emulation); returns the one it replaces, so callers can restore it."""
-    previous = framing._link_emulator
-    framing._link_emulator = emulator
-    return previous
+    emulation); returns the frame hook it replaces, so callers can restore it."""
+    return framing.set_frame_hook(emulator)
 
 
-def current() -> LinkEmulator | None:
-    """The installed emulator, or None."""
-    return framing._link_emulator
+def current() -> FrameHook | None:
+    """The installed emulator (framing's frame hook), or None."""
+    return framing.frame_hook()

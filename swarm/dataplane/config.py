@@ -1,0 +1,76 @@
+"""The ``[dataplane]`` config section and the limits every role of the data plane shares."""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from protocol.settings import ConfigError, check_positive, setting
+
+HANDLER = "protoswarm.pipeline.v1"
+DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
+REFUSAL_CODES = (
+    "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier",
+)
+BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
+MAX_BATCH = 4096  # sequences in one received microbatch; more is refused as a malformed shape
+# Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
+OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier"})
+
+
+@dataclass(kw_only=True)
+class DataplaneConfig:
+    """How this node moves microbatches between pipeline stages (node-local: never taken from the run)."""
+
+    SECTION = "dataplane"
+
+    max_inflight: int = setting(4, "Microbatches a stage-0 node keeps in flight through the pipeline (backpressure).")
+    max_queue: int = setting(16, "Forward/backward jobs queued on this stage before new work is refused as busy.")
+    max_stash: int = setting(32, "Microbatches this stage holds awaiting their backward before refusing new ones.")
+    backward: str = setting(
+        "recompute", "'recompute': keep a stage's input and rerun the forward at backward time (less memory, "
+        "no stale graph across optimizer steps); 'stash': keep the forward graph (less compute)."
+    )
+    microbatch_timeout_s: float = setting(
+        30.0, "A stage-0 node drops a microbatch whose gradient has not come back within this (seconds)."
+    )
+    max_retries: int = setting(2, "Other next-stage replicas tried when one refuses or fails a microbatch.")
+    ban_base_s: float = setting(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
+    ban_max_s: float = setting(60.0, "Longest such ban (seconds).")
+    peer_strikes: int = setting(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
+    outlier_ratio: float = setting(
+        100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
+    )
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
+                       "ban_max_s", "peer_strikes", "outlier_ratio")
+        if self.backward not in ("recompute", "stash"):
+            raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
+
+
+class ScaleGuard:
+    """Refuses tensors far larger than what this node recently accepted: garbage from a broken or
+    malicious neighbour that is finite and well-formed. The RMS of each accepted tensor is kept (the
+    last ``window``); once ``warmup`` are known, one whose RMS exceeds ``ratio`` × their median is refused
+    and not remembered. Slow drifts pass (the median follows them); so does garbage of ordinary
+    size, which no check on magnitudes can tell from a real update (docs/security.md)."""
+
+    def __init__(self, ratio: float, window: int = 64, warmup: int = 8):
+        self.ratio, self.warmup = ratio, warmup
+        self.history: collections.deque[float] = collections.deque(maxlen=window)
+
+    def check(self, tensor: torch.Tensor, what: str) -> str | None:
+        rms = float(tensor.detach().float().pow(2).mean().sqrt()) if tensor.numel() else 0.0
+        if len(self.history) >= self.warmup:
+            median = statistics.median(self.history)
+            if median > 0 and rms > self.ratio * median:
+                return f"{what} RMS {rms:.3g} is over {self.ratio:g}× the recent median {median:.3g}"
+        self.history.append(rms)
+        return None

@@ -1,0 +1,174 @@
+"""Sending a microbatch one hop on: choose a replica of the next stage, retry, validate the reply.
+
+Failure handling is nested deadlines, not bookkeeping: the stage-0 driver gives each microbatch
+``dataplane.microbatch_timeout_s``; every frame carries the sender's remaining budget, and each
+hop gives the next one what is left minus a reserve for its own backward. A hop that fails fast
+(refused, busy, connection lost) is retried on another replica while budget remains; a hop that
+times out has used the budget. Either way the stash is freed, the drop is counted and the router
+steers new work away (bans with backoff). Nothing waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.errors import RemoteError
+from protocol.framing import PREFIX_BYTES, read_frame, write_frame
+from protocol.messages import (
+    ActivationFrame,
+    ErrorReply,
+    GradientFrame,
+    Message,
+    decode_message,
+    encode_message,
+)
+from swarm.dataplane.config import BUSY_PAUSE_S, HANDLER, ScaleGuard
+from swarm.dataplane.state import PlaneState, StageCompute
+
+
+class HopFailed(Exception):
+    """No replica of the next stage answered a microbatch within its budget and retries."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Attempts:
+    """One hop's tries so far: whom it asked, who was full, and why the last try failed."""
+
+    tried: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # replicas that were full: healthy, worth another try after a pause
+    code: str = "no_route"
+    last: str = "no replica of the next stage is known"
+    failures: int = 0
+    count: int = 0
+
+    def failed(self, code: str, last: str) -> None:
+        self.code, self.last = code, last
+        self.failures += 1
+
+
+class HopSender:
+    """Sends this stage's output to a replica of the next stage and returns its validated gradient."""
+
+    def __init__(self, state: PlaneState) -> None:
+        self.state = state
+        # Finite garbage of absurd size from a neighbour: gradient replies.
+        self.gradient_guard = ScaleGuard(state.config.outlier_ratio)
+
+    async def send_forward(self, out: torch.Tensor, ids: torch.Tensor, route: list[str], compute: StageCompute,
+                           deadline: float) -> GradientFrame:
+        """Send this stage's output one hop on (retrying other replicas) and return the validated reply.
+
+        ``route``: the peers the microbatch went through before this one (stage 0 first)."""
+        state = self.state
+        frame = ActivationFrame(
+            run_id=state.run_id, microbatch_id=next(state.ids), stage=compute.stage, route=[*route, state.peer_id],
+            token_ids=ids, coefficients=out.detach().float().contiguous(), codec=state.wire.activation_codec,
+            basis=compute.basis, step=getattr(getattr(compute, "work", None), "progress", 0),
+        )
+        hop = _Attempts()
+        while hop.failures <= state.config.max_retries:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.05:
+                hop.code, hop.last = "expired", f"budget spent after {hop.count} attempt(s) ({hop.last})"
+                break
+            peer = state.router.choose(exclude=hop.tried)
+            if peer is None and hop.busy and remaining > BUSY_PAUSE_S + 0.05:
+                # Every replica left is full: that is backpressure, not failure. Wait and ask them again.
+                await asyncio.sleep(BUSY_PAUSE_S)
+                hop.tried = [p for p in hop.tried if p not in hop.busy]
+                hop.busy.clear()
+                continue
+            if peer is None:
+                break
+            hop.count += 1
+            if hop.count > 1:
+                state.stats["microbatches_retried"] += 1
+                state.events.pipeline_microbatch("retried")
+            hop.tried.append(peer)
+            reply = await self._attempt(peer, frame, compute, remaining, hop)
+            if reply is not None:
+                return reply
+        raise HopFailed(hop.code, hop.last)
+
+    async def _attempt(self, peer: str, frame: ActivationFrame, compute: StageCompute, remaining: float,
+                       hop: _Attempts) -> GradientFrame | None:
+        """One try of ``frame`` on ``peer``: its validated reply, or None with the failure noted in ``hop``."""
+        state = self.state
+        frame.budget_s = remaining
+        body = encode_message(frame, state.limits)
+        state.router.started(peer)
+        sent = time.monotonic()
+        try:
+            reply, reply_bytes = await asyncio.wait_for(self._exchange(peer, body), remaining)
+        except RemoteError as exc:
+            soft = exc.remote_code in ("busy", "downstream", "expired")
+            state.router.failed(peer, hard=not soft)
+            if exc.remote_code == "busy":
+                hop.code, hop.last = "remote", f"{peer}: {exc}"
+                hop.busy.append(peer)
+            else:
+                hop.failed("remote", f"{peer}: {exc}")
+            return None
+        except asyncio.CancelledError:
+            state.router.failed(peer, hard=False)
+            raise
+        except TimeoutError:
+            state.router.failed(peer, hard=True)
+            hop.failed("timeout", f"{peer} did not answer within {remaining:.1f} s")
+            return None
+        except Exception as exc:  # connection refused/reset, a dead peer, a broken frame
+            state.router.failed(peer, hard=True)
+            hop.failed("connection", f"{peer}: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            state.count_bytes("forward", "sent", frame.codec, len(body) + PREFIX_BYTES,
+                              frame.coefficients.numel(), frame.token_ids.numel())
+        problem = self._check_reply(reply, frame, compute)
+        if problem is not None:
+            state.router.failed(peer, hard=True)
+            state.stats["refused_bad_reply"] += 1
+            state.events.pipeline_refused("bad_reply")
+            hop.failed("bad_reply", f"{peer}: {problem}")
+            return None
+        state.count_bytes("backward", "received", reply.codec, reply_bytes, reply.grad.numel(), 0)
+        state.router.succeeded(peer, time.monotonic() - sent, reply.queue)
+        state.events.pipeline_hop(time.monotonic() - sent)
+        return reply
+
+    def _check_reply(self, reply: Message, frame: ActivationFrame, compute: StageCompute) -> str | None:
+        if not isinstance(reply, GradientFrame):
+            return f"replied with {type(reply).__name__}, not a GradientFrame"
+        if reply.microbatch_id != frame.microbatch_id:
+            return f"gradient for unknown microbatch {reply.microbatch_id} (sent {frame.microbatch_id})"
+        if reply.run_id != self.state.run_id or reply.stage != compute.stage + 1:
+            return f"gradient from run {reply.run_id[:64]!r} stage {reply.stage}"
+        if tuple(reply.grad.shape) != tuple(frame.coefficients.shape):
+            return f"gradient shape {list(reply.grad.shape)} for coefficients {list(frame.coefficients.shape)}"
+        if compute.num_stages - 1 == reply.stage and reply.loss is None:
+            return "the last stage's reply carries no loss"
+        return self.gradient_guard.check(reply.grad, "gradient")
+
+    async def _exchange(self, peer: str, body: bytes) -> tuple[Message, int]:
+        from hivemind.p2p import PeerID
+
+        state = self.state
+        _, reader, writer = await state.p2p.call_binary_stream_handler(PeerID.from_base58(peer), HANDLER)
+        try:
+            await write_frame(writer, body, timeout=None)
+            raw = await read_frame(reader, state.limits, timeout=None)
+            if raw is None:
+                raise RemoteError("peer closed the stream without replying", remote_code="closed")
+            reply = decode_message(raw, state.limits)
+        finally:
+            writer.close()
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(f"[{reply.code}] {reply.message}", remote_code=reply.code, retry_after=reply.retry_after)
+        return reply, len(raw) + PREFIX_BYTES

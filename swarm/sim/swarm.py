@@ -1,0 +1,389 @@
+"""A local swarm of real `node start` processes on 127.0.0.1 (or on emulated home links).
+
+:class:`LocalSwarm` starts node 0 (which creates the run) and nodes 1..N-1 (which join it), each a
+separate process group with its own identity, checkpoint directory, log file and metrics port, and
+one torch thread. It can kill (SIGKILL to the whole group: a machine dying), terminate (SIGTERM to
+the daemon: a graceful exit), pause/resume (SIGSTOP/SIGCONT: a frozen machine) and restart nodes,
+read each node's /health, and read the swarm through `node status`. Everything it starts is reaped
+on exit. Used by `node sim` (swarm/sim/run.py, with a fault script from swarm/sim/faults.py) and by
+the swarm tests (as a context manager).
+
+With ``link=LinkSpec(...)`` each node gets a home link of that rate: its own network namespace with
+tc tbf on both directions (swarm/sim/netns.py) when this process is root, or else, in-process
+throttling of the nodes' protoswarm streams (``swarm.link``, swarm/sim/link.py), which says so: that
+fallback does not shape the DHT. ``link_mode`` forces one ("netns" or "app").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarm.procs import p2pd_sockets, remove_unbound_sockets
+from swarm.sim.link import LinkSpec
+from swarm.sim.netns import NetnsLab, netns_unavailable
+
+logger = logging.getLogger(__name__)
+
+LINK_MODES = ("auto", "netns", "app")
+_METRICS_LINE = re.compile(r"metrics: http://[^:]+:(\d+)/metrics")
+_JOIN_LINE = re.compile(r"node start --join (\S+)")
+_REPO = Path(__file__).resolve().parents[2]  # where the nodes run `python -m node.cli`
+
+
+class SimError(RuntimeError):
+    """The simulation could not run as asked (bad fault script, a node that never came up, …)."""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs (other than this one) whose command line mentions ``text``, e.g. a swarm's work directory:
+    what is left of its nodes, their DHT processes and libp2p daemons."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+@dataclass
+class SimNode:
+    index: int
+    home: Path
+    proc: subprocess.Popen | None = None
+    metrics_port: int | None = None
+    log_offset: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    host: str = "127.0.0.1"  # where its /health and libp2p listen (its namespace's address with a lab)
+
+    @property
+    def log(self) -> Path:
+        return self.home / "node.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        nodes: int,
+        config: str = "swarm/tiny",
+        overrides: list[str] | None = None,
+        workdir: str | Path | None = None,
+        run_id: str = "sim",
+        startup_timeout: float = 90.0,
+        link: LinkSpec | None = None,
+        link_mode: str = "auto",
+        node_overrides: dict[int, list[str]] | None = None,
+        prometheus_sd: str | Path | None = None,
+    ):
+        if nodes < 1:
+            raise SimError("a swarm needs at least one node")
+        self.config, self.overrides, self.run_id = config, list(overrides or []), run_id
+        self.startup_timeout = startup_timeout
+        self.node_overrides = node_overrides or {}  # node-local settings of single nodes, e.g. swarm.stage
+        # Prometheus file-based service discovery: the live nodes' metrics endpoints, rewritten as they change.
+        self.prometheus_sd = Path(prometheus_sd) if prometheus_sd else None
+        self._sd_written: list | None = None
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="protoswarm-sim-"))
+        self.nodes = [SimNode(i, self.workdir / f"node{i}") for i in range(nodes)]
+        self.bootstrap: str | None = None
+        self._sockets_before = p2pd_sockets()
+        self.link, self.link_mode, self.link_note = link, "none", ""
+        self.lab: NetnsLab | None = None
+        if link is not None:
+            try:
+                self._set_up_links(link, link_mode)
+            except Exception as exc:
+                if self._own_workdir:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+                raise exc if isinstance(exc, SimError) else SimError(f"cannot set up the links: {exc}") from exc
+
+    def _set_up_links(self, link: LinkSpec, mode: str) -> None:
+        if mode not in LINK_MODES:
+            raise SimError(f"link mode must be one of {', '.join(LINK_MODES)}, got {mode!r}")
+        reason = netns_unavailable() if mode in ("auto", "netns") else "in-process emulation was asked for"
+        if reason and mode == "netns":
+            raise SimError(f"cannot emulate links with network namespaces: {reason}")
+        if reason:
+            self.link_mode = "app"
+            self.link_note = (f"{link}: in-process throttling of protoswarm's own streams only (DHT traffic is not "
+                              f"shaped), because {reason}")
+        else:
+            self.lab = NetnsLab()
+            self.link_mode = "netns"
+            self.link_note = (f"{link}: each node in its own network namespace, tc tbf on both directions of its "
+                              f"link ({self.lab.bridge}, 10.{self.lab.octet}.0.0/16)"
+                              + (", delay added per frame by the nodes (no netem here)" if link.delay_s else ""))
+        logger.info("links: %s", self.link_note)
+
+    def _link_setting(self) -> list[str]:
+        """The node-side part of the link emulation (`swarm.link`), if any."""
+        if self.link is None:
+            return []
+        if self.link_mode == "app":
+            return ["--set", f"swarm.link={json.dumps(str(self.link))}"]
+        # The namespace shapes the rate; the node adds only the delay (and drops a rate its config names).
+        delay_only = str(LinkSpec(None, self.link.delay_s)) if self.link.delay_s else ""
+        return ["--set", f"swarm.link={json.dumps(delay_only)}"]
+
+    def reshape(self, link: LinkSpec | None) -> None:
+        """Change every node's link rate now (namespace labs only; delay stays as the nodes started)."""
+        if self.lab is None:
+            raise SimError("links can only be reshaped live with network namespaces")
+        self.link = link if link is not None else LinkSpec(None, 0.0)
+        for index in self.lab.hosts:
+            self.lab.shape(index, link)
+
+    def link_bytes(self) -> list[dict[str, int] | None]:
+        """Bytes each node's emulated link carried (network-namespace labs only; None otherwise)."""
+        if self.lab is None:
+            return [None] * len(self.nodes)
+        return [self.lab.link_bytes(n.index) if n.index in self.lab.hosts else None for n in self.nodes]
+
+    # lifecycle -----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def start_all(self) -> None:
+        self.start(0)
+        self.bootstrap = self._wait_for_line(self.nodes[0], _JOIN_LINE, self.startup_timeout)
+        for node in self.nodes[1:]:
+            self.start(node.index)
+
+    def _command(self, node: SimNode) -> list[str]:
+        prefix = []
+        if self.lab is not None:
+            host = self.lab.add(node.index, self.link)
+            node.host, prefix = host.address, self.lab.exec_prefix(node.index)
+        cmd = [
+            *prefix, sys.executable, "-m", "node.cli", "start", "--config", self.config,
+            "--identity", str(node.home / "identity.key"), "--metrics-host", node.host, "--metrics-port", "0",
+            "--host-maddrs", f"/ip4/{node.host}/tcp/0", "--threads", "1",
+            "--set", f"train.checkpoint_dir={json.dumps(str(node.home / 'checkpoints'))}",
+        ]
+        if node.index == 0:
+            cmd += ["--run-id", self.run_id] + [a for o in self.overrides for a in ("--set", o)]
+        else:
+            if self.bootstrap is None:
+                raise SimError("node 0 must be up before others can join")
+            # Any live node lets a joiner in: node 0 may have been killed by the fault script.
+            for addr in self.join_addresses()[:3]:
+                cmd += ["--join", addr]
+            cmd += ["--run-id", self.run_id]
+            # Node-local settings apply to every node; run parameters come from node 0's run record.
+            cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.", "exchange.")) for a in ("--set", o)]
+        cmd += [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
+        return cmd + self._link_setting()  # last: the harness's link wins over a swarm.link in the overrides
+
+    def start(self, index: int) -> None:
+        node = self.nodes[index]
+        if node.alive:
+            return
+        node.home.mkdir(parents=True, exist_ok=True)
+        node.log_offset = node.log.stat().st_size if node.log.exists() else 0
+        node.metrics_port = None
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(node.log, "ab") as log:
+            node.proc = subprocess.Popen(
+                self._command(node), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                cwd=_REPO,
+            )
+        logger.info("node %d started (pid %d)", index, node.proc.pid)
+
+    def _group_signal(self, node: SimNode, sig: int) -> None:
+        try:
+            os.killpg(node.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the node's whole process group: no OFFLINE record, no checkpoint (a machine dying)."""
+        node = self.nodes[index]
+        if node.proc is not None:
+            self._group_signal(node, signal.SIGKILL)
+            node.exit_codes.append(node.proc.wait(30))
+
+    def term(self, index: int, timeout: float = 60.0) -> int:
+        """SIGTERM to the daemon only (it stops its own children); returns its exit code."""
+        node = self.nodes[index]
+        node.proc.send_signal(signal.SIGTERM)
+        code = node.proc.wait(timeout)
+        node.exit_codes.append(code)
+        return code
+
+    def pause(self, index: int) -> None:
+        self._group_signal(self.nodes[index], signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        self._group_signal(self.nodes[index], signal.SIGCONT)
+
+    def partition(self, index: int) -> None:
+        """Cut node ``index`` off the network (its namespace's link down; it keeps running)."""
+        if self.lab is None or index not in self.lab.hosts:
+            raise SimError("partitions need network-namespace links (--link with root)")
+        self.lab.set_link_up(index, False)
+
+    def heal(self, index: int) -> None:
+        if self.lab is not None and index in self.lab.hosts:
+            self.lab.set_link_up(index, True)
+
+    def add_node(self) -> int:
+        """A fresh node (own identity and home), not started; returns its index."""
+        index = len(self.nodes)
+        self.nodes.append(SimNode(index, self.workdir / f"node{index}"))
+        return index
+
+    def serving(self, stage: int) -> list[int]:
+        """Indices of live nodes that serve ``stage`` now (by their /health)."""
+        return [i for i in range(len(self.nodes)) if (h := self.health(i)) and h.get("stage") == stage]
+
+    def shutdown(self) -> None:
+        """Terminate every node gracefully, then kill whatever is left of their process groups."""
+        live = [n for n in self.nodes if n.alive]
+        for node in live:
+            self._group_signal(node, signal.SIGCONT)
+            node.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for node in live:
+            try:
+                node.exit_codes.append(node.proc.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                logger.warning("node %d did not stop in time: killing it", node.index)
+        try:
+            for node in self.nodes:
+                if node.proc is not None:
+                    self._group_signal(node, signal.SIGKILL)  # children left in the group, if any
+                    if node.proc.poll() is None:
+                        node.proc.wait(10)
+            # Killed nodes (SIGKILL: "machine died") cannot remove their libp2p socket files; the harness does.
+            remove_unbound_sockets(p2pd_sockets() - self._sockets_before)
+        finally:
+            if self.lab is not None:
+                self.lab.close()
+            self.write_prometheus_targets()  # no live node left: an empty target list
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # observation ---------------------------------------------------------------------------------------
+
+    def _read_log(self, node: SimNode) -> str:
+        with open(node.log, "rb") as f:
+            f.seek(node.log_offset)
+            return f.read().decode(errors="replace")
+
+    def _wait_for_line(self, node: SimNode, pattern: re.Pattern, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(self._read_log(node))
+            if match:
+                return match.group(1)
+            if not node.alive:
+                raise SimError(f"node {node.index} exited ({node.proc.returncode}):\n{self._read_log(node)[-3000:]}")
+            time.sleep(0.2)
+        raise SimError(f"node {node.index}: no {pattern.pattern!r} within {timeout:.0f} s:\n{self._read_log(node)[-3000:]}")
+
+    def _metrics_port(self, node: SimNode) -> int | None:
+        if node.metrics_port is None:
+            match = _METRICS_LINE.search(self._read_log(node))
+            node.metrics_port = int(match.group(1)) if match else None
+        return node.metrics_port
+
+    @property
+    def prometheus_targets(self) -> list[dict[str, Any]]:
+        """The target groups last written to ``prometheus_sd`` (empty before the first write)."""
+        return list(self._sd_written or [])
+
+    def write_prometheus_targets(self) -> bool:
+        """Write the live nodes' metrics endpoints to ``prometheus_sd`` (Prometheus ``file_sd_configs``
+        format) when they changed; atomically, so Prometheus never reads half a file. True if written."""
+        if self.prometheus_sd is None:
+            return False
+        groups = [{"targets": [f"{node.host}:{node.metrics_port}"],
+                   "labels": {"swarm": self.run_id, "node": str(node.index)}}
+                  for node in self.nodes if node.alive and self._metrics_port(node) is not None]
+        if groups == self._sd_written:
+            return False
+        self.prometheus_sd.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.prometheus_sd.with_name(self.prometheus_sd.name + ".tmp")
+        tmp.write_text(json.dumps(groups, indent=1) + "\n")
+        os.replace(tmp, self.prometheus_sd)
+        self._sd_written = groups
+        return True
+
+    def health(self, index: int, since: float | None = None) -> dict[str, Any] | None:
+        """Node ``index``'s /health (None when it is down); ``since``: only losses scored after that time."""
+        node = self.nodes[index]
+        if not node.alive or self._metrics_port(node) is None:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://{node.host}:{node.metrics_port}/health" + (f"?since={since}" if since else ""),
+                                        timeout=5) as r:
+                return json.load(r)
+        except (OSError, ValueError):
+            return None
+
+    def metrics_url(self, index: int) -> str | None:
+        self.health(index)
+        node = self.nodes[index]
+        return f"http://{node.host}:{node.metrics_port}/metrics" if node.metrics_port else None
+
+    def join_addresses(self) -> list[str]:
+        """Multiaddrs of live nodes (any of them lets a reader into the swarm)."""
+        addrs = []
+        for i, node in enumerate(self.nodes):
+            h = self.health(i) if node.alive else None
+            if h and h.get("maddrs"):
+                addrs.append(h["maddrs"][0])
+        return addrs or ([self.bootstrap] if self.bootstrap else [])
+
+    def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        """`node status --json` through the real CLI, from a separate process."""
+        join = self.join_addresses()[:2]
+        cmd = [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "status", "--json",
+               "--run-id", self.run_id, "--timeout", str(timeout)]
+        for addr in join:
+            cmd += ["--join", addr]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60,
+                             cwd=_REPO)
+        if out.returncode != 0:
+            raise SimError(f"node status failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> float:
+        """Poll until ``predicate()``; returns the seconds it took, raises SimError at the deadline."""
+        start = time.monotonic()
+        last_error: Exception | None = None
+        while time.monotonic() - start < timeout:
+            try:
+                if predicate():
+                    return time.monotonic() - start
+            except SimError as exc:
+                last_error = exc
+            time.sleep(interval)
+        raise SimError(f"not within {timeout:.0f} s: {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
