@@ -154,9 +154,9 @@ def checks_row() -> dict:
     cpu = subspace.make_fixed_table(0, 32000, 768, 1.0)
     gpu = subspace.make_fixed_table(0, 32000, 768, 1.0, device="cuda")
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_model.py",
-         "tests/test_engine.py::test_every_tensor_of_a_stage_lives_on_the_engines_device",
-         "tests/test_engine.py::test_fixed_table_is_the_same_bits_on_every_device"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/unit/test_model.py",
+         "tests/unit/test_engine.py::test_every_tensor_of_a_stage_lives_on_the_engines_device",
+         "tests/unit/test_engine.py::test_fixed_table_is_the_same_bits_on_every_device"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     return {"fixed_table_bit_identical": bool(torch.equal(cpu, gpu.cpu())),

@@ -4,7 +4,7 @@ For each case, every stage of the split is built with ``node.engine.build_engine
 up (one microbatch and its optimizer step, so AdamW's state exists), and one round of
 ``dataplane.max_inflight`` microbatches is run (every forward of the round before any backward, as a
 pipeline stage sees them). Its measured peak is compared with ``node plan``'s cpu estimate
-(node/memory.py). tests/test_memory_plan.py asserts the same comparison within ±20%.
+(node/memory.py). tests/unit/test_memory_plan.py asserts the same comparison within ±20%.
 
 How the peak is measured. The estimate counts torch tensors, so this measures torch's tensor memory:
 ``torch.profiler.profile(profile_memory=True)`` makes torch's CPU allocator report every allocation

@@ -5,7 +5,7 @@ trains: weights, gradients and AdamW state (fp32), the Streaming DiLoCo outer st
 every stage rebuilds (T_fixed, U, RoPE tables), the microbatches in flight, the autograd graph(s), the
 last stage's logits and the optimizer step's temporaries. ``plan(cfg, mem)`` checks every stage against a
 card's memory; ``smallest_stages(cfg, mem)`` finds the fewest stages that fit. docs/memory.md gives the
-formulas and how tests/test_memory_plan.py checks the cpu figures against peaks measured through
+formulas and how tests/unit/test_memory_plan.py checks the cpu figures against peaks measured through
 :mod:`node.engine`; the cuda figures (bf16 autocast) are unmeasured until bench/gpu.py runs on a GPU.
 
 The stages' layers and parameter counts come from :func:`node.model.stage_layers` and

@@ -3,7 +3,7 @@
 ``NodeMetrics`` owns a private ``CollectorRegistry`` (never the global one, so several nodes and tests
 can share a process) and exposes every metric as an attribute; ``MetricsServer`` serves it from the
 first moments of the process, before the swarm is joined (DESIGN §5). docs/metrics.md lists every
-metric; tests/test_node_metrics.py fails when the table and this file disagree, so a new metric is
+metric; tests/unit/test_node_metrics.py fails when the table and this file disagree, so a new metric is
 one attribute in ``NodeMetrics.__init__`` plus one row in that table.
 
 Importing this module is cheap (no torch), so the daemon can serve metrics before it loads a model.

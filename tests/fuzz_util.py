@@ -1,4 +1,4 @@
-"""A seeded fuzz harness for the node's P2P stream handlers (used by tests/test_fuzz_handlers.py).
+"""A seeded fuzz harness for the node's P2P stream handlers (used by tests/swarm/test_fuzz_handlers.py).
 
 Each handler gets a list of :class:`Case` objects: the bytes a hostile peer writes on one fresh
 stream. The families are random bytes; framing damage (bad magic or format, a wrong CRC, a length

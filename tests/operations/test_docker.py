@@ -37,7 +37,7 @@ from node.cli import build_parser
 from node.config import SwarmConfig
 from node.metrics import MetricsServer, NodeMetrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 COMPOSE = DOCKER / "compose.yaml"
@@ -381,7 +381,7 @@ def test_build_context_holds_the_package_and_nothing_heavy() -> None:
     for path in needed:
         assert (REPO / path).is_file(), path
         assert not _dockerignore_excludes(patterns, path), f".dockerignore leaves out {path}"
-    for path in (".venv/bin/python", ".git/HEAD", "runs/node/x.pt", "bench/out/a.json", "tests/test_docker.py",
+    for path in (".venv/bin/python", ".git/HEAD", "runs/node/x.pt", "bench/out/a.json", "tests/operations/test_docker.py",
                  "node/__pycache__/cli.cpython-311.pyc", "protoswarm.egg-info/PKG-INFO"):
         assert _dockerignore_excludes(patterns, path), f".dockerignore lets {path} into the context"
 

@@ -90,7 +90,7 @@ def test_tbf_shapes_both_directions_of_a_namespaced_link():
 def test_a_lab_left_by_a_dead_process_is_removed():
     code = "from swarm.sim.netns import NetnsLab; lab = NetnsLab(); lab.add(0); print(lab.hosts[0].netns, flush=True)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1])  # exits without closing its lab
+                         cwd=Path(__file__).resolve().parents[2])  # exits without closing its lab
     netns = out.stdout.split()[-1]
     assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     remove_stale_labs()
@@ -126,5 +126,5 @@ def test_in_process_fallback_says_so(tmp_path):
 
 def test_sim_refuses_a_bad_link_spec():
     out = subprocess.run([sys.executable, "-m", "node.cli", "sim", "--nodes", "1", "--link", "80mbps"],
-                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 2 and "80mbps" in out.stderr, out.stderr

@@ -19,10 +19,10 @@ from node.config import load_config
 from node.memory import GIB, estimate_stage, plan, smallest_stages
 from node.model import parameter_count, stage_layers, stage_parameters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from memory_peaks import MEASURED, compare
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "node.md"  # "Stages per card" (issue: docs/node.md)
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "node.md"  # "Stages per card" (issue: docs/node.md)
 TOLERANCE = 0.20
 
 

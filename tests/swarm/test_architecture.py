@@ -11,7 +11,7 @@ from pathlib import Path
 from p2p_util import run_p2p, wait_for
 from test_swarm_pipeline import Node, small_config, windows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "architecture.md"
 
 

@@ -26,7 +26,7 @@ from node.status_line import CLEAR, RateWindow, StatusLine, format_status
 from swarm.dht import maddrs_from_health, resolve_initial_peers
 from swarm.sim.swarm import processes_mentioning
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeTTY(io.StringIO):

@@ -24,7 +24,7 @@ import torch
 
 from node.checkpoint import list_checkpoints, load_latest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUMEL = 1 << 20  # 4 MiB of float32 per checkpoint
 ROUNDS = 20
 

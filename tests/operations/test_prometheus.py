@@ -26,7 +26,7 @@ from prom_util import PromServer, prometheus_tools
 
 from swarm.sim.swarm import processes_mentioning
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NODES = 3
 
 

@@ -479,6 +479,7 @@ print(json.dumps({"grew_kib": grew, "seconds": time.monotonic() - start, "result
 """
 
 
+@pytest.mark.slow
 def test_huge_declared_sizes_allocate_nothing():
     """In a fresh process, 2^32-1-byte frames, 2^27..2^40-value tensors and 2^40-byte blobs with tiny payloads
     are refused fast and peak RSS grows by < 100 MB. A real decode would need 0.5-1.1 GB; the check was seen
@@ -496,6 +497,7 @@ def test_huge_declared_sizes_allocate_nothing():
 TINY = WireLimits(max_frame_bytes=4096)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.binary(max_size=4096) | st.binary(min_size=4090, max_size=4096), max_size=6),
        st.binary(max_size=64), st.lists(st.integers(1, 9000), min_size=1, max_size=20), st.booleans())

@@ -17,6 +17,7 @@ def config(overrides, extra=()):
     return load_config("local/tiny", [*overrides, *extra])
 
 
+@pytest.mark.slow
 def test_loss_falls(small_data_overrides):
     cfg = config(small_data_overrides, ["train.steps=30", "train.warmup_steps=3", "train.lr=3e-3",
                                         "train.eval_every=0"])
@@ -29,6 +30,7 @@ def test_loss_falls(small_data_overrides):
     assert result.tokens == 30 * 4 * 64
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_is_exact(small_data_overrides, tmp_path):
     common = ["train.steps=8", "train.warmup_steps=2", "train.eval_every=0", "train.checkpoint_every=100",
               "train.grad_accum=2"]

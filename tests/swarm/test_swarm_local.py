@@ -30,7 +30,7 @@ from swarm.sim.swarm import LocalSwarm, processes_mentioning
 FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]
 # These tests are about membership: keep the 2-stage pipeline's training traffic light on 2 cores.
 LIGHT = [*FAST, "dataplane.max_inflight=1"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _online(status: dict, n: int) -> bool:

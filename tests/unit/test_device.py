@@ -15,7 +15,7 @@ from node.config import ConfigError, load_config
 from node.device import device_memory, resolve_device
 from node.status_line import format_status
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 
 
@@ -48,6 +48,7 @@ def test_a_cuda_index_that_does_not_exist_is_refused(monkeypatch):
         resolve_device("cuda:5")
 
 
+@pytest.mark.slow
 @NO_CUDA
 @pytest.mark.parametrize("command", ["start", "train-local"])
 def test_node_asked_for_cuda_here_exits_at_once_naming_cuda(tmp_path, command):
@@ -100,6 +101,7 @@ def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch):
     assert "stage 1 of run r needs" in claim.stages_that_fit(pinned, cpu, "r")[1]
 
 
+@pytest.mark.slow
 def test_node_start_refuses_a_model_this_machine_cannot_hold(tmp_path):
     """8b as one stage needs ~170 GiB: the node says so and exits before building or downloading anything."""
     args = [sys.executable, "-m", "node.cli", "start", "--config", "model/8b", "--device", "cpu",
@@ -111,6 +113,7 @@ def test_node_start_refuses_a_model_this_machine_cannot_hold(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_the_gpu_bench_says_plainly_that_there_is_no_gpu():
     proc = subprocess.run([sys.executable, "bench/gpu.py"], capture_output=True, text=True, timeout=120, cwd=REPO)

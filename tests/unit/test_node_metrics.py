@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.metrics import MetricsBindError, MetricsServer, NodeMetrics
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def _get(url: str) -> tuple[int, str, bytes]:

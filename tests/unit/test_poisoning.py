@@ -14,6 +14,8 @@ from test_swarm_diloco import batch, tiny_model  # the golden test's model and l
 from node.model import LanguageModel
 from swarm.diloco import DilocoConfig, InProcessGroup, OuterLoop
 
+pytestmark = pytest.mark.slow  # trains a few replicas for several rounds (≈ 15 s)
+
 HONEST, STEPS = 3, 36
 SETTINGS = DilocoConfig(inner_steps=6, fragments=3, overlap=1, alpha=0.5, outer_lr=0.7)
 
