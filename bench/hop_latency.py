@@ -2,13 +2,13 @@
 
 Two hivemind P2P daemons in one process (each with its own go-libp2p daemon, as two nodes have); the
 second opens a stream to the first's handler, writes one protoswarm frame (protocol/framing.py) and reads
-the reply of the same size, which is what one pipeline hop does. Each loop runs in its own fresh
-subprocess; the figure is the median over ``--rounds`` round trips after a warm-up, for frames the size
-of the tiny preset's activation frame (8 × 129 tokens × 8 bf16 coefficients ≈ 17 KB) and a dense one
-(× 32).
+the reply of the same size, which is what one pipeline hop does: for a frame the size of the tiny
+preset's activation frame (8 × 129 tokens × 8 bf16 coefficients ≈ 17 KB) and a dense one (× 32). Each
+loop runs in a fresh subprocess, ``--repeats`` times, interleaved; a run's figure is the median (and
+p90) over ``--rounds`` round trips after a warm-up; the summary keeps each loop's best figures.
 
     python bench/hop_latency.py            # both loops, 300 round trips each
-    python bench/hop_latency.py --rounds 1000
+    python bench/hop_latency.py --rounds 500 --repeats 3
 
 Prints one JSON object as its last line.
 """
@@ -84,13 +84,14 @@ def child(loop: str, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, interleaved")
     parser.add_argument("--child", choices=("asyncio", "uvloop"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.rounds)
         return
     rows = {}
-    for loop in ("asyncio", "uvloop", "asyncio", "uvloop"):  # interleaved twice: drift shows as disagreement
+    for loop in ("asyncio", "uvloop") * args.repeats:  # interleaved: drift shows as disagreement
         out = subprocess.run([sys.executable, __file__, "--child", loop, "--rounds", str(args.rounds)],
                              capture_output=True, text=True, timeout=600, cwd=REPO)
         if out.returncode != 0:
@@ -100,12 +101,12 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)
     best = {loop: {k: min(r[k] for r in runs) for k in runs[0] if k.endswith("_ms")} for loop, runs in rows.items()}
     print(json.dumps({
-        "bench": "hop_latency", "rounds": args.rounds, "runs": rows, "best_of_two": best,
+        "bench": "hop_latency", "rounds": args.rounds, "runs": rows, "best_of_repeats": best,
         "uvloop_speedup_subspace": round(best["asyncio"]["subspace_frame_median_ms"]
                                          / best["uvloop"]["subspace_frame_median_ms"], 3),
         "uvloop_speedup_dense": round(best["asyncio"]["dense_frame_median_ms"]
                                       / best["uvloop"]["dense_frame_median_ms"], 3),
-        "command": "python bench/hop_latency.py" + (f" --rounds {args.rounds}" if args.rounds != 300 else ""),
+        "command": " ".join(["python bench/hop_latency.py", *sys.argv[1:]]),
     }))
 
 

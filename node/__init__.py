@@ -9,6 +9,8 @@
 - ``node.stage_store``  ``StageStore``: a stage's persistence (checkpoints, snapshots for peers, loading them)
 - ``node.stage_download`` ``StageDownloader``: a stage's state from its other replicas
 - ``node.claim``        which stage fits this node's device and which it should take
+- ``node.presence``     ``SwarmPresence``: the node's stage and run records in the DHT, and the swarm view
+                        it reads back (metrics, router, replica schedule)
 - ``node.run_params``   what a run publishes and what a joiner keeps local (``config_from_run``)
 - ``node.engine``       ``StageEngine``: one stage's tensors on its device and its inner training step, the
                         only stage engine; ``StageChain``: every stage in one process
@@ -19,12 +21,17 @@
 - ``node.status_line``  ``node start``'s live status line
 - ``node.identity``     the identity key's lock (one running daemon per identity)
 - ``node.metrics``      ``NodeMetrics`` (Prometheus registry) and ``MetricsServer`` (/metrics, /health)
+- ``node.metric_families`` ``NodeMetricFamilies``: every Prometheus family of a node (names, help texts,
+                        labels, buckets), grouped by what it watches
 - ``node.config``       typed run config (``RunConfig``: one section per component; the swarm and
                         protocol components' sections are defined next to them) loaded from TOML presets
                         in ``configs/`` with ``section.field=value`` overrides
+- ``node.config_toml``  the TOML side of the config: finding presets, ``extends`` layering, overrides,
+                        checking values against field types
 - ``node.model``        Llama-style decoder split into ``Stage`` modules; subspace constraint (W = U·Z);
                         the parameter-balanced stage split
-- ``node.data``         embedded stdlib corpus, text / uint16-shard loaders, tokenizers, ``BatchSampler``
+- ``node.data``         embedded stdlib corpus, text / uint16-shard loaders, ``BatchSampler``
+- ``node.tokenizer``    the byte tokenizer and a local ``tokenizer.json`` one, ``token_dtype``
 - ``node.checkpoint``   atomic (write-then-rename) checkpoints in one format, and resume
 - ``node.train_local``  one-process training (``node train-local``) on a ``StageChain``
 - ``node.device``       device choice (``auto``), autocast, device memory figures

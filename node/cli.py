@@ -241,11 +241,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result["fits"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="node", description="protoswarm: peer-to-peer decentralized training node")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_local_parser(sub: argparse._SubParsersAction) -> None:
+    """``node train-local``: every stage in this one process."""
     train = sub.add_parser("train-local", help="train every stage in this one process")
     _add_config_args(train, DEFAULT_LOCAL_CONFIG)
     train.add_argument("--device", help="cpu, cuda, cuda:N or auto (shortcut for --set train.device=...)")
@@ -253,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
     train.set_defaults(func=cmd_train_local)
 
+
+def _add_start_parser(sub: argparse._SubParsersAction) -> None:
+    """``node start``: the daemon, founding a swarm or joining one."""
     start = sub.add_parser("start", help="run the daemon: start a new swarm, or join one with --join")
     _add_config_args(start, DEFAULT_SWARM_CONFIG)
     start.add_argument("--join", "--initial-peers", dest="join", action="append", default=[], metavar="MADDR",
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between status log lines when not on a terminal (default 60)")
     start.set_defaults(func=cmd_start)
 
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    """``node status``: the swarm as a table or one JSON object."""
     status = sub.add_parser("status", help="print the swarm: stages, peers, state, throughput, progress")
     status.add_argument("--join", action="append", default=[], metavar="MADDR", help="any peer of the swarm")
     status.add_argument("--run-id", help="which run (default: the only one)")
@@ -291,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object for scripts")
     status.set_defaults(func=cmd_status)
 
+
+def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
+    """``node sim``: a local swarm of ``node start`` processes, with scripted faults."""
     sim = sub.add_parser("sim", help="a local swarm of real `node start` processes on 127.0.0.1")
     sim.add_argument("--nodes", type=int, default=3, help="nodes including the bootstrap (default 3)")
     _add_config_args(sim, DEFAULT_SWARM_CONFIG)
@@ -313,11 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "(rewritten atomically as nodes start and stop; docs/metrics.md)")
     sim.set_defaults(func=cmd_sim)
 
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    """``node config show|fields``."""
     config = sub.add_parser("config", help="show the resolved config or document every field")
     config.add_argument("action", choices=["show", "fields"])
     _add_config_args(config, DEFAULT_LOCAL_CONFIG)
     config.set_defaults(func=cmd_config)
 
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    """``node plan``: memory per stage from the config alone."""
     plan = sub.add_parser("plan", help="memory each stage needs, from the config alone (docs/memory.md); "
                                        "exit 0 when every stage fits, 1 when one does not")
     plan.add_argument("--model", metavar="PRESET",
@@ -334,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--inflight", type=int, help="shortcut for --set dataplane.max_inflight=M")
     plan.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
     plan.set_defaults(func=cmd_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="node", description="protoswarm: peer-to-peer decentralized training node")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_local_parser(sub)
+    _add_start_parser(sub)
+    _add_status_parser(sub)
+    _add_sim_parser(sub)
+    _add_config_parser(sub)
+    _add_plan_parser(sub)
     return parser
 
 

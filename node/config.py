@@ -6,7 +6,9 @@ A run config has one table per component: ``[model]``, ``[pipeline]``, ``[data]`
 the section itself as its config. The field helpers and ``ConfigError`` are protocol/settings.py's.
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
 relative to the extending file, or to the shipped ``configs/`` directory), then the file's own
-tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``.
+tables override them key by key. Overrides from the CLI use dotted keys: ``train.lr=3e-4``. Finding,
+layering and overriding the TOML tables, and checking each value against its field's type, is
+node/config_toml.py's; this module builds the sections from them.
 
 Every field carries a ``doc`` (with units) in its metadata; ``describe_fields`` prints them.
 User mistakes raise ``ConfigError`` naming the offending field.
@@ -18,14 +20,12 @@ import dataclasses
 import itertools
 import math
 import re
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs import CONFIG_DIR
+from node.config_toml import coerce_value, merge_tables, parse_override, read_layered, resolve_config_path
 from protocol.settings import ConfigError, check_positive, setting, setting_list
 from protocol.tensors import WireConfig
 from swarm.dataplane import DataplaneConfig
@@ -351,68 +351,14 @@ def _fields_dict(obj: object) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
 
 
-def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
-    """Find a config by path, or by name inside ``configs/`` (``tiny``, ``model/tiny``, ``local/tiny.toml``)."""
-    raw = Path(name).expanduser()
-    candidates = [raw]
-    if relative_to is not None and not raw.is_absolute():
-        candidates.insert(0, relative_to / raw)
-    for base in (CONFIG_DIR, CONFIG_DIR / "model", CONFIG_DIR / "local"):
-        candidates += [base / raw, base / raw.with_suffix(".toml")] if not raw.is_absolute() else []
-    for path in candidates:
-        if path.is_file():
-            return path
-    shipped = ", ".join(sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.toml")))
-    raise ConfigError(f"config {str(name)!r} not found (shipped presets: {shipped})")
-
-
-def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"config {path} extends itself (cycle: {' -> '.join(map(str, (*seen, path)))})")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config {path}: invalid TOML: {err}") from err
-    merged: dict[str, Any] = {}
-    parents = raw.pop("extends", [])
-    if isinstance(parents, str):
-        parents = [parents]
-    for parent in parents:
-        _merge(merged, _read_layered(resolve_config_path(parent, relative_to=path.parent), (*seen, path)))
-    _merge(merged, raw)
-    return merged
-
-
-def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """Parse ``section.field=value``; the value is read as TOML, or taken as a plain string."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r} must look like section.field=value (e.g. train.lr=3e-4)")
-    key, value_text = text.split("=", 1)
-    section, name = key.strip().split(".", 1)
-    try:
-        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = value_text.strip()
-    return section, name, value
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **sections: dict[str, Any]
 ) -> RunConfig:
     """Load a run config: preset file (optional) < ``sections`` dicts < ``section.field=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_layered(resolve_config_path(path))
-    _merge(data, {k: dict(v) for k, v in sections.items()})
+        data = read_layered(resolve_config_path(path))
+    merge_tables(data, {k: dict(v) for k, v in sections.items()})
     for text in overrides:
         section, name, value = parse_override(text)
         data.setdefault(section, {})[name] = value
@@ -438,41 +384,8 @@ def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
     unknown = set(table) - fields
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; known: {sorted(fields)}")
-    kwargs = {key: _coerce(f"{section}.{key}", hints[key], value) for key, value in table.items()}
+    kwargs = {key: coerce_value(f"{section}.{key}", hints[key], value) for key, value in table.items()}
     return cls(**kwargs)
-
-
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against a field's annotation, converting only int->float; raise ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        # TOML has no null: the string "none" stands for None in files and overrides alike.
-        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() == "none")):
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(name, option, value)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {hint}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if hint in (int, float, str, bool):
-        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
-            raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported annotation {hint} for {name}")
 
 
 def describe_fields() -> str:

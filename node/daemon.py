@@ -4,7 +4,7 @@ Start order (DESIGN §5): identity lock → /metrics and /health → DHT in the 
 on bootstrap) → run parameters (create and publish them, or read them from the swarm) → the P2P
 services (node/services.py) → measure throughput → claim a stage that fits the device (node/claim.py)
 → host it (node/stage_host.py: load its weights from the own checkpoint, else a peer, else the seeded
-init; attach the services) → announce ONLINE → serve (and, with one stage, train) while refreshing the
+init; attach the services) → announce ONLINE (node/presence.py) → serve (and, with one stage, train) while refreshing the
 record and rebalancing. Changing stage stops one :class:`node.stage_host.StageHost` and opens another.
 
 Shutdown (SIGINT/SIGTERM): announce OFFLINE, stop training at a step boundary, write a checkpoint,
@@ -15,7 +15,6 @@ signal kills the children and exits at once.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal
@@ -30,12 +29,12 @@ from node.context import NodeContext
 from node.device import device_memory, resolve_device
 from node.identity import IdentityLock
 from node.metrics import MetricsServer, NodeMetrics
+from node.presence import SwarmPresence, count_rejected
 from node.run_params import RunUnusable, created_run, joined_run
 from node.services import NodeServices
 from node.stage_host import StageHost
 from node.stage_store import StageStore
 from node.status_line import RateWindow, StatusLine
-from protocol.codecs import CODECS
 from protocol.messages import StageRecord
 from protocol.schema import PROTOCOL_VERSION
 from swarm.access import SwarmAccess
@@ -56,7 +55,50 @@ def kill_descendants(sig: int = signal.SIGKILL) -> None:
             pass
 
 
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM set ``stop`` (the orderly shutdown); a second one kills the children and exits."""
+    signals = 0
+
+    def handle(signum, frame) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            logger.warning("second signal: exiting at once")
+            kill_descendants()
+            os._exit(130)
+        logger.warning("signal %d: shutting down (send it again to exit at once)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def emulate_link(text: str) -> str | None:
+    """``swarm.link``: throttle and delay this process's protoswarm streams (not the DHT); what to print."""
+    from swarm.sim import link
+
+    spec = link.LinkSpec.parse(text) if text else None
+    if spec is None or (spec.rate_bps is None and not spec.delay_s):
+        return None
+    link.install(link.LinkEmulator(spec))
+    return f"link: emulating {spec} in-process (protoswarm streams only; DHT traffic is not shaped)"
+
+
+def join_banner(cfg: RunConfig, run_id: str, dht: SwarmDHT, host: StageHost, device) -> list[str]:
+    """What the node prints once it serves: who it is, what it serves, and how another machine joins."""
+    maddrs = dht.visible_maddrs()
+    public = [m for m in maddrs if "/127.0.0.1/" not in m and "/::1/" not in m] or maddrs
+    lines = [f"node {dht.peer_id}",
+             f"run {run_id}: model {cfg.model.name}, {cfg.pipeline.num_stages} stage(s); serving stage {host.stage} "
+             f"(progress {host.store.progress}, {host.throughput:.2f} microbatches/s) on {device}"]
+    if public:
+        lines += ["to join this swarm from another machine, run:", f"    node start --join {public[0]} --run-id {run_id}"]
+    return lines
+
+
 class NodeDaemon:
+    """One node's lifecycle: start, join the run, claim a stage, host it (and move), leave."""
+
     def __init__(self, cfg: RunConfig, *, create: bool, out=None, status_mode: str = "off",
                  status_every_s: float = 60.0):
         self.cfg = cfg
@@ -64,12 +106,10 @@ class NodeDaemon:
         self.out = out if out is not None else sys.stdout
         self.device = resolve_device(cfg.train.device)  # ConfigError now, before anything starts
         self._status = StatusLine(self.status_snapshot, mode=status_mode, log_every_s=status_every_s)
-        self._record_rate = RateWindow(30.0)  # tokens/s announced in this node's stage record
         # The status line's rates: tokens trained, bytes sent and received per second over the last 10 s.
         self._status_rates = {total: (rate, RateWindow(10.0)) for total, rate in
                               (("tokens", "tokens_per_s"), ("bytes_sent", "sent_per_s"),
                                ("bytes_received", "received_per_s"))}
-        self._peers_known: int | None = None
         self.started = time.monotonic()
         self.metrics = NodeMetrics()
         self.stop = threading.Event()
@@ -80,9 +120,8 @@ class NodeDaemon:
         self.services: NodeServices | None = None
         self.ctx: NodeContext | None = None
         self.host: StageHost | None = None  # the stage this node serves
+        self.presence: SwarmPresence | None = None  # its records in the DHT, once the run is known
         self.access = SwarmAccess()  # from the config in run()
-        self._signals = 0
-        self._reported_rejections: dict[str, int] = {}
         self._throughput = 0.0
         self._probe: StageStore | None = None
         self._fit: list[int] = []  # stages whose estimated memory fits this node's device (at claim time)
@@ -118,23 +157,14 @@ class NodeDaemon:
         rates = {rate: max(0.0, window.update(totals.get(total, 0)))
                  for total, (rate, window) in self._status_rates.items()}
         return {"state": self.state, "stage": self.host.stage if self.host else None,
-                "num_stages": self.cfg.pipeline.num_stages, "peers": self._peers_known,
+                "num_stages": self.cfg.pipeline.num_stages,
+                "peers": self.presence.peers_known if self.presence else None,
                 "loss": self._recent_loss(), "memory": device_memory(self.device), **totals, **rates}
 
     def _recent_loss(self) -> float | None:
         """Mean of the last 20 losses this node scored (S = 1 steps, or last-stage microbatches)."""
         recent = [v for _, v in self.host.recent_losses()[-20:]] if self.host is not None else []
         return sum(recent) / len(recent) if recent else None
-
-    def _emulate_link(self, text: str) -> None:
-        """``swarm.link``: throttle and delay this process's protoswarm streams (not the DHT)."""
-        from swarm.sim import link
-
-        spec = link.LinkSpec.parse(text) if text else None
-        if spec is None or (spec.rate_bps is None and not spec.delay_s):
-            return
-        link.install(link.LinkEmulator(spec))
-        self._print(f"link: emulating {spec} in-process (protoswarm streams only; DHT traffic is not shaped)")
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -160,8 +190,9 @@ class NodeDaemon:
             self.server.start()
             self._print(f"metrics: {self.server.url}/metrics   health: {self.server.url}/health")
             self._status.start()
-            self._emulate_link(sw.link)
-            self._install_signals()
+            if (note := emulate_link(sw.link)) is not None:
+                self._print(note)
+            install_signal_handlers(self.stop)
             self.dht = SwarmDHT(
                 initial_peers=sw.initial_peers, host_maddrs=sw.host_maddrs, announce_maddrs=sw.announce_maddrs,
                 identity_path=str(lock.path), retry_max_s=sw.bootstrap_retry_max_s,
@@ -182,19 +213,6 @@ class NodeDaemon:
         finally:
             self._status.stop()
             lock.release()
-
-    def _install_signals(self) -> None:
-        def handle(signum, frame) -> None:
-            self._signals += 1
-            if self._signals > 1:
-                logger.warning("second signal: exiting at once")
-                kill_descendants()
-                os._exit(130)
-            logger.warning("signal %d: shutting down (send it again to exit at once)", signum)
-            self.stop.set()
-
-        signal.signal(signal.SIGINT, handle)
-        signal.signal(signal.SIGTERM, handle)
 
     def _on_bootstrap_state(self, state: str) -> None:
         self.metrics.set_bootstrap_state(state)  # counts attempts on "bootstrapping"
@@ -224,15 +242,17 @@ class NodeDaemon:
             return
         self.ctx = NodeContext(cfg=self.cfg, run_id=self.run_id, peer_id=self.dht.peer_id, device=self.device,
                                metrics=self.metrics, dht=self.dht, services=self.services, stop=self.stop)
+        self.presence = SwarmPresence(self.ctx, self.access, self._recent_loss)
         stage = self._claim_stage()
         if stage is None or self.stop.is_set():
             return
         self._host_stage(stage)
         if self.stop.is_set():
             return
-        self._announce("online")
+        self.presence.announce(self.host, "online")
         self._set_state("online")
-        self._print_banner()
+        for line in join_banner(self.cfg, self.run_id, self.dht, self.host, self.device):
+            self._print(line)
         self.host.start()
         self._maintain()
 
@@ -244,11 +264,11 @@ class NodeDaemon:
         if self.create:
             self._run_record = created_run(self.cfg, me, proof)
             self.run_id = self._run_record.run_id
-            self._publish_run_record()
+            self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
             return True
         while not self.stop.is_set():
             records, owners, rejected = self.dht.get_run_records()
-            self._count_rejections(rejected)
+            count_rejected(self.metrics, rejected)
             chosen = choose_run(records, owners, self.cfg.swarm.run_id or None)
             try:
                 if isinstance(chosen, str):
@@ -256,7 +276,7 @@ class NodeDaemon:
                 if chosen is not None:
                     self.cfg, self._run_record = joined_run(chosen, self.cfg, me, proof)
                     self.run_id = chosen.run_id
-                    self._publish_run_record()
+                    self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
                     return True
             except RunUnusable as exc:
                 self._fail(str(exc))
@@ -264,9 +284,6 @@ class NodeDaemon:
             logger.info("no run parameters found in the swarm yet; looking again")
             self.stop.wait(1.0)
         return False
-
-    def _publish_run_record(self) -> None:
-        self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
 
     # stage ----------------------------------------------------------------------------------------------
 
@@ -285,8 +302,7 @@ class NodeDaemon:
         self._probe = probe  # reused by _host_stage if this is the stage claimed (still at its seeded init)
         if cfg.swarm.stage is not None:
             return cfg.swarm.stage
-        records, rejected = self.dht.get_stage_records(self.run_id, cfg.pipeline.num_stages)
-        self._count_rejections(rejected)
+        records = self.presence.read()
         me, n = self.dht.peer_id, cfg.pipeline.num_stages
         own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
@@ -297,28 +313,7 @@ class NodeDaemon:
         probe, self._probe = self._probe, None
         self.host = StageHost.open(self.ctx, stage, self._throughput, probe)
         self._last_move = time.monotonic()
-        self._announce("joining")
-
-    def _announce(self, state: str) -> None:
-        host, sync = self.host, self.services.sync
-        record = StageRecord(
-            peer_id=self.dht.peer_id, run_id=self.run_id, stage=host.stage,
-            num_stages=self.cfg.pipeline.num_stages, state=state, throughput=float(host.throughput),
-            progress=host.store.progress, codecs=sorted(CODECS), timestamp=time.time(),
-            addrs=self.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None else {}),
-            tokens_per_s=round(max(0.0, self._record_rate.update(self.metrics.totals()["tokens"])), 3),
-            loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(self.run_id, self.dht.peer_id),
-        )
-        try:
-            expiry = self.cfg.swarm.record_expiry_s
-            if state == "offline":  # nothing refreshes it: let it say "left on purpose" for a while longer
-                expiry = max(3 * expiry, 60.0)
-            stored = self.dht.store_stage_record(record, expiry)
-        except Exception as exc:  # counted by time_dht; retried at the next refresh
-            logger.warning("cannot publish this node's record: %s", exc)
-            return
-        if not stored:  # hivemind reports "no peer accepted it" by returning False
-            self.metrics.dht_failures_total.labels(op="store").inc()
+        self.presence.announce(self.host, "joining")
 
     # serving loop ---------------------------------------------------------------------------------------
 
@@ -332,9 +327,9 @@ class NodeDaemon:
                 records = None
                 if now >= next_refresh:
                     next_refresh = now + sw.refresh_s
-                    self._announce("online")
-                    self._publish_run_record()
-                    records = self._observe()
+                    self.presence.announce(self.host, "online")
+                    self.presence.publish_run(self._run_record)
+                    records = self.presence.observe(self.host)
                 sync = self.services.sync
                 if sync is not None and sync.resync_requested:
                     self.host.resync()
@@ -349,42 +344,13 @@ class NodeDaemon:
         j = self.cfg.swarm.rebalance_jitter
         return period * random.uniform(1 - j, 1 + j)
 
-    def _observe(self) -> dict[int, list[StageRecord]]:
-        records, rejected = self.dht.get_stage_records(self.run_id, self.cfg.pipeline.num_stages)
-        self._count_rejections(rejected)
-        self._count_rejections(self.dht.rejected_inside_dht(), cumulative=True)
-        serving = {s: [r for r in recs if r.state != "offline"] for s, recs in records.items()}
-        everyone = [r for recs in serving.values() for r in recs]
-        losses = [r.loss for r in everyone if r.loss > 0]
-        self._peers_known = len({r.peer_id for r in everyone})
-        self.metrics.set_swarm_view(
-            peers_known=self._peers_known,
-            stage_peers={s: len(recs) for s, recs in serving.items()},
-            stage_throughput={s: sum(r.throughput for r in recs) for s, recs in serving.items()},
-            tokens_per_second=sum(r.tokens_per_s for r in everyone),
-            loss=sum(losses) / len(losses) if losses else math.nan,
-        )
-        self.metrics.throughput.set(self.host.throughput)
-        if self.services.pipeline is not None:
-            self.services.pipeline.observe(records, self.host.stage)
-        if self.services.sync is not None:
-            self.services.sync.observe(records)
-        return records
-
-    def _count_rejections(self, counts, cumulative: bool = False) -> None:
-        for reason, n in counts.items():
-            if cumulative:  # totals kept by the DHT process: export the increase
-                n, self._reported_rejections[reason] = n - self._reported_rejections.get(reason, 0), n
-            for _ in range(max(0, n)):
-                self.metrics.count_record_rejected(reason)
-
     def _rebalance(self, records: dict[int, list[StageRecord]] | None = None) -> None:
         """``records``: the swarm as just read by this round's refresh, if there was one."""
         # After a move, let the swarm see it (records refresh) before deciding again.
         if time.monotonic() - self._last_move < 2 * self.cfg.swarm.rebalance_period_s:
             return
         if records is None:
-            records = self._observe()
+            records = self.presence.observe(self.host)
         me, n, here_stage = self.dht.peer_id, self.cfg.pipeline.num_stages, self.host.stage
         servers = stage_servers(records, n, exclude_peer=me)
         target = rebalance_target(stage_loads(records, n, exclude_peer=me), servers, here_stage, self.host.throughput,
@@ -399,27 +365,13 @@ class NodeDaemon:
             logger.debug("stage %d would be better served; leaving the move to one of %d peers", target, here)
             return
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
-        self._announce("offline")
+        self.presence.announce(self.host, "offline")
         self.host.stop(save=True)
         self._host_stage(target)
         self.host.start()
-        self._announce("online")
+        self.presence.announce(self.host, "online")
 
-    # banner and shutdown --------------------------------------------------------------------------------
-
-    def _print_banner(self) -> None:
-        maddrs = self.dht.visible_maddrs()
-        public = [m for m in maddrs if "/127.0.0.1/" not in m and "/::1/" not in m] or maddrs
-        cfg, host = self.cfg, self.host
-        self._print(f"node {self.dht.peer_id}")
-        self._print(
-            f"run {self.run_id}: model {cfg.model.name}, {cfg.pipeline.num_stages} stage(s); "
-            f"serving stage {host.stage} (progress {host.store.progress}, {host.throughput:.2f} microbatches/s) "
-            f"on {self.device}"
-        )
-        if public:
-            self._print("to join this swarm from another machine, run:")
-            self._print(f"    node start --join {public[0]} --run-id {self.run_id}")
+    # shutdown --------------------------------------------------------------------------------
 
     def _shutdown(self) -> int:
         deadline = time.monotonic() + self.cfg.swarm.shutdown_timeout_s
@@ -427,22 +379,10 @@ class NodeDaemon:
 
         def graceful() -> None:
             try:
-                host, services = self.host, self.services
-                if host is not None and self.dht is not None and self.dht.online:
-                    self._announce("offline")
+                if self.host is not None and self.dht is not None and self.dht.online:
+                    self.presence.announce(self.host, "offline")
                     self._set_state("offline")
-                if host is not None:  # training stops at a step boundary; the pipeline's compute below
-                    host.stop(save=False, wait_s=max(1.0, deadline - time.monotonic() - 5))
-                if services is not None and services.pipeline is not None:
-                    services.pipeline.stop()
-                if host is not None:
-                    host.stop(save=True, wait_s=0.0)
-                if services is not None:
-                    services.stop()
-                if self.dht is not None:
-                    self.dht.shutdown()
-                if self.server is not None:
-                    self.server.shutdown()
+                stop_in_order(self.host, self.services, self.dht, self.server, deadline)
             except Exception:
                 logger.exception("error during shutdown")
             finally:
@@ -455,3 +395,21 @@ class NodeDaemon:
         logger.error("shutdown took longer than %.0f s: killing child processes", self.cfg.swarm.shutdown_timeout_s)
         kill_descendants()
         return 1
+
+
+def stop_in_order(host: StageHost | None, services: NodeServices | None, dht: SwarmDHT | None,
+                  server: MetricsServer | None, deadline: float) -> None:
+    """Training stops at a step boundary, then the pipeline's compute, then the checkpoint is written;
+    then the P2P services, the DHT (and its libp2p daemon) and the metrics server."""
+    if host is not None:
+        host.stop(save=False, wait_s=max(1.0, deadline - time.monotonic() - 5))
+    if services is not None and services.pipeline is not None:
+        services.pipeline.stop()
+    if host is not None:
+        host.stop(save=True, wait_s=0.0)
+    if services is not None:
+        services.stop()
+    if dht is not None:
+        dht.shutdown()
+    if server is not None:
+        server.shutdown()

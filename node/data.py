@@ -1,6 +1,7 @@
-"""Training data: tokenizers, token corpora with a fixed train/validation split, deterministic batches.
+"""Training data: token corpora with a fixed train/validation split, and deterministic batches.
 
 * Tokens are 1-D numpy arrays: ``uint16`` when the vocabulary fits in 2**16 ids, else ``int32``.
+  The tokenizers are node/tokenizer.py's; ``load_tokenizer`` picks the one ``data.tokenizer`` names.
 * Sources (``DataConfig.source``): ``stdlib``, the embedded default, is every ``*.py`` file of this
   interpreter's standard library (site-/dist-packages excluded), so a node trains offline with nothing
   to fetch; ``text`` is one UTF-8 file or a directory searched recursively for ``TEXT_SUFFIXES`` files
@@ -37,7 +38,7 @@ import sysconfig
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from node.config import ConfigError, DataConfig
+from node.tokenizer import ByteTokenizer, FileTokenizer, Tokenizer, token_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,67 +57,6 @@ _SAMPLE_BLOCK_BYTES = 1 << 20
 _SAMPLE_BLOCKS = 64
 _ENCODE_CHUNK = 256  # documents per tokenizers.encode_batch call (bounds the Encoding objects alive)
 _CACHE_FORMAT = 1
-_ArrayLike = np.ndarray | Sequence[int] | torch.Tensor
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Storage dtype for token ids below ``vocab_size``: uint16 up to 2**16 ids, else int32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256). ``encode`` returns uint16 so all corpora share a dtype."""
-
-    vocab_size = 256
-    name = "bytes"
-    identity = "bytes"  # what the corpus cache key records for this tokenizer
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [self.encode(text) for text in texts]
-
-    def decode(self, ids: _ArrayLike) -> str:
-        arr = np.asarray(ids).reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(f"byte token ids must be in 0..255, got range {arr.min()}..{arr.max()}")
-        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-
-class FileTokenizer:
-    """A local Hugging Face ``tokenizer.json`` (optional ``tokenizers`` package); no special tokens added."""
-
-    def __init__(self, path: str | Path) -> None:
-        try:
-            import tokenizers
-        except ImportError as err:
-            hint = "pip install 'protoswarm[tokenizer]'"
-            raise ConfigError(f"data.tokenizer={str(path)!r} needs the 'tokenizers' package: {hint}") from err
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ConfigError(f"data.tokenizer={str(path)!r} is not an existing file")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as err:  # the Rust side raises plain Exception for malformed files
-            raise ConfigError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json: {err}") from err
-        self.name = str(path)
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
-        self.dtype = token_dtype(self.vocab_size)
-        self.identity = "file:" + hashlib.sha256(file.read_bytes()).hexdigest()
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [np.asarray(enc.ids, dtype=self.dtype) for enc in encodings]
-
-    def decode(self, ids: _ArrayLike) -> str:
-        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
-
-
-Tokenizer = ByteTokenizer | FileTokenizer
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

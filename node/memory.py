@@ -173,22 +173,31 @@ def _estimate(cfg: RunConfig, ranges: list[range], stage: int, device_type: str,
     resident = sum(parts[p] for p in ("weights", "optimizer", "fixed_table", "basis", "rope", "inputs",
                                       "cuda_overhead"))
     resident += parts["outer"] if outer_on_device else 0
-    # The backward's working set: the graph, plus the largest of the loss's tensors, the LM head's backward
-    # (∂L/∂logits padded back to every position, and the head's gradient) and one block's temporaries
-    # (by then the final norm's saved tensors are freed).
-    graph = parts["activations"] + parts["autocast_weights"]
-    head_grad = FP32 * vocab * d if last else 0
-    head_backward = tokens * vocab * (BF16 if cuda else FP32) if last else 0
-    blocks = parts["backward_temporaries"] - (tokens * _final_norm_saved_per_token(m, cuda) if last else 0)
-    if t.grad_accum > 1:  # gradients of earlier microbatches are there from the start of the backward
-        backward = graph + parts["gradients"] + max(parts["logits"], head_backward, blocks)
-    else:  # no gradient exists before the loss's backward; the head's is made first
-        backward = graph + max(parts["logits"], head_grad + head_backward, head_grad + blocks)
-    step = parts["gradients"] + parts["step_temporaries"]
+    backward, step = _working_sets(m, parts, tokens, t.grad_accum, last, cuda)
     return StageMemory(stage=stage, layers=layers, params=params, parts=parts,
                        device_bytes=resident + max(backward, step),
                        host_bytes=0 if outer_on_device else parts["outer"],
                        peak_phase="backward" if backward >= step else "step", device_type=device_type)
+
+
+def _working_sets(m: ModelConfig, parts: dict[str, int], tokens: int, grad_accum: int, last: bool,
+                  cuda: bool) -> tuple[int, int]:
+    """The two working sets of a stage that never coexist, in bytes: the backward's and the optimizer
+    step's (see :class:`StageMemory`), from the stage's ``parts``.
+
+    The backward's: the graph, plus the largest of the loss's tensors, the LM head's backward (∂L/∂logits
+    padded back to every position, and the head's gradient) and one block's temporaries (by then the
+    final norm's saved tensors are freed). The step's: every gradient and the step's temporaries."""
+    d, vocab = m.d_model, m.vocab_size
+    graph = parts["activations"] + parts["autocast_weights"]
+    head_grad = FP32 * vocab * d if last else 0
+    head_backward = tokens * vocab * (BF16 if cuda else FP32) if last else 0
+    blocks = parts["backward_temporaries"] - (tokens * _final_norm_saved_per_token(m, cuda) if last else 0)
+    if grad_accum > 1:  # gradients of earlier microbatches are there from the start of the backward
+        backward = graph + parts["gradients"] + max(parts["logits"], head_backward, blocks)
+    else:  # no gradient exists before the loss's backward; the head's is made first
+        backward = graph + max(parts["logits"], head_grad + head_backward, head_grad + blocks)
+    return backward, parts["gradients"] + parts["step_temporaries"]
 
 
 def _loss_bytes(tokens: int, scored: int, vocab: int, cuda: bool) -> int:

@@ -1,10 +1,10 @@
-"""Prometheus metrics of one node, and the HTTP server for ``/metrics`` and ``/health``.
+"""How a node updates its Prometheus metrics, and the HTTP server for ``/metrics`` and ``/health``.
 
-``NodeMetrics`` owns a private ``CollectorRegistry`` (never the global one, so several nodes and tests
-can share a process) and exposes every metric as an attribute; ``MetricsServer`` serves it from the
-first moments of the process, before the swarm is joined (DESIGN §5). docs/metrics.md lists every
-metric; tests/unit/test_node_metrics.py fails when the table and this file disagree, so a new metric is
-one attribute in ``NodeMetrics.__init__`` plus one row in that table.
+``NodeMetrics`` holds every metric as an attribute (the families, their names, help texts and labels,
+are ``NodeMetricFamilies``' in node/metric_families.py) and adds what the node calls to update them;
+``MetricsServer`` serves it from the first moments of the process, before the swarm is joined (DESIGN
+§5). docs/metrics.md lists every metric; tests/unit/test_node_metrics.py fails when the table and the
+served families disagree.
 
 Importing this module is cheap (no torch), so the daemon can serve metrics before it loads a model.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.metadata
 import json
 import logging
 import math
@@ -26,50 +25,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import (
-    CONTENT_TYPE_PLAIN_0_0_4,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    ProcessCollector,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from node.metric_families import (
+    BAN_PLACES,
+    BOOTSTRAP_STATES,
+    DHT_OPS,
+    DOWNLOAD_RESULTS,
+    MICROBATCH_RESULTS,
+    PIPELINE_DIRECTIONS,
+    PIPELINE_PHASES,
+    PIPELINE_WAYS,
+    REFUSAL_CODES,
+    REJECT_REASONS,
+    STATES,
+    WIRE_CODECS,
+    NodeMetricFamilies,
+)
 from protocol.errors import ERROR_CODES
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "protoswarm"
 DEFAULT_METRICS_PORT = 9464
-STATES = ("starting", "joining", "online", "offline")
-BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
-DHT_OPS = ("store", "get")
-BAN_PLACES = ("pipeline", "exchange", "state", "other")  # where a peer earned its ban
-MAX_BANNED_SERIES = 32
-REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
-    "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "future", "version", "expired",
-    "access", "other",
-)
-DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
-MICROBATCH_RESULTS = ("ok", "dropped", "retried")
-PIPELINE_DIRECTIONS = ("forward", "backward")
-PIPELINE_WAYS = ("sent", "received")
-PIPELINE_PHASES = ("forward", "backward", "step")
-BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0")
-WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
-REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
-    "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "other",
-)
-# From 1 ms (one tiny stage on a fast machine) to 60 s (a whole pipeline round trip under load).
-OUTER_REJECT_REASONS = ("non_finite", "shape", "norm")
-OUTER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-PIPELINE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# From 1 ms (a local store) to 30 s (a get that waits out hivemind's timeouts).
-DHT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def _bounded(value: str, allowed: tuple[str, ...]) -> str:
@@ -77,155 +54,17 @@ def _bounded(value: str, allowed: tuple[str, ...]) -> str:
     return value if value in allowed else "other"
 
 
-class NodeMetrics:
-    """Every metric of one node, in its own registry. Attributes are prometheus_client metric objects."""
+class NodeMetrics(NodeMetricFamilies):
+    """Every metric of one node, in its own registry, and the calls that update them."""
 
     def __init__(self, *, peer_id: str = "", run_id: str = "", protocol: str = "") -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._started = time.monotonic()
-        self._state = "starting"
-        self._bootstrap_state = "starting"
+        super().__init__(peer_id=peer_id, run_id=run_id, protocol=protocol)
         self._stage: int | None = None
         self._last_stage: int | None = None
         self._view_stages: set[str] = set()
         self._lock = threading.Lock()
-
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
-
-        def counter(name: str, doc: str, label: str | None = None, values: tuple[str, ...] = ()) -> Counter:
-            metric = Counter(name, doc, (label,) if label else (), namespace=NAMESPACE, registry=self.registry)
-            for value in values:  # every known child exists from the start, so rate() sees a 0 first
-                metric.labels(value)
-            return metric
-
-        self.info = Info("node", "Identity of this node: peer id, run id, package and protocol version.",
-                         namespace=NAMESPACE, registry=self.registry)
-        try:
-            version = importlib.metadata.version("protoswarm")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        self._info = {"peer_id": peer_id, "run_id": run_id, "version": version, "protocol": protocol}
-        self.info.info(self._info)
-        self.uptime_seconds = gauge("uptime_seconds", "Seconds since this node's metrics were created.")
-        self.uptime_seconds.set_function(lambda: time.monotonic() - self._started)
-        self.threads = gauge("threads", "Live Python threads in the node process.")
-        self.threads.set_function(threading.active_count)
-        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
-
-        self.stage = gauge("stage", "Pipeline stage this node serves; -1 while it serves none.")
-        self.stage.set(-1)
-        self.num_stages = gauge("num_stages", "Number of pipeline stages in the run.")
-        self.state = gauge("state", "1 for the node's current state, 0 for the others.", ("state",))
-        self.bootstrap_state = gauge("bootstrap_state", "1 for the current bootstrap state.", ("state",))
-        # Read one attribute at scrape time, so a scrape never sees two states at 1 (or none).
-        for name in STATES:
-            self.state.labels(name).set_function(lambda name=name: float(self._state == name))
-        for name in BOOTSTRAP_STATES:
-            self.bootstrap_state.labels(name).set_function(
-                lambda name=name: float(self._bootstrap_state == name))
-        self.bootstrap_attempts_total = counter("bootstrap_attempts", "Attempts to join the swarm's DHT.")
-        self.stage_changes_total = counter("stage_changes", "Times this node moved to a different stage.")
-
-        self.peers_known = gauge("peers_known", "Distinct peers in this node's view of the swarm.")
-        self.stage_peers = gauge("stage_peers", "Peers announcing each stage.", ("stage",))
-        self.stage_throughput = gauge("stage_throughput_samples_per_second",
-                                      "Summed announced throughput of each stage (samples/s).", ("stage",))
-        self.throughput = gauge("throughput_samples_per_second", "This node's measured throughput (samples/s).")
-        self.swarm_tokens = gauge("swarm_tokens_per_second",
-                                  "Training tokens/s of the whole swarm: the sum of the live rates in the stage records.")
-        self.swarm_loss = gauge("swarm_loss", "Mean recent training loss announced by the swarm's loss-scoring nodes.")
-        self.swarm_loss.set(math.nan)
-
-        self.dht_seconds = Histogram("dht_seconds", "Latency of DHT operations (s), failed ones included.",
-                                     ("op",), namespace=NAMESPACE, registry=self.registry,
-                                     buckets=DHT_BUCKETS_S)
-        for op in DHT_OPS:
-            self.dht_seconds.labels(op)
-        self.dht_failures_total = counter("dht_failures", "DHT operations that raised or reported failure.",
-                                          "op", DHT_OPS)
-        self.records_rejected_total = counter("records_rejected", "Stage records from the DHT rejected.",
-                                              "reason", REJECT_REASONS)
-        self.access_denied_total = counter("access_denied", "Streams from peers outside the allow-list, closed "
-                                           "unread, and calls to them refused.")
-        self.protocol_errors_total = counter("protocol_errors", "Bad input from peers, by error code.",
-                                             "code", (*ERROR_CODES, "other"))
-        self.state_downloads_total = counter("state_downloads", "Stage state downloads, by result.",
-                                             "result", DOWNLOAD_RESULTS)
-
-        self.train_step = gauge("train_step", "Last local training step completed.")
-        self.train_loss = gauge("train_loss", "Training loss of the last step (nats/token); NaN before one.")
-        self.train_loss.set(float("nan"))
-        self.train_tokens_total = counter("train_tokens", "Tokens trained on by this node.")
-        self.train_compute_seconds_total = counter(
-            "train_compute_seconds", "Wall time inside local training steps (forward, backward, optimizer step), S = 1.")
-
-        self.pipeline_microbatches_total = counter(
-            "pipeline_microbatches", "Microbatches a stage-0 node drove: completed, dropped, and retries "
-            "of a hop on another replica.", "result", MICROBATCH_RESULTS)
-        self.pipeline_tokens_total = counter("pipeline_tokens", "Tokens of the microbatches this stage-0 node "
-                                             "completed through the whole pipeline.")
-        self.pipeline_bytes_total = Counter(
-            "pipeline_bytes", "Pipeline frame bytes (framing included) by direction (forward: activations, "
-            "backward: gradients), way and codec.", ("direction", "way", "codec"),
-            namespace=NAMESPACE, registry=self.registry)
-        self.pipeline_dense_bytes_total = Counter(
-            "pipeline_dense_bytes", "What the same pipeline frames would weigh with dense bf16 boundaries "
-            "(d values a token).", ("direction", "way"), namespace=NAMESPACE, registry=self.registry)
-        for direction in PIPELINE_DIRECTIONS:
-            for way in PIPELINE_WAYS:
-                self.pipeline_dense_bytes_total.labels(direction, way)
-                for codec in BUILTIN_WIRE_CODECS:
-                    self.pipeline_bytes_total.labels(direction, way, codec)
-        self._sent = {"bytes": 0, "dense": 0}
         # Plain running totals for the live status line and the rates announced in stage records.
         self._totals = {"tokens": 0, "bytes_sent": 0, "bytes_received": 0}
-        self.pipeline_compression_ratio = gauge(
-            "pipeline_compression_ratio", "Dense-bf16 bytes over actual bytes of the pipeline frames this node "
-            "sent; NaN before the first.")
-        self.pipeline_compression_ratio.set_function(
-            lambda: self._sent["dense"] / self._sent["bytes"] if self._sent["bytes"] else float("nan"))
-        self.pipeline_refused_total = counter("pipeline_refused", "Pipeline frames this node refused, by reason.",
-                                              "code", REFUSAL_CODES)
-        self.pipeline_hop_seconds = Histogram(
-            "pipeline_hop_seconds", "Round trip of one hop to the next stage: its forward, the rest of the "
-            "pipeline and the gradient back.", namespace=NAMESPACE, registry=self.registry,
-            buckets=PIPELINE_BUCKETS_S)
-        self.pipeline_compute_seconds = Histogram(
-            "pipeline_compute_seconds", "Compute time of this stage's jobs, by phase.", ("phase",),
-            namespace=NAMESPACE, registry=self.registry, buckets=PIPELINE_BUCKETS_S)
-        for phase in PIPELINE_PHASES:
-            self.pipeline_compute_seconds.labels(phase)
-        self.outer_rounds_total = Counter(
-            "outer_rounds", "Streaming DiLoCo fragment rounds of this replica, by fragment: started, committed (the "
-            "mean was applied), skipped (no mean: the exchange failed or timed out), missed (boundaries jumped over).",
-            ("fragment", "result"), namespace=NAMESPACE, registry=self.registry)
-        for result in ("started", "committed", "skipped", "missed"):  # fragment 0 always exists
-            self.outer_rounds_total.labels("0", result)
-        self.outer_round_seconds = Histogram(
-            "outer_round_seconds", "From a fragment's boundary to its mean being applied or given up (s).",
-            namespace=NAMESPACE, registry=self.registry, buckets=OUTER_BUCKETS_S)
-        self.outer_bytes_total = counter("outer_bytes", "Fragment exchange bytes of this replica's rounds (framing "
-                                         "included), by way.", "way", PIPELINE_WAYS)
-        self.outer_group_size = gauge("outer_group_size", "Replicas averaged in this replica's last committed round.")
-        self.outer_epoch = gauge("outer_epoch", "Sync boundaries this replica has passed (the shared schedule).")
-        self.outer_lag_epochs = gauge("outer_lag_epochs", "How many boundaries the furthest replica of this "
-                                      "stage is ahead of this one.")
-        self.outer_wait_seconds_total = counter(
-            "outer_wait_seconds", "Time training stood still waiting for a fragment's mean (diloco.blocking).")
-        self.outer_parts_rejected_total = counter(
-            "outer_parts_rejected", "Replicas' parts this node, as group leader, left out of an average.",
-            "reason", OUTER_REJECT_REASONS)
-        self.state_download_bytes_total = counter("state_download_bytes", "Bytes of stage state downloaded "
-                                                  "(weights and outer state) by this node.")
-        self.state_download_seconds = Histogram(
-            "state_download_seconds", "Duration of successful stage state downloads (s).", namespace=NAMESPACE,
-            registry=self.registry, buckets=OUTER_BUCKETS_S)
-        self.pipeline_queue_depth = gauge("pipeline_queue_depth", "Forward/backward jobs queued on this stage.")
-        self.pipeline_stash = gauge("pipeline_stash", "Microbatches this stage holds awaiting their backward.")
-        # Peers banned now, by where (bounded: MAX_BANNED_SERIES series at most, gone when the ban ends).
-        self._ban_sources: dict[str, Callable[[], Mapping[str, float]]] = {}
-        self.registry.register(_BannedPeers(self))
 
     def set_info(self, *, peer_id: str | None = None, run_id: str | None = None,
                  protocol: str | None = None) -> None:
@@ -473,33 +312,6 @@ class _Server(ThreadingHTTPServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
-
-
-class _BannedPeers:
-    """``protoswarm_peer_banned_seconds{peer_id, where}``: seconds each banned peer's ban still lasts.
-
-    Read at scrape time from the ban tables (``NodeMetrics.watch_bans``); the longest
-    ``MAX_BANNED_SERIES`` bans are shown, so a flood of identities cannot grow the series count."""
-
-    def __init__(self, metrics: NodeMetrics):
-        self.metrics = metrics
-
-    def describe(self):
-        return [GaugeMetricFamily(f"{NAMESPACE}_peer_banned_seconds", self.__doc__.split("\n")[0], labels=("peer_id", "where"))]
-
-    def collect(self):
-        family = GaugeMetricFamily(f"{NAMESPACE}_peer_banned_seconds",
-                                   "Seconds each banned peer's ban still lasts, by where it misbehaved.",
-                                   labels=("peer_id", "where"))
-        bans = []
-        for where, source in list(self.metrics._ban_sources.items()):
-            try:
-                bans += [(left, peer, where) for peer, left in source().items()]
-            except Exception:  # a table being replaced (stage move): skip it this scrape
-                continue
-        for left, peer, where in sorted(bans, reverse=True)[:MAX_BANNED_SERIES]:
-            family.add_metric([peer, where], round(left, 1))
-        yield family
 
 
 class MetricsServer:

@@ -29,7 +29,7 @@ from node.checkpoint import (
     stage_state,
 )
 from node.config import ConfigError, RunConfig, TrainConfig
-from node.data import BatchSampler, load_corpus, validation_batches
+from node.data import BatchSampler, TokenCorpus, load_corpus, validation_batches
 from node.device import resolve_device
 from node.engine import StageChain
 from node.engine import lr_at as _lr_at
@@ -140,8 +140,9 @@ def _train_step(chain: StageChain, sampler: BatchSampler, position: int, grad_ac
     return sum(losses) / grad_accum
 
 
-def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``cfg`` in this process; returns losses and throughput. ``on_step(step, loss)`` per step."""
+def _prepare(cfg: RunConfig) -> tuple[torch.device, TokenCorpus]:
+    """The run's device and corpus, after checking its data paths, applying ``train.threads`` and refusing
+    a checkpoint directory that holds checkpoints when ``train.resume`` is off."""
     t = cfg.train
     cfg.data.check_paths()
     device = resolve_device(t.device)
@@ -156,24 +157,39 @@ def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = N
     if not t.resume and list_checkpoints(t.checkpoint_dir):
         raise CheckpointError(f"train.checkpoint_dir={t.checkpoint_dir!r} already holds checkpoints and "
                               "train.resume=false: choose an empty directory, or delete them to start over")
+    return device, corpus
 
-    chain = StageChain.build(cfg, device, backward="stash")  # nothing steps between a forward and its backward
-    sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
-    val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
-    result = TrainResult(steps=0, tokens=0, final_val_loss=float("nan"), chain=chain)
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
 
-    start, position = 0, 0
+@dataclass
+class _Progress:
+    """Where a train-local loop stands; an interrupt reads it to decide whether to checkpoint."""
+
+    completed: int  # optimizer steps applied, this run's and any resumed from
+    position: int  # the sampler's next microbatch
+    saved: int  # the newest checkpointed step
+    at_boundary: bool = True  # False while a step's microbatches are in flight
+    trained_steps: int = 0  # steps this run applied
+
+
+def _resume(cfg: RunConfig, chain: StageChain, corpus_fingerprint: str, result: TrainResult) -> _Progress:
+    """The newest checkpoint of ``train.checkpoint_dir`` loaded into ``chain`` and ``result`` when
+    ``train.resume``; otherwise the start of the run."""
+    t = cfg.train
     state = load_latest(t.checkpoint_dir) if t.resume else None
-    if state is not None:
-        _restore(state, cfg, chain, corpus.fingerprint)
-        start = result.resumed_from = state["step"]
-        position = int(state.get("data_position", start * t.grad_accum))
-        result.train_losses, result.val_losses = list(state["train_losses"]), list(state["val_losses"])
-        logger.info("resumed from %s at step %d", t.checkpoint_dir, start)
-        if start >= t.steps:
-            logger.warning("the checkpoint already reached train.steps=%d: nothing to train; pass a larger "
-                           "--steps to continue, or another train.checkpoint_dir to start over", t.steps)
+    if state is None:
+        return _Progress(completed=0, position=0, saved=0)
+    _restore(state, cfg, chain, corpus_fingerprint)
+    start = result.resumed_from = state["step"]
+    position = int(state.get("data_position", start * t.grad_accum))
+    result.train_losses, result.val_losses = list(state["train_losses"]), list(state["val_losses"])
+    logger.info("resumed from %s at step %d", t.checkpoint_dir, start)
+    if start >= t.steps:
+        logger.warning("the checkpoint already reached train.steps=%d: nothing to train; pass a larger "
+                       "--steps to continue, or another train.checkpoint_dir to start over", t.steps)
+    return _Progress(completed=start, position=position, saved=start)
+
+
+def _log_model(cfg: RunConfig, chain: StageChain, device: torch.device) -> None:
     params = sum(p.numel() for m in chain.modules() for p in m.parameters() if p.requires_grad)
     logger.info(
         "model %s: %.2fM trainable params, %d stages %s, subspace k=%s, device %s",
@@ -184,24 +200,54 @@ def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = N
         logger.warning("one stage: there are no boundaries, so every block is dense and only the embedding "
                        "is k-wide; set pipeline.num_stages > 1 to train the constrained model")
 
+
+def _save(cfg: RunConfig, chain: StageChain, progress: _Progress, result: TrainResult,
+          corpus_fingerprint: str) -> None:
+    """Checkpoint the step ``progress`` has completed."""
+    t = cfg.train
+    save_checkpoint(t.checkpoint_dir, progress.completed,
+                    _checkpoint(cfg, chain, progress.completed, progress.position, result, corpus_fingerprint),
+                    keep=t.checkpoint_keep)
+    progress.saved = progress.completed
+
+
+def _evaluate_and_save(cfg: RunConfig, chain: StageChain, val_batches: list[torch.Tensor], progress: _Progress,
+                       result: TrainResult, corpus_fingerprint: str) -> None:
+    """After a completed step: validation every ``train.eval_every`` steps, a checkpoint every
+    ``train.checkpoint_every``, both at the last step."""
+    t, completed = cfg.train, progress.completed
+    if (t.eval_every and completed % t.eval_every == 0) or completed == t.steps:
+        result.val_losses.append((completed, evaluate(chain, val_batches)))
+        logger.info("step %d val_loss %.4f", completed, result.val_losses[-1][1])
+    if (t.checkpoint_every and completed % t.checkpoint_every == 0) or completed == t.steps:
+        _save(cfg, chain, progress, result, corpus_fingerprint)
+
+
+def _train_loop(cfg: RunConfig, chain: StageChain, sampler: BatchSampler, val_batches: list[torch.Tensor],
+                progress: _Progress, result: TrainResult, corpus_fingerprint: str,
+                on_step: Callable[[int, float], None] | None) -> None:
+    """Optimizer steps until ``train.steps``. On SIGINT (at a step boundary) or KeyboardInterrupt it
+    checkpoints a completed step not yet saved, never a half-applied one, and re-raises."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     window_start, window_tokens = time.perf_counter(), 0
-    run_start, completed, saved, at_boundary = time.perf_counter(), start, start, True
-    trained_steps = skipped = 0
+    skipped = 0
     with _StopAtStepBoundary() as stop:
         try:
-            while completed < t.steps:
-                at_boundary = False
-                train_loss = _train_step(chain, sampler, position, t.grad_accum)
-                position += t.grad_accum
-                at_boundary = True
-                if chain.progress == completed:  # the update was skipped (non-finite gradients): draw on
+            while progress.completed < t.steps:
+                progress.at_boundary = False
+                train_loss = _train_step(chain, sampler, progress.position, t.grad_accum)
+                progress.position += t.grad_accum
+                progress.at_boundary = True
+                if chain.progress == progress.completed:  # the update was skipped (non-finite gradients): draw on
                     skipped += 1
                     if skipped >= _MAX_SKIPPED:
                         raise FloatingPointError(f"{skipped} updates in a row had non-finite gradients at step "
-                                                 f"{completed + 1}: training diverged")
+                                                 f"{progress.completed + 1}: training diverged")
                     continue
-                completed, skipped = chain.progress, 0
-                trained_steps += 1
+                progress.completed, skipped = chain.progress, 0
+                completed = progress.completed
+                progress.trained_steps += 1
                 result.train_losses.append((completed, train_loss))
                 window_tokens += tokens_per_step
                 if on_step is not None:
@@ -211,29 +257,35 @@ def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = N
                     logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", completed, t.steps, train_loss,
                                 lr_at(completed - 1, t), window_tokens / max(elapsed, 1e-9))
                     window_start, window_tokens = time.perf_counter(), 0
-                if (t.eval_every and completed % t.eval_every == 0) or completed == t.steps:
-                    result.val_losses.append((completed, evaluate(chain, val_batches)))
-                    logger.info("step %d val_loss %.4f", completed, result.val_losses[-1][1])
-                if (t.checkpoint_every and completed % t.checkpoint_every == 0) or completed == t.steps:
-                    save_checkpoint(t.checkpoint_dir, completed,
-                                    _checkpoint(cfg, chain, completed, position, result, corpus.fingerprint),
-                                    keep=t.checkpoint_keep)
-                    saved = completed
+                _evaluate_and_save(cfg, chain, val_batches, progress, result, corpus_fingerprint)
                 if stop.requested:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if at_boundary and completed > saved:
-                save_checkpoint(t.checkpoint_dir, completed,
-                                _checkpoint(cfg, chain, completed, position, result, corpus.fingerprint),
-                                keep=t.checkpoint_keep)
-                logger.warning("interrupted: checkpoint of step %d saved in %s", completed, t.checkpoint_dir)
-            elif not at_boundary:
+            if progress.at_boundary and progress.completed > progress.saved:
+                _save(cfg, chain, progress, result, corpus_fingerprint)
+                logger.warning("interrupted: checkpoint of step %d saved in %s", progress.completed, t.checkpoint_dir)
+            elif not progress.at_boundary:
                 logger.warning("stopped mid-step: not saving a half-applied update; newest checkpoint is step %d",
-                               saved)
+                               progress.saved)
             raise
+
+
+def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``cfg`` in this process; returns losses and throughput. ``on_step(step, loss)`` per step."""
+    t = cfg.train
+    device, corpus = _prepare(cfg)
+    chain = StageChain.build(cfg, device, backward="stash")  # nothing steps between a forward and its backward
+    sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
+    val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
+    result = TrainResult(steps=0, tokens=0, final_val_loss=float("nan"), chain=chain)
+    progress = _resume(cfg, chain, corpus.fingerprint, result)
+    _log_model(cfg, chain, device)
+
+    run_start = time.perf_counter()
+    _train_loop(cfg, chain, sampler, val_batches, progress, result, corpus.fingerprint, on_step)
     run_time = time.perf_counter() - run_start
     result.steps = t.steps
-    result.tokens = trained_steps * tokens_per_step
+    result.tokens = progress.trained_steps * t.batch_size * t.seq_len * t.grad_accum
     result.tokens_per_s = result.tokens / max(run_time, 1e-9)
     if result.val_losses and result.val_losses[-1][0] == t.steps:
         result.final_val_loss = result.val_losses[-1][1]

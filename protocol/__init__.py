@@ -15,7 +15,9 @@
 - ``protocol.settings``   what every layer's config sections are built from: ``ConfigError`` and the
   documented-field helpers ``setting`` / ``setting_list`` / ``check_positive``.
 - ``protocol.codecs``     float tensor codecs by name: fp32, bf16, fp16, int8 (blockwise absmax),
-  e3m0 (4-bit float); ``MeanAccumulator`` for FP32 averaging.
+  e3m0 (4-bit float), ``get_codec``; ``MeanAccumulator`` for FP32 averaging.
+- ``protocol.codec_base`` the ``Codec`` interface and the registry (``CODECS``, ``register_codec``)
+  that the built-in and the hivemind codecs both add themselves to.
 - ``protocol.hivemind_compat``  hivemind's Float16/Uniform8Bit codecs behind the same interface, and
   why protoswarm's codecs cannot be offered to hivemind's averager.
 - ``protocol.errors``     ``ProtocolError`` and its subclasses, each with a stable ``code``.

@@ -29,7 +29,7 @@ from hivemind.compression import CompressionInfo, Float16Compression, Uniform8Bi
 from hivemind.compression.base import CompressionBase
 from hivemind.proto import runtime_pb2
 
-from protocol.codecs import CODECS, Codec, _check_input, _view, all_finite, register_codec
+from protocol.codec_base import CODECS, Codec, _check_input, _view, all_finite, register_codec
 from protocol.errors import NonFiniteError, TensorError
 
 # The formats hivemind can decode; tests pin this so a hivemind that opens its enum is noticed.

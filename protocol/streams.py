@@ -18,6 +18,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from protocol.errors import ChecksumError, ConnectionLost, ProtocolError, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
@@ -177,56 +178,73 @@ async def serve_stream(
     ``on_frame(nbytes)`` sees the size of each request frame before it is decoded; ``on_sent(reply,
     nbytes)`` each handler reply once it was written (error replies excluded). Both count bytes.
     """
-    refusals = 0
-
-    async def refuse(exc: ProtocolError) -> bool:
-        """Reply with the error; False when the stream should be closed."""
-        nonlocal refusals
-        refusals += 1
-        logger.info("peer %s: refused input [%s] %s", peer, exc.code, exc)
-        if on_error is not None:
-            on_error(exc)
-        reply = ErrorReply.from_error(exc, max_len=min(500, limits.max_str_len))
-        return await _reply(writer, reply, limits, write_timeout, peer) and refusals < max_refusals
-
+    replies = _Replies(writer=writer, limits=limits, write_timeout=write_timeout, peer=peer,
+                       max_refusals=max_refusals, on_error=on_error, on_sent=on_sent)
     try:
         while True:
             try:
                 body = await read_frame(reader, limits, timeout=frame_timeout, idle_timeout=idle_timeout)
             except ChecksumError as exc:  # the whole frame was consumed: still in sync
-                if not await refuse(exc):
+                if not await replies.refuse(exc):
                     return
                 continue
             except (ConnectionLost, StreamIdle) as exc:  # not offences: the stream just ends
                 logger.debug("peer %s: closing the stream (%s)", peer, exc)
                 return
             except ProtocolError as exc:
-                await refuse(exc)
+                await replies.refuse(exc)
                 return
             if body is None:
                 return
             if on_frame is not None:
                 on_frame(len(body) + PREFIX_BYTES)
-            try:
-                reply = await handle(decode_message(body, limits))
-                encoded = None if reply is None else encode_message(reply, limits)
-            except ProtocolError as exc:
-                if not await refuse(exc):
-                    return
-                continue
-            except Exception:
-                logger.exception("peer %s: handler failed", peer)
-                internal = ErrorReply(code="internal", message="the handler failed")
-                if not await _reply(writer, internal, limits, write_timeout, peer):
-                    return
-                continue
-            if encoded is not None:
-                if not await _send_encoded(writer, encoded, write_timeout, peer):
-                    return
-                if on_sent is not None and not isinstance(reply, ErrorReply):
-                    on_sent(reply, len(encoded) + PREFIX_BYTES)
+            if not await replies.answer(body, handle):
+                return
     finally:
         writer.close()
+
+
+@dataclass(kw_only=True)
+class _Replies:
+    """The reply side of one stream :func:`serve_stream` serves: handler replies and counted refusals."""
+
+    writer: asyncio.StreamWriter
+    limits: WireLimits
+    write_timeout: float | None
+    peer: str
+    max_refusals: int
+    on_error: ErrorHook | None
+    on_sent: Callable[[Message, int], None] | None
+    refusals: int = 0
+
+    async def refuse(self, exc: ProtocolError) -> bool:
+        """Reply with the error; False when the stream should be closed."""
+        self.refusals += 1
+        logger.info("peer %s: refused input [%s] %s", self.peer, exc.code, exc)
+        if self.on_error is not None:
+            self.on_error(exc)
+        reply = ErrorReply.from_error(exc, max_len=min(500, self.limits.max_str_len))
+        delivered = await _reply(self.writer, reply, self.limits, self.write_timeout, self.peer)
+        return delivered and self.refusals < self.max_refusals
+
+    async def answer(self, body: bytes, handle: Handler) -> bool:
+        """Decode one request, run ``handle`` on it and send its reply; False when the stream should close."""
+        try:
+            reply = await handle(decode_message(body, self.limits))
+            encoded = None if reply is None else encode_message(reply, self.limits)
+        except ProtocolError as exc:
+            return await self.refuse(exc)
+        except Exception:
+            logger.exception("peer %s: handler failed", self.peer)
+            internal = ErrorReply(code="internal", message="the handler failed")
+            return await _reply(self.writer, internal, self.limits, self.write_timeout, self.peer)
+        if encoded is None:
+            return True
+        if not await _send_encoded(self.writer, encoded, self.write_timeout, self.peer):
+            return False
+        if self.on_sent is not None and not isinstance(reply, ErrorReply):
+            self.on_sent(reply, len(encoded) + PREFIX_BYTES)
+        return True
 
 
 async def _reply(

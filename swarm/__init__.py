@@ -7,6 +7,8 @@
 - ``swarm.claiming``        which stage to claim and when to move (pure functions over records).
 - ``swarm.state_transfer``  ``StageStateServer`` / ``download_stage_state``: a stage's weights over
   hivemind P2P, chunked and SHA-256 verified.
+- ``swarm.state_codec``     a stage's state as bytes and its manifest (``StageSnapshot``,
+  ``encode_snapshot`` / ``decode_snapshot``, ``manifest_digest``).
 - ``swarm.status``          ``node status``: read the swarm from any peer (client-mode DHT).
 - ``swarm.routing``         ``Router``: which replica of the next stage gets a microbatch (earliest
   expected finish, bans with backoff).

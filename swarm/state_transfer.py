@@ -9,11 +9,9 @@ Flow, over one hivemind P2P binary stream (handler ``protoswarm.state.v1``, mess
     StateChunkRequest(digest, i)    ──▶      chunk i of the bytes cached under that digest
                                     ◀──      StateChunk(data)            … for i = 0 … n−1
 
-The state bytes are the tensors' raw little-endian bytes concatenated in ``snapshot().tensors``
-order. The manifest lists every entry (name, dtype, shape, offset, size, SHA-256), the chunk size and
-one SHA-256 per chunk. Its ``digest`` is the SHA-256 of the msgpack list ``[run_id, stage, step,
-round_id, [[name, dtype, shape, offset, nbytes, sha256], ...], chunk_bytes, chunk_sha256]``
-(:func:`manifest_digest`), so it names one exact state and the client can recompute it.
+The state bytes and the manifest naming them (entries, chunk SHA-256s, a ``digest`` the client can
+recompute) are laid out in :mod:`swarm.state_codec`; ``StageSnapshot`` and its encoding live there
+and are imported here.
 
 The server keeps the serialized bytes of its last ``keep_snapshots`` states keyed by digest, so a
 joiner finishes a consistent state while training moves on. A chunk request for a digest it no
@@ -36,55 +34,38 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import msgpack
 import torch
 
 from protocol.errors import (
     ChecksumError,
     MalformedMessage,
-    NonFiniteError,
     OversizeError,
     ProtocolError,
     RemoteError,
     short_repr,
 )
-from protocol.messages import (
-    STATE_DTYPES,
-    ErrorReply,
-    Message,
-    StateChunk,
-    StateChunkRequest,
-    StateEntry,
-    StateManifest,
-    StateRequest,
-)
+from protocol.messages import ErrorReply, Message, StateChunk, StateChunkRequest, StateManifest, StateRequest
 from protocol.streams import PeerStrikes, request, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
+from swarm.state_codec import (
+    FRAME_SLACK,
+    StageSnapshot,
+    decode_snapshot,
+    encode_snapshot,
+    manifest_digest,
+    sha256_hex,
+)
 
 logger = logging.getLogger(__name__)
 
-_DTYPES: dict[torch.dtype, str] = {getattr(torch, name): name for name in STATE_DTYPES}
-_FRAME_SLACK = 4096  # room for a StateChunk's header next to its data in one frame
 _HASH_OFF_LOOP = 1 << 20  # chunks larger than this are hashed in a worker thread
-
-
-@dataclass(kw_only=True)
-class StageSnapshot:
-    """A stage's state at one point of training: what a server offers and a download returns."""
-
-    stage: int
-    step: int  # training progress the state belongs to
-    round_id: int  # outer rounds completed
-    tensors: dict[str, torch.Tensor]  # e.g. a stage module's state_dict; dtypes in STATE_DTYPES
 
 
 class StateTransferError(Exception):
@@ -95,73 +76,6 @@ class StateTransferError(Exception):
         super().__init__(message)
         self.peer = peer
         self.reason = reason
-
-
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()  # releases the GIL on large inputs
-
-
-def manifest_digest(manifest: StateManifest) -> str:
-    """The SHA-256 naming a manifest's state: everything in it but the digest itself."""
-    entries = [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes, e.sha256] for e in manifest.entries]
-    content = [manifest.run_id, manifest.stage, manifest.step, manifest.round_id, entries,
-               manifest.chunk_bytes, list(manifest.chunk_sha256)]
-    return hashlib.sha256(msgpack.packb(content)).hexdigest()
-
-
-def encode_snapshot(
-    snapshot: StageSnapshot, run_id: str, chunk_bytes: int, limits: WireLimits = DEFAULT_LIMITS
-) -> tuple[StateManifest, torch.Tensor]:
-    """Serialize a snapshot into one buffer and its manifest (CPU-heavy: call it off the event loop).
-
-    ``chunk_bytes`` grows when the state would need more than ``limits.max_list_len`` chunks. The
-    tensors are copied first and hashed from the copy, so the hashes always describe the bytes sent.
-    """
-    if sys.byteorder != "little":
-        raise NotImplementedError("state transfer assumes a little-endian host")
-    if len(snapshot.tensors) > limits.max_list_len:
-        raise ValueError(f"{len(snapshot.tensors)} state tensors exceed the manifest's {limits.max_list_len}")
-    for name, tensor in snapshot.tensors.items():
-        if tensor.dtype not in _DTYPES:
-            raise ValueError(f"state tensor {name!r} has dtype {tensor.dtype}, not one of {STATE_DTYPES}")
-    total = sum(t.numel() * t.element_size() for t in snapshot.tensors.values())
-    chunk_bytes = max(chunk_bytes, -(-total // limits.max_list_len))
-    if chunk_bytes + _FRAME_SLACK > limits.max_frame_bytes:
-        raise ValueError(f"a {total}-byte state needs {chunk_bytes}-byte chunks, over the frame limit")
-    data = torch.empty(total, dtype=torch.uint8)  # torch: no zero-fill, and copies release the GIL
-    view = memoryview(data.numpy())
-    entries, offset = [], 0
-    for name, tensor in snapshot.tensors.items():
-        end = offset + tensor.numel() * tensor.element_size()
-        if end > offset:  # straight from the source device: a GPU state is not staged whole on the CPU
-            data[offset:end].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-        entries.append(StateEntry(name=name, dtype=_DTYPES[tensor.dtype], shape=list(tensor.shape),
-                                  offset=offset, nbytes=end - offset, sha256=_sha256(view[offset:end])))
-        offset = end
-    chunks = [_sha256(view[i : i + chunk_bytes]) for i in range(0, total, chunk_bytes)]
-    manifest = StateManifest(
-        run_id=run_id, stage=snapshot.stage, step=snapshot.step, round_id=snapshot.round_id,
-        entries=entries, chunk_bytes=chunk_bytes, chunk_sha256=chunks, digest="0" * 64,
-    )
-    manifest.digest = manifest_digest(manifest)
-    return manifest, data
-
-
-def decode_snapshot(manifest: StateManifest, data: torch.Tensor, check_finite: bool = True) -> StageSnapshot:
-    """Tensors from verified state bytes; raises a :class:`ProtocolError` if an entry does not check out."""
-    view = memoryview(data.numpy())
-    tensors: dict[str, torch.Tensor] = {}
-    for e in manifest.entries:
-        raw = view[e.offset : e.offset + e.nbytes]
-        if _sha256(raw) != e.sha256:
-            raise ChecksumError(f"state entry {short_repr(e.name)}: SHA-256 does not match the manifest")
-        # Clone before the dtype view: an entry's offset need not be aligned for its dtype.
-        tensor = data[e.offset : e.offset + e.nbytes].clone().view(getattr(torch, e.dtype)).reshape(e.shape)
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"state entry {short_repr(e.name)} holds NaN or inf")
-        tensors[e.name] = tensor
-    return StageSnapshot(stage=manifest.stage, step=manifest.step, round_id=manifest.round_id,
-                         tensors=tensors)
 
 
 @dataclass
@@ -189,8 +103,8 @@ class StageStateServer:
         """``consensus()``: the state every replica of the stage agrees on (``StateRequest.part ==
         "consensus"``), or None when this node has no such thing. ``on_error(exc)`` sees every
         malformed request (metrics); ``peer_strikes`` offences within ``ban_s`` ban a peer for ``ban_s``."""
-        if not 0 < chunk_bytes <= limits.max_frame_bytes - _FRAME_SLACK:
-            raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - _FRAME_SLACK}")
+        if not 0 < chunk_bytes <= limits.max_frame_bytes - FRAME_SLACK:
+            raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - FRAME_SLACK}")
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be at least 1, got {keep_snapshots}")
         self.run_id, self.limits, self.chunk_bytes = run_id, limits, chunk_bytes
@@ -346,7 +260,7 @@ def _check_manifest(
         raise MalformedMessage(f"manifest is for run {short_repr(reply.run_id)} stage {reply.stage}")
     if reply.total_bytes > max_total_bytes:
         raise OversizeError(f"state of {reply.total_bytes} bytes exceeds the {max_total_bytes}-byte cap")
-    if min(reply.chunk_bytes, reply.total_bytes) + _FRAME_SLACK > limits.max_frame_bytes:
+    if min(reply.chunk_bytes, reply.total_bytes) + FRAME_SLACK > limits.max_frame_bytes:
         raise OversizeError(f"{reply.chunk_bytes}-byte chunks exceed the {limits.max_frame_bytes}-byte frame")
     if len({e.name for e in reply.entries}) != len(reply.entries):
         raise MalformedMessage("manifest names an entry twice")
@@ -384,7 +298,7 @@ async def _get_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if len(chunk.data) != want:
         raise MalformedMessage(f"chunk {index} has {len(chunk.data)} bytes, expected {want}")
     big = len(chunk.data) > _HASH_OFF_LOOP
-    digest = await asyncio.to_thread(_sha256, chunk.data) if big else _sha256(chunk.data)
+    digest = await asyncio.to_thread(sha256_hex, chunk.data) if big else sha256_hex(chunk.data)
     if digest != manifest.chunk_sha256[index]:
         raise ChecksumError(f"chunk {index} of state {name}: SHA-256 does not match the manifest")
     return chunk.data
@@ -404,71 +318,95 @@ async def download_from_replicas(p2p: Any, peer_ids: list[Any], run_id: str, sta
     """
     where = f"stage {stage} {part} state from {len(peer_ids)} peer(s)"
     started = time.perf_counter()
-    streams: list[tuple[str, asyncio.StreamReader, asyncio.StreamWriter, StateManifest]] = []
-
-    async def manifest_of(pid: Any):
-        _, reader, writer = await p2p.call_binary_stream_handler(pid, StageStateServer.HANDLER)
-        try:
-            reply = await request(reader, writer, StateRequest(run_id=run_id, stage=stage, part=part), limits,
-                                  timeout=timeout)
-            manifest = _check_manifest(reply, run_id, stage, limits, max_total_bytes)
-        except BaseException:
-            writer.close()
-            raise
-        return str(pid), reader, writer, manifest
-
+    streams: list[_Donor] = []
+    ask = StateRequest(run_id=run_id, stage=stage, part=part)
     try:
         async with asyncio.timeout(timeout):
-            answers = await asyncio.gather(*(manifest_of(pid) for pid in peer_ids), return_exceptions=True)
-            for pid, answer in zip(peer_ids, answers, strict=True):
-                if isinstance(answer, BaseException):
-                    logger.info("peer %s: no %s manifest for stage %d: %s", pid, part, stage, answer)
-                else:
-                    streams.append(answer)
+            streams = await _open_donors(p2p, peer_ids, ask, limits, timeout, max_total_bytes)
             if not streams:
                 raise StateTransferError(f"{where}: no peer offered one", peer="", reason="no_state")
-            votes: dict[str, int] = {}
-            for _, _, _, m in streams:
-                votes[m.digest] = votes.get(m.digest, 0) + 1
-            digest = max(votes, key=lambda d: (votes[d], -next(i for i, s in enumerate(streams) if s[3].digest == d)))
-            donors = [s for s in streams if s[3].digest == digest]
-            manifest = donors[0][3]
-            data = torch.empty(manifest.total_bytes, dtype=torch.uint8)
-            view = memoryview(data.numpy())
-            todo = collections.deque(range(len(manifest.chunk_sha256)))
-            served: dict[str, int] = {}
-            healthy = list(donors)
-
-            async def worker(donor) -> bool:
-                pid, reader, writer, _ = donor
-                while todo:
-                    index = todo.popleft()
-                    try:
-                        chunk = await _get_chunk(reader, writer, manifest, index, limits, timeout)
-                    except Exception as exc:  # this donor failed or left: the others take its chunk
-                        todo.appendleft(index)
-                        logger.info("peer %s left mid-download of stage %d (%s); %d chunk(s) to go", pid, stage,
-                                    exc, len(todo))
-                        return False
-                    start = index * manifest.chunk_bytes
-                    view[start : start + len(chunk)] = chunk
-                    served[pid] = served.get(pid, 0) + 1
-                return True
-
-            while todo and healthy:
-                results = await asyncio.gather(*(worker(d) for d in healthy))
-                healthy = [d for d, ok in zip(healthy, results, strict=True) if ok]
-            if todo:
-                raise StateTransferError(f"{where}: every donor of state {digest[:12]} left with {len(todo)} "
-                                         "chunk(s) to go", peer=",".join(served), reason="donors_left")
+            donors = _majority(streams)
+            manifest = donors[0].manifest
+            data, served = await _fetch_from_donors(donors, manifest, limits, timeout, where)
             snap = await asyncio.to_thread(decode_snapshot, manifest, data, limits.check_finite)
     except TimeoutError:
         raise StateTransferError(f"{where}: not downloaded within {timeout} s", peer="", reason="timeout") from None
     except ProtocolError as exc:
         raise StateTransferError(f"{where}: [{exc.code}] {exc}", peer="", reason=exc.code) from exc
     finally:
-        for _, _, writer, _ in streams:
-            writer.close()
+        for donor in streams:
+            donor.writer.close()
     logger.info("stage %d: downloaded %d bytes of %s state %s from %d peer(s) %s in %.2f s", stage,
-                manifest.total_bytes, part, digest[:12], len(served), served, time.perf_counter() - started)
+                manifest.total_bytes, part, manifest.digest[:12], len(served), served,
+                time.perf_counter() - started)
     return snap, served
+
+
+class _Donor(NamedTuple):
+    """One replica's open stream and the manifest it offered."""
+
+    peer: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    manifest: StateManifest
+
+
+async def _open_donors(p2p: Any, peer_ids: list[Any], ask: StateRequest, limits: WireLimits, timeout: float,
+                       max_total_bytes: int) -> list[_Donor]:
+    """A stream to each peer that answers ``ask`` with a sound manifest, in ``peer_ids`` order."""
+
+    async def manifest_of(pid: Any) -> _Donor:
+        _, reader, writer = await p2p.call_binary_stream_handler(pid, StageStateServer.HANDLER)
+        try:
+            reply = await request(reader, writer, ask, limits, timeout=timeout)
+            manifest = _check_manifest(reply, ask.run_id, ask.stage, limits, max_total_bytes)
+        except BaseException:
+            writer.close()
+            raise
+        return _Donor(str(pid), reader, writer, manifest)
+
+    answers = await asyncio.gather(*(manifest_of(pid) for pid in peer_ids), return_exceptions=True)
+    for pid, answer in zip(peer_ids, answers, strict=True):
+        if isinstance(answer, BaseException):
+            logger.info("peer %s: no %s manifest for stage %d: %s", pid, ask.part, ask.stage, answer)
+    return [answer for answer in answers if not isinstance(answer, BaseException)]
+
+
+def _majority(streams: list[_Donor]) -> list[_Donor]:
+    """The streams offering the digest most of them offer (ties: the digest offered first)."""
+    votes = collections.Counter(donor.manifest.digest for donor in streams)
+    digest = max(votes, key=votes.__getitem__)  # the first of equals: counted in the order offered
+    return [donor for donor in streams if donor.manifest.digest == digest]
+
+
+async def _fetch_from_donors(donors: list[_Donor], manifest: StateManifest, limits: WireLimits, timeout: float,
+                             where: str) -> tuple[torch.Tensor, dict[str, int]]:
+    """The state bytes ``manifest`` names, one worker per donor, and the chunks each donor sent."""
+    data = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+    view = memoryview(data.numpy())
+    todo = collections.deque(range(len(manifest.chunk_sha256)))
+    served: dict[str, int] = {}
+
+    async def worker(donor: _Donor) -> bool:
+        while todo:
+            index = todo.popleft()
+            try:
+                chunk = await _get_chunk(donor.reader, donor.writer, manifest, index, limits, timeout)
+            except Exception as exc:  # this donor failed or left: the others take its chunk
+                todo.appendleft(index)
+                logger.info("peer %s left mid-download of stage %d (%s); %d chunk(s) to go", donor.peer,
+                            manifest.stage, exc, len(todo))
+                return False
+            start = index * manifest.chunk_bytes
+            view[start : start + len(chunk)] = chunk
+            served[donor.peer] = served.get(donor.peer, 0) + 1
+        return True
+
+    healthy = list(donors)
+    while todo and healthy:
+        results = await asyncio.gather(*(worker(d) for d in healthy))
+        healthy = [d for d, ok in zip(healthy, results, strict=True) if ok]
+    if todo:
+        raise StateTransferError(f"{where}: every donor of state {manifest.digest[:12]} left with {len(todo)} "
+                                 "chunk(s) to go", peer=",".join(served), reason="donors_left")
+    return data, served

@@ -620,74 +620,98 @@ def state_corpus(rng: random.Random, t: StateTarget, digest: str, *, large: bool
     return cases
 
 
+@dataclass(frozen=True)
+class FragmentStream:
+    """The parts of one fragment a fuzzing member sends, framed (the valid base of :func:`exchange_corpus`)."""
+
+    run_id: str
+    stage: int
+    fragment: int
+    round_id: int
+    total: int  # values in the fragment
+    per_part: int
+    codec: str
+
+    @property
+    def num_parts(self) -> int:
+        return max(1, -(-self.total // self.per_part))
+
+    def part(self, index: int = 0, **changes) -> FragmentPart:
+        offset = index * self.per_part
+        n = min(self.per_part, self.total - offset)
+        fields = dict(run_id=self.run_id, stage=self.stage, round_id=self.round_id, fragment_id=self.fragment,
+                      part=index, num_parts=self.num_parts, offset=offset, total_values=self.total, codec=self.codec,
+                      values=floats((n,), index, 1e-3))
+        return FragmentPart(**{**fields, **changes})
+
+    def stream(self, first: bytes | None = None, *rest: FragmentPart, after: bytes = b"") -> bytes:
+        """Frames of a whole fragment: ``first`` (a body) in place of part 0, then the other parts."""
+        later = list(rest) if rest else [self.part(i) for i in range(1, self.num_parts)]
+        return (encode_frame(first if first is not None else encode_message(self.part(0)))
+                + b"".join(encode_frame(encode_message(p)) for p in later) + after)
+
+    def first_changed(self, **changes) -> bytes:
+        """The whole fragment with part 0 changed."""
+        return self.stream(encode_message(self.part(0, **changes)))
+
+
+def _exchange_semantic(rng: random.Random, f: FragmentStream, sizes: list[int]) -> dict[str, bytes]:
+    """Whole fragments that frame and decode but break one of the exchange's rules (b"": not possible here)."""
+    total, per_part, num_parts, fragment = f.total, f.per_part, f.num_parts, f.fragment
+    other = 1 - fragment if len(sizes) > 1 else fragment
+    valid_body = encode_message(f.part(0))
+    return {
+        "valid": f.stream(),
+        "wrong_run": f.first_changed(run_id="another-run"),
+        "wrong_stage": f.first_changed(stage=f.stage + 1),
+        "absurd_stage": f.first_changed(stage=MAX_INT),
+        "no_such_fragment": f.first_changed(fragment_id=len(sizes)),
+        "absurd_fragment": f.first_changed(fragment_id=MAX_INT),
+        "wrong_fragment_size": f.first_changed(fragment_id=other) if other != fragment else b"",
+        "wrong_total": f.first_changed(total_values=total + per_part),
+        "wrong_codec": f.first_changed(codec="int8" if f.codec != "int8" else "fp32"),
+        "wrong_num_parts": f.first_changed(num_parts=num_parts + 1),
+        "wrong_offset": f.first_changed(offset=1, values=floats((min(per_part, total - 1),), 0)) if total > 1 else b"",
+        "short_part": f.first_changed(values=floats((min(per_part, total) - 1,), 0)) if total > 1 else b"",
+        "part_index": f.stream(encode_message(f.part(1))) if num_parts > 1 else b"",
+        "absurd_round": f.stream(encode_message(f.part(0, round_id=MAX_INT)),
+                                 *[f.part(i, round_id=MAX_INT) for i in range(1, num_parts)]),
+        "mixed_rounds": f.stream(None, *[f.part(i, round_id=f.round_id + 1) for i in range(1, num_parts)])
+        if num_parts > 1 else b"",
+        "duplicate_part": f.stream(None, f.part(0)) if num_parts > 1 else b"",
+        "weight_zero": f.stream(with_header(valid_body, lambda h: h.__setitem__("weight", 0.0))),
+        "weight_nan": f.stream(with_header(valid_body, lambda h: h.__setitem__("weight", float("nan")))),
+        "weight_huge": f.stream(with_header(valid_body, lambda h: h.__setitem__("weight", 1e13))),
+        "other_kind": f.stream(encode_message(StateRequest(run_id=f.run_id, stage=f.stage))),
+        "then_garbage": f.stream(None, after=encode_frame(rng.randbytes(100))) if num_parts == 1 else b"",
+    }
+
+
 def exchange_corpus(rng: random.Random, run_id: str, stage: int, sizes: list[int], per_part: int,
                     key: tuple[int, int], codec: str = "e3m0", *, large: bool = False,
                     mutations: int = 16) -> list[Case]:
     """Cases for the fragment exchange (swarm/exchange.py); ``key`` = (fragment, round) of a round whose
     group the fuzzing peer leads, so a fully valid fragment is answered ``not_leader`` at once."""
     fragment, round_id = key
-    total = sizes[fragment]
-    num_parts = max(1, -(-total // per_part))
-
-    def part(index: int = 0, **changes) -> FragmentPart:
-        offset = index * per_part
-        n = min(per_part, total - offset)
-        fields = dict(run_id=run_id, stage=stage, round_id=round_id, fragment_id=fragment, part=index,
-                      num_parts=num_parts, offset=offset, total_values=total, codec=codec,
-                      values=floats((n,), index, 1e-3))
-        return FragmentPart(**{**fields, **changes})
-
-    def stream(first: bytes | None = None, *rest: FragmentPart, after: bytes = b"") -> bytes:
-        """Frames of a whole fragment: ``first`` (a body) in place of part 0, then the other parts."""
-        later = list(rest) if rest else [part(i) for i in range(1, num_parts)]
-        return (encode_frame(first if first is not None else encode_message(part(0)))
-                + b"".join(encode_frame(encode_message(p)) for p in later) + after)
-
-    other = 1 - fragment if len(sizes) > 1 else fragment
-    valid_body = encode_message(part(0))
-    semantic: dict[str, bytes] = {
-        "valid": stream(),
-        "wrong_run": stream(encode_message(part(0, run_id="another-run"))),
-        "wrong_stage": stream(encode_message(part(0, stage=stage + 1))),
-        "absurd_stage": stream(encode_message(part(0, stage=MAX_INT))),
-        "no_such_fragment": stream(encode_message(part(0, fragment_id=len(sizes)))),
-        "absurd_fragment": stream(encode_message(part(0, fragment_id=MAX_INT))),
-        "wrong_fragment_size": stream(encode_message(part(0, fragment_id=other))) if other != fragment else b"",
-        "wrong_total": stream(encode_message(part(0, total_values=total + per_part))),
-        "wrong_codec": stream(encode_message(part(0, codec="int8" if codec != "int8" else "fp32"))),
-        "wrong_num_parts": stream(encode_message(part(0, num_parts=num_parts + 1))),
-        "wrong_offset": stream(encode_message(part(0, offset=1, values=floats((min(per_part, total - 1),), 0))))
-        if total > 1 else b"",
-        "short_part": stream(encode_message(part(0, values=floats((min(per_part, total) - 1,), 0))))
-        if total > 1 else b"",
-        "part_index": stream(encode_message(part(1))) if num_parts > 1 else b"",
-        "absurd_round": stream(encode_message(part(0, round_id=MAX_INT)),
-                               *[part(i, round_id=MAX_INT) for i in range(1, num_parts)]),
-        "mixed_rounds": stream(None, *[part(i, round_id=round_id + 1) for i in range(1, num_parts)])
-        if num_parts > 1 else b"",
-        "duplicate_part": stream(None, part(0)) if num_parts > 1 else b"",
-        "weight_zero": stream(with_header(valid_body, lambda h: h.__setitem__("weight", 0.0))),
-        "weight_nan": stream(with_header(valid_body, lambda h: h.__setitem__("weight", float("nan")))),
-        "weight_huge": stream(with_header(valid_body, lambda h: h.__setitem__("weight", 1e13))),
-        "other_kind": stream(encode_message(StateRequest(run_id=run_id, stage=stage))),
-        "then_garbage": stream(None, after=encode_frame(rng.randbytes(100))) if num_parts == 1 else b"",
-    }
-    cases = [Case(f"semantic_{name}", data) for name, data in semantic.items() if data]
+    f = FragmentStream(run_id, stage, fragment, round_id, sizes[fragment], per_part, codec)
+    valid_body = encode_message(f.part(0))
+    cases = [Case(f"semantic_{name}", data) for name, data in _exchange_semantic(rng, f, sizes).items() if data]
     cases += [
         Case("member_refusal", encode_frame(encode_message(ErrorReply(code="busy", message="not now")))),
-        Case("left_mid_fragment", encode_frame(valid_body), close=True) if num_parts > 1 else
+        Case("left_mid_fragment", encode_frame(valid_body), close=True) if f.num_parts > 1 else
         Case("left_after_fragment", encode_frame(valid_body), close=True),
-        Case("truncated_part", stream()[: -rng.randint(1, 40)], close=True),
+        Case("truncated_part", f.stream()[: -rng.randint(1, 40)], close=True),
     ]
-    rest = b"".join(encode_frame(encode_message(part(i))) for i in range(1, num_parts))
+    # Damage to part 0; the other parts follow it where the damaged frame still starts like a frame.
+    rest = b"".join(encode_frame(encode_message(f.part(i))) for i in range(1, f.num_parts))
     one = [Case(c.family, c.data + (rest if not c.close and c.data.startswith(MAGIC) else b""), c.close)
-           for c in non_finite_cases(lambda c: part(0, codec=c), "values")
+           for c in non_finite_cases(lambda c: f.part(0, codec=c), "values")
            + tensor_cases(valid_body, "values", integer=False)
            + header_cases(rng, [valid_body], 12) + mutation_cases(rng, [valid_body], mutations)]
     cases += one + framing_cases(rng, [valid_body], WireLimits())
     if large:
         cases += [Case("large_garbage", encode_frame(rng.randbytes(LARGE_BYTES))),
-                  Case("large_part", encode_frame(encode_message(part(0, values=floats((4 * LARGE_BYTES // 4,), 3),
-                                                                      total_values=4 * LARGE_BYTES // 4,
-                                                                      codec="e3m0"))))]
+                  Case("large_part", encode_frame(encode_message(f.part(0, values=floats((4 * LARGE_BYTES // 4,), 3),
+                                                                        total_values=4 * LARGE_BYTES // 4,
+                                                                        codec="e3m0"))))]
     return cases

@@ -81,6 +81,25 @@ class SimNode:
         return self.proc is not None and self.proc.poll() is None
 
 
+def _emulate_links(link: LinkSpec, mode: str) -> tuple[str, str, NetnsLab | None]:
+    """How ``link`` gets emulated: (the link mode, a note that says how, the namespace lab if there is one)."""
+    if mode not in LINK_MODES:
+        raise SimError(f"link mode must be one of {', '.join(LINK_MODES)}, got {mode!r}")
+    reason = netns_unavailable() if mode in ("auto", "netns") else "in-process emulation was asked for"
+    if reason and mode == "netns":
+        raise SimError(f"cannot emulate links with network namespaces: {reason}")
+    lab = None if reason else NetnsLab()
+    if lab is None:
+        note = (f"{link}: in-process throttling of protoswarm's own streams only (DHT traffic is not "
+                f"shaped), because {reason}")
+    else:
+        note = (f"{link}: each node in its own network namespace, tc tbf on both directions of its "
+                f"link ({lab.bridge}, 10.{lab.octet}.0.0/16)"
+                + (", delay added per frame by the nodes (no netem here)" if link.delay_s else ""))
+    logger.info("links: %s", note)
+    return ("app" if lab is None else "netns"), note, lab
+
+
 class LocalSwarm:
     def __init__(
         self,
@@ -112,29 +131,11 @@ class LocalSwarm:
         self.lab: NetnsLab | None = None
         if link is not None:
             try:
-                self._set_up_links(link, link_mode)
+                self.link_mode, self.link_note, self.lab = _emulate_links(link, link_mode)
             except Exception as exc:
                 if self._own_workdir:
                     shutil.rmtree(self.workdir, ignore_errors=True)
                 raise exc if isinstance(exc, SimError) else SimError(f"cannot set up the links: {exc}") from exc
-
-    def _set_up_links(self, link: LinkSpec, mode: str) -> None:
-        if mode not in LINK_MODES:
-            raise SimError(f"link mode must be one of {', '.join(LINK_MODES)}, got {mode!r}")
-        reason = netns_unavailable() if mode in ("auto", "netns") else "in-process emulation was asked for"
-        if reason and mode == "netns":
-            raise SimError(f"cannot emulate links with network namespaces: {reason}")
-        if reason:
-            self.link_mode = "app"
-            self.link_note = (f"{link}: in-process throttling of protoswarm's own streams only (DHT traffic is not "
-                              f"shaped), because {reason}")
-        else:
-            self.lab = NetnsLab()
-            self.link_mode = "netns"
-            self.link_note = (f"{link}: each node in its own network namespace, tc tbf on both directions of its "
-                              f"link ({self.lab.bridge}, 10.{self.lab.octet}.0.0/16)"
-                              + (", delay added per frame by the nodes (no netem here)" if link.delay_s else ""))
-        logger.info("links: %s", self.link_note)
 
     def _link_setting(self) -> list[str]:
         """The node-side part of the link emulation (`swarm.link`), if any."""

@@ -19,6 +19,7 @@ answer to each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import urllib.request
@@ -143,6 +144,44 @@ async def _run_cases(client, server_id, handler, cases, oracle, timeout, *, held
     return problems, seen
 
 
+@dataclasses.dataclass
+class _Served:
+    """The three handlers on the server daemon, strikes out of reach, and what each of them counted."""
+
+    plane: DataPlane
+    exchange: FragmentExchange
+    state: StageStateServer
+    events: _Events  # the pipeline's protocol errors and refusals
+    exchange_errors: list
+    state_errors: list
+
+
+async def _serve_every_handler(server, peers: list[str], node_limits: WireLimits, limits: WireLimits,
+                               config: ExchangeConfig) -> _Served:
+    me = server.peer_id.to_base58()
+    events, exchange_errors, state_errors = _Events(), [], []
+    plane = DataPlane(server, me, RUN, DataplaneConfig(peer_strikes=10**6, microbatch_timeout_s=10.0),
+                      WireConfig(), d_model=WIDTH, max_seq_len=MAX_SEQ, limits=node_limits, events=events)
+    plane.attach(_Stage())
+    await plane.register()
+    exchange = FragmentExchange(server, me, RUN, 0, SIZES, config, "e3m0", limits, on_error=exchange_errors.append)
+    exchange.set_peers(peers)
+    await exchange.register()
+    state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, peer_strikes=10**6, on_error=state_errors.append)
+    await state.register(server)
+    return _Served(plane, exchange, state, events, exchange_errors, state_errors)
+
+
+async def _assert_counted_once(served: _Served, seen: dict[str, list]) -> None:
+    """Every protocol error was counted once, and nothing else (streams that end late are polled for)."""
+    want = {name: tally(e.counted for _, e, _ in seen[name] if e.counted) for name in seen}
+    got = {"pipeline": served.events.errors, "state": served.state_errors, "exchange": served.exchange_errors}
+    await wait_for(lambda: all(tally(e if isinstance(e, str) else e.code for e in got[n]) == want[n] for n in want),
+                   15, "every protocol error counted once")
+    refusals = tally(e.refusal for _, e, _ in seen["pipeline"] if e.refusal)
+    assert tally(served.events.refused) == refusals
+
+
 @pytest.mark.timeout(240)
 def test_every_handler_answers_every_case_as_the_oracle_says():
     rng = random.Random(SEED)
@@ -152,18 +191,8 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
 
     async def body(server, client):
         me, you = server.peer_id.to_base58(), client.peer_id.to_base58()
-        events, exchange_errors, state_errors = _Events(), [], []
-        plane = DataPlane(server, me, RUN, DataplaneConfig(peer_strikes=10**6, microbatch_timeout_s=10.0),
-                          WireConfig(), d_model=WIDTH, max_seq_len=MAX_SEQ, limits=node_limits, events=events)
-        plane.attach(_Stage())
-        await plane.register()
         config = ExchangeConfig(gather_s=0.5, timeout_s=2.0, max_values_per_part=256, peer_strikes=10**6)
-        exchange = FragmentExchange(server, me, RUN, 0, SIZES, config, "e3m0", limits, on_error=exchange_errors.append)
-        exchange.set_peers([me, you])
-        await exchange.register()
-        state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, peer_strikes=10**6,
-                                 on_error=state_errors.append)
-        await state.register(server)
+        served = await _serve_every_handler(server, [me, you], node_limits, limits, config)
 
         # An honest fetch first: the digest the chunk requests name.
         _, reader, writer = await client.call_binary_stream_handler(server.peer_id, STATE)
@@ -195,16 +224,11 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
             problems += [f"{name}: {p}" for p in found]
         assert not problems, "\n".join(problems[:40])
 
-        # Every protocol error was counted once, and nothing else (streams that end late are polled for).
-        want = {name: tally(e.counted for _, e, _ in seen[name] if e.counted) for name in seen}
-        got = {"pipeline": events.errors, "state": state_errors, "exchange": exchange_errors}
-        await wait_for(lambda: all(tally(e if isinstance(e, str) else e.code for e in got[n]) == want[n] for n in want),
-                       15, "every protocol error counted once")
-        refusals = tally(e.refusal for _, e, _ in seen["pipeline"] if e.refusal)
-        assert tally(events.refused) == refusals
+        await _assert_counted_once(served, seen)
         for name in seen:
             summary[name] = {"cases": len(seen[name]), "families": len(tally(c.family for c, _, _ in seen[name])),
                              "answers": tally(str(o) for _, _, o in seen[name])}
+        plane, exchange, state = served.plane, served.exchange, served.state
         assert plane.stats["served"] >= 4 and exchange.stats["refused_not_leader"] >= 1
         assert len(plane.strikes) == len(exchange.strikes) == len(state.strikes) == 1  # one peer, one entry
 
@@ -326,119 +350,130 @@ def test_a_real_node_answers_counts_bans_and_keeps_serving_under_fuzzing(tmp_pat
     print(report)
 
 
-async def _fuzz_live(swarm, member, h1, cfg, basis, pipe_limits, limits, report) -> None:
-    rng = random.Random(SEED + 1)
-    target_id, run = h1["peer_id"], h1["run_id"]
-    target = PeerID.from_base58(target_id)
-    metrics_url = swarm.metrics_url(1)
-    honest = await P2P.create(initial_peers=h1["maddrs"])
-    try:
-        fuzzer = await member.dht.replicate_p2p()
-        me = fuzzer.peer_id.to_base58()
-        # The fuzzing peer announces itself (signed) as an ONLINE replica of stage 1: an exchange member.
-        record = StageRecord(peer_id=me, run_id=run, stage=1, num_stages=2, state="online", throughput=1e-6,
-                             timestamp=time.time())
-        assert await asyncio.to_thread(member.store_stage_record, record, 600.0)
+@dataclasses.dataclass(frozen=True)
+class _LiveTarget:
+    """Node 1 (stage 1) as the fuzzing member sees it: the run, the exchange peers, the fragment sizes."""
 
-        # Honest requests first (they also warm the node's state cache): the state's manifest names the
-        # fragment sizes (outer.global.<p>), and a chunk request needs a digest it holds.
-        _, reader, writer = await honest.call_binary_stream_handler(target, STATE)
-        manifest = await request(reader, writer, StateRequest(run_id=run, stage=1), limits, timeout=60)
-        consensus = await request(reader, writer, StateRequest(run_id=run, stage=1, part="consensus"), limits,
-                                  timeout=60)
-        writer.close()
-        assert isinstance(manifest, StateManifest) and isinstance(consensus, StateManifest)
-        sizes_by = {int(e.name.rsplit(".", 1)[1]): e.shape[0] for e in manifest.entries
-                    if e.name.startswith("outer.global.")}
-        sizes = [sizes_by[p] for p in range(len(sizes_by))]
+    run: str
+    target_id: str
+    me: str  # the fuzzing peer
+    sizes: list[int]
+    max_group: int
+    fragment: int = 0
 
-        peers = [target_id, me]
-        max_group = cfg.exchange.max_group
+    def leads(self, key) -> bool:
+        return plan_groups(self.run, RoundKey(*key), [self.target_id, self.me], self.max_group)[0][0] == self.target_id
 
-        def leads(key) -> bool:
-            return plan_groups(run, RoundKey(*key), peers, max_group)[0][0] == target_id
+    def round_we_lead(self) -> int:
+        return next(r for r in range(10**6, 10**6 + 1000) if not self.leads((1, self.fragment, r)))  # far off
 
-        fragment = 0
-        mine = next(r for r in range(10**6, 10**6 + 1000) if not leads((1, fragment, r)))  # far-off rounds we lead
+    def whole_fragment(self, p2p_round: int) -> bytes:
+        size = self.sizes[self.fragment]
+        part = FragmentPart(run_id=self.run, stage=1, round_id=p2p_round, fragment_id=self.fragment, part=0,
+                            num_parts=1, offset=0, total_values=size, values=torch.zeros(size))
+        return encode_frame(encode_message(part))
 
-        def whole_fragment(p2p_round: int) -> bytes:
-            part = FragmentPart(run_id=run, stage=1, round_id=p2p_round, fragment_id=fragment, part=0, num_parts=1,
-                                offset=0, total_values=sizes[fragment], values=torch.zeros(sizes[fragment]))
-            return encode_frame(encode_message(part))
 
-        # Wait until node 1 counts the fuzzer as a member (a valid part for a round it leads: not_leader).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while True:
-            got = await send_case(fuzzer, target, EXCHANGE, Case("probe", whole_fragment(mine)), 30)
-            if got.code == "not_leader":
-                break
-            assert got.code == "not_member" and loop.time() < deadline, f"membership probe: {got}"
-            await asyncio.sleep(0.5)
+async def _honest_manifests(honest, target, run: str, limits: WireLimits) -> tuple[StateManifest, StateManifest]:
+    """Honest requests first (they also warm the node's state cache): the state's manifest names the
+    fragment sizes (outer.global.<p>), and a chunk request needs a digest it holds."""
+    _, reader, writer = await honest.call_binary_stream_handler(target, STATE)
+    manifest = await request(reader, writer, StateRequest(run_id=run, stage=1), limits, timeout=60)
+    consensus = await request(reader, writer, StateRequest(run_id=run, stage=1, part="consensus"), limits,
+                              timeout=60)
+    writer.close()
+    assert isinstance(manifest, StateManifest) and isinstance(consensus, StateManifest)
+    return manifest, consensus
 
-        # Training flows before; memory and counters now.
-        before = _scrape(metrics_url)
-        ok_before = swarm.health(0)["pipeline"]["microbatches_ok"]
 
-        pipe = PipelineTarget(run, 1, basis, cfg.model.subspace_rank, cfg.model.max_seq_len)
-        st = StateTarget(run, 1, {m.digest: len(m.chunk_sha256) for m in (manifest, consensus)},
-                         parts=("all", "consensus"), volatile=True)
-        checker = FragmentExchange(None, target_id, run, 1, sizes, cfg.exchange, cfg.wire.fragment_codec, limits)
-        ex = ExchangeTarget(limits, lambda m, k, e, i: checker._check_part(m, RoundKey(*k), e, i), leads)
-        per_part = cfg.exchange.max_values_per_part
-        ex_cases = exchange_corpus(rng, run, 1, sizes, per_part, (fragment, mine), large=True, mutations=8)
+def _fragment_sizes(manifest: StateManifest) -> list[int]:
+    sizes_by = {int(e.name.rsplit(".", 1)[1]): e.shape[0] for e in manifest.entries
+                if e.name.startswith("outer.global.")}
+    return [sizes_by[p] for p in range(len(sizes_by))]
 
-        def valid_activation() -> bytes:
-            frame = ActivationFrame(run_id=run, microbatch_id=rng.randrange(1, 1 << 40), stage=0, route=["x"],
-                                    token_ids=torch.randint(0, cfg.model.vocab_size, (2, 17)),
-                                    coefficients=torch.randn(2, 17, cfg.model.subspace_rank) * 0.1, codec="bf16",
-                                    basis=basis, budget_s=20.0)
-            return encode_frame(encode_message(frame))
 
-        state_request = encode_frame(encode_message(StateRequest(run_id=run, stage=1)))
-        runs = [
-            ("pipeline", PIPELINE, pipeline_corpus(rng, pipe, me, cfg.model.vocab_size, large=True, mutations=12),
-             lambda c: serve_oracle(c, pipe_limits, pipe.rule), valid_activation, GradientFrame),
-            ("state", STATE, state_corpus(rng, st, manifest.digest, large=True, mutations=8),
-             lambda c: serve_oracle(c, limits, st.rule), lambda: state_request, StateManifest),
-            ("exchange", EXCHANGE, ex_cases, ex.oracle, lambda: whole_fragment(mine), None),
-        ]
-        problems, seen, timings = [], {}, {}
-        for name, handler, cases, oracle, well_formed, served_as in runs:
-            t0 = time.monotonic()
-            found, seen[name] = await _run_cases(fuzzer, target, handler, cases, oracle, 60.0, banned=True)
-            problems += [f"{name}: {p}" for p in found]
-            timings[name] = round(time.monotonic() - t0, 1)
-            # (c) the fuzzing peer is banned here now: a well-formed request is refused as such ...
-            got = await send_case(fuzzer, target, handler, Case("well_formed", well_formed()), 60)
-            assert got.code == "banned", f"{name}: the fuzzing peer's well-formed request got {got}"
-            # (a) ... while an honest peer is served (the exchange serves members only: "not_member")
-            got = await send_case(honest, target, handler, Case("honest", well_formed()), 60)
-            if served_as is None:
-                assert got.code == "not_member", f"{name}: honest peer got {got}"
-            else:
-                assert isinstance(got.reply, served_as), f"{name}: honest peer got {got}"
-        assert not problems, "\n".join(problems[:40])
-        # (c) The node shows the bans: /metrics peer_banned_seconds and /health "banned", on every handler.
-        bans = _scrape(metrics_url)
-        for where in ("pipeline", "state", "exchange"):
-            assert bans.get(f"protoswarm_peer_banned_seconds{{peer_id={me},where={where}}}", 0) > 0, where
-            assert me in swarm.health(1).get("banned", {}).get(where, {}), where
-        assert not any(honest.peer_id.to_base58() in k for k in bans if k.startswith("protoswarm_peer_banned"))
+async def _wait_until_member(fuzzer, target, probe: bytes) -> None:
+    """Until node 1 counts the fuzzer as a member (a valid part for a round it leads: not_leader)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        got = await send_case(fuzzer, target, EXCHANGE, Case("probe", probe), 30)
+        if got.code == "not_leader":
+            return
+        assert got.code == "not_member" and loop.time() < deadline, f"membership probe: {got}"
+        await asyncio.sleep(0.5)
 
-        # The honest peer downloads and verifies the whole stage state.
-        snap = await download_stage_state(honest, target, run, 1, limits, timeout=120)
-        assert snap.stage == 1 and snap.tensors
 
-        # (a) The stage-0 node keeps training through the fuzzed node.
-        deadline = loop.time() + 120
-        while swarm.health(0)["pipeline"]["microbatches_ok"] < ok_before + 3:
-            assert loop.time() < deadline, "stage 0 stopped completing microbatches through the fuzzed node"
-            await asyncio.sleep(0.5)
-        after = _scrape(metrics_url)
-    finally:
-        await honest.shutdown()
+def _live_runs(rng, t: _LiveTarget, cfg, basis: str, pipe_limits: WireLimits, limits: WireLimits,
+               manifests: tuple[StateManifest, StateManifest]) -> list[tuple]:
+    """(name, handler, cases, oracle, a well-formed request, the reply that serves it) for each handler."""
+    manifest, consensus = manifests
+    mine = t.round_we_lead()
+    pipe = PipelineTarget(t.run, 1, basis, cfg.model.subspace_rank, cfg.model.max_seq_len)
+    st = StateTarget(t.run, 1, {m.digest: len(m.chunk_sha256) for m in (manifest, consensus)},
+                     parts=("all", "consensus"), volatile=True)
+    checker = FragmentExchange(None, t.target_id, t.run, 1, t.sizes, cfg.exchange, cfg.wire.fragment_codec, limits)
+    ex = ExchangeTarget(limits, lambda m, k, e, i: checker._check_part(m, RoundKey(*k), e, i), t.leads)
+    per_part = cfg.exchange.max_values_per_part
+    ex_cases = exchange_corpus(rng, t.run, 1, t.sizes, per_part, (t.fragment, mine), large=True, mutations=8)
 
+    def valid_activation() -> bytes:
+        frame = ActivationFrame(run_id=t.run, microbatch_id=rng.randrange(1, 1 << 40), stage=0, route=["x"],
+                                token_ids=torch.randint(0, cfg.model.vocab_size, (2, 17)),
+                                coefficients=torch.randn(2, 17, cfg.model.subspace_rank) * 0.1, codec="bf16",
+                                basis=basis, budget_s=20.0)
+        return encode_frame(encode_message(frame))
+
+    state_request = encode_frame(encode_message(StateRequest(run_id=t.run, stage=1)))
+    return [
+        ("pipeline", PIPELINE, pipeline_corpus(rng, pipe, t.me, cfg.model.vocab_size, large=True, mutations=12),
+         lambda c: serve_oracle(c, pipe_limits, pipe.rule), valid_activation, GradientFrame),
+        ("state", STATE, state_corpus(rng, st, manifest.digest, large=True, mutations=8),
+         lambda c: serve_oracle(c, limits, st.rule), lambda: state_request, StateManifest),
+        ("exchange", EXCHANGE, ex_cases, ex.oracle, lambda: t.whole_fragment(mine), None),
+    ]
+
+
+async def _fuzz_each_handler(fuzzer, honest, target, runs: list[tuple]) -> tuple[dict, dict]:
+    """Every case to every handler; after each, the fuzzer is banned there and an honest peer is not.
+    Returns ({handler: [(case, expect, outcome)]}, {handler: seconds})."""
+    problems, seen, timings = [], {}, {}
+    for name, handler, cases, oracle, well_formed, served_as in runs:
+        t0 = time.monotonic()
+        found, seen[name] = await _run_cases(fuzzer, target, handler, cases, oracle, 60.0, banned=True)
+        problems += [f"{name}: {p}" for p in found]
+        timings[name] = round(time.monotonic() - t0, 1)
+        # (c) the fuzzing peer is banned here now: a well-formed request is refused as such ...
+        got = await send_case(fuzzer, target, handler, Case("well_formed", well_formed()), 60)
+        assert got.code == "banned", f"{name}: the fuzzing peer's well-formed request got {got}"
+        # (a) ... while an honest peer is served (the exchange serves members only: "not_member")
+        got = await send_case(honest, target, handler, Case("honest", well_formed()), 60)
+        if served_as is None:
+            assert got.code == "not_member", f"{name}: honest peer got {got}"
+        else:
+            assert isinstance(got.reply, served_as), f"{name}: honest peer got {got}"
+    assert not problems, "\n".join(problems[:40])
+    return seen, timings
+
+
+def _assert_bans_shown(swarm, bans: dict[str, float], me: str, honest_id: str) -> None:
+    """(c) The node shows the bans: /metrics peer_banned_seconds and /health "banned", on every handler."""
+    for where in ("pipeline", "state", "exchange"):
+        assert bans.get(f"protoswarm_peer_banned_seconds{{peer_id={me},where={where}}}", 0) > 0, where
+        assert me in swarm.health(1).get("banned", {}).get(where, {}), where
+    assert not any(honest_id in k for k in bans if k.startswith("protoswarm_peer_banned"))
+
+
+async def _wait_stage0_trains(swarm, ok_before: int) -> None:
+    """(a) The stage-0 node keeps training through the fuzzed node."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while swarm.health(0)["pipeline"]["microbatches_ok"] < ok_before + 3:
+        assert loop.time() < deadline, "stage 0 stopped completing microbatches through the fuzzed node"
+        await asyncio.sleep(0.5)
+
+
+def _assert_counted_and_bounded(seen: dict, before: dict, after: dict, timings: dict, report: dict) -> None:
     # (b) Errors were counted: every protocol error of the pipeline and state handlers, those the fuzzer was
     # answered and those on streams it closed first. (The exchange's count only if the daemon hooks its
     # on_error to the metrics, hence the range.)
@@ -463,3 +498,37 @@ async def _fuzz_live(swarm, member, h1, cfg, basis, pipe_limits, limits, report)
         rss_mib=(round(before[rss] / 2**20), round(after[rss] / 2**20)),
         pipeline_refused={k.split("code=")[1][:-1]: int(v) for k, v in refused.items() if v},
     )
+
+
+async def _fuzz_live(swarm, member, h1, cfg, basis, pipe_limits, limits, report) -> None:
+    rng = random.Random(SEED + 1)
+    target_id, run = h1["peer_id"], h1["run_id"]
+    target = PeerID.from_base58(target_id)
+    metrics_url = swarm.metrics_url(1)
+    honest = await P2P.create(initial_peers=h1["maddrs"])
+    try:
+        fuzzer = await member.dht.replicate_p2p()
+        me = fuzzer.peer_id.to_base58()
+        # The fuzzing peer announces itself (signed) as an ONLINE replica of stage 1: an exchange member.
+        record = StageRecord(peer_id=me, run_id=run, stage=1, num_stages=2, state="online", throughput=1e-6,
+                             timestamp=time.time())
+        assert await asyncio.to_thread(member.store_stage_record, record, 600.0)
+        manifests = await _honest_manifests(honest, target, run, limits)
+        t = _LiveTarget(run, target_id, me, _fragment_sizes(manifests[0]), cfg.exchange.max_group)
+        await _wait_until_member(fuzzer, target, t.whole_fragment(t.round_we_lead()))
+
+        # Training flows before; memory and counters now.
+        before = _scrape(metrics_url)
+        ok_before = swarm.health(0)["pipeline"]["microbatches_ok"]
+        runs = _live_runs(rng, t, cfg, basis, pipe_limits, limits, manifests)
+        seen, timings = await _fuzz_each_handler(fuzzer, honest, target, runs)
+        _assert_bans_shown(swarm, _scrape(metrics_url), me, honest.peer_id.to_base58())
+
+        # The honest peer downloads and verifies the whole stage state.
+        snap = await download_stage_state(honest, target, run, 1, limits, timeout=120)
+        assert snap.stage == 1 and snap.tensors
+        await _wait_stage0_trains(swarm, ok_before)
+        after = _scrape(metrics_url)
+    finally:
+        await honest.shutdown()
+    _assert_counted_and_bounded(seen, before, after, timings, report)

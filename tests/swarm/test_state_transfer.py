@@ -192,6 +192,14 @@ def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
 
 
+def _manifest_for(snap: StageSnapshot, **changes) -> tuple[StateManifest, torch.Tensor]:
+    """``snap`` encoded, its manifest changed by ``changes`` (a lying server's), the digest recomputed unless given."""
+    manifest, data = encode_snapshot(snap, RUN, CHUNK)
+    manifest = dataclasses.replace(manifest, **changes)
+    manifest.digest = changes.get("digest") or manifest_digest(manifest)
+    return manifest, data
+
+
 def test_lying_or_stalling_server_gives_a_named_error():
     honest = _snap(30)
     nan = torch.tensor([0.0, float("nan")])
@@ -199,23 +207,17 @@ def test_lying_or_stalling_server_gives_a_named_error():
     mode = {"name": ""}
     release = asyncio.Event()
 
-    def manifest_for(snap: StageSnapshot, **changes) -> tuple[StateManifest, torch.Tensor]:
-        manifest, data = encode_snapshot(snap, RUN, CHUNK)
-        manifest = dataclasses.replace(manifest, **changes)
-        manifest.digest = changes.get("digest") or manifest_digest(manifest)
-        return manifest, data
-
     async def body(server_p2p, client_p2p):
         async def handle(msg):
             name = mode["name"]
             if name == "bad_entry_hash":
                 entries = encode_snapshot(honest, RUN, CHUNK)[0].entries
                 entries = [dataclasses.replace(e, sha256="ab" * 32) for e in entries]
-                manifest, data = manifest_for(honest, entries=entries)
+                manifest, data = _manifest_for(honest, entries=entries)
             elif name == "bad_digest":
-                manifest, data = manifest_for(honest, digest="0" * 64)
+                manifest, data = _manifest_for(honest, digest="0" * 64)
             else:
-                manifest, data = manifest_for(nan_state if name == "nan" else honest)
+                manifest, data = _manifest_for(nan_state if name == "nan" else honest)
             if isinstance(msg, StateRequest):
                 return StateChunk(run_id=RUN, stage=1, digest=manifest.digest, index=0, data=b"") \
                     if name == "wrong_kind" else manifest

@@ -124,6 +124,36 @@ def _metric(url: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def _assert_forged_records_ignored(swarm: LocalSwarm, url: str) -> None:
+    """Forged records: one copying node 1's valid proof onto another identity, one claiming node 1's
+    peer id under another key. Both are ignored by the keyed nodes (``url``: node 0's /metrics)."""
+    member = swarm.health(1)
+    proof = SwarmAccess(KEY).proof("sim", member["peer_id"])
+    forger = SwarmDHT(initial_peers=swarm.join_addresses()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                      client_mode=True)
+    forger.run_in_background()
+    try:
+        assert forger.wait_online(60)
+        rejected_before = _metric(url, "protoswarm_records_rejected_total", reason="access")
+        lifted = StageRecord(peer_id=forger.peer_id, run_id="sim", stage=0, num_stages=1, state="online",
+                             throughput=1e6, access=proof)
+        assert forger.store_stage_record(lifted, 60)
+        impostor = StageRecord(peer_id=member["peer_id"], run_id="sim", stage=0, num_stages=1, state="offline",
+                               access=proof)
+        try:
+            forger.store_stage_record(impostor, 60)  # refused by the DHT's validators, or stored and skipped
+        except Exception:
+            pass
+        swarm.wait_until(lambda: _metric(url, "protoswarm_records_rejected_total", reason="access")
+                         > rejected_before, 60, "the lifted proof rejected")
+        swarm.wait_until(lambda: swarm.health(1)["state"] == "online", 10, "node 1 still online")
+        for i in (0, 1):
+            m = swarm.metrics_url(i)
+            assert _metric(m, "protoswarm_stage_peers", stage="0") == 2  # neither forgery counted
+    finally:
+        forger.shutdown()
+
+
 @pytest.mark.timeout(420)
 def test_a_peer_without_the_key_cannot_claim_a_stage_or_join_an_exchange(tmp_path):
     key = tmp_path / "swarm.key"
@@ -161,31 +191,5 @@ def test_a_peer_without_the_key_cannot_claim_a_stage_or_join_an_exchange(tmp_pat
         assert outer["bytes_received"] == 0 and outer["group_size"] <= 1, outer
         assert _metric(swarm.metrics_url(2), "protoswarm_state_downloads_total", result="ok") == 0
 
-        # Forged records: one copying node 1's valid proof onto another identity, one claiming node 1's
-        # peer id under another key. Both are ignored by the keyed nodes.
-        member = swarm.health(1)
-        proof = SwarmAccess(KEY).proof("sim", member["peer_id"])
-        forger = SwarmDHT(initial_peers=swarm.join_addresses()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                          client_mode=True)
-        forger.run_in_background()
-        try:
-            assert forger.wait_online(60)
-            rejected_before = _metric(url, "protoswarm_records_rejected_total", reason="access")
-            lifted = StageRecord(peer_id=forger.peer_id, run_id="sim", stage=0, num_stages=1, state="online",
-                                 throughput=1e6, access=proof)
-            assert forger.store_stage_record(lifted, 60)
-            impostor = StageRecord(peer_id=member["peer_id"], run_id="sim", stage=0, num_stages=1, state="offline",
-                                   access=proof)
-            try:
-                forger.store_stage_record(impostor, 60)  # refused by the DHT's validators, or stored and skipped
-            except Exception:
-                pass
-            swarm.wait_until(lambda: _metric(url, "protoswarm_records_rejected_total", reason="access")
-                             > rejected_before, 60, "the lifted proof rejected")
-            swarm.wait_until(lambda: swarm.health(1)["state"] == "online", 10, "node 1 still online")
-            for i in (0, 1):
-                m = swarm.metrics_url(i)
-                assert _metric(m, "protoswarm_stage_peers", stage="0") == 2  # neither forgery counted
-        finally:
-            forger.shutdown()
+        _assert_forged_records_ignored(swarm, url)
     assert processes_mentioning(str(tmp_path)) == []

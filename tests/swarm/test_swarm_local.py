@@ -44,6 +44,65 @@ def _metrics(url: str) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
+def _kill_a_stage_and_see_it_refilled(swarm: LocalSwarm, status: dict) -> None:
+    """Kill every server of the smaller stage (2 or 3 peers): the rest must refill it, and the killed
+    peers vanish from `node status` once their records expire."""
+    holder: dict = {}
+    index_of = {swarm.health(i)["peer_id"]: i for i in range(6)}
+    counts = {s: [p["peer_id"] for p in status["peers"] if p["stage"] == s] for s in (0, 1)}
+    victim_stage = min(counts, key=lambda s: len(counts[s]))
+    victims = counts[victim_stage]
+    assert 2 <= len(victims) <= 3
+    for peer in victims:
+        swarm.kill(index_of[peer])
+
+    def refilled() -> bool:
+        holder["status"] = swarm.status()
+        return any(p["stage"] == victim_stage and p["state"] == "ONLINE" and p["peer_id"] not in victims
+                   for p in holder["status"]["peers"])
+
+    swarm.wait_until(refilled, 120, f"stage {victim_stage} served again after killing {len(victims)} peers")
+
+    def victims_gone() -> bool:
+        holder["status"] = swarm.status()
+        return not any(p["peer_id"] in victims for p in holder["status"]["peers"])
+
+    swarm.wait_until(victims_gone, 60, "killed peers dropped from status after their records expire")
+    assert all(s["servers"] > 0 for s in holder["status"]["stages"])
+
+
+def _assert_foreign_records_refused(swarm: LocalSwarm, survivor: int) -> None:
+    """A foreign peer writes junk under the run's stage key: ignored by readers and counted."""
+    foreign = hivemind.DHT(start=True, initial_peers=swarm.join_addresses()[:1],
+                           host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        exp = get_dht_time() + 60
+        junk = encode_message(StageRecord(peer_id="QmFake", run_id="sim", stage=0, num_stages=2,
+                                          state="online", throughput=1e9))
+        foreign.store(stage_key("sim", 0), subkey=SUBKEY_PREFIX + b"QmFake", value=junk, expiration_time=exp)
+        foreign.store(stage_key("sim", 0), subkey=b"junk", value=b"\x00garbage", expiration_time=exp)
+
+        def counted() -> bool:
+            samples = _metrics(swarm.metrics_url(survivor))["protoswarm_records_rejected"]
+            return sum(s.value for s in samples if s.name.endswith("_total")) > 0
+
+        swarm.wait_until(counted, 60, "a node counts the foreign records it rejected")
+        assert "QmFake" not in {p["peer_id"] for p in swarm.status()["peers"]}
+    finally:
+        foreign.shutdown()
+
+
+def _assert_documented_families(url: str) -> None:
+    """/metrics on a running node: the documented families, with values that match the swarm."""
+    families = _metrics(url)
+    for name in ("protoswarm_peers_known", "protoswarm_stage", "protoswarm_state", "protoswarm_bootstrap_state",
+                 "protoswarm_dht_seconds", "protoswarm_dht_failures", "protoswarm_records_rejected",
+                 "protoswarm_uptime_seconds", "protoswarm_process_resident_memory_bytes"):
+        assert name in families, name
+    online_flag = {s.labels["state"]: s.value for s in families["protoswarm_state"]}
+    assert online_flag["online"] == 1.0
+
+
 @pytest.mark.timeout(600)
 def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
     """1+5 nodes, S = 2: all ONLINE with both stages served within 60 s; once balanced, SIGKILL every
@@ -70,59 +129,10 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
             return _online(holder["status"], 6) and min(servers) >= 2
 
         swarm.wait_until(balanced, 90, "rebalancing leaves at least 2 servers on each stage")
-        status = holder["status"]
-
-        # Kill every server of the smaller stage (2 or 3 peers): the rest must refill it.
-        index_of = {swarm.health(i)["peer_id"]: i for i in range(6)}
-        counts = {s: [p["peer_id"] for p in status["peers"] if p["stage"] == s] for s in (0, 1)}
-        victim_stage = min(counts, key=lambda s: len(counts[s]))
-        victims = counts[victim_stage]
-        assert 2 <= len(victims) <= 3
-        for peer in victims:
-            swarm.kill(index_of[peer])
-
-        def refilled() -> bool:
-            holder["status"] = swarm.status()
-            return any(p["stage"] == victim_stage and p["state"] == "ONLINE" and p["peer_id"] not in victims
-                       for p in holder["status"]["peers"])
-
-        swarm.wait_until(refilled, 120, f"stage {victim_stage} served again after killing {len(victims)} peers")
-
-        def victims_gone() -> bool:
-            holder["status"] = swarm.status()
-            return not any(p["peer_id"] in victims for p in holder["status"]["peers"])
-
-        swarm.wait_until(victims_gone, 60, "killed peers dropped from status after their records expire")
-        assert all(s["servers"] > 0 for s in holder["status"]["stages"])
-
-        # A foreign peer writes junk under the run's stage key: ignored by readers and counted.
+        _kill_a_stage_and_see_it_refilled(swarm, holder["status"])
         survivor = next(i for i in range(6) if swarm.nodes[i].alive)
-        foreign = hivemind.DHT(start=True, initial_peers=swarm.join_addresses()[:1],
-                               host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        try:
-            exp = get_dht_time() + 60
-            junk = encode_message(StageRecord(peer_id="QmFake", run_id="sim", stage=0, num_stages=2,
-                                              state="online", throughput=1e9))
-            foreign.store(stage_key("sim", 0), subkey=SUBKEY_PREFIX + b"QmFake", value=junk, expiration_time=exp)
-            foreign.store(stage_key("sim", 0), subkey=b"junk", value=b"\x00garbage", expiration_time=exp)
-
-            def counted() -> bool:
-                samples = _metrics(swarm.metrics_url(survivor))["protoswarm_records_rejected"]
-                return sum(s.value for s in samples if s.name.endswith("_total")) > 0
-
-            swarm.wait_until(counted, 60, "a node counts the foreign records it rejected")
-            assert "QmFake" not in {p["peer_id"] for p in swarm.status()["peers"]}
-        finally:
-            foreign.shutdown()
-
-        # /metrics on a running node: the documented families, with values that match the swarm.
-        families = _metrics(swarm.metrics_url(survivor))
-        for name in ("protoswarm_peers_known", "protoswarm_stage", "protoswarm_state", "protoswarm_bootstrap_state",
-                     "protoswarm_dht_seconds", "protoswarm_dht_failures", "protoswarm_records_rejected",
-                     "protoswarm_uptime_seconds", "protoswarm_process_resident_memory_bytes"):
-            assert name in families, name
-        online_flag = {s.labels["state"]: s.value for s in families["protoswarm_state"]}
-        assert online_flag["online"] == 1.0
+        _assert_foreign_records_refused(swarm, survivor)
+        _assert_documented_families(swarm.metrics_url(survivor))
 
         # SIGTERM: OFFLINE at once, exit 0, nothing left behind.
         node = swarm.nodes[survivor]

@@ -1,5 +1,5 @@
 """The layering: imports point one way (node → swarm → protocol) and no module of the three packages
-imports itself back through others.
+imports itself back through others; and the rooms stay small enough to change (size limits below).
 
 Read from the source with ``ast``, so nothing is imported. Every import statement counts: at module
 level, inside a function (a lazy import is still a dependency), and under ``if TYPE_CHECKING:`` (a
@@ -18,11 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 MAY_IMPORT = {"protocol": {"protocol"}, "swarm": {"swarm", "protocol"}, "node": {"node", "swarm", "protocol"}}
 # Circles that are known and not yet broken, each with why it exists. Shrink-only: a test fails once
 # one of them is gone, so the entry goes too.
-KNOWN_CIRCLES = {
-    # get_codec imports hivemind_compat on first use of a hivemind-* codec (it registers them), so that
-    # importing protocol does not import hivemind; hivemind_compat subclasses codecs.Codec.
-    frozenset({"protocol.codecs", "protocol.hivemind_compat"}),
-}
+KNOWN_CIRCLES: set[frozenset[str]] = set()
+# Size limits (issue 16): lines per file in the three packages, per class and per function anywhere but
+# bench/ (a function's lines run from its ``def`` to its last line: docstring included, decorators not).
+MAX_FILE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 450, 300, 60
 
 
 def package_sources(root: Path = REPO) -> dict[str, tuple[str, bool]]:
@@ -137,3 +136,66 @@ def test_the_checks_catch_circles_and_imports_the_wrong_way() -> None:
         ["node.cli", "protocol.wire", "swarm.sim.faults", "swarm.sim.run"],
         ["protocol.framing", "protocol.shaper"],
     ]
+
+
+def oversized(root: Path = REPO) -> list[str]:
+    """Files, classes and functions over the size limits, as ``"path: what (lines)"``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("bench", ".venv", "build") or rel.parts[0].startswith("."):
+            continue
+        text = path.read_text()
+        if rel.parts[0] in MAY_IMPORT and len(text.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{rel}: file ({len(text.splitlines())} lines)")
+        for node in ast.walk(ast.parse(text, filename=str(rel))):
+            limit = (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else
+                     MAX_FUNCTION_LINES if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+            if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+                found.append(f"{rel}: {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_files_classes_and_functions_stay_small() -> None:
+    assert oversized() == []
+
+
+def test_the_size_check_catches_each_kind(tmp_path) -> None:
+    lines = [f"    x{i} = {i}" for i in range(60)]
+    body = "\n".join(lines)
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "big.py").write_text("\n" * 451)
+    (tmp_path / "node" / "ok.py").write_text("def fits():\n" + "\n".join(lines[:59]) + "\n")  # 60 lines
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text(f"def long():\n{body}\n\n\nclass Wide:\n" + "    y = 1\n" * 300)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "b.py").write_text(f"def exempt():\n{body}\n")
+    assert oversized(tmp_path) == ["node/big.py: file (451 lines)", "tests/t.py: long (61 lines)",
+                                   "tests/t.py: Wide (301 lines)"]
+
+
+
+def unmapped(root: Path = REPO) -> list[str]:
+    """Modules that their package's ``__init__`` docstring (the package's map) does not name."""
+    missing = []
+    for init in sorted(p for package in MAY_IMPORT for p in (root / package).rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        package = ".".join(init.parent.relative_to(root).parts)
+        for child in sorted(init.parent.iterdir()):
+            name = child.stem if child.suffix == ".py" and child.name != "__init__.py" else (
+                child.name if (child / "__init__.py").exists() else None)
+            if name is not None and f"``{package}.{name}``" not in doc:
+                missing.append(f"{package}.{name}")
+    return missing
+
+
+def test_every_package_map_names_all_its_modules() -> None:
+    assert unmapped() == []
+
+
+def test_the_map_check_names_what_is_missing(tmp_path) -> None:
+    (tmp_path / "node" / "sub").mkdir(parents=True)
+    (tmp_path / "node" / "__init__.py").write_text('"""- ``node.a`` a\n- ``node.sub`` a package"""\n')
+    for name in ("a.py", "b.py", "sub/__init__.py", "sub/c.py"):
+        (tmp_path / "node" / name).write_text("")
+    assert unmapped(tmp_path) == ["node.b", "node.sub.c"]
