@@ -5,7 +5,8 @@ second opens a stream to the first's handler, writes one protoswarm frame (proto
 the reply of the same size, which is what one pipeline hop does: for a frame the size of the tiny
 preset's activation frame (8 × 129 tokens × 8 bf16 coefficients ≈ 17 KB) and a dense one (× 32). Each
 loop runs in a fresh subprocess, ``--repeats`` times, interleaved; a run's figure is the median (and
-p90) over ``--rounds`` round trips after a warm-up; the summary keeps each loop's best figures.
+p90) over ``--rounds`` round trips after a warm-up; the summary gives each figure's median, min and max over a loop's runs, and the speed-up
+is the ratio of the medians.
 
     python bench/hop_latency.py            # both loops, 300 round trips each
     python bench/hop_latency.py --rounds 500 --repeats 3
@@ -99,13 +100,19 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.setdefault(loop, []).append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    best = {loop: {k: min(r[k] for r in runs) for k in runs[0] if k.endswith("_ms")} for loop, runs in rows.items()}
+    keys = [k for k in rows["asyncio"][0] if k.endswith("_ms")]
+    summary = {loop: {k: {"median": round(statistics.median(r[k] for r in runs), 3),
+                          "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in keys}
+               for loop, runs in rows.items()}
+
+    def speedup(frame: str) -> float:
+        key = f"{frame}_median_ms"
+        return round(summary["asyncio"][key]["median"] / summary["uvloop"][key]["median"], 3)
+
     print(json.dumps({
-        "bench": "hop_latency", "rounds": args.rounds, "runs": rows, "best_of_repeats": best,
-        "uvloop_speedup_subspace": round(best["asyncio"]["subspace_frame_median_ms"]
-                                         / best["uvloop"]["subspace_frame_median_ms"], 3),
-        "uvloop_speedup_dense": round(best["asyncio"]["dense_frame_median_ms"]
-                                      / best["uvloop"]["dense_frame_median_ms"], 3),
+        "bench": "hop_latency", "rounds": args.rounds, "repeats": args.repeats, "runs": rows,
+        "across_runs": summary,  # each figure's median, min and max over the runs of one loop
+        "uvloop_speedup_subspace": speedup("subspace_frame"), "uvloop_speedup_dense": speedup("dense_frame"),
         "command": " ".join(["python bench/hop_latency.py", *sys.argv[1:]]),
     }))
 

@@ -1,4 +1,4 @@
-"""The node's P2P services: one asyncio loop on its own thread, and the handlers registered on it.
+"""The node's P2P services: one event loop (uvloop) on its own thread, and the handlers registered on it.
 
 :class:`NodeServices` replicates the DHT's libp2p daemon into the node (``replicate_p2p``), wraps it in
 the swarm's access rules (:class:`swarm.access.GatedP2P`), and registers what every node answers: the
@@ -7,6 +7,10 @@ exchange (:class:`node.replica_sync.ReplicaSync`, with ``diloco.enabled``) and t
 (:class:`node.pipeline.PipelineRole`, with more than one stage). They live as long as the node; a stage
 change re-attaches them to the new stage (node/stage_host.py). Other threads reach the loop through
 :meth:`run` (a coroutine, with a deadline) and :meth:`call` (a plain callable).
+
+The loop is uvloop's (DESIGN.md). Measured against asyncio's own loop on one pipeline hop over hivemind
+P2P (bench/hop_latency.py, BENCHMARKS.md "Event loop"), the two are within this machine's run-to-run
+noise: the bytes move in the Go libp2p daemon, so the loop has little to win or lose.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import uvloop
 
 from node.config import ConfigError, RunConfig
 from node.metrics import NodeMetrics
@@ -45,7 +51,7 @@ class NodeServices:
         ready, failure = threading.Event(), []
 
         def loop_main() -> None:
-            self.loop = asyncio.new_event_loop()
+            self.loop = uvloop.new_event_loop()
             asyncio.set_event_loop(self.loop)
             try:
                 self.loop.run_until_complete(self._setup(dht, peer_id, stop))
