@@ -96,6 +96,22 @@ def join_banner(cfg: RunConfig, run_id: str, dht: SwarmDHT, host: StageHost, dev
     return lines
 
 
+def wait_for_run(dht: SwarmDHT, cfg: RunConfig, metrics: NodeMetrics, stop: threading.Event, me: str, proof):
+    """The swarm's run, once its record is found: (the run's config, this node's run record); None when
+    stopped first. RunUnusable when the swarm's run cannot be joined."""
+    while not stop.is_set():
+        records, owners, rejected = dht.get_run_records()
+        count_rejected(metrics, rejected)
+        chosen = choose_run(records, owners, cfg.swarm.run_id or None)
+        if isinstance(chosen, str):
+            raise RunUnusable(chosen)
+        if chosen is not None:
+            return joined_run(chosen, cfg, me, proof)
+        logger.info("no run parameters found in the swarm yet; looking again")
+        stop.wait(1.0)
+    return None
+
+
 class NodeDaemon:
     """One node's lifecycle: start, join the run, claim a stage, host it (and move), leave."""
 
@@ -259,31 +275,22 @@ class NodeDaemon:
     # run parameters -------------------------------------------------------------------------------------
 
     def _resolve_run(self) -> bool:
-        """Create the run, or find the swarm's and take its parameters; False when the node must stop."""
+        """Create the run, or find the swarm's and take its parameters; publish them. False: stop."""
         me, proof = self.dht.peer_id, self.access.proof
         if self.create:
             self._run_record = created_run(self.cfg, me, proof)
-            self.run_id = self._run_record.run_id
-            self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
-            return True
-        while not self.stop.is_set():
-            records, owners, rejected = self.dht.get_run_records()
-            count_rejected(self.metrics, rejected)
-            chosen = choose_run(records, owners, self.cfg.swarm.run_id or None)
+        else:
             try:
-                if isinstance(chosen, str):
-                    raise RunUnusable(chosen)
-                if chosen is not None:
-                    self.cfg, self._run_record = joined_run(chosen, self.cfg, me, proof)
-                    self.run_id = chosen.run_id
-                    self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
-                    return True
+                joined = wait_for_run(self.dht, self.cfg, self.metrics, self.stop, me, proof)
             except RunUnusable as exc:
                 self._fail(str(exc))
                 return False
-            logger.info("no run parameters found in the swarm yet; looking again")
-            self.stop.wait(1.0)
-        return False
+            if joined is None:
+                return False
+            self.cfg, self._run_record = joined
+        self.run_id = self._run_record.run_id
+        self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
+        return True
 
     # stage ----------------------------------------------------------------------------------------------
 

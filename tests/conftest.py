@@ -94,9 +94,9 @@ def _reap_zombies(table: dict[int, tuple[int, str, int]]) -> None:
 def _leftovers(before: set[tuple[int, int]]) -> dict[int, str]:
     table = _processes()
     _reap_zombies(table)
-    return {pid: _cmdline(pid) for (pid, start), state in _descendants(table).items()
-            if (pid, start) not in before and state != "Z"
-            and not any(name in _cmdline(pid) for name in LONG_LIVED)}
+    new = {pid: _cmdline(pid) for (pid, start), state in _descendants(table).items()
+           if (pid, start) not in before and state != "Z"}
+    return {pid: cmd for pid, cmd in new.items() if not any(name in cmd for name in LONG_LIVED)}
 
 
 @pytest.fixture(autouse=True)
