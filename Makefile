@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Again after a stop it resumes the same run (the identity's last run, its checkpoint in runs/node);
+# `make run ARGS=--new` starts a new swarm. It listens on TCP 31337 (docs/networking.md).
 run: $(STAMP)
-	$(BIN)/node start
+	$(BIN)/node start $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,15 +2,19 @@
 
 - ``node.daemon``       ``NodeDaemon``: ``node start``'s lifecycle only (metrics first, background bootstrap,
                         run parameters, claiming, hosting a stage, rebalancing, OFFLINE + checkpoint on exit)
+- ``node.daemon_view``  what a running node shows: its /health document and its status line's snapshot
 - ``node.services``     ``NodeServices``: the P2P loop and the handlers that live as long as the node
 - ``node.context``      ``NodeContext``: what a stage host needs of the node around it
 - ``node.stage_host``   ``StageHost``: everything for the one stage served, built and torn down as a unit;
                         ``ReplicaTrainer``: local training of the whole model (one stage)
 - ``node.stage_store``  ``StageStore``: a stage's persistence (checkpoints, snapshots for peers, loading them)
-- ``node.stage_download`` ``StageDownloader``: a stage's state from its other replicas
+- ``node.stage_download`` ``StageDownloader``: a stage's state from its other replicas (retried with back-off;
+                        ``StageUnavailable`` when peers serve it but it cannot be had)
 - ``node.claim``        which stage fits this node's device and which it should take
 - ``node.presence``     ``SwarmPresence``: the node's stage and run records in the DHT, and the swarm view
                         it reads back (metrics, router, replica schedule)
+- ``node.reachability`` ``ReachabilityProbe``: whether peers can dial this node (dial-back by peers), and
+                        what it may serve then (``stages_for``)
 - ``node.run_params``   what a run publishes and what a joiner keeps local (``config_from_run``)
 - ``node.engine``       ``StageEngine``: one stage's tensors on its device and its inner training step, the
                         only stage engine; ``StageChain``: every stage in one process
@@ -20,6 +24,8 @@
 - ``node.memory``       per-stage memory estimate and ``node plan``
 - ``node.status_line``  ``node start``'s live status line
 - ``node.identity``     the identity key's lock (one running daemon per identity)
+- ``node.last_run``     ``RunMemory``: the run an identity was last in and its peers (restarting is resuming:
+                        ``plan_start``), and the check that the listen port is free
 - ``node.metrics``      ``NodeMetrics`` (Prometheus registry) and ``MetricsServer`` (/metrics, /health)
 - ``node.metric_families`` ``NodeMetricFamilies``: every Prometheus family of a node (names, help texts,
                         labels, buckets), grouped by what it watches

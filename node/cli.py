@@ -1,11 +1,12 @@
 """The ``node`` (alias ``protoswarm``) command.
 
-    node start [--join MADDR ...] [--run-id ID] [--config NAME|PATH] [--set section.field=value ...]
-               [--stage N] [--identity PATH] [--metrics-port P] ...      run the daemon (a new swarm
-                                                                         without --join)
+    node start [--join MADDR ... | --new] [--run-id ID] [--config NAME|PATH] [--set section.field=value ...]
+               [--stage N] [--identity PATH] [--metrics-port P] ...      run the daemon (without --join:
+                                                                         rejoin the identity's last run,
+                                                                         else a new swarm)
     node status [--join MADDR] [--run-id ID] [--json]   the swarm as a table (asks the local node
                                                          for an address when --join is not given)
-    node sim --nodes N [--config ...] [--duration S] [--faults T:ACTION:TARGET,...] [--json]
+    node sim --nodes N [--config ...] [--duration S] [--faults T:ACTION:TARGET,...] [--nat N] [--json]
     node train-local [--config NAME|PATH] [--set section.field=value ...] [--device cpu|cuda|auto]
     node config show [--config ...] [--set ...]     resolved config as TOML
     node config fields                               every field with type, default and meaning
@@ -117,34 +118,69 @@ def _start_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _run_level(overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides a joining node cannot apply: they are the run's, read from the swarm."""
+    from node.run_params import LOCAL_FIELDS
+
+    local = [f"{section}.{f}=" for section, names in LOCAL_FIELDS.items() for f in names]
+    local += [f"{section}." for section in LOCAL_SECTIONS]
+    return [o for o in overrides if not o.startswith(tuple(local))]
+
+
+def prepare_start(args: argparse.Namespace) -> tuple[RunConfig, bool, list[str]]:
+    """``node start``'s config, whether it founds a swarm, and what to tell the user first: ``--join`` (or
+    ``swarm.initial_peers``) joins, ``--new`` founds, neither rejoins the identity's last run
+    (node/last_run.py) or founds when it has none."""
+    from node.last_run import load_last_run, plan_start
+    from node.run_params import LOCAL_FIELDS
+
+    if args.join and (run_level := _run_level(args.overrides)):
+        fields = [f"{section}.{{{','.join(names)}}}" for section, names in LOCAL_FIELDS.items()]
+        raise ConfigError(
+            f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
+            f"swarm.*, dataplane.*, {', '.join(fields[:-1])} and {fields[-1]} can be set locally"
+        )
+    if args.status_every <= 0:
+        raise ConfigError(f"--status-every must be positive, got {args.status_every}")
+    overrides = [*args.overrides, *_start_overrides(args)]
+    cfg = load_config(args.config, overrides)
+    if cfg.swarm.initial_peers:
+        if args.new:
+            raise ConfigError("--new starts a new swarm, but swarm.initial_peers (from the config) names peers "
+                              "to join: drop one of them")
+        return cfg, False, []
+    if args.new:
+        return cfg, True, ["starting a new swarm (--new)"]
+    plan = plan_start(cfg, load_last_run(cfg.swarm.identity_path))
+    if not plan.create and (run_level := _run_level(args.overrides)):
+        plan.notes.append(f"ignoring {', '.join(run_level)}: a rejoining node takes the run's parameters from the "
+                          f"swarm (--new starts a new swarm with them)")
+    if plan.overrides:
+        cfg = load_config(args.config, [*overrides, *plan.overrides])
+    return cfg, plan.create, plan.notes
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from node.daemon import NodeDaemon
-    from node.identity import IdentityInUse
+    from node.identity import IdentityInUse, IdentityLock
+    from node.last_run import busy_listen_port
     from node.metrics import MetricsBindError
-    from node.run_params import LOCAL_FIELDS
     from swarm.access import AccessError
     from swarm.records import IdentityError
 
-    if args.join:
-        local = [f"{section}.{f}=" for section, names in LOCAL_FIELDS.items() for f in names]
-        local += [f"{section}." for section in LOCAL_SECTIONS]
-        run_level = [o for o in args.overrides if not o.startswith(tuple(local))]
-        if run_level:
-            fields = [f"{section}.{{{','.join(names)}}}" for section, names in LOCAL_FIELDS.items()]
-            raise ConfigError(
-                f"{', '.join(run_level)}: a joining node takes the run's parameters from the swarm; only "
-                f"swarm.*, dataplane.*, {', '.join(fields[:-1])} and {fields[-1]} can be set locally"
-            )
-    if args.status_every <= 0:
-        raise ConfigError(f"--status-every must be positive, got {args.status_every}")
-    cfg = load_config(args.config, [*args.overrides, *_start_overrides(args)])
+    cfg, create, notes = prepare_start(args)
     if cfg.train.threads:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
     try:
-        return NodeDaemon(cfg, create=not cfg.swarm.initial_peers, status_mode=args.status,
-                          status_every_s=args.status_every).run()
+        daemon = NodeDaemon(cfg, create=create, status_mode=args.status, status_every_s=args.status_every)
+        IdentityLock(cfg.swarm.identity_path).acquire().release()  # a running daemon: say so, not "port busy"
+        if (busy := busy_listen_port(cfg.swarm.host_maddrs)) is not None:
+            raise ConfigError(busy)
+        for note in notes:
+            print(note, flush=True)
+        return daemon.run()
     except (IdentityInUse, IdentityError, MetricsBindError, AccessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -186,7 +222,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         summary = run_simulation(
             nodes=args.nodes, config=args.config, overrides=args.overrides, duration=args.duration,
             faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json, link=link,
-            link_mode=args.link_mode, prometheus_sd=args.prometheus_sd,
+            link_mode=args.link_mode, prometheus_sd=args.prometheus_sd, nat=args.nat,
         )
     except ValueError as err:  # a bad --link
         print(f"error: {err}", file=sys.stderr)
@@ -253,12 +289,18 @@ def _add_train_local_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_start_parser(sub: argparse._SubParsersAction) -> None:
     """``node start``: the daemon, founding a swarm or joining one."""
-    start = sub.add_parser("start", help="run the daemon: start a new swarm, or join one with --join")
+    start = sub.add_parser("start", help="run the daemon: rejoin this identity's last run, join one with "
+                                         "--join, or start a new swarm")
     _add_config_args(start, DEFAULT_SWARM_CONFIG)
-    start.add_argument("--join", "--initial-peers", dest="join", action="append", default=[], metavar="MADDR",
+    swarm = start.add_mutually_exclusive_group()
+    swarm.add_argument("--join", "--initial-peers", dest="join", action="append", default=[], metavar="MADDR",
                        help="multiaddr of a swarm peer (…/p2p/<peer id>), or the http://HOST:PORT of a peer's metrics "
-                            "port (its addresses are read from /health); repeatable. Without it: a new swarm")
-    start.add_argument("--run-id", help="run to create (default: <model>-<random>) or to join")
+                            "port (its addresses are read from /health); repeatable, any one answering is enough. "
+                            "Without it (nor swarm.initial_peers): rejoin this identity's last run, else a new swarm")
+    swarm.add_argument("--new", action="store_true",
+                       help="start a new swarm (a new run) even if this identity was in one before")
+    start.add_argument("--run-id", help="run to create (default: the identity's last run, else <model>-<random>) or "
+                                        "to join")
     start.add_argument("--stage", type=int, help="serve this stage and never rebalance")
     start.add_argument("--identity", help="key file of this daemon's identity (default ~/.protoswarm/identity.key)")
     start.add_argument("--swarm-key", metavar="FILE",
@@ -266,7 +308,8 @@ def _add_start_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--allow-peer", action="append", default=[], metavar="PEER_ID",
                        help="take part only with these peers (repeatable; docs/security.md)")
     start.add_argument("--host-maddrs", action="append", default=[], metavar="MADDR",
-                       help="libp2p listen address, e.g. /ip4/0.0.0.0/tcp/31337 (repeatable)")
+                       help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/31337, an error when that "
+                            "port is busy; /ip4/0.0.0.0/tcp/0 = any free port)")
     start.add_argument("--announce-maddrs", action="append", default=[], metavar="MADDR",
                        help="address other peers should dial, e.g. your public IP and forwarded port (repeatable)")
     start.add_argument("--metrics-host", help="interface for /metrics and /health (default 0.0.0.0)")
@@ -314,6 +357,9 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--link-mode", choices=("auto", "netns", "app"), default="auto",
                      help="how --link is emulated: auto (namespaces when root), netns (fail without root), "
                           "app (in-process)")
+    sim.add_argument("--nat", type=int, default=0, metavar="N",
+                     help="put the last N nodes each behind a home router of its own (a namespace that masquerades: "
+                          "they dial out, nobody dials in); needs root and iptables; works with --link")
     sim.add_argument("--prometheus-sd", metavar="FILE",
                      help="keep FILE listing the live nodes' /metrics endpoints for Prometheus's file_sd_configs "
                           "(rewritten atomically as nodes start and stop; docs/metrics.md)")

@@ -223,18 +223,30 @@ class TrainConfig:
             raise ConfigError(f"train.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
 
+DEFAULT_P2P_PORT = 31337  # libp2p TCP listen port: fixed, so it can be forwarded (docs/networking.md)
+
+
 @dataclass(kw_only=True)
 class SwarmConfig:
     """How this node finds and joins a swarm: DHT, identity, stage claiming, endpoints, timing."""
 
     SECTION = "swarm"
 
-    run_id: str = setting("", "Run to create or join; empty = a fresh id when creating, discovered when joining.")
-    initial_peers: list[str] = setting_list(
-        [], "Multiaddrs of swarm peers to join (…/p2p/<id>); empty = start a swarm."
+    run_id: str = setting(
+        "", "Run to create or join; empty = the identity's last run, else a fresh id when creating, discovered "
+        "when joining."
     )
-    host_maddrs: list[str] = setting_list(["/ip4/0.0.0.0/tcp/0"], "libp2p listen addresses (port 0 = any free).")
-    announce_maddrs: list[str] = setting_list([], "Addresses other peers should dial (behind NAT/port forwarding).")
+    initial_peers: list[str] = setting_list(
+        [], "Peers to join: multiaddrs (…/p2p/<id>) or http://HOST:PORT metrics URLs, any one answering is enough "
+        "(a standing bootstrap list in a config file). Empty = rejoin the identity's last run, else start a swarm."
+    )
+    host_maddrs: list[str] = setting_list(
+        [f"/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}"], f"libp2p listen addresses: TCP {DEFAULT_P2P_PORT} by default (the "
+        "port to forward, docs/networking.md; a busy port is an error, never swapped); port 0 = any free port."
+    )
+    announce_maddrs: list[str] = setting_list(
+        [], "Addresses other peers should dial, e.g. /ip4/<public IP>/tcp/<forwarded port> behind NAT."
+    )
     identity_path: str = setting(
         "~/.protoswarm/identity.key", "Persistent libp2p identity (created on first run); one per daemon."
     )
@@ -255,6 +267,20 @@ class SwarmConfig:
     shutdown_timeout_s: float = setting(20.0, "Most time a graceful shutdown may take before exiting anyway.")
     max_stage_params_m: float = setting(
         4000.0, "Refuse to join runs whose largest stage holds more than this many million parameters."
+    )
+    download_stall_s: float = setting(
+        60.0, "A stage-state download attempt is cut when no verified chunk arrived for this many seconds."
+    )
+    download_floor_mbit: float = setting(
+        1.0, "The slowest link a state download is sized for (Mbit/s): an attempt trickling below it is cut once "
+        "it ran 3x as long as the state needs at this rate."
+    )
+    download_attempts: int = setting(
+        6, "Attempts at a stage's state, with exponential back-off, before a node whose stage other peers serve "
+        "exits with an error (it never starts a served stage from the seeded initialisation)."
+    )
+    download_backoff_s: float = setting(
+        5.0, "Wait after the first failed download attempt (seconds); it doubles after each one, up to 5 minutes."
     )
     link: str = setting(
         "", "Emulate a home link: RATE[,delay=D] (e.g. 80mbit,delay=30ms) throttles this node's protoswarm streams "
@@ -281,7 +307,10 @@ class SwarmConfig:
             except ValueError as exc:
                 raise ConfigError(f"swarm.link: {exc}") from None
         check_positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s",
-                       "shutdown_timeout_s", "max_stage_params_m")
+                       "shutdown_timeout_s", "max_stage_params_m", "download_stall_s", "download_floor_mbit",
+                       "download_backoff_s")
+        if self.download_attempts < 1:
+            raise ConfigError(f"swarm.download_attempts must be >= 1, got {self.download_attempts}")
         if not 0.0 <= self.rebalance_jitter < 1.0:
             raise ConfigError(f"swarm.rebalance_jitter must be in [0, 1), got {self.rebalance_jitter!r}")
         if self.rebalance_gain < 1.0:

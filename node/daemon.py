@@ -26,13 +26,16 @@ from typing import Any
 from node.claim import own_checkpoint_stage, pick_stage, stages_that_fit
 from node.config import RunConfig
 from node.context import NodeContext
-from node.device import device_memory, resolve_device
+from node.daemon_view import node_health, recent_loss, status_snapshot
+from node.device import resolve_device
 from node.identity import IdentityLock
+from node.last_run import RunMemory
 from node.metrics import MetricsServer, NodeMetrics
 from node.presence import SwarmPresence, count_rejected
+from node.reachability import stages_for
 from node.run_params import RunUnusable, created_run, joined_run
 from node.services import NodeServices
-from node.stage_host import StageHost
+from node.stage_host import StageHost, StageUnavailable
 from node.stage_store import StageStore
 from node.status_line import RateWindow, StatusLine
 from protocol.messages import StageRecord
@@ -84,15 +87,21 @@ def emulate_link(text: str) -> str | None:
     return f"link: emulating {spec} in-process (protoswarm streams only; DHT traffic is not shaped)"
 
 
-def join_banner(cfg: RunConfig, run_id: str, dht: SwarmDHT, host: StageHost, device) -> list[str]:
-    """What the node prints once it serves: who it is, what it serves, and how another machine joins."""
+def join_banner(cfg: RunConfig, run_id: str, dht: SwarmDHT, host: StageHost, device, reach=None) -> list[str]:
+    """What the node prints once it serves: who it is, what it serves, and how another machine joins
+    (``reach``: the node's ReachabilityProbe; the address peers reached it at comes first)."""
     maddrs = dht.visible_maddrs()
     public = [m for m in maddrs if "/127.0.0.1/" not in m and "/::1/" not in m] or maddrs
     lines = [f"node {dht.peer_id}",
              f"run {run_id}: model {cfg.model.name}, {cfg.pipeline.num_stages} stage(s); serving stage {host.stage} "
              f"(progress {host.store.progress}, {host.throughput:.2f} microbatches/s) on {device}"]
-    if public:
-        lines += ["to join this swarm from another machine, run:", f"    node start --join {public[0]} --run-id {run_id}"]
+    if reach is not None and reach.state == "private":
+        return [*lines, "peers cannot dial this node (behind NAT or a firewall): others join through a reachable "
+                        "peer of the swarm, not this one; to change that, forward its port (docs/networking.md)"]
+    seen = reach.address() if reach is not None else None
+    if seen or public:
+        lines += ["to join this swarm from another machine, run:",
+                  f"    node start --join {seen or public[0]} --run-id {run_id}"]
     return lines
 
 
@@ -148,39 +157,14 @@ class NodeDaemon:
     # health -------------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        dht, host = self.dht, self.host
-        banned = {k: v for k, v in self.metrics.banned().items() if v}
-        return {
-            "state": self.state,
-            "bootstrap_state": dht.state if dht else "starting",
-            "bootstrap_attempts": dht.attempts if dht else 0,
-            "last_error": dht.last_error if dht else None,
-            "peer_id": dht.peer_id if dht else None,
-            "maddrs": dht.visible_maddrs() if dht and dht.online else [],
-            "run_id": self.run_id or None,
-            "num_stages": self.cfg.pipeline.num_stages,
-            "stage": None, "progress": 0, "resumed_from": None, "throughput": 0.0,
-            **(host.health() if host is not None else {}),
-            "device": device_memory(self.device),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "protocol": ".".join(map(str, PROTOCOL_VERSION)),
-            **({"banned": banned} if banned else {}),
-        }
+        return node_health(self)
 
     def status_snapshot(self) -> dict[str, Any]:
         """Totals, rates and state for the live status line (node/status_line.py)."""
-        totals = self.metrics.totals()
-        rates = {rate: max(0.0, window.update(totals.get(total, 0)))
-                 for total, (rate, window) in self._status_rates.items()}
-        return {"state": self.state, "stage": self.host.stage if self.host else None,
-                "num_stages": self.cfg.pipeline.num_stages,
-                "peers": self.presence.peers_known if self.presence else None,
-                "loss": self._recent_loss(), "memory": device_memory(self.device), **totals, **rates}
+        return status_snapshot(self)
 
     def _recent_loss(self) -> float | None:
-        """Mean of the last 20 losses this node scored (S = 1 steps, or last-stage microbatches)."""
-        recent = [v for _, v in self.host.recent_losses()[-20:]] if self.host is not None else []
-        return sum(recent) / len(recent) if recent else None
+        return recent_loss(self.host)
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -267,7 +251,8 @@ class NodeDaemon:
             return
         self.presence.announce(self.host, "online")
         self._set_state("online")
-        for line in join_banner(self.cfg, self.run_id, self.dht, self.host, self.device):
+        self.run_memory = RunMemory.online(self.cfg, self._run_record, self.dht)
+        for line in join_banner(self.cfg, self.run_id, self.dht, self.host, self.device, self.services.reachability):
             self._print(line)
         self.host.start()
         self._maintain()
@@ -300,6 +285,11 @@ class NodeDaemon:
         if failure is not None:
             self._fail(failure)
             return None
+        fit, failure = stages_for(self.services.reachability, fit, cfg.pipeline.num_stages, cfg.swarm.stage,
+                                  wait_s=0 if self.create else 30.0)
+        if failure is not None:
+            self._fail(failure)
+            return None
         self._fit = fit
         probe_stage = cfg.swarm.stage if cfg.swarm.stage is not None else fit[0]
         probe = StageStore.fresh(cfg, self.run_id, probe_stage, ctx.checkpoint_dir(probe_stage), self.device)
@@ -315,12 +305,18 @@ class NodeDaemon:
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
                           cfg.swarm.min_replicas, fit, own)
 
-    def _host_stage(self, stage: int) -> None:
-        """Become a server of ``stage`` (node/stage_host.py) and say so."""
+    def _host_stage(self, stage: int, fail: bool = True) -> bool:
+        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it."""
         probe, self._probe = self._probe, None
-        self.host = StageHost.open(self.ctx, stage, self._throughput, probe)
+        try:
+            self.host = StageHost.open(self.ctx, stage, self._throughput, probe)
+        except StageUnavailable as exc:  # peers serve it but it could not be downloaded: stop (``fail``), never seed
+            if fail and not self.stop.is_set():
+                self._fail(str(exc))
+            return False
         self._last_move = time.monotonic()
         self.presence.announce(self.host, "joining")
+        return True
 
     # serving loop ---------------------------------------------------------------------------------------
 
@@ -335,8 +331,10 @@ class NodeDaemon:
                 if now >= next_refresh:
                     next_refresh = now + sw.refresh_s
                     self.presence.announce(self.host, "online")
+                    self.services.reachability_upkeep(self.dht)
                     self.presence.publish_run(self._run_record)
                     records = self.presence.observe(self.host)
+                    self.run_memory.refresh(records)
                 sync = self.services.sync
                 if sync is not None and sync.resync_requested:
                     self.host.resync()
@@ -374,7 +372,8 @@ class NodeDaemon:
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")
         self.host.stop(save=True)
-        self._host_stage(target)
+        if not self._host_stage(target, fail=False) and (self.stop.is_set() or not self._host_stage(here_stage)):
+            return  # the target could not be downloaded: back to this stage (from the checkpoint just written)
         self.host.start()
         self.presence.announce(self.host, "online")
 

@@ -210,13 +210,65 @@ class NodeMetricFamilies:
         self.outer_parts_rejected_total = counter(
             "outer_parts_rejected", "Replicas' parts this node, as group leader, left out of an average.",
             "reason", OUTER_REJECT_REASONS)
-        self.state_download_bytes_total = counter("state_download_bytes", "Bytes of stage state downloaded "
-                                                  "(weights and outer state) by this node.")
+        self.state_download_bytes_total = counter("state_download_bytes", "Bytes of stage state (weights and "
+                                                  "outer state) received and verified, failed attempts included.")
+        self.state_download_kept_bytes_total = counter(
+            "state_download_kept_bytes", "Bytes of stage state taken from verified chunks kept on disk instead of "
+            "fetched again (a resumed download).")
         self.state_download_seconds = Histogram(
             "state_download_seconds", "Duration of successful stage state downloads (s).", namespace=NAMESPACE,
             registry=self.registry, buckets=OUTER_BUCKETS_S)
+        self.state_download_done_bytes = gauge("state_download_done_bytes", "Verified bytes of the stage-state "
+                                               "download in progress (from disk and fetched); 0 when none.")
+        self.state_download_size_bytes = gauge("state_download_size_bytes",
+                                               "Size of the stage state being downloaded; 0 when none.")
+        self.state_download_eta_seconds = gauge("state_download_eta_seconds", "Seconds the download in progress "
+                                                "still needs at its measured rate; NaN when none or not known yet.")
+        self.state_download_eta_seconds.set(math.nan)
+        self.download = DownloadWatch(self)
         self.pipeline_queue_depth = gauge("pipeline_queue_depth", "Forward/backward jobs queued on this stage.")
         self.pipeline_stash = gauge("pipeline_stash", "Microbatches this stage holds awaiting their backward.")
+
+
+class DownloadWatch:
+    """The stage-state download in progress, from its ``swarm.transfer_pace.TransferProgress``: the view
+    for /health and the status line, the gauges, and the byte counters (by difference, so the bytes of
+    a failed attempt count too)."""
+
+    def __init__(self, metrics: NodeMetricFamilies):
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._attempt: object | None = None
+        self._counted = (0, 0)  # (fetched, kept) of the attempt already counted
+        self._view: dict | None = None
+
+    def update(self, progress) -> None:
+        m = self.metrics
+        with self._lock:
+            if progress is not self._attempt:
+                self._attempt, self._counted = progress, (0, 0)
+            fetched, kept = progress.fetched - self._counted[0], progress.kept - self._counted[1]
+            self._counted = (progress.fetched, progress.kept)
+            self._view = progress.view()
+            eta = self._view["eta_s"]
+        m.state_download_bytes_total.inc(max(0, fetched))
+        m.state_download_kept_bytes_total.inc(max(0, kept))
+        m.state_download_done_bytes.set(progress.done)
+        m.state_download_size_bytes.set(progress.total)
+        m.state_download_eta_seconds.set(math.nan if eta is None else eta)
+
+    def finish(self) -> None:
+        """No download in progress any more."""
+        with self._lock:
+            self._attempt, self._view = None, None
+        self.metrics.state_download_done_bytes.set(0)
+        self.metrics.state_download_size_bytes.set(0)
+        self.metrics.state_download_eta_seconds.set(math.nan)
+
+    def view(self) -> dict | None:
+        """The download in progress (stage, part, source, done/total/kept/fetched bytes, rate, ETA), or None."""
+        with self._lock:
+            return dict(self._view) if self._view is not None else None
 
 
 class _BannedPeers:

@@ -54,6 +54,7 @@ class SwarmPresence:
             addrs=ctx.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None else {}),
             tokens_per_s=round(max(0.0, self._record_rate.update(ctx.metrics.totals()["tokens"])), 3),
             loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(ctx.run_id, ctx.peer_id),
+            reachable=ctx.services.reachable(),
         )
         try:
             expiry = ctx.cfg.swarm.record_expiry_s

@@ -146,7 +146,9 @@ class ReplicaSync:
             return
         mates = [r for r in records.get(work.stage, []) if r.state != "offline" and r.peer_id != self.peer_id]
         online = [r.peer_id for r in mates if r.state == "online"]
-        self.loop.call_soon_threadsafe(exchange.set_peers, [self.peer_id, *online])
+        # Replicas peers cannot dial (behind NAT, this one included) never lead a group.
+        private = [r.peer_id for r in records.get(work.stage, []) if r.reachable == "private"]
+        self.loop.call_soon_threadsafe(exchange.set_peers, [self.peer_id, *online], private)
         with self._lock:
             self._peers = {r.peer_id: (max(0, r.outer_epoch), max(0, r.epoch_steps)) for r in mates}
             if not self._seen_peers:

@@ -4,7 +4,9 @@
 the swarm's access rules (:class:`swarm.access.GatedP2P`), and registers what every node answers: the
 stage state server (swarm/state_transfer.py, serving whatever stage this node hosts now), the fragment
 exchange (:class:`node.replica_sync.ReplicaSync`, with ``diloco.enabled``) and the pipeline data plane
-(:class:`node.pipeline.PipelineRole`, with more than one stage). They live as long as the node; a stage
+(:class:`node.pipeline.PipelineRole`, with more than one stage), and the dial-back check in both
+directions (swarm/reachability.py: answering peers, and :class:`node.reachability.ReachabilityProbe`
+asking them about this node). They live as long as the node; a stage
 change re-attaches them to the new stage (node/stage_host.py). Other threads reach the loop through
 :meth:`run` (a coroutine, with a deadline) and :meth:`call` (a plain callable).
 
@@ -26,9 +28,11 @@ import uvloop
 from node.config import ConfigError, RunConfig
 from node.metrics import NodeMetrics
 from node.pipeline import PipelineRole
+from node.reachability import ReachabilityProbe
 from node.replica_sync import ReplicaSync
 from node.stage_store import StageStore
 from swarm.access import GatedP2P, SwarmAccess
+from swarm.reachability import DialbackServer
 from swarm.state_transfer import StageStateServer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class NodeServices:
         self.p2p = None
         self.sync: ReplicaSync | None = None  # with diloco.enabled
         self.pipeline: PipelineRole | None = None  # with pipeline.num_stages > 1
+        self.reachability: ReachabilityProbe | None = None
+        self.dht_client = False  # the DHT stopped serving (this node is unreachable)
 
     def start(self, dht, peer_id: str, stop: threading.Event) -> str | None:
         """Start the loop and register the handlers; the reason when that failed, else None."""
@@ -80,6 +86,11 @@ class NodeServices:
             consensus=lambda: store().consensus_snapshot() if store() else None,
         )
         await server.register(self.p2p)
+        dialback = DialbackServer(self.run_id, self.cfg.wire.limits(), on_error=lambda exc: metrics.count_protocol_error(exc.code))
+        await dialback.register(self.p2p)
+        own = [str(m) for m in await asyncio.to_thread(dht.get_visible_maddrs)]
+        self.reachability = ReachabilityProbe(self.p2p, peer_id, self.run_id, lambda: own, self.cfg.wire.limits())
+        self.reachability.start()
         # Who is banned where: peer_banned_seconds{peer_id, where} and /health "banned" (bounded).
         metrics.watch_bans("state", server.strikes.banned)
         metrics.watch_bans("exchange", lambda: self.sync.exchange.strikes.banned()
@@ -96,6 +107,17 @@ class NodeServices:
             if self.sync is not None:
                 self.pipeline.step_hooks.append(self.sync.after_step)
             await self.pipeline.setup(self.p2p, peer_id, self.run_id)
+
+    def reachable(self) -> str:
+        """This node's reachability as peers found it: "public", "private" or "" (not known yet)."""
+        return self.reachability.state if self.reachability is not None else ""
+
+    def reachability_upkeep(self, dht) -> None:
+        """Upkeep thread: a node peers cannot dial stops serving the DHT (once)."""
+        if self.reachable() == "private" and not self.dht_client:
+            self.dht_client = True
+            if dht.become_client():
+                logger.info("peers cannot dial this node: its DHT now runs as a client (reads and stores only)")
 
     def run(self, coro, timeout: float) -> Any:
         """Run ``coro`` on the loop and wait for it (TimeoutError after ``timeout``; it is cancelled then)."""

@@ -20,7 +20,7 @@ from typing import Any
 from node.config import RunConfig
 from node.context import NodeContext
 from node.data import BatchSampler, load_corpus
-from node.stage_download import StageDownloader
+from node.stage_download import StageDownloader, StageUnavailable  # noqa: F401 (raised by open)
 from node.stage_store import StageStore
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,16 @@ class StageHost:
     @classmethod
     def open(cls, ctx: NodeContext, stage: int, throughput: float, probe: StageStore | None = None) -> StageHost:
         """Host ``stage``: its store loaded (own checkpoint, else a peer's state, else the seeded init) and
-        the node's services attached to it. ``probe``: a store of this stage still at its seeded init."""
+        the node's services attached to it. ``probe``: a store of this stage still at its seeded init.
+        Raises ``StageUnavailable`` when peers serve the stage but its state could not be downloaded (the
+        seeded init is only for a stage nobody serves; node/stage_download.py)."""
         store = probe if probe is not None and probe.stage == stage else StageStore.fresh(
             ctx.cfg, ctx.run_id, stage, ctx.checkpoint_dir(stage), ctx.device)
         downloads = StageDownloader(ctx)
         if store.resume():
             downloads.catch_up_resumed(store)
         else:
-            downloads.download_into(store)
+            downloads.load_from_swarm(store)
         host = cls(ctx, store, throughput)
         services = ctx.services
         if services.sync is not None:

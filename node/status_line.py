@@ -4,6 +4,10 @@ The line reads, for example::
 
     online · stage 1/3 · 5 peers · 2,310 tok/s · loss 2.41 · cuda:0 3.1/24.0 GB (peak 3.4) · ↑ 1.2 MB/s ↓ 0.9 MB/s (84 MB / 61 MB)
 
+and while the node downloads its stage's state (docs/node.md, "Downloading a stage")::
+
+    joining · stage 1/3 · state 3.2 GB/8.1 GB (40%) at 9.8 MB/s, ETA 8 min · 5 peers · 0 tok/s · …
+
 ``tok/s`` is this node's own training rate over the last 10 s (local steps with S = 1; on stage 0 the
 tokens of the microbatches it completed), ``loss`` its recent mean loss when it scores one, then the
 compute device's memory (on CUDA torch's allocated bytes now out of the card's total, and the peak; on
@@ -26,6 +30,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from swarm.transfer_pace import format_duration
 
 logger = logging.getLogger("node.status")
 
@@ -65,6 +71,8 @@ def format_status(snap: dict[str, Any]) -> str:
         parts.append(f"stage {stage}/{num_stages}" if stage is not None else f"no stage/{num_stages}")
     elif stage is not None:
         parts.append("replica")
+    if download := snap.get("download"):
+        parts.append(_download(download))
     peers = snap.get("peers")
     if peers is not None:
         parts.append(f"{peers} peer{'s' if peers != 1 else ''}")
@@ -82,6 +90,14 @@ def format_status(snap: dict[str, Any]) -> str:
     parts.append(f"↑ {_bytes(snap.get('sent_per_s', 0.0))}/s ↓ {_bytes(snap.get('received_per_s', 0.0))}/s "
                  f"({_bytes(snap.get('bytes_sent', 0))} / {_bytes(snap.get('bytes_received', 0))})")
     return " · ".join(parts)
+
+
+def _download(d: dict[str, Any]) -> str:
+    """``state 3.2 GB/8.1 GB (40%) at 9.8 MB/s, ETA 8 min``: a stage-state download in progress."""
+    done, total, eta = d.get("done_bytes", 0), d.get("total_bytes", 0), d.get("eta_s")
+    share = 100.0 * done / total if total else 0.0
+    text = f"state {_bytes(done)}/{_bytes(total)} ({share:.0f}%) at {_bytes(d.get('bytes_per_s', 0.0))}/s"
+    return text + (f", ETA {format_duration(eta)}" if eta is not None else "")
 
 
 def _gb(n: float) -> str:

@@ -13,6 +13,8 @@ message (kind)              what it carries
 ``StateChunk``              the raw bytes of that chunk
 ``StageRecord``             announcement/heartbeat: a peer's stage, state, throughput, progress
 ``RunRecord``               a run's parameters (model, S, k, codecs, …) so joiners need no config
+``DialbackRequest``         "dial me back": can a stranger open a connection to my listening ports?
+``DialbackReply``           the address the asker was seen at, and which ports a fresh dial reached
 ``ErrorReply``              a refusal with a machine-readable ``code`` and a sentence for people
 ==========================  =====================================================================
 
@@ -49,6 +51,8 @@ __all__ = [
     "MESSAGE_KINDS",
     "PROTOCOL_VERSION",
     "ActivationFrame",
+    "DialbackReply",
+    "DialbackRequest",
     "ErrorReply",
     "FragmentPart",
     "FragmentRequest",
@@ -66,6 +70,8 @@ __all__ = [
 ]
 
 STAGE_STATES = ("joining", "online", "offline")
+REACHABILITY = ("", "public", "private")  # "" = not known (yet, or a 1.0/1.1 peer)
+MAX_DIALBACK_PORTS = 4
 MAX_TOKENS_PER_S = 1e9  # a stage record's announced rate; larger ones are refused (not summed into views)
 MAX_LOSS = 1e4
 MAX_WEIGHT = 1e12  # a contribution's weight (e.g. tokens trained); larger ones are refused
@@ -300,10 +306,15 @@ class StageRecord(Message):
     tokens_per_s: float = 0.0
     loss: float = 0.0
     access: str = ""  # proof of the swarm key for (run, peer id), hex HMAC-SHA256 (swarm/access.py); "" = none
+    # 1.2: can peers open connections to this one? "public" (a peer's fresh dial reached its port),
+    # "private" (peers answered, none reached it: behind NAT or a firewall), "" (not known).
+    reachable: str = ""
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "StageRecord")
         _check_access(self.access, "StageRecord")
+        if self.reachable not in REACHABILITY:
+            raise MalformedMessage(f"StageRecord: reachable {short_repr(self.reachable)} is not one of {REACHABILITY}")
         if not (0.0 <= self.tokens_per_s <= MAX_TOKENS_PER_S and 0.0 <= self.loss <= MAX_LOSS):
             raise MalformedMessage(f"StageRecord: tokens_per_s {self.tokens_per_s} or loss {self.loss} out of range")
         if self.state not in STAGE_STATES:
@@ -333,6 +344,37 @@ class RunRecord(Message):
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "RunRecord")
         _check_access(self.access, "RunRecord")
+
+
+@message("dialback_request")
+class DialbackRequest(Message):
+    """Ask a peer to open a fresh TCP connection to the address it sees this stream come from, on
+    ``ports`` (the asker's listening ports). Only that address is ever dialled: a peer cannot make
+    another dial a third party."""
+
+    run_id: str
+    ports: list[int]
+
+    def check(self, limits: WireLimits) -> None:
+        check_run_id(self.run_id, "DialbackRequest")
+        if not 1 <= len(self.ports) <= MAX_DIALBACK_PORTS or not all(1 <= p <= 65535 for p in self.ports):
+            raise MalformedMessage(f"DialbackRequest: 1..{MAX_DIALBACK_PORTS} ports in 1..65535, got "
+                                   f"{short_repr(self.ports)}")
+
+
+@message("dialback_reply")
+class DialbackReply(Message):
+    """The asker's address as the answering peer saw it ("" when the stream came over a relay or an
+    address it does not dial), and the ports its fresh connection reached."""
+
+    observed: str
+    open_ports: list[int]
+
+    def check(self, limits: WireLimits) -> None:
+        if len(self.observed) > 64 or len(self.open_ports) > MAX_DIALBACK_PORTS:
+            raise MalformedMessage("DialbackReply: observed address or port list too long")
+        if not all(1 <= p <= 65535 for p in self.open_ports):
+            raise MalformedMessage(f"DialbackReply: ports must be in 1..65535, got {short_repr(self.open_ports)}")
 
 
 @message(ERROR_KIND)

@@ -45,7 +45,8 @@ from protocol.tensors import (
     split_header,
 )
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)  # 1.1: StageRecord.tokens_per_s, .loss; access proofs in records
+# 1.1: StageRecord.tokens_per_s, .loss; access proofs in records. 1.2: StageRecord.reachable, dial-back.
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 ERROR_KIND = "error"  # its layout is frozen across major versions so any peer can read the refusal
 
 _U32 = struct.Struct("<I")

@@ -9,6 +9,12 @@
   hivemind P2P, chunked and SHA-256 verified.
 - ``swarm.state_codec``     a stage's state as bytes and its manifest (``StageSnapshot``,
   ``encode_snapshot`` / ``decode_snapshot``, ``manifest_digest``).
+- ``swarm.state_fetch``     one download attempt on the client: ``check_manifest``, ``StateFetch``
+  (the buffer, chunks fetched and verified one by one).
+- ``swarm.chunk_cache``     ``ChunkCache``: verified chunks kept on disk, so a retried or restarted
+  download fetches only what it lacks.
+- ``swarm.transfer_pace``   ``TransferPace`` / ``TransferProgress``: a download's stall window and
+  deadline sized from the state and the measured rate; its bytes, rate and ETA.
 - ``swarm.status``          ``node status``: read the swarm from any peer (client-mode DHT).
 - ``swarm.routing``         ``Router``: which replica of the next stage gets a microbatch (earliest
   expected finish, bans with backoff).
@@ -21,6 +27,8 @@
 - ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
   hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
 - ``swarm.access``          swarm-key access control.
+- ``swarm.reachability``    the dial-back check: ``DialbackServer`` (dials an asker back at the address its
+  stream came from), ``ask_dialback``, ``verdict`` (public / private / not known).
 - ``swarm.procs``           what a node's child processes leave behind: ``descendants``, libp2p socket
   files (``p2pd_sockets``, ``remove_unbound_sockets``).
 - ``swarm.sim``             the localhost simulator, a package (its docstring maps it): ``LocalSwarm`` /

@@ -39,11 +39,13 @@ def stage_loads(
 
 
 def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, exclude_peer: str | None = None) -> list[int]:
-    """Number of serving peers per stage."""
+    """Number of serving peers per stage that others can dial: a peer behind NAT (``reachable ==
+    "private"``) adds throughput, not coverage (nobody can download the stage from it, or route to it)."""
     counts = [0] * num_stages
     for stage, recs in records.items():
         if 0 <= stage < num_stages:
-            counts[stage] = sum(1 for r in recs if r.state in SERVING_STATES and r.peer_id != exclude_peer)
+            counts[stage] = sum(1 for r in recs if r.state in SERVING_STATES and r.peer_id != exclude_peer
+                                and r.reachable != "private")
     return counts
 
 

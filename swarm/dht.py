@@ -347,6 +347,26 @@ class SwarmDHT:
             return Counter()
         return Counter(self.dht.run_coroutine(partial(_validator_counts), return_future=True).result(self.call_timeout))
 
+    def become_client(self) -> bool:
+        """Stop serving DHT requests (a node peers cannot dial: keep it out of their routing tables). True
+        if it was a server until now. The node still reads and stores records through the others."""
+        if self.dht is None:
+            return False
+        return bool(self.dht.run_coroutine(partial(_become_client), return_future=True).result(self.call_timeout))
+
+
+async def _become_client(dht: hivemind.DHT, node) -> bool:
+    """In the DHT process: what hivemind's ``client_mode=True`` sets up at start, done now."""
+    from hivemind.proto import dht_pb2
+
+    protocol = node.protocol
+    if protocol.client_mode:
+        return False
+    protocol.client_mode = True
+    protocol.node_info = dht_pb2.NodeInfo()  # empty: peers that hear from it do not add it to routing tables
+    await protocol.remove_p2p_handlers(protocol.p2p)
+    return True
+
 
 async def _validator_counts(dht: hivemind.DHT, node) -> dict[str, int]:
     validator = node.protocol.record_validator

@@ -123,14 +123,24 @@ class RoundResult:
     reason: str = ""
 
 
-def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int) -> list[list[str]]:
-    """The round's groups, leader first; the same on every replica that knows the same peers."""
+def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int,
+                cannot_lead: Iterable[str] = ()) -> list[list[str]]:
+    """The round's groups, leader first; the same on every replica that knows the same peers.
+
+    Peers in ``cannot_lead`` (those others cannot dial: behind NAT) never lead a group; members dial
+    their leader, so they still take part. With fewer possible leaders than groups, the groups grow."""
     tag = f"{run_id}/{key.stage}/{key.fragment}/{key.round}/"
     order = sorted(set(peers), key=lambda p: hashlib.sha256((tag + p).encode()).digest())
     if not order:
         return []
-    count = math.ceil(len(order) / max_group)
-    return [order[i::count] for i in range(count)]
+    barred = set(cannot_lead)
+    able = [p for p in order if p not in barred] or order  # nobody can lead: the rounds fail, as they must
+    count = min(math.ceil(len(order) / max_group), len(able))
+    leaders = able[:count]
+    groups = [[leader] for leader in leaders]
+    for i, peer in enumerate(p for p in order if p not in leaders):
+        groups[i % count].append(peer)
+    return groups
 
 
 def chunk(values: torch.Tensor, max_values: int) -> list[tuple[int, torch.Tensor]]:
@@ -165,6 +175,7 @@ class FragmentExchange:
         if codec not in limits.codecs:
             raise ValueError(f"codec {codec!r} is not accepted by these wire limits")
         self.peers: set[str] = {peer_id}  # this stage's ONLINE replicas, self included
+        self.cannot_lead: frozenset[str] = frozenset()  # replicas that never lead a group (unreachable)
         self._gathers: dict[RoundKey, _Gather] = {}
         self._closed: collections.OrderedDict[RoundKey, None] = collections.OrderedDict()  # recently averaged
         self.strikes = PeerStrikes(config.peer_strikes, config.ban_s, config.ban_s)  # bounded per peer
@@ -174,9 +185,11 @@ class FragmentExchange:
     async def register(self) -> None:
         await self.p2p.add_binary_stream_handler(HANDLER, self.handle_stream)
 
-    def set_peers(self, peers: Iterable[str]) -> None:
-        """The stage's ONLINE replicas from the DHT records (self is always included)."""
+    def set_peers(self, peers: Iterable[str], cannot_lead: Iterable[str] = ()) -> None:
+        """The stage's ONLINE replicas from the DHT records (self is always included), and those of them
+        that never lead a group (unreachable)."""
         self.peers = set(peers) | {self.peer_id}
+        self.cannot_lead = frozenset(cannot_lead)
 
     # ----------------------------------------------------------------------------------------- a round
 
@@ -186,7 +199,7 @@ class FragmentExchange:
         if part.dim() != 1 or part.numel() != self.fragment_sizes[key.fragment]:
             raise ValueError(f"fragment {key.fragment} has {self.fragment_sizes[key.fragment]} values, "
                              f"got a part of shape {list(part.shape)}")
-        groups = plan_groups(self.run_id, key, self.peers, self.config.max_group)
+        groups = plan_groups(self.run_id, key, self.peers, self.config.max_group, self.cannot_lead)
         group = next(g for g in groups if self.peer_id in g)
         try:
             if group[0] == self.peer_id:
@@ -368,7 +381,8 @@ class FragmentExchange:
             self._strike(peer, exc)
             return [self._error(exc.code, str(exc))]
         self.stats["bytes_received"] += received
-        group = next((g for g in plan_groups(self.run_id, key, self.peers, self.config.max_group) if peer in g), [])
+        group = next((g for g in plan_groups(self.run_id, key, self.peers, self.config.max_group, self.cannot_lead)
+                      if peer in g), [])
         if not group or group[0] != self.peer_id:
             # The sender's view of the stage differs from ours: tell it now rather than at its deadline.
             return [self._error("not_leader", "this node does not lead your group in this round (views differ)")]

@@ -20,10 +20,15 @@ longer holds is answered ``stale``; the client then restarts once from a fresh m
 The peer is untrusted: the client checks the manifest (run, stage, digest, total against
 ``max_total_bytes``, unique names, chunks that fit a frame) before allocating the total size once,
 checks every chunk's length and SHA-256, then every entry's SHA-256 and, with
-``limits.check_finite``, that float tensors are finite. Its peak memory is about twice the state (the
-assembled bytes and the rebuilt tensors); the server holds one serialized copy per cached state.
-Hashing, serializing and rebuilding run in worker threads. Nothing is pickled. Every failure, and
-running past ``timeout``, is a :class:`StateTransferError` naming the peer, the stage and a reason.
+``limits.check_finite``, that float tensors are finite (swarm/state_fetch.py). Its peak memory is
+about twice the state (the assembled bytes and the rebuilt tensors); the server holds one serialized
+copy per cached state. Hashing, serializing and rebuilding run in worker threads. Nothing is pickled.
+
+Made for home links: an attempt is cut when no verified chunk arrived for ``pace.stall_s`` or when it
+trickles past a deadline sized from the state and the measured rate (swarm/transfer_pace.py), never
+by a fixed total time unless the caller gives ``timeout``; with a ``cache`` (swarm/chunk_cache.py)
+every verified chunk is kept on disk and a retried or restarted download fetches only the chunks it
+lacks. Every failure is a :class:`StateTransferError` naming the peer, the stage and a reason.
 Refusals the server sends on purpose are ``ErrorReply`` codes: ``wrong_run``, ``wrong_stage``,
 ``no_state``, ``stale`` and ``banned``; malformed requests are refused by ``serve_stream`` and counted
 through ``on_error``. Malformed requests and requests for another run are strikes: a peer with
@@ -43,29 +48,25 @@ from typing import Any, NamedTuple
 
 import torch
 
-from protocol.errors import (
-    ChecksumError,
-    MalformedMessage,
-    OversizeError,
-    ProtocolError,
-    RemoteError,
-    short_repr,
-)
+from protocol.errors import MalformedMessage, ProtocolError, RemoteError, short_repr
 from protocol.messages import ErrorReply, Message, StateChunk, StateChunkRequest, StateManifest, StateRequest
 from protocol.streams import PeerStrikes, request, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
-from swarm.state_codec import (
+from swarm.chunk_cache import ChunkCache
+from swarm.state_codec import (  # StageSnapshot, the codec and the digest are imported from here too
     FRAME_SLACK,
     StageSnapshot,
     decode_snapshot,
     encode_snapshot,
     manifest_digest,
-    sha256_hex,
 )
+from swarm.state_fetch import StateFetch, check_manifest
+from swarm.transfer_pace import TransferPace, TransferTooSlow
+
+__all__ = ["StageSnapshot", "StageStateServer", "StateTransferError", "decode_snapshot", "download_from_replicas",
+           "download_stage_state", "encode_snapshot", "manifest_digest"]
 
 logger = logging.getLogger(__name__)
-
-_HASH_OFF_LOOP = 1 << 20  # chunks larger than this are hashed in a worker thread
 
 
 class StateTransferError(Exception):
@@ -200,17 +201,25 @@ class StageStateServer:
 
 
 async def download_stage_state(p2p: Any, peer_id: Any, run_id: str, stage: int,
-                               limits: WireLimits = DEFAULT_LIMITS, timeout: float = 60.0, *,
-                               max_total_bytes: int = 16 << 30) -> StageSnapshot:
-    """Download and verify ``stage``'s state from ``peer_id``; raises :class:`StateTransferError`."""
+                               limits: WireLimits = DEFAULT_LIMITS, timeout: float | None = 60.0, *,
+                               max_total_bytes: int = 16 << 30, pace: TransferPace | None = None,
+                               cache: ChunkCache | None = None) -> StageSnapshot:
+    """Download and verify ``stage``'s state from ``peer_id``; raises :class:`StateTransferError`.
+
+    ``pace``: the stall window and the deadline sized from the state (default: ``timeout`` as the
+    stall window); ``timeout``: a fixed cap on the whole download as well (None: none). ``cache``:
+    verified chunks kept on disk are taken from there, and fetched ones are kept there."""
     peer, started = str(peer_id), time.perf_counter()
     where = f"peer {peer}, stage {stage} state"
+    pace = pace or TransferPace(stall_s=timeout or 60.0)
     try:
         async with asyncio.timeout(timeout):
-            snap = await _download(p2p, peer_id, run_id, stage, limits, timeout, max_total_bytes, peer)
+            snap = await _download(p2p, peer_id, run_id, stage, limits, max_total_bytes, pace, cache)
     except TimeoutError:
         text = f"{where}: not downloaded within {timeout} s"
         raise StateTransferError(text, peer=peer, reason="timeout") from None
+    except TransferTooSlow as exc:
+        raise StateTransferError(f"{where}: {exc}", peer=peer, reason=exc.reason) from None
     except RemoteError as exc:
         raise StateTransferError(f"{where}: {exc}", peer=peer, reason=exc.remote_code) from exc
     except ProtocolError as exc:
@@ -223,21 +232,25 @@ async def download_stage_state(p2p: Any, peer_id: Any, run_id: str, stage: int,
     return snap
 
 
-async def _download(
-    p2p: Any, peer_id: Any, run_id: str, stage: int, limits: WireLimits, timeout: float, max_total_bytes: int,
-    peer: str,
-) -> StageSnapshot:
+async def _download(p2p: Any, peer_id: Any, run_id: str, stage: int, limits: WireLimits, max_total_bytes: int,
+                    pace: TransferPace, cache: ChunkCache | None) -> StageSnapshot:
+    peer = str(peer_id)
     _, reader, writer = await p2p.call_binary_stream_handler(peer_id, StageStateServer.HANDLER)
     restarts = 1  # a state that goes stale while we fetch it is retried once, from a new manifest
     try:
         while True:
             ask = StateRequest(run_id=run_id, stage=stage)
-            reply = await request(reader, writer, ask, limits, timeout=timeout)
-            manifest = _check_manifest(reply, run_id, stage, limits, max_total_bytes)
+            reply = await request(reader, writer, ask, limits, timeout=pace.stall_s)
+            manifest = check_manifest(reply, run_id, stage, limits, max_total_bytes)
             logger.info("peer %s: stage %d step %d: manifest %s, %d bytes in %d chunks", peer, stage,
                         manifest.step, manifest.digest[:12], manifest.total_bytes, len(manifest.chunk_sha256))
+            fetch = StateFetch(manifest, pace, cache, peer)
+            await fetch.restore()
             try:
-                data = await _fetch_chunks(reader, writer, manifest, limits, timeout)
+                while fetch.todo:
+                    await fetch.get(reader, writer, fetch.todo[0], limits)
+                    fetch.todo.popleft()
+                    fetch.check_deadline()
             except RemoteError as exc:
                 if exc.remote_code != "stale" or restarts == 0:
                     raise
@@ -245,100 +258,53 @@ async def _download(
                 logger.info("peer %s: stage %d: state %s went stale mid-download; restarting", peer, stage,
                             manifest.digest[:12])
                 continue
-            return await asyncio.to_thread(decode_snapshot, manifest, data, limits.check_finite)
+            return await asyncio.to_thread(decode_snapshot, manifest, fetch.data, limits.check_finite)
     finally:
         writer.close()
 
 
-def _check_manifest(
-    reply: Message, run_id: str, stage: int, limits: WireLimits, max_total_bytes: int
-) -> StateManifest:
-    """What decoding cannot know: that this is the state asked for, affordable, and self-consistent."""
-    if not isinstance(reply, StateManifest):
-        raise MalformedMessage(f"expected a StateManifest, got {type(reply).__name__}")
-    if (reply.run_id, reply.stage) != (run_id, stage):
-        raise MalformedMessage(f"manifest is for run {short_repr(reply.run_id)} stage {reply.stage}")
-    if reply.total_bytes > max_total_bytes:
-        raise OversizeError(f"state of {reply.total_bytes} bytes exceeds the {max_total_bytes}-byte cap")
-    if min(reply.chunk_bytes, reply.total_bytes) + FRAME_SLACK > limits.max_frame_bytes:
-        raise OversizeError(f"{reply.chunk_bytes}-byte chunks exceed the {limits.max_frame_bytes}-byte frame")
-    if len({e.name for e in reply.entries}) != len(reply.entries):
-        raise MalformedMessage("manifest names an entry twice")
-    if manifest_digest(reply) != reply.digest:
-        raise MalformedMessage("manifest digest does not match its content")
-    return reply
-
-
-async def _fetch_chunks(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, manifest: StateManifest, limits: WireLimits,
-    timeout: float,
-) -> torch.Tensor:
-    total, size = manifest.total_bytes, manifest.chunk_bytes
-    # The one allocation sized by the peer, after the cap was checked; torch.empty does not zero-fill
-    # (a 16 GiB bytearray would hold the event loop for seconds while it is cleared).
-    data = torch.empty(total, dtype=torch.uint8)
-    view = memoryview(data.numpy())
-    for index in range(len(manifest.chunk_sha256)):
-        start = index * size
-        view[start : start + min(size, total - start)] = await _get_chunk(reader, writer, manifest, index, limits, timeout)
-    return data
-
-
-async def _get_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, manifest: StateManifest, index: int,
-                     limits: WireLimits, timeout: float) -> bytes | memoryview:
-    """Chunk ``index`` of the state ``manifest`` names, checked (identity, length, SHA-256)."""
-    total, size, name = manifest.total_bytes, manifest.chunk_bytes, manifest.digest[:12]
-    ask = StateChunkRequest(run_id=manifest.run_id, stage=manifest.stage, digest=manifest.digest, index=index)
-    chunk = await request(reader, writer, ask, limits, timeout=timeout)
-    if not isinstance(chunk, StateChunk):
-        raise MalformedMessage(f"expected chunk {index} of state {name}, got {type(chunk).__name__}")
-    if (chunk.run_id, chunk.stage, chunk.digest, chunk.index) != (ask.run_id, ask.stage, ask.digest, index):
-        raise MalformedMessage(f"asked for chunk {index} of state {name}, got another chunk")
-    want = min(size, total - index * size)
-    if len(chunk.data) != want:
-        raise MalformedMessage(f"chunk {index} has {len(chunk.data)} bytes, expected {want}")
-    big = len(chunk.data) > _HASH_OFF_LOOP
-    digest = await asyncio.to_thread(sha256_hex, chunk.data) if big else sha256_hex(chunk.data)
-    if digest != manifest.chunk_sha256[index]:
-        raise ChecksumError(f"chunk {index} of state {name}: SHA-256 does not match the manifest")
-    return chunk.data
-
-
 async def download_from_replicas(p2p: Any, peer_ids: list[Any], run_id: str, stage: int,
-                                 limits: WireLimits = DEFAULT_LIMITS, timeout: float = 60.0, *,
+                                 limits: WireLimits = DEFAULT_LIMITS, timeout: float | None = 60.0, *,
                                  part: str = "consensus", max_total_bytes: int = 16 << 30,
+                                 pace: TransferPace | None = None, cache: ChunkCache | None = None,
                                  ) -> tuple[StageSnapshot, dict[str, int]]:
     """Download one state from several replicas at once; returns it and the chunks each peer sent.
 
     Every peer is asked for its manifest of ``part``; the digest most of them offer is the state taken
     (ties: the earliest peer in ``peer_ids``). Its chunks are fetched in parallel, one stream per
-    donor; a donor that fails or leaves hands its unfinished chunk back and the others take over, so
-    the download resumes as long as one donor of that digest remains. Chunks are verified one by
-    one against the manifest, the whole state as in :func:`download_stage_state`.
+    donor; a donor that fails, stalls or leaves hands its unfinished chunk back and the others take
+    over, so the download resumes as long as one donor of that digest remains. Chunks are verified
+    one by one against the manifest, the whole state as in :func:`download_stage_state`, which
+    ``timeout``, ``pace`` and ``cache`` mean the same as for.
     """
     where = f"stage {stage} {part} state from {len(peer_ids)} peer(s)"
     started = time.perf_counter()
     streams: list[_Donor] = []
     ask = StateRequest(run_id=run_id, stage=stage, part=part)
+    pace = pace or TransferPace(stall_s=timeout or 60.0)
     try:
         async with asyncio.timeout(timeout):
-            streams = await _open_donors(p2p, peer_ids, ask, limits, timeout, max_total_bytes)
+            streams = await _open_donors(p2p, peer_ids, ask, limits, pace.stall_s, max_total_bytes)
             if not streams:
                 raise StateTransferError(f"{where}: no peer offered one", peer="", reason="no_state")
             donors = _majority(streams)
-            manifest = donors[0].manifest
-            data, served = await _fetch_from_donors(donors, manifest, limits, timeout, where)
-            snap = await asyncio.to_thread(decode_snapshot, manifest, data, limits.check_finite)
+            fetch = StateFetch(donors[0].manifest, pace, cache, f"{len(donors)} peer(s)", part)
+            await fetch.restore()
+            served = await _fetch_from_donors(donors, fetch, limits, where)
+            manifest = fetch.manifest
+            snap = await asyncio.to_thread(decode_snapshot, manifest, fetch.data, limits.check_finite)
     except TimeoutError:
         raise StateTransferError(f"{where}: not downloaded within {timeout} s", peer="", reason="timeout") from None
+    except TransferTooSlow as exc:
+        raise StateTransferError(f"{where}: {exc}", peer="", reason=exc.reason) from None
     except ProtocolError as exc:
         raise StateTransferError(f"{where}: [{exc.code}] {exc}", peer="", reason=exc.code) from exc
     finally:
         for donor in streams:
             donor.writer.close()
-    logger.info("stage %d: downloaded %d bytes of %s state %s from %d peer(s) %s in %.2f s", stage,
-                manifest.total_bytes, part, manifest.digest[:12], len(served), served,
-                time.perf_counter() - started)
+    logger.info("stage %d: downloaded %d bytes of %s state %s from %d peer(s) %s in %.2f s (%d chunk(s) from disk)",
+                stage, manifest.total_bytes, part, manifest.digest[:12], len(served), served,
+                time.perf_counter() - started, fetch.progress.kept_chunks)
     return snap, served
 
 
@@ -359,7 +325,7 @@ async def _open_donors(p2p: Any, peer_ids: list[Any], ask: StateRequest, limits:
         _, reader, writer = await p2p.call_binary_stream_handler(pid, StageStateServer.HANDLER)
         try:
             reply = await request(reader, writer, ask, limits, timeout=timeout)
-            manifest = _check_manifest(reply, ask.run_id, ask.stage, limits, max_total_bytes)
+            manifest = check_manifest(reply, ask.run_id, ask.stage, limits, max_total_bytes)
         except BaseException:
             writer.close()
             raise
@@ -379,34 +345,30 @@ def _majority(streams: list[_Donor]) -> list[_Donor]:
     return [donor for donor in streams if donor.manifest.digest == digest]
 
 
-async def _fetch_from_donors(donors: list[_Donor], manifest: StateManifest, limits: WireLimits, timeout: float,
-                             where: str) -> tuple[torch.Tensor, dict[str, int]]:
-    """The state bytes ``manifest`` names, one worker per donor, and the chunks each donor sent."""
-    data = torch.empty(manifest.total_bytes, dtype=torch.uint8)
-    view = memoryview(data.numpy())
-    todo = collections.deque(range(len(manifest.chunk_sha256)))
-    served: dict[str, int] = {}
+async def _fetch_from_donors(donors: list[_Donor], fetch: StateFetch, limits: WireLimits,
+                             where: str) -> dict[str, int]:
+    """Fill ``fetch`` from its chunks still to fetch, one worker per donor; the chunks each donor sent."""
+    todo, served = fetch.todo, {}
 
     async def worker(donor: _Donor) -> bool:
-        while todo:
+        while todo and not fetch.progress.overdue():
             index = todo.popleft()
             try:
-                chunk = await _get_chunk(donor.reader, donor.writer, manifest, index, limits, timeout)
-            except Exception as exc:  # this donor failed or left: the others take its chunk
+                await fetch.get(donor.reader, donor.writer, index, limits)
+            except Exception as exc:  # this donor failed, stalled or left: the others take its chunk
                 todo.appendleft(index)
                 logger.info("peer %s left mid-download of stage %d (%s); %d chunk(s) to go", donor.peer,
-                            manifest.stage, exc, len(todo))
+                            fetch.manifest.stage, exc, len(todo))
                 return False
-            start = index * manifest.chunk_bytes
-            view[start : start + len(chunk)] = chunk
             served[donor.peer] = served.get(donor.peer, 0) + 1
         return True
 
     healthy = list(donors)
     while todo and healthy:
         results = await asyncio.gather(*(worker(d) for d in healthy))
+        fetch.check_deadline()
         healthy = [d for d, ok in zip(healthy, results, strict=True) if ok]
     if todo:
-        raise StateTransferError(f"{where}: every donor of state {manifest.digest[:12]} left with {len(todo)} "
+        raise StateTransferError(f"{where}: every donor of state {fetch.manifest.digest[:12]} left with {len(todo)} "
                                  "chunk(s) to go", peer=",".join(served), reason="donors_left")
-    return data, served
+    return served

@@ -82,6 +82,7 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
             {
                 "peer_id": r.peer_id, "stage": r.stage, "state": r.state.upper(), "throughput": r.throughput,
                 "progress": r.progress, "age_s": round(max(0.0, now - r.timestamp), 1), "addrs": r.addrs,
+                "reachable": r.reachable,
             }
             for r in newest.values()
         ),

@@ -11,7 +11,10 @@ the in-process emulator when it is set).
   /health, summed into `node sim`'s summary; ``progress_line``.
 - ``swarm.sim.run``      ``run_simulation``: `node sim` (swarm, fault script, progress, summary).
 - ``swarm.sim.netns``    ``NetnsLab``: one network namespace per node, tc tbf on both directions of its
-  link (needs root; ``netns_unavailable`` says why not).
+  link (needs root; ``netns_unavailable`` says why not); with ``nat``, a home router namespace in front
+  of a node (masquerade, no inbound port; ``nat_unavailable``).
+- ``swarm.sim.iptables`` ``find_iptables`` / ``fetch_iptables``: the routers' iptables, from PATH or
+  Debian's package unpacked into the cache.
 - ``swarm.sim.link``     ``LinkSpec`` (a tc-style ``80mbit,delay=30ms``) and ``LinkEmulator``: the link
   emulated in-process on protoswarm's own frames, ``install``-ed as framing's frame hook; the fallback
   without root, and the delay in both cases (no netem here).

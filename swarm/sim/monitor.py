@@ -34,6 +34,7 @@ class PipelineMonitor:
         self.trained: dict[tuple[int, int], int] = {}  # (node, pid) → tokens of its local steps (S = 1)
         self.devices: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → its device and memory
         self.seen = False
+        self.listeners: list = []  # also called with (node index, /health) for each health read
 
     def poll(self, swarm: LocalSwarm) -> list[dict[str, Any] | None]:
         """Read every node's /health into the monitor; returns them (None for nodes that are down)."""
@@ -45,6 +46,8 @@ class PipelineMonitor:
             health = swarm.health(node.index, since=self.last_loss_t.get((node.index, pid)))
             if health is not None and pid is not None:
                 self.observe(node.index, pid, health)
+                for listener in self.listeners:
+                    listener(node.index, health)
             healths.append(health)
         return healths
 

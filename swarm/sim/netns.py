@@ -14,6 +14,14 @@ link with a symmetric rate. Everything a node sends is shaped: our streams, hive
 the libp2p handshakes, and anything a baseline process sends. This machine's kernel has no
 ``netem``, so a link's delay is added by the node itself, per frame (see swarm/sim/link.py).
 
+With ``nat=True`` a node sits behind a **home router** of its own, like a volunteer's machine: the
+router's namespace holds the WAN end on the bridge (the home's public address, where the link is
+shaped) and a LAN link to the node's namespace (``10.L.i.2/24``, default route via the router at
+``.1``); iptables masquerades everything leaving the WAN. The node can dial out; nobody on the bridge
+can dial in: the public nodes have no route to the LAN, and the router forwards no port. Only the
+harness in the root namespace has a route to each LAN (through its router), so it still reads the
+node's /health and /metrics; replies to it are not masqueraded (conntrack sees them as replies).
+
 Bytes on each link come from the bridge end's interface counters: what the link carried, headers
 included (veth counts a segmentation-offload packet with one set of headers, so header overhead is
 undercounted by up to a few percent), and including any traffic of the harness itself (its
@@ -34,6 +42,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm.sim.iptables import find_iptables
 from swarm.sim.link import LinkSpec
 
 logger = logging.getLogger(__name__)
@@ -87,13 +96,25 @@ def tbf_args(rate_bps: float) -> list[str]:
     return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", "50ms"]
 
 
+def nat_unavailable() -> str | None:
+    """Why home routers (NAT) cannot be set up here, or None when they can."""
+    return netns_unavailable() or (None if find_iptables() else "the `iptables` command is not installed")
+
+
 @dataclass
 class LabHost:
     index: int
     netns: str
-    address: str
+    address: str  # where the node listens (its LAN address behind a router)
     bridge_end: str  # the veth end on the bridge: its rx is the node's tx and vice versa
     spec: LinkSpec | None = None
+    router: str | None = None  # the home router's namespace, for a node behind NAT
+    public_address: str = ""  # the address peers see (the router's WAN address behind NAT)
+
+    @property
+    def uplink(self) -> tuple[str, str]:
+        """(namespace, device) whose egress is the link's uplink: the node's eth0, or its router's WAN."""
+        return (self.router, "wan") if self.router else (self.netns, "eth0")
 
 
 class NetnsLab:
@@ -111,6 +132,7 @@ class NetnsLab:
         self.bridge = f"{self.base}b"
         self.gateway = f"10.{self.octet}.0.1"
         self.hosts: dict[int, LabHost] = {}
+        self.lan_octet: int | None = None  # 10.L.i.0/24: the LAN behind node i's router (picked on first use)
         _ip("link", "add", self.bridge, "type", "bridge")
         # With br_netfilter loaded (Docker hosts), bridged frames would cross iptables' FORWARD chain.
         _ip("link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "0", check=False)
@@ -132,37 +154,70 @@ class NetnsLab:
             raise ValueError(f"node index {index} out of range for one lab")
         return f"10.{self.octet}.{index // 200 + 1}.{index % 200 + 10}"
 
-    def add(self, index: int, spec: LinkSpec | None = None) -> LabHost:
-        """The node's namespace, created on first use (a restarted node keeps its address)."""
+    def add(self, index: int, spec: LinkSpec | None = None, nat: bool = False) -> LabHost:
+        """The node's namespace (behind a home router of its own with ``nat``), created on first use (a
+        restarted node keeps its address)."""
         if index in self.hosts:
             return self.hosts[index]
         ns, end, inner = f"{self.base}n{index}", f"{self.base}h{index}", f"{self.base}i{index}"
         if max(len(end), len(inner)) > 15:  # IFNAMSIZ
             raise RuntimeError(f"interface name {end!r} is too long for Linux (15 characters at most)")
-        host = LabHost(index, ns, self.address(index), end)
+        host = LabHost(index, ns, self.address(index), end, public_address=self.address(index))
         self.hosts[index] = host
         try:
             _ip("netns", "add", ns)
             _ip("link", "add", end, "type", "veth", "peer", "name", inner)
-            _ip("link", "set", inner, "netns", ns)
             _ip("link", "set", end, "master", self.bridge)
             _ip("link", "set", end, "up")
-            _ip("-n", ns, "link", "set", inner, "name", "eth0")
-            _ip("-n", ns, "addr", "add", f"{host.address}/16", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            if nat:
+                self._add_router(host, inner)
+            else:
+                _ip("link", "set", inner, "netns", ns)
+                _ip("-n", ns, "link", "set", inner, "name", "eth0")
+                _ip("-n", ns, "addr", "add", f"{host.address}/16", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
             self.shape(index, spec)
         except Exception:  # leave nothing half-built behind
             del self.hosts[index]
             _ip("link", "del", end, check=False)
             _kill_namespace(ns)
+            if host.router:
+                _kill_namespace(host.router)
             raise
         return host
+
+    def _add_router(self, host: LabHost, wan: str) -> None:
+        """Put ``host`` behind a router namespace: WAN on the bridge, a LAN link to the node, masquerade."""
+        if not 0 <= host.index < 250:
+            raise ValueError(f"node index {host.index} out of range for a node behind NAT (0..249)")
+        iptables = find_iptables()
+        if iptables is None:
+            raise RuntimeError("NAT needs the `iptables` command (apt-get install iptables)")
+        if self.lan_octet is None:
+            self.lan_octet = _free_octet()
+        router, lan = f"{self.base}r{host.index}", f"10.{self.lan_octet}.{host.index}"
+        host.router, host.address = router, f"{lan}.2"
+        _ip("netns", "add", router)
+        _ip("link", "set", wan, "netns", router)
+        _ip("-n", router, "link", "set", wan, "name", "wan")
+        _ip("-n", router, "addr", "add", f"{host.public_address}/16", "dev", "wan")
+        _ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+        _ip("-n", router, "addr", "add", f"{lan}.1/24", "dev", "lan")
+        _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
+        for ns, dev in ((router, "lo"), (router, "wan"), (router, "lan"), (host.netns, "eth0")):
+            _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", host.netns, "route", "add", "default", "via", f"{lan}.1")
+        _netns_exec(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _netns_exec(router, iptables, "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+        # Only the harness (root namespace) can reach the LAN: for /health and /metrics.
+        _ip("route", "add", f"{lan}.0/24", "via", host.public_address, "dev", self.bridge)
 
     def shape(self, index: int, spec: LinkSpec | None) -> None:
         """(Re)shape a node's link to ``spec``'s rate in both directions; None or no rate: unshaped."""
         host = self.hosts[index]
-        for prefix, dev in ((["-n", host.netns], "eth0"), ([], host.bridge_end)):
+        uplink_ns, uplink_dev = host.uplink
+        for prefix, dev in ((["-n", uplink_ns], uplink_dev), ([], host.bridge_end)):
             subprocess.run(["tc", *prefix, "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
             if spec is not None and spec.rate_bps:
                 _tc(*prefix, "qdisc", "add", "dev", dev, "root", *tbf_args(spec.rate_bps))
@@ -184,8 +239,16 @@ class NetnsLab:
     def close(self) -> None:
         for host in list(self.hosts.values()):
             _kill_namespace(host.netns)
+            if host.router:
+                _kill_namespace(host.router)
         self.hosts.clear()
         _ip("link", "del", self.bridge, check=False)
+
+
+def _netns_exec(ns: str, *command: str) -> None:
+    out = subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` in {ns} failed: {(out.stderr or out.stdout).strip()}")
 
 
 def _kill_namespace(ns: str) -> None:

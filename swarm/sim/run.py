@@ -26,10 +26,12 @@ def run_simulation(
     link: LinkSpec | None = None,
     link_mode: str = "auto",
     prometheus_sd: str | None = None,
+    nat: int = 0,
 ) -> dict[str, Any]:
     """Start the swarm, replay ``faults``, print progress, and return a summary.
 
-    ``prometheus_sd``: keep this file listing the live nodes' /metrics targets (file_sd_configs)."""
+    ``prometheus_sd``: keep this file listing the live nodes' /metrics targets (file_sd_configs).
+    ``nat``: the last ``nat`` nodes sit each behind a home router (the summary's ``nat`` object)."""
 
     def say(text: str) -> None:
         if not quiet:
@@ -38,16 +40,21 @@ def run_simulation(
     for fault in faults:
         if fault.node is not None and fault.node >= nodes:
             raise SimError(f"fault {fault} names a node outside 0..{nodes - 1} (use 'new' to add one)")
+    if not 0 <= nat < nodes:
+        raise SimError(f"--nat {nat}: at most {nodes - 1} of {nodes} nodes can be behind NAT (node 0 founds the run "
+                       "and is the bootstrap peer, which must be reachable)")
     monitor = PipelineMonitor()
+    watch = NatWatch(list(range(nodes - nat, nodes)))
+    monitor.listeners.append(watch.observe)
     with LocalSwarm(nodes, config, overrides, workdir, link=link, link_mode=link_mode,
-                    prometheus_sd=prometheus_sd) as swarm:
+                    prometheus_sd=prometheus_sd, nat=watch.nodes) as swarm:
         if swarm.link_note:
             say(f"links: {swarm.link_note}")
         start = time.monotonic()
         swarm.start_all()
         say(f"swarm of {nodes} node(s) starting in {swarm.workdir} (bootstrap {swarm.bootstrap})")
         events = _replay(swarm, monitor, faults, start, duration, say)
-        monitor.poll(swarm)
+        final = monitor.poll(swarm)
         end_time = time.time()
         summary = _summary(swarm, start, events, workdir)
         if link is not None:
@@ -55,7 +62,48 @@ def run_simulation(
                                "bytes": swarm.link_bytes()}
         if monitor.seen:
             summary.update(monitor.summary(end_time))
+        if nat:
+            summary["nat"] = watch.summary(monitor, final, summary.get("status_peers") or [])
+        summary.pop("status_peers", None)
     return summary
+
+
+class NatWatch:
+    """The nodes behind NAT through a run: their peer ids and every ban another node placed on them."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.peer_ids: dict[int, str] = {}  # node index -> peer id (by /health; an identity is kept on restart)
+        self.bans: set[tuple[int, str, int]] = set()  # (banning node, where, banned node behind NAT)
+        self.last: dict[int, dict[str, Any]] = {}  # each node's last /health
+
+    def observe(self, index: int, health: dict[str, Any]) -> None:
+        self.last[index] = health
+        if health.get("peer_id"):
+            self.peer_ids[index] = health["peer_id"]
+        behind = {self.peer_ids[i]: i for i in self.nodes if i in self.peer_ids}
+        for where, peers in (health.get("banned") or {}).items():
+            for peer in peers:
+                if peer in behind:
+                    self.bans.add((index, where, behind[peer]))
+
+    def summary(self, monitor: PipelineMonitor, final: list[dict[str, Any] | None],
+                status_peers: list[dict[str, Any]]) -> dict[str, Any]:
+        seen = {p["peer_id"]: p.get("reachable", "") for p in status_peers}
+        committed = {i: 0 for i in self.nodes}
+        for (index, _), outer in monitor.outer.items():
+            if index in committed:
+                committed[index] += int(outer.get("rounds_committed", 0))
+        return {
+            "nodes": self.nodes,
+            "online": sum(1 for i in self.nodes if (final[i] or {}).get("state") == "online"),
+            "rounds_committed": [committed[i] for i in self.nodes],
+            "bans": [{"by": by, "where": where, "on": on} for by, where, on in sorted(self.bans)],
+            "stages": [self.last.get(i, {}).get("stage") for i in self.nodes],
+            "reachability": [{"node": i, "behind_nat": i in self.nodes, "own": self.last.get(i, {}).get("reachable"),
+                              "records": seen.get(self.peer_ids.get(i, ""), None)}
+                             for i in sorted(self.peer_ids)],
+        }
 
 
 def _replay(swarm: LocalSwarm, monitor: PipelineMonitor, faults: list[Fault], start: float, duration: float,
@@ -103,5 +151,6 @@ def _summary(swarm: LocalSwarm, start: float, events: list[dict[str, Any]], work
         "progress": [h["progress"] if h else None for h in healths],
         "stage_of_node": [h["stage"] if h else None for h in healths],
         "status_error": status.get("error"),
+        "status_peers": status.get("peers"),  # for the NAT summary; not printed
         "workdir": str(swarm.workdir) if workdir else None,
     }

@@ -12,6 +12,12 @@ With ``link=LinkSpec(...)`` each node gets a home link of that rate: its own net
 tc tbf on both directions (swarm/sim/netns.py) when this process is root, or else, in-process
 throttling of the nodes' protoswarm streams (``swarm.link``, swarm/sim/link.py), which says so: that
 fallback does not shape the DHT. ``link_mode`` forces one ("netns" or "app").
+
+With ``nat=[i, …]`` those nodes sit each behind a home router of its own (swarm/sim/netns.py: a
+router namespace that masquerades; outbound only, no inbound port), with or without a ``link`` (then
+shaped on the router's WAN). NAT needs the namespace lab (root) and iptables: when iptables is not
+installed, Debian's package is unpacked into the cache (swarm/sim/iptables.py), and the log says so.
+Node 0 founds the run and is every joiner's first bootstrap peer, so it is never behind NAT.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swarm.procs import p2pd_sockets, remove_unbound_sockets
+from swarm.sim.iptables import fetch_iptables, find_iptables
 from swarm.sim.link import LinkSpec
-from swarm.sim.netns import NetnsLab, netns_unavailable
+from swarm.sim.netns import NetnsLab, nat_unavailable, netns_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,25 @@ class SimNode:
         return self.proc is not None and self.proc.poll() is None
 
 
+def _check_nat(nat: set[int], nodes: int, mode: str) -> None:
+    """SimError when ``nat`` cannot be put behind home routers here (iptables is fetched if missing)."""
+    if 0 in nat or any(not 0 < i < nodes for i in nat):
+        raise SimError(f"nodes behind NAT must be in 1..{nodes - 1} (node 0 founds the run and is the "
+                       f"bootstrap peer), got {sorted(nat)}")
+    if mode == "app":
+        raise SimError("NAT needs network-namespace links, not in-process emulation (link mode 'app')")
+    if (reason := netns_unavailable()) is not None:
+        raise SimError(f"cannot put nodes behind NAT: {reason}")
+    if find_iptables() is None:
+        logger.warning("iptables is not installed: unpacking Debian's package into the cache for the home routers")
+        try:
+            logger.info("iptables: %s", fetch_iptables())
+        except RuntimeError as exc:
+            raise SimError(f"cannot put nodes behind NAT: {exc}") from exc
+    if (reason := nat_unavailable()) is not None:
+        raise SimError(f"cannot put nodes behind NAT: {reason}")
+
+
 def _emulate_links(link: LinkSpec, mode: str) -> tuple[str, str, NetnsLab | None]:
     """How ``link`` gets emulated: (the link mode, a note that says how, the namespace lab if there is one)."""
     if mode not in LINK_MODES:
@@ -113,6 +139,7 @@ class LocalSwarm:
         link_mode: str = "auto",
         node_overrides: dict[int, list[str]] | None = None,
         prometheus_sd: str | Path | None = None,
+        nat: Iterable[int] = (),
     ):
         if nodes < 1:
             raise SimError("a swarm needs at least one node")
@@ -129,13 +156,18 @@ class LocalSwarm:
         self._sockets_before = p2pd_sockets()
         self.link, self.link_mode, self.link_note = link, "none", ""
         self.lab: NetnsLab | None = None
-        if link is not None:
-            try:
-                self.link_mode, self.link_note, self.lab = _emulate_links(link, link_mode)
-            except Exception as exc:
-                if self._own_workdir:
-                    shutil.rmtree(self.workdir, ignore_errors=True)
-                raise exc if isinstance(exc, SimError) else SimError(f"cannot set up the links: {exc}") from exc
+        self.nat = set(nat)  # indices of the nodes behind a home router (NAT)
+        try:
+            if self.nat:
+                _check_nat(self.nat, nodes, link_mode)
+            if link is not None:
+                self.link_mode, self.link_note, self.lab = _emulate_links(link, "netns" if self.nat else link_mode)
+            elif self.nat:
+                self.link_mode, self.lab = "netns", NetnsLab()
+        except Exception as exc:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise exc if isinstance(exc, SimError) else SimError(f"cannot set up the links: {exc}") from exc
 
     def _link_setting(self) -> list[str]:
         """The node-side part of the link emulation (`swarm.link`), if any."""
@@ -170,15 +202,19 @@ class LocalSwarm:
         self.shutdown()
 
     def start_all(self) -> None:
-        self.start(0)
-        self.bootstrap = self._wait_for_line(self.nodes[0], _JOIN_LINE, self.startup_timeout)
+        self.start_founder()
         for node in self.nodes[1:]:
             self.start(node.index)
+
+    def start_founder(self) -> None:
+        """Start node 0 (it creates the run) and wait for the join address it prints."""
+        self.start(0)
+        self.bootstrap = self._wait_for_line(self.nodes[0], _JOIN_LINE, self.startup_timeout)
 
     def _command(self, node: SimNode) -> list[str]:
         prefix = []
         if self.lab is not None:
-            host = self.lab.add(node.index, self.link)
+            host = self.lab.add(node.index, self.link, nat=node.index in self.nat)
             node.host, prefix = host.address, self.lab.exec_prefix(node.index)
         cmd = [
             *prefix, sys.executable, "-m", "node.cli", "start", "--config", self.config,

@@ -2,6 +2,8 @@
 
 One run with a fault script: a replica is SIGKILLed while one of its fragment exchanges is in flight
 and a new node starts later; everything is read from the JSON summary `node sim --json` prints (every node's /health).
+As root, node 3 sits behind a home router (`--nat 1`, a masquerading namespace: it dials out, nobody
+dials in): it must be seen as such, commit rounds like the others and never be banned.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import pytest
 from p2p_util import run_sim
 
 from swarm.sim.monitor import PipelineMonitor
+from swarm.sim.netns import netns_unavailable
 from swarm.sim.swarm import processes_mentioning
+
+NAT = netns_unavailable() is None  # the lab's home routers need root (iptables is fetched when missing)
 
 
 @pytest.mark.timeout(480)
 def test_replicas_average_fragments_survive_a_killed_replica_and_a_joiner_contributes(tmp_path):
     duration, kill_at, start_at = 110, 45, 60
-    s = run_sim(4, "configs/swarm/diloco-local.toml", duration, f"{kill_at}:kill-in-round:2,{start_at}:start:new", tmp_path, timeout=420)
+    s = run_sim(4, "configs/swarm/diloco-local.toml", duration, f"{kill_at}:kill-in-round:2,{start_at}:start:new", tmp_path,
+                timeout=420, extra=["--nat", "1"] if NAT else [])
     assert s["ok"], s
     assert [(e["action"], e["node"]) for e in s["events"]] == [("kill-in-round", 2), ("start", 4)]
     assert s["events"][0]["in_round"] is True  # it died with a fragment exchange in flight
@@ -34,6 +40,13 @@ def test_replicas_average_fragments_survive_a_killed_replica_and_a_joiner_contri
     # parameter per step (fp32 gradients from every replica every step).
     assert 0 < s["bytes_per_param_per_step"] < 4 / 100, s
     assert s["bytes_sent_total"] > 0 and s["inner_steps_total"] > 100
+
+    if NAT:  # node 3, behind its router: known as such, a full replica, never banned
+        nat = s["nat"]
+        assert nat["nodes"] == [3] and nat["online"] == 1 and nat["bans"] == [], nat
+        assert nat["rounds_committed"][0] >= 2, nat
+        seen = {r["node"]: (r["own"], r["records"]) for r in nat["reachability"]}
+        assert seen[3] == ("private", "private") and all(seen[i] == ("public", "public") for i in (0, 1, 4)), seen
 
     # Nothing hung: the run ended on time and no process is left.
     assert s["duration_s"] < duration + 60

@@ -54,7 +54,7 @@ def test_a_cuda_index_that_does_not_exist_is_refused(monkeypatch):
 def test_node_asked_for_cuda_here_exits_at_once_naming_cuda(tmp_path, command):
     args = [sys.executable, "-m", "node.cli", command, "--device", "cuda"]
     if command == "start":
-        args += ["--identity", str(tmp_path / "id.key"), "--metrics-port", "0",
+        args += ["--identity", str(tmp_path / "id.key"), "--metrics-port", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                  "--set", f"train.checkpoint_dir={str(tmp_path / 'ckpt')!r}"]
     else:
         args += ["--set", f"train.checkpoint_dir={str(tmp_path / 'ckpt')!r}"]
@@ -105,7 +105,7 @@ def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch):
 def test_node_start_refuses_a_model_this_machine_cannot_hold(tmp_path):
     """8b as one stage needs ~170 GiB: the node says so and exits before building or downloading anything."""
     args = [sys.executable, "-m", "node.cli", "start", "--config", "model/8b", "--device", "cpu",
-            "--identity", str(tmp_path / "id.key"), "--metrics-port", "0",
+            "--identity", str(tmp_path / "id.key"), "--metrics-port", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--set", f"train.checkpoint_dir={str(tmp_path / 'ckpt')!r}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]

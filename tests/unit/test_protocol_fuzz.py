@@ -105,7 +105,8 @@ def _stage_record(draw):
     return pm.StageRecord(peer_id=draw(text), run_id=draw(run_ids), stage=draw(st.integers(0, num_stages - 1)),
                           num_stages=num_stages, state=draw(st.sampled_from(STAGE_STATES)),
                           throughput=draw(finite), progress=draw(u63), basis=draw(text), corpus=draw(text),
-                          codecs=draw(st.lists(text, max_size=5)), timestamp=draw(finite))
+                          codecs=draw(st.lists(text, max_size=5)), timestamp=draw(finite),
+                          reachable=draw(st.sampled_from(pm.REACHABILITY)))
 
 
 BUILDERS = {
@@ -126,6 +127,10 @@ BUILDERS = {
     "stage_record": _stage_record,
     "run_record": lambda draw: pm.RunRecord(run_id=draw(run_ids), creator=draw(text), created=draw(finite),
                                             publisher=draw(text), config=draw(st.binary(max_size=500))),
+    "dialback_request": lambda draw: pm.DialbackRequest(
+        run_id=draw(run_ids), ports=draw(st.lists(st.integers(1, 65535), min_size=1, max_size=pm.MAX_DIALBACK_PORTS))),
+    "dialback_reply": lambda draw: pm.DialbackReply(
+        observed=draw(st.text(max_size=64)), open_ports=draw(st.lists(st.integers(1, 65535), max_size=4))),
     "error": lambda draw: pm.ErrorReply(code=draw(text), message=draw(text),
                                         retry_after=draw(st.none() | finite)),
 }

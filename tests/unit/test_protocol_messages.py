@@ -37,6 +37,8 @@ from protocol.messages import (
     MESSAGE_KINDS,
     PROTOCOL_VERSION,
     ActivationFrame,
+    DialbackReply,
+    DialbackRequest,
     ErrorReply,
     FragmentPart,
     FragmentRequest,
@@ -102,6 +104,8 @@ EXAMPLES = {
     "run_record": lambda: RunRecord(
         run_id="run-7", creator=PEERS[0], created=1_763_790_000.25, publisher=PEERS[1],
         config=msgpack.packb({"model": {"name": "tiny"}, "pipeline": {"num_stages": 2}})),
+    "dialback_request": lambda: DialbackRequest(run_id="run-7", ports=[31337]),
+    "dialback_reply": lambda: DialbackReply(observed="203.0.113.7", open_ports=[31337]),
     "error": lambda: ErrorReply(code="tensor", message="ActivationFrame.coefficients: bad shape",
                                 retry_after=2.0),
 }
@@ -236,6 +240,11 @@ def _set_payload(name, **changes):
 
 BAD_HEADERS = [  # (example kind, header mutation, expected error)
     ("state_request", _set(kind="no_such_kind"), MalformedMessage),
+    ("dialback_request", _set(ports=[]), MalformedMessage),
+    ("dialback_request", _set(ports=[0]), MalformedMessage),
+    ("dialback_request", _set(ports=[1, 2, 3, 4, 5]), MalformedMessage),
+    ("dialback_reply", _set(open_ports=[70000]), MalformedMessage),
+    ("stage_record", _set(reachable="maybe"), MalformedMessage),
     ("state_request", _set(kind=7), MalformedMessage),
     ("state_request", lambda h: h.pop("run_id"), MalformedMessage),
     ("state_request", lambda h: h.pop("v"), MalformedMessage),

@@ -1,0 +1,162 @@
+"""The node's download policy without a network (node/stage_download.py): a stage nobody serves starts
+from the seeded initialisation, a served one is retried with exponential back-off and then fails the
+node with the peers and their errors; a cut download resumes into the stage's store from the chunks
+kept under its checkpoint directory. Back-off waits go to a fake ``wait`` (no sleeps, no clocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+from download_util import RUN, FakeDonor, FakeP2P
+
+from node.config import SwarmConfig, load_config
+from node.metrics import NodeMetrics
+from node.stage_download import DOWNLOAD_DIR, RetryPolicy, StageDownloader, StageUnavailable
+from node.stage_store import StageStore
+from node.status_line import format_status
+from protocol.messages import StageRecord
+
+PEERS = ["QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"]
+
+
+def _record(peer: str, progress: int = 10) -> StageRecord:
+    return StageRecord(peer_id=peer, run_id=RUN, stage=0, num_stages=1, state="online", progress=progress)
+
+
+def _cfg(tmp_path, attempts: int = 4):
+    return load_config(None, model={"name": "t", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                                    "ffn_hidden": 64, "max_seq_len": 32, "subspace_rank": 4},
+                       train={"seq_len": 16, "checkpoint_dir": str(tmp_path)},
+                       swarm={"download_attempts": attempts, "download_backoff_s": 1.0, "download_stall_s": 5.0})
+
+
+def _downloader(tmp_path, peers, outcomes=(), attempts=4, services=None, error="refused [banned]"):
+    """A StageDownloader whose DHT shows ``peers`` (a list, or a list of lists read in turn) and whose
+    rounds end as ``outcomes`` says, then fail (unless ``services`` is given: real rounds over it);
+    the back-off waits it asked for are in ``.waits``."""
+    ctx = SimpleNamespace(cfg=_cfg(tmp_path, attempts), run_id=RUN, peer_id="me", metrics=NodeMetrics(),
+                          stop=threading.Event(), services=services, dht=None)
+    waits: list[float] = []
+
+    def wait(delay: float) -> bool:
+        waits.append(delay)
+        return ctx.stop.is_set()
+
+    loader = StageDownloader(ctx, wait=wait)
+    loader.waits = waits
+    reads = [peers] if not peers or isinstance(peers[0], StageRecord) else list(peers)
+    loader._peers = lambda stage: reads.pop(0) if len(reads) > 1 else reads[0]
+    if services is None:
+        results = list(outcomes)
+
+        def one_round(store, prefer=None, peers=None):
+            loader.errors[peers[0].peer_id] = f"peer {peers[0].peer_id}: {error}"
+            return results.pop(0) if results else False
+
+        loader.download_into = one_round
+    return loader
+
+
+def _store(tmp_path):
+    return SimpleNamespace(stage=0, checkpoint_dir=tmp_path / "stage0", outer=None)
+
+
+def test_the_back_off_doubles_up_to_its_cap():
+    policy = RetryPolicy.from_config(SwarmConfig(download_attempts=9, download_backoff_s=5.0))
+    assert [policy.delay_s(n) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
+
+
+def test_the_seeded_start_is_only_for_a_stage_nobody_serves(tmp_path, caplog):
+    loader = _downloader(tmp_path, [])
+    with caplog.at_level(logging.INFO):
+        assert loader.load_from_swarm(_store(tmp_path)) is False
+    assert loader.waits == [] and "no peer serves stage 0: starting it from the seeded initialisation" in caplog.text
+
+
+def test_a_served_stage_is_retried_with_back_off_then_the_node_gives_up_naming_peers_and_errors(tmp_path, caplog):
+    loader = _downloader(tmp_path, [_record(PEERS[0]), _record(PEERS[1], 5)])
+    with caplog.at_level(logging.INFO), pytest.raises(StageUnavailable) as failed:
+        loader.load_from_swarm(_store(tmp_path))
+    assert loader.waits == [1.0, 2.0, 4.0]  # 4 attempts, 3 waits, doubling
+    text = str(failed.value)
+    assert "served by 2 peer(s)" in text and PEERS[0] in text and PEERS[1] in text and "[banned]" in text
+    assert "in 4 attempt(s)" in text and "Not starting it from the seeded initialisation" in text
+    assert "no peer serves" not in caplog.text and "seeded initialisation" not in caplog.text
+
+
+def test_peers_without_this_nodes_handler_get_a_hint_about_swarm_keys(tmp_path):
+    loader = _downloader(tmp_path, [_record(PEERS[0])], attempts=1,
+                         error="protocols not supported: [protoswarm.state.v1]")
+    with pytest.raises(StageUnavailable, match="a swarm key it lacks"):
+        loader.load_from_swarm(_store(tmp_path))
+    assert loader.waits == []
+
+
+def test_a_retry_that_succeeds_loads_the_stage(tmp_path):
+    loader = _downloader(tmp_path, [_record(PEERS[0])], outcomes=[False, False, True])
+    assert loader.load_from_swarm(_store(tmp_path)) is True
+    assert loader.waits == [1.0, 2.0]
+
+
+def test_servers_seen_once_are_tried_again_when_a_dht_read_finds_none(tmp_path):
+    """A DHT read that fails (or a record that expired meanwhile) must not turn into a seeded start."""
+    loader = _downloader(tmp_path, [[_record(PEERS[0])], []], attempts=3)
+    with pytest.raises(StageUnavailable, match="served by 1 peer"):
+        loader.load_from_swarm(_store(tmp_path))
+    assert loader.waits == [1.0, 2.0]
+
+
+def test_a_node_stopped_during_the_back_off_stops_downloading(tmp_path):
+    loader = _downloader(tmp_path, [_record(PEERS[0])])
+    loader.wait = lambda s: loader.ctx.stop.set() or True
+    with pytest.raises(StageUnavailable, match="stopped while downloading stage 0"):
+        loader.load_from_swarm(_store(tmp_path))
+
+
+@pytest.fixture
+def p2p_loop():
+    """An event loop on a thread, as the node's P2P loop is."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_a_cut_download_resumes_into_the_stage_store_and_loads_the_donors_state(tmp_path, monkeypatch, p2p_loop):
+    donor = StageStore.fresh(_cfg(tmp_path), RUN, 0, tmp_path / "donor")
+    donor.progress = 42  # a trained stage, not the seeded init
+    fake = FakeDonor(donor.snapshot(), cut_at=7)
+    services = SimpleNamespace(loop=p2p_loop, p2p=FakeP2P(monkeypatch, {PEERS[0]: fake}), sync=None)
+    loader = _downloader(tmp_path, [_record(PEERS[0], progress=42)], services=services)
+    store = StageStore.fresh(loader.ctx.cfg, RUN, 0, tmp_path / "joiner")
+    metrics, lines = loader.ctx.metrics, []
+    update = metrics.download.update
+
+    def watch(progress):  # what the status line shows meanwhile
+        update(progress)
+        lines.append(format_status({"state": "joining", "download": metrics.download.view()}))
+
+    def heal(delay: float) -> bool:  # the back-off: the link comes back meanwhile
+        loader.waits.append(delay)
+        fake.cut_at = None
+        return False
+
+    metrics.download.update, loader.wait = watch, heal
+    assert loader.load_from_swarm(store) is True
+    assert loader.waits == [1.0]  # one failed attempt (the cut), then the resumed one
+    assert fake.sent == list(range(len(fake.manifest.chunk_sha256)))  # every chunk sent once: 0-6 were kept
+    assert store.progress == 42
+    for name, want in donor.snapshot().tensors.items():
+        assert (store.snapshot().tensors[name] == want).all(), name
+    assert not (store.checkpoint_dir / DOWNLOAD_DIR).exists()  # the kept chunks are gone once loaded
+    assert metrics.state_download_kept_bytes_total._value.get() == 7 * 1000
+    assert metrics.state_download_bytes_total._value.get() == fake.manifest.total_bytes  # each byte once
+    assert metrics.download.view() is None and metrics.state_download_size_bytes._value.get() == 0
+    assert any((line.startswith("joining · state ") and "MB/s" not in line) or "/s" in line for line in lines)
