@@ -149,3 +149,58 @@ def test_the_sim_summary_names_bans_on_nodes_behind_nat():
     assert summary["online"] == 0 and summary["rounds_committed"] == [3] and summary["stages"] == [0]
     assert {r["node"]: (r["own"], r["records"]) for r in summary["reachability"]} == {
         0: ("public", "public"), 1: (None, None), 2: ("private", "private")}
+
+
+def test_the_join_banner_prints_the_address_peers_reached_or_says_nobody_can():
+    from types import SimpleNamespace
+
+    from node.config import load_config
+    from node.daemon import join_banner
+    from node.reachability import ReachabilityProbe
+
+    cfg = load_config("swarm/tiny", [])
+    dht = SimpleNamespace(peer_id="QmMe", visible_maddrs=lambda: ["/ip4/192.168.1.5/tcp/31337/p2p/QmMe"])
+    host = SimpleNamespace(stage=0, store=SimpleNamespace(progress=3), throughput=1.5)
+    probe = ReachabilityProbe(None, "QmMe", "run", lambda: [], None)
+    assert "/ip4/192.168.1.5/tcp/31337/p2p/QmMe" in join_banner(cfg, "run", dht, host, "cpu", probe)[-1]  # not known yet
+    probe.state, probe.observed, probe.port = "public", "203.0.113.7", 31337
+    assert join_banner(cfg, "run", dht, host, "cpu", probe)[-1] == \
+        "    node start --join /ip4/203.0.113.7/tcp/31337/p2p/QmMe --run-id run"
+    probe.state, probe.port = "private", None
+    lines = join_banner(cfg, "run", dht, host, "cpu", probe)
+    assert "peers cannot dial this node" in lines[-1] and not any("--join" in line for line in lines)
+
+
+def test_the_probe_asks_connected_peers_and_keeps_the_verdict(monkeypatch):
+    from types import SimpleNamespace
+
+    import node.reachability as reach
+
+    answers = {"A": DialbackReply(observed="203.0.113.7", open_ports=[]), "B": RuntimeError("no handler"),
+               "C": DialbackReply(observed="203.0.113.7", open_ports=[])}
+    asked = []
+
+    async def fake_ask(p2p, peer, run_id, ports, limits):
+        asked.append((peer, tuple(ports)))
+        if isinstance(answers[peer], Exception):
+            raise answers[peer]
+        return answers[peer]
+
+    async def list_peers():
+        return [SimpleNamespace(peer_id=p) for p in ("Me", "A", "B", "C")]
+
+    monkeypatch.setattr(reach, "ask_dialback", fake_ask)
+    probe = reach.ReachabilityProbe(SimpleNamespace(list_peers=list_peers), "Me", "run",
+                                    lambda: ["/ip4/10.0.0.2/tcp/31337/p2p/Me"], None)
+    changes = []
+    probe.on_change.append(changes.append)
+    assert asyncio.run(probe.check_once()) is True
+    assert sorted(asked) == [("A", (31337,)), ("B", (31337,)), ("C", (31337,))]  # never itself
+    assert probe.state == "private" and probe.wait(0) == "private" and probe.address() is None
+    assert changes == ["private"]
+    answers["A"] = DialbackReply(observed="203.0.113.7", open_ports=[31337])  # a port forwarded since
+    assert asyncio.run(probe.check_once()) is True
+    assert probe.state == "public" and probe.address() == "/ip4/203.0.113.7/tcp/31337/p2p/Me"
+    assert changes == ["private", "public"]
+    answers.update(A=RuntimeError("gone"), C=RuntimeError("gone"))
+    assert asyncio.run(probe.check_once()) is False and probe.state == "public"  # no answer: the verdict stays
