@@ -66,13 +66,13 @@ def _kill_a_stage_and_see_it_refilled(swarm: LocalSwarm) -> None:
     swarm.wait_until(lambda: victim_stage in _serving(swarm).values(), 120,
                      f"stage {victim_stage} served again after killing {len(victims)} peers")
 
-    def victims_gone() -> bool:
-        holder["status"] = swarm.status()
-        return not any(p["peer_id"] in victim_ids for p in holder["status"]["peers"])
+    def records_agree() -> bool:  # the DHT's view: the killed peers' records expired, the refill's arrived
+        holder["status"] = status = swarm.status()
+        return (not any(p["peer_id"] in victim_ids for p in status["peers"])
+                and all(s["servers"] > 0 for s in status["stages"])
+                and any(p["stage"] == victim_stage and p["state"] == "ONLINE" for p in status["peers"]))
 
-    swarm.wait_until(victims_gone, 60, "killed peers dropped from status after their records expire")
-    assert all(s["servers"] > 0 for s in holder["status"]["stages"])
-    assert any(p["stage"] == victim_stage and p["state"] == "ONLINE" for p in holder["status"]["peers"])
+    swarm.wait_until(records_agree, 60, "`node status`: killed peers gone (records expired), every stage served")
 
 
 def _assert_foreign_records_refused(swarm: LocalSwarm, survivor: int) -> None:
