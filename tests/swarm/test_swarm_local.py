@@ -44,35 +44,31 @@ def _metrics(url: str) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
-def _serving(swarm: LocalSwarm) -> dict[int, int]:
-    """Live ONLINE nodes and the stage each serves, from their own /health (instant, unlike `node status`,
-    a fresh DHT reader each time): what the waits poll; `node status` confirms once they hold."""
-    return {i: h["stage"] for i in range(len(swarm.nodes))
-            if (h := swarm.health(i)) is not None and h["state"] == "online" and h["stage"] is not None}
-
-
-def _kill_a_stage_and_see_it_refilled(swarm: LocalSwarm) -> None:
+def _kill_a_stage_and_see_it_refilled(swarm: LocalSwarm, status: dict) -> None:
     """Kill every server of the smaller stage (2 or 3 peers): the rest must refill it, and the killed
     peers vanish from `node status` once their records expire."""
     holder: dict = {}
-    serving = _serving(swarm)
-    counts = {s: [i for i, stage in serving.items() if stage == s] for s in (0, 1)}
+    index_of = {swarm.health(i)["peer_id"]: i for i in range(6)}
+    counts = {s: [p["peer_id"] for p in status["peers"] if p["stage"] == s] for s in (0, 1)}
     victim_stage = min(counts, key=lambda s: len(counts[s]))
     victims = counts[victim_stage]
     assert 2 <= len(victims) <= 3
-    victim_ids = {swarm.health(i)["peer_id"] for i in victims}
-    for index in victims:
-        swarm.kill(index)
-    swarm.wait_until(lambda: victim_stage in _serving(swarm).values(), 120,
-                     f"stage {victim_stage} served again after killing {len(victims)} peers")
+    for peer in victims:
+        swarm.kill(index_of[peer])
 
-    def records_agree() -> bool:  # the DHT's view: the killed peers' records expired, the refill's arrived
-        holder["status"] = status = swarm.status()
-        return (not any(p["peer_id"] in victim_ids for p in status["peers"])
-                and all(s["servers"] > 0 for s in status["stages"])
-                and any(p["stage"] == victim_stage and p["state"] == "ONLINE" for p in status["peers"]))
+    def refilled() -> bool:
+        holder["status"] = swarm.status()
+        return any(p["stage"] == victim_stage and p["state"] == "ONLINE" and p["peer_id"] not in victims
+                   for p in holder["status"]["peers"])
 
-    swarm.wait_until(records_agree, 60, "`node status`: killed peers gone (records expired), every stage served")
+    swarm.wait_until(refilled, 120, f"stage {victim_stage} served again after killing {len(victims)} peers")
+
+    def victims_gone() -> bool:
+        holder["status"] = swarm.status()
+        return not any(p["peer_id"] in victims for p in holder["status"]["peers"])
+
+    swarm.wait_until(victims_gone, 60, "killed peers dropped from status after their records expire")
+    assert all(s["servers"] > 0 for s in holder["status"]["stages"])
 
 
 def _assert_foreign_records_refused(swarm: LocalSwarm, survivor: int) -> None:
@@ -116,22 +112,24 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
     with LocalSwarm(6, "swarm/tiny-2stage", LIGHT, workdir=tmp_path) as swarm:
         start = time.monotonic()
         swarm.start_all()
-        swarm.wait_until(lambda: len(_serving(swarm)) == 6 and set(_serving(swarm).values()) == {0, 1},
-                         60 - (time.monotonic() - start), "6 nodes ONLINE, both stages served")
         holder: dict = {}
 
-        def records_agree() -> bool:  # the swarm's own view (DHT records, refreshed every second or so)
+        def all_online() -> bool:
             holder["status"] = swarm.status()
             return _online(holder["status"], 6)
 
-        swarm.wait_until(records_agree, 30, "`node status` seeing the 6 peers ONLINE")
+        swarm.wait_until(all_online, 60 - (time.monotonic() - start), "6 peers ONLINE, both stages served")
         status = holder["status"]
         assert status["num_stages"] == 2 and status["run_id"] == "sim"
 
         # Joiners that arrive together all pick the emptiest stage; rebalancing then evens it out.
-        swarm.wait_until(lambda: len(s := _serving(swarm)) == 6 and min(list(s.values()).count(k) for k in (0, 1)) >= 2,
-                         90, "rebalancing leaves at least 2 servers on each stage")
-        _kill_a_stage_and_see_it_refilled(swarm)
+        def balanced() -> bool:
+            holder["status"] = swarm.status()
+            servers = [s["servers"] for s in holder["status"]["stages"]]
+            return _online(holder["status"], 6) and min(servers) >= 2
+
+        swarm.wait_until(balanced, 90, "rebalancing leaves at least 2 servers on each stage")
+        _kill_a_stage_and_see_it_refilled(swarm, holder["status"])
         survivor = next(i for i in range(6) if swarm.nodes[i].alive)
         _assert_foreign_records_refused(swarm, survivor)
         _assert_documented_families(swarm.metrics_url(survivor))
