@@ -56,15 +56,18 @@ def run_simulation(
         events = _replay(swarm, monitor, faults, start, duration, say)
         final = monitor.poll(swarm)
         end_time = time.time()
-        summary = _summary(swarm, start, events, workdir)
+        try:
+            status = swarm.status()
+        except SimError as exc:
+            status = {"error": str(exc)}
+        summary = _summary(swarm, start, events, workdir, status, final)
         if link is not None:
             summary["link"] = {"spec": str(link), "mode": swarm.link_mode, "note": swarm.link_note,
                                "bytes": swarm.link_bytes()}
         if monitor.seen:
             summary.update(monitor.summary(end_time))
         if nat:
-            summary["nat"] = watch.summary(monitor, final, summary.get("status_peers") or [])
-        summary.pop("status_peers", None)
+            summary["nat"] = watch.summary(monitor, final, status.get("peers") or [])
     return summary
 
 
@@ -133,13 +136,10 @@ def _replay(swarm: LocalSwarm, monitor: PipelineMonitor, faults: list[Fault], st
     return events
 
 
-def _summary(swarm: LocalSwarm, start: float, events: list[dict[str, Any]], workdir: str | None) -> dict[str, Any]:
-    """The run as `node sim --json` reports it: the swarm as `node status` reads it, each node's state."""
-    try:
-        status = swarm.status()
-    except SimError as exc:
-        status = {"error": str(exc)}
-    healths = [swarm.health(i) for i in range(len(swarm.nodes))]
+def _summary(swarm: LocalSwarm, start: float, events: list[dict[str, Any]], workdir: str | None,
+             status: dict[str, Any], healths: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The run as `node sim --json` reports it: the swarm as `node status` read it (``status``), each
+    node's last /health (``healths``, None for a node that is down)."""
     return {
         "ok": "error" not in status and all(s["servers"] > 0 for s in status.get("stages", [])),
         "nodes": len(swarm.nodes),
@@ -151,6 +151,5 @@ def _summary(swarm: LocalSwarm, start: float, events: list[dict[str, Any]], work
         "progress": [h["progress"] if h else None for h in healths],
         "stage_of_node": [h["stage"] if h else None for h in healths],
         "status_error": status.get("error"),
-        "status_peers": status.get("peers"),  # for the NAT summary; not printed
         "workdir": str(swarm.workdir) if workdir else None,
     }
