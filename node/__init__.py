@@ -21,7 +21,9 @@
 - ``node.pipeline``     ``PipelineCompute`` (a stage engine on its worker thread) and ``PipelineRole``
                         (serving and driving a pipeline stage)
 - ``node.replica_sync`` ``ReplicaSync``: Streaming DiLoCo between the replicas of the served stage
-- ``node.memory``       per-stage memory estimate and ``node plan``
+- ``node.memory``       per-stage memory estimate (the memory half of ``node plan``)
+- ``node.throughput``   tokens/s, GPU utilisation and DiLoCo rounds a card and link allow (its speed half)
+- ``node.plan_cli``     the ``node plan`` command
 - ``node.status_line``  ``node start``'s live status line
 - ``node.identity``     the identity key's lock (one running daemon per identity)
 - ``node.last_run``     ``RunMemory``: the run an identity was last in and its peers (restarting is resuming:

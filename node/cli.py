@@ -26,10 +26,11 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
 
 from node.checkpoint import CheckpointError
 from node.config import ConfigError, RunConfig, describe_fields, load_config
+from node.config_toml import toml_value
+from node.plan_cli import add_plan_parser
 
 DEFAULT_LOCAL_CONFIG = "local/tiny"
 DEFAULT_SWARM_CONFIG = "swarm/tiny"
@@ -52,23 +53,11 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '"none"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def config_to_toml(cfg: RunConfig) -> str:
     out = []
     for section, values in cfg.to_dict().items():
         out.append(f"[{section}]")
-        out += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        out += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         out.append("")
     return "\n".join(out)
 
@@ -242,41 +231,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from node.memory import GIB, format_plan, plan, smallest_stages
-
-    if not 0 < args.device_mem < float("inf"):
-        raise ConfigError(f"--device-mem must be a positive number of GiB, got {args.device_mem}")
-    overrides = []
-    if args.model is not None:  # the preset's [model] table, under any --set model.* the user gives
-        preset = load_config(args.model if args.model.endswith(".toml") else f"model/{args.model}")
-        overrides += [f"model.{key}={_toml_value(value)}" for key, value in preset.to_dict()["model"].items()]
-    overrides += args.overrides
-    for flag, field in (("batch_size", "train.batch_size"), ("seq_len", "train.seq_len"),
-                        ("inflight", "dataplane.max_inflight"), ("stages", "pipeline.num_stages")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{field}={getattr(args, flag)}")
-    args.overrides = overrides
-    cfg = _load(args)
-    memory = int(args.device_mem * GIB)
-    smallest = None
-    if args.stages is None:
-        smallest = smallest_stages(cfg, memory, args.device_type)
-        args.overrides += [f"pipeline.num_stages={smallest or cfg.model.n_layers}", 'pipeline.layer_splits="none"']
-        cfg = _load(args)
-    result = plan(cfg, memory, args.device_type)
-    if args.stages is None:
-        result["smallest_stages"] = smallest
-    if not args.json:
-        if args.stages is None:
-            print(f"smallest number of stages that fits: {smallest}" if smallest else
-                  f"does not fit even with one layer per stage ({cfg.model.n_layers} stages):")
-        print(format_plan(result))
-    else:
-        print(json.dumps(result))
-    return 0 if result["fits"] else 1
-
-
 def _add_train_local_parser(sub: argparse._SubParsersAction) -> None:
     """``node train-local``: every stage in this one process."""
     train = sub.add_parser("train-local", help="train every stage in this one process")
@@ -374,26 +328,6 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
     config.set_defaults(func=cmd_config)
 
 
-def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    """``node plan``: memory per stage from the config alone."""
-    plan = sub.add_parser("plan", help="memory each stage needs, from the config alone (docs/memory.md); "
-                                       "exit 0 when every stage fits, 1 when one does not")
-    plan.add_argument("--model", metavar="PRESET",
-                      help="model preset under configs/model (tiny, small, 125m, 1b, 8b) or a TOML path; its [model] "
-                           "table replaces the config's")
-    _add_config_args(plan, None)  # no config: node/config.py's defaults for everything but the model
-    plan.add_argument("--stages", type=int, help="pipeline stages S (default: print the fewest that fit)")
-    plan.add_argument("--device-mem", type=float, required=True, metavar="GIB", help="memory of one device (GiB)")
-    plan.add_argument("--device-type", choices=("cuda", "cpu"), default="cuda",
-                      help="cuda: bf16 autocast, DiLoCo outer state in host memory, a CUDA context allowance; "
-                           "cpu: fp32, everything in RAM (default cuda)")
-    plan.add_argument("--batch-size", type=int, help="shortcut for --set train.batch_size=B")
-    plan.add_argument("--seq-len", type=int, help="shortcut for --set train.seq_len=N")
-    plan.add_argument("--inflight", type=int, help="shortcut for --set dataplane.max_inflight=M")
-    plan.add_argument("--json", action="store_true", help="print one JSON object (the last line)")
-    plan.set_defaults(func=cmd_plan)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="node", description="protoswarm: peer-to-peer decentralized training node")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -403,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status_parser(sub)
     _add_sim_parser(sub)
     _add_config_parser(sub)
-    _add_plan_parser(sub)
+    add_plan_parser(sub, _add_config_args)
     return parser
 
 

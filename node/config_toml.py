@@ -9,6 +9,7 @@ the sections: ``node.config`` builds them from the merged tables.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 import types
@@ -107,3 +108,16 @@ def coerce_value(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
         return value
     raise AssertionError(f"unsupported annotation {hint} for {name}")
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as TOML text for an override or a table line (None is "none")."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
