@@ -23,7 +23,9 @@ per node (the same rate each way):
   leader downloads every member's part and uploads the mean to each). The round's time is set against
   the inner step's for H (``diloco.inner_steps``, summed over replicas), P and τ: utilisation without
   overlap (τ = 0, blocking), with the paper's overlap (τ blocking), and for the default schedule
-  (never blocks; ``link_busy`` > 1 means rounds cannot keep up and some are skipped).
+  (never blocks; ``link_busy`` > 1 means rounds cannot keep up and some are skipped). A blocking wait
+  ends at ``exchange.timeout_s``, when the round is given up: ``rounds_time_out`` says every round
+  would be.
 
 FLOPs a token, per stage (multiply-adds × 2): every weight matmul of node/model.py (the U·Z writers as
 two thin matmuls, dense writers on the last stage), causal attention (n/2 keys on average, scores
@@ -246,8 +248,8 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     phase_s = steps_per_round * step_s
     tau = d.overlap
 
-    def util(blocking_wait: float) -> float:
-        return phase_s / (phase_s + blocking_wait)
+    def util(blocking_wait: float) -> float:  # a round past exchange.timeout_s is given up (skipped)
+        return phase_s / (phase_s + min(blocking_wait, x.timeout_s))
 
     busy = round_s / phase_s if phase_s else math.inf
     return {

@@ -13,7 +13,8 @@ Noise). After a framing error the stream's position is unknown, so the stream sh
 ``add_binary_stream_handler``/``call_binary_stream_handler`` hand out); :class:`FrameDecoder`
 splits frames out of bytes fed to it, for transports that deliver chunks. A :class:`FrameHook`
 installed with :func:`set_frame_hook` is awaited around every frame they read or write (the
-simulator's emulated access link); framing knows nothing else about it.
+simulator's emulated access link), told which stream the frame is on; framing knows nothing else
+about it.
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ PREFIX_BYTES = _PREFIX.size  # 12
 class FrameHook(Protocol):
     """What every frame read or written in this process passes through once :func:`set_frame_hook`
     installs it; ``nbytes`` counts the whole frame, prefix included. Both waits happen inside the
-    frame's timeout. The simulator's emulated access link (swarm/sim/link.py) is one."""
+    frame's timeout. The simulator's emulated access link (swarm/sim/link.py) is one.
 
-    async def before_send(self, nbytes: int) -> None:
-        """A frame of ``nbytes`` is about to be written: return when it may go."""
+    ``stream`` identifies the bidirectional stream the frame is on, the same object for frames read
+    and frames written on it: the stream's asyncio transport (``writer.transport``, and the reader's
+    ``_transport``, which asyncio sets to that same transport; :func:`stream_key`). It is None where
+    the reader or writer has none (a bare ``StreamReader`` fed by hand, a stand-in writer): the hook
+    must then treat the frame as on a stream it knows nothing about. Hooks only use it as a key and
+    hold it weakly; framing passes it by keyword, a hook called without it gets None."""
 
-    async def after_receive(self, nbytes: int) -> None:
-        """A frame of ``nbytes`` was read whole: return when it may be handed on."""
+    async def before_send(self, nbytes: int, stream: object | None = None) -> None:
+        """A frame of ``nbytes`` is about to be written on ``stream``: return when it may go."""
+
+    async def after_receive(self, nbytes: int, stream: object | None = None) -> None:
+        """A frame of ``nbytes`` was read whole from ``stream``: return when it may be handed on."""
 
 
 # None, the normal case, costs one global lookup and an ``is None`` test per frame.
@@ -66,6 +74,14 @@ def set_frame_hook(hook: FrameHook | None) -> FrameHook | None:
 def frame_hook() -> FrameHook | None:
     """The installed frame hook, or None."""
     return _frame_hook
+
+
+def stream_key(end: asyncio.StreamReader | asyncio.StreamWriter) -> object | None:
+    """The object a :class:`FrameHook` is told a frame's stream is: the transport under ``end``, which
+    is the same for the reader and the writer of one stream (asyncio's ``StreamReader`` keeps it in
+    ``_transport``, its only accessor, set by the ``StreamReaderProtocol`` that feeds it), or None."""
+    transport = getattr(end, "transport", None)
+    return getattr(end, "_transport", None) if transport is None else transport
 
 
 def frame_prefix(body: bytes | bytearray | memoryview) -> bytes:
@@ -180,7 +196,7 @@ async def read_frame(
             length, crc = parse_prefix(prefix, limits)
             body = await reader.readexactly(length)
             if (hook := _frame_hook) is not None:
-                await hook.after_receive(PREFIX_BYTES + length)
+                await hook.after_receive(PREFIX_BYTES + length, stream=stream_key(reader))
     except TimeoutError:
         if idle.expired():
             raise StreamIdle(f"no frame started within {idle_timeout} s") from None
@@ -209,7 +225,7 @@ async def write_frame(
         async with asyncio.timeout(timeout) as deadline:
             prefix = frame_prefix(body)
             if (hook := _frame_hook) is not None:
-                await hook.before_send(len(prefix) + len(body))
+                await hook.before_send(len(prefix) + len(body), stream=stream_key(writer))
             writer.write(prefix)
             writer.write(body)
             await writer.drain()

@@ -23,11 +23,23 @@ The model, per process (one node = one access link):
   ``read_frame`` returns it: the reader waits until the frame "has arrived" at the emulated rate.
   A frame between two emulated nodes pays both serializations (store and forward), pipelined across
   frames, so a bulk transfer runs at the slower of the two rates.
-- **Delay** (sends only). Each frame waits ``delay_s`` before it takes its uplink slot; the receiving
-  side adds nothing. A request/reply round trip between two emulated nodes therefore pays 2 × delay,
-  as over a link with that one-way delay. Unlike a real link, the delay is not pipelined: frames sent
-  back to back on one stream pay it once *each*, so a multi-frame transfer with delay takes
-  ``frames × delay`` longer than its serialization (a real TCP window would pay it about once).
+- **Delay** (sends only, paid once per direction of a stream). Over a real link with one-way delay D,
+  a frame arrives D after it has left. Here the sender is held for D before the *first* frame it sends
+  on a stream, which shifts its clock by D: the frames it then sends back to back on that stream pay
+  no further delay and still arrive when they would over the real link, so a bulk transfer takes
+  D + its serialization, not ``frames × D``. Once the stream has *received* a frame (the direction
+  turned: a reply), its next send pays D again, so a request/reply round trip between two emulated
+  nodes pays 2 × D. The receiving side adds nothing. The stream is framing's key for it (the asyncio
+  transport, shared by the stream's reader and writer); state is held per stream in a
+  ``WeakKeyDictionary``, dropped when the transport is freed and as soon as the stream receives.
+  Limits: a frame on a stream framing cannot name (``stream=None``: a reader or writer without a
+  transport) pays D every time, the old per-frame model; a stream that carries independent traffic
+  both ways at once is charged D on its first send after every receive, an over-estimate (a real link
+  would overlap those delays); a long-lived stream whose later sends are set off by something other
+  than its own earlier ones (spaced out, nothing received between) pays D only once, an
+  under-estimate. protoswarm's streams are a request or a burst of frames, then the reply, where the
+  model is exact. A frame sent while an earlier one on its stream still waits out D waits with it
+  (it does not overtake it), then pays nothing more.
 - A ``None`` rate is an unlimited link (only the delay applies). A frame cancelled while it waits
   (the frame timeout) gives back the rest of its slot if no later frame reserved after it.
 
@@ -50,6 +62,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from protocol import framing
@@ -77,7 +90,7 @@ def _quantity(piece: str) -> tuple[float, str] | None:
 @dataclass(frozen=True)
 class LinkSpec:
     """One node's access link: ``rate_bps`` bits per second each way (None: unlimited) and a one-way
-    ``delay_s`` added to every frame this process sends."""
+    ``delay_s`` that this process's sends pay once per direction of a stream (module docstring)."""
 
     rate_bps: float | None = None
     delay_s: float = 0.0
@@ -185,11 +198,12 @@ def _format_delay(delay: float) -> str:
 class LinkEmulator:
     """The access link of this process (see the module docstring for the model).
 
-    ``before_send(nbytes)`` / ``after_receive(nbytes)`` (framing's ``FrameHook``) are awaited by framing
-    for each frame once the emulator is :func:`install`-ed. Counters: ``bytes_sent``/``bytes_received`` and
-    ``frames_sent``/``frames_received`` (frames that got through the link), ``wait_s_up``/``wait_s_down``
-    (seconds callers spent waiting for the link, queueing included, the fixed delay excluded).
-    Safe to share between event loops in different threads.
+    ``before_send(nbytes, stream)`` / ``after_receive(nbytes, stream)`` (framing's ``FrameHook``) are
+    awaited by framing for each frame once the emulator is :func:`install`-ed. Counters:
+    ``bytes_sent``/``bytes_received`` and ``frames_sent``/``frames_received`` (frames that got through
+    the link), ``wait_s_up``/``wait_s_down`` (seconds callers spent waiting for the link, queueing
+    included, the fixed delay excluded), ``delays_paid`` (sends that got through after waiting the whole
+    one-way delay). Safe to share between event loops in different threads.
     """
 
     def __init__(self, spec: LinkSpec, *, slack_s: float = 0.002):
@@ -200,33 +214,71 @@ class LinkEmulator:
         self._seconds_per_byte = None if spec.rate_bps is None else 8.0 / spec.rate_bps
         self._lock = threading.Lock()
         self._free = [0.0, 0.0]  # time.monotonic() at which the uplink [0] / downlink [1] is next idle
+        # stream -> time.monotonic() at which the delay its current run of sends paid ends; a stream
+        # is here only while its last event was a send (a receive removes it). Weak: no leak.
+        self._sending: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_sent = 0
         self.frames_received = 0
         self.wait_s_up = 0.0
         self.wait_s_down = 0.0
+        self.delays_paid = 0
 
     def __repr__(self) -> str:
         return f"LinkEmulator({str(self.spec)!r})"
 
-    async def before_send(self, nbytes: int) -> None:
-        """Wait the one-way delay, then until a frame of ``nbytes`` has left through the uplink."""
-        if self.spec.delay_s > 0:
-            await asyncio.sleep(self.spec.delay_s)
+    async def before_send(self, nbytes: int, stream: object | None = None) -> None:
+        """Wait the one-way delay if this send on ``stream`` owes it (the first send, or the first since
+        the stream received; always when ``stream`` is None), then until a frame of ``nbytes`` has left
+        through the uplink."""
+        paid = self.spec.delay_s > 0 and await self._delay(stream)
         waited = await self._through(0, nbytes)
         with self._lock:
             self.bytes_sent += nbytes
             self.frames_sent += 1
             self.wait_s_up += waited
+            self.delays_paid += int(paid)
 
-    async def after_receive(self, nbytes: int) -> None:
-        """Wait until a frame of ``nbytes`` that was just read has come in through the downlink."""
+    async def after_receive(self, nbytes: int, stream: object | None = None) -> None:
+        """Wait until a frame of ``nbytes`` that was just read has come in through the downlink; the
+        next send on ``stream`` pays the delay again (the direction turned)."""
+        if stream is not None and self.spec.delay_s > 0:
+            with self._lock:
+                try:
+                    self._sending.pop(stream, None)
+                except TypeError:  # cannot be weakly referenced, so never remembered
+                    pass
         waited = await self._through(1, nbytes)
         with self._lock:
             self.bytes_received += nbytes
             self.frames_received += 1
             self.wait_s_down += waited
+
+    async def _delay(self, stream: object | None) -> bool:
+        """Hold a send until its stream's delay has passed; True if this send paid the whole delay."""
+        with self._lock:
+            now = time.monotonic()
+            try:
+                ends = None if stream is None else self._sending.get(stream)
+            except TypeError:  # a key that cannot be weakly referenced: an unknown stream
+                stream = ends = None
+            paid = ends is None
+            if paid:
+                ends = now + self.spec.delay_s
+                if stream is not None:
+                    self._sending[stream] = ends
+        try:
+            remaining = ends - time.monotonic()  # > 0 for a later send only while an earlier one waits
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+        except BaseException:  # cancelled: this frame never left, the next send pays the delay again
+            if paid and stream is not None:
+                with self._lock:
+                    if self._sending.get(stream) == ends:
+                        del self._sending[stream]
+            raise
+        return paid
 
     async def _through(self, direction: int, nbytes: int) -> float:
         """Reserve the frame's slot on one direction of the link (FIFO) and wait for its end; the wait."""
@@ -258,6 +310,8 @@ class LinkEmulator:
                 "frames_received": self.frames_received,
                 "wait_s_up": self.wait_s_up,
                 "wait_s_down": self.wait_s_down,
+                "delays_paid": self.delays_paid,
+                "streams_sending": len(self._sending),
             }
 
 

@@ -9,12 +9,13 @@ emulator does it through the ``link`` fixture, which restores the previous one a
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
 
 from protocol.errors import FrameTimeout
-from protocol.framing import PREFIX_BYTES, encode_frame, read_frame, write_frame
+from protocol.framing import PREFIX_BYTES, encode_frame, read_frame, stream_key, write_frame
 from protocol.messages import StageRecord, StateRequest
 from protocol.streams import request, serve_stream
 from swarm.sim.link import LinkEmulator, LinkSpec, current, install
@@ -267,7 +268,8 @@ def test_a_link_too_slow_for_a_frame_hits_the_frame_timeout(link):
 
 def test_delay_makes_a_round_trip_pay_twice(link):
     """delay=50ms, no rate: a request/reply through streams.request/serve_stream over TCP takes at
-    least 2 x 50 ms (request and reply each wait once) and well under a second."""
+    least 2 x 50 ms (request and reply each wait once) and well under a second, the second request on
+    the stream too: it follows a receive, so the direction turned and the delay is owed again."""
     emulator = link("delay=50ms")
     record = StageRecord(peer_id="p", run_id="r", stage=0, num_stages=1, state="online")
 
@@ -293,7 +295,114 @@ def test_delay_makes_a_round_trip_pay_twice(link):
     assert reply == record
     assert 0.1 <= elapsed < 1.0
     assert emulator.frames_sent == 4 and emulator.frames_received == 4  # both ends are this process
+    assert emulator.delays_paid == 4  # every send is its stream's first or follows a receive
     assert emulator.wait_s_up == 0 and emulator.wait_s_down == 0  # no rate: only the delay
+
+
+def test_back_to_back_frames_on_one_stream_pay_the_delay_once(link):
+    """delay=200ms, no rate: 10 frames written back to back on one TCP stream take one delay, not 10
+    (the first frame shifts the sender's clock by it); the reply on the same stream pays it again, and
+    so does the next frame sent after that reply was read."""
+    emulator = link("delay=200ms")
+    delay, frames = 0.2, 10
+
+    async def main():
+        server, (sr, sw), (cr, cw) = await _tcp_pair()
+        try:
+            start = time.monotonic()
+            for i in range(frames):
+                await write_frame(cw, bytes([i]) * 1000, timeout=5)
+            burst = time.monotonic() - start
+            for i in range(frames):
+                assert await read_frame(sr, timeout=5, idle_timeout=5) == bytes([i]) * 1000
+            assert emulator.delays_paid == 1
+            await write_frame(sw, b"reply", timeout=5)  # the other end's first send: its own delay
+            assert await read_frame(cr, timeout=5, idle_timeout=5) == b"reply"
+            assert emulator.delays_paid == 2
+            start = time.monotonic()
+            await write_frame(cw, b"next", timeout=5)  # cw's stream received: the direction turned
+            turned = time.monotonic() - start
+            assert await read_frame(sr, timeout=5, idle_timeout=5) == b"next"
+            assert emulator.stats()["streams_sending"] == 1  # cw's stream, whose last event is a send
+        finally:
+            await _close(server, sw, cw)
+        return burst, turned
+
+    burst, turned = asyncio.run(main())
+    assert emulator.delays_paid == 3 and emulator.frames_sent == frames + 2
+    assert 0.9 * delay <= burst < 2 * delay
+    assert turned >= 0.9 * delay
+
+
+def test_frames_on_an_unknown_stream_pay_the_delay_each(link):
+    """stream=None (a hook called without one, or a writer with no transport): every frame pays the
+    delay, the old per-frame model."""
+    emulator = link("delay=20ms")
+
+    class Sink:  # a stand-in writer: write/drain, no transport
+        def write(self, data):
+            pass
+
+        async def drain(self):
+            pass
+
+    async def main():
+        start = time.monotonic()
+        for _ in range(5):
+            await write_frame(Sink(), b"x" * 100, timeout=5)
+        for _ in range(5):
+            await emulator.before_send(100)
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    assert emulator.delays_paid == 10 and emulator.frames_sent == 10
+    assert elapsed >= 10 * 0.02 * 0.9
+
+
+def test_a_stream_is_the_same_key_for_its_reader_and_writer():
+    """framing names a stream by its transport: one key for both halves of a stream, another for the
+    other end's."""
+
+    async def main():
+        server, (sr, sw), (cr, cw) = await _tcp_pair()
+        try:
+            assert stream_key(cr) is stream_key(cw) is cw.transport
+            assert stream_key(sr) is stream_key(sw) is sw.transport
+            assert stream_key(cw) is not stream_key(sw)
+            assert stream_key(asyncio.StreamReader()) is None  # fed by hand: no transport
+        finally:
+            await _close(server, sw, cw)
+
+    asyncio.run(main())
+
+
+def test_per_stream_delay_state_is_bounded_and_weak():
+    """A stream is remembered only while its last event was a send, and is forgotten once freed;
+    a concurrent send on a stream still waiting out its delay waits with it and pays nothing more;
+    a send cancelled in its delay leaves the delay owed."""
+    emulator = LinkEmulator(LinkSpec(delay_s=0.1))
+
+    class Stream:
+        pass
+
+    async def main():
+        a, b = Stream(), Stream()
+        start = time.monotonic()
+        await asyncio.gather(emulator.before_send(10, stream=a), emulator.before_send(10, stream=a))
+        assert time.monotonic() - start >= 0.09 and emulator.delays_paid == 1
+        assert emulator.stats()["streams_sending"] == 1
+        await emulator.after_receive(10, stream=a)
+        assert emulator.stats()["streams_sending"] == 0
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(emulator.before_send(10, stream=b), 0.02)
+        assert emulator.stats()["streams_sending"] == 0
+        await emulator.before_send(10, stream=b)
+        assert emulator.delays_paid == 2 and emulator.stats()["streams_sending"] == 1
+        del a, b
+        gc.collect()
+        assert emulator.stats()["streams_sending"] == 0
+
+    asyncio.run(main())
 
 
 def test_without_an_emulator_frames_pass_untouched():
