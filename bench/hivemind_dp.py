@@ -87,6 +87,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--deadline-s", type=float, default=600.0)
+    p.add_argument("--wall-s", type=float, help="stop training this many seconds after the first step (the JSON "
+                                                "is complete), or at --tokens, whichever first")
+    p.add_argument("--averaging-timeout-s", type=float, default=30.0,
+                   help="hivemind's averaging_timeout: how long one gradient all-reduce may take (default 30)")
     p.add_argument("--start-file", help="print READY once set up, then wait for this file before training "
                                         "(the driver creates it when every peer is READY)")
     args = p.parse_args(argv)
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
     hm = {  # hivemind.Optimizer's settings (the gradient compression and averager timeouts are added below)
         "batch_size_per_step": samples_per_step,
         "target_batch_size": args.target_batch_size or args.peers * samples_per_step,
-        "use_local_updates": False, "matchmaking_time": 3.0, "averaging_timeout": 30.0, "load_state_timeout": 60.0,
+        "use_local_updates": False, "matchmaking_time": 3.0, "averaging_timeout": args.averaging_timeout_s, "load_state_timeout": 60.0,
         # hivemind's defaults: gradients averaged in step (synchronous DP), parameters in the background
         "delay_optimizer_step": False, "delay_grad_averaging": False, "delay_state_averaging": True,
         "average_state_every": 1, "offload_optimizer": True, "verbose": False,
@@ -195,6 +199,8 @@ def run(args: argparse.Namespace, state: dict, started: float) -> dict:
     while state["tokens"] < args.tokens:
         if time.monotonic() > soft_deadline:
             complete = False
+            break
+        if args.wall_s is not None and first_step is not None and time.time() - first_step >= args.wall_s:
             break
         t0 = time.perf_counter()
         first_step = first_step or time.time()

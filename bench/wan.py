@@ -99,9 +99,12 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 
 
 def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | None, enough, deadline_s: float,
-              link_mode: str, ready=None, node_overrides=None, shape_late: bool = False) -> dict[str, Any]:
+              link_mode: str, ready=None, node_overrides=None, shape_late: bool = False,
+              on_poll=None) -> dict[str, Any]:
     """Start a swarm and poll it. The measured window opens when ``ready(healths)`` (default: at once)
     and closes when ``enough(healths_at_open, healths)`` or at the deadline; returns what it did.
+    ``on_poll(swarm, healths)``, if given, sees every poll first (bench/plan_check.py reads the nodes'
+    /metrics and processes through it).
 
     With ``shape_late`` and network namespaces, the swarm forms over unshaped links and ``link`` is
     applied when the window opens: joining (the stage-state download) is not what is measured. Link
@@ -109,13 +112,16 @@ def run_swarm(config: str, nodes: int, overrides: list[str], link: LinkSpec | No
     monitor = PipelineMonitor()
     started = time.monotonic()
     late = shape_late and link is not None and link_mode != "app" and netns_unavailable() is None
-    with LocalSwarm(nodes, config, overrides, link=LinkSpec(None, 0.0) if late else link, link_mode=link_mode,
+    # late: unshaped until the window opens, with the link's delay from the start (nodes add it themselves)
+    with LocalSwarm(nodes, config, overrides, link=LinkSpec(None, link.delay_s) if late else link, link_mode=link_mode,
                     startup_timeout=120.0, node_overrides=node_overrides) as swarm:
         swarm.start_all()
         opened: list | None = None
         opened_at = bytes_at_open = None
         while True:
             healths = monitor.poll(swarm)
+            if on_poll is not None:
+                on_poll(swarm, healths)
             if opened is None and (ready is None or ready(healths)):
                 if late:
                     swarm.reshape(link)
@@ -213,34 +219,41 @@ def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, varia
             rows[name] = row
             log(f"  {row['error']}")
             continue
-        wall = res["end"] - res["opened_at"]
-        before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
-        per, waits = [], []
-        for peer, h in after.items():
-            if peer in before and h.get("train"):
-                per.append(round((h["train"]["compute_s"] - before[peer]["train"]["compute_s"]) / wall, 4))
-                waits.append(round(h["outer"]["wait_s"] - before[peer]["outer"]["wait_s"], 2))
-        steps = _steps(res["healths"]) - _steps(res["opened"])
-        row.update({
-            "window_s": round(wall, 1), "utilization": round(sum(per) / len(per), 4) if per else None,
-            "utilization_per_replica": per, "wait_s_per_replica": waits, "tokens": steps * tokens_per_step,
-            "tokens_per_s": round(steps * tokens_per_step / wall, 1),
-            "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
-            "loss_end": res.get("loss_end"), "link_bytes_window": res["link_bytes_window"],
-            "link_bytes_per_token": round(res["link_bytes_window"] / (steps * tokens_per_step), 1)
-            if res["link_bytes_window"] and steps else None,
-            "exchange_bytes_sent": res.get("bytes_sent_total"),
-        })
-        log(f"  utilisation {row['utilization']} {per}, waits {waits} s, {row['tokens_per_s']} tok/s, committed "
+        row.update(diloco_window(res, tokens_per_step))
+        log(f"  utilisation {row['utilization']} {row['utilization_per_replica']}, waits {row['wait_s_per_replica']} s, {row['tokens_per_s']} tok/s, committed "
             f"{row['rounds_committed']}, skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
         rows[name] = row
     return rows
 
 
-def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4) -> dict[str, Any]:
+def diloco_window(res: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    """Utilisation, waits, tokens/s and rounds of a DiLoCo swarm over ``run_swarm``'s measured window."""
+    wall = res["end"] - res["opened_at"]
+    before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
+    per, waits = [], []
+    for peer, h in after.items():
+        if peer in before and h.get("train"):
+            per.append(round((h["train"]["compute_s"] - before[peer]["train"]["compute_s"]) / wall, 4))
+            waits.append(round(h["outer"]["wait_s"] - before[peer]["outer"]["wait_s"], 2))
+    steps = _steps(res["healths"]) - _steps(res["opened"])
+    return {
+        "window_s": round(wall, 1), "utilization": round(sum(per) / len(per), 4) if per else None,
+        "utilization_per_replica": per, "wait_s_per_replica": waits, "tokens": steps * tokens_per_step,
+        "tokens_per_s": round(steps * tokens_per_step / wall, 1),
+        "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
+        "loss_end": res.get("loss_end"), "link_bytes_window": res["link_bytes_window"],
+        "link_bytes_per_token": round(res["link_bytes_window"] / (steps * tokens_per_step), 1)
+        if res["link_bytes_window"] and steps else None,
+        "exchange_bytes_sent": res.get("bytes_sent_total"),
+    }
+
+
+def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4,
+                 extra: tuple[str, ...] = (), shape_late: bool = False) -> dict[str, Any]:
     """hivemind.Optimizer peers in their own namespaces (shaped from the start: hivemind's joiners load
-    the state as they would over such links); they start training together, and link bytes are
-    counted from that start. Without namespaces the row runs unshaped on loopback and says so."""
+    the state as they would over such links; with ``shape_late``, shaped only when they start
+    training); they start training together, and link bytes are counted from that start. Without
+    namespaces the row runs unshaped on loopback and says so. ``extra``: more hivemind_dp.py flags."""
     lab = NetnsLab() if link is not None and netns_unavailable() is None else None
     label = str(link) if lab is not None else f"loopback ({netns_unavailable() or 'no link asked'})"
     log(f"hivemind.Optimizer DP @ {label}: {peers} peers, {tokens_per_peer} tokens each")
@@ -254,11 +267,11 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
             for i in range(peers):
                 prefix, host = [], "127.0.0.1"
                 if lab is not None:
-                    host, prefix = lab.add(i, link).address, lab.exec_prefix(i)
+                    host, prefix = lab.add(i, LinkSpec(None, 0.0) if shape_late else link).address, lab.exec_prefix(i)
                 cmd = [*prefix, sys.executable, str(ROOT / "bench/hivemind_dp.py"), "--config", DILOCO_CONFIG,
                        "--peer-index", str(i), "--peers", str(peers), "--host", host, "--tokens", str(tokens_per_peer),
                        "--run-id", f"wan-hm-{os.getpid()}", "--deadline-s", str(int(deadline_s)),
-                       "--start-file", str(workdir / "GO")]
+                       "--start-file", str(workdir / "GO"), *extra]
                 if join:
                     cmd += ["--initial-peers", *join]
                 out = open(workdir / f"peer{i}.out", "w+")
@@ -270,6 +283,9 @@ def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float,
                     join = [_wait_line(workdir / "peer0.out", procs[0], "JOIN ").split()[1]]
             for i, proc in enumerate(procs):  # every peer joined and loaded the state: start together
                 _wait_line(workdir / f"peer{i}.out", proc, "READY")
+            if lab is not None and shape_late:
+                for i in range(peers):
+                    lab.shape(i, link)
             bytes_at_go = [lab.link_bytes(i) for i in range(peers)] if lab is not None else None
             (workdir / "GO").touch()
             for proc, out in zip(procs, outs, strict=True):
@@ -384,8 +400,27 @@ def main() -> None:
     parser.add_argument("--only", choices=("pipeline", "diloco", "hivemind"), action="append",
                         help="run only these families (default: all)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--regime", metavar="PRESET:GPU:LINK",
+                        help="time-scaled emulation of a target (e.g. 8b:rtx4090:80mbit; bench/regime.py): the lab's "
+                             "links get the target's ratio of link time to compute time")
+    parser.add_argument("--target-stages", type=int, help="--regime: the target's pipeline stages (default: one "
+                                                          "layer each)")
+    parser.add_argument("--target-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="--regime: override a field of the target's config (e.g. diloco.inner_steps=4000)")
+    parser.add_argument("--replicas", type=int, default=4, help="--regime: DiLoCo replicas (default 4)")
+    parser.add_argument("--window-s", type=float, help="--regime: seconds measured per run (default 90, 180 "
+                                                       "without --quick; twice that for DiLoCo)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.regime:
+        from regime import regime_main  # bench/regime.py
+
+        summary = regime_main(args, log)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary))
+        return
     scale = 1 if args.quick else 2
     families = args.only or ["pipeline", "diloco", "hivemind"]
     fast, slow = LinkSpec.parse("80mbit"), LinkSpec.parse("20mbit")

@@ -15,7 +15,11 @@ per node (the same rate each way):
 - **the pipeline**: a stage overlaps compute and transfers, so it passes ``n / max(compute, link)``
   tokens a second (n tokens a microbatch); a microbatch's round trip (every stage's compute, every
   hop's transfers both ways, 2 × (one-way delay + ``hop_overhead_s``) a hop) with
-  ``dataplane.max_inflight`` in flight caps it at ``inflight · n / round trip``.
+  ``dataplane.max_inflight`` in flight caps it at ``inflight · n / round trip``. A trip longer than
+  ``dataplane.microbatch_timeout_s`` means stage 0 would drop every microbatch (``trip_exceeds_timeout``).
+  Transfers are priced on an idle link: with several microbatches in flight they queue behind each
+  other, so the plan is optimistic where the link's period and trip / inflight are close
+  (BENCHMARKS.md, ``node plan`` against the tiny swarm: 0.72 of the plan for dense at 5 Mbit/s).
   ``gpu_utilisation`` is the pipeline's tokens/s over ``compute_tokens_per_s``. ``compression_needed``
   is how many times smaller than dense bf16 the boundary must be for the link to keep up with compute.
 - **Streaming DiLoCo** (``diloco.enabled``): a fragment of the largest stage in ``wire.fragment_codec``,
@@ -169,7 +173,8 @@ def _pipeline(cfg: RunConfig, compute_s: list[float], frames: tuple[int, int], r
             "link_bytes_per_token": (fwd + bwd) / n if S > 1 else 0.0, "round_trip_s": trip,
             "bound": "link" if max(link_s) >= max(compute_s) and max(link_s) * inflight >= trip
             else "latency" if trip / inflight > period else "compute",
-            "inflight_needed": math.ceil(trip / max(compute_s)) if S > 1 else 1}
+            "inflight_needed": math.ceil(trip / period) if S > 1 else 1,
+            "trip_exceeds_timeout": trip > cfg.dataplane.microbatch_timeout_s}
 
 
 def speed_plan(cfg: RunConfig, *, tflops: float, mfu: float, link_rate_bps: float | None, delay_s: float = 0.0,
@@ -289,6 +294,10 @@ def format_speed(plan: dict[str, Any]) -> str:
         for name, v in plan["variants"].items():
             lines.append(f"  {name:<14} {_fmt(v['link_tokens_per_s']):>11} {_fmt(v['tokens_per_s']):>15} "
                          f"{v['gpu_utilisation']:>9.3f} {v['link_bytes_per_token']:>9.1f}  {v['bound']}")
+        late = [name for name, v in plan["variants"].items() if v["trip_exceeds_timeout"]]
+        if late:
+            lines.append(f"  a microbatch's round trip exceeds dataplane.microbatch_timeout_s for {', '.join(late)}: "
+                         "stage 0 would drop every microbatch (raise the timeout)")
         lines.append(f"  compression over dense bf16 needed to keep the GPU busy: {plan['compression_needed']:g}x "
                      f"(have: " + ", ".join(f"{k} {v:g}x" for k, v in plan["compression"].items()) + ")")
     if "diloco" in plan:
