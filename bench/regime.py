@@ -27,14 +27,16 @@ link time to compute time, so the lab's links are shaped to give the tiny swarm 
 
   and the tiny run takes the target's schedule in each replica's steps (H summed over the same number
   of replicas, P, τ) and the target's exchange deadlines scaled by T_tiny / T_target. When the scaled
-  rate falls below ``MIN_RATE_BPS`` (the DHT's and the polls' own traffic would dominate), the tiny
-  batch grows until it does not, which makes T_tiny longer; the JSON says so.
+  rate falls below ``MIN_RATE_BPS`` (the DHT's and the polls' own traffic would dominate), or one
+  round would outlast the measured window, the regime is not emulable here and the JSON says so
+  (a bigger tiny batch would not help: longer tiny steps call for a slower link still).
+- **hivemind**: hivemind.Optimizer's synchronous DP over the DiLoCo scaling's link and batch for the
+  same wall-clock window (its fp16 gradients scale with the model as the fragments do).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from node.config import RunConfig, load_config
@@ -152,9 +154,6 @@ def diloco_scale(regime: Regime, target: RunConfig, replicas: int, tiny_step_s: 
     t_target = plan_t["inner_step_s"]
     batch, step = tiny_batch, tiny_step_s * contention
     rate = regime.link.rate_bps * (f_tiny / f_target) * (t_target / step)
-    grow = max(1, math.ceil(MIN_RATE_BPS / rate)) if rate < MIN_RATE_BPS else 1
-    if grow > 1:  # a bigger batch: longer steps, a faster (emulable) link; steps are about linear in it
-        batch, step, rate = tiny_batch * grow, step * grow, rate * grow
     dilation = step / t_target
     x = target.exchange
     overrides = [f"diloco.inner_steps={d.inner_steps}", f"diloco.fragments={d.fragments}",
@@ -163,7 +162,7 @@ def diloco_scale(regime: Regime, target: RunConfig, replicas: int, tiny_step_s: 
     return {
         "tiny_link": str(LinkSpec(rate, regime.link.delay_s * dilation)), "rate_bps": rate,
         "delay_s": regime.link.delay_s * dilation, "overrides": overrides, "tiny_batch": batch,
-        "batch_grown": grow, "fragment_bytes": {"tiny": f_tiny, "target": f_target, "ratio": f_tiny / f_target},
+        "fragment_bytes": {"tiny": f_tiny, "target": f_target, "ratio": f_tiny / f_target},
         "inner_step_s": {"tiny": step, "target": t_target}, "time_factor": dilation,
         "rate_factor": rate / regime.link.rate_bps, "replicas": replicas,
         "schedule": {"inner_steps_summed": d.inner_steps, "fragments": d.fragments, "overlap": d.overlap},
@@ -350,11 +349,19 @@ def regime_main(args, log) -> dict[str, Any]:
         tiny_batch = load_config(TINY_DILOCO).train.batch_size
         contention = max(1.0, replicas / cores)
         scale = diloco_scale(regime, whole, replicas, calibrate_step(TINY_DILOCO, []), tiny_batch, contention)
-        if scale["batch_grown"] > 1:  # measure the grown batch's step rather than assume it linear
-            grown = scale["tiny_batch"]
-            scale = diloco_scale(regime, whole, replicas, calibrate_step(TINY_DILOCO, [f"train.batch_size={grown}"]),
-                                 grown, contention)
-            scale["batch_grown"] = grown / tiny_batch
+    if scale is not None:  # can a round happen inside the window at all, in the tiny swarm's time?
+        tiny_round_s = scale["plan_target"]["round_s"] * scale["time_factor"]
+        if tiny_round_s > window * 2 or scale["rate_bps"] < MIN_RATE_BPS:
+            summary["diloco"] = {
+                "error": f"not emulable here: one fragment round of the target ({scale['plan_target']['round_s']:.0f} s, "
+                         f"{scale['plan_target']['round_in_inner_steps']:.0f} inner steps) takes {tiny_round_s:.0f} s "
+                         f"in the tiny swarm's time (tiny step {scale['inner_step_s']['tiny']:.2f} s) against a "
+                         f"{window * 2:.0f} s window, over a tiny link of {scale['rate_bps'] / 1e3:.0f} kbit/s (the "
+                         f"DHT's and the polls' own traffic is ~200 kbit/s; at least {MIN_RATE_BPS / 1e6:g} Mbit/s is "
+                         "needed): node plan's figures stand alone",
+                "scale": scale, "plan_utilisation": scale["plan_target"]["utilisation"]}
+            families = [f for f in families if f not in ("diloco", "hivemind")]
+            log(summary["diloco"]["error"])
     if "diloco" in families:
         schedules = ["no_overlap", "overlap", "nonblocking"]
         rows = run_diloco(scale, window * 2, window * 2 + 240.0, args.link_mode, schedules, log)
