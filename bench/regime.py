@@ -124,6 +124,8 @@ def pipeline_scales(regime: Regime, target: RunConfig, tiny_stage_s: dict[str, l
             "bytes_per_token": {"tiny": b_tiny, "target": b_target, "ratio": b_tiny / b_target},
             "compute_s_per_token": {"tiny": c_tiny, "target": c_target, "ratio": c_target / c_tiny},
             "rate_factor": rate / regime.link.rate_bps, "time_factor": c_tiny / c_target,
+            # under MIN_RATE_BPS the DHT's and the polls' own traffic (~0.2 Mbit/s a node) distorts the row
+            "below_min_rate": rate < MIN_RATE_BPS,
             "plan_target": {k: plan_t["variants"][name][k] for k in ("tokens_per_s", "link_tokens_per_s",
                                                                      "gpu_utilisation", "bound", "round_trip_s",
                                                                      "trip_exceeds_timeout")},
