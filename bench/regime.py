@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from wan import PIPE_VARIANTS  # bench/wan.py (this folder is on sys.path): the same boundaries
+
 from node.config import RunConfig, load_config
 from node.memory import GIB, smallest_stages
 from node.model import stage_layers
@@ -49,11 +51,6 @@ MFU = 0.4  # the target's model FLOPs utilisation: an assumption, as in node pla
 MIN_RATE_BPS = 1e6
 TINY_PIPE = "swarm/pipeline-local"
 TINY_DILOCO = "swarm/diloco-local"
-PIPE_VARIANTS = {
-    "subspace_bf16": [],
-    "subspace_int8": ['wire.activation_codec="int8"', 'wire.gradient_codec="int8"'],
-    "dense_bf16": ['model.subspace_rank="none"'],
-}
 
 
 @dataclasses.dataclass(frozen=True)
