@@ -26,10 +26,15 @@ link time to compute time, so the lab's links are shaped to give the tiny swarm 
       tiny rate = target rate × (F_tiny / F_target) × (T_target / T_tiny)
 
   and the tiny run takes the target's schedule in each replica's steps (H summed over the same number
-  of replicas, P, τ) and the target's exchange deadlines scaled by T_tiny / T_target. When the scaled
-  rate falls below ``MIN_RATE_BPS`` (the DHT's and the polls' own traffic would dominate), or one
-  round would outlast the measured window, the regime is not emulable here and the JSON says so
-  (a bigger tiny batch would not help: longer tiny steps call for a slower link still).
+  of replicas, P, τ), the target's exchange deadlines and record refresh scaled by T_tiny / T_target.
+  The tiny replicas train at ``--tiny-batch`` (default 1): the shorter the tiny step, the faster the
+  scaled link and the shorter a round in the tiny swarm's time. A round ends when it commits or at
+  the (scaled) ``exchange.timeout_s``, when it is given up; the window (twice ``--window-s``) is
+  stretched to hold ``MIN_ROUND_ENDS`` of them, and when that would pass ``MAX_DILOCO_WINDOW_S``, the
+  regime is not emulable here and the JSON says so. A scaled rate under
+  ``MIN_RATE_BPS`` is run but flagged ``below_min_rate``: the DHT's and the polls' own traffic then
+  takes a real share of the link, which each row measures (``background_share``, beside
+  ``step_s_measured`` against the ``step_s_assumed`` the scaling used).
 - **hivemind**: hivemind.Optimizer's synchronous DP over the DiLoCo scaling's link and batch for the
   same wall-clock window (its fp16 gradients scale with the model as the fragments do).
 """
@@ -49,6 +54,8 @@ from swarm.sim.link import LinkSpec
 
 MFU = 0.4  # the target's model FLOPs utilisation: an assumption, as in node plan
 MIN_RATE_BPS = 1e6
+MAX_DILOCO_WINDOW_S = 600.0  # the longest DiLoCo window a schedule is given
+MIN_ROUND_ENDS = 3  # a DiLoCo run must see this many fragment rounds end (committed or given up) in its window
 TINY_PIPE = "swarm/pipeline-local"
 TINY_DILOCO = "swarm/diloco-local"
 
@@ -154,11 +161,16 @@ def diloco_scale(regime: Regime, target: RunConfig, replicas: int, tiny_step_s: 
     batch, step = tiny_batch, tiny_step_s * contention
     rate = regime.link.rate_bps * (f_tiny / f_target) * (t_target / step)
     dilation = step / t_target
-    x = target.exchange
+    x, sw = target.exchange, target.swarm
+    # The records' refresh too (the DHT's traffic, how soon the summed schedule is seen), floored at the
+    # tiny demo's own 2 s; expiry keeps its ratio to it.
+    refresh = max(2.0, sw.refresh_s * dilation)
     overrides = [f"diloco.inner_steps={d.inner_steps}", f"diloco.fragments={d.fragments}",
-                 f"train.batch_size={batch}",
+                 f"train.batch_size={batch}", f"swarm.refresh_s={refresh:.3f}",
+                 f"swarm.expiry_s={refresh * sw.record_expiry_s / sw.refresh_s:.3f}",
                  f"exchange.timeout_s={x.timeout_s * dilation:.3f}", f"exchange.gather_s={x.gather_s * dilation:.3f}"]
     return {
+        "round_end_tiny_s": min(plan_t["round_s"], x.timeout_s) * dilation,
         "tiny_link": str(LinkSpec(rate, regime.link.delay_s * dilation)), "rate_bps": rate,
         "delay_s": regime.link.delay_s * dilation, "overrides": overrides, "tiny_batch": batch,
         "fragment_bytes": {"tiny": f_tiny, "target": f_target, "ratio": f_tiny / f_target},
@@ -270,10 +282,38 @@ def run_diloco(scale: dict[str, Any], window_s: float, deadline_s: float, link_m
             row["error"] = f"the {scale['replicas']} replicas never all trained before the deadline"
         else:
             row.update(diloco_window(res, scale["tiny_batch"] * load_config(TINY_DILOCO).train.seq_len))
+            row.update(_fidelity(res, scale, row))
         log(f"  utilisation {row.get('utilization')}, committed {row.get('rounds_committed')}, "
             f"skipped {row.get('rounds_skipped')}")
         rows[name] = row
     return rows
+
+
+def _fidelity(res: dict[str, Any], scale: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """How faithful the window was to the scaling: the replicas' real seconds a step (the scaling assumed
+    ``inner_step_s.tiny``), and what share of the bytes on the links was not fragment traffic (the DHT,
+    the polls, TCP; counted on the namespaces' links only)."""
+    from wan import _by_peer
+
+    before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
+    steps = sum(h.get("progress", 0) - before[p].get("progress", 0) for p, h in after.items() if p in before)
+    compute = sum(h["train"]["compute_s"] - before[p]["train"]["compute_s"]
+                  for p, h in after.items() if p in before and h.get("train") and before[p].get("train"))
+    wall = row["window_s"]
+    sent = sum((h.get("outer") or {}).get("bytes_sent", 0) - (before[p].get("outer") or {}).get("bytes_sent", 0)
+               for p, h in after.items() if p in before)
+    link = row.get("link_bytes_window")
+    rounds = {k: sum((h.get("outer") or {}).get(f"rounds_{k}", 0) - (before[p].get("outer") or {}).get(f"rounds_{k}", 0)
+                     for p, h in after.items() if p in before)
+              for k in ("started", "committed", "skipped", "missed")}
+    return {
+        "rounds_in_window": rounds,  # summed over the replicas (each takes part in every round it starts)
+        "step_s_measured": round(compute / steps, 4) if steps else None,  # compute only, waits left out
+        "step_s_assumed": round(scale["inner_step_s"]["tiny"], 4),
+        "fragment_bytes_sent_window": sent,
+        "background_share": round(1 - sent / link, 3) if link else None,
+        "link_capacity_used": round(link / (scale["rate_bps"] / 8 * wall * len(after)), 3) if link else None,
+    }
 
 
 def run_hivemind(scale: dict[str, Any], wall_s: float, link_mode: str, log) -> dict[str, Any]:
@@ -281,7 +321,8 @@ def run_hivemind(scale: dict[str, Any], wall_s: float, link_mode: str, log) -> d
     (a gradient all-reduce moves the model's size in fp16 as a fragment round moves it in 4 bits, so the
     one scaling serves both), for ``wall_s`` of training from a common start. hivemind's averaging
     timeout is raised to three times the all-reduce's expected time on that link, so that averaging can
-    finish at all (its default, 30 s, is for fast links)."""
+    finish at all (its default, 30 s, is for fast links), but not past ``wall_s``: an all-reduce that
+    cannot end inside the window gives up there (hivemind then steps on local gradients)."""
     from wan import hivemind_row
 
     if link_mode == "app":
@@ -292,7 +333,7 @@ def run_hivemind(scale: dict[str, Any], wall_s: float, link_mode: str, log) -> d
     grads = 2 * parameter_count(tiny.model, tiny.pipeline)  # fp16 gradients
     peers = scale["replicas"]
     allreduce_s = 2 * (peers - 1) / peers * grads * 8 / scale["rate_bps"]
-    timeout = max(30.0, 3 * allreduce_s)
+    timeout = max(30.0, min(3 * allreduce_s, wall_s))  # never past the window: it is the comparison's clock
     extra = ("--wall-s", f"{wall_s:.0f}", "--set", f"train.batch_size={scale['tiny_batch']}",
              "--averaging-timeout-s", f"{timeout:.0f}")
     row = hivemind_row(LinkSpec(scale["rate_bps"], 0.0), 10**9, wall_s + max(300.0, 2 * timeout), peers, extra,
@@ -345,25 +386,32 @@ def regime_main(args, log) -> dict[str, Any]:
     scale = None
     if "diloco" in families or "hivemind" in families:
         replicas = args.replicas
-        tiny_batch = load_config(TINY_DILOCO).train.batch_size
+        tiny_batch = args.tiny_batch or load_config(TINY_DILOCO).train.batch_size
         contention = max(1.0, replicas / cores)
-        scale = diloco_scale(regime, whole, replicas, calibrate_step(TINY_DILOCO, []), tiny_batch, contention)
-    if scale is not None:  # can a round happen inside the window at all, in the tiny swarm's time?
-        tiny_round_s = scale["plan_target"]["round_s"] * scale["time_factor"]
-        if tiny_round_s > window * 2 or scale["rate_bps"] < MIN_RATE_BPS:
+        step = calibrate_step(TINY_DILOCO, [f"train.batch_size={tiny_batch}"])
+        scale = diloco_scale(regime, whole, replicas, step, tiny_batch, contention)
+    if scale is not None:  # does a round end (committed, or given up at the deadline) inside the window?
+        ends_s = scale["round_end_tiny_s"]
+        scale["below_min_rate"] = scale["rate_bps"] < MIN_RATE_BPS
+        # twice the pipeline's window, longer where that holds too few round ends, up to a cap
+        dl_window = max(window * 2, min(MIN_ROUND_ENDS * ends_s, MAX_DILOCO_WINDOW_S))
+        summary["diloco_window_s"] = round(dl_window, 1)
+        if ends_s * MIN_ROUND_ENDS > dl_window:
             summary["diloco"] = {
-                "error": f"not emulable here: one fragment round of the target ({scale['plan_target']['round_s']:.0f} s, "
-                         f"{scale['plan_target']['round_in_inner_steps']:.0f} inner steps) takes {tiny_round_s:.0f} s "
-                         f"in the tiny swarm's time (tiny step {scale['inner_step_s']['tiny']:.2f} s) against a "
-                         f"{window * 2:.0f} s window, over a tiny link of {scale['rate_bps'] / 1e3:.0f} kbit/s (the "
-                         f"DHT's and the polls' own traffic is ~200 kbit/s; at least {MIN_RATE_BPS / 1e6:g} Mbit/s is "
-                         "needed): node plan's figures stand alone",
+                "error": f"not emulable here: a fragment round of the target ({scale['plan_target']['round_s']:.0f} s, "
+                         f"{scale['plan_target']['round_in_inner_steps']:.0f} inner steps; given up at "
+                         f"exchange.timeout_s = {scale['plan_target']['exchange_timeout_s']:g} s) ends after "
+                         f"{ends_s:.0f} s of the tiny swarm's time (tiny step {scale['inner_step_s']['tiny']:.3f} s): "
+                         f"{MIN_ROUND_ENDS} of them do not fit a {dl_window:.0f} s window",
                 "scale": scale, "plan_utilisation": scale["plan_target"]["utilisation"]}
             families = [f for f in families if f not in ("diloco", "hivemind")]
             log(summary["diloco"]["error"])
+        elif scale["below_min_rate"]:
+            log(f"the scaled link ({scale['rate_bps'] / 1e3:.0f} kbit/s) is under {MIN_RATE_BPS / 1e6:g} Mbit/s: the "
+                "DHT's and the polls' own traffic takes a share of it (measured: background_share)")
     if "diloco" in families:
         schedules = ["no_overlap", "overlap", "nonblocking"]
-        rows = run_diloco(scale, window * 2, window * 2 + 240.0, args.link_mode, schedules, log)
+        rows = run_diloco(scale, dl_window, dl_window + 240.0, args.link_mode, schedules, log)
         summary["diloco"] = {
             "target": {"whole_model_fits": whole_fits, "replicas": replicas}, "scale": scale, "rows": rows,
             "utilisation": {k: r.get("utilization") for k, r in rows.items()},
@@ -371,10 +419,10 @@ def regime_main(args, log) -> dict[str, Any]:
             "plan_utilisation": scale["plan_target"]["utilisation"],
         }
     if "hivemind" in families:
-        summary["hivemind"] = run_hivemind(scale, window * 2, args.link_mode, log)
+        summary["hivemind"] = run_hivemind(scale, dl_window, args.link_mode, log)
         nonblocking = summary.get("diloco", {}).get("rows", {}).get("nonblocking", {})
         summary["hivemind_vs_diloco"] = {
-            "wall_s": window * 2, "hivemind": {k: summary["hivemind"].get(k) for k in ("tokens", "loss_end", "val_loss",
+            "wall_s": dl_window, "hivemind": {k: summary["hivemind"].get(k) for k in ("tokens", "loss_end", "val_loss",
                                                                                      "utilization", "tokens_per_s")},
             "diloco_default": {k: nonblocking.get(k) for k in ("tokens", "loss_end", "utilization", "tokens_per_s")},
         }

@@ -408,6 +408,9 @@ def main() -> None:
     parser.add_argument("--target-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="--regime: override a field of the target's config (e.g. diloco.inner_steps=4000)")
     parser.add_argument("--replicas", type=int, default=4, help="--regime: DiLoCo replicas (default 4)")
+    parser.add_argument("--tiny-batch", type=int, default=1,
+                        help="--regime: the tiny DiLoCo replicas' batch (default 1: the shortest tiny step, so the "
+                             "fastest scaled link and the shortest rounds in the tiny swarm's time)")
     parser.add_argument("--window-s", type=float, help="--regime: seconds measured per run (default 90, 180 "
                                                        "without --quick; twice that for DiLoCo)")
     args = parser.parse_args()
