@@ -29,7 +29,8 @@ per node (the same rate each way):
   overlap (τ = 0, blocking), with the paper's overlap (τ blocking), and for the default schedule
   (never blocks; ``link_busy`` > 1 means rounds cannot keep up and some are skipped). A blocking wait
   ends at ``exchange.timeout_s``, when the round is given up: ``rounds_time_out`` says every round
-  would be.
+  would be. (It does not hold once a round outlasts ``exchange.gather_s``, where the swarm's leader
+  stops gathering and replicas wait far less: docs/plan.md.)
 
 FLOPs a token, per stage (multiply-adds × 2): every weight matmul of node/model.py (the U·Z writers as
 two thin matmuls, dense writers on the last stage), causal attention (n/2 keys on average, scores
