@@ -282,37 +282,21 @@ def run_diloco(scale: dict[str, Any], window_s: float, deadline_s: float, link_m
             row["error"] = f"the {scale['replicas']} replicas never all trained before the deadline"
         else:
             row.update(diloco_window(res, scale["tiny_batch"] * load_config(TINY_DILOCO).train.seq_len))
-            row.update(_fidelity(res, scale, row))
+            row.update(_fidelity(scale, row))
         log(f"  utilisation {row.get('utilization')}, committed {row.get('rounds_committed')}, "
             f"skipped {row.get('rounds_skipped')}")
         rows[name] = row
     return rows
 
 
-def _fidelity(res: dict[str, Any], scale: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """How faithful the window was to the scaling: the replicas' real seconds a step (the scaling assumed
-    ``inner_step_s.tiny``), and what share of the bytes on the links was not fragment traffic (the DHT,
-    the polls, TCP; counted on the namespaces' links only)."""
-    from wan import _by_peer
-
-    before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
-    steps = sum(h.get("progress", 0) - before[p].get("progress", 0) for p, h in after.items() if p in before)
-    compute = sum(h["train"]["compute_s"] - before[p]["train"]["compute_s"]
-                  for p, h in after.items() if p in before and h.get("train") and before[p].get("train"))
-    wall = row["window_s"]
-    sent = sum((h.get("outer") or {}).get("bytes_sent", 0) - (before[p].get("outer") or {}).get("bytes_sent", 0)
-               for p, h in after.items() if p in before)
-    link = row.get("link_bytes_window")
-    rounds = {k: sum((h.get("outer") or {}).get(f"rounds_{k}", 0) - (before[p].get("outer") or {}).get(f"rounds_{k}", 0)
-                     for p, h in after.items() if p in before)
-              for k in ("started", "committed", "skipped", "missed")}
+def _fidelity(scale: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """How faithful the window was to the scaling: the step time it assumed (against the row's
+    ``step_s_measured``) and the share of the scaled links' capacity the window used."""
+    link, replicas = row.get("link_bytes_window"), len(row["utilization_per_replica"])
     return {
-        "rounds_in_window": rounds,  # summed over the replicas (each takes part in every round it starts)
-        "step_s_measured": round(compute / steps, 4) if steps else None,  # compute only, waits left out
         "step_s_assumed": round(scale["inner_step_s"]["tiny"], 4),
-        "fragment_bytes_sent_window": sent,
-        "background_share": round(1 - sent / link, 3) if link else None,
-        "link_capacity_used": round(link / (scale["rate_bps"] / 8 * wall * len(after)), 3) if link else None,
+        "link_capacity_used": round(link / (scale["rate_bps"] / 8 * row["window_s"] * replicas), 3)
+        if link and replicas else None,
     }
 
 

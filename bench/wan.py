@@ -230,21 +230,28 @@ def diloco_window(res: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     """Utilisation, waits, tokens/s and rounds of a DiLoCo swarm over ``run_swarm``'s measured window."""
     wall = res["end"] - res["opened_at"]
     before, after = _by_peer(res["opened"]), _by_peer(res["healths"])
-    per, waits = [], []
-    for peer, h in after.items():
-        if peer in before and h.get("train"):
-            per.append(round((h["train"]["compute_s"] - before[peer]["train"]["compute_s"]) / wall, 4))
-            waits.append(round(h["outer"]["wait_s"] - before[peer]["outer"]["wait_s"], 2))
+    peers = [p for p, h in after.items() if p in before and h.get("train") and before[p].get("train")]
+
+    def delta(section: str, key: str) -> list[float]:  # each replica's counter over the window
+        return [(after[p].get(section) or {}).get(key, 0) - (before[p].get(section) or {}).get(key, 0) for p in peers]
+
+    per = [round(c / wall, 4) for c in delta("train", "compute_s")]
+    waits = [round(w, 2) for w in delta("outer", "wait_s")]
     steps = _steps(res["healths"]) - _steps(res["opened"])
+    sent, link = sum(delta("outer", "bytes_sent")), res["link_bytes_window"]
     return {
         "window_s": round(wall, 1), "utilization": round(sum(per) / len(per), 4) if per else None,
         "utilization_per_replica": per, "wait_s_per_replica": waits, "tokens": steps * tokens_per_step,
         "tokens_per_s": round(steps * tokens_per_step / wall, 1),
         "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
-        "loss_end": res.get("loss_end"), "link_bytes_window": res["link_bytes_window"],
-        "link_bytes_per_token": round(res["link_bytes_window"] / (steps * tokens_per_step), 1)
-        if res["link_bytes_window"] and steps else None,
-        "exchange_bytes_sent": res.get("bytes_sent_total"),
+        # summed over the replicas (each takes part in every round it starts)
+        "rounds_in_window": {k: sum(delta("outer", f"rounds_{k}")) for k in ("started", "committed", "skipped", "missed")},
+        "step_s_measured": round(sum(delta("train", "compute_s")) / steps, 4) if steps else None,  # waits left out
+        "loss_end": res.get("loss_end"), "link_bytes_window": link,
+        "link_bytes_per_token": round(link / (steps * tokens_per_step), 1) if link and steps else None,
+        "exchange_bytes_sent": res.get("bytes_sent_total"), "fragment_bytes_sent_window": sent,
+        # what on the links was not fragment traffic (the DHT, the polls, TCP; namespaces' links only)
+        "background_share": round(1 - sent / link, 3) if link else None,
     }
 
 
