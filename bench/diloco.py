@@ -1,15 +1,19 @@
-"""Data parallel vs DiLoCo vs Streaming DiLoCo (fp32 and 4-bit parts), same tokens (DESIGN §1.2).
+"""Data parallel vs DiLoCo vs Streaming DiLoCo variants, same tokens (DESIGN §1.2).
 
 M whole-model replicas of the tiny preset (S = 1) train in one process on disjoint shards of the
 embedded corpus. Every variant sees the same batches and the same inner schedule (AdamW, warm-up +
 cosine); they differ only in how the replicas agree:
 
-- ``data_parallel``    every step, the M gradients are averaged (one model, M× the batch)
-- ``diloco``           H inner steps, then one outer step on the whole model (P = 1, τ = 0, α = 0,
-                       outer lr 0.7, Nesterov 0.9)
-- ``streaming_fp32``   P fragments, fragment p synced every H steps at offset p·H/P, overlap τ = 1,
-                       mixing α = 0.5, outer lr 0.4 (swarm/diloco.py)
-- ``streaming_e3m0``   the same with every replica's part sent as 4-bit E3M0 (4.125 bits a value)
+- ``data_parallel``      every step, the M gradients are averaged (one model, M× the batch)
+- ``diloco``             H inner steps, then one outer step on the whole model (P = 1, τ = 0, α = 0,
+                         outer lr 0.7, Nesterov 0.9)
+- ``streaming_fp32``     P fragments, fragment p synced every H steps at offset p·H/P, overlap τ = 1,
+                         mixing α = 0.5, outer lr 0.4 (swarm/diloco.py)
+- ``streaming_e3m0``     the same with every replica's part sent as 4-bit E3M0 (4.125 bits a value)
+- ``streaming_e3m0_requant``  ... and the mean rounded to E3M0 again, as the swarm's leader sends it
+- ``streaming_e3m0_ef``  4-bit parts with error feedback (each replica adds what its last part lost)
+- ``streaming_int2``     2-bit parts (``int2``: 2.125 bits a value), ``streaming_int2_ef`` with error feedback
+- ``streaming_e3m0_lr4e-4``  4-bit parts at the paper's inner learning rate, 4e-4
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
 copy of its outer-gradient part per sync for the others. ``peak_bytes_per_step`` is the most sent in
@@ -17,8 +21,11 @@ any one step. Validation loss is measured on the global (agreed) parameters.
 
     python bench/diloco.py --quick   # 4 replicas, 240 steps each, H=30, P=3
     python bench/diloco.py           # 4 replicas, 1200 steps each, H=100, P=4
+    python bench/diloco.py --seeds 3 --only data_parallel,streaming_e3m0_ef
 
-Prints one JSON object as its last line and writes a PNG of the loss curves.
+Resumable (bench/resume.py): each variant at each seed is saved under ``--state`` when it finishes,
+and a rerun of the same command continues from there (``--fresh`` starts over). Prints one JSON
+object as its last line and writes a PNG of the loss curves.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.resume import ResultStore
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageChain, StageEngine, build_engine
@@ -72,11 +81,11 @@ class Run:
             self.bytes_per_step[t] = 4 * numel  # each replica sends its fp32 gradient once
             self.record(t, engine)
 
-    def diloco(self, settings: DilocoConfig, codec: str, corrupt=None) -> None:
+    def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False) -> None:
         """Streaming DiLoCo among the replicas (swarm.diloco.InProcessGroup); ``corrupt``: a poisoner."""
         engines = [self.engine() for _ in self.samplers]
         group = InProcessGroup([OuterLoop(dict(e.module.named_parameters()), settings) for e in engines], settings,
-                               codec, corrupt=corrupt)
+                               codec, corrupt=corrupt, requantize_mean=requantize_mean)
         global_model = self.engine()
         for t in range(1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
@@ -125,79 +134,138 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def variants(H: int, P: int) -> dict[str, dict]:
+    """Each variant: the outer settings (None: data parallel), the part codec, and its extras."""
+    streaming = dict(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4)
+    return {
+        "data_parallel": {"settings": None, "codec": None},
+        "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
+                   "codec": "fp32"},
+        "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
+        "streaming_e3m0": {"settings": DilocoConfig(**streaming), "codec": "e3m0"},
+        "streaming_e3m0_requant": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "requantize_mean": True},
+        "streaming_e3m0_ef": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "e3m0"},
+        "streaming_int2": {"settings": DilocoConfig(**streaming), "codec": "int2"},
+        "streaming_int2_ef": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "int2"},
+        "streaming_e3m0_lr4e-4": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "inner_lr": 4e-4},
+    }
+
+
+def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict) -> dict:
+    """Train one variant from its seeded init; its row (JSON-able)."""
+    settings, codec = spec["settings"], spec["codec"]
+    if "inner_lr" in spec:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=spec["inner_lr"]))
+    started = time.time()
+    run = Run(cfg, samplers, val, steps, eval_every=max(1, H))
+    if settings is None:
+        run.data_parallel()
+    else:
+        run.diloco(settings, codec, requantize_mean=spec.get("requantize_mean", False))
+    return {
+        "val_loss": run.curve[-1][1],
+        "val_curve": run.curve,
+        "train_loss_end": sum(run.train_losses[-20:]) / len(run.train_losses[-20:]),
+        "bytes_sent_per_replica": sum(run.bytes_per_step),
+        "peak_bytes_per_step": max(run.bytes_per_step),
+        "syncs": sum(1 for b in run.bytes_per_step if b),
+        "parts_rejected": getattr(run, "rejected", 0),
+        "settings": None if settings is None else {**settings.__dict__, "codec": codec,
+                                                   "requantize_mean": spec.get("requantize_mean", False)},
+        "inner_lr": cfg.train.lr,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="240 steps, H=30, P=3 (the full run: 1200, 100, 4)")
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of the init and the data order")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all; data_parallel always)")
+    parser.add_argument("--state", default=None, help="where finished variants are kept (default bench/out/diloco-state"
+                        "[-quick])")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished variants under --state")
     parser.add_argument("--out", default="bench/out/diloco.png", help="where to write the PNG")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, H, P = (240, 30, 3) if args.quick else (1200, 100, 4)
-    cfg = load_config("local/tiny", [
-        "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-        "train.batch_size=4", "train.seq_len=64", "train.seed=0", "data.seed=0",
-    ])
-    corpus = load_corpus(cfg.data)
-    samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, args.replicas)
-                for r in range(args.replicas)]
-    val = validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
-    numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
-    variants = [
-        ("data_parallel", None, None),
-        ("diloco", DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7), "fp32"),
-        ("streaming_fp32", DilocoConfig(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "fp32"),
-        ("streaming_e3m0", DilocoConfig(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4), "e3m0"),
-    ]
+    specs = variants(H, P)
+    chosen = ["data_parallel", *[v for v in args.only.split(",") if v and v != "data_parallel"]] if args.only \
+        else list(specs)
+    unknown = [v for v in chosen if v not in specs]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(specs)}")
+    store = ResultStore(args.state or f"bench/out/diloco-state{'-quick' if args.quick else ''}",
+                        {"steps": steps, "H": H, "P": P, "replicas": args.replicas}, fresh=args.fresh)
     t0 = time.time()
-    rows = []
-    for label, settings, codec in variants:
-        print(f"training {label} ...", file=sys.stderr, flush=True)
-        started = time.time()
-        run = Run(cfg, samplers, val, steps, eval_every=max(1, H))
-        if settings is None:
-            run.data_parallel()
-        else:
-            run.diloco(settings, codec)
-        rows.append({
-            "label": label,
-            "val_loss": run.curve[-1][1],
-            "val_curve": run.curve,
-            "train_loss_end": sum(run.train_losses[-20:]) / len(run.train_losses[-20:]),
-            "bytes_sent_per_replica": sum(run.bytes_per_step),
-            "peak_bytes_per_step": max(run.bytes_per_step),
-            "syncs": sum(1 for b in run.bytes_per_step if b),
-            "parts_rejected": getattr(run, "rejected", 0),
-            "settings": None if settings is None else {**settings.__dict__, "codec": codec},
-            "seconds": round(time.time() - started, 1),
-        })
+    per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
+    for seed in range(args.seeds):
+        cfg = load_config("local/tiny", [
+            "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
+            "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}",
+        ])
+        corpus = load_corpus(cfg.data)
+        samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, args.replicas)
+                    for r in range(args.replicas)]
+        val = validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
+        for label in chosen:
+            key = f"{label}-s{seed}"
+            row = store.get(key)
+            if row is None:
+                print(f"training {label} (seed {seed}) ...", file=sys.stderr, flush=True)
+                torch.manual_seed(seed)
+                row = run_variant(cfg, samplers, val, steps, H, specs[label])
+                store.put(key, row)
+            else:
+                print(f"{label} (seed {seed}): kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
+            per_seed[label].append({**row, "label": label, "seed": seed, **(store.commit_of(key) or {})})
+    numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
+    rows = [_summarise(label, per_seed[label]) for label in chosen]
     dp = rows[0]
     for row in rows:
         row["bytes_ratio_vs_data_parallel"] = dp["bytes_sent_per_replica"] / row["bytes_sent_per_replica"]
         row["peak_ratio_vs_data_parallel"] = dp["peak_bytes_per_step"] / row["peak_bytes_per_step"]
+        row["loss_gap_pct_vs_dp"] = 100 * (row["val_loss"] / dp["val_loss"] - 1)
     tokens = steps * args.replicas * cfg.train.batch_size * cfg.train.seq_len
-    plot(rows, Path(args.out), f"tiny (S=1), {args.replicas} replicas, {tokens / 1e6:.2f}M tokens, H={H}, P={P}")
+    plot(rows, Path(args.out), f"tiny (S=1), {args.replicas} replicas, {tokens / 1e6:.2f}M tokens, H={H}, P={P}, "
+         f"{args.seeds} seed(s)")
     by = {r["label"]: r for r in rows}
     summary = {
-        "bench": "diloco",
-        "replicas": args.replicas,
-        "steps_per_replica": steps,
-        "tokens": tokens,
-        "params": numel,
-        "H": H,
-        "P": P,
+        "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
+        "H": H, "P": P, "seeds": args.seeds,
+        "variants": {r["label"]: {"val_loss": round(r["val_loss"], 4), "val_loss_std": r["val_loss_std"],
+                                  "val_loss_per_seed": r["val_loss_per_seed"],
+                                  "bytes_ratio_vs_dp": round(r["bytes_ratio_vs_data_parallel"], 1),
+                                  "loss_gap_pct_vs_dp": round(r["loss_gap_pct_vs_dp"], 2),
+                                  "commits": r["commits"]} for r in rows},
         "val_loss": {r["label"]: round(r["val_loss"], 4) for r in rows},
         "bytes_sent_per_replica": {r["label"]: r["bytes_sent_per_replica"] for r in rows},
         "peak_bytes_per_step": {r["label"]: r["peak_bytes_per_step"] for r in rows},
         "bytes_ratio_vs_data_parallel": {r["label"]: round(r["bytes_ratio_vs_data_parallel"], 1) for r in rows},
-        "streaming_e3m0_ratio_at_least_100x": by["streaming_e3m0"]["bytes_ratio_vs_data_parallel"] >= 100,
+        "streaming_e3m0_ratio_at_least_100x": by["streaming_e3m0"]["bytes_ratio_vs_data_parallel"] >= 100
+        if "streaming_e3m0" in by else None,
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
         "curves": {r["label"]: r["val_curve"] for r in rows},
-        "plot": args.out,
-        "quick": args.quick,
-        "seconds": round(time.time() - t0, 1),
-        "command": "python bench/diloco.py" + (" --quick" if args.quick else ""),
+        "plot": args.out, "quick": args.quick, "state": str(store.directory),
+        "seconds_this_invocation": round(time.time() - t0, 1),
+        "seconds_training": round(sum(s["seconds"] for runs in per_seed.values() for s in runs), 1),
+        "command": " ".join(["python bench/diloco.py", *sys.argv[1:]]),
     }
     print(json.dumps(summary))
+
+
+def _summarise(label: str, runs: list[dict]) -> dict:
+    """One row per variant: the mean over seeds (the curve of the mean), the spread, the commits."""
+    losses = [r["val_loss"] for r in runs]
+    mean = statistics.fmean(losses)
+    curve = [(tokens, statistics.fmean(r["val_curve"][i][1] for r in runs))
+             for i, (tokens, _) in enumerate(runs[0]["val_curve"])]
+    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
+            "val_loss": mean, "val_curve": curve,
+            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
+            "val_loss_per_seed": [round(v, 4) for v in losses],
+            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs})}
 
 
 if __name__ == "__main__":

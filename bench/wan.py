@@ -221,7 +221,7 @@ def diloco_rows(link: LinkSpec, budget: int, deadline_s: float, mode: str, varia
             continue
         row.update(diloco_window(res, tokens_per_step))
         log(f"  utilisation {row['utilization']} {row['utilization_per_replica']}, waits {row['wait_s_per_replica']} s, {row['tokens_per_s']} tok/s, committed "
-            f"{row['rounds_committed']}, skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
+            f"{row['rounds_committed']} ({row['rounds_in_window']['alone']} alone), skipped {row['rounds_skipped']}, loss_end {row['loss_end']}")
         rows[name] = row
     return rows
 
@@ -239,20 +239,39 @@ def diloco_window(res: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     waits = [round(w, 2) for w in delta("outer", "wait_s")]
     steps = _steps(res["healths"]) - _steps(res["opened"])
     sent, link = sum(delta("outer", "bytes_sent")), res["link_bytes_window"]
+    round_s = _summed_dicts(before, after, peers, "round_s")
+    ends = {k: sum(delta("outer", f"rounds_{k}")) for k in ("committed", "alone", "skipped")}
     return {
         "window_s": round(wall, 1), "utilization": round(sum(per) / len(per), 4) if per else None,
         "utilization_per_replica": per, "wait_s_per_replica": waits, "tokens": steps * tokens_per_step,
         "tokens_per_s": round(steps * tokens_per_step / wall, 1),
         "rounds_committed": res.get("outer_rounds_committed"), "rounds_skipped": res.get("outer_rounds_skipped"),
         # summed over the replicas (each takes part in every round it starts)
-        "rounds_in_window": {k: sum(delta("outer", f"rounds_{k}")) for k in ("started", "committed", "skipped", "missed")},
+        # "alone": committed with only the replica's own part in the mean (nothing averaged)
+        "rounds_in_window": {k: sum(delta("outer", f"rounds_{k}"))
+                             for k in ("started", "committed", "alone", "skipped", "missed")},
         "step_s_measured": round(sum(delta("train", "compute_s")) / steps, 4) if steps else None,  # waits left out
+        "replica_steps_per_round": round(steps / started, 1) if (started := sum(delta("outer", "rounds_started")))
+        else None,  # boundary to boundary, one replica's steps (the plan's schedule: U/R)
+        "skipped_by": _summed_dicts(before, after, peers, "skipped_by"),
+        # mean boundary-to-end seconds of the window's rounds, by outcome ("alone" commits are in "committed")
+        "round_s_mean": {k: round(round_s.get(k, 0.0) / n, 2) if n else None for k, n in ends.items()},
         "loss_end": res.get("loss_end"), "link_bytes_window": link,
         "link_bytes_per_token": round(link / (steps * tokens_per_step), 1) if link and steps else None,
         "exchange_bytes_sent": res.get("bytes_sent_total"), "fragment_bytes_sent_window": sent,
         # what on the links was not fragment traffic (the DHT, the polls, TCP; namespaces' links only)
         "background_share": round(1 - sent / link, 3) if link else None,
     }
+
+
+def _summed_dicts(before: dict[str, Any], after: dict[str, Any], peers: list[str], key: str) -> dict[str, float]:
+    """A dict-valued /health "outer" counter summed over ``peers``, as the window's increase."""
+    out: dict[str, float] = {}
+    for p in peers:
+        old, new = (before[p].get("outer") or {}).get(key) or {}, (after[p].get("outer") or {}).get(key) or {}
+        for k, v in new.items():
+            out[k] = round(out.get(k, 0) + v - old.get(k, 0), 3)
+    return {k: v for k, v in sorted(out.items()) if v}
 
 
 def hivemind_row(link: LinkSpec | None, tokens_per_peer: int, deadline_s: float, peers: int = 4,

@@ -202,6 +202,9 @@ class NodeMetricFamilies:
         self.outer_bytes_total = counter("outer_bytes", "Fragment exchange bytes of this replica's rounds (framing "
                                          "included), by way.", "way", PIPELINE_WAYS)
         self.outer_group_size = gauge("outer_group_size", "Replicas averaged in this replica's last committed round.")
+        self.outer_rounds_alone_total = counter(
+            "outer_rounds_alone", "Committed rounds whose mean held only this replica's own part (no other "
+            "replica's part arrived in time: nothing was averaged).")
         self.outer_epoch = gauge("outer_epoch", "Sync boundaries this replica has passed (the shared schedule).")
         self.outer_lag_epochs = gauge("outer_lag_epochs", "How many boundaries the furthest replica of this "
                                       "stage is ahead of this one.")

@@ -84,7 +84,9 @@ class ReplicaSync:
         self.resync_requested = False
         self.resync_from: list[str] = []  # peers to download from when resyncing (empty: any)
         self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
-                                      "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
+                                      "rounds_alone": 0, "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
+        self.skipped_by: dict[str, int] = {}  # skipped rounds by why (RoundResult.skip, superseded, ...)
+        self.round_s = {"committed": 0.0, "alone": 0.0, "skipped": 0.0}  # summed boundary-to-end seconds
         self.last_group = 0
         self.wait_s = 0.0  # training stood still for a mean (diloco.blocking)
         self.stop: threading.Event | None = None  # the daemon's: a blocking wait ends at shutdown
@@ -284,14 +286,16 @@ class ReplicaSync:
         mean = result.mean if result is not None else None
         with work.lock:
             try:
-                applied = work.outer.apply(fragment, mean)
+                applied = work.outer.apply(fragment, mean, sent=getattr(result, "sent", None))
             except RuntimeError as exc:  # the stage's state was replaced (resync) while the round was out
                 logger.warning("stage %d fragment %d: round dropped (%s)", work.stage, fragment, exc)
                 applied = False
         outcome = "committed" if applied else "skipped"
         self.stats[f"rounds_{outcome}"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), outcome).inc()
-        self.metrics.outer_round_seconds.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self.metrics.outer_round_seconds.observe(took)
+        self.round_s[outcome] += took
         if result is not None:
             self.metrics.outer_bytes(result.bytes_sent, result.bytes_received)
             for reason in result.rejected.values():
@@ -299,7 +303,15 @@ class ReplicaSync:
             if applied:
                 self.last_group = result.group_size
                 self.metrics.outer_group_size.set(result.group_size)
+                if result.group_size <= 1:  # committed, but nothing was averaged: only our own part
+                    self.stats["rounds_alone"] += 1
+                    self.round_s["alone"] += took
+                    self.metrics.outer_rounds_alone_total.inc()
         reason = why or (result.reason if result is not None else "no result")
+        if not applied:
+            code = why or (result.skip if result is not None and result.skip else "") or \
+                ("no_result" if result is None else "not_applied")
+            self.skipped_by[code] = self.skipped_by.get(code, 0) + 1
         log = logger.info if applied else logger.warning
         log("stage %d fragment %d round %d %s%s", key.stage, fragment, key.round, outcome,
             "" if applied else f" ({reason})")
@@ -317,4 +329,5 @@ class ReplicaSync:
         return {**self.stats, "wait_s": round(self.wait_s, 3), "epoch": self.epoch, "epoch_steps": self.epoch_steps, "rounds_in_flight": len(self._pending),
                 "bytes_sent": int(ex.get("bytes_sent", 0)), "bytes_received": int(ex.get("bytes_received", 0)),
                 "parts_rejected": int(ex.get("parts_rejected", 0)), "group_size": self.last_group,
+                "skipped_by": dict(self.skipped_by), "round_s": {k: round(v, 3) for k, v in self.round_s.items()},
                 "params": sum(layout.numel for layout in self.work.outer.layouts) if self.work and self.work.outer else 0}

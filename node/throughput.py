@@ -248,30 +248,61 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     codec = get_codec(cfg.wire.fragment_codec)
     part = TRANSPORT_OVERHEAD * codec.payload_nbytes(math.ceil(params / fragments))
     group = max(1, min(replicas, x.max_group))
-    # the leader downloads group-1 parts, then uploads the mean to group-1 members
-    round_s = 2 * (group - 1) * part / rate + 4 * one_way_s if group > 1 else 0.0
-    steps_per_round = d.inner_steps / (fragments * replicas)  # one replica's steps between two rounds
-    phase_s = steps_per_round * step_s
+    # The members' parts share the leader's link on the way in, the mean shares it on the way out.
+    transfer = (group - 1) * part / rate
+    gather_s = transfer + 2 * one_way_s if group > 1 else 0.0  # every part at the leader
+    round_s = 2 * transfer + 4 * one_way_s if group > 1 else 0.0
+    # Past exchange.gather_s the leader averages what it has, its own part alone, and refuses the
+    # members' parts as they complete ("late"): such a round averages nothing.
+    averages = group > 1 and gather_s <= x.gather_s
     tau = d.overlap
+    phase_s = _phase_s(d.inner_steps / fragments, step_s, replicas, cfg.swarm.refresh_s)
+    waits = _blocking_waits(group, averages, gather_s, round_s, x.gather_s, x.timeout_s)
 
-    def util(blocking_wait: float) -> float:  # a round past exchange.timeout_s is given up (skipped)
-        return phase_s / (phase_s + min(blocking_wait, x.timeout_s))
+    def util(shift_s: float) -> float:  # the replicas' mean wait, each shortened by shift_s of training
+        wait = sum(max(0.0, w - shift_s) for w in waits) / len(waits)
+        return phase_s / (phase_s + wait)
 
     busy = round_s / phase_s if phase_s else math.inf
+    kept = round(min(1.0, 1.0 / busy), 4) if busy else 1.0
     return {
         "stage_parameters": params, "fragments": fragments, "replicas": replicas, "group": group,
         "codec": cfg.wire.fragment_codec, "fragment_bytes": round(part),
         "inner_steps_summed": d.inner_steps, "overlap": tau,
         "inner_step_s": _r(step_s), "round_s": _r(round_s), "round_in_inner_steps": _r(round_s / step_s),
-        "replica_steps_between_rounds": _r(steps_per_round),
-        "utilisation": {"no_overlap": round(util(round_s), 4),
-                        "overlap_blocking": round(util(max(0.0, round_s - tau * step_s)), 4),
+        "gather_s": _r(gather_s), "rounds_average": averages or group == 1,
+        "replica_steps_between_rounds": _r(phase_s / step_s), "record_refresh_s": cfg.swarm.refresh_s,
+        "blocking_wait_s": {"leader": _r(waits[0]), "member": _r(waits[-1])},
+        "utilisation": {"no_overlap": round(util(0.0), 4), "overlap_blocking": round(util(tau * step_s), 4),
                         "default": 1.0},
         "link_busy": _r(busy),
-        "default_rounds_kept": round(min(1.0, 1.0 / busy), 4) if busy else 1.0,
-        "compression_needed": _r(max(1.0, busy)),
-        "exchange_timeout_s": x.timeout_s, "rounds_time_out": round_s > x.timeout_s,
+        "default_rounds_kept": kept if averages or group == 1 else 0.0,
+        # to keep up with the inner steps, and to reach the leader within exchange.gather_s
+        "compression_needed": _r(max(1.0, busy, gather_s / x.gather_s)),
+        "exchange_timeout_s": x.timeout_s, "exchange_gather_s": x.gather_s,
+        "rounds_time_out": round_s > x.timeout_s,
     }
+
+
+def _phase_s(spacing: float, step_s: float, replicas: int, refresh_s: float) -> float:
+    """Seconds between two boundaries. A replica crosses when its own steps since the last one plus
+    the others' published counts reach ``spacing`` (U, summed over replicas); it sees the others'
+    counts through DHT records up to ``refresh_s`` old. Alone it needs U steps; with R replicas,
+    t = (U·step + (R − 1)·refresh) / R once the records arrive before it gets there alone."""
+    alone = spacing * step_s
+    return min(alone, (alone + (replicas - 1) * refresh_s) / replicas)
+
+
+def _blocking_waits(group: int, averages: bool, gather_s: float, round_s: float, gather_cap_s: float,
+                    timeout_s: float) -> list[float]:
+    """One group's waits for a round under diloco.blocking: the leader's first, then each member's.
+    The leader has its mean once the parts are in (or at ``gather_cap_s``, alone); a member waits for
+    the mean, or, when its part lands after the leader closed the round, until it has sent it."""
+    if group == 1:
+        return [0.0]
+    if averages:
+        return [gather_s] + [min(round_s, timeout_s)] * (group - 1)
+    return [gather_cap_s] + [min(gather_s, timeout_s)] * (group - 1)
 
 
 def _r(value: float) -> float | None:
@@ -306,10 +337,15 @@ def format_speed(plan: dict[str, Any]) -> str:
         u = dl["utilisation"]
         lines.append(f"  Streaming DiLoCo: {dl['fragment_bytes'] / 1e6:.3g} MB fragments ({dl['codec']}), groups of "
                      f"{dl['group']}, a round {_fmt(dl['round_s'])} s = {_fmt(dl['round_in_inner_steps'])} inner steps; "
-                     f"{_fmt(dl['replica_steps_between_rounds'])} steps a replica between rounds")
+                     f"{_fmt(dl['replica_steps_between_rounds'])} steps a replica between rounds (records every "
+                     f"{dl['record_refresh_s']:g} s)")
         lines.append(f"    utilisation: no overlap {u['no_overlap']:.3f}, tau={dl['overlap']} blocking "
                      f"{u['overlap_blocking']:.3f}, default (never blocks) 1.0 with {dl['default_rounds_kept']:.0%} "
                      f"of rounds kept (link busy {_fmt(dl['link_busy'])})")
+        if not dl["rounds_average"]:
+            lines.append(f"    the parts reach the leader after {_fmt(dl['gather_s'])} s, past exchange.gather_s = "
+                         f"{dl['exchange_gather_s']:g} s: the leader averages its own part alone and the members' "
+                         "parts are refused late, so no round averages anything (compress the fragments more)")
         if dl["rounds_time_out"]:
             lines.append(f"    a round takes longer than exchange.timeout_s = {dl['exchange_timeout_s']:g} s: every round "
                          "would time out and be skipped (raise the timeout, or compress the fragments more)")

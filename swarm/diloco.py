@@ -84,6 +84,10 @@ class DilocoConfig:
     alpha: float = setting(
         0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole)."
     )
+    error_feedback: bool = setting(
+        False, "Keep what quantizing this replica's part lost (wire.fragment_codec) and add it to its next part "
+        "of that fragment (node-local; +4 bytes a parameter of outer state)."
+    )
     resync_rounds: int = setting(
         3, "A replica that falls more than this many rounds behind downloads the stage's state again."
     )
@@ -231,6 +235,10 @@ class OuterLoop:
         # publisher) never sees a round with the previous round's chain.
         self._history: list[tuple[int, bytes]] = [(-1, bytes(32))] * settings.fragments
         self._pending: dict[int, int] = {}  # fragment -> round begun and not yet applied
+        # Error feedback: what quantizing each fragment's last sent part lost (None: nothing yet), and
+        # the part begun this round, until its round ends.
+        self.residual: list[torch.Tensor | None] = [None] * settings.fragments
+        self._parts: dict[int, torch.Tensor] = {}
 
     def _flat(self, fragment: int) -> torch.Tensor:
         """The fragment's live parameters as one fp32 vector, where the parameters are."""
@@ -249,24 +257,32 @@ class OuterLoop:
         return self.params[names[0]].device if names else self.outer_device
 
     def begin(self, fragment: int, round_id: int) -> torch.Tensor:
-        """Δ_p = θ_global,p − θ_local,p now (flat fp32, on ``outer_device``): this replica's part."""
+        """Δ_p = θ_global,p − θ_local,p now (flat fp32, on ``outer_device``): this replica's part. With
+        ``error_feedback``, plus what quantizing the fragment's last committed part lost."""
         if fragment in self._pending:
             raise RuntimeError(f"fragment {fragment}: round {self._pending[fragment]} was begun and never applied")
         self._pending[fragment] = round_id
-        return self.global_[fragment] - self._outer(self._flat(fragment))
+        part = self.global_[fragment] - self._outer(self._flat(fragment))
+        if self.settings.error_feedback:
+            if self.residual[fragment] is not None:
+                part.add_(self.residual[fragment])
+            self._parts[fragment] = part.clone()
+        return part
 
     def pending(self, fragment: int) -> int | None:
         """The round begun on ``fragment`` and not yet applied, if any."""
         return self._pending.get(fragment)
 
     @torch.no_grad()
-    def apply(self, fragment: int, mean_delta: torch.Tensor | None) -> bool:
+    def apply(self, fragment: int, mean_delta: torch.Tensor | None, sent: torch.Tensor | None = None) -> bool:
         """Finish the pending round of ``fragment`` with the group's mean Δ (None: the round was skipped).
+        ``sent``: this replica's part as the others decoded it (for error feedback; None: sent exactly).
 
-        Returns True if parameters changed. A skipped round leaves the global copy, the momentum and
-        the local parameters as they are.
+        Returns True if parameters changed. A skipped round leaves the global copy, the momentum, the
+        local parameters and the error-feedback residual as they are (the next Δ covers both periods).
         """
         round_id = self._pending.pop(fragment, None)
+        part = self._parts.pop(fragment, None)
         if round_id is None:
             raise RuntimeError(f"fragment {fragment}: apply() without begin()")
         if mean_delta is None:
@@ -287,6 +303,9 @@ class OuterLoop:
         if self.pin_memory and fresh.is_cuda:
             torch.cuda.current_stream(fresh.device).synchronize()  # the pinned source is written again later
         self.rounds_applied[fragment] += 1
+        if part is not None:  # error feedback: what the wire lost of the part that went into this mean
+            self.residual[fragment] = part.sub_(sent.to(part.device, torch.float32).reshape(-1)) \
+                if sent is not None else None
         digest = hashlib.sha256(self._history[fragment][1] + round_id.to_bytes(8, "little", signed=True))
         digest.update(delta.cpu().numpy().tobytes())
         self._history[fragment] = (round_id, digest.digest())
@@ -311,6 +330,7 @@ class OuterLoop:
         self.rounds_applied = [0] * self.settings.fragments
         self._history = [(-1, bytes(32))] * self.settings.fragments
         self._pending.clear()
+        self.residual, self._parts = [None] * self.settings.fragments, {}
 
     def state_dict(self) -> dict:
         """Global copies, momenta and round counts (for checkpoints and joiners' state sync), on the CPU."""
@@ -334,6 +354,8 @@ class OuterLoop:
             raise ValueError("outer state history does not match the fragments")
         self._history = list(zip(rounds, chains, strict=True))
         self._pending.clear()
+        # The residual is this replica's own (never in a state another replica sends): it starts over.
+        self.residual, self._parts = [None] * len(self.global_), {}
 
 
 # ---------------------------------------------------------------------------------------- averaging
@@ -395,10 +417,11 @@ class InProcessGroup:
     """
 
     def __init__(self, loops: Sequence[OuterLoop], settings: DilocoConfig, codec: str | Codec | None = None,
-                 max_norm_ratio: float = 10.0, corrupt=None):
+                 max_norm_ratio: float = 10.0, corrupt=None, requantize_mean: bool = False):
         self.loops, self.settings, self.max_norm_ratio, self.corrupt = list(loops), settings, max_norm_ratio, corrupt
         self.codec = get_codec(codec) if isinstance(codec, str) else codec
-        self.in_flight: dict[int, tuple[int, torch.Tensor]] = {}
+        self.requantize_mean = requantize_mean  # the mean rounded with ``codec`` again, as a leader sends it
+        self.in_flight: dict[int, tuple[int, torch.Tensor, list[torch.Tensor] | None]] = {}
         self.rejected: list[dict[int, str]] = []  # per round: replica → reason, when any part was dropped
         self.kept: list[list[int]] = []
 
@@ -406,12 +429,13 @@ class InProcessGroup:
         """Finish rounds whose τ steps are done, start the rounds due at ``t``; returns the payload bytes
         one replica sent at this step."""
         tau, sent = self.settings.overlap, 0
-        for p in [p for p, (t0, _) in self.in_flight.items() if tau > 0 and t0 + tau == t]:
-            self._apply(p, self.in_flight.pop(p)[1])
+        for p in [p for p, (t0, _, _) in self.in_flight.items() if tau > 0 and t0 + tau == t]:
+            self._apply(p, *self.in_flight.pop(p)[1:])
         for b in due(self.settings, t - 1, t):
             parts = [loop.begin(b.fragment, b.round) for loop in self.loops]
+            as_sent = None
             if self.codec is not None:
-                parts = [quantized(part, self.codec)[1] for part in parts]
+                parts = as_sent = [quantized(part, self.codec)[1] for part in parts]
                 sent += self.codec.payload_nbytes(parts[0].numel())
             else:
                 sent += 4 * parts[0].numel()
@@ -422,12 +446,17 @@ class InProcessGroup:
             if result.rejected:
                 self.rejected.append(dict(result.rejected))
             if result.mean is None:
-                continue  # every part dropped: the round is skipped, as a leader would
-            self.in_flight[b.fragment] = (t, result.mean)
+                for loop in self.loops:  # every part dropped: the round is skipped, as a leader would
+                    loop.apply(b.fragment, None)
+                continue
+            mean = result.mean
+            if self.requantize_mean and self.codec is not None:
+                mean = quantized(mean, self.codec)[1]
+            self.in_flight[b.fragment] = (t, mean, as_sent)
             if tau == 0:
-                self._apply(b.fragment, self.in_flight.pop(b.fragment)[1])
+                self._apply(b.fragment, *self.in_flight.pop(b.fragment)[1:])
         return sent
 
-    def _apply(self, fragment: int, mean: torch.Tensor) -> None:
-        for loop in self.loops:
-            loop.apply(fragment, mean)
+    def _apply(self, fragment: int, mean: torch.Tensor, as_sent: list[torch.Tensor] | None) -> None:
+        for r, loop in enumerate(self.loops):
+            loop.apply(fragment, mean, sent=as_sent[r] if as_sent is not None else None)

@@ -121,6 +121,8 @@ class RoundResult:
     bytes_received: int = 0
     seconds: float = 0.0
     reason: str = ""
+    skip: str = ""  # why there is no mean, as a short code: timeout, refused_<code>, unreachable, ...
+    sent: torch.Tensor | None = None  # this replica's part as the others decode it (error feedback)
 
 
 def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int,
@@ -209,7 +211,7 @@ class FragmentExchange:
         except Exception as exc:  # never let a round take the caller down
             logger.warning("round %s failed: %s", key, exc)
             result = RoundResult(None, "leader" if group[0] == self.peer_id else "member", group[0],
-                                 reason=f"error: {exc}")
+                                 reason=f"error: {exc}", skip="error")
         result.seconds = time.monotonic() - started
         self.stats["rounds_" + ("committed" if result.mean is not None else "skipped")] += 1
         self.stats["bytes_sent"] += result.bytes_sent
@@ -220,7 +222,7 @@ class FragmentExchange:
     async def _lead(self, key: RoundKey, part: torch.Tensor, group: list[str]) -> RoundResult:
         gather = self._gather(key, expected=len(group), own=True)
         gather.expected = len(group)
-        gather.parts[self.peer_id] = quantized(part, self.codec)[1]
+        own = gather.parts[self.peer_id] = quantized(part, self.codec)[1]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.gather_s
         while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
@@ -246,24 +248,26 @@ class FragmentExchange:
         if outcome.mean is None or self.peer_id in rejected:
             # Without our own part in it the mean is not ours to apply: skip, and tell the members so.
             gather.result.set_result(None)
-            return RoundResult(None, "leader", self.peer_id, rejected=rejected, reason="no usable parts")
+            return RoundResult(None, "leader", self.peer_id, rejected=rejected, reason="no usable parts",
+                               skip="no_usable_parts")
         mean = quantized(outcome.mean, self.codec)[1]
         kept = [peers[i] for i in outcome.kept]
         gather.result.set_result((mean, kept))
-        return RoundResult(mean, "leader", self.peer_id, group=kept, group_size=len(kept), rejected=rejected)
+        return RoundResult(mean, "leader", self.peer_id, group=kept, group_size=len(kept), rejected=rejected,
+                           sent=own)
 
     async def _join(self, key: RoundKey, part: torch.Tensor, leader: str) -> RoundResult:
         from hivemind.p2p import PeerID
 
         timeout = self.config.timeout_s
-        result = RoundResult(None, "member", leader)
+        result = RoundResult(None, "member", leader, sent=quantized(part, self.codec)[1])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(timeout):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(leader), HANDLER)
                 try:
-                    for body in self._encode_parts(key, quantized(part, self.codec)[1]):
+                    for body in self._encode_parts(key, result.sent):
                         await write_frame(writer, body, timeout=max(0.1, deadline - loop.time()))
                         result.bytes_sent += len(body) + PREFIX_BYTES
                     mean, received, _, size = await self._read_parts(reader, key, leader)
@@ -272,13 +276,13 @@ class FragmentExchange:
                 finally:
                     writer.close()
         except TimeoutError:
-            result.reason = f"no mean from leader {leader} within {timeout:.0f} s"
+            result.reason, result.skip = f"no mean from leader {leader} within {timeout:.0f} s", "timeout"
             return result
         except RemoteError as exc:
-            result.reason = f"leader refused: {exc}"
+            result.reason, result.skip = f"leader refused: {exc}", f"refused_{exc.remote_code}"
             return result
         except (ProtocolError, OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            result.reason = f"leader {leader} unreachable or broken: {exc}"
+            result.reason, result.skip = f"leader {leader} unreachable or broken: {exc}", "unreachable"
             return result
         result.mean = mean
         return result

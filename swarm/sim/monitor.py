@@ -23,8 +23,8 @@ class PipelineMonitor:
     COUNTERS = ("microbatches_ok", "microbatches_dropped", "microbatches_retried", "tokens_ok", "served",
                 "refused", "bytes_forward_sent", "bytes_backward_sent", "dense_forward_sent",
                 "dense_backward_sent")
-    OUTER_COUNTERS = ("rounds_started", "rounds_committed", "rounds_skipped", "rounds_missed", "resyncs",
-                      "bytes_sent", "bytes_received", "parts_rejected", "inner_steps")
+    OUTER_COUNTERS = ("rounds_started", "rounds_committed", "rounds_alone", "rounds_skipped", "rounds_missed",
+                      "resyncs", "bytes_sent", "bytes_received", "parts_rejected", "inner_steps")
 
     def __init__(self) -> None:
         self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
@@ -147,6 +147,7 @@ class PipelineMonitor:
         steps = totals["inner_steps"]
         return {
             "outer_rounds_committed": totals["rounds_committed"],
+            "outer_rounds_alone": totals["rounds_alone"],  # committed with only the replica's own part
             "outer_rounds_skipped": totals["rounds_skipped"],
             "outer_rounds_missed": totals["rounds_missed"],
             "outer_rounds_committed_per_stage": dict(sorted(per_stage.items())),

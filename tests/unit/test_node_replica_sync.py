@@ -118,7 +118,7 @@ def test_consensus_state_is_the_same_bytes_on_agreeing_replicas_and_a_joiner_sta
             assert torch.equal(params[name].detach(), value)
 
 
-def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int):
+def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int, group_size: int = 2):
     """One boundary crossed with an exchange that takes 0.4 s; returns the sync after that step."""
     import threading
     import time
@@ -140,7 +140,7 @@ def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int):
         async def run_round(self, key, part):
             await asyncio.sleep(0.4)
             return types.SimpleNamespace(mean=torch.zeros_like(part), bytes_sent=1, bytes_received=1, rejected={},
-                                         group_size=2, reason="")
+                                         group_size=group_size, reason="")
 
     sync.exchange = SlowExchange()
     sync.epoch_steps = sync.spacing - 1  # the next step reaches the boundary
@@ -156,7 +156,7 @@ def _stop(loop) -> None:
 def test_blocking_without_overlap_waits_for_the_mean_before_the_next_step(tmp_path):
     sync, took, loop = _run_with_slow_exchange(tmp_path, blocking=True, overlap=0)
     _stop(loop)
-    assert sync.stats["rounds_committed"] == 1 and not sync._pending
+    assert sync.stats["rounds_committed"] == 1 and sync.stats["rounds_alone"] == 0 and not sync._pending
     assert took >= 0.35 and sync.wait_s >= 0.35  # it stood still for the round, and counted it
     # With overlap (τ = 1) the boundary step does not wait; the next step does.
     sync, took, loop = _run_with_slow_exchange(tmp_path / "tau1", blocking=True, overlap=1)
@@ -166,6 +166,16 @@ def test_blocking_without_overlap_waits_for_the_mean_before_the_next_step(tmp_pa
         assert sync.stats["rounds_committed"] == 1 and sync.wait_s > 0.0
     finally:
         _stop(loop)
+
+
+def test_a_round_committed_with_only_our_own_part_is_counted_alone(tmp_path):
+    """A leader whose members' parts never arrived applies its own outer gradient: committed, but
+    nothing was averaged, and the count (and metric) must say so."""
+    sync, _, loop = _run_with_slow_exchange(tmp_path, blocking=True, overlap=0, group_size=1)
+    _stop(loop)
+    assert sync.stats["rounds_committed"] == 1 and sync.stats["rounds_alone"] == 1
+    assert sync.metrics.outer_rounds_alone_total._value.get() == 1
+    assert sync.health()["rounds_alone"] == 1
 
 
 def test_non_blocking_never_waits(tmp_path):

@@ -106,17 +106,34 @@ def test_one_microbatch_in_flight_is_latency_bound():
 
 
 def test_diloco_round_time_by_hand():
-    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4"])
+    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=50", "exchange.timeout_s=100"])
     plan = speed_plan(cfg, tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)
     d = plan["diloco"]
     assert d["group"] == 4 and d["fragments"] == cfg.diloco.fragments
     # the leader downloads 3 parts and uploads 3 means at 1 MB/s
     assert d["round_s"] == pytest.approx(2 * 3 * d["fragment_bytes"] / 1e6, rel=2e-3)
-    steps = cfg.diloco.inner_steps / (cfg.diloco.fragments * 4)
-    phase = steps * d["inner_step_s"]
-    assert d["utilisation"]["no_overlap"] == pytest.approx(phase / (phase + d["round_s"]), rel=2e-3)
+    assert d["gather_s"] == pytest.approx(3 * d["fragment_bytes"] / 1e6, rel=2e-3) and d["rounds_average"]
+    # a boundary: U summed steps, the others' counts seen through records refresh_s old
+    alone = cfg.diloco.inner_steps / cfg.diloco.fragments * d["inner_step_s"]
+    phase = min(alone, (alone + 3 * cfg.swarm.refresh_s) / 4)
+    assert d["replica_steps_between_rounds"] * d["inner_step_s"] == pytest.approx(phase, rel=2e-3)
+    # blocking: the leader waits for the parts, each member for the whole round
+    wait = (d["gather_s"] + 3 * d["round_s"]) / 4
+    assert d["utilisation"]["no_overlap"] == pytest.approx(phase / (phase + wait), rel=2e-3)
     assert d["utilisation"]["overlap_blocking"] >= d["utilisation"]["no_overlap"]
     assert d["link_busy"] == pytest.approx(d["round_s"] / phase, rel=2e-3)
+
+
+def test_diloco_parts_later_than_gather_s_average_nothing():
+    """Parts that reach the leader after exchange.gather_s: the leader commits its own part alone at
+    gather_s and each member waits until its part is sent, then is refused; nothing is averaged."""
+    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=0.5", "exchange.timeout_s=100"])
+    d = speed_plan(cfg, tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)["diloco"]
+    assert d["gather_s"] > 0.5 and not d["rounds_average"] and d["default_rounds_kept"] == 0.0
+    assert d["blocking_wait_s"] == {"leader": 0.5, "member": d["gather_s"]}
+    assert d["compression_needed"] >= d["gather_s"] / 0.5
+    phase = d["replica_steps_between_rounds"] * d["inner_step_s"]
+    assert d["utilisation"]["no_overlap"] == pytest.approx(phase / (phase + (0.5 + 3 * d["gather_s"]) / 4), rel=2e-3)
 
 
 def test_catalogue_names_sources_and_unknown_cards_fail():

@@ -78,7 +78,7 @@ def test_every_codec_round_trips_every_shape(name, shape):
     y = codec.decode(payload, shape)
     assert y.dtype == torch.float32 and tuple(y.shape) == shape
     if x.numel():
-        tolerance = {"e3m0": 0.5, "int8": 0.01, "hivemind-uniform8bit": 0.5}.get(name, 0.01)
+        tolerance = {"e3m0": 0.5, "int2": 0.75, "int8": 0.01, "hivemind-uniform8bit": 0.5}.get(name, 0.01)
         assert (y - x).abs().max() <= tolerance * x.abs().max()
 
 
@@ -159,6 +159,26 @@ def test_e3m0_nearest_level_for_a_subnormal_block():
     assert torch.equal(_roundtrip("e3m0", x), _nearest_e3m0(x))
 
 
+def test_int2_values_are_the_nearest_block_level():
+    """int2: per block σ = RMS of its values; each value decodes to the nearest of ±σ/2, ±3σ/2."""
+    x = torch.cat([_varied_blocks(8, seed=5, low=-3, high=3), _randn(100, seed=6)])  # a short last block
+    flat, out = x.double(), _roundtrip("int2", x).double()
+    for start in range(0, x.numel(), BLOCK_SIZE):
+        block = flat[start:start + BLOCK_SIZE]
+        sigma = float(block.square().mean().sqrt().float())  # the RMS of the block's own values, as sent
+        levels = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64) * sigma
+        nearest = levels[(block[:, None] - levels).abs().argmin(dim=1)]
+        torch.testing.assert_close(out[start:start + BLOCK_SIZE], nearest, rtol=1e-6, atol=0)
+
+
+def test_int2_size_and_error():
+    codec = get_codec("int2")
+    assert codec.bits_per_value(256 * 40) == 2.125 and codec.payload_nbytes(257) == 2 * 4 + 65
+    # on Gaussian values it is near the best 4-level quantizer (mean squared error ≈ 0.118 σ²)
+    g = _randn(256 * 64, seed=3)
+    assert float((_roundtrip("int2", g) - g).square().mean()) < 0.13
+
+
 def test_e3m0_and_int8_sizes():
     """e3m0 stays within 4.25 bits per value on a large tensor; scales add exactly 32/256 bits per value."""
     x = _randn(1 << 20, seed=8)
@@ -172,7 +192,7 @@ def test_e3m0_and_int8_sizes():
     assert get_codec("e3m0").payload_nbytes(257) == 2 * 4 + 129  # two scales, 257 nibbles rounded up
 
 
-@pytest.mark.parametrize("name", ["int8", "e3m0"])
+@pytest.mark.parametrize("name", ["int8", "e3m0", "int2"])
 def test_zero_blocks_decode_to_zeros(name):
     """An all-zero block (scale 0) decodes to exact zeros and leaves its neighbours alone."""
     x = torch.cat([torch.zeros(BLOCK_SIZE), _randn(300, seed=9)])
@@ -183,7 +203,7 @@ def test_zero_blocks_decode_to_zeros(name):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("name", ["int8", "e3m0"])
+@pytest.mark.parametrize("name", ["int8", "e3m0", "int2"])
 def test_quantized_codecs_refuse_non_finite_input(name, bad):
     """A NaN/inf would poison its block's scale, so the sender refuses it (a ValueError: our own bug)."""
     x = _randn(600, seed=10)
@@ -227,7 +247,7 @@ def test_payload_of_wrong_length_is_a_tensor_error(name):
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
-@pytest.mark.parametrize("name", ["int8", "e3m0"])
+@pytest.mark.parametrize("name", ["int8", "e3m0", "int2"])
 def test_bad_block_scale_is_non_finite_error(name, scale):
     """A NaN, infinite or negative block scale is refused even with check_finite off."""
     codec = get_codec(name)

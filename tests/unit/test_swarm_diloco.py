@@ -73,6 +73,7 @@ def run_reference(settings: DilocoConfig, codec: str | None):
     glob = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     mom = {n: torch.zeros_like(p) for n, p in glob.items()}
     started: dict[int, tuple[int, dict]] = {}  # fragment -> (start step, mean delta by name)
+    residual: dict[tuple[int, int], torch.Tensor] = {}  # (replica, fragment) -> what the codec lost (error feedback)
 
     def finish(p):
         # The formulas of DESIGN §1.2, in the same fused floating-point operations as swarm.diloco (a·x + y
@@ -94,12 +95,17 @@ def run_reference(settings: DilocoConfig, codec: str | None):
         for p in range(P):
             if (t - p * H // P) % H == 0:
                 total = None
-                for m in models:
+                for r, m in enumerate(models):
                     named = dict(m.named_parameters())
                     delta = torch.cat([(glob[n] - named[n].detach()).reshape(-1) for n in frags[p]])
+                    if settings.error_feedback and (r, p) in residual:
+                        delta = delta + residual[(r, p)]  # e: what the last sent part of p lost
                     if codec is not None:
                         c = get_codec(codec)
-                        delta = c.decode(c.encode(delta), delta.shape)
+                        sent = c.decode(c.encode(delta), delta.shape)
+                        if settings.error_feedback:
+                            residual[(r, p)] = delta - sent
+                        delta = sent
                     total = delta.clone() if total is None else total + delta
                 flat = total / len(models)
                 sizes = [glob[n].numel() for n in frags[p]]
@@ -121,10 +127,11 @@ def run_swarm_diloco(settings: DilocoConfig, codec: str | None):
     return models, group.loops
 
 
-@pytest.mark.parametrize("codec", [None, "e3m0"])
+@pytest.mark.parametrize("codec,error_feedback", [(None, False), ("e3m0", False), ("e3m0", True), ("int2", True)])
 @pytest.mark.parametrize("overlap,alpha", [(2, 0.5), (0, 0.0)])
-def test_golden_streaming_diloco_matches_the_reference(codec, overlap, alpha):
-    settings = DilocoConfig(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7)
+def test_golden_streaming_diloco_matches_the_reference(codec, error_feedback, overlap, alpha):
+    settings = DilocoConfig(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7,
+                            error_feedback=error_feedback)
     assert split_fragments([n for n, _ in tiny_model().named_parameters()], 3) == reference_fragments(tiny_model())
     reference = run_reference(settings, codec)
     models, loops = run_swarm_diloco(settings, codec)
@@ -140,6 +147,31 @@ def test_golden_streaming_diloco_matches_the_reference(codec, overlap, alpha):
         inner_step(local[0], opts[0], 0, t)
     gap = max(float((a - b).detach().abs().max()) for a, b in zip(local[0].parameters(), models[0].parameters(), strict=True))
     assert gap > 1e-3
+    if error_feedback:  # the residual was carried (and is what the wire lost: not zero)
+        assert all(e is not None and float(e.abs().max()) > 0 for e in loops[0].residual)
+
+
+def test_error_feedback_residual_survives_a_skipped_round_and_resets_with_the_state():
+    """A skipped round leaves the residual alone (the next Δ covers both periods); a loaded state
+    (a resync, a checkpoint) starts it over, since it is this replica's own."""
+    model = tiny_model()
+    settings = DilocoConfig(inner_steps=6, fragments=3, error_feedback=True)
+    loop = OuterLoop(dict(model.named_parameters()), settings)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)
+    part = loop.begin(0, 0)
+    _, sent = quantized(part, "int2")
+    assert loop.apply(0, sent, sent=sent)
+    lost = loop.residual[0].clone()
+    torch.testing.assert_close(lost, part - sent)
+    nxt = loop.begin(0, 1)
+    assert not loop.apply(0, None)  # skipped
+    torch.testing.assert_close(loop.residual[0], lost)
+    torch.testing.assert_close(loop.begin(0, 2), nxt)  # the same Δ + e again
+    loop.apply(0, None)
+    loop.load_state_dict(loop.state_dict())
+    assert loop.residual == [None, None, None]
 
 
 def test_schedule_is_a_pure_function_of_progress():

@@ -1,0 +1,37 @@
+"""bench/resume.py: long benches keep each finished unit on disk and a rerun continues from them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from resume import ResultStore
+
+
+def test_a_rerun_reuses_finished_units_with_the_same_fingerprint(tmp_path):
+    store = ResultStore(tmp_path, {"steps": 240, "H": 30})
+    assert store.get("dp-s0") is None
+    store.put("dp-s0", {"val_loss": 2.5, "curve": [[1, 3.0]]})
+    again = ResultStore(tmp_path, {"steps": 240, "H": 30})
+    assert again.get("dp-s0") == {"val_loss": 2.5, "curve": [[1, 3.0]]}
+    saved = json.loads((tmp_path / "dp-s0.json").read_text())
+    assert set(again.commit_of("dp-s0")) == {"commit", "dirty"} and saved["commit"]
+    # another configuration, --fresh, or a torn file: the unit runs again
+    assert ResultStore(tmp_path, {"steps": 1200, "H": 100}).get("dp-s0") is None
+    assert ResultStore(tmp_path, {"steps": 240, "H": 30}, fresh=True).get("dp-s0") is None
+    (tmp_path / "dp-s0.json").write_text('{"fingerprint": {"steps": 240, "H": 30}, "res')
+    assert again.get("dp-s0") is None
+
+
+def test_keys_are_plain_file_names_and_no_temporary_file_is_left(tmp_path):
+    store = ResultStore(tmp_path, {})
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            store.put(bad, {})
+    store.put("ok", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]
