@@ -10,6 +10,12 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
 
     python bench/convergence.py --quick      # 3 k values, 614k tokens each (851 s measured on 2 CPU cores)
     python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
+    python bench/convergence.py --seeds 3 --ks 8 --variant "k=8 lr2x:model.subspace_rank=8,train.lr=2e-3"
+
+``--seeds N`` trains every variant at seeds 0..N-1 (init and data order) and reports mean ± std.
+``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
+study needs no code. Resumable (bench/resume.py): each variant at each seed is kept under
+``--state`` when it finishes; rerunning the same command continues (``--fresh`` starts over).
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -26,12 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.resume import ResultStore
 from node.config import load_config
 from node.train_local import train_local
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str]) -> dict:
-    print(f"training {label} ...", file=sys.stderr, flush=True)
+    print(f"training {label} ({' '.join(o for o in common if 'seed' in o)}) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("local/tiny", [*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false"])
         t0 = time.time()
@@ -72,48 +81,99 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"LABEL:key=value,key=value"`` → (label, overrides)."""
+    label, sep, body = text.partition(":")
+    overrides = [o.strip() for o in body.split(",") if o.strip()]
+    if not sep or not label.strip() or not overrides or any("=" not in o for o in overrides):
+        raise ValueError(f"a variant is LABEL:key=value[,key=value...], got {text!r}")
+    return label.strip(), overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 k values, short budget")
     parser.add_argument("--ks", type=int, nargs="+", help="subspace ranks to train (default 4 8 32 / 2 4 8 16 32)")
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 300 quick / 1200)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of the init and data order")
+    parser.add_argument("--variant", action="append", default=[], help="LABEL:key=value,... (repeatable)")
+    parser.add_argument("--state", help="where finished variants are kept (default bench/out/convergence-state)")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished variants under --state")
     parser.add_argument("--out", default="bench/out/convergence.png", help="where to write the PNG")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
     steps = args.steps or (300 if args.quick else 1200)
+    try:
+        extra = [parse_variant(v) for v in args.variant]
+    except ValueError as exc:
+        parser.error(str(exc))
     common = [
         f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}", f"train.eval_every={max(1, steps // 6)}",
-        "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0", "train.seed=0",
-        "data.seed=0",
+        "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0",
     ]
+    variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
+                ("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"]),
+                *[(f"subspace k={k}", [f"model.subspace_rank={k}"]) for k in ks], *extra]
+    store = ResultStore(args.state or "bench/out/convergence-state", {"common": common}, fresh=args.fresh)
     t0 = time.time()
-    rows = [
-        run_variant("dense", ["model.subspace_rank='none'", "model.fixed_table=false"], common),
-        run_variant("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"], common),
-    ]
-    rows += [run_variant(f"subspace k={k}", [f"model.subspace_rank={k}"], common) for k in ks]
-    dense, fair = rows[0]["val_loss"], rows[1]["val_loss"]
-    sub = {str(r["subspace_rank"]): r["val_loss"] for r in rows[2:]}
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
+    for seed in range(args.seeds):
+        for label, overrides in variants:
+            # the overrides are in the key: a label reused with other settings is another unit
+            key = re.sub(r"[^A-Za-z0-9=+.-]+", "_", f"{label}-{'-'.join(overrides)}")[:150] + f"-s{seed}"
+            row = store.get(key)
+            if row is None:
+                row = run_variant(label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"])
+                store.put(key, row)
+            else:
+                print(f"{label} (seed {seed}): kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
+            runs[label].append({**row, "seed": seed, **(store.commit_of(key) or {})})
+    rows = [_mean_row(label, runs[label]) for label, _ in variants]
+    by = {r["label"]: r for r in rows}
+    dense, fair = by["dense"]["val_loss"], by["dense+fixed_table"]["val_loss"]
+    best = min(dense, fair)
+    sub = {str(r["subspace_rank"]) if r["label"].startswith("subspace k=") else r["label"]: r
+           for r in rows[2:]}
     cfg = load_config("local/tiny", common)
-    plot(rows, Path(args.out), f"tiny (d=256, 8 layers, 4 stages), {rows[0]['tokens'] / 1e6:.1f}M tokens each")
+    plot(rows, Path(args.out), f"tiny (d=256, 8 layers, 4 stages), {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
+         f"{args.seeds} seed(s)")
     summary = {
         "bench": "convergence",
         "dense_val_loss": dense,
         "dense_fixed_table_val_loss": fair,
-        "subspace_val_loss": sub,
-        "gap_pct": {k: 100 * (v - fair) / fair for k, v in sub.items()},
-        "gap_pct_vs_naive_dense": {k: 100 * (v - dense) / dense for k, v in sub.items()},
-        "boundary_ratio": {k: cfg.model.d_model / int(k) for k in sub},
+        "subspace_val_loss": {k: r["val_loss"] for k, r in sub.items()},
+        "gap_pct": {k: 100 * (r["val_loss"] - fair) / fair for k, r in sub.items()},
+        "gap_pct_vs_naive_dense": {k: 100 * (r["val_loss"] - dense) / dense for k, r in sub.items()},
+        "gap_pct_vs_best_dense": {k: 100 * (r["val_loss"] - best) / best for k, r in sub.items()},
+        "best_dense": "dense" if dense <= fair else "dense+fixed_table",
+        "val_loss_std": {r["label"]: r["val_loss_std"] for r in rows},
+        "per_seed": {r["label"]: r["val_loss_per_seed"] for r in rows},
+        "boundary_ratio": {k: cfg.model.d_model / r["subspace_rank"] for k, r in sub.items() if r["subspace_rank"]},
         "tokens": rows[0]["tokens"],
         "steps": steps,
+        "seeds": args.seeds,
         "reference": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
         "plot": args.out,
         "quick": args.quick,
-        "seconds": round(time.time() - t0, 1),
+        "state": str(store.directory),
+        "seconds_this_invocation": round(time.time() - t0, 1),
+        "command": " ".join(["python bench/convergence.py", *sys.argv[1:]]),
     }
     print(json.dumps(summary))
+
+
+def _mean_row(label: str, runs: list[dict]) -> dict:
+    """A variant over its seeds: mean validation loss (and curve), the spread, the commits."""
+    losses = [r["val_loss"] for r in runs]
+    curve = [(step, statistics.fmean(r["val_curve"][i][1] for r in runs))
+             for i, (step, _) in enumerate(runs[0]["val_curve"])]
+    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
+            "val_loss": statistics.fmean(losses), "val_curve": curve,
+            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
+            "val_loss_per_seed": [round(v, 4) for v in losses],
+            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs})}
 
 
 if __name__ == "__main__":

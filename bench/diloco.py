@@ -47,7 +47,8 @@ from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageChain, StageEngine, build_engine
 from node.train_local import evaluate
-from swarm.diloco import DilocoConfig, InProcessGroup, OuterLoop
+from swarm.diloco import DilocoConfig, OuterLoop
+from swarm.diloco_group import InProcessGroup
 
 
 class Run:
@@ -82,7 +83,7 @@ class Run:
             self.record(t, engine)
 
     def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False) -> None:
-        """Streaming DiLoCo among the replicas (swarm.diloco.InProcessGroup); ``corrupt``: a poisoner."""
+        """Streaming DiLoCo among the replicas (swarm.diloco_group.InProcessGroup); ``corrupt``: a poisoner."""
         engines = [self.engine() for _ in self.samplers]
         group = InProcessGroup([OuterLoop(dict(e.module.named_parameters()), settings) for e in engines], settings,
                                codec, corrupt=corrupt, requantize_mean=requantize_mean)

@@ -23,7 +23,9 @@
   ``[dataplane]`` section it takes.
 - ``swarm.diloco``          Streaming DiLoCo's outer loop for one replica: fragments, the schedule
   as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean;
-  ``DilocoConfig``, the ``[diloco]`` section it takes.
+  ``DilocoConfig``, the ``[diloco]`` section it takes (error feedback included).
+- ``swarm.diloco_group``    ``InProcessGroup``: replicas agreeing in one process, the harness of the
+  golden test and bench/diloco.py.
 - ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
   hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
 - ``swarm.access``          swarm-key access control.

@@ -86,7 +86,7 @@ class DilocoConfig:
     )
     error_feedback: bool = setting(
         False, "Keep what quantizing this replica's part lost (wire.fragment_codec) and add it to its next part "
-        "of that fragment (node-local; +4 bytes a parameter of outer state)."
+        "of that fragment (+4 bytes a parameter of outer state; the residual starts over after a resync or resume)."
     )
     resync_rounds: int = setting(
         3, "A replica that falls more than this many rounds behind downloads the stage's state again."
@@ -404,59 +404,3 @@ def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0) -> 
     for i in kept:
         acc.add(parts[i])
     return MeanResult(acc.mean(), kept, rejected)
-
-
-class InProcessGroup:
-    """M replicas' outer loops agreeing in one process as the fragment exchange makes them agree: at
-    each boundary every replica's part (as sent: quantized with ``codec`` when given) goes through
-    :func:`robust_mean`, and the mean is applied τ inner steps later (at once with τ = 0). The golden
-    test, the benches and the poisoning test drive replicas with it; the swarm uses swarm/exchange.py.
-
-    ``corrupt(replica, part) -> part``, if given, replaces what a replica sends (a poisoner). Call
-    :meth:`after_step` once after every replica finished inner step ``t`` (1-based).
-    """
-
-    def __init__(self, loops: Sequence[OuterLoop], settings: DilocoConfig, codec: str | Codec | None = None,
-                 max_norm_ratio: float = 10.0, corrupt=None, requantize_mean: bool = False):
-        self.loops, self.settings, self.max_norm_ratio, self.corrupt = list(loops), settings, max_norm_ratio, corrupt
-        self.codec = get_codec(codec) if isinstance(codec, str) else codec
-        self.requantize_mean = requantize_mean  # the mean rounded with ``codec`` again, as a leader sends it
-        self.in_flight: dict[int, tuple[int, torch.Tensor, list[torch.Tensor] | None]] = {}
-        self.rejected: list[dict[int, str]] = []  # per round: replica → reason, when any part was dropped
-        self.kept: list[list[int]] = []
-
-    def after_step(self, t: int) -> int:
-        """Finish rounds whose τ steps are done, start the rounds due at ``t``; returns the payload bytes
-        one replica sent at this step."""
-        tau, sent = self.settings.overlap, 0
-        for p in [p for p, (t0, _, _) in self.in_flight.items() if tau > 0 and t0 + tau == t]:
-            self._apply(p, *self.in_flight.pop(p)[1:])
-        for b in due(self.settings, t - 1, t):
-            parts = [loop.begin(b.fragment, b.round) for loop in self.loops]
-            as_sent = None
-            if self.codec is not None:
-                parts = as_sent = [quantized(part, self.codec)[1] for part in parts]
-                sent += self.codec.payload_nbytes(parts[0].numel())
-            else:
-                sent += 4 * parts[0].numel()
-            if self.corrupt is not None:
-                parts = [self.corrupt(r, part) for r, part in enumerate(parts)]
-            result = robust_mean(parts, self.max_norm_ratio)
-            self.kept.append(result.kept)
-            if result.rejected:
-                self.rejected.append(dict(result.rejected))
-            if result.mean is None:
-                for loop in self.loops:  # every part dropped: the round is skipped, as a leader would
-                    loop.apply(b.fragment, None)
-                continue
-            mean = result.mean
-            if self.requantize_mean and self.codec is not None:
-                mean = quantized(mean, self.codec)[1]
-            self.in_flight[b.fragment] = (t, mean, as_sent)
-            if tau == 0:
-                self._apply(b.fragment, *self.in_flight.pop(b.fragment)[1:])
-        return sent
-
-    def _apply(self, fragment: int, mean: torch.Tensor, as_sent: list[torch.Tensor] | None) -> None:
-        for r, loop in enumerate(self.loops):
-            loop.apply(fragment, mean, sent=as_sent[r] if as_sent is not None else None)

@@ -9,7 +9,7 @@ from configs import CONFIG_DIR
 from node.config import SECTIONS, ConfigError, describe_fields, load_config, parse_override
 from node.model import LanguageModel, parameter_count
 from node.run_params import config_from_run, run_parameters
-from swarm import dataplane, diloco, exchange
+from swarm import dataplane, diloco, diloco_group, exchange
 
 SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*.toml") if p.parent.name != "hardware")  # hardware/: the GPU catalogue
 
@@ -135,7 +135,7 @@ def test_wire_codecs_are_checked_by_name():
     ("wire", dataplane.DataPlane.__init__, "wire"),
     ("dataplane", dataplane.DataPlane.__init__, "config"),
     ("diloco", diloco.OuterLoop.__init__, "settings"),
-    ("diloco", diloco.InProcessGroup.__init__, "settings"),
+    ("diloco", diloco_group.InProcessGroup.__init__, "settings"),
     ("diloco", diloco.due, "settings"),
     ("exchange", exchange.FragmentExchange.__init__, "config"),
 ])

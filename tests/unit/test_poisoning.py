@@ -1,6 +1,6 @@
 """Poisoned pseudo-gradients: a replica sending NaN, huge-norm or noise parts changes nothing for the
 honest replicas (their global copies stay bit-identical to a run without it), and one inside the norm
-bound is the documented limit. In-process replicas agreeing through swarm.diloco.InProcessGroup,
+bound is the documented limit. In-process replicas agreeing through swarm.diloco_group.InProcessGroup,
 whose robust mean is the one every exchange leader runs (swarm/exchange.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from test_swarm_diloco import batch, tiny_model  # the golden test's model and learnable batches
 
 from node.model import LanguageModel
-from swarm.diloco import DilocoConfig, InProcessGroup, OuterLoop
+from swarm.diloco import DilocoConfig, OuterLoop
+from swarm.diloco_group import InProcessGroup
 
 pytestmark = pytest.mark.slow  # trains a few replicas for several rounds (≈ 15 s)
 

@@ -13,13 +13,13 @@ from protocol.codecs import get_codec
 from swarm.diloco import (
     Boundary,
     DilocoConfig,
-    InProcessGroup,
     OuterLoop,
     due,
     quantized,
     robust_mean,
     split_fragments,
 )
+from swarm.diloco_group import InProcessGroup
 
 REPLICAS, STEPS = 3, 26
 

@@ -1,0 +1,67 @@
+"""Streaming DiLoCo's replicas agreeing in one process: the harness of the golden test, the
+poisoning test and bench/diloco.py (the swarm agrees through swarm/exchange.py instead)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from protocol.codecs import Codec, get_codec
+from swarm.diloco import DilocoConfig, OuterLoop, due, quantized, robust_mean
+
+
+class InProcessGroup:
+    """M replicas' outer loops agreeing in one process as the fragment exchange makes them agree: at
+    each boundary every replica's part (as sent: quantized with ``codec`` when given) goes through
+    :func:`robust_mean`, and the mean is applied τ inner steps later (at once with τ = 0). The golden
+    test, the benches and the poisoning test drive replicas with it; the swarm uses swarm/exchange.py.
+
+    ``corrupt(replica, part) -> part``, if given, replaces what a replica sends (a poisoner). Call
+    :meth:`after_step` once after every replica finished inner step ``t`` (1-based).
+    """
+
+    def __init__(self, loops: Sequence[OuterLoop], settings: DilocoConfig, codec: str | Codec | None = None,
+                 max_norm_ratio: float = 10.0, corrupt=None, requantize_mean: bool = False):
+        self.loops, self.settings, self.max_norm_ratio, self.corrupt = list(loops), settings, max_norm_ratio, corrupt
+        self.codec = get_codec(codec) if isinstance(codec, str) else codec
+        self.requantize_mean = requantize_mean  # the mean rounded with ``codec`` again, as a leader sends it
+        self.in_flight: dict[int, tuple[int, torch.Tensor, list[torch.Tensor] | None]] = {}
+        self.rejected: list[dict[int, str]] = []  # per round: replica → reason, when any part was dropped
+        self.kept: list[list[int]] = []
+
+    def after_step(self, t: int) -> int:
+        """Finish rounds whose τ steps are done, start the rounds due at ``t``; returns the payload bytes
+        one replica sent at this step."""
+        tau, sent = self.settings.overlap, 0
+        for p in [p for p, (t0, _, _) in self.in_flight.items() if tau > 0 and t0 + tau == t]:
+            self._apply(p, *self.in_flight.pop(p)[1:])
+        for b in due(self.settings, t - 1, t):
+            parts = [loop.begin(b.fragment, b.round) for loop in self.loops]
+            as_sent = None
+            if self.codec is not None:
+                parts = as_sent = [quantized(part, self.codec)[1] for part in parts]
+                sent += self.codec.payload_nbytes(parts[0].numel())
+            else:
+                sent += 4 * parts[0].numel()
+            if self.corrupt is not None:
+                parts = [self.corrupt(r, part) for r, part in enumerate(parts)]
+            result = robust_mean(parts, self.max_norm_ratio)
+            self.kept.append(result.kept)
+            if result.rejected:
+                self.rejected.append(dict(result.rejected))
+            if result.mean is None:
+                for loop in self.loops:  # every part dropped: the round is skipped, as a leader would
+                    loop.apply(b.fragment, None)
+                continue
+            mean = result.mean
+            if self.requantize_mean and self.codec is not None:
+                mean = quantized(mean, self.codec)[1]
+            self.in_flight[b.fragment] = (t, mean, as_sent)
+            if tau == 0:
+                self._apply(b.fragment, *self.in_flight.pop(b.fragment)[1:])
+        return sent
+
+    def _apply(self, fragment: int, mean: torch.Tensor, as_sent: list[torch.Tensor] | None) -> None:
+        for r, loop in enumerate(self.loops):
+            loop.apply(fragment, mean, sent=as_sent[r] if as_sent is not None else None)
