@@ -81,6 +81,7 @@ class ReplicaSync:
         self._seen_peers = False
         self._verify_resumed = False  # attached to a state resumed from a checkpoint: compare it once
         self._pending: dict[int, tuple[concurrent.futures.Future, int, RoundKey, float]] = {}
+        self._began_at: dict[int, int] = {}  # fragment -> self.steps at its last boundary (for the part's weight)
         self.resync_requested = False
         self.resync_from: list[str] = []  # peers to download from when resyncing (empty: any)
         self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
@@ -117,6 +118,7 @@ class ReplicaSync:
             self._abandon_pending()
             self.work, self.exchange = work, exchange
             self.epoch_steps, self.steps = 0, 0
+            self._began_at = {}
             if saved is not None:  # resumed from a checkpoint: continue the schedule where it stood
                 self.epoch = max(0, int(saved.get("outer_epoch", 0)))
                 self.epoch_steps = max(0, int(saved.get("epoch_steps", 0)))
@@ -250,7 +252,11 @@ class ReplicaSync:
         key = RoundKey(work.stage, fragment, round_id)
         with work.lock:
             part = work.outer.begin(fragment, round_id)
-        future = asyncio.run_coroutine_threadsafe(self.exchange.run_round(key, part), self.loop)
+        # The part counts by this replica's inner steps since its last part of the fragment (since it
+        # attached, for the first): a volunteer twice as fast moved the fragment twice as far.
+        weight = float(max(1, self.steps - self._began_at.get(fragment, 0)))
+        self._began_at[fragment] = self.steps
+        future = asyncio.run_coroutine_threadsafe(self.exchange.run_round(key, part, weight), self.loop)
         self._pending[fragment] = (future, self.steps, key, time.monotonic())
         self.stats["rounds_started"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), "started").inc()

@@ -374,13 +374,20 @@ class MeanResult:
     rejected: dict[int, str]  # index -> reason ("non_finite", "shape", "norm")
 
 
-def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0) -> MeanResult:
+def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0,
+                weights: Sequence[float] | None = None, max_weight_ratio: float = 4.0) -> MeanResult:
     """FP32 mean of the parts that are finite, of the right size, and whose L2 norm is at most
-    ``max_norm_ratio`` × the lower median of the finite, non-zero norms (equal weights). The parts'
-    size is the most common one; with two parts the lower median is the smaller norm, so of an honest
-    part and a huge one, the huge one goes."""
+    ``max_norm_ratio`` × the lower median of the finite, non-zero norms. The parts' size is the most
+    common one; with two parts the lower median is the smaller norm, so of an honest part and a huge
+    one, the huge one goes.
+
+    ``weights`` (e.g. each replica's inner steps since its last part; None: equal) weigh the kept
+    parts, each capped at ``max_weight_ratio`` × the lower median of the kept parts' weights, so no
+    part counts for more than that however much its sender claims."""
     if not max_norm_ratio >= 1.0:
         raise ValueError(f"max_norm_ratio must be >= 1, got {max_norm_ratio!r}")
+    if weights is not None and (len(weights) != len(parts) or not all(0 < w < math.inf for w in weights)):
+        raise ValueError("weights must be one positive finite number per part")
     rejected: dict[int, str] = {}
     numel = statistics.mode([p.numel() for p in parts]) if parts else 0
     norms: dict[int, float] = {}
@@ -400,7 +407,8 @@ def robust_mean(parts: Sequence[torch.Tensor], max_norm_ratio: float = 10.0) -> 
     kept = [i for i in range(len(parts)) if i not in rejected]
     if not kept:
         return MeanResult(None, [], rejected)
+    cap = max_weight_ratio * statistics.median_low([weights[i] for i in kept]) if weights is not None else 1.0
     acc = MeanAccumulator((numel,))
     for i in kept:
-        acc.add(parts[i])
+        acc.add(parts[i], weight=min(weights[i], cap) if weights is not None else 1.0)
     return MeanResult(acc.mean(), kept, rejected)

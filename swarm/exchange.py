@@ -84,6 +84,10 @@ class ExchangeConfig:
     max_norm_ratio: float = setting(
         10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average (>= 1)."
     )
+    max_weight_ratio: float = setting(
+        4.0, "A part counts in the mean by its sender's inner steps since its last part, capped at this × the "
+        "group's lower median (>= 1; 1 = equal weights)."
+    )
     max_values_per_part: int = setting(
         1 << 24, "Values in one FragmentPart frame; a fragment travels in ceil(values / this) parts (e3m0: 8 MiB)."
     )
@@ -96,6 +100,8 @@ class ExchangeConfig:
                        "max_early_rounds", "peer_strikes", "ban_s")
         if self.gather_s >= self.timeout_s:
             raise ConfigError(f"exchange.gather_s={self.gather_s} must be below exchange.timeout_s={self.timeout_s}")
+        if self.max_weight_ratio < 1.0:
+            raise ConfigError(f"exchange.max_weight_ratio must be >= 1, got {self.max_weight_ratio!r}")
         if self.max_norm_ratio < 1.0:
             raise ConfigError(f"exchange.max_norm_ratio must be >= 1, got {self.max_norm_ratio!r}")
 
@@ -157,6 +163,7 @@ class _Gather:
     def __init__(self, numel: int, expected: int, created: float) -> None:
         self.numel, self.expected, self.created = numel, expected, created
         self.parts: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}  # each part's weight as its sender gave it
         self.arrived = asyncio.Event()  # set whenever a part arrives
         self.result: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed = False  # True once the leader averaged: late parts are refused
@@ -195,8 +202,9 @@ class FragmentExchange:
 
     # ----------------------------------------------------------------------------------------- a round
 
-    async def run_round(self, key: RoundKey, part: torch.Tensor) -> RoundResult:
-        """Average ``part`` (this replica's flat outer gradient of ``key.fragment``) with its group."""
+    async def run_round(self, key: RoundKey, part: torch.Tensor, weight: float = 1.0) -> RoundResult:
+        """Average ``part`` (this replica's flat outer gradient of ``key.fragment``) with its group;
+        ``weight``: how much it counts (this replica's inner steps since its last part of the fragment)."""
         started = time.monotonic()
         if part.dim() != 1 or part.numel() != self.fragment_sizes[key.fragment]:
             raise ValueError(f"fragment {key.fragment} has {self.fragment_sizes[key.fragment]} values, "
@@ -205,9 +213,9 @@ class FragmentExchange:
         group = next(g for g in groups if self.peer_id in g)
         try:
             if group[0] == self.peer_id:
-                result = await self._lead(key, part, group)
+                result = await self._lead(key, part, group, weight)
             else:
-                result = await self._join(key, part, group[0])
+                result = await self._join(key, part, group[0], weight)
         except Exception as exc:  # never let a round take the caller down
             logger.warning("round %s failed: %s", key, exc)
             result = RoundResult(None, "leader" if group[0] == self.peer_id else "member", group[0],
@@ -219,10 +227,11 @@ class FragmentExchange:
         self.stats["parts_rejected"] += len(result.rejected)
         return result
 
-    async def _lead(self, key: RoundKey, part: torch.Tensor, group: list[str]) -> RoundResult:
+    async def _lead(self, key: RoundKey, part: torch.Tensor, group: list[str], weight: float) -> RoundResult:
         gather = self._gather(key, expected=len(group), own=True)
         gather.expected = len(group)
         own = gather.parts[self.peer_id] = quantized(part, self.codec)[1]
+        gather.weights[self.peer_id] = weight
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.gather_s
         while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
@@ -237,7 +246,8 @@ class FragmentExchange:
         while len(self._closed) > 4 * self.config.max_early_rounds:
             self._closed.popitem(last=False)
         peers = list(gather.parts)
-        outcome = robust_mean([gather.parts[p] for p in peers], self.config.max_norm_ratio)
+        outcome = robust_mean([gather.parts[p] for p in peers], self.config.max_norm_ratio,
+                              [gather.weights.get(p, 1.0) for p in peers], self.config.max_weight_ratio)
         rejected = {peers[i]: why for i, why in outcome.rejected.items()}
         for peer, why in rejected.items():
             logger.info("round %s: dropped %s's part (%s)", key, peer, why)
@@ -256,7 +266,7 @@ class FragmentExchange:
         return RoundResult(mean, "leader", self.peer_id, group=kept, group_size=len(kept), rejected=rejected,
                            sent=own)
 
-    async def _join(self, key: RoundKey, part: torch.Tensor, leader: str) -> RoundResult:
+    async def _join(self, key: RoundKey, part: torch.Tensor, leader: str, weight: float) -> RoundResult:
         from hivemind.p2p import PeerID
 
         timeout = self.config.timeout_s
@@ -267,7 +277,7 @@ class FragmentExchange:
             async with asyncio.timeout(timeout):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(leader), HANDLER)
                 try:
-                    for body in self._encode_parts(key, result.sent):
+                    for body in self._encode_parts(key, result.sent, weight=weight):
                         await write_frame(writer, body, timeout=max(0.1, deadline - loop.time()))
                         result.bytes_sent += len(body) + PREFIX_BYTES
                     mean, received, _, size = await self._read_parts(reader, key, leader)
@@ -378,7 +388,7 @@ class FragmentExchange:
         if peer not in self.peers:
             return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
         try:
-            values, received, key, _ = await self._read_parts(reader, None, peer, timeout=self.config.timeout_s)
+            values, received, key, weight = await self._read_parts(reader, None, peer, timeout=self.config.timeout_s)
         except (RemoteError, ConnectionLost, StreamIdle):  # the member left or went quiet: no offence
             return []
         except ProtocolError as exc:
@@ -398,7 +408,7 @@ class FragmentExchange:
             return [self._error("late", f"round {key.round} of fragment {key.fragment} is already averaged")]
         if peer in gather.parts or len(gather.parts) >= self.config.max_group:
             return [self._error("rejected", "duplicate part or full group")]
-        gather.parts[peer] = values
+        gather.parts[peer], gather.weights[peer] = values, weight
         gather.arrived.set()
         try:
             outcome = await asyncio.wait_for(asyncio.shield(gather.result), self.config.timeout_s)

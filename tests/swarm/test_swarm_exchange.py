@@ -85,6 +85,25 @@ def test_three_replicas_agree_on_the_same_mean():
     run_p2p(3, body)
 
 
+def test_parts_count_by_their_senders_weight():
+    """Each replica's weight (its inner steps) reaches the leader; the mean is weighted, capped by
+    exchange.max_weight_ratio."""
+    async def body(*daemons):
+        ex, _ = await registered(daemons, max_weight_ratio=4.0)
+        key = RoundKey(0, 0, 5)
+        mine, weights = parts(3, seed=4), [1.0, 3.0, 100.0]
+        results = await asyncio.gather(*(e.run_round(key, p, w) for e, p, w in zip(ex, mine, weights, strict=True)))
+        sent = [quantized(p, "e3m0")[1] for p in mine]
+        want = quantized((sent[0] * 1 + sent[1] * 3 + sent[2] * 12) / 16, "e3m0")[1]  # 100 capped at 4 × 3
+        for r in results:
+            assert r.mean is not None, r.reason
+            torch.testing.assert_close(r.mean, want, rtol=0, atol=float(want.abs().max()) / 8)
+        unweighted = quantized(robust_mean(sent).mean, "e3m0")[1]
+        assert not torch.equal(results[0].mean, unweighted)
+
+    run_p2p(3, body)
+
+
 def test_a_silent_member_is_left_out_and_a_dead_leader_skips_the_round():
     async def body(*daemons):
         ex, peers = await registered(daemons)

@@ -137,7 +137,7 @@ def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int, group_size: 
         def __init__(self):
             self.stats = {}
 
-        async def run_round(self, key, part):
+        async def run_round(self, key, part, weight=1.0):
             await asyncio.sleep(0.4)
             return types.SimpleNamespace(mean=torch.zeros_like(part), bytes_sent=1, bytes_received=1, rejected={},
                                          group_size=group_size, reason="")

@@ -192,6 +192,21 @@ def test_schedule_is_a_pure_function_of_progress():
     assert seen == due(s, 0, t)
 
 
+def test_robust_mean_weighs_parts_and_caps_a_claimed_weight():
+    a, b, c = torch.full((4,), 1.0), torch.full((4,), 2.0), torch.full((4,), 4.0)
+    assert torch.equal(robust_mean([a, b, c]).mean, torch.full((4,), 7 / 3))
+    # weights 1, 3, 2: (1·1 + 3·2 + 2·4) / 6
+    torch.testing.assert_close(robust_mean([a, b, c], weights=[1, 3, 2]).mean, torch.full((4,), 15 / 6))
+    # a part claiming 1e9 steps counts max_weight_ratio × the lower median (2) = 8 at most
+    torch.testing.assert_close(robust_mean([a, b, c], weights=[1, 2, 1e9]).mean, torch.full((4,), (1 + 4 + 32) / 11))
+    # a dropped part's weight neither counts nor sets the median
+    bad = torch.full((4,), float("nan"))
+    torch.testing.assert_close(robust_mean([a, bad, c], weights=[2, 1e9, 2]).mean, torch.full((4,), 2.5))
+    for weights in ([1, 2], [1, 0, 1], [1, float("inf"), 1]):
+        with pytest.raises(ValueError):
+            robust_mean([a, b, c], weights=weights)
+
+
 def test_fragments_strided_sequential_and_errors():
     names = ["emb", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.2.a", "norm", "head"]
     assert split_fragments(names, 2) == [["emb", "blocks.1.a", "norm"], ["blocks.0.a", "blocks.0.b", "blocks.2.a", "head"]]
