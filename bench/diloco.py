@@ -13,6 +13,7 @@ cosine); they differ only in how the replicas agree:
 - ``streaming_e3m0_requant``  ... and the mean rounded to E3M0 again, as the swarm's leader sends it
 - ``streaming_e3m0_ef``  4-bit parts with error feedback (each replica adds what its last part lost)
 - ``streaming_int2``     2-bit parts (``int2``: 2.125 bits a value), ``streaming_int2_ef`` with error feedback
+- ``streaming_topk_ef``  the largest 1/32 of each part (``topk``: 1.5 bits a value) with error feedback
 - ``streaming_e3m0_lr4e-4``  4-bit parts at the paper's inner learning rate, 4e-4
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
@@ -148,6 +149,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_ef": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "e3m0"},
         "streaming_int2": {"settings": DilocoConfig(**streaming), "codec": "int2"},
         "streaming_int2_ef": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "int2"},
+        "streaming_topk_ef": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "topk"},
         "streaming_e3m0_lr4e-4": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "inner_lr": 4e-4},
     }
 

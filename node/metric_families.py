@@ -40,7 +40,7 @@ MICROBATCH_RESULTS = ("ok", "dropped", "retried")
 PIPELINE_DIRECTIONS = ("forward", "backward")
 PIPELINE_WAYS = ("sent", "received")
 PIPELINE_PHASES = ("forward", "backward", "step")
-BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0", "int2")
+BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0", "int2", "topk")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
 REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",

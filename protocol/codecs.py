@@ -18,6 +18,8 @@ name       what it sends                                   bits per value
            mantissa; 256 values share an fp32 scale
 ``int2``   2-bit uniform: ±σ/2, ±3σ/2 with σ the RMS of    2 + 32/256 = 2.125
            the block's 256 values (fp32), larger clipped
+``topk``   the largest 1/32 of the values: int32 indices   48/32 = 1.5
+           (strictly increasing), then bf16 values
 =========  ==============================================  ======================
 
 E3M0 (Streaming DiLoCo's 4-bit format, DESIGN §1.2): a value is ``scale · ±2^(e−7)`` for code
@@ -257,7 +259,44 @@ class Int2Codec(_Blockwise):
         return self._lookup(payload, numel, check_finite, self._QUADS)
 
 
-for _builtin in (Float32Codec, BFloat16Codec, Float16Codec, Int8Codec, E3M0Codec, Int2Codec):
+class TopKCodec(Codec):
+    """The largest 1/32 of the values by magnitude: their indices (int32, strictly increasing) then
+    their values (bf16); the rest decode as 0. 6 bytes a kept value, 1.5 bits a value in all. Meant for
+    outer gradients with error feedback, which carries the values left out to the next round."""
+
+    name = "topk"
+    density: ClassVar[int] = 32  # one value in this many is sent
+
+    def kept(self, numel: int) -> int:
+        return -(-numel // self.density)
+
+    def payload_nbytes(self, numel: int) -> int:
+        return 6 * self.kept(numel)
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        flat = _check_input(tensor, self.name).reshape(-1).to(torch.float32)
+        if not all_finite(flat):
+            raise ValueError(f"codec {self.name!r} cannot send NaN or inf values")
+        index = torch.topk(flat.abs(), self.kept(flat.numel()), sorted=False).indices.sort().values
+        values = flat[index].to(torch.bfloat16)
+        if not all_finite(values):
+            raise ValueError(f"codec {self.name!r}: values overflow bfloat16 to inf")
+        return _as_bytes(index.to(torch.int32)) + _as_bytes(values)
+
+    def _decode(self, payload, numel: int, check_finite: bool) -> torch.Tensor:
+        k = self.kept(numel)
+        index = _view(payload, torch.int32, k).to(torch.int64)
+        if k and (int(index[0]) < 0 or int(index[-1]) >= numel or (k > 1 and not bool((index.diff() > 0).all()))):
+            raise TensorError(f"{self.name} indices must be strictly increasing and below {numel}")
+        values = _view(payload, torch.bfloat16, k, offset=4 * k).to(torch.float32)
+        if check_finite and not all_finite(values):
+            raise NonFiniteError(f"{self.name} tensor holds NaN or inf values")
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[index] = values
+        return out
+
+
+for _builtin in (Float32Codec, BFloat16Codec, Float16Codec, Int8Codec, E3M0Codec, Int2Codec, TopKCodec):
     register_codec(_builtin())
 
 

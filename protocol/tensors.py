@@ -41,7 +41,7 @@ INT_WIRE_TYPES: dict[str, torch.dtype] = {"u8": torch.uint8, "u16": torch.uint16
 
 
 # Codecs a receiver accepts unless configured otherwise; hivemind's must be opted into by name.
-BUILTIN_CODECS = frozenset({"fp32", "bf16", "fp16", "int8", "e3m0", "int2"})
+BUILTIN_CODECS = frozenset({"fp32", "bf16", "fp16", "int8", "e3m0", "int2", "topk"})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -78,7 +78,7 @@ def test_every_codec_round_trips_every_shape(name, shape):
     y = codec.decode(payload, shape)
     assert y.dtype == torch.float32 and tuple(y.shape) == shape
     if x.numel():
-        tolerance = {"e3m0": 0.5, "int2": 0.75, "int8": 0.01, "hivemind-uniform8bit": 0.5}.get(name, 0.01)
+        tolerance = {"e3m0": 0.5, "int2": 0.75, "topk": 1.0, "int8": 0.01, "hivemind-uniform8bit": 0.5}.get(name, 0.01)
         assert (y - x).abs().max() <= tolerance * x.abs().max()
 
 
@@ -177,6 +177,26 @@ def test_int2_size_and_error():
     # on Gaussian values it is near the best 4-level quantizer (mean squared error ≈ 0.118 σ²)
     g = _randn(256 * 64, seed=3)
     assert float((_roundtrip("int2", g) - g).square().mean()) < 0.13
+
+
+def test_topk_keeps_the_largest_values_and_refuses_bad_indices():
+    x = _randn(1000, seed=8)
+    codec = get_codec("topk")
+    y = _roundtrip("topk", x)
+    kept = y != 0
+    assert int(kept.sum()) == 32 and codec.payload_nbytes(1000) == 6 * 32 and codec.bits_per_value(3200) == 1.5
+    assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())  # the 32 largest magnitudes
+    torch.testing.assert_close(y[kept], x[kept].to(torch.bfloat16).float())
+    payload = bytearray(codec.encode(x))
+    for index in (-1, 1000):  # out of range
+        bad = bytearray(payload)
+        bad[0:4] = index.to_bytes(4, "little", signed=True)
+        with pytest.raises(TensorError):
+            codec.decode(bytes(bad), (1000,))
+    bad = bytearray(payload)
+    bad[4:8] = bad[0:4]  # a repeated index
+    with pytest.raises(TensorError):
+        codec.decode(bytes(bad), (1000,))
 
 
 def test_e3m0_and_int8_sizes():

@@ -127,7 +127,8 @@ def run_swarm_diloco(settings: DilocoConfig, codec: str | None):
     return models, group.loops
 
 
-@pytest.mark.parametrize("codec,error_feedback", [(None, False), ("e3m0", False), ("e3m0", True), ("int2", True)])
+@pytest.mark.parametrize("codec,error_feedback", [(None, False), ("e3m0", False), ("e3m0", True), ("int2", True),
+                                                  ("topk", True)])
 @pytest.mark.parametrize("overlap,alpha", [(2, 0.5), (0, 0.0)])
 def test_golden_streaming_diloco_matches_the_reference(codec, error_feedback, overlap, alpha):
     settings = DilocoConfig(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7,
