@@ -261,3 +261,14 @@ async def _send_encoded(writer: asyncio.StreamWriter, body: bytes, timeout: floa
     except ProtocolError as exc:  # FrameTimeout (peer not reading) or ConnectionLost
         logger.info("peer %s: cannot deliver a reply (%s); closing the stream", peer, exc)
         return False
+
+
+async def linger(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Discard what the peer still sends until it closes (at most ``seconds``). Closing a stream with
+    unread input can reset it and lose the reply just written, e.g. an error sent before the parts."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 16):
+                pass
+    except (TimeoutError, OSError, ConnectionError):
+        pass

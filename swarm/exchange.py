@@ -54,7 +54,7 @@ from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, Rem
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
 from protocol.settings import ConfigError, check_positive, setting
-from protocol.streams import PeerStrikes
+from protocol.streams import PeerStrikes, linger
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.diloco import quantized, robust_mean
 
@@ -376,7 +376,7 @@ class FragmentExchange:
             for body in reply:
                 await write_frame(writer, body, timeout=self.config.timeout_s)
                 self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
-            await _linger(reader, LINGER_S)
+            await linger(reader, LINGER_S)
         except Exception as exc:  # a broken member stream must never reach the event loop
             logger.debug("exchange stream from %s ended: %s", peer, exc)
         finally:
@@ -436,17 +436,6 @@ class FragmentExchange:
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
             logger.warning("exchange: peer %s banned for %.0f s (%s)", peer, self.config.ban_s, why)
-
-
-async def _linger(reader: asyncio.StreamReader, seconds: float) -> None:
-    """Discard what the peer still sends until it closes (at most ``seconds``). Closing a stream with
-    unread input can reset it and lose the reply just written, e.g. an error sent before the parts."""
-    try:
-        async with asyncio.timeout(seconds):
-            while await reader.read(1 << 16):
-                pass
-    except (TimeoutError, OSError, ConnectionError):
-        pass
 
 
 class _Refuse(Exception):
