@@ -44,9 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.resume import ResultStore
+from node.chain import StageChain
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
-from node.engine import StageChain, StageEngine, build_engine
+from node.engine import StageEngine, build_engine
 from node.train_local import evaluate
 from swarm.diloco import DilocoConfig, OuterLoop
 from swarm.diloco_group import InProcessGroup

@@ -56,9 +56,10 @@ import hivemind
 from hivemind.compression import Float16Compression
 from hivemind.optim.grad_averager import GradientAverager
 
+from node.chain import StageChain
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
-from node.engine import StageChain, build_engine
+from node.engine import build_engine
 from node.model import lm_loss, parameter_groups
 from node.train_local import evaluate, lr_at
 

@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.chain import StageChain
 from node.config import load_config
 from node.data import load_corpus, validation_batches
-from node.engine import StageChain
 from node.model import LanguageModel, lm_loss
 from node.train_local import train_local
 from protocol import subspace

@@ -17,7 +17,10 @@
                         what it may serve then (``stages_for``)
 - ``node.run_params``   what a run publishes and what a joiner keeps local (``config_from_run``)
 - ``node.engine``       ``StageEngine``: one stage's tensors on its device and its inner training step, the
-                        only stage engine; ``StageChain``: every stage in one process
+                        only stage engine
+- ``node.chain``        ``StageChain``: every stage in one process, boundaries as a swarm's (optionally
+                        rounded through the wire codecs)
+- ``node.model_config`` ``ModelConfig`` (``[model]``), re-exported by ``node.config``
 - ``node.pipeline``     ``PipelineCompute`` (a stage engine on its worker thread) and ``PipelineRole``
                         (serving and driving a pipeline stage)
 - ``node.replica_sync`` ``ReplicaSync``: Streaming DiLoCo between the replicas of the served stage

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -26,75 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from node.config_toml import coerce_value, merge_tables, parse_override, read_layered, resolve_config_path
+from node.model_config import ModelConfig
 from protocol.settings import ConfigError, check_positive, setting, setting_list
 from protocol.tensors import WireConfig
 from swarm.dataplane import DataplaneConfig
 from swarm.diloco import DilocoConfig
 from swarm.exchange import ExchangeConfig
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Shape of the Llama-style decoder and the subspace constraint (docs/model.md)."""
-
-    SECTION = "model"
-
-    name: str = setting("custom", "Preset name, for logs and checkpoints only.")
-    vocab_size: int = setting(256, "Token vocabulary size (tokens). 256 = raw bytes.")
-    d_model: int = setting(256, "Residual stream width d (features per token).")
-    n_layers: int = setting(8, "Number of transformer blocks.")
-    n_heads: int = setting(4, "Attention query heads; d_model must be divisible by it.")
-    n_kv_heads: int | None = setting(None, "Key/value heads for grouped-query attention; None = n_heads.")
-    ffn_hidden: int | None = setting(None, "SwiGLU hidden width (features); None = 8/3·d rounded up to 64.")
-    max_seq_len: int = setting(256, "Longest sequence the RoPE tables cover (tokens).")
-    rope_theta: float = setting(10000.0, "RoPE base frequency.")
-    norm_eps: float = setting(1e-5, "RMSNorm epsilon.")
-    init_std: float = setting(0.02, "Std of the normal init of dense weights and the dense embedding.")
-    subspace_rank: int | None = setting(
-        None,
-        "k: rank of the shared subspace every stage boundary lives in (numbers per token sent "
-        "between stages). None = ordinary dense model.",
-    )
-    subspace_seed: int = setting(
-        0, "Seed the swarm agrees on; derives the basis U (d×k) and the frozen token table T_fixed (V×d)."
-    )
-    fixed_table_std: float = setting(
-        1.0, "Std of the entries of the frozen high-rank token table T_fixed (subspace model only)."
-    )
-    fixed_table: bool | None = setting(
-        None,
-        "Add the frozen token table T_fixed to the input embedding. None = on exactly when "
-        "subspace_rank is set; true with a dense model gives the fair dense baseline (DESIGN §1.1).",
-    )
-
-    def __post_init__(self) -> None:
-        check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
-        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ConfigError("model.d_model / model.n_heads (head size) must be even for RoPE")
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
-        if self.subspace_rank is not None and self.subspace_rank > self.d_model:
-            raise ConfigError(
-                f"model.subspace_rank={self.subspace_rank} exceeds model.d_model={self.d_model}: "
-                "the subspace must be a proper part of the residual stream"
-            )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hidden(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        return 64 * math.ceil(8 * self.d_model / 3 / 64)
-
-    @property
-    def uses_fixed_table(self) -> bool:
-        return self.subspace_rank is not None if self.fixed_table is None else self.fixed_table
 
 
 @dataclass(kw_only=True)
@@ -191,6 +127,16 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1.")
     beta2: float = setting(0.95, "AdamW beta2.")
     grad_clip: float = setting(1.0, "Clip the global gradient L2 norm to this; 0 disables.")
+    subspace_lr_mult: float = setting(
+        1.0, "Learning-rate multiplier for the subspace coefficients Z of constrained residual writers."
+    )
+    embedding_lr_mult: float = setting(
+        1.0, "Learning-rate multiplier for the token embedding (its k-dim coefficients in a subspace model)."
+    )
+    wire_boundaries: bool = setting(
+        False, "train-local only: round every boundary and its gradient through wire.activation_codec and "
+        "wire.gradient_codec, as a swarm's network would (false: boundaries pass exactly)."
+    )
     eval_every: int = setting(50, "Validate every this many steps (steps); 0 = only at the end.")
     eval_batches: int = setting(8, "Validation microbatches per evaluation.")
     log_every: int = setting(10, "Print progress every this many steps (steps).")
@@ -210,7 +156,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "lr", "log_every", "eval_batches",
                        "checkpoint_keep")
-        check_positive(self, "threads")
+        check_positive(self, "threads", "subspace_lr_mult", "embedding_lr_mult")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -346,7 +292,15 @@ class RunConfig:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     def __post_init__(self) -> None:
-        self.pipeline.stage_ranges(self.model.n_layers)
+        ranges = self.pipeline.stage_ranges(self.model.n_layers)
+        tail = self.model.dense_tail_layers
+        if self.model.subspace_rank and tail is not None and self.pipeline.layer_splits is not None \
+                and ranges[-1].start > self.model.n_layers - tail:
+            raise ConfigError(
+                f"model.dense_tail_layers={tail} reaches into an earlier stage (the last stage starts at layer "
+                f"{ranges[-1].start}): a boundary after a dense layer is not in the subspace; lower it or move "
+                "pipeline.layer_splits"
+            )
         if self.swarm.stage is not None and self.swarm.stage >= self.pipeline.num_stages:
             raise ConfigError(
                 f"swarm.stage={self.swarm.stage} does not exist: pipeline.num_stages={self.pipeline.num_stages}"

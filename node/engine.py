@@ -1,7 +1,7 @@
 """The stage engine: one stage's tensors and its inner training step, on one device.
 
 :class:`StageEngine` is the only place where a stage trains. ``node train-local`` chains one engine per
-stage in a process (:class:`StageChain`), the daemon runs one (the whole model with one stage, one
+stage in a process (:class:`node.chain.StageChain`), the daemon runs one (the whole model with one stage, one
 pipeline stage otherwise), and the benches and the subspace exactness tests go through the same code.
 
 What an engine owns, all on ``device`` (CUDA when ``train.device`` resolves to it):
@@ -33,8 +33,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,7 +95,8 @@ class StageEngine:
         self.on_step = on_step
         # On CUDA the fused kernel: one launch for the whole stage, and no whole-group temporaries (the
         # default foreach AdamW takes sqrt(exp_avg_sq) of a parameter group at once: 4 B a parameter).
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.module, train.weight_decay), lr=train.lr,
+        groups = parameter_groups(self.module, train.weight_decay, train.subspace_lr_mult, train.embedding_lr_mult)
+        self.optimizer = torch.optim.AdamW(groups, lr=train.lr,
                                            betas=(train.beta1, train.beta2), fused=self.device.type == "cuda")
         self.outer = None  # swarm.diloco.OuterLoop, attached by attach_outer()
         self.lock = threading.RLock()
@@ -247,8 +248,9 @@ class StageEngine:
             finite = bool(torch.isfinite(norm))
             if finite:
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.progress, t)
+                    group["lr"] = lr_at(self.progress, t) * group.get("lr_mult", 1.0)
                 self.optimizer.step()
+                self.module.project_()  # the ``projected`` parameterisation: back into span(U)
                 self.progress += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.accumulated = 0
@@ -379,67 +381,3 @@ def build_engine(cfg: RunConfig, stage: int, device: torch.device | str = "cpu",
 
 
 # ---------------------------------------------------------------------------------------------- a chain
-
-@dataclass
-class StagedStep:
-    """One microbatch through a :class:`StageChain`: its loss and what crossed each boundary."""
-
-    loss: float
-    boundaries: list[torch.Tensor] = field(default_factory=list)  # output of stage s, s = 0..S-2
-    boundary_grads: list[torch.Tensor] = field(default_factory=list)  # ∂L/∂ output of stage s
-
-
-class StageChain:
-    """Every stage of a model in one process, one engine each, crossing every boundary as a swarm does:
-    the only coupling between stages is the boundary tensor (no autograd edge), so this is the swarm's
-    computation without the network. ``node train-local`` trains with it; the exactness tests compare
-    it with the unsplit :class:`node.model.LanguageModel`."""
-
-    def __init__(self, engines: Sequence[StageEngine]) -> None:
-        if not engines or not engines[0].is_first or not engines[-1].is_last:
-            raise ValueError("a chain needs every stage, first to last")
-        self.engines = list(engines)
-        self._keys = 0
-
-    @classmethod
-    def build(cls, cfg: RunConfig, device: torch.device | str = "cpu", backward: str = "stash") -> StageChain:
-        """Engines for all of ``cfg``'s stages at their seeded init, sharing one basis and table."""
-        shared = shared_tensors(cfg.model, torch.device(device))
-        return cls([build_engine(cfg, s, device, backward=backward, shared=shared)
-                    for s in range(cfg.pipeline.num_stages)])
-
-    @classmethod
-    def around(cls, stages: Sequence[Stage], train: TrainConfig, backward: str = "stash") -> StageChain:
-        """Engines around stage modules that already exist (e.g. an unsplit ``LanguageModel``'s stages,
-        for the exactness tests): the same parameter tensors, on the device they are on."""
-        return cls([StageEngine(stage, train, next(stage.parameters()).device, backward=backward) for stage in stages])
-
-    @property
-    def progress(self) -> int:
-        return self.engines[-1].progress
-
-    def train_microbatch(self, ids: torch.Tensor, record: bool = False) -> StagedStep:
-        """Forward and backward of one window through every stage (each engine steps on its own after
-        ``train.grad_accum`` microbatches). ``record`` keeps copies of the boundaries and their gradients."""
-        self._keys += 1
-        key, boundary, out = self._keys, None, StagedStep(loss=math.nan)
-        for engine in self.engines[:-1]:
-            boundary = engine.forward(key, ids, boundary)
-            if record:
-                out.boundaries.append(boundary.clone())
-        out.loss, grad = self.engines[-1].forward_backward_last(ids, boundary)
-        for engine in reversed(self.engines[:-1]):
-            if record:
-                out.boundary_grads.insert(0, grad.clone())
-            grad = engine.backward(key, grad)
-        return out
-
-    def evaluate(self, ids: torch.Tensor) -> float:
-        """The loss of one window, forward only."""
-        boundary = None
-        for engine in self.engines:
-            boundary = engine.infer(ids, boundary)
-        return float(boundary)
-
-    def modules(self) -> list[Stage]:
-        return [e.module for e in self.engines]

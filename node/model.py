@@ -51,20 +51,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class ResidualWriter(nn.Module):
-    """A projection that writes into the residual stream: dense ``W``, or ``U·Z`` inside span(U)."""
+    """A projection that writes into the residual stream: dense ``W``, ``U·Z`` inside span(U)
+    (``factored``), or a dense ``W`` kept in span(U) by :meth:`Stage.project_` (``projected``)."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int | None, std: float) -> None:
+    def __init__(self, d_in: int, d_out: int, rank: int | None, std: float, projected: bool = False) -> None:
         super().__init__()
         self.rank = rank
-        if rank is None:
+        self.projected = projected and rank is not None
+        if rank is None or self.projected:
+            # A projected W is drawn dense and projected by the stage (which holds U), std raised there.
             self.weight = nn.Parameter(torch.empty(d_out, d_in).normal_(0.0, std))
         else:
             # Z's std is raised by sqrt(d/k) so |U·Z·x| matches the dense init's output norm.
             self.weight = nn.Parameter(torch.empty(rank, d_in).normal_(0.0, std * math.sqrt(d_out / rank)))
 
+    @property
+    def factored(self) -> bool:
+        return self.rank is not None and not self.projected
+
     def forward(self, x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.rank is None:
+        if not self.factored:
             return y
         # Two thin matmuls: never materialise the d×d_in product U·Z.
         return y @ basis.to(y.dtype).T
@@ -73,6 +80,7 @@ class ResidualWriter(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, writer_rank: int | None) -> None:
         super().__init__()
+        projected = cfg.subspace_param == "projected"
         self.n_heads, self.n_kv = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         std = cfg.init_std
@@ -80,7 +88,7 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=False)
         for lin in (self.wq, self.wkv):
             nn.init.normal_(lin.weight, 0.0, std)
-        self.wo = ResidualWriter(cfg.d_model, cfg.d_model, writer_rank, std / math.sqrt(2 * cfg.n_layers))
+        self.wo = ResidualWriter(cfg.d_model, cfg.d_model, writer_rank, std / math.sqrt(2 * cfg.n_layers), projected)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -96,7 +104,8 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
         nn.init.normal_(self.w_gate_up.weight, 0.0, cfg.init_std)
-        self.w_down = ResidualWriter(cfg.hidden, cfg.d_model, writer_rank, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.w_down = ResidualWriter(cfg.hidden, cfg.d_model, writer_rank, cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                                     cfg.subspace_param == "projected")
 
     def forward(self, x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -114,6 +123,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, basis)
         return x + self.mlp(self.mlp_norm(x), basis)
+
+
+def writer_rank(cfg: ModelConfig, layer: int, last_stage: bool) -> int | None:
+    """k when layer ``layer``'s residual writers are constrained to span(U), None when they are dense: the
+    last ``model.dense_tail_layers`` layers, or (unset) the layers of the last stage."""
+    if not cfg.subspace_rank:
+        return None
+    tail = cfg.dense_tail_layers
+    dense = last_stage if tail is None else layer >= cfg.n_layers - tail
+    return None if dense else cfg.subspace_rank
 
 
 def shared_tensors(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -149,16 +168,54 @@ class Stage(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-        writer_rank = None if self.is_last else k
-        self.blocks = nn.ModuleList(Block(cfg, writer_rank) for _ in layers)
+        self.blocks = nn.ModuleList(Block(cfg, writer_rank(cfg, layer, self.is_last)) for layer in layers)
+        self.projected = bool(k) and cfg.subspace_param == "projected"
         if self.is_first:
-            emb_width = k or cfg.d_model
-            emb_std = cfg.init_std * (math.sqrt(cfg.d_model / k) if k else 1.0)
+            emb_width = cfg.d_model if self.projected or not k else k
+            # (a projected embedding is drawn dense and raised by sqrt(d/k) after its projection, below)
+            emb_std = cfg.init_std * (math.sqrt(cfg.d_model / k) if k and not self.projected else 1.0)
             self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
+        # Each stage's own gain on T_fixed: it adds gain·T at its input and removes it at its output.
+        self.table_gain = nn.Parameter(torch.ones(())) if cfg.table_gain and table is not None else None
         if self.is_last:
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+        if self.projected:
+            # Projection shrinks a dense draw's norm by sqrt(k/d): raise it back, as the factored init does.
+            self.project_()
+            with torch.no_grad():
+                for p in self.constrained_parameters():
+                    p.mul_(math.sqrt(cfg.d_model / k))
+
+    def constrained_parameters(self) -> list[nn.Parameter]:
+        """Parameters kept in span(U) by projection (``projected`` parameterisation only)."""
+        if not self.projected:
+            return []
+        out = [m.weight for m in self.modules() if isinstance(m, ResidualWriter) and m.projected]
+        return [*out, self.embedding] if self.is_first else out
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """``projected`` parameterisation: put every constrained dense writer (and the embedding) back in
+        span(U), ``W ← U·(Uᵀ·W)``; the optimizer calls it after every step. A no-op otherwise."""
+        if not self.projected:
+            return
+        basis = self.basis.to(torch.float32)
+        for module in self.modules():
+            if isinstance(module, ResidualWriter) and module.projected:
+                w = module.weight
+                w.copy_((basis @ (basis.T @ w.float())).to(w.dtype))
+        if self.is_first:
+            e = self.embedding
+            e.copy_(((e.float() @ basis) @ basis.T).to(e.dtype))
+
+    def table_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """``gain·T_fixed[ids]`` in fp32 (None without a table)."""
+        if self.table is None:
+            return None
+        rows = self.table[ids].float()
+        return rows if self.table_gain is None else rows * self.table_gain
 
     @property
     def boundary_width(self) -> int:
@@ -167,12 +224,12 @@ class Stage(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embedding)
-        if self.basis is not None:
+        if self.basis is not None and not self.projected:
             x = x @ self.basis.to(x.dtype).T
         if self.table is not None:
             # Keep the residual stream fp32 under autocast: T_fixed is most of |x|, and a bf16 stream
             # would round the trainable part at the table's scale.
-            x = x.float() + self.table[ids].float()
+            x = x.float() + self.table_rows(ids)
         return x
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +243,12 @@ class Stage(nn.Module):
 
     def encode(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Residual stream → what crosses the boundary after this stage (coefficients, or x if dense)."""
-        return x if self.basis is None else subspace.encode(x, ids, self.basis, self.table)
+        return x if self.basis is None else subspace.encode(x, ids, self.basis, self.table, self.table_gain)
 
     def decode(self, boundary: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """What crossed the boundary before this stage → residual stream."""
-        return boundary if self.basis is None else subspace.decode(boundary, ids, self.basis, self.table)
+        return boundary if self.basis is None else subspace.decode(boundary, ids, self.basis, self.table,
+                                                                    self.table_gain)
 
     def forward(self, boundary_in: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """First stage: ids → boundary; middle: boundary → boundary; last: boundary → logits."""
@@ -210,7 +268,7 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, pipeline: PipelineConfig | None = None,
                  stages: list[Stage] | None = None) -> None:
         """Build the stages (``torch``'s global seed decides the init), or hold ``stages`` already built
-        (e.g. the modules of a :class:`node.engine.StageChain`: the same tensors, no copy)."""
+        (e.g. the modules of a :class:`node.chain.StageChain`: the same tensors, no copy)."""
         super().__init__()
         self.cfg = cfg
         if stages is None:
@@ -222,7 +280,9 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (b, n, V), or the mean loss when ``targets`` are given."""
         x = self.stages[0].embed(ids)
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
+            if i and stage.table_gain is not None:  # each stage holds its own gain on T_fixed
+                x = x + (stage.table_gain - self.stages[i - 1].table_gain) * stage.table[ids].float()
             x = stage.run_blocks(x)
         logits = self.stages[-1].logits(x)
         return logits if targets is None else lm_loss(logits, targets)
@@ -231,21 +291,29 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices (incl. Z), none on norms and embeddings."""
-    decay, no_decay = [], []
+def parameter_groups(module: nn.Module, weight_decay: float, subspace_lr_mult: float = 1.0,
+                     embedding_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: decay on weight matrices (incl. Z), none on norms, gains and embeddings; each group's
+    ``lr_mult`` scales the scheduled learning rate (Z of factored writers, the embedding)."""
+    z_ids = {id(m.weight) for m in module.modules() if isinstance(m, ResidualWriter) and m.factored}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and not name.endswith("embedding") else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        embedding = name.endswith("embedding")
+        decay = param.ndim >= 2 and not embedding
+        mult = embedding_lr_mult if embedding else subspace_lr_mult if id(param) in z_ids else 1.0
+        groups.setdefault((decay, mult), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult}
+            for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def layer_parameters(cfg: ModelConfig, dense_writers: bool) -> int:
-    """Trainable parameters of one block: dense writers on the last stage, ``U·Z`` writers elsewhere."""
+    """Trainable parameters of one block: dense writers (the unconstrained tail, or projected ones), else
+    ``U·Z`` writers."""
     d, k, head_dim = cfg.d_model, cfg.subspace_rank, cfg.d_model // cfg.n_heads
     attn = d * cfg.n_heads * head_dim + 2 * d * cfg.kv_heads * head_dim
-    rank = d if dense_writers or not k else k
+    rank = d if dense_writers or not k or cfg.subspace_param == "projected" else k
     writers = rank * (cfg.n_heads * head_dim + cfg.hidden)
     return 2 * d + attn + 2 * d * cfg.hidden + writers
 
@@ -254,9 +322,11 @@ def stage_parameters(cfg: ModelConfig, layers: range, index: int, num_stages: in
     """Trainable parameters of stage ``index`` holding ``layers``: blocks, plus the embedding on the
     first stage and the final norm and LM head on the last."""
     last = index == num_stages - 1
-    total = len(layers) * layer_parameters(cfg, dense_writers=last)
+    total = sum(layer_parameters(cfg, dense_writers=writer_rank(cfg, layer, last) is None) for layer in layers)
     if index == 0:
-        total += cfg.vocab_size * (cfg.subspace_rank or cfg.d_model)
+        total += cfg.vocab_size * (cfg.d_model if cfg.subspace_param == "projected" else cfg.subspace_rank or cfg.d_model)
+    if cfg.table_gain and cfg.uses_fixed_table:
+        total += 1
     if last:
         total += cfg.d_model + cfg.d_model * cfg.vocab_size
     return total
@@ -273,7 +343,12 @@ def stage_layers(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> li
     n, count = cfg.n_layers, pipeline.num_stages
     pipeline.stage_ranges(n)  # the same errors as an explicit split (too many stages)
 
-    def size(s: int, a: int, b: int) -> int:
+    # With model.dense_tail_layers every stage but the last must hold constrained layers only.
+    first_dense = n - cfg.dense_tail_layers if cfg.subspace_rank and cfg.dense_tail_layers is not None else n
+
+    def size(s: int, a: int, b: int) -> float:
+        if s < count - 1 and b > first_dense:
+            return math.inf
         return stage_parameters(cfg, range(a, b), s, count)
 
     largest = _partition(n, count, lambda s, a, b, before: max(before, size(s, a, b)))[0]

@@ -1,6 +1,6 @@
 """One-process training: every stage in one place, on the engine a swarm runs (``node train-local``).
 
-The model's stages run as a :class:`node.engine.StageChain`: one :class:`node.engine.StageEngine` each,
+The model's stages run as a :class:`node.chain.StageChain`: one :class:`node.engine.StageEngine` each,
 boundaries crossing through the subspace codec exactly as between peers, each stage taking its own
 inner step (per-stage gradient clipping, as in the swarm). Microbatches are drawn in order from the
 sampler (a pure function of the position, so resuming is exact), ``grad_accum`` of them per optimizer
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.chain import StageChain
 from node.checkpoint import (
     CheckpointError,
     checkpoint_state,
@@ -31,7 +32,6 @@ from node.checkpoint import (
 from node.config import ConfigError, RunConfig, TrainConfig
 from node.data import BatchSampler, TokenCorpus, load_corpus, validation_batches
 from node.device import resolve_device
-from node.engine import StageChain
 from node.engine import lr_at as _lr_at
 from node.model import LanguageModel, stage_layers
 
@@ -274,7 +274,7 @@ def train_local(cfg: RunConfig, on_step: Callable[[int, float], None] | None = N
     """Train ``cfg`` in this process; returns losses and throughput. ``on_step(step, loss)`` per step."""
     t = cfg.train
     device, corpus = _prepare(cfg)
-    chain = StageChain.build(cfg, device, backward="stash")  # nothing steps between a forward and its backward
+    chain = StageChain.build(cfg, device, backward="stash", wire=cfg.train.wire_boundaries)  # nothing steps between a forward and its backward
     sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
     val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size, t.eval_batches)
     result = TrainResult(steps=0, tokens=0, final_val_loss=float("nan"), chain=chain)

@@ -102,20 +102,25 @@ def basis_fingerprint(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def encode(x: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-    """Residual stream ``x`` (…, n, d) and token ids (…, n) → coefficients (…, n, k)."""
+def encode(x: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None,
+           gain: torch.Tensor | None = None) -> torch.Tensor:
+    """Residual stream ``x`` (…, n, d) and token ids (…, n) → coefficients (…, n, k); ``gain`` scales the
+    table (a stage's learned gain on T_fixed)."""
     if table is not None:
         # In fp32: x is mostly T_fixed, so subtracting in bf16 would cancel away the part that is sent.
-        x = x.float() - table[ids].float()
+        rows = table[ids].float()
+        x = x.float() - (rows if gain is None else rows * gain)
     return x @ basis.to(x.dtype)
 
 
-def decode(coefficients: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+def decode(coefficients: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None,
+           gain: torch.Tensor | None = None) -> torch.Tensor:
     """Coefficients (…, n, k) and token ids (…, n) → residual stream (…, n, d)."""
     x = coefficients @ basis.to(coefficients.dtype).T
     if table is not None:
         # The stream stays fp32 (as the table) even when coefficients arrive as bf16.
-        x = x.float() + table[ids].float()
+        rows = table[ids].float()
+        x = x.float() + (rows if gain is None else rows * gain)
     return x
 
 

@@ -12,8 +12,9 @@ import dataclasses
 import pytest
 import torch
 
+from node.chain import StageChain
 from node.config import load_config
-from node.engine import StageChain, StageEngine, UnknownMicrobatch, build_engine
+from node.engine import StageEngine, UnknownMicrobatch, build_engine
 from node.model import LanguageModel, lm_loss
 from node.stage_host import ReplicaTrainer
 from node.stage_store import StageStore

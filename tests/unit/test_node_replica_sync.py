@@ -118,14 +118,15 @@ def test_consensus_state_is_the_same_bytes_on_agreeing_replicas_and_a_joiner_sta
             assert torch.equal(params[name].detach(), value)
 
 
-def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int, group_size: int = 2):
-    """One boundary crossed with an exchange that takes 0.4 s; returns the sync after that step."""
+def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int, group_size: int = 2, error_feedback=False):
+    """One boundary crossed with an exchange that takes 0.4 s (it "sends" each part at half its size);
+    returns the sync after that step."""
     import threading
     import time
     import types
 
     cfg = small(tmp_path)
-    cfg.diloco.blocking, cfg.diloco.overlap = blocking, overlap
+    cfg.diloco.blocking, cfg.diloco.overlap, cfg.diloco.error_feedback = blocking, overlap, error_feedback
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -139,10 +140,14 @@ def _run_with_slow_exchange(tmp_path, blocking: bool, overlap: int, group_size: 
 
         async def run_round(self, key, part, weight=1.0):
             await asyncio.sleep(0.4)
+            self.part = part.clone()
             return types.SimpleNamespace(mean=torch.zeros_like(part), bytes_sent=1, bytes_received=1, rejected={},
-                                         group_size=group_size, reason="")
+                                         group_size=group_size, reason="", sent=part * 0.5)
 
     sync.exchange = SlowExchange()
+    with torch.no_grad():  # the replica has moved away from the global copy: its part is not zero
+        for param in work.module.parameters():
+            param.add_(0.01)
     sync.epoch_steps = sync.spacing - 1  # the next step reaches the boundary
     started = time.monotonic()
     sync.after_step()
@@ -176,6 +181,21 @@ def test_a_round_committed_with_only_our_own_part_is_counted_alone(tmp_path):
     assert sync.stats["rounds_committed"] == 1 and sync.stats["rounds_alone"] == 1
     assert sync.metrics.outer_rounds_alone_total._value.get() == 1
     assert sync.health()["rounds_alone"] == 1
+
+
+def test_error_feedback_through_replica_sync_keeps_what_the_wire_lost_and_adds_it_to_the_next_part(tmp_path):
+    sync, _, loop = _run_with_slow_exchange(tmp_path, blocking=True, overlap=0, error_feedback=True)
+    _stop(loop)
+    outer = sync.work.outer
+    fragment = next(f for f, r in enumerate(outer.residual) if r is not None)
+    part = sync.exchange.part
+    assert part.abs().sum() > 0 and torch.allclose(outer.residual[fragment], part * 0.5)
+    fresh = outer.global_[fragment] - outer._outer(outer._flat(fragment))
+    assert torch.allclose(outer.begin(fragment, 99), fresh + part * 0.5)  # the next part carries it
+    # Without error feedback nothing is kept.
+    sync, _, loop = _run_with_slow_exchange(tmp_path / "off", blocking=True, overlap=0)
+    _stop(loop)
+    assert all(r is None for r in sync.work.outer.residual)
 
 
 def test_non_blocking_never_waits(tmp_path):

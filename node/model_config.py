@@ -1,0 +1,88 @@
+"""``[model]``: the decoder's shape and its subspace constraint (re-exported by node/config.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protocol.settings import ConfigError, check_positive, setting
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the Llama-style decoder and the subspace constraint (docs/model.md)."""
+
+    SECTION = "model"
+
+    name: str = setting("custom", "Preset name, for logs and checkpoints only.")
+    vocab_size: int = setting(256, "Token vocabulary size (tokens). 256 = raw bytes.")
+    d_model: int = setting(256, "Residual stream width d (features per token).")
+    n_layers: int = setting(8, "Number of transformer blocks.")
+    n_heads: int = setting(4, "Attention query heads; d_model must be divisible by it.")
+    n_kv_heads: int | None = setting(None, "Key/value heads for grouped-query attention; None = n_heads.")
+    ffn_hidden: int | None = setting(None, "SwiGLU hidden width (features); None = 8/3·d rounded up to 64.")
+    max_seq_len: int = setting(256, "Longest sequence the RoPE tables cover (tokens).")
+    rope_theta: float = setting(10000.0, "RoPE base frequency.")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon.")
+    init_std: float = setting(0.02, "Std of the normal init of dense weights and the dense embedding.")
+    subspace_rank: int | None = setting(
+        None,
+        "k: rank of the shared subspace every stage boundary lives in (numbers per token sent "
+        "between stages). None = ordinary dense model.",
+    )
+    subspace_seed: int = setting(
+        0, "Seed the swarm agrees on; derives the basis U (d×k) and the frozen token table T_fixed (V×d)."
+    )
+    fixed_table_std: float = setting(
+        1.0, "Std of the entries of the frozen high-rank token table T_fixed (subspace model only)."
+    )
+    fixed_table: bool | None = setting(
+        None,
+        "Add the frozen token table T_fixed to the input embedding. None = on exactly when "
+        "subspace_rank is set; true with a dense model gives the fair dense baseline (DESIGN §1.1).",
+    )
+    table_gain: bool = setting(
+        False, "Learn a scalar gain on T_fixed in every stage (init 1; each stage adds and removes its own "
+        "gain·T_fixed at its boundaries, so nothing extra crosses the wire)."
+    )
+    dense_tail_layers: int | None = setting(
+        None, "Final layers whose residual writers stay dense (unconstrained). None = the last stage's layers; "
+        "every layer before the last stage must be constrained, so they must all lie in the last stage."
+    )
+    subspace_param: str = setting(
+        "factored", "How residual writers and the embedding stay in span(U): 'factored' (W = U·Z, Z trained) or "
+        "'projected' (dense W, projected onto span(U) after every optimizer step, the paper's form)."
+    )
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
+        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("model.d_model / model.n_heads (head size) must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.dense_tail_layers is not None and not 0 <= self.dense_tail_layers <= self.n_layers:
+            raise ConfigError(f"model.dense_tail_layers={self.dense_tail_layers} must be in 0..n_layers={self.n_layers}")
+        if self.subspace_param not in ("factored", "projected"):
+            raise ConfigError(f"model.subspace_param must be 'factored' or 'projected', got {self.subspace_param!r}")
+        if self.subspace_rank is not None and self.subspace_rank > self.d_model:
+            raise ConfigError(
+                f"model.subspace_rank={self.subspace_rank} exceeds model.d_model={self.d_model}: "
+                "the subspace must be a proper part of the residual stream"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def uses_fixed_table(self) -> bool:
+        return self.subspace_rank is not None if self.fixed_table is None else self.fixed_table

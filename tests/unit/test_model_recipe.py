@@ -1,0 +1,121 @@
+"""The subspace recipe's knobs (issue 19): each keeps the boundary exact, and each really changes the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.chain import StageChain
+from node.config import ConfigError, load_config
+from node.model import LanguageModel, ResidualWriter, stage_layers, stage_parameters
+from protocol.codecs import get_codec
+
+
+def build(overrides=(), stages=4, seed=0):
+    cfg = load_config("tiny", [f"pipeline.num_stages={stages}", "model.subspace_rank=8", *overrides])
+    torch.manual_seed(seed)
+    return cfg, LanguageModel(cfg.model, cfg.pipeline)
+
+
+def windows(n=2, length=32, seed=1):
+    return torch.randint(0, 256, (n, length + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def writers(stage):
+    return [m for m in stage.modules() if isinstance(m, ResidualWriter)]
+
+
+def unsplit_and_chain_losses(cfg, model, ids):
+    with torch.no_grad():
+        unsplit = float(model(ids[:, :-1], ids[:, 1:]))
+    return unsplit, StageChain.around(list(model.stages), cfg.train).evaluate(ids)
+
+
+def test_dense_tail_layers_decides_which_writers_are_dense_and_stays_in_the_last_stage():
+    cfg, model = build(["model.dense_tail_layers=0"])
+    assert all(w.rank == 8 for s in model.stages for w in writers(s))  # even the last stage constrained
+    cfg, model = build(["model.dense_tail_layers=3"])
+    ranges = stage_layers(cfg.model, cfg.pipeline)
+    assert ranges[-1].start <= 8 - 3  # the automatic split keeps every dense layer in the last stage
+    dense = [layer for s, r in zip(model.stages, ranges, strict=True) for layer, b in zip(r, s.blocks, strict=True)
+             if b.attn.wo.rank is None]
+    assert dense == [5, 6, 7]
+    for i, (s, r) in enumerate(zip(model.stages, ranges, strict=True)):
+        assert sum(p.numel() for p in s.parameters()) == stage_parameters(cfg.model, r, i, 4)
+    with pytest.raises(ConfigError, match="dense_tail_layers"):
+        load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.dense_tail_layers=3",
+                             "pipeline.layer_splits=[2,4,6]"])
+    with pytest.raises(ConfigError, match="dense_tail_layers"):
+        load_config("tiny", ["model.dense_tail_layers=9"])
+
+
+def test_table_gains_differ_per_stage_and_the_split_model_still_matches_the_unsplit_one():
+    cfg, model = build(["model.table_gain=true"])
+    gains = [s.table_gain for s in model.stages]
+    assert all(isinstance(g, torch.nn.Parameter) and float(g.detach()) == 1.0 for g in gains)
+    ids = windows()
+    before = unsplit_and_chain_losses(cfg, model, ids)
+    with torch.no_grad():
+        for g, value in zip(gains, (0.3, 1.7, 0.9, 0.5), strict=True):
+            g.fill_(value)
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, ids)
+    assert abs(unsplit - before[0]) > 1e-3  # the gains change the model...
+    assert unsplit == pytest.approx(chained, abs=1e-4)  # ...and the boundaries still carry it exactly
+    loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert all(g.grad is not None and g.grad.abs() > 0 for g in gains)
+
+
+def test_lr_multipliers_scale_z_and_embedding_steps_only():
+    cfg = load_config("tiny", ["pipeline.num_stages=2", "model.subspace_rank=8", "train.subspace_lr_mult=0.5",
+                               "train.embedding_lr_mult=3", "train.warmup_steps=0"])
+    torch.manual_seed(0)
+    chain = StageChain.build(cfg)
+    chain.train_microbatch(windows())
+    groups = chain.engines[0].optimizer.param_groups
+    base = max(g["lr"] for g in groups if g["lr_mult"] == 1.0)
+    z = {id(w.weight) for w in writers(chain.engines[0].module)}
+    emb = id(chain.engines[0].module.embedding)
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        expected = 0.5 if ids <= z else 3.0 if ids == {emb} else 1.0
+        assert g["lr_mult"] == expected and g["lr"] == pytest.approx(base * expected)
+    assert any(g["lr_mult"] == 0.5 for g in groups) and any(g["lr_mult"] == 3.0 for g in groups)
+
+
+def test_projected_parameterisation_stays_in_span_after_steps_and_stays_exact():
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.subspace_param='projected'",
+                               "train.lr=3e-3", "train.warmup_steps=0"])
+    torch.manual_seed(0)
+    chain = StageChain.build(cfg)
+    for step in range(3):
+        chain.train_microbatch(windows(seed=10 + step))
+    for engine in chain.engines:
+        stage = engine.module
+        u = stage.basis
+        constrained = stage.constrained_parameters()
+        assert bool(constrained) == (not stage.is_last)
+        for p in constrained:
+            full = p.T if stage.is_first and p is stage.embedding else p  # writers are d×h, the embedding V×d
+            outside = full - u @ (u.T @ full)
+            assert outside.abs().max() < 1e-5 * max(1.0, full.abs().max().item())
+            assert p.shape[0] == cfg.model.d_model or p.shape[1] == cfg.model.d_model  # dense, not k-wide
+        assert sum(q.numel() for q in stage.parameters()) == stage_parameters(
+            cfg.model, stage.layers, stage.index, stage.num_stages)
+    model = LanguageModel(cfg.model, cfg.pipeline, stages=chain.modules())
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, windows(seed=3))
+    assert unsplit == pytest.approx(chained, abs=1e-4)
+
+
+def test_chain_rounds_boundaries_through_the_wire_codecs_when_asked():
+    cfg = load_config("tiny", ["pipeline.num_stages=2", "model.subspace_rank=8", "wire.activation_codec='int8'",
+                               "wire.gradient_codec='int8'"])
+    torch.manual_seed(0)
+    exact = StageChain.build(cfg).train_microbatch(windows(), record=True)
+    torch.manual_seed(0)
+    wired = StageChain.build(cfg, wire=True).train_microbatch(windows(), record=True)
+    codec = get_codec("int8")
+    sent = exact.boundaries[0]
+    assert not torch.equal(wired.boundaries[0], sent)
+    assert torch.equal(wired.boundaries[0], codec.decode(codec.encode(sent), tuple(sent.shape)))
+    assert wired.loss != exact.loss or not torch.equal(wired.boundary_grads[0], exact.boundary_grads[0])
