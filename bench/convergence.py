@@ -15,7 +15,8 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
 ``--seeds N`` trains every variant at seeds 0..N-1 (init and data order) and reports mean ± std.
 ``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
 study needs no code. Resumable (bench/resume.py): each variant at each seed is kept under
-``--state`` when it finishes; rerunning the same command continues (``--fresh`` starts over).
+``--state`` when it finishes, keyed by its label and a hash of its whole resolved config; rerunning the
+same command continues (``--fresh`` starts over).
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -23,6 +24,7 @@ Prints one JSON object as its last line and writes a PNG of the validation curve
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -120,8 +122,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     for seed in range(args.seeds):
         for label, overrides in variants:
-            # the overrides are in the key: a label reused with other settings is another unit
-            key = re.sub(r"[^A-Za-z0-9=+.-]+", "_", f"{label}-{'-'.join(overrides)}")[:150] + f"-s{seed}"
+            key = unit_key(label, overrides, common, seed)
             row = store.get(key)
             if row is None:
                 row = run_variant(label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"])
@@ -162,6 +163,14 @@ def main() -> None:
         "command": " ".join(["python bench/convergence.py", *sys.argv[1:]]),
     }
     print(json.dumps(summary))
+
+
+def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> str:
+    """The store key of one variant at one seed: its label and a hash of its whole resolved config, so a
+    result is reused only for the same settings (a changed default makes it another unit)."""
+    cfg = load_config("local/tiny", [*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 
 
 def _mean_row(label: str, runs: list[dict]) -> dict:
