@@ -68,16 +68,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(9 if len(rows) > 6 else 7, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for i, row in enumerate(rows):
         steps, losses = zip(*row["val_curve"], strict=True)
         style = "--" if row["subspace_rank"] is None else "-"
-        ax.plot(steps, losses, style, marker="o", ms=3, label=f"{row['label']} ({row['val_loss']:.3f})")
+        ax.plot(steps, losses, style, marker="o", ms=3, color=colours[i % len(colours)],
+                label=f"{row['label']} ({row['val_loss']:.3f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(rows) > 6:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
