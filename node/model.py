@@ -202,20 +202,15 @@ class Stage(nn.Module):
         if not self.projected:
             return
         basis = self.basis.to(torch.float32)
-        for module in self.modules():
-            if isinstance(module, ResidualWriter) and module.projected:
-                w = module.weight
-                w.copy_((basis @ (basis.T @ w.float())).to(w.dtype))
-        if self.is_first:
-            e = self.embedding
-            e.copy_(((e.float() @ basis) @ basis.T).to(e.dtype))
+        for p in self.constrained_parameters():
+            if self.is_first and p is self.embedding:  # V×d: its rows live in span(U)
+                p.copy_(((p.float() @ basis) @ basis.T).to(p.dtype))
+            else:  # d×h writers: their columns do
+                p.copy_((basis @ (basis.T @ p.float())).to(p.dtype))
 
     def table_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """``gain·T_fixed[ids]`` in fp32 (None without a table)."""
-        if self.table is None:
-            return None
-        rows = self.table[ids].float()
-        return rows if self.table_gain is None else rows * self.table_gain
+        return None if self.table is None else subspace.table_rows(self.table, ids, self.table_gain)
 
     @property
     def boundary_width(self) -> int:

@@ -102,14 +102,19 @@ def basis_fingerprint(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def table_rows(table: torch.Tensor, ids: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``gain·T_fixed[ids]`` in fp32 (``gain`` None: the table's rows as they are)."""
+    rows = table[ids].float()
+    return rows if gain is None else rows * gain
+
+
 def encode(x: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, table: torch.Tensor | None,
            gain: torch.Tensor | None = None) -> torch.Tensor:
     """Residual stream ``x`` (…, n, d) and token ids (…, n) → coefficients (…, n, k); ``gain`` scales the
     table (a stage's learned gain on T_fixed)."""
     if table is not None:
         # In fp32: x is mostly T_fixed, so subtracting in bf16 would cancel away the part that is sent.
-        rows = table[ids].float()
-        x = x.float() - (rows if gain is None else rows * gain)
+        x = x.float() - table_rows(table, ids, gain)
     return x @ basis.to(x.dtype)
 
 
@@ -119,8 +124,7 @@ def decode(coefficients: torch.Tensor, ids: torch.Tensor, basis: torch.Tensor, t
     x = coefficients @ basis.to(coefficients.dtype).T
     if table is not None:
         # The stream stays fp32 (as the table) even when coefficients arrive as bf16.
-        rows = table[ids].float()
-        x = x.float() + (rows if gain is None else rows * gain)
+        x = x.float() + table_rows(table, ids, gain)
     return x
 
 
