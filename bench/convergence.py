@@ -24,7 +24,6 @@ Prints one JSON object as its last line and writes a PNG of the validation curve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import ResultStore
+from bench.resume import ResultStore, config_digest
 from node.config import load_config
 from node.train_local import train_local
 
@@ -172,9 +171,10 @@ def main() -> None:
 
 def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> str:
     """The store key of one variant at one seed: its label and a hash of its whole resolved config, so a
-    result is reused only for the same settings (a changed default makes it another unit)."""
+    result is reused only for the same settings (a changed default makes it another unit; a new setting
+    that is off leaves the key as it was: bench/resume.config_digest)."""
     cfg = load_config("local/tiny", [*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = config_digest(cfg.to_dict())
     return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 
 

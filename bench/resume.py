@@ -11,6 +11,7 @@ again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -76,3 +77,16 @@ class ResultStore:
         except (OSError, json.JSONDecodeError):
             return None
         return {"commit": saved.get("commit"), "dirty": saved.get("dirty")}
+
+
+def config_digest(settings: dict[str, Any]) -> str:
+    """Short hash of a resolved configuration (nested dicts of settings), for a unit's key: a result is
+    reused only for the same settings, so a changed default makes it another unit.
+
+    Settings that are None or False (off, unset, automatic) are left out, so adding a new optional
+    setting whose default is off does not orphan the results already kept; turning it on does."""
+    def kept(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: kept(v) for k, v in value.items() if v is not None and v is not False}
+        return value
+    return hashlib.sha256(json.dumps(kept(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]

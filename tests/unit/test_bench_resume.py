@@ -35,3 +35,15 @@ def test_keys_are_plain_file_names_and_no_temporary_file_is_left(tmp_path):
             store.put(bad, {})
     store.put("ok", {"x": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json"]
+
+
+def test_config_digest_changes_with_a_setting_but_not_with_a_new_setting_left_off():
+    from resume import config_digest
+
+    base = {"model": {"d": 256, "table_std": 0.1}, "train": {"steps": 1200}}
+    assert config_digest(base) == config_digest(json.loads(json.dumps(base)))
+    assert config_digest(base) != config_digest({**base, "model": {"d": 256, "table_std": 1.0}})  # a changed default
+    for off in (None, False):  # a setting added later, defaulting to off, keeps the key
+        assert config_digest(base) == config_digest({**base, "model": {**base["model"], "new_knob": off}})
+    assert config_digest(base) != config_digest({**base, "model": {**base["model"], "new_knob": True}})
+    assert config_digest(base) != config_digest({**base, "model": {**base["model"], "new_knob": 0}})
