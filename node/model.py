@@ -144,7 +144,7 @@ def shared_tensors(cfg: ModelConfig, device: torch.device | str = "cpu") -> tupl
     table = None
     if cfg.uses_fixed_table:
         table = subspace.make_fixed_table(cfg.subspace_seed, cfg.vocab_size, cfg.d_model, cfg.fixed_table_std,
-                                          device=device)
+                                          device=device, rank=cfg.fixed_table_rank)
     return basis, table
 
 

@@ -37,6 +37,10 @@ class ModelConfig:
         0.1, "Std of the entries of the frozen high-rank token table T_fixed (5× init_std; 1.0 and 0.03 cost "
         "+7.8% and +16% validation loss at k=8, BENCHMARKS.md)."
     )
+    fixed_table_rank: int | None = setting(
+        None, "Rank of T_fixed: None = full (i.i.d. entries); r = a product of seed-derived V×r and r×d factors "
+        "with the same entry std (a recipe knob, docs/model.md)."
+    )
     fixed_table: bool | None = setting(
         None,
         "Add the frozen token table T_fixed to the input embedding. None = on exactly when "
@@ -57,7 +61,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
-        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std")
+        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std",
+                       "fixed_table_rank")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -66,6 +71,9 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.dense_tail_layers is not None and not 0 <= self.dense_tail_layers <= self.n_layers:
             raise ConfigError(f"model.dense_tail_layers={self.dense_tail_layers} must be in 0..n_layers={self.n_layers}")
+        if self.fixed_table_rank is not None and self.fixed_table_rank > min(self.vocab_size, self.d_model):
+            raise ConfigError(f"model.fixed_table_rank={self.fixed_table_rank} exceeds min(vocab_size, d_model)="
+                              f"{min(self.vocab_size, self.d_model)}")
         if self.subspace_param not in ("factored", "projected"):
             raise ConfigError(f"model.subspace_param must be 'factored' or 'projected', got {self.subspace_param!r}")
         if self.subspace_rank is not None and self.subspace_rank > self.d_model:

@@ -22,12 +22,14 @@ Plain functions on tensors; no ``torch.nn`` modules, so the wire layer and tests
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 # Distinct streams for the two seed-derived tensors, so changing one's shape never changes the other.
 _BASIS_STREAM = 0x5B
 _TABLE_STREAM = 0x7F
+_TABLE_LEFT_STREAM, _TABLE_RIGHT_STREAM = 0x3D, 0x4E  # the factors of a low-rank table
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -75,13 +77,31 @@ def _normal_quantiles() -> torch.Tensor:
 
 
 def make_fixed_table(seed: int, vocab_size: int, d: int, std: float, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Frozen high-rank token table ``T_fixed ∈ R^{V×d}`` with i.i.d. ~N(0, std²) entries, generated on
-    ``device``; the same bits on every device (see the module docstring)."""
-    n = vocab_size * d
+                     device: torch.device | str = "cpu", rank: int | None = None) -> torch.Tensor:
+    """Frozen token table ``T_fixed ∈ R^{V×d}``, generated on ``device``; the same bits on every device (see
+    the module docstring). ``rank`` None: i.i.d. ~N(0, std²) entries (full rank). ``rank`` r: the product
+    ``A·B·std/√r`` of i.i.d. N(0, 1) factors A (V×r) and B (r×d), so entries still have std ``std``; it is
+    summed one rank-1 term at a time with separate IEEE multiplies and adds (no matmul, whose summation
+    order differs between libraries and devices), which costs V·d·r operations."""
+    if rank is None:
+        return (_normal_entries(seed, _TABLE_STREAM, vocab_size * d, device) * std).view(vocab_size, d).to(dtype)
+    if not 0 < rank <= min(vocab_size, d):
+        raise ValueError(f"table rank {rank} must be in 1..min(V={vocab_size}, d={d})")
+    left = _normal_entries(seed, _TABLE_LEFT_STREAM, vocab_size * rank, device).view(vocab_size, rank)
+    right = _normal_entries(seed, _TABLE_RIGHT_STREAM, rank * d, device).view(rank, d)
+    out = torch.zeros(vocab_size, d, dtype=torch.float32, device=device)
+    for j in range(rank):
+        term = left[:, j : j + 1] * right[j : j + 1, :]
+        out += term
+    return (out * (std / math.sqrt(rank))).to(dtype).contiguous()
+
+
+def _normal_entries(seed: int, stream: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """``n`` entries ~N(0, 1) (fp32, flat) of one seeded stream: a hash of (seed, stream, index) placed on
+    the piecewise-linear inverse normal CDF, with integer and IEEE-exact float operations only."""
     if n >= 1 << 32:
-        raise ValueError(f"a {vocab_size}×{d} table has over 2^32 entries; the generator counts in 32 bits")
-    key = int(_hash32(torch.tensor([(int(seed) * 1_000_003 + _TABLE_STREAM) & _MASK32]))[0])
+        raise ValueError(f"{n} table entries are over 2^32; the generator counts in 32 bits")
+    key = int(_hash32(torch.tensor([(int(seed) * 1_000_003 + stream) & _MASK32]))[0])
     quantiles = _normal_quantiles().to(device)
     out = torch.empty(n, dtype=torch.float32, device=device)
     for start in range(0, n, _TABLE_CHUNK):
@@ -90,7 +110,7 @@ def make_fixed_table(seed: int, vocab_size: int, d: int, std: float, dtype: torc
         low, frac = quantiles[h >> 16], ((h & 0xFFFF).to(torch.float32) * 2 + 1) / (2 * _SEGMENTS)
         # Separate IEEE operations (no fused multiply-add): bit-identical on the CPU and on CUDA.
         out[start : start + len(index)] = low + (quantiles[(h >> 16) + 1] - low) * frac
-    return (out * std).view(vocab_size, d).to(dtype).contiguous()
+    return out
 
 
 def basis_fingerprint(*tensors: torch.Tensor) -> str:

@@ -66,6 +66,23 @@ def test_table_gains_differ_per_stage_and_the_split_model_still_matches_the_unsp
     assert all(g.grad is not None and g.grad.abs() > 0 for g in gains)
 
 
+def test_a_low_rank_table_has_that_rank_and_scale_and_keeps_the_boundary_exact():
+    from protocol import subspace
+
+    table = subspace.make_fixed_table(0, 256, 256, 0.1, rank=12)
+    assert torch.linalg.matrix_rank(table) == 12 and 0.09 < float(table.std()) < 0.11
+    assert torch.equal(table, subspace.make_fixed_table(0, 256, 256, 0.1, rank=12))  # seed-derived, same bits
+    assert torch.linalg.matrix_rank(subspace.make_fixed_table(0, 256, 256, 0.1)) == 256  # default: full rank
+    cfg, model = build(["model.fixed_table_rank=12"])
+    assert torch.equal(model.stages[0].table, table)
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, windows())
+    assert unsplit == pytest.approx(chained, abs=1e-4)
+    with pytest.raises(ConfigError, match="fixed_table_rank"):
+        build(["model.fixed_table_rank=257"])
+    with pytest.raises(ValueError, match="rank"):
+        subspace.make_fixed_table(0, 16, 8, 0.1, rank=9)
+
+
 def test_lr_multipliers_scale_z_and_embedding_steps_only():
     cfg = load_config("tiny", ["pipeline.num_stages=2", "model.subspace_rank=8", "train.subspace_lr_mult=0.5",
                                "train.embedding_lr_mult=3", "train.warmup_steps=0"])
