@@ -48,3 +48,5 @@
 - ``node.device``       device choice (``auto``), autocast, device memory figures
 - ``node.cli``          the ``node`` / ``protoswarm`` command (start, status, sim, plan, train-local, config)
 """
+
+import swarm  # noqa: F401  (sets hivemind's memory-sharing strategy before hivemind is imported)

@@ -12,7 +12,8 @@
   salted path hash) and each split joins its documents with ``DOC_SEPARATOR``; ``max_bytes``
   truncates that order, so a capped corpus still holds both splits. When the per-file rule leaves a
   split empty (one file, a handful of files), the last ``val_fraction`` of the tokens is held out.
-* Tokenized text is cached atomically (temporary file + rename) in ``<cache>/corpus/<key>.npz``,
+* Tokenized text is cached atomically (temporary file + rename) in ``<cache>/corpus/<key>.npy`` (both
+  splits, memory-mapped when read: nodes on one machine share its pages) and ``<key>.json`` (sizes, description),
   ``<cache>`` being ``$PROTOSWARM_CACHE_DIR``, else ``$XDG_CACHE_HOME/protoswarm``, else
   ``~/.cache/protoswarm``; the key covers the interpreter version, the files' sizes and mtimes, the
   tokenizer file's content, ``val_fraction`` and ``max_bytes``.
@@ -37,10 +38,10 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ FULL_HASH_BYTES = 256 << 20
 _SAMPLE_BLOCK_BYTES = 1 << 20
 _SAMPLE_BLOCKS = 64
 _ENCODE_CHUNK = 256  # documents per tokenizers.encode_batch call (bounds the Encoding objects alive)
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -163,7 +164,7 @@ def _load_documents(
     key_parts = [_CACHE_FORMAT, sys.version, str(root.resolve()), stats, tok.identity]
     key_parts += [cfg.val_fraction, cfg.max_bytes, DOC_SEPARATOR]
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
-    cache_file = cache_dir() / "corpus" / f"{key}.npz"
+    cache_file = cache_dir() / "corpus" / f"{key}.npy"
     cached = _read_cache(cache_file)
     if cached is not None:
         logger.info("corpus %s (cached in %s)", cached.description, cache_file)
@@ -239,32 +240,45 @@ def _tail_split(tokens: np.ndarray, val_fraction: float, what: str) -> tuple[np.
 
 
 def _read_cache(path: Path) -> TokenCorpus | None:
-    if not path.is_file():
+    """The cached corpus at ``path`` (``.npy``; its ``.json`` beside it), memory-mapped, or None."""
+    meta_file = path.with_suffix(".json")
+    if not path.is_file() or not meta_file.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return TokenCorpus(train=z["train"], val=z["val"], **json.loads(str(z["meta"])))
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        meta = json.loads(meta_file.read_text())
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        n_train = int(meta.pop("train_tokens"))
+        if tokens.ndim != 1 or not 0 < n_train < len(tokens):
+            raise ValueError(f"{len(tokens)} cached tokens cannot hold {n_train} training tokens and a validation split")
+        return TokenCorpus(train=tokens[:n_train], val=tokens[n_train:], **meta)
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
         logger.warning("ignoring unreadable corpus cache %s (%s); rebuilding it", path, err)
         return None
 
 
 def _write_cache(path: Path, corpus: TokenCorpus) -> None:
-    """Write ``corpus`` to ``path`` atomically (temporary file + os.replace); failures only warn."""
+    """Write ``corpus`` to ``path`` (.npy) and its metadata beside it (.json), each atomically
+    (temporary file + os.replace), the tokens last; failures only warn."""
+    meta = {name: getattr(corpus, name) for name in ("vocab_size", "description", "fingerprint")}
+    meta["train_tokens"] = len(corpus.train)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        try:
-            meta = {name: getattr(corpus, name) for name in ("vocab_size", "description", "fingerprint")}
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, train=corpus.train, val=corpus.val, meta=np.str_(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+        _write_atomic(path, lambda f: np.save(f, np.concatenate([corpus.train, corpus.val]), allow_pickle=False))
     except OSError as err:
         logger.warning("could not write corpus cache %s: %s", path, err)
+
+
+def _write_atomic(path: Path, write: Callable[[Any], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _memmap_tokens(file: Path) -> np.ndarray:

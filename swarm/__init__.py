@@ -40,3 +40,11 @@
 Each component takes its config section itself (built on ``protocol.settings``); node/config.py
 only composes the sections into a run config.
 """
+
+import os
+
+# hivemind backs every DHT call's future with a byte of torch shared memory; under torch's default
+# "file_system" strategy (hivemind's default) that starts a torch_shm_manager process per node (~64 MiB
+# PSS: bench/footprint.py). Passing file descriptors instead needs no such process. Set before anything
+# imports hivemind (node/__init__.py imports this package first); an explicit setting wins.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")

@@ -161,7 +161,7 @@ def test_cache_is_used_on_second_load(monkeypatch: pytest.MonkeyPatch, _cache_in
     cfg = DataConfig(source="stdlib", max_bytes=200_000)
     first = load_corpus(cfg)
     cached = list((_cache_in_tmp / "corpus").iterdir())
-    assert [p.suffix for p in cached] == [".npz"]  # no temporary files left behind
+    assert sorted(p.suffix for p in cached) == [".json", ".npy"]  # no temporary files left behind
 
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("corpus re-read although it is cached")
@@ -170,6 +170,8 @@ def test_cache_is_used_on_second_load(monkeypatch: pytest.MonkeyPatch, _cache_in
     second = load_corpus(cfg)
     assert second.fingerprint == first.fingerprint and second.description == first.description
     np.testing.assert_array_equal(second.val, first.val)
+    np.testing.assert_array_equal(second.train, first.train)
+    assert isinstance(second.train, np.memmap)  # read in place: nodes on one machine share the pages
     with pytest.raises(AssertionError, match="re-read"):
         load_corpus(DataConfig(source="stdlib", max_bytes=200_001))  # different key: not cached
 
@@ -177,8 +179,8 @@ def test_cache_is_used_on_second_load(monkeypatch: pytest.MonkeyPatch, _cache_in
 def test_corrupt_cache_is_rebuilt(_cache_in_tmp: Path) -> None:
     cfg = DataConfig(source="stdlib", max_bytes=100_000)
     first = load_corpus(cfg)
-    (cache_file,) = (_cache_in_tmp / "corpus").iterdir()
-    cache_file.write_bytes(b"not a zip file")
+    (cache_file,) = (_cache_in_tmp / "corpus").glob("*.npy")
+    cache_file.write_bytes(b"not an array")
     assert load_corpus(cfg).fingerprint == first.fingerprint
 
 
