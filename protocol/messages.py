@@ -7,6 +7,7 @@ message (kind)              what it carries
 ``GradientFrame``           stage s+1 → s: ∂L/∂c for a microbatch (and the loss, from the last stage)
 ``FragmentRequest``         ask a replica for its contribution to (round, fragment)
 ``FragmentPart``            one part of a replica's 4-bit pseudo-gradient for (round, fragment)
+``SliceSummary``            what a balanced-exchange reducer (or checker) averaged for one slice
 ``StateRequest``            a joiner asks for the current state manifest of a stage
 ``StateManifest``           what a stage's state consists of: entries with shapes and SHA-256s
 ``StateChunkRequest``       fetch chunk i of the state named by a manifest digest
@@ -59,6 +60,7 @@ __all__ = [
     "GradientFrame",
     "Message",
     "RunRecord",
+    "SliceSummary",
     "StageRecord",
     "StateChunk",
     "StateChunkRequest",
@@ -173,6 +175,32 @@ class FragmentPart(Message):
             )
         if not 0 < self.weight <= MAX_WEIGHT:
             raise MalformedMessage(f"FragmentPart: weight must be in (0, {MAX_WEIGHT:g}], got {self.weight}")
+
+
+@message("slice_summary")
+class SliceSummary(Message):
+    """What a reducer, or its checker, made of one slice of a fragment in a balanced exchange round
+    (swarm/exchange_balanced.py): the parts it averaged (each sender and the SHA-256 of the weight and
+    values it received from it) and the SHA-256 of the mean. A member applies the round only when the
+    reducer's and the checker's summaries of every slice are identical and the mean it got matches."""
+
+    run_id: str
+    stage: int
+    round_id: int
+    fragment_id: int
+    offset: int  # the slice's first value within the flattened fragment
+    length: int  # values in the slice
+    peers: list[str]
+    part_sha256: list[str]  # one per peer, in the same order
+    mean_sha256: str
+
+    def check(self, limits: WireLimits) -> None:
+        if self.length < 1:
+            raise MalformedMessage("SliceSummary: an empty slice")
+        if len(self.peers) != len(self.part_sha256) or not self.peers:
+            raise MalformedMessage(f"SliceSummary: {len(self.peers)} peers with {len(self.part_sha256)} part digests")
+        for digest in [*self.part_sha256, self.mean_sha256]:
+            _check_digest(digest, "SliceSummary")
 
 
 @message("state_request")

@@ -1,0 +1,159 @@
+"""The balanced fragment exchange (reduce-scatter / all-gather with a checker per slice) over real
+hivemind P2P daemons in one process: agreement, bytes per member, a reducer that alters its slice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from p2p_util import run_p2p
+
+from swarm.diloco import robust_mean
+from swarm.exchange import ExchangeConfig, RoundKey, plan_groups
+from swarm.exchange_balanced import BalancedExchange, plan_slices, wire_values
+
+RUN = "bx"
+SIZES = [1000, 300]
+PER = 128  # values a FragmentPart: several parts a slice
+
+
+def exchanges(daemons, cls=BalancedExchange, **config):
+    defaults = dict(gather_s=3.0, timeout_s=8.0, max_values_per_part=PER)
+    ex = [cls(p, p.peer_id.to_base58(), RUN, 0, SIZES, ExchangeConfig(**{**defaults, **config}), "e3m0")
+          for p in daemons]
+    for e in ex:
+        e.set_peers([x.peer_id for x in ex])
+    return ex
+
+
+async def registered(daemons, cls=BalancedExchange, **config):
+    ex = exchanges(daemons, cls, **config)
+    for e in ex:
+        await e.register()
+    return ex
+
+
+def parts(n, numel=1000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(numel, generator=gen) * 1e-3 for _ in range(n)]
+
+
+def test_slices_cover_the_fragment_with_distinct_reducers_and_checkers():
+    group = ["a", "b", "c", "d"]
+    slices = plan_slices(group, 1000)
+    assert [(o, n) for o, n, _, _ in slices] == [(0, 250), (250, 250), (500, 250), (750, 250)]
+    assert [r for _, _, r, _ in slices] == group and [c for _, _, _, c in slices] == ["b", "c", "d", "a"]
+    nat = plan_slices(group, 1000, cannot_lead={"b", "d"})  # members behind NAT reduce and check nothing
+    assert [(o, n, r, c) for o, n, r, c in nat] == [(0, 500, "a", "c"), (500, 500, "c", "a")]
+    assert plan_slices(["a"], 10) == [(0, 10, "a", None)]  # alone: no checker
+    assert len(plan_slices(group, 2)) == 2  # never an empty slice
+
+
+def test_four_replicas_agree_bit_for_bit_and_no_member_carries_much_more_than_another():
+    async def body(*daemons):
+        ex = await registered(daemons)
+        key = RoundKey(0, 0, 7)
+        mine = parts(4, seed=3)
+        results = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(ex, mine, strict=True)))
+        assert all(r.mean is not None for r in results), [r.reason for r in results]
+        assert all(torch.equal(r.mean, results[0].mean) for r in results)
+        # Each slice: the robust mean of what the reducer decoded, rounded part by part as it was sent.
+        group = next(g for g in plan_groups(RUN, key, [e.peer_id for e in ex], 16))
+        order = {e.peer_id: p for e, p in zip(ex, mine, strict=True)}
+        for offset, length, _, _ in plan_slices(group, 1000):
+            got = [wire_values(order[p][offset:offset + length], PER, "e3m0") for p in sorted(order)]
+            expected = wire_values(robust_mean(got).mean, PER, "e3m0")
+            assert torch.equal(results[0].mean[offset:offset + length], expected)
+        assert all(r.group_size == 4 for r in results)
+        sent = [r.bytes_sent + r.bytes_received for r in results]
+        # Served bytes (as a reducer or checker) are counted in the exchange's stats.
+        total = [e.stats["bytes_sent"] + e.stats["bytes_received"] for e in ex]
+        assert max(total) <= 1.5 * (sum(total) / len(total)), total
+        assert min(sent) > 0
+
+    run_p2p(4, body)
+
+
+class _Liar(BalancedExchange):
+    """Averages honestly but serves members a mean it has changed by far less than a norm check sees.
+    ``consistent``: its SliceSummary describes the altered mean (else the honest one)."""
+
+    consistent = True
+
+    def _average(self, role, parts, weights):
+        outcome = super()._average(role, parts, weights)
+        if role == "reduce" and self.consistent:
+            outcome.mean = outcome.mean + 1e-3 * torch.sign(outcome.mean)
+        return outcome
+
+    def _encode_slice(self, key, offset, values, weight):
+        if not self.consistent and weight != 1.0:  # a mean it serves (the weight is the group size)
+            values = values + 1e-3 * torch.sign(values)
+        return super()._encode_slice(key, offset, values, weight)
+
+
+class _SloppyLiar(_Liar):
+    consistent = False
+
+
+def lying_rounds(liar_cls):
+    """Rounds of 3 honest replicas and a liar until every honest one banned it (at most 8): none may
+    apply a mean meanwhile, and none may ban an honest peer. Returns the honest exchanges and the liar."""
+    async def body(*daemons):
+        everyone = [*exchanges(daemons[:3], peer_strikes=2), *exchanges(daemons[3:], cls=liar_cls, peer_strikes=2)]
+        honest, liar = everyone[:3], everyone[3]
+        for e in everyone:
+            e.set_peers([x.peer_id for x in everyone])
+            await e.register()
+        for n in range(8):
+            if all(liar.peer_id in e.strikes.banned() for e in honest):
+                break
+            key = RoundKey(0, 0, 20 + n)
+            results = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(everyone, parts(4, seed=n), strict=True)))
+            for r in results[:3]:
+                # Nobody applies a mean (a mismatch; once some banned the liar, views differ and slices miss).
+                assert r.mean is None and r.skip in ("slice_mismatch", "slice_missing"), r.reason
+            assert all(set(e.strikes.banned()) <= {liar.peer_id} for e in honest)  # no honest peer framed
+        else:
+            raise AssertionError(f"not banned by every honest replica in 8 rounds: {[e.strikes.banned() for e in honest]}")
+        # Banned by every honest replica: planned without it, their rounds commit again.
+        results = await asyncio.gather(*(e.run_round(RoundKey(0, 0, 40), p)
+                                         for e, p in zip(honest, parts(3, seed=40), strict=True)))
+        assert all(r.mean is not None and r.group_size == 3 for r in results), [r.reason for r in results]
+        assert all(torch.equal(r.mean, results[0].mean) for r in results)
+        out.extend([honest, liar])
+
+    out = []
+    run_p2p(4, body)
+    return out
+
+
+def test_a_reducer_that_alters_its_slice_is_caught_by_its_checker_struck_and_never_applied():
+    honest, _ = lying_rounds(_Liar)
+    # Its checker knew (its own mean differs from the liar's for the same parts); members, who cannot tell
+    # the two apart, struck the peer found in disputes with different partners.
+    assert sum(e.stats["slices_disputed"] for e in honest) >= 1
+    assert all(e.stats["slices_disagreed"] >= 1 for e in honest)
+
+
+def test_a_reducer_whose_mean_differs_from_its_own_summary_is_struck_by_every_member():
+    honest, _ = lying_rounds(_SloppyLiar)
+    assert all(e.stats["slices_disagreed"] == 0 for e in honest)  # caught by its own summary, not a dispute
+
+
+def test_a_dead_reducer_makes_the_round_skip_within_the_deadline():
+    async def body(*daemons):
+        ex = exchanges(daemons)
+        for e in ex:
+            await e.register()
+        await daemons[2].shutdown()  # listed ONLINE still (its record has not expired), but gone
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        results = await asyncio.gather(*(e.run_round(RoundKey(0, 1, 3), p) for e, p in
+                                         zip(ex[:2], parts(2, 300, seed=5), strict=True)))
+        assert loop.time() - t0 < 8.0 + 2.0  # timeout_s bounds the round
+        # Its slice has no reducer (or no checker): nobody applies a partial mean.
+        assert all(r.mean is None and r.skip in ("slice_missing", "timeout") for r in results), \
+            [r.reason for r in results]
+
+    run_p2p(3, body)
