@@ -157,3 +157,28 @@ def test_a_dead_reducer_makes_the_round_skip_within_the_deadline():
             [r.reason for r in results]
 
     run_p2p(3, body)
+
+
+def test_the_exchange_bench_compares_both_exchanges_on_shaped_links():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from swarm.sim.netns import netns_unavailable
+
+    if netns_unavailable():
+        pytest.skip(f"network namespaces: {netns_unavailable()}")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "bench/exchange.py", "--groups", "2", "3", "--rounds", "1", "--numel", "20000"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("star", "balanced"):
+        for g in ("2", "3"):
+            row = summary[kind][g]
+            assert row["committed_all"] and row["round_s"] > 0 and row["bytes_per_member"] > 0
+    assert summary["star"]["3"]["max_over_mean_bytes"] > 1.4  # the leader: 4 parts a round, members 2 (1.5x the mean)
+    assert summary["balanced"]["3"]["max_over_mean_bytes"] < 1.2
