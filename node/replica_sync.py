@@ -35,6 +35,8 @@ from node.metrics import NodeMetrics
 from node.stage_store import StageStore
 from protocol.messages import StageRecord
 from swarm.exchange import HANDLER, FragmentExchange, RoundKey
+from swarm.exchange_balanced import HANDLER as BALANCED_HANDLER
+from swarm.exchange_balanced import BalancedExchange
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class ReplicaSync:
         self.stop: threading.Event | None = None  # the daemon's: a blocking wait ends at shutdown
 
     async def register(self) -> None:
-        await self.p2p.add_binary_stream_handler(HANDLER, self._on_stream)
+        handler = BALANCED_HANDLER if self.cfg.exchange.mode == "balanced" else HANDLER
+        await self.p2p.add_binary_stream_handler(handler, self._on_stream)
 
     async def _on_stream(self, info, reader, writer) -> None:
         exchange = self.exchange
@@ -110,9 +113,10 @@ class ReplicaSync:
             return
         wire = self.cfg.wire
         sizes = [layout.numel for layout in work.outer.layouts]
-        exchange = FragmentExchange(self.p2p, self.peer_id, self.run_id, work.stage, sizes, self.cfg.exchange,
-                                    wire.fragment_codec, wire.limits(),
-                                    on_error=lambda exc: self.metrics.count_protocol_error(exc.code))
+        kind = BalancedExchange if self.cfg.exchange.mode == "balanced" else FragmentExchange
+        exchange = kind(self.p2p, self.peer_id, self.run_id, work.stage, sizes, self.cfg.exchange,
+                        wire.fragment_codec, wire.limits(),
+                        on_error=lambda exc: self.metrics.count_protocol_error(exc.code))
         saved, work.resumed_schedule = work.resumed_schedule, None  # a checkpoint's position: taken once
         with self._lock:
             self._abandon_pending()

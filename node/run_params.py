@@ -19,6 +19,7 @@ import msgpack
 from node.config import ConfigError, RunConfig, build_config
 from node.model import largest_stage_parameters
 from protocol.messages import RunRecord
+from swarm.exchange import ExchangeConfig
 
 # Node-local settings: never taken from the swarm's published run parameters. data.path is local so
 # a published run cannot point a volunteer's trainer at the volunteer's own files; data.seed is local
@@ -30,7 +31,7 @@ LOCAL_DATA_FIELDS = ("path", "seed")
 LOCAL_WIRE_FIELDS = ("max_frame_mib", "max_tensor_mvalues", "max_decoded_mib", "frame_timeout_s", "check_finite")
 # The exchange's groups, outlier bound and chunking are the run's (every replica must plan the same
 # groups and cut parts the same way); its deadlines and bans are each node's own.
-LOCAL_EXCHANGE_FIELDS = ("gather_s", "timeout_s", "max_early_rounds", "peer_strikes", "ban_s")
+LOCAL_EXCHANGE_FIELDS = ExchangeConfig.LOCAL_FIELDS
 # Where the outer state lives depends on this node's hardware, not on the run.
 LOCAL_DILOCO_FIELDS = ("outer_device",)
 RUN_SECTIONS = ("model", "pipeline", "data", "train", "wire", "diloco", "exchange")

@@ -29,7 +29,7 @@
 - ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
   hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
 - ``swarm.exchange_balanced``  ``BalancedExchange``: the same rounds as a reduce-scatter / all-gather, one
-  slice per member, each slice's mean checked by a second member (not yet used by the node).
+  slice per member, each slice's mean checked by a second member (``exchange.mode = "balanced"``).
 - ``swarm.access``          swarm-key access control.
 - ``swarm.reachability``    the dial-back check: ``DialbackServer`` (dials an asker back at the address its
   stream came from), ``ask_dialback``, ``verdict`` (public / private / not known).

@@ -68,10 +68,12 @@ LINGER_S = 5.0  # how long a served stream waits for the member to close after t
 class ExchangeConfig:
     """The fragment exchange between a stage's replicas: groups, deadlines, outliers, bans.
 
-    ``max_group``, ``max_norm_ratio`` and ``max_values_per_part`` are run-level (every replica must
+    ``mode``, ``max_group``, ``max_norm_ratio`` and ``max_values_per_part`` are run-level (every replica must
     plan the same groups and chunk parts the same way); the deadlines and bans are node-local."""
 
     SECTION = "exchange"
+    # Node-local fields (the rest are the run's, published with it: node/run_params.py).
+    LOCAL_FIELDS = ("gather_s", "timeout_s", "max_early_rounds", "peer_strikes", "ban_s")
 
     gather_s: float = setting(
         10.0, "A group's leader waits this long (seconds) for its members' parts after reaching the round itself."
@@ -79,6 +81,11 @@ class ExchangeConfig:
     timeout_s: float = setting(
         60.0, "Longest wait for one exchange round, sending included (seconds); then it is skipped. Parts that "
         "arrive before the leader reached their round are held this long at most."
+    )
+    mode: str = setting(
+        "star", "'star': each group's leader averages the whole fragment (its link carries 2(G−1) parts a round); "
+        "'balanced': one slice per member, each checked by a second member (every link ~3 parts, "
+        "swarm/exchange_balanced.py)."
     )
     max_group: int = setting(16, "Replicas averaged together; bigger stages form several random groups per round.")
     max_norm_ratio: float = setting(
@@ -98,6 +105,8 @@ class ExchangeConfig:
     def __post_init__(self) -> None:
         check_positive(self, "gather_s", "timeout_s", "max_group", "max_norm_ratio", "max_values_per_part",
                        "max_early_rounds", "peer_strikes", "ban_s")
+        if self.mode not in ("star", "balanced"):
+            raise ConfigError(f"exchange.mode must be 'star' or 'balanced', got {self.mode!r}")
         if self.gather_s >= self.timeout_s:
             raise ConfigError(f"exchange.gather_s={self.gather_s} must be below exchange.timeout_s={self.timeout_s}")
         if self.max_weight_ratio < 1.0:

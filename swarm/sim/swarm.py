@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarm.exchange import ExchangeConfig
 from swarm.procs import p2pd_sockets, remove_unbound_sockets
 from swarm.sim.iptables import fetch_iptables, find_iptables
 from swarm.sim.link import LinkSpec
@@ -232,7 +233,8 @@ class LocalSwarm:
                 cmd += ["--join", addr]
             cmd += ["--run-id", self.run_id]
             # Node-local settings apply to every node; run parameters come from node 0's run record.
-            cmd += [a for o in self.overrides if o.startswith(("swarm.", "dataplane.", "exchange.")) for a in ("--set", o)]
+            local = ("swarm.", "dataplane.", *(f"exchange.{f}=" for f in ExchangeConfig.LOCAL_FIELDS))
+            cmd += [a for o in self.overrides if o.startswith(local) for a in ("--set", o)]
         cmd += [a for o in self.node_overrides.get(node.index, []) for a in ("--set", o)]
         return cmd + self._link_setting()  # last: the harness's link wins over a swarm.link in the overrides
 

@@ -224,5 +224,7 @@ def test_config_is_checked():
         ExchangeConfig(gather_s=10, timeout_s=5)
     with pytest.raises(ConfigError, match=r"exchange\.max_group"):
         ExchangeConfig(max_group=0)
+    with pytest.raises(ConfigError, match=r"exchange\.mode"):
+        ExchangeConfig(mode="ring")
     with pytest.raises(ConfigError, match=r"exchange\.max_norm_ratio"):
         ExchangeConfig(max_norm_ratio=0.5)

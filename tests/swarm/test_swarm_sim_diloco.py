@@ -66,3 +66,16 @@ def test_the_monitor_sums_replica_sync_counters_per_process():
     assert s["bytes_per_param_per_step"] == round(200 / (5 * 30), 6)
     assert s["losses_scored"] == 4  # two replicas, two losses each
     assert "microbatches_ok" not in s  # no pipeline: no pipeline fields
+
+
+@pytest.mark.timeout(300)
+def test_replicas_average_with_the_balanced_exchange(tmp_path):
+    # exchange.mode is run-level: node 0 publishes it and the joiners take it from the run record.
+    s = run_sim(3, "configs/swarm/diloco-local.toml", 90, "", tmp_path, timeout=240,
+                extra=["--set", "exchange.mode=balanced"])
+    assert s["ok"] and s["peers_online"] == 3, s
+    per_node = s["outer_rounds_committed_per_node"]
+    assert all(per_node.get(str(i), 0) >= 3 for i in range(3)), per_node
+    assert s["outer_rounds_alone"] == 0 and s["outer_parts_rejected"] == 0, s  # every round was a group's
+    assert s["loss_end"] < s["loss_start"] - 0.5, s
+    assert processes_mentioning(str(tmp_path)) == []

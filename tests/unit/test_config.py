@@ -148,11 +148,12 @@ def test_each_section_is_the_config_its_component_takes(section, component, para
 
 
 def test_the_exchange_plans_groups_from_the_run_and_keeps_its_deadlines_local():
-    creator = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.max_norm_ratio=3.0"])
+    creator = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.max_norm_ratio=3.0",
+                                                 "exchange.mode='balanced'"])
     params = run_parameters(creator)
-    assert params["exchange"] == {"max_group": 4, "max_norm_ratio": 3.0, "max_weight_ratio": 4.0,
+    assert params["exchange"] == {"mode": "balanced", "max_group": 4, "max_norm_ratio": 3.0, "max_weight_ratio": 4.0,
                                   "max_values_per_part": 1 << 24}
     local = load_config("swarm/tiny", ["exchange.max_group=8", "exchange.timeout_s=15", "exchange.ban_s=5"])
     joined = config_from_run(params, local, peer_id="QmPeer")
-    assert (joined.exchange.max_group, joined.exchange.max_norm_ratio) == (4, 3.0)  # the run's
+    assert (joined.exchange.mode, joined.exchange.max_group, joined.exchange.max_norm_ratio) == ("balanced", 4, 3.0)
     assert (joined.exchange.timeout_s, joined.exchange.ban_s, joined.exchange.gather_s) == (15.0, 5.0, 10.0)  # its own
