@@ -78,12 +78,25 @@ async def member(index: int, size: int, workdir: Path, address: str, numel: int,
             t0 = time.monotonic()
             result = await ex.run_round(RoundKey(0, 0, r), part)
             seconds = time.monotonic() - t0
-            await _barrier(workdir, f"{kind}-{r}-done", index, size)  # served streams have finished too
+            await _barrier(workdir, f"{kind}-{r}-done", index, size)
+            # A serving handler counts its bytes after its last write returns, which may be just after the
+            # member read them: wait until the counters stop moving.
+            total = await _settled(lambda ex=ex: ex.stats["bytes_sent"] + ex.stats["bytes_received"])
             results.append({"kind": kind, "round": r, "seconds": seconds, "committed": result.mean is not None,
-                            "reason": result.reason, "bytes": ex.stats["bytes_sent"] + ex.stats["bytes_received"] - before})
+                            "reason": result.reason, "bytes": total - before})
     _write(workdir / f"result-{index}", json.dumps(results))
     await _barrier(workdir, "end", index, size)
     await p2p.shutdown()
+
+
+async def _settled(read, quiet_s: float = 0.3, limit_s: float = 10.0) -> int:
+    """``read()`` once it has not changed for ``quiet_s`` (at most ``limit_s``)."""
+    value, since, start = read(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - start < limit_s:
+        await asyncio.sleep(0.05)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+    return value
 
 
 def _write(path: Path, text: str) -> None:

@@ -30,6 +30,8 @@
   hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
 - ``swarm.exchange_balanced``  ``BalancedExchange``: the same rounds as a reduce-scatter / all-gather, one
   slice per member, each slice's mean checked by a second member (``exchange.mode = "balanced"``).
+- ``swarm.exchange_slices``  the balanced exchange's slices: planning, wire rounding, digests, the checks a
+  member applies to a round and the dispute rule that strikes a liar.
 - ``swarm.access``          swarm-key access control.
 - ``swarm.reachability``    the dial-back check: ``DialbackServer`` (dials an asker back at the address its
   stream came from), ``ask_dialback``, ``verdict`` (public / private / not known).

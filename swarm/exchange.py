@@ -82,11 +82,7 @@ class ExchangeConfig:
         60.0, "Longest wait for one exchange round, sending included (seconds); then it is skipped. Parts that "
         "arrive before the leader reached their round are held this long at most."
     )
-    mode: str = setting(
-        "star", "'star': each group's leader averages the whole fragment (its link carries 2(G−1) parts a round); "
-        "'balanced': one slice per member, each checked by a second member (every link ~3 parts, "
-        "swarm/exchange_balanced.py)."
-    )
+    mode: str = setting("star", "'star' (a leader averages each group's fragment) or 'balanced' (swarm/exchange_balanced.py).")
     max_group: int = setting(16, "Replicas averaged together; bigger stages form several random groups per round.")
     max_norm_ratio: float = setting(
         10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average (>= 1)."

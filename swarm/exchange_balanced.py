@@ -35,15 +35,16 @@ again over an unchecked reduce-scatter / all-gather (2F each way). With one dial
 no checker, and it is trusted as the star's leader is.
 
 Deadlines, strikes and bans work as in the star: reducers and checkers wait ``gather_s`` for parts,
-a round is bounded by ``timeout_s``, a dead reducer skips it, malformed frames get a strike.
+a round is bounded by ``timeout_s``, malformed frames get a strike. A slice whose reducer or checker
+failed (dead, unreachable, refused) is taken from the other alone, unchecked, as a star member trusts
+its leader: the member asks the checker for the mean on the stream its summary came by
+(FragmentRequest). Only a slice that lost both fails the round.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
 import time
 from typing import Any
 
@@ -51,47 +52,31 @@ import torch
 
 from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
-from protocol.messages import ErrorReply, FragmentPart, SliceSummary, decode_message, encode_message
+from protocol.messages import (
+    ErrorReply,
+    FragmentPart,
+    FragmentRequest,
+    SliceSummary,
+    decode_message,
+    encode_message,
+)
 from protocol.streams import linger
-from swarm.diloco import MeanResult, quantized, robust_mean
+from swarm.diloco import MeanResult, robust_mean
 from swarm.exchange import LINGER_S, FragmentExchange, RoundKey, RoundResult, _Gather, _Refuse, plan_groups
+from swarm.exchange_slices import (
+    HANDLER,
+    Disputes,
+    _NotMine,
+    judge,
+    mean_digest,
+    part_digest,
+    plan_slices,
+    read_slice,
+    verify,
+    wire_values,
+)
 
 logger = logging.getLogger(__name__)
-
-HANDLER = "protoswarm.diloco.balanced.v1"
-
-
-def plan_slices(group: list[str], numel: int, cannot_lead: frozenset[str] | set[str] = frozenset()) \
-        -> list[tuple[int, int, str, str | None]]:
-    """The round's slices for ``group`` (in the round's order): ``(offset, length, reducer, checker)``.
-    Members in ``cannot_lead`` reduce and check nothing; without two able members there is no checker."""
-    able = [p for p in group if p not in cannot_lead] or list(group)
-    r = max(1, min(len(able), numel))
-    bounds = [j * numel // r for j in range(r + 1)]
-    return [(bounds[j], bounds[j + 1] - bounds[j], able[j], able[(j + 1) % r] if r > 1 else None)
-            for j in range(r)]
-
-
-def wire_values(values: torch.Tensor, per: int, codec: str) -> torch.Tensor:
-    """What a receiver decodes of ``values`` (a slice of a fragment) sent in
-    FragmentParts of at most ``per`` values: each part is quantized alone (blockwise codecs' blocks
-    start at each part), so the sender knows the exact bits without a round trip."""
-    out = torch.empty(values.numel(), dtype=torch.float32)
-    for o in range(0, values.numel(), per):
-        out[o:o + per] = quantized(values[o:o + per], codec)[1]
-    return out
-
-
-def part_digest(weight: float, values: torch.Tensor) -> str:
-    """SHA-256 of a part as a reducer received it (its weight and its decoded fp32 values)."""
-    h = hashlib.sha256(repr(float(weight)).encode())
-    h.update(values.to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def mean_digest(values: torch.Tensor) -> str:
-    return hashlib.sha256(values.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
 
 class BalancedExchange(FragmentExchange):
     """This replica's end of the balanced exchange (all methods on the event loop of ``p2p``). Same
@@ -121,7 +106,7 @@ class BalancedExchange(FragmentExchange):
             async with asyncio.timeout(self.config.timeout_s):
                 answers = await asyncio.gather(*(self._slice(key, s, part, sent, weight, len(group), result)
                                                  for s in slices))
-            result.mean, result.group_size, why = self._verify(slices, answers, sent, weight)
+            result.mean, result.group_size, why = verify(self, slices, answers, sent, weight)
             if result.mean is None:
                 result.reason, result.skip = why, why.split(":")[0]
         except TimeoutError:
@@ -152,57 +137,41 @@ class BalancedExchange(FragmentExchange):
                 tasks[role] = self._send(key, offset, length, role, peer, part[offset:offset + length], weight,
                                          result)
         done = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True), strict=True))
-        out: dict[str, Any] = {"mean": None, "reduce": None, "check": None, "why": ""}
+        out: dict[str, Any] = {"mean": None, "reduce": None, "check": None, "why": "", "source": reducer}
+        means, stream = {}, None
         for role, value in done.items():
             if isinstance(value, BaseException):
                 out["why"] = out["why"] or f"{'reducer' if role == 'reduce' else 'checker'}: {value}"
                 continue
-            mean, summary = value
-            out[role] = summary
-            if role == "reduce":
-                out["mean"] = mean
-        self._judge(out, reducer, checker)
+            means[role], out[role], *rest = value
+            stream = rest[0] if rest else stream
+        try:
+            if out["reduce"] is not None:
+                out["mean"] = means["reduce"]
+            elif out["check"] is not None:  # the reducer failed: the checker's mean keeps the slice
+                out["mean"] = means["check"] if stream is None else \
+                    await self._ask_checker(key, offset, length, checker, stream, result)
+                out["reduce"], out["why"], out["source"] = out["check"], "", checker
+                self.stats["slices_from_checker"] += 1
+        except Exception as exc:
+            out["why"] = f"checker: {exc}"
+        finally:
+            if stream is not None:
+                stream[1].close()
+        judge(self, out, reducer, checker)
         return out
 
-    def _judge(self, view: dict[str, Any], reducer: str, checker: str | None) -> None:
-        """When this node reduced or checked the slice itself and the other's summary covers the same parts
-        with a different mean, it knows the other lied: said in the log and counted. It strikes only by the
-        rule every member applies (:class:`Disputes`), so honest replicas ban the liar in the same round
-        and keep planning the same groups (a ban of its own would split their views of the stage)."""
-        a, b = view["reduce"], view["check"]
-        if a is None or b is None or self.peer_id not in (reducer, checker):
-            return
-        if (a.peers, a.part_sha256) == (b.peers, b.part_sha256) and a.mean_sha256 != b.mean_sha256:
-            self.stats["slices_disputed"] += 1
-            logger.warning("exchange: %s sent a mean of the same parts that differs from ours",
-                           checker if self.peer_id == reducer else reducer)
-
-    def _verify(self, slices: list, answers: list[dict[str, Any]], sent: torch.Tensor,
-                weight: float) -> tuple[torch.Tensor | None, int, str]:
-        """The round's mean if every slice verifies, else (None, 0, why)."""
-        out = torch.empty(sent.numel(), dtype=torch.float32)
-        sizes = []
-        for (offset, length, reducer, checker), view in zip(slices, answers, strict=True):
-            a, b, mean = view["reduce"], view["check"], view["mean"]
-            if a is None or mean is None or (checker is not None and b is None):
-                return None, 0, f"slice_missing: slice at {offset}: {view['why'] or 'no answer'}"
-            if mean_digest(mean) != a.mean_sha256:
-                self._offence(reducer, "a mean that does not match its own summary")
-                return None, 0, f"slice_mismatch: reducer {reducer} sent a mean that differs from its summary"
-            if b is not None and (a.peers, a.part_sha256, a.mean_sha256) != (b.peers, b.part_sha256, b.mean_sha256):
-                self.stats["slices_disagreed"] += 1
-                if (a.peers, a.part_sha256) == (b.peers, b.part_sha256):
-                    self._disputes.add(reducer, checker, self)
-                return None, 0, f"slice_mismatch: reducer {reducer} and checker {checker} disagree on slice at {offset}"
-            if self.peer_id not in a.peers:
-                return None, 0, f"part_dropped: our part is not in the mean of slice at {offset}"
-            own = part_digest(weight, sent[offset:offset + length])
-            if a.part_sha256[a.peers.index(self.peer_id)] != own:
-                self._offence(reducer, "misreported our part")
-                return None, 0, f"slice_mismatch: reducer {reducer} misreports our part"
-            out[offset:offset + length] = mean
-            sizes.append(len(a.peers))
-        return out, min(sizes), ""
+    async def _ask_checker(self, key: RoundKey, offset: int, length: int, checker: str, stream: tuple,
+                           result: RoundResult) -> torch.Tensor:
+        """The slice's mean from its checker (on the stream its summary came by), for a failed reducer."""
+        reader, writer = stream
+        ask = encode_message(FragmentRequest(run_id=self.run_id, stage=key.stage, round_id=key.round,
+                                             fragment_id=key.fragment), self.limits)
+        await write_frame(writer, ask, timeout=self.config.timeout_s)
+        result.bytes_sent += len(ask) + PREFIX_BYTES
+        mean, received, _, _, _ = await read_slice(self, reader, checker, key, offset, length, self.config.timeout_s)
+        result.bytes_received += received
+        return mean
 
     # ----------------------------------------------------------------------------------------- roles
 
@@ -240,19 +209,22 @@ class BalancedExchange(FragmentExchange):
                                part_sha256=[part_digest(gather.weights[p], gather.parts[p]) for p in kept],
                                mean_sha256=mean_digest(mean))
         # Served: the unrounded mean (each part is rounded as it is encoded, to exactly ``mean``'s bits).
-        gather.result.set_result((outcome.mean if role == "reduce" else None, summary))
-        return (mean if role == "reduce" else None), summary
+        gather.result.set_result((outcome.mean, summary))
+        return mean, summary
 
     def _average(self, role: str, parts: list[torch.Tensor], weights: list[float]) -> MeanResult:
         """The slice's robust FP32 mean of the parts (sorted by sender), as the star's leader computes it."""
         return robust_mean(parts, self.config.max_norm_ratio, weights, self.config.max_weight_ratio)
 
     async def _send(self, key: RoundKey, offset: int, length: int, role: str, peer: str, mine: torch.Tensor,
-                    weight: float, result: RoundResult) -> tuple[torch.Tensor | None, SliceSummary]:
-        """Send our slice to its reducer (or checker) and read its answer: the mean (reducer) and the summary."""
+                    weight: float, result: RoundResult) -> tuple:
+        """Send our slice to its reducer (or checker) and read its answer: ``(mean, summary)`` from a reducer,
+        ``(None, summary, (reader, writer))`` from a checker, whose stream stays open (the caller closes it)
+        in case the reducer fails and its mean is asked for."""
         from hivemind.p2p import PeerID
 
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), HANDLER)
+        keep = False
         try:
             for body in self._encode_slice(key, offset, mine, weight):
                 await write_frame(writer, body, timeout=self.config.timeout_s)
@@ -272,9 +244,11 @@ class BalancedExchange(FragmentExchange):
                                                          summary.fragment_id, summary.offset, summary.length) \
                     != (self.run_id, key.stage, key.round, key.fragment, offset, length):
                 raise MalformedMessage("expected the SliceSummary of this slice")
-            return mean, summary
+            keep = role == "check"
+            return (mean, summary, (reader, writer)) if keep else (mean, summary)
         finally:
-            writer.close()
+            if not keep:
+                writer.close()
 
     # ----------------------------------------------------------------------------------------- wire
 
@@ -331,30 +305,38 @@ class BalancedExchange(FragmentExchange):
     async def handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)
         try:
-            for body in await self._serve(peer, reader):
+            frames, on_request = await self._serve(peer, reader)
+            for body in frames:
                 await write_frame(writer, body, timeout=self.config.timeout_s)
                 self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
+            if on_request:  # a checker: the member may ask for the mean (its reducer failed)
+                raw = await read_frame(reader, self.limits, timeout=self.config.timeout_s)
+                if raw is not None and isinstance(decode_message(raw, self.limits), FragmentRequest):
+                    for body in on_request:
+                        await write_frame(writer, body, timeout=self.config.timeout_s)
+                        self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
             await linger(reader, LINGER_S)
         except Exception as exc:  # a broken member stream must never reach the event loop
             logger.debug("exchange stream from %s ended: %s", peer, exc)
         finally:
             writer.close()
 
-    async def _serve(self, peer: str, reader: asyncio.StreamReader) -> list[bytes]:
+    async def _serve(self, peer: str, reader: asyncio.StreamReader) -> tuple[list[bytes], list[bytes] | None]:
+        """The frames to answer with, and (a checker's) the mean's frames if the member asks for them."""
         if self.strikes.banned_for(peer) > 0:
-            return [self._error("banned", "too many malformed parts; try later")]
+            return [self._error("banned", "too many malformed parts; try later")], None
         if peer not in self.peers:
-            return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")]
+            return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")], None
         try:
             values, received, key, offset, weight = await read_slice(self, reader, peer, None, None, None,
                                                                             timeout=self.config.timeout_s)
         except _NotMine as exc:
-            return [self._error("not_leader", str(exc))]
+            return [self._error("not_leader", str(exc))], None
         except (RemoteError, ConnectionLost, StreamIdle):
-            return []
+            return [], None
         except ProtocolError as exc:
             self._strike(peer, exc)
-            return [self._error(exc.code, str(exc))]
+            return [self._error(exc.code, str(exc))], None
         self.stats["bytes_received"] += received
         roles = [("reduce" if s[2] == self.peer_id else "check") for s in self._my_slices(key, peer) if s[0] == offset]
         # The same node may both reduce and check a slice only in a group of one dialable member: never here.
@@ -362,89 +344,21 @@ class BalancedExchange(FragmentExchange):
         try:
             gather = self._slice_gather((key, offset, role), len(values), expected=self.config.max_group)
         except _Refuse as exc:
-            return [self._error(exc.code, str(exc))]
+            return [self._error(exc.code, str(exc))], None
         if gather.closed:
-            return [self._error("late", f"slice at {offset} of round {key.round} is already averaged")]
+            return [self._error("late", f"slice at {offset} of round {key.round} is already averaged")], None
         if peer in gather.parts or len(gather.parts) >= self.config.max_group:
-            return [self._error("rejected", "duplicate part or full group")]
+            return [self._error("rejected", "duplicate part or full group")], None
         gather.parts[peer], gather.weights[peer] = values, weight
         gather.arrived.set()
         try:
             outcome = await asyncio.wait_for(asyncio.shield(gather.result), self.config.timeout_s)
         except TimeoutError:
-            return [self._error("timeout", "the round did not finish in time")]
+            return [self._error("timeout", "the round did not finish in time")], None
         if outcome is None:
-            return [self._error("skipped", "no usable parts in this slice")]
+            return [self._error("skipped", "no usable parts in this slice")], None
         mean, summary = outcome
-        reply = self._encode_slice(key, offset, mean, float(len(summary.peers))) if mean is not None else []
-        return [*reply, encode_message(summary, self.limits)]
-
-
-class Disputes:
-    """Reducer/checker pairs that averaged the same parts to different means (one of them lied). A peer in
-    such disputes with two different partners within ``window_s`` gets a strike (module docstring); at
-    most ``max_peers`` peers are remembered."""
-
-    def __init__(self, window_s: float, max_peers: int = 4096) -> None:
-        self.window_s, self.max_peers = window_s, max_peers
-        self.seen: dict[str, dict[str, float]] = {}  # peer -> {dispute partner: when}
-
-    def add(self, a: str, b: str, ex: BalancedExchange) -> None:
-        now = time.monotonic()
-        for peer, partner in ((a, b), (b, a)):
-            if peer == ex.peer_id:
-                continue
-            seen = self.seen.setdefault(peer, {})
-            seen[partner] = now
-            for other in [o for o, t in seen.items() if now - t > self.window_s]:
-                del seen[other]
-            if len(seen) >= 2:
-                self.seen.pop(peer, None)
-                ex._offence(peer, "disputed reduced slices with several partners")
-        while len(self.seen) > self.max_peers:  # forget the longest-known suspect first
-            self.seen.pop(next(iter(self.seen)))
-
-
-async def read_slice(ex: BalancedExchange, reader: asyncio.StreamReader, peer: str, key: RoundKey | None,
-                     offset: int | None, length: int | None,
-                     timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey, int, float]:
-    """A slice sent to ``ex`` as FragmentParts (key and slice from the first part when None). Returns
-    the values, the bytes read, the key, the slice's offset and the first part's weight."""
-    received, out, got, weight, num_parts = 0, None, 0, 1.0, None
-    per = ex.config.max_values_per_part
-    while num_parts is None or got < num_parts:
-        raw = await read_frame(reader, ex.limits, timeout=timeout, idle_timeout=timeout)
-        if raw is None:
-            raise RemoteError("peer closed the stream mid-slice", remote_code="closed")
-        received += len(raw) + PREFIX_BYTES
-        msg = decode_message(raw, ex.limits)
-        if isinstance(msg, ErrorReply):
-            raise RemoteError(f"[{msg.code}] {msg.message}", remote_code=msg.code)
-        if not isinstance(msg, FragmentPart):
-            raise MalformedMessage(f"expected a FragmentPart, got {type(msg).__name__}")
-        if key is None:
-            key, offset = RoundKey(msg.stage, msg.fragment_id, msg.round_id), msg.offset
-            length = ex._slice_length(key, offset, peer)
-            if msg.num_parts != max(1, math.ceil(length / per)):  # the sender planned other slices
-                raise _NotMine(f"our slice at {offset} has {length} values; the sender's has other bounds "
-                               "(views of the stage differ)")
-        if msg.run_id != ex.run_id or (msg.stage, msg.fragment_id, msg.round_id) != (key.stage, key.fragment,
-                                                                                     key.round):
-            raise MalformedMessage("a part of another run, stage, fragment or round inside a slice")
-        if msg.codec != ex.codec_name or msg.total_values != ex.fragment_sizes[key.fragment]:
-            raise MalformedMessage(f"parts travel as {ex.codec_name} of the whole fragment's size")
-        want = max(1, math.ceil(length / per))
-        at = offset + got * per
-        if msg.num_parts != want or msg.part != got or msg.offset != at or \
-                msg.values.numel() != min(per, offset + length - at):
-            raise MalformedMessage(f"part {msg.part} at {msg.offset} ({msg.values.numel()} values) is not part "
-                                   f"{got} of the {length}-value slice at {offset}")
-        if out is None:
-            out, num_parts, weight = torch.empty(length, dtype=torch.float32), msg.num_parts, msg.weight
-        out[at - offset:at - offset + msg.values.numel()] = msg.values
-        got += 1
-    return out, received, key, offset, weight
-
-
-class _NotMine(Exception):
-    """A slice this node neither reduces nor checks for that sender (views of the stage differ)."""
+        served = self._encode_slice(key, offset, mean, float(len(summary.peers)))
+        if role == "check":
+            return [encode_message(summary, self.limits)], served
+        return [*served, encode_message(summary, self.limits)], None
