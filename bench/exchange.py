@@ -73,8 +73,8 @@ async def member(index: int, size: int, workdir: Path, address: str, numel: int,
     for kind in KINDS:
         ex = exchanges[kind]
         for r in range(rounds):
+            before = ex.stats["bytes_sent"] + ex.stats["bytes_received"]  # before anyone may send to us
             await _barrier(workdir, f"{kind}-{r}", index, size)
-            before = ex.stats["bytes_sent"] + ex.stats["bytes_received"]
             t0 = time.monotonic()
             result = await ex.run_round(RoundKey(0, 0, r), part)
             seconds = time.monotonic() - t0

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -312,7 +313,7 @@ class BalancedExchange(FragmentExchange):
             if on_request:  # a checker: the member may ask for the mean (its reducer failed)
                 raw = await read_frame(reader, self.limits, timeout=self.config.timeout_s)
                 if raw is not None and isinstance(decode_message(raw, self.limits), FragmentRequest):
-                    for body in on_request:
+                    for body in on_request():
                         await write_frame(writer, body, timeout=self.config.timeout_s)
                         self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
             await linger(reader, LINGER_S)
@@ -321,7 +322,7 @@ class BalancedExchange(FragmentExchange):
         finally:
             writer.close()
 
-    async def _serve(self, peer: str, reader: asyncio.StreamReader) -> tuple[list[bytes], list[bytes] | None]:
+    async def _serve(self, peer: str, reader: asyncio.StreamReader) -> tuple[list[bytes], Callable[[], list[bytes]] | None]:
         """The frames to answer with, and (a checker's) the mean's frames if the member asks for them."""
         if self.strikes.banned_for(peer) > 0:
             return [self._error("banned", "too many malformed parts; try later")], None
@@ -358,7 +359,7 @@ class BalancedExchange(FragmentExchange):
         if outcome is None:
             return [self._error("skipped", "no usable parts in this slice")], None
         mean, summary = outcome
-        served = self._encode_slice(key, offset, mean, float(len(summary.peers)))
-        if role == "check":
-            return [encode_message(summary, self.limits)], served
-        return [*served, encode_message(summary, self.limits)], None
+        serve = lambda: self._encode_slice(key, offset, mean, float(len(summary.peers)))  # noqa: E731
+        if role == "check":  # the mean is encoded only if a member asks for it
+            return [encode_message(summary, self.limits)], serve
+        return [*serve(), encode_message(summary, self.limits)], None
