@@ -4,9 +4,9 @@ For each group size G, G member processes, each in its own network namespace wit
 link (swarm/sim/netns.py, the lab's links: 80 Mbit/s each way by default), start real hivemind P2P
 daemons and run both exchanges on the same parts, one round after another behind a file barrier:
 
-- ``star``      swarm/exchange.py: every member sends its whole part to the round's leader, which sends
+- ``star``      swarm/exchange/star.py: every member sends its whole part to the round's leader, which sends
                 the mean back to each (the exchange the node uses today)
-- ``balanced``  swarm/exchange_balanced.py: one slice per member, each sent to its reducer and its
+- ``balanced``  swarm/exchange/balanced.py: one slice per member, each sent to its reducer and its
                 checker; means come back from the reducers
 
 Per exchange and G: ``round_s`` (median over rounds of the slowest member's round, i.e. until every
@@ -48,8 +48,7 @@ async def member(index: int, size: int, workdir: Path, address: str, numel: int,
     import torch
     from hivemind.p2p import P2P
 
-    from swarm.exchange import ExchangeConfig, FragmentExchange, RoundKey
-    from swarm.exchange_balanced import BalancedExchange
+    from swarm.exchange import BalancedExchange, ExchangeConfig, FragmentExchange, RoundKey
 
     torch.set_num_threads(1)
     first = workdir / "maddr-0"

@@ -2,7 +2,7 @@
 
 A run config has one table per component: ``[model]``, ``[pipeline]``, ``[data]``, ``[train]`` and
 ``[swarm]`` are defined here; ``[wire]`` (protocol/tensors.py), ``[dataplane]`` (swarm/dataplane/config.py),
-``[diloco]`` (swarm/diloco.py) and ``[exchange]`` (swarm/exchange.py) next to the component that takes
+``[diloco]`` (swarm/diloco.py) and ``[exchange]`` (swarm/exchange/config.py) next to the component that takes
 the section itself as its config. The field helpers and ``ConfigError`` are protocol/settings.py's.
 A file may start with ``extends = ["model/tiny.toml", ...]``: those files are merged first (paths
 relative to the extending file, or to the shipped ``configs/`` directory), then the file's own

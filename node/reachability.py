@@ -8,7 +8,7 @@ record, /health, the join banner (the address peers saw, when they could dial it
 
 - ``private`` in a pipeline: the node claims stage 0 only (it drives; every other stage receives
   connections), is not counted as a stage's server, not asked for downloads, never leads an exchange
-  group (swarm/exchange.py ``plan_groups``), and turns its DHT into a client (peers cannot dial it).
+  group (swarm/exchange/star.py ``plan_groups``), and turns its DHT into a client (peers cannot dial it).
 - ``""`` (nobody answered, e.g. the founder alone): treated as reachable, and asked again.
 """
 

@@ -34,9 +34,7 @@ from node.config import RunConfig
 from node.metrics import NodeMetrics
 from node.stage_store import StageStore
 from protocol.messages import StageRecord
-from swarm.exchange import HANDLER, FragmentExchange, RoundKey
-from swarm.exchange_balanced import HANDLER as BALANCED_HANDLER
-from swarm.exchange_balanced import BalancedExchange
+from swarm.exchange import BALANCED_HANDLER, HANDLER, BalancedExchange, FragmentExchange, RoundKey
 
 logger = logging.getLogger(__name__)
 

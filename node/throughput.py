@@ -23,7 +23,7 @@ per node (the same rate each way):
   ``gpu_utilisation`` is the pipeline's tokens/s over ``compute_tokens_per_s``. ``compression_needed``
   is how many times smaller than dense bf16 the boundary must be for the link to keep up with compute.
 - **Streaming DiLoCo** (``diloco.enabled``): a fragment of the largest stage in ``wire.fragment_codec``,
-  averaged by groups of ``min(replicas, exchange.max_group)`` through a leader (swarm/exchange.py: the
+  averaged by groups of ``min(replicas, exchange.max_group)`` through a leader (swarm/exchange/star.py: the
   leader downloads every member's part and uploads the mean to each). The round's time is set against
   the inner step's for H (``diloco.inner_steps``, summed over replicas), P and τ: utilisation without
   overlap (τ = 0, blocking), with the paper's overlap (τ blocking), and for the default schedule

@@ -180,7 +180,7 @@ class FragmentPart(Message):
 @message("slice_summary")
 class SliceSummary(Message):
     """What a reducer, or its checker, made of one slice of a fragment in a balanced exchange round
-    (swarm/exchange_balanced.py): the parts it averaged (each sender and the SHA-256 of the weight and
+    (swarm/exchange/balanced.py): the parts it averaged (each sender and the SHA-256 of the weight and
     values it received from it) and the SHA-256 of the mean. A member applies the round only when the
     reducer's and the checker's summaries of every slice are identical and the mean it got matches."""
 

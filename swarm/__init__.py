@@ -26,12 +26,10 @@
   ``DilocoConfig``, the ``[diloco]`` section it takes (error feedback included).
 - ``swarm.diloco_group``    ``InProcessGroup``: replicas agreeing in one process, the harness of the
   golden test and bench/diloco.py.
-- ``swarm.exchange``        ``FragmentExchange``: a stage's replicas average one fragment over
-  hivemind P2P in groups with a leader; ``ExchangeConfig``, the ``[exchange]`` section it takes.
-- ``swarm.exchange_balanced``  ``BalancedExchange``: the same rounds as a reduce-scatter / all-gather, one
-  slice per member, each slice's mean checked by a second member (``exchange.mode = "balanced"``).
-- ``swarm.exchange_slices``  the balanced exchange's slices: planning, wire rounding, digests, the checks a
-  member applies to a round and the dispute rule that strikes a liar.
+- ``swarm.exchange``        the fragment exchange, a package (its docstring maps it): a stage's replicas
+  average one fragment over hivemind P2P, through a leader per group (``FragmentExchange``) or balanced
+  over every member with a checker per slice (``BalancedExchange``); ``ExchangeConfig``, the
+  ``[exchange]`` section.
 - ``swarm.access``          swarm-key access control.
 - ``swarm.reachability``    the dial-back check: ``DialbackServer`` (dials an asker back at the address its
   stream came from), ``ask_dialback``, ``verdict`` (public / private / not known).

@@ -1,5 +1,5 @@
 """Streaming DiLoCo's replicas agreeing in one process: the harness of the golden test, the
-poisoning test and bench/diloco.py (the swarm agrees through swarm/exchange.py instead)."""
+poisoning test and bench/diloco.py (the swarm agrees through swarm/exchange/star.py instead)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class InProcessGroup:
     """M replicas' outer loops agreeing in one process as the fragment exchange makes them agree: at
     each boundary every replica's part (as sent: quantized with ``codec`` when given) goes through
     :func:`robust_mean`, and the mean is applied τ inner steps later (at once with τ = 0). The golden
-    test, the benches and the poisoning test drive replicas with it; the swarm uses swarm/exchange.py.
+    test, the benches and the poisoning test drive replicas with it; the swarm uses swarm/exchange/star.py.
 
     ``corrupt(replica, part) -> part``, if given, replaces what a replica sends (a poisoner). Call
     :meth:`after_step` once after every replica finished inner step ``t`` (1-based).

@@ -207,7 +207,7 @@ def _exchange_semantic(rng: random.Random, f: FragmentStream, sizes: list[int]) 
 def exchange_corpus(rng: random.Random, run_id: str, stage: int, sizes: list[int], per_part: int,
                     key: tuple[int, int], codec: str = "e3m0", *, large: bool = False,
                     mutations: int = 16) -> list[Case]:
-    """Cases for the fragment exchange (swarm/exchange.py); ``key`` = (fragment, round) of a round whose
+    """Cases for the fragment exchange (swarm/exchange/star.py); ``key`` = (fragment, round) of a round whose
     group the fuzzing peer leads, so a fully valid fragment is answered ``not_leader`` at once."""
     fragment, round_id = key
     f = FragmentStream(run_id, stage, fragment, round_id, sizes[fragment], per_part, codec)

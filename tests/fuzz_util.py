@@ -404,7 +404,7 @@ class StateTarget:
 
 @dataclass
 class ExchangeTarget:
-    """What a fragment-exchange leader accepts (swarm/exchange.py ``FragmentExchange._serve``).
+    """What a fragment-exchange leader accepts (swarm/exchange/star.py ``FragmentExchange._serve``).
 
     ``check`` is the exchange's own part check (``FragmentExchange._check_part``), ``leader(key)``
     the leader of the group the fuzzing peer is in for a round."""

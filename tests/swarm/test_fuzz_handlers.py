@@ -1,5 +1,5 @@
 """Fuzzing every P2P stream handler the daemon registers: the pipeline (swarm/dataplane/), the
-fragment exchange (swarm/exchange.py) and the state server (swarm/state_transfer.py).
+fragment exchange (swarm/exchange/star.py) and the state server (swarm/state_transfer.py).
 
 The harness is tests/fuzz_util.py: seeded cases (random bytes, framing damage, oversize prefixes,
 wrong versions, dtypes, shapes, codecs and field types, non-finite tensors, out-of-range ids and
@@ -223,9 +223,9 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
 
 @pytest.mark.timeout(120)
 def test_state_server_bans_repeat_offenders_and_silent_members_cannot_hold_exchange_streams(monkeypatch):
-    import swarm.exchange
+    import swarm.exchange.star
 
-    monkeypatch.setattr(swarm.exchange, "LINGER_S", 0.5)
+    monkeypatch.setattr(swarm.exchange.star, "LINGER_S", 0.5)
     limits = WireLimits()
 
     async def body(server, client):

@@ -9,8 +9,8 @@ import torch
 from p2p_util import run_p2p
 
 from swarm.diloco import robust_mean
-from swarm.exchange import ExchangeConfig, RoundKey, plan_groups
-from swarm.exchange_balanced import BalancedExchange, plan_slices, wire_values
+from swarm.exchange import BalancedExchange, ExchangeConfig, RoundKey, plan_groups, plan_slices
+from swarm.exchange.transport import wire_values
 
 RUN = "bx"
 SIZES = [1000, 300]

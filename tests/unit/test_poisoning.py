@@ -1,7 +1,7 @@
 """Poisoned pseudo-gradients: a replica sending NaN, huge-norm or noise parts changes nothing for the
 honest replicas (their global copies stay bit-identical to a run without it), and one inside the norm
 bound is the documented limit. In-process replicas agreeing through swarm.diloco_group.InProcessGroup,
-whose robust mean is the one every exchange leader runs (swarm/exchange.py)."""
+whose robust mean is the one every exchange leader runs (swarm/exchange/star.py)."""
 
 from __future__ import annotations
 

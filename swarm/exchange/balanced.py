@@ -1,6 +1,6 @@
 """The bandwidth-balanced fragment exchange: reduce-scatter and all-gather with a checker per slice.
 
-The star exchange (swarm/exchange.py) sends every part to one leader, whose link carries 2(G−1)
+The star exchange (swarm/exchange/star.py) sends every part to one leader, whose link carries 2(G−1)
 parts a round. Here a group's fragment is cut into R contiguous slices, one per member that others
 can dial (R = G without NAT), and slice j has a *reducer* (the j-th such member in the round's group
 order) and a *checker* (the next one):
@@ -63,21 +63,14 @@ from protocol.messages import (
 )
 from protocol.streams import linger
 from swarm.diloco import MeanResult, robust_mean
-from swarm.exchange import LINGER_S, FragmentExchange, RoundKey, RoundResult, _Gather, _Refuse, plan_groups
-from swarm.exchange_slices import (
-    HANDLER,
-    Disputes,
-    _NotMine,
-    judge,
-    mean_digest,
-    part_digest,
-    plan_slices,
-    read_slice,
-    verify,
-    wire_values,
-)
+from swarm.exchange.checks import Disputes, judge, verify
+from swarm.exchange.groups import RoundKey, RoundResult, plan_groups, plan_slices
+from swarm.exchange.star import LINGER_S, FragmentExchange, _Gather, _Refuse
+from swarm.exchange.transport import _NotMine, mean_digest, part_digest, read_slice, wire_values
 
 logger = logging.getLogger(__name__)
+
+HANDLER = "protoswarm.diloco.balanced.v1"
 
 class BalancedExchange(FragmentExchange):
     """This replica's end of the balanced exchange (all methods on the event loop of ``p2p``). Same
@@ -182,19 +175,7 @@ class BalancedExchange(FragmentExchange):
         gather = self._slice_gather((key, offset, role), length, expected=group_size, own=True)
         gather.expected = group_size
         gather.parts[self.peer_id], gather.weights[self.peer_id] = mine, weight
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.gather_s
-        while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
-            gather.arrived.clear()
-            try:
-                await asyncio.wait_for(gather.arrived.wait(), left)
-            except TimeoutError:
-                break
-        gather.closed = True
-        self._gathers.pop((key, offset, role), None)
-        self._closed[(key, offset, role)] = None
-        while len(self._closed) > 8 * self.config.max_early_rounds:
-            self._closed.popitem(last=False)
+        await self._collect((key, offset, role), gather, 8 * self.config.max_early_rounds)
         peers = sorted(gather.parts)
         outcome = self._average(role, [gather.parts[p] for p in peers], [gather.weights[p] for p in peers])
         for i, why in outcome.rejected.items():

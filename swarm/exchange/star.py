@@ -39,127 +39,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from protocol.codecs import get_codec
 from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, RemoteError, StreamIdle
-from protocol.framing import PREFIX_BYTES, read_frame, write_frame
-from protocol.messages import ErrorReply, FragmentPart, decode_message, encode_message
-from protocol.settings import ConfigError, check_positive, setting
+from protocol.framing import PREFIX_BYTES, write_frame
+from protocol.messages import ErrorReply, FragmentPart, encode_message
 from protocol.streams import PeerStrikes, linger
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.diloco import quantized, robust_mean
+from swarm.exchange.config import ExchangeConfig
+from swarm.exchange.groups import RoundKey, RoundResult, plan_groups
+from swarm.exchange.transport import chunk, next_part
 
 logger = logging.getLogger(__name__)
 
 HANDLER = "protoswarm.diloco.v1"
 LINGER_S = 5.0  # how long a served stream waits for the member to close after the reply
-
-
-@dataclass(kw_only=True)
-class ExchangeConfig:
-    """The fragment exchange between a stage's replicas: groups, deadlines, outliers, bans.
-
-    ``mode``, ``max_group``, ``max_norm_ratio`` and ``max_values_per_part`` are run-level (every replica must
-    plan the same groups and chunk parts the same way); the deadlines and bans are node-local."""
-
-    SECTION = "exchange"
-    # Node-local fields (the rest are the run's, published with it: node/run_params.py).
-    LOCAL_FIELDS = ("gather_s", "timeout_s", "max_early_rounds", "peer_strikes", "ban_s")
-
-    gather_s: float = setting(
-        10.0, "A group's leader waits this long (seconds) for its members' parts after reaching the round itself."
-    )
-    timeout_s: float = setting(
-        60.0, "Longest wait for one exchange round, sending included (seconds); then it is skipped. Parts that "
-        "arrive before the leader reached their round are held this long at most."
-    )
-    mode: str = setting("star", "'star' (a leader averages each group's fragment) or 'balanced' (swarm/exchange_balanced.py).")
-    max_group: int = setting(16, "Replicas averaged together; bigger stages form several random groups per round.")
-    max_norm_ratio: float = setting(
-        10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average (>= 1)."
-    )
-    max_weight_ratio: float = setting(
-        4.0, "A part counts in the mean by its sender's inner steps since its last part, capped at this × the "
-        "group's lower median (>= 1; 1 = equal weights)."
-    )
-    max_values_per_part: int = setting(
-        1 << 24, "Values in one FragmentPart frame; a fragment travels in ceil(values / this) parts (e3m0: 8 MiB)."
-    )
-    max_early_rounds: int = setting(8, "Rounds a leader holds parts for before it reached them itself.")
-    peer_strikes: int = setting(4, "Malformed or dropped parts from one peer within ban_s before it is banned.")
-    ban_s: float = setting(120.0, "How long a banned peer's parts are refused (seconds); also the strikes' window.")
-
-    def __post_init__(self) -> None:
-        check_positive(self, "gather_s", "timeout_s", "max_group", "max_norm_ratio", "max_values_per_part",
-                       "max_early_rounds", "peer_strikes", "ban_s")
-        if self.mode not in ("star", "balanced"):
-            raise ConfigError(f"exchange.mode must be 'star' or 'balanced', got {self.mode!r}")
-        if self.gather_s >= self.timeout_s:
-            raise ConfigError(f"exchange.gather_s={self.gather_s} must be below exchange.timeout_s={self.timeout_s}")
-        if self.max_weight_ratio < 1.0:
-            raise ConfigError(f"exchange.max_weight_ratio must be >= 1, got {self.max_weight_ratio!r}")
-        if self.max_norm_ratio < 1.0:
-            raise ConfigError(f"exchange.max_norm_ratio must be >= 1, got {self.max_norm_ratio!r}")
-
-
-@dataclass(frozen=True)
-class RoundKey:
-    stage: int
-    fragment: int
-    round: int
-
-
-@dataclass
-class RoundResult:
-    """What one replica got out of a round. ``mean`` None: the round was skipped (``reason`` says why)."""
-
-    mean: torch.Tensor | None
-    role: str  # "leader" or "member"
-    leader: str
-    group: list[str] = field(default_factory=list)  # peers whose parts are in the mean (leader's view)
-    group_size: int = 0  # parts in the mean (members learn it from the leader's reply)
-    rejected: dict[str, str] = field(default_factory=dict)  # peer -> reason (leader only)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-    reason: str = ""
-    skip: str = ""  # why there is no mean, as a short code: timeout, refused_<code>, unreachable, ...
-    sent: torch.Tensor | None = None  # this replica's part as the others decode it (error feedback)
-
-
-def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int,
-                cannot_lead: Iterable[str] = ()) -> list[list[str]]:
-    """The round's groups, leader first; the same on every replica that knows the same peers.
-
-    Peers in ``cannot_lead`` (those others cannot dial: behind NAT) never lead a group; members dial
-    their leader, so they still take part. With fewer possible leaders than groups, the groups grow."""
-    tag = f"{run_id}/{key.stage}/{key.fragment}/{key.round}/"
-    order = sorted(set(peers), key=lambda p: hashlib.sha256((tag + p).encode()).digest())
-    if not order:
-        return []
-    barred = set(cannot_lead)
-    able = [p for p in order if p not in barred] or order  # nobody can lead: the rounds fail, as they must
-    count = min(math.ceil(len(order) / max_group), len(able))
-    leaders = able[:count]
-    groups = [[leader] for leader in leaders]
-    for i, peer in enumerate(p for p in order if p not in leaders):
-        groups[i % count].append(peer)
-    return groups
-
-
-def chunk(values: torch.Tensor, max_values: int) -> list[tuple[int, torch.Tensor]]:
-    """``(offset, slice)`` pieces of a flat tensor, each at most ``max_values`` long (one for an empty one)."""
-    n = values.numel()
-    return [(o, values[o:o + max_values]) for o in range(0, max(n, 1), max_values)] if n else [(0, values)]
 
 
 class _Gather:
@@ -237,19 +139,7 @@ class FragmentExchange:
         gather.expected = len(group)
         own = gather.parts[self.peer_id] = quantized(part, self.codec)[1]
         gather.weights[self.peer_id] = weight
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.gather_s
-        while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
-            gather.arrived.clear()
-            try:
-                await asyncio.wait_for(gather.arrived.wait(), left)
-            except TimeoutError:
-                break
-        gather.closed = True
-        self._gathers.pop(key, None)
-        self._closed[key] = None
-        while len(self._closed) > 4 * self.config.max_early_rounds:
-            self._closed.popitem(last=False)
+        await self._collect(key, gather, 4 * self.config.max_early_rounds)
         peers = list(gather.parts)
         outcome = robust_mean([gather.parts[p] for p in peers], self.config.max_norm_ratio,
                               [gather.weights.get(p, 1.0) for p in peers], self.config.max_weight_ratio)
@@ -270,6 +160,23 @@ class FragmentExchange:
         gather.result.set_result((mean, kept))
         return RoundResult(mean, "leader", self.peer_id, group=kept, group_size=len(kept), rejected=rejected,
                            sent=own)
+
+    async def _collect(self, key: Any, gather: _Gather, remember: int) -> None:
+        """Wait ``gather_s`` at most for the gather's expected parts, then close it (late parts are refused:
+        its key is remembered among the last ``remember`` closed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.gather_s
+        while len(gather.parts) < gather.expected and (left := deadline - loop.time()) > 0:
+            gather.arrived.clear()
+            try:
+                await asyncio.wait_for(gather.arrived.wait(), left)
+            except TimeoutError:
+                break
+        gather.closed = True
+        self._gathers.pop(key, None)
+        self._closed[key] = None
+        while len(self._closed) > remember:
+            self._closed.popitem(last=False)
 
     async def _join(self, key: RoundKey, part: torch.Tensor, leader: str, weight: float) -> RoundResult:
         from hivemind.p2p import PeerID
@@ -317,15 +224,8 @@ class FragmentExchange:
         Returns the values, the bytes read, the key and the first part's weight."""
         received, out, expected_parts, got, weight = 0, None, None, 0, 1.0
         while expected_parts is None or got < expected_parts:
-            raw = await read_frame(reader, self.limits, timeout=timeout, idle_timeout=timeout)
-            if raw is None:
-                raise RemoteError("peer closed the stream mid-fragment", remote_code="closed")
-            received += len(raw) + PREFIX_BYTES
-            msg = decode_message(raw, self.limits)
-            if isinstance(msg, ErrorReply):
-                raise RemoteError(f"[{msg.code}] {msg.message}", remote_code=msg.code)
-            if not isinstance(msg, FragmentPart):
-                raise MalformedMessage(f"expected a FragmentPart, got {type(msg).__name__}")
+            msg, size = await next_part(reader, self.limits, timeout)
+            received += size
             if key is None:
                 key = RoundKey(msg.stage, msg.fragment_id, msg.round_id)
             self._check_part(msg, key, expected_parts, got)
