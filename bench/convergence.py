@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import ResultStore, config_digest
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
 from node.config import load_config
 from node.train_local import train_local
 
@@ -174,7 +174,7 @@ def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> 
     result is reused only for the same settings (a changed default makes it another unit; a new setting
     that is off leaves the key as it was: bench/resume.config_digest)."""
     cfg = load_config("local/tiny", [*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
-    digest = config_digest(cfg.to_dict())
+    digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)
     return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 
 

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import ResultStore, config_digest
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
 from node.chain import StageChain
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
@@ -214,7 +214,7 @@ def main() -> None:
                     for r in range(args.replicas)]
         val = validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
         for label in chosen:
-            key = f"{label}-{config_digest(cfg.to_dict())}-s{seed}"  # a changed default is another unit
+            key = f"{label}-{config_digest(cfg.to_dict(), TRAINING_SECTIONS)}-s{seed}"  # a changed default: another unit
             row = store.get(key)
             if row is None:
                 print(f"training {label} (seed {seed}) ...", file=sys.stderr, flush=True)

@@ -79,14 +79,23 @@ class ResultStore:
         return {"commit": saved.get("commit"), "dirty": saved.get("dirty")}
 
 
-def config_digest(settings: dict[str, Any]) -> str:
+# What an in-process training result depends on (the swarm's sections -- exchange, swarm, dataplane -- do
+# not train there): the sections the training benches hash.
+TRAINING_SECTIONS = ("model", "pipeline", "data", "train", "wire")
+
+
+def config_digest(settings: dict[str, Any], sections: tuple[str, ...] | None = None) -> str:
     """Short hash of a resolved configuration (nested dicts of settings), for a unit's key: a result is
     reused only for the same settings, so a changed default makes it another unit.
 
-    Settings that are None or False (off, unset, automatic) are left out, so adding a new optional
-    setting whose default is off does not orphan the results already kept; turning it on does."""
+    ``sections``: only those top-level sections count (a bench names the ones its result depends on, so a
+    setting added to, say, the exchange does not orphan a training bench's results). Settings that are
+    None or False (off, unset, automatic) are left out, so adding an optional setting whose default is
+    off does not orphan the results already kept; turning it on does."""
     def kept(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: kept(v) for k, v in value.items() if v is not None and v is not False}
         return value
+    if sections is not None:
+        settings = {k: v for k, v in settings.items() if k in sections}
     return hashlib.sha256(json.dumps(kept(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -47,3 +47,13 @@ def test_config_digest_changes_with_a_setting_but_not_with_a_new_setting_left_of
         assert config_digest(base) == config_digest({**base, "model": {**base["model"], "new_knob": off}})
     assert config_digest(base) != config_digest({**base, "model": {**base["model"], "new_knob": True}})
     assert config_digest(base) != config_digest({**base, "model": {**base["model"], "new_knob": 0}})
+
+
+def test_config_digest_counts_only_the_sections_a_bench_depends_on():
+    from resume import TRAINING_SECTIONS, config_digest
+
+    run = {"model": {"d": 256}, "train": {"steps": 1200}, "exchange": {"max_group": 16}}
+    with_mode = {**run, "exchange": {"max_group": 16, "mode": "star"}}  # a swarm setting added later
+    assert config_digest(run, TRAINING_SECTIONS) == config_digest(with_mode, TRAINING_SECTIONS)
+    assert config_digest(run) != config_digest(with_mode)  # everything counts without sections
+    assert config_digest(run, TRAINING_SECTIONS) != config_digest({**run, "train": {"steps": 300}}, TRAINING_SECTIONS)
