@@ -65,7 +65,7 @@ from protocol.streams import linger
 from swarm.diloco import MeanResult, robust_mean
 from swarm.exchange.checks import Disputes, judge, verify
 from swarm.exchange.groups import RoundKey, RoundResult, plan_groups, plan_slices
-from swarm.exchange.star import LINGER_S, FragmentExchange, _Gather, _Refuse
+from swarm.exchange.star import LINGER_S, FragmentExchange, _Refuse
 from swarm.exchange.transport import _NotMine, mean_digest, part_digest, read_slice, wire_values
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class BalancedExchange(FragmentExchange):
         reducer's and checker's summaries (None where one failed; the reason under ``why``)."""
         offset, length, reducer, checker = spec
         tasks: dict[str, Any] = {}
+        frames: list[bytes] | None = None  # encoded once, sent to the reducer and the checker alike
         for role, peer in (("reduce", reducer), ("check", checker)):
             if peer is None:
                 continue
@@ -128,8 +129,8 @@ class BalancedExchange(FragmentExchange):
                 tasks[role] = self._reduce(key, offset, length, role, sent[offset:offset + length], weight,
                                            group_size)
             else:
-                tasks[role] = self._send(key, offset, length, role, peer, part[offset:offset + length], weight,
-                                         result)
+                frames = frames or self._encode_slice(key, offset, part[offset:offset + length], weight)
+                tasks[role] = self._send(key, offset, length, role, peer, frames, result)
         done = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True), strict=True))
         out: dict[str, Any] = {"mean": None, "reduce": None, "check": None, "why": "", "source": reducer}
         means, stream = {}, None
@@ -172,7 +173,8 @@ class BalancedExchange(FragmentExchange):
     async def _reduce(self, key: RoundKey, offset: int, length: int, role: str, mine: torch.Tensor,
                       weight: float, group_size: int) -> tuple[torch.Tensor | None, SliceSummary]:
         """Reduce (or check) one slice here: gather the group's parts, average, settle the result."""
-        gather = self._slice_gather((key, offset, role), length, expected=group_size, own=True)
+        gather = self._open_gather((key, offset, role), length, group_size, own=True, limit=2 * self.config.max_early_rounds,
+                                   what=f"round {key.round}'s slice at {offset}")
         gather.expected = group_size
         gather.parts[self.peer_id], gather.weights[self.peer_id] = mine, weight
         await self._collect((key, offset, role), gather, 8 * self.config.max_early_rounds)
@@ -198,9 +200,9 @@ class BalancedExchange(FragmentExchange):
         """The slice's robust FP32 mean of the parts (sorted by sender), as the star's leader computes it."""
         return robust_mean(parts, self.config.max_norm_ratio, weights, self.config.max_weight_ratio)
 
-    async def _send(self, key: RoundKey, offset: int, length: int, role: str, peer: str, mine: torch.Tensor,
-                    weight: float, result: RoundResult) -> tuple:
-        """Send our slice to its reducer (or checker) and read its answer: ``(mean, summary)`` from a reducer,
+    async def _send(self, key: RoundKey, offset: int, length: int, role: str, peer: str, frames: list[bytes],
+                    result: RoundResult) -> tuple:
+        """Send our slice (its encoded ``frames``) to its reducer (or checker) and read its answer: ``(mean, summary)`` from a reducer,
         ``(None, summary, (reader, writer))`` from a checker, whose stream stays open (the caller closes it)
         in case the reducer fails and its mean is asked for."""
         from hivemind.p2p import PeerID
@@ -208,7 +210,7 @@ class BalancedExchange(FragmentExchange):
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), HANDLER)
         keep = False
         try:
-            for body in self._encode_slice(key, offset, mine, weight):
+            for body in frames:
                 await write_frame(writer, body, timeout=self.config.timeout_s)
                 result.bytes_sent += len(body) + PREFIX_BYTES
             mean = None
@@ -266,37 +268,17 @@ class BalancedExchange(FragmentExchange):
         return [s for s in plan_slices(group, self.fragment_sizes[key.fragment], self.cannot_lead)
                 if self.peer_id in (s[2], s[3])]
 
-    def _slice_gather(self, gkey: tuple, length: int, expected: int, own: bool = False) -> _Gather:
-        """The collection of parts for one (round, slice, role): as the star's, keyed by the slice too."""
-        now = asyncio.get_running_loop().time()
-        for old in [k for k, g in self._gathers.items() if now - g.created > self.config.timeout_s]:
-            stale = self._gathers.pop(old)
-            if not stale.result.done():
-                stale.result.set_result(None)
-        gather = self._gathers.get(gkey)
-        if gather is None:
-            if gkey in self._closed:
-                raise _Refuse("late", f"round {gkey[0].round}'s slice at {gkey[1]} is already averaged")
-            if not own and len(self._gathers) >= 2 * self.config.max_early_rounds:
-                raise _Refuse("busy", f"holding {len(self._gathers)} slices already")
-            gather = self._gathers[gkey] = _Gather(length, expected, now)
-        return gather
-
     # ----------------------------------------------------------------------------------------- serving
 
     async def handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)
         try:
             frames, on_request = await self._serve(peer, reader)
-            for body in frames:
-                await write_frame(writer, body, timeout=self.config.timeout_s)
-                self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
+            await self._write_all(writer, frames)
             if on_request:  # a checker: the member may ask for the mean (its reducer failed)
                 raw = await read_frame(reader, self.limits, timeout=self.config.timeout_s)
                 if raw is not None and isinstance(decode_message(raw, self.limits), FragmentRequest):
-                    for body in on_request():
-                        await write_frame(writer, body, timeout=self.config.timeout_s)
-                        self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
+                    await self._write_all(writer, on_request())
             await linger(reader, LINGER_S)
         except Exception as exc:  # a broken member stream must never reach the event loop
             logger.debug("exchange stream from %s ended: %s", peer, exc)
@@ -324,7 +306,8 @@ class BalancedExchange(FragmentExchange):
         # The same node may both reduce and check a slice only in a group of one dialable member: never here.
         role = roles[0]
         try:
-            gather = self._slice_gather((key, offset, role), len(values), expected=self.config.max_group)
+            gather = self._open_gather((key, offset, role), len(values), self.config.max_group,
+                                       limit=2 * self.config.max_early_rounds, what=f"round {key.round}'s slice at {offset}")
         except _Refuse as exc:
             return [self._error(exc.code, str(exc))], None
         if gather.closed:

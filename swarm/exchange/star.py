@@ -258,8 +258,14 @@ class FragmentExchange:
     # ----------------------------------------------------------------------------------------- serving
 
     def _gather(self, key: RoundKey, expected: int, own: bool = False) -> _Gather:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        return self._open_gather(key, self.fragment_sizes[key.fragment], expected, own=own,
+                                 limit=self.config.max_early_rounds,
+                                 what=f"round {key.round} of fragment {key.fragment}")
+
+    def _open_gather(self, key: Any, numel: int, expected: int, *, limit: int, what: str, own: bool = False) -> _Gather:
+        """The open collection of parts under ``key`` (created if new; stale ones settled as skipped first).
+        A key already averaged is refused as ``late``; past ``limit`` open ones, a peer's early part as ``busy``."""
+        now = asyncio.get_running_loop().time()
         for old in [k for k, g in self._gathers.items() if now - g.created > self.config.timeout_s]:
             stale = self._gathers.pop(old)
             if not stale.result.done():
@@ -267,25 +273,28 @@ class FragmentExchange:
         gather = self._gathers.get(key)
         if gather is None:
             if key in self._closed:
-                raise _Refuse("late", f"round {key.round} of fragment {key.fragment} is already averaged")
-            if not own and len(self._gathers) >= self.config.max_early_rounds:
-                raise _Refuse("busy", f"holding {len(self._gathers)} rounds already")
-            gather = self._gathers[key] = _Gather(self.fragment_sizes[key.fragment], expected, now)
+                raise _Refuse("late", f"{what} is already averaged")
+            if not own and len(self._gathers) >= limit:
+                raise _Refuse("busy", f"holding {len(self._gathers)} open already")
+            gather = self._gathers[key] = _Gather(numel, expected, now)
         return gather
 
     async def handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one member's stream (the P2P handler; the daemon dispatches to the current exchange)."""
         peer = str(info.peer_id)
         try:
-            reply = await self._serve(peer, reader)
-            for body in reply:
-                await write_frame(writer, body, timeout=self.config.timeout_s)
-                self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
+            await self._write_all(writer, await self._serve(peer, reader))
             await linger(reader, LINGER_S)
         except Exception as exc:  # a broken member stream must never reach the event loop
             logger.debug("exchange stream from %s ended: %s", peer, exc)
         finally:
             writer.close()
+
+    async def _write_all(self, writer: asyncio.StreamWriter, frames: list[bytes]) -> None:
+        """Send a reply's frames on a served stream (counted as sent)."""
+        for body in frames:
+            await write_frame(writer, body, timeout=self.config.timeout_s)
+            self.stats["bytes_sent"] += len(body) + PREFIX_BYTES
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader) -> list[bytes]:
         if self.strikes.banned_for(peer) > 0:
