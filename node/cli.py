@@ -195,7 +195,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from swarm.sim.faults import parse_faults
+    from swarm.sim.faults import Waves, parse_faults
     from swarm.sim.link import LinkSpec
     from swarm.sim.run import run_simulation
     from swarm.sim.swarm import SimError
@@ -206,12 +206,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         # --link, else the config's swarm.link: the sim emulates it for every node (namespaces when root)
-        text = args.link if args.link is not None else _load(args).swarm.link
+        cfg = _load(args)
+        text = args.link if args.link is not None else cfg.swarm.link
         link = LinkSpec.parse(text) if text else None
+        # A hang: silence or no optimizer step for 3 round deadlines (at least a minute).
+        hang_s = max(60.0, 3 * cfg.exchange.timeout_s, 3 * cfg.dataplane.microbatch_timeout_s)
         summary = run_simulation(
             nodes=args.nodes, config=args.config, overrides=args.overrides, duration=args.duration,
             faults=parse_faults(args.faults), workdir=args.workdir, quiet=args.json, link=link,
             link_mode=args.link_mode, prometheus_sd=args.prometheus_sd, nat=args.nat,
+            waves=Waves.parse(args.waves, args.seed) if args.waves else None, stages=cfg.pipeline.num_stages,
+            hang_s=hang_s, stagger=args.stagger,
         )
     except ValueError as err:  # a bad --link
         print(f"error: {err}", file=sys.stderr)
@@ -302,6 +307,13 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
                      help="fault script: at T seconds kill|kill-in-round|term|start|pause|resume|partition|heal a node (partition "
                           "and heal need --link with namespaces): TARGET is its index, "
                           "sS (a node serving stage S then) or new (start only), e.g. 60:kill:s1,90:start:new")
+    sim.add_argument("--waves", metavar="EVERY,COUNT,DOWN[,FIRST]",
+                     help="kill-and-restart waves: every EVERY s (from FIRST, default EVERY) SIGKILL COUNT live "
+                          "nodes other than node 0, spread over the stages and never a stage's last one, and start "
+                          "each again DOWN s later, e.g. 60,4,20")
+    sim.add_argument("--seed", type=int, default=0, help="seed for the wave victims (default 0)")
+    sim.add_argument("--stagger", type=float, default=0.0, metavar="S",
+                     help="seconds between the starts of the joiners (default 0: all at once)")
     sim.add_argument("--workdir", help="directory for identities, checkpoints and logs (default: a temp dir)")
     sim.add_argument("--json", action="store_true", help="print only the JSON summary (last line either way)")
     sim.add_argument("--link", metavar="RATE[,delay=D]",

@@ -37,6 +37,8 @@ def node_health(d) -> dict[str, Any]:
         **(host.health() if host is not None else {}),
         "device": device_memory(d.device),
         "uptime_s": round(time.monotonic() - d.started, 3),
+        "first_step_at": d.metrics.first_step_at,  # unix time of this process's first optimizer step
+        **({"dht": dict(dht.traffic)} if dht else {}),
         "protocol": ".".join(map(str, PROTOCOL_VERSION)),
         **({"banned": banned} if banned else {}),
         **({"download": download} if (download := d.metrics.download.view()) else {}),

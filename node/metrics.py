@@ -65,6 +65,7 @@ class NodeMetrics(NodeMetricFamilies):
         self._lock = threading.Lock()
         # Plain running totals for the live status line and the rates announced in stage records.
         self._totals = {"tokens": 0, "bytes_sent": 0, "bytes_received": 0}
+        self.first_step_at: float | None = None  # unix time of this process's first optimizer step
 
     def set_info(self, *, peer_id: str | None = None, run_id: str | None = None,
                  protocol: str | None = None) -> None:
@@ -148,10 +149,16 @@ class NodeMetrics(NodeMetricFamilies):
         """Count one stage-state download by ``result`` (one of ``DOWNLOAD_RESULTS``, else "other")."""
         self.state_downloads_total.labels(_bounded(result, DOWNLOAD_RESULTS)).inc()
 
+    def stepped(self, step: int) -> None:
+        """An optimizer step of this node's stage finished (local training or a pipeline stage)."""
+        self.train_step.set(step)
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
     def record_train_step(self, *, step: int, loss: float, tokens: int, seconds: float = 0.0) -> None:
         """Record one finished local training step: its index, loss (nats/token), tokens and compute time."""
         self.train_compute_seconds_total.inc(seconds)
-        self.train_step.set(step)
+        self.stepped(step)
         self.train_loss.set(loss)
         self.train_tokens_total.inc(tokens)
         with self._lock:

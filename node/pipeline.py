@@ -258,7 +258,7 @@ class PipelineRole:
         """After each optimizer step (compute thread): the hooks, the metric, and a progress line now and then."""
         for hook in self.step_hooks:
             hook()
-        self.metrics.train_step.set(step)
+        self.metrics.stepped(step)
         if step % self.cfg.train.log_every or self.plane is None or self.compute is None:
             return
         stats, compute = self.plane.stats, self.compute

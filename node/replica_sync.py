@@ -24,6 +24,7 @@ sets :attr:`resync_requested`; the daemon downloads the stage's state again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -89,6 +90,9 @@ class ReplicaSync:
         self.skipped_by: dict[str, int] = {}  # skipped rounds by why (RoundResult.skip, superseded, ...)
         self.round_s = {"committed": 0.0, "alone": 0.0, "skipped": 0.0}  # summed boundary-to-end seconds
         self.last_group = 0
+        # The last rounds that got a result: [unix time, outcome, exchange seconds, bytes sent, bytes
+        # received, group size] (node sim's exchange round times and bytes per round).
+        self.recent_rounds: collections.deque[list] = collections.deque(maxlen=64)
         self.wait_s = 0.0  # training stood still for a mean (diloco.blocking)
         self.stop: threading.Event | None = None  # the daemon's: a blocking wait ends at shutdown
 
@@ -305,6 +309,8 @@ class ReplicaSync:
         self.metrics.outer_round_seconds.observe(took)
         self.round_s[outcome] += took
         if result is not None:
+            self.recent_rounds.append([round(time.time(), 3), outcome, round(getattr(result, "seconds", 0.0), 3),
+                                       result.bytes_sent, result.bytes_received, result.group_size])
             self.metrics.outer_bytes(result.bytes_sent, result.bytes_received)
             for reason in result.rejected.values():
                 self.metrics.outer_parts_rejected_total.labels(reason).inc()
@@ -337,5 +343,5 @@ class ReplicaSync:
         return {**self.stats, "wait_s": round(self.wait_s, 3), "epoch": self.epoch, "epoch_steps": self.epoch_steps, "rounds_in_flight": len(self._pending),
                 "bytes_sent": int(ex.get("bytes_sent", 0)), "bytes_received": int(ex.get("bytes_received", 0)),
                 "parts_rejected": int(ex.get("parts_rejected", 0)), "group_size": self.last_group,
-                "skipped_by": dict(self.skipped_by), "round_s": {k: round(v, 3) for k, v in self.round_s.items()},
+                "skipped_by": dict(self.skipped_by), "recent_rounds": list(self.recent_rounds), "round_s": {k: round(v, 3) for k, v in self.round_s.items()},
                 "params": sum(layout.numel for layout in self.work.outer.layouts) if self.work and self.work.outer else 0}

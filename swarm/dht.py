@@ -162,6 +162,9 @@ class SwarmDHT:
         self.dht: hivemind.DHT | None = None
         self._on_state = on_state
         self._time_op = time_op
+        # Record traffic of this node's own calls (not hivemind's routing and replication): stores and
+        # the bytes of their values; gets, the entries they returned and those entries' bytes.
+        self.traffic: Counter[str] = Counter(stores=0, store_bytes=0, gets=0, entries_read=0, read_bytes=0)
         self.access = access or SwarmAccess()  # records failing it are skipped by readers (swarm/access.py)
         self._online = threading.Event()
         self._stop = threading.Event()
@@ -280,9 +283,20 @@ class SwarmDHT:
             return _NullContext()
         return self._time_op(op)
 
+    def _count_store(self, value: bytes) -> None:
+        self.traffic["stores"] += 1
+        self.traffic["store_bytes"] += len(value)
+
+    def _count_get(self, found) -> None:
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        self.traffic["gets"] += 1
+        self.traffic["entries_read"] += len(entries)
+        self.traffic["read_bytes"] += sum(len(v) for e in entries.values() if isinstance(v := getattr(e, "value", None), bytes))
+
     def store_stage_record(self, record: StageRecord, expiry_s: float) -> bool:
         assert self.dht is not None, "store before the DHT is online"
         value = encode_message(record, RECORD_LIMITS)
+        self._count_store(value)
         with self._timed("store"):
             ok = self.dht.store(
                 stage_key(record.run_id, record.stage),
@@ -303,6 +317,7 @@ class SwarmDHT:
                 found = self.dht.get(stage_key(run_id, stage), latest=True, return_future=True).result(
                     self.call_timeout
                 )
+            self._count_get(found)
             parsed = parse_entries(found.value if found is not None else None, StageRecord)
             rejected.update(parsed.rejected)
             # A record filed under another stage's key is not trusted for this one.
@@ -316,11 +331,13 @@ class SwarmDHT:
 
     def store_run_record(self, record: RunRecord, expiry_s: float) -> bool:
         assert self.dht is not None, "store before the DHT is online"
+        value = encode_message(record, RECORD_LIMITS)
+        self._count_store(value)
         with self._timed("store"):
             ok = self.dht.store(
                 RUNS_KEY,
                 subkey=self.validator.subkey(run_subkey_name(record.run_id, record.publisher)),
-                value=encode_message(record, RECORD_LIMITS),
+                value=value,
                 expiration_time=get_dht_time() + expiry_s,
                 return_future=True,
             ).result(self.call_timeout)
@@ -331,6 +348,7 @@ class SwarmDHT:
         assert self.dht is not None, "get before the DHT is online"
         with self._timed("get"):
             found = self.dht.get(RUNS_KEY, latest=True, return_future=True).result(self.call_timeout)
+        self._count_get(found)
         parsed = parse_entries(found.value if found is not None else None, RunRecord)
         records, owners, rejected = [], [], parsed.rejected
         for record, owner in zip(parsed.records, parsed.owners, strict=True):

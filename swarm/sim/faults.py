@@ -5,12 +5,16 @@ one out on a :class:`~swarm.sim.swarm.LocalSwarm` when it is due (swarm/sim/run.
 Actions: ``kill`` (SIGKILL to the node's process group: a machine dying), ``kill-in-round`` (the same,
 once the node has a fragment exchange in flight), ``term`` (a graceful exit), ``start``, ``pause`` /
 ``resume`` (SIGSTOP/SIGCONT), ``partition`` / ``heal`` (its network-namespace link down/up).
+
+:class:`Waves` (``node sim --waves EVERY,COUNT,DOWN[,FIRST]``) kills several nodes at once at a period
+and restarts them later; :class:`WaveRunner` picks the victims as the run goes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -108,3 +112,94 @@ def _wait_in_round(swarm: LocalSwarm, index: int) -> bool:
     logger.warning("node %d had no fragment exchange in flight within %.0f s; killing it anyway", index,
                    IN_ROUND_WAIT_S)
     return False
+
+
+@dataclass
+class Waves:
+    """Kill-and-restart waves: from ``first`` s, every ``every`` s, SIGKILL ``count`` live nodes (never
+    node 0, the run's founder; spread over the stages, the fullest first, and never a stage's last
+    online node), and start each again ``down`` s later with its identity and checkpoints. Victims are
+    drawn with ``seed``. No wave begins in the last ``down`` + 30 s of a run, so every node is back
+    for the final reading."""
+
+    every: float
+    count: int
+    down: float
+    first: float
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, seed: int = 0) -> Waves:
+        """``"EVERY,COUNT,DOWN[,FIRST]"``, e.g. ``"60,4,20"`` (FIRST defaults to EVERY)."""
+        try:
+            parts = [float(p) for p in text.split(",")]
+            if len(parts) not in (3, 4):
+                raise ValueError
+            every, count, down = parts[:3]
+            first = parts[3] if len(parts) == 4 else every
+        except ValueError:
+            raise SimError(f"bad --waves {text!r}: expected EVERY,COUNT,DOWN[,FIRST] in seconds and nodes, "
+                           "e.g. 60,4,20") from None
+        if not (every > 0 and count >= 1 and count == int(count) and down >= 0 and first >= 0
+                and all(math.isfinite(v) for v in parts)):
+            raise SimError(f"bad --waves {text!r}: EVERY > 0, COUNT a whole number >= 1, DOWN and FIRST >= 0")
+        return cls(every, int(count), down, first, seed)
+
+
+class WaveRunner:
+    """Carries out :class:`Waves` on a swarm as the run's clock passes (swarm/sim/run.py calls :meth:`step`)."""
+
+    def __init__(self, waves: Waves, duration: float) -> None:
+        self.waves, self.duration = waves, duration
+        self.rng = random.Random(waves.seed)
+        self.next_wave = waves.first
+        self.back: list[tuple[float, int]] = []  # (when, node) restarts due
+        self.restarts_at: list[float] = []
+
+    def step(self, swarm: LocalSwarm, elapsed: float, stage_of: dict[int, int | None]) -> list[dict]:
+        """Kills and restarts due at ``elapsed``; ``stage_of``: each live node's stage from its last /health.
+        Returns the events."""
+        events = []
+        for when, index in [b for b in self.back if b[0] <= elapsed]:
+            self.back.remove((when, index))
+            swarm.start(index)
+            self.restarts_at.append(round(elapsed, 1))
+            events.append({"t": round(elapsed, 1), "action": "start", "target": "wave", "node": index})
+        w = self.waves
+        if elapsed >= self.next_wave and elapsed <= self.duration - w.down - 30:
+            for index in self.victims(swarm, stage_of):
+                swarm.kill(index)
+                self.back.append((elapsed + w.down, index))
+                events.append({"t": round(elapsed, 1), "action": "kill", "target": "wave", "node": index})
+            self.next_wave = elapsed + w.every
+        return events
+
+    def victims(self, swarm: LocalSwarm, stage_of: dict[int, int | None]) -> list[int]:
+        """Up to ``count`` live nodes other than node 0, taken from the stage with the most live nodes
+        each time, never leaving a stage without one."""
+        by_stage: dict[int, list[int]] = {}  # stage (-1: not known yet) -> candidates
+        alive: dict[int, int] = {}  # stage -> live nodes
+        for node in swarm.nodes:
+            stage = stage_of.get(node.index)
+            stage = -1 if stage is None else stage
+            if node.alive:
+                alive[stage] = alive.get(stage, 0) + 1
+            if node.index != 0 and node.alive and not node.held:
+                by_stage.setdefault(stage, []).append(node.index)
+        for nodes in by_stage.values():
+            self.rng.shuffle(nodes)
+        chosen = []
+        for _ in range(self.waves.count):
+            open_ = [s for s, nodes in by_stage.items() if nodes and (s == -1 or alive[s] > 1)]
+            if not open_:
+                break
+            stage = max(open_, key=lambda s: (alive[s], s))
+            chosen.append(by_stage[stage].pop())
+            alive[stage] -= 1
+        return chosen
+
+    def finish(self, swarm: LocalSwarm) -> None:
+        """Start every node still down from a wave (the run ends)."""
+        for _, index in self.back:
+            swarm.start(index)
+        self.back.clear()

@@ -138,10 +138,12 @@ class PipelineMonitor:
     def _outer_summary(self) -> dict[str, Any]:
         totals = {name: sum(int(o.get(name, 0)) for o in self.outer.values()) for name in self.OUTER_COUNTERS}
         per_stage: dict[str, int] = {}
+        skipped: dict[str, int] = {}
         per_node: dict[str, int] = {}
         for (index, _), o in self.outer.items():
             if o.get("stage") is not None:
                 per_stage[str(o["stage"])] = per_stage.get(str(o["stage"]), 0) + int(o.get("rounds_committed", 0))
+                skipped[str(o["stage"])] = skipped.get(str(o["stage"]), 0) + int(o.get("rounds_skipped", 0))
             per_node[str(index)] = per_node.get(str(index), 0) + int(o.get("rounds_committed", 0))
         params = max((int(o.get("params", 0)) for o in self.outer.values()), default=0)
         steps = totals["inner_steps"]
@@ -151,6 +153,8 @@ class PipelineMonitor:
             "outer_rounds_skipped": totals["rounds_skipped"],
             "outer_rounds_missed": totals["rounds_missed"],
             "outer_rounds_committed_per_stage": dict(sorted(per_stage.items())),
+            "rounds_committed_per_stage": dict(sorted(per_stage.items())),  # the scale report's name for it
+            "rounds_skipped_per_stage": dict(sorted(skipped.items())),
             "outer_rounds_committed_per_node": dict(sorted(per_node.items())),
             "outer_parts_rejected": totals["parts_rejected"],
             "resyncs": totals["resyncs"],

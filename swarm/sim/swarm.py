@@ -43,6 +43,7 @@ from swarm.procs import p2pd_sockets, remove_unbound_sockets
 from swarm.sim.iptables import fetch_iptables, find_iptables
 from swarm.sim.link import LinkSpec
 from swarm.sim.netns import NetnsLab, nat_unavailable, netns_unavailable
+from swarm.sim.targets import PrometheusTargets
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class SimNode:
     log_offset: int = 0
     exit_codes: list[int] = field(default_factory=list)
     host: str = "127.0.0.1"  # where its /health and libp2p listen (its namespace's address with a lab)
+    started_at: float = 0.0  # unix time of its last start
+    stopped: bool = False  # killed or terminated by the harness (not a crash) and not started since
+    held: bool = False  # paused or cut off by the harness: silent on purpose
 
     @property
     def log(self) -> Path:
@@ -127,7 +131,7 @@ def _emulate_links(link: LinkSpec, mode: str) -> tuple[str, str, NetnsLab | None
     return ("app" if lab is None else "netns"), note, lab
 
 
-class LocalSwarm:
+class LocalSwarm(PrometheusTargets):
     def __init__(
         self,
         nodes: int,
@@ -202,9 +206,12 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def start_all(self) -> None:
+    def start_all(self, stagger: float = 0.0) -> None:
+        """Node 0, then every other node, ``stagger`` seconds apart (volunteers do not all start at once)."""
         self.start_founder()
         for node in self.nodes[1:]:
+            if stagger > 0 and node.index > 1:
+                time.sleep(stagger)
             self.start(node.index)
 
     def start_founder(self) -> None:
@@ -245,6 +252,7 @@ class LocalSwarm:
         node.home.mkdir(parents=True, exist_ok=True)
         node.log_offset = node.log.stat().st_size if node.log.exists() else 0
         node.metrics_port = None
+        node.started_at, node.stopped, node.held = time.time(), False, False
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(node.log, "ab") as log:
             node.proc = subprocess.Popen(
@@ -262,6 +270,7 @@ class LocalSwarm:
     def kill(self, index: int) -> None:
         """SIGKILL the node's whole process group: no OFFLINE record, no checkpoint (a machine dying)."""
         node = self.nodes[index]
+        node.stopped = True
         if node.proc is not None:
             self._group_signal(node, signal.SIGKILL)
             node.exit_codes.append(node.proc.wait(30))
@@ -269,25 +278,30 @@ class LocalSwarm:
     def term(self, index: int, timeout: float = 60.0) -> int:
         """SIGTERM to the daemon only (it stops its own children); returns its exit code."""
         node = self.nodes[index]
+        node.stopped = True
         node.proc.send_signal(signal.SIGTERM)
         code = node.proc.wait(timeout)
         node.exit_codes.append(code)
         return code
 
     def pause(self, index: int) -> None:
+        self.nodes[index].held = True
         self._group_signal(self.nodes[index], signal.SIGSTOP)
 
     def resume(self, index: int) -> None:
+        self.nodes[index].held = False
         self._group_signal(self.nodes[index], signal.SIGCONT)
 
     def partition(self, index: int) -> None:
         """Cut node ``index`` off the network (its namespace's link down; it keeps running)."""
         if self.lab is None or index not in self.lab.hosts:
             raise SimError("partitions need network-namespace links (--link with root)")
+        self.nodes[index].held = True
         self.lab.set_link_up(index, False)
 
     def heal(self, index: int) -> None:
         if self.lab is not None and index in self.lab.hosts:
+            self.nodes[index].held = False
             self.lab.set_link_up(index, True)
 
     def add_node(self) -> int:
@@ -351,28 +365,6 @@ class LocalSwarm:
             node.metrics_port = int(match.group(1)) if match else None
         return node.metrics_port
 
-    @property
-    def prometheus_targets(self) -> list[dict[str, Any]]:
-        """The target groups last written to ``prometheus_sd`` (empty before the first write)."""
-        return list(self._sd_written or [])
-
-    def write_prometheus_targets(self) -> bool:
-        """Write the live nodes' metrics endpoints to ``prometheus_sd`` (Prometheus ``file_sd_configs``
-        format) when they changed; atomically, so Prometheus never reads half a file. True if written."""
-        if self.prometheus_sd is None:
-            return False
-        groups = [{"targets": [f"{node.host}:{node.metrics_port}"],
-                   "labels": {"swarm": self.run_id, "node": str(node.index)}}
-                  for node in self.nodes if node.alive and self._metrics_port(node) is not None]
-        if groups == self._sd_written:
-            return False
-        self.prometheus_sd.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.prometheus_sd.with_name(self.prometheus_sd.name + ".tmp")
-        tmp.write_text(json.dumps(groups, indent=1) + "\n")
-        os.replace(tmp, self.prometheus_sd)
-        self._sd_written = groups
-        return True
-
     def health(self, index: int, since: float | None = None) -> dict[str, Any] | None:
         """Node ``index``'s /health (None when it is down); ``since``: only losses scored after that time."""
         node = self.nodes[index]
@@ -406,8 +398,10 @@ class LocalSwarm:
                "--run-id", self.run_id, "--timeout", str(timeout)]
         for addr in join:
             cmd += ["--join", addr]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60,
-                             cwd=_REPO)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, cwd=_REPO)
+        except subprocess.TimeoutExpired:
+            raise SimError(f"node status did not answer within {timeout + 60:.0f} s") from None
         if out.returncode != 0:
             raise SimError(f"node status failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
