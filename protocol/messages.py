@@ -8,6 +8,7 @@ message (kind)              what it carries
 ``FragmentRequest``         ask a replica for its contribution to (round, fragment)
 ``FragmentPart``            one part of a replica's 4-bit pseudo-gradient for (round, fragment)
 ``SliceSummary``            what a balanced-exchange reducer (or checker) averaged for one slice
+``GroupRoster``             a balanced-exchange round's group, as its leader closed it
 ``StateRequest``            a joiner asks for the current state manifest of a stage
 ``StateManifest``           what a stage's state consists of: entries with shapes and SHA-256s
 ``StateChunkRequest``       fetch chunk i of the state named by a manifest digest
@@ -58,6 +59,7 @@ __all__ = [
     "FragmentPart",
     "FragmentRequest",
     "GradientFrame",
+    "GroupRoster",
     "Message",
     "RunRecord",
     "SliceSummary",
@@ -201,6 +203,27 @@ class SliceSummary(Message):
             raise MalformedMessage(f"SliceSummary: {len(self.peers)} peers with {len(self.part_sha256)} part digests")
         for digest in [*self.part_sha256, self.mean_sha256]:
             _check_digest(digest, "SliceSummary")
+
+
+@message("group_roster")
+class GroupRoster(Message):
+    """A balanced-exchange round's group as its leader closed it (swarm/exchange/roster.py): the members
+    that joined, in the round's order, and those of them that reduce nothing (others cannot dial them).
+    Every member slices the fragment by this one list, so members whose views of the stage differ
+    still plan the same slices."""
+
+    run_id: str
+    stage: int
+    round_id: int
+    fragment_id: int
+    peers: list[str]
+    unable: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self, limits: WireLimits) -> None:
+        if not self.peers or len(set(self.peers)) != len(self.peers):
+            raise MalformedMessage(f"GroupRoster: {len(self.peers)} peers, empty or with repeats")
+        if not set(self.unable) <= set(self.peers):
+            raise MalformedMessage("GroupRoster: an unable peer that is not in the group")
 
 
 @message("state_request")

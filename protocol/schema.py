@@ -46,7 +46,8 @@ from protocol.tensors import (
 )
 
 # 1.1: StageRecord.tokens_per_s, .loss; access proofs in records. 1.2: StageRecord.reachable, dial-back.
-PROTOCOL_VERSION: tuple[int, int] = (1, 2)
+# 1.3: GroupRoster (the balanced exchange agrees on its group first; handler protoswarm.diloco.balanced.v2).
+PROTOCOL_VERSION: tuple[int, int] = (1, 3)
 ERROR_KIND = "error"  # its layout is frozen across major versions so any peer can read the refusal
 
 _U32 = struct.Struct("<I")

@@ -4,12 +4,14 @@ hivemind P2P (docs/diloco.md). Two exchanges plan the same groups and give the c
 
 - ``swarm.exchange.config``     ``ExchangeConfig``, the ``[exchange]`` section (run-level and node-local fields).
 - ``swarm.exchange.groups``     ``RoundKey``, ``RoundResult``; ``plan_groups`` (who averages with whom in a
-  round) and ``plan_slices`` (the balanced exchange's slices, reducers and checkers).
+  round), ``round_order`` and ``plan_slices`` (the balanced exchange's slices, reducers and checkers).
 - ``swarm.exchange.transport``  parts on the wire: chunking, reading FragmentParts back with their checks,
   per-part rounding and the digests of the balanced exchange's summaries.
 - ``swarm.exchange.star``       ``FragmentExchange``: a leader per group averages the whole fragment.
 - ``swarm.exchange.balanced``   ``BalancedExchange``: one slice per member, each reduced by one member and
   checked by another (reduce-scatter / all-gather).
+- ``swarm.exchange.roster``     the balanced exchange's first step: a leader fixes the round's group
+  (``GroupRoster``) so members whose views of the stage differ still plan the same slices.
 - ``swarm.exchange.checks``     what a balanced-exchange member verifies before applying a round, and the
   dispute rule that strikes a lying reducer.
 

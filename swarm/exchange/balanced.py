@@ -1,9 +1,10 @@
 """The bandwidth-balanced fragment exchange: reduce-scatter and all-gather with a checker per slice.
 
 The star exchange (swarm/exchange/star.py) sends every part to one leader, whose link carries 2(G−1)
-parts a round. Here a group's fragment is cut into R contiguous slices, one per member that others
-can dial (R = G without NAT), and slice j has a *reducer* (the j-th such member in the round's group
-order) and a *checker* (the next one):
+parts a round. Here the group is first agreed (swarm/exchange/roster.py: the group's leader answers
+every member that joins with one roster, a few hundred bytes), then the fragment is cut into R
+contiguous slices, one per roster member that others can dial (R = G without NAT), and slice j has a
+*reducer* (the j-th such member in the round's order) and a *checker* (the next one):
 
     member ──slice j of its part──▶ reducer j  ──mean of slice j + SliceSummary──▶ member
     member ──slice j of its part──▶ checker j  ──SliceSummary──────────────────────▶ member
@@ -65,20 +66,20 @@ from protocol.streams import linger
 from swarm.diloco import MeanResult, robust_mean
 from swarm.exchange.checks import Disputes, judge, verify
 from swarm.exchange.groups import RoundKey, RoundResult, plan_groups, plan_slices
+from swarm.exchange.roster import HANDLER, RosterAgreement, Rosters, Skip
 from swarm.exchange.star import LINGER_S, FragmentExchange, _Refuse
 from swarm.exchange.transport import _NotMine, mean_digest, part_digest, read_slice, wire_values
 
 logger = logging.getLogger(__name__)
 
-HANDLER = "protoswarm.diloco.balanced.v1"
-
-class BalancedExchange(FragmentExchange):
+class BalancedExchange(RosterAgreement, FragmentExchange):
     """This replica's end of the balanced exchange (all methods on the event loop of ``p2p``). Same
     constructor, ``set_peers`` and ``run_round`` contract as :class:`FragmentExchange`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._disputes = Disputes(self.config.ban_s)
+        self.rosters = Rosters(8 * self.config.max_early_rounds)
 
     async def register(self) -> None:
         await self.p2p.add_binary_stream_handler(HANDLER, self.handle_stream)
@@ -90,19 +91,24 @@ class BalancedExchange(FragmentExchange):
         n = self.fragment_sizes[key.fragment]
         if part.dim() != 1 or part.numel() != n:
             raise ValueError(f"fragment {key.fragment} has {n} values, got a part of shape {list(part.shape)}")
-        group = next(g for g in plan_groups(self.run_id, key, self._planned(), self.config.max_group,
-                                            self.cannot_lead) if self.peer_id in g)
-        slices = plan_slices(group, n, self.cannot_lead)
-        per = self.config.max_values_per_part
-        sent = torch.cat([wire_values(part[o:o + length], per, self.codec_name) for o, length, _, _ in slices])
-        result = RoundResult(None, "member", slices[0][2], group=list(group), sent=sent)
+        group = next(g for g in self._groups(key) if self.peer_id in g)
+        result = RoundResult(None, "member", group[0], group=list(group))
+        slices: list = []
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                answers = await asyncio.gather(*(self._slice(key, s, part, sent, weight, len(group), result)
+                roster, unable = await self._agree(key, group, result)  # swarm/exchange/roster.py
+                slices = plan_slices(roster, n, unable)
+                per = self.config.max_values_per_part
+                result.sent = sent = torch.cat([wire_values(part[o:o + length], per, self.codec_name)
+                                                for o, length, _, _ in slices])
+                result.leader, result.group = slices[0][2], list(roster)
+                answers = await asyncio.gather(*(self._slice(key, s, part, sent, weight, len(roster), result)
                                                  for s in slices))
             result.mean, result.group_size, why = verify(self, slices, answers, sent, weight)
             if result.mean is None:
                 result.reason, result.skip = why, why.split(":")[0]
+        except Skip as exc:
+            result.reason, result.skip = str(exc), exc.code
         except TimeoutError:
             result.reason, result.skip = f"no verified mean within {self.config.timeout_s:.0f} s", "timeout"
         except Exception as exc:  # never let a round take the caller down
@@ -260,12 +266,15 @@ class BalancedExchange(FragmentExchange):
         reducer that lies would otherwise keep every round it serves skipped for as long as it is listed)."""
         return {p for p in self.peers if p == self.peer_id or self.strikes.banned_for(p) <= 0}
 
+    def _groups(self, key: RoundKey) -> list[list[str]]:
+        return plan_groups(self.run_id, key, self._planned(), self.config.max_group, self.cannot_lead)
+
     def _my_slices(self, key: RoundKey, peer: str) -> list[tuple[int, int, str, str | None]]:
-        group = next((g for g in plan_groups(self.run_id, key, self._planned(), self.config.max_group,
-                                             self.cannot_lead) if peer in g and self.peer_id in g), None)
-        if group is None:
+        """The slices this node reduces or checks in the round, by its agreed roster ([] without one)."""
+        roster = self.rosters.known(key)
+        if roster is None or peer not in roster[0]:
             return []
-        return [s for s in plan_slices(group, self.fragment_sizes[key.fragment], self.cannot_lead)
+        return [s for s in plan_slices(roster[0], self.fragment_sizes[key.fragment], roster[1])
                 if self.peer_id in (s[2], s[3])]
 
     # ----------------------------------------------------------------------------------------- serving
@@ -292,10 +301,22 @@ class BalancedExchange(FragmentExchange):
         if peer not in self.peers:
             return [self._error("not_member", "not an ONLINE replica of this stage as far as this node knows")], None
         try:
-            values, received, key, offset, weight = await read_slice(self, reader, peer, None, None, None,
-                                                                            timeout=self.config.timeout_s)
-        except _NotMine as exc:
-            return [self._error("not_leader", str(exc))], None
+            raw = await read_frame(reader, self.limits, timeout=self.config.timeout_s, idle_timeout=self.config.timeout_s)
+            if raw is None:
+                return [], None
+            first = decode_message(raw, self.limits)
+            if isinstance(first, FragmentRequest):  # a member joins the round's group (this node leads it)
+                return [await self._serve_join(peer, first)], None
+            if not isinstance(first, FragmentPart):
+                raise MalformedMessage(f"expected a FragmentPart or a join, got {type(first).__name__}")
+            if first.run_id != self.run_id or first.stage != self.stage or \
+                    not 0 <= first.fragment_id < len(self.fragment_sizes):
+                raise MalformedMessage("a part for another run, stage or fragment")
+            await self._roster_for(RoundKey(first.stage, first.fragment_id, first.round_id), peer)
+            values, received, key, offset, weight = await read_slice(
+                self, reader, peer, None, None, None, timeout=self.config.timeout_s, first=(first, len(raw) + PREFIX_BYTES))
+        except (_NotMine, Skip, _Refuse) as exc:
+            return [self._error(getattr(exc, "code", "not_leader"), str(exc))], None
         except (RemoteError, ConnectionLost, StreamIdle):
             return [], None
         except ProtocolError as exc:

@@ -43,8 +43,7 @@ def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int
 
     Peers in ``cannot_lead`` (those others cannot dial: behind NAT) never lead a group; members dial
     their leader, so they still take part. With fewer possible leaders than groups, the groups grow."""
-    tag = f"{run_id}/{key.stage}/{key.fragment}/{key.round}/"
-    order = sorted(set(peers), key=lambda p: hashlib.sha256((tag + p).encode()).digest())
+    order = round_order(run_id, key, peers)
     if not order:
         return []
     barred = set(cannot_lead)
@@ -55,6 +54,12 @@ def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int
     for i, peer in enumerate(p for p in order if p not in leaders):
         groups[i % count].append(peer)
     return groups
+
+
+def round_order(run_id: str, key: RoundKey, peers: Iterable[str]) -> list[str]:
+    """``peers`` in the round's order: sorted by a hash of the round key and each peer id (new every round)."""
+    tag = f"{run_id}/{key.stage}/{key.fragment}/{key.round}/"
+    return sorted(set(peers), key=lambda p: hashlib.sha256((tag + p).encode()).digest())
 
 
 def plan_slices(group: list[str], numel: int, cannot_lead: frozenset[str] | set[str] = frozenset()) \

@@ -61,13 +61,16 @@ def mean_digest(values: torch.Tensor) -> str:
 
 async def read_slice(ex: Any, reader: asyncio.StreamReader, peer: str, key: RoundKey | None,
                      offset: int | None, length: int | None,
-                     timeout: float | None = None) -> tuple[torch.Tensor, int, RoundKey, int, float]:
-    """A slice sent to ``ex`` as FragmentParts (key and slice from the first part when None). Returns
-    the values, the bytes read, the key, the slice's offset and the first part's weight."""
+                     timeout: float | None = None, first: tuple[FragmentPart, int] | None = None) \
+        -> tuple[torch.Tensor, int, RoundKey, int, float]:
+    """A slice sent to ``ex`` as FragmentParts (key and slice from the first part when None; ``first``:
+    that part and its size if already read). Returns the values, the bytes read, the key, the slice's
+    offset and the first part's weight."""
     received, out, got, weight, num_parts = 0, None, 0, 1.0, None
     per = ex.config.max_values_per_part
     while num_parts is None or got < num_parts:
-        msg, size = await next_part(reader, ex.limits, timeout)
+        msg, size = first if first is not None else await next_part(reader, ex.limits, timeout)
+        first = None
         received += size
         if key is None:
             key, offset = RoundKey(msg.stage, msg.fragment_id, msg.round_id), msg.offset

@@ -10,6 +10,8 @@ from p2p_util import run_p2p
 
 from swarm.diloco import robust_mean
 from swarm.exchange import BalancedExchange, ExchangeConfig, RoundKey, plan_groups, plan_slices
+from swarm.exchange.groups import round_order
+from swarm.exchange.roster import Skip
 from swarm.exchange.transport import wire_values
 
 RUN = "bx"
@@ -111,8 +113,8 @@ def lying_rounds(liar_cls):
             key = RoundKey(0, 0, 20 + n)
             results = await asyncio.gather(*(e.run_round(key, p) for e, p in zip(everyone, parts(4, seed=n), strict=True)))
             for r in results[:3]:
-                # Nobody applies a mean (a mismatch; once some banned the liar, views differ and slices miss).
-                assert r.mean is None and r.skip in ("slice_mismatch", "slice_missing"), r.reason
+                # Nobody applies a mean (a mismatch; once some banned the liar, a group with it is refused).
+                assert r.mean is None and r.skip in ("slice_mismatch", "slice_missing", "roster"), r.reason
             assert all(set(e.strikes.banned()) <= {liar.peer_id} for e in honest)  # no honest peer framed
         else:
             raise AssertionError(f"not banned by every honest replica in 8 rounds: {[e.strikes.banned() for e in honest]}")
@@ -141,25 +143,72 @@ def test_a_reducer_whose_mean_differs_from_its_own_summary_is_struck_by_every_me
     assert all(e.stats["slices_disagreed"] == 0 for e in honest)  # caught by its own summary, not a dispute
 
 
-def test_a_dead_member_costs_its_slices_only_their_check():
+def test_a_dead_member_still_listed_online_is_left_out_of_the_group_even_when_it_would_lead():
     async def body(*daemons):
         ex = exchanges(daemons)
         for e in ex:
             await e.register()
+        dead = ex[2].peer_id
         await daemons[2].shutdown()  # listed ONLINE still (its record has not expired), but gone
+        ids = [e.peer_id for e in ex]
+        leads = next(r for r in range(100) if round_order(RUN, RoundKey(0, 1, r), ids)[0] == dead)
+        follows = next(r for r in range(100) if round_order(RUN, RoundKey(0, 1, r), ids)[0] != dead)
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        mine = parts(2, 300, seed=5)
-        results = await asyncio.gather(*(e.run_round(RoundKey(0, 1, 3), p) for e, p in zip(ex[:2], mine, strict=True)))
-        assert loop.time() - t0 < 3.0 + 2.0  # gather_s, not timeout_s: nobody waits for the dead one long
-        # The slice it reduced comes from its checker, the one it checked from its reducer, unchecked: the
-        # two survivors still apply one identical mean, of their two parts.
-        assert all(r.mean is not None and r.group_size == 2 for r in results), [r.reason for r in results]
-        assert torch.equal(results[0].mean, results[1].mean)
-        assert sum(e.stats["slices_from_checker"] for e in ex[:2]) >= 1
-        assert all(e.stats["slices_unchecked"] >= 1 for e in ex[:2])
+        for r in (leads, follows):
+            t0 = loop.time()
+            mine = parts(2, 300, seed=r)
+            results = await asyncio.gather(*(e.run_round(RoundKey(0, 1, r), p) for e, p in zip(ex[:2], mine, strict=True)))
+            assert loop.time() - t0 < 2 * 3.0 + 2.0  # gather_s (twice at most), not timeout_s
+            # The survivors agree on a group of two: every slice reduced and checked, one identical mean.
+            assert all(x.mean is not None and x.group_size == 2 and x.group == results[0].group
+                       and dead not in x.group for x in results), [x.reason for x in results]
+            assert torch.equal(results[0].mean, results[1].mean)
+        assert all(e.stats["slices_unchecked"] == 0 for e in ex[:2])
 
     run_p2p(3, body)
+
+
+def test_members_whose_views_of_the_stage_differ_still_plan_the_same_slices():
+    async def body(*daemons):
+        ex = await registered(daemons[:4])
+        gone = daemons[4].peer_id.to_base58()
+        await daemons[4].shutdown()
+        ids = [e.peer_id for e in ex]
+        ex[0].set_peers([*ids, gone])  # only this one still lists the dead replica (its record lingers)
+        # Rounds where the dead one comes first in the round's order (the first one's leader) and not.
+        rounds = [next(r for r in range(100) if (round_order(RUN, RoundKey(0, 0, r), [*ids, gone])[0] == gone) == lead)
+                  for lead in (True, False)]
+        for r in rounds:
+            results = await asyncio.gather(*(e.run_round(RoundKey(0, 0, r), p) for e, p in zip(ex, parts(4, seed=r), strict=True)))
+            assert all(x.mean is not None and x.group_size == 4 for x in results), [x.reason for x in results]
+            assert all(torch.equal(x.mean, results[0].mean) for x in results)
+
+    run_p2p(5, body)
+
+
+class _Mute(BalancedExchange):
+    """Joins the group, then answers no member's part (as a reducer that died after the group closed)."""
+
+    async def _roster_for(self, key, peer):
+        raise Skip("late", "mute")
+
+
+def test_a_reducer_lost_after_the_group_closed_costs_its_slices_only_their_check():
+    async def body(*daemons):
+        ex = [*exchanges(daemons[:3]), *exchanges(daemons[3:], cls=_Mute)]
+        for e in ex:
+            e.set_peers([x.peer_id for x in ex])
+            await e.register()
+        mine = parts(4, 300, seed=5)
+        results = await asyncio.gather(*(e.run_round(RoundKey(0, 1, 3), p) for e, p in zip(ex, mine, strict=True)))
+        honest = results[:3]
+        # The slice it reduced comes from its checker, the one it checked from its reducer, unchecked: the
+        # honest members still apply one identical mean of all four parts (its own reached the others).
+        assert all(r.mean is not None and r.group_size == 4 for r in honest), [r.reason for r in honest]
+        assert all(torch.equal(r.mean, honest[0].mean) for r in honest)
+        assert all(e.stats["slices_from_checker"] >= 1 and e.stats["slices_unchecked"] >= 1 for e in ex[:3])
+
+    run_p2p(4, body)
 
 
 def test_the_exchange_bench_compares_both_exchanges_on_shaped_links():

@@ -122,6 +122,10 @@ BUILDERS = {
         run_id=draw(text), stage=draw(u63), round_id=draw(u63), fragment_id=draw(u63), offset=draw(u63),
         length=draw(st.integers(1, 2**40)), peers=(peers := draw(st.lists(text, min_size=1, max_size=6))),
         part_sha256=[draw(digest) for _ in peers], mean_sha256=draw(digest)),
+    "group_roster": lambda draw: pm.GroupRoster(
+        run_id=draw(text), stage=draw(u63), round_id=draw(u63), fragment_id=draw(u63),
+        peers=(peers := draw(st.lists(text, min_size=1, max_size=6, unique=True))),
+        unable=draw(st.lists(st.sampled_from(peers), max_size=3, unique=True))),
     "state_request": lambda draw: pm.StateRequest(run_id=draw(text), stage=draw(u63)),
     "state_manifest": _manifest,
     "state_chunk_request": lambda draw: pm.StateChunkRequest(run_id=draw(text), stage=draw(u63),
