@@ -21,7 +21,9 @@ from node.stage_store import StageStore
 from node.train_local import train_local
 from protocol import subspace
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+GPU = ["cuda"] if torch.cuda.is_available() else []
+# The cuda case carries the marker, so `pytest -m cuda` (bench/gpu.py) selects it.
+DEVICES = ["cpu", *(pytest.param(d, marks=pytest.mark.cuda) for d in GPU)]
 
 
 def tiny(stages=4, extra=()):
@@ -173,11 +175,12 @@ def test_every_tensor_of_a_stage_lives_on_the_engines_device(device):
             assert all(g.is_pinned() for g in engine.outer.global_ + engine.outer.momentum)
 
 
+@pytest.mark.cuda  # also runs without a GPU (the CPU checks); `-m cuda` selects it for the GPU one
 def test_fixed_table_is_the_same_bits_on_every_device():
     table = subspace.make_fixed_table(0, 256, 256, 1.0)
     # The generator is part of the protocol: a change would split CPU and GPU peers (and old and new).
     assert subspace.basis_fingerprint(table) == "c8b6b2102dd84b67"
     assert abs(float(table.std()) - 1.0) < 0.01 and abs(float(table.mean())) < 0.01
     assert torch.linalg.matrix_rank(table) == 256
-    for device in DEVICES[1:]:
+    for device in GPU:
         assert torch.equal(subspace.make_fixed_table(0, 256, 256, 1.0, device=device).cpu(), table)
