@@ -312,6 +312,8 @@ class BalancedExchange(RosterAgreement, FragmentExchange):
             if first.run_id != self.run_id or first.stage != self.stage or \
                     not 0 <= first.fragment_id < len(self.fragment_sizes):
                 raise MalformedMessage("a part for another run, stage or fragment")
+            if first.codec != self.codec_name or first.total_values != self.fragment_sizes[first.fragment_id]:
+                raise MalformedMessage(f"parts travel as {self.codec_name} of the whole fragment's size")
             await self._roster_for(RoundKey(first.stage, first.fragment_id, first.round_id), peer)
             values, received, key, offset, weight = await read_slice(
                 self, reader, peer, None, None, None, timeout=self.config.timeout_s, first=(first, len(raw) + PREFIX_BYTES))
