@@ -17,7 +17,16 @@ import random
 from dataclasses import dataclass
 
 from fuzz_corpus import FragmentStream, _exchange_semantic, floats
-from fuzz_util import MAX_INT, Case, Expect, first_frame, framing_cases, header_cases, mutation_cases, non_finite_cases
+from fuzz_util import (
+    MAX_INT,
+    Case,
+    Expect,
+    first_frame,
+    framing_cases,
+    header_cases,
+    mutation_cases,
+    non_finite_cases,
+)
 
 from protocol.framing import MAGIC, PREFIX_BYTES, encode_frame
 from protocol.messages import ErrorReply, FragmentPart, FragmentRequest, decode_message, encode_message
