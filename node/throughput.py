@@ -23,14 +23,19 @@ per node (the same rate each way):
   ``gpu_utilisation`` is the pipeline's tokens/s over ``compute_tokens_per_s``. ``compression_needed``
   is how many times smaller than dense bf16 the boundary must be for the link to keep up with compute.
 - **Streaming DiLoCo** (``diloco.enabled``): a fragment of the largest stage in ``wire.fragment_codec``,
-  averaged by groups of ``min(replicas, exchange.max_group)`` through a leader (swarm/exchange/star.py: the
-  leader downloads every member's part and uploads the mean to each). The round's time is set against
+  averaged by groups of G = ``min(replicas, exchange.max_group)``. ``exchange.mode = "balanced"`` (the
+  default; swarm/exchange/balanced.py): a round trip to agree the group, then every member sends each
+  slice to its reducer and its checker (2(G−1)/G of a fragment out and in, at once), then each reducer
+  sends its slice's mean to the others ((G−1)/G out and in). ``"star"`` (swarm/exchange/star.py): the
+  leader downloads every member's part and uploads the mean to each. The round's time is set against
   the inner step's for H (``diloco.inner_steps``, summed over replicas), P and τ: utilisation without
   overlap (τ = 0, blocking), with the paper's overlap (τ blocking), and for the default schedule
   (never blocks; ``link_busy`` > 1 means rounds cannot keep up and some are skipped). A blocking wait
   ends at ``exchange.timeout_s``, when the round is given up: ``rounds_time_out`` says every round
   would be. (It does not hold once a round outlasts ``exchange.gather_s``, where the swarm's leader
-  stops gathering and replicas wait far less: docs/plan.md.)
+  or reducers stop gathering and replicas wait far less: docs/plan.md.) Every member is assumed
+  dialable; the balanced figures are arithmetic not yet checked against a swarm (bench/plan_check.py ran
+  the star).
 
 FLOPs a token, per stage (multiply-adds × 2): every weight matmul of node/model.py (the U·Z writers as
 two thin matmuls, dense writers on the last stage), causal attention (n/2 keys on average, scores
@@ -248,16 +253,21 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     codec = get_codec(cfg.wire.fragment_codec)
     part = TRANSPORT_OVERHEAD * codec.payload_nbytes(math.ceil(params / fragments))
     group = max(1, min(replicas, x.max_group))
-    # The members' parts share the leader's link on the way in, the mean shares it on the way out.
-    transfer = (group - 1) * part / rate
-    gather_s = transfer + 2 * one_way_s if group > 1 else 0.0  # every part at the leader
-    round_s = 2 * transfer + 4 * one_way_s if group > 1 else 0.0
-    # Past exchange.gather_s the leader averages what it has, its own part alone, and refuses the
-    # members' parts as they complete ("late"): such a round averages nothing.
+    balanced = x.mode == "balanced"
+    if balanced:  # the roster's round trip, the slices to reducers and checkers, the means back
+        share = (group - 1) / group * part / rate
+        gather_s = 2 * share + 3 * one_way_s if group > 1 else 0.0  # every slice at its reducer
+        round_s = 3 * share + 4 * one_way_s if group > 1 else 0.0
+    else:  # the members' parts share the leader's link on the way in, the mean shares it on the way out
+        transfer = (group - 1) * part / rate
+        gather_s = transfer + 2 * one_way_s if group > 1 else 0.0  # every part at the leader
+        round_s = 2 * transfer + 4 * one_way_s if group > 1 else 0.0
+    # Past exchange.gather_s the leader (or a reducer) averages what it has and refuses the parts still
+    # coming ("late"): such a round averages nothing.
     averages = group > 1 and gather_s <= x.gather_s
     tau = d.overlap
     phase_s = _phase_s(d.inner_steps / fragments, step_s, replicas, cfg.swarm.refresh_s)
-    waits = _blocking_waits(group, averages, gather_s, round_s, x.gather_s, x.timeout_s)
+    waits = _blocking_waits(group, averages, gather_s, round_s, x.gather_s, x.timeout_s, balanced)
 
     def util(shift_s: float) -> float:  # the replicas' mean wait, each shortened by shift_s of training
         wait = sum(max(0.0, w - shift_s) for w in waits) / len(waits)
@@ -266,7 +276,7 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     busy = round_s / phase_s if phase_s else math.inf
     kept = round(min(1.0, 1.0 / busy), 4) if busy else 1.0
     return {
-        "stage_parameters": params, "fragments": fragments, "replicas": replicas, "group": group,
+        "exchange": x.mode, "stage_parameters": params, "fragments": fragments, "replicas": replicas, "group": group,
         "codec": cfg.wire.fragment_codec, "fragment_bytes": round(part),
         "inner_steps_summed": d.inner_steps, "overlap": tau,
         "inner_step_s": _r(step_s), "round_s": _r(round_s), "round_in_inner_steps": _r(round_s / step_s),
@@ -294,12 +304,15 @@ def _phase_s(spacing: float, step_s: float, replicas: int, refresh_s: float) -> 
 
 
 def _blocking_waits(group: int, averages: bool, gather_s: float, round_s: float, gather_cap_s: float,
-                    timeout_s: float) -> list[float]:
+                    timeout_s: float, balanced: bool = False) -> list[float]:
     """One group's waits for a round under diloco.blocking: the leader's first, then each member's.
-    The leader has its mean once the parts are in (or at ``gather_cap_s``, alone); a member waits for
-    the mean, or, when its part lands after the leader closed the round, until it has sent it."""
+    Star: the leader has its mean once the parts are in (or at ``gather_cap_s``, alone); a member waits
+    for the mean, or, when its part lands after the leader closed the round, until it has sent it.
+    Balanced: every member waits for every slice's mean, or until its slices are sent and refused."""
     if group == 1:
         return [0.0]
+    if balanced:
+        return [min(round_s if averages else gather_s, timeout_s)] * group
     if averages:
         return [gather_s] + [min(round_s, timeout_s)] * (group - 1)
     return [gather_cap_s] + [min(gather_s, timeout_s)] * (group - 1)
@@ -336,16 +349,17 @@ def format_speed(plan: dict[str, Any]) -> str:
         dl = plan["diloco"]
         u = dl["utilisation"]
         lines.append(f"  Streaming DiLoCo: {dl['fragment_bytes'] / 1e6:.3g} MB fragments ({dl['codec']}), groups of "
-                     f"{dl['group']}, a round {_fmt(dl['round_s'])} s = {_fmt(dl['round_in_inner_steps'])} inner steps; "
+                     f"{dl['group']} ({dl['exchange']} exchange), a round {_fmt(dl['round_s'])} s = {_fmt(dl['round_in_inner_steps'])} inner steps; "
                      f"{_fmt(dl['replica_steps_between_rounds'])} steps a replica between rounds (records every "
                      f"{dl['record_refresh_s']:g} s)")
         lines.append(f"    utilisation: no overlap {u['no_overlap']:.3f}, tau={dl['overlap']} blocking "
                      f"{u['overlap_blocking']:.3f}, default (never blocks) 1.0 with {dl['default_rounds_kept']:.0%} "
                      f"of rounds kept (link busy {_fmt(dl['link_busy'])})")
         if not dl["rounds_average"]:
-            lines.append(f"    the parts reach the leader after {_fmt(dl['gather_s'])} s, past exchange.gather_s = "
-                         f"{dl['exchange_gather_s']:g} s: the leader averages its own part alone and the members' "
-                         "parts are refused late, so no round averages anything (compress the fragments more)")
+            where = "their reducers" if dl["exchange"] == "balanced" else "the leader"
+            lines.append(f"    the parts reach {where} after {_fmt(dl['gather_s'])} s, past exchange.gather_s = "
+                         f"{dl['exchange_gather_s']:g} s: {where} average what they have and the rest is refused "
+                         "late, so no round averages anything (compress the fragments more)")
         if dl["rounds_time_out"]:
             lines.append(f"    a round takes longer than exchange.timeout_s = {dl['exchange_timeout_s']:g} s: every round "
                          "would time out and be skipped (raise the timeout, or compress the fragments more)")

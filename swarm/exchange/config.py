@@ -26,7 +26,10 @@ class ExchangeConfig:
         60.0, "Longest wait for one exchange round, sending included (seconds); then it is skipped. Parts that "
         "arrive before the leader reached their round are held this long at most."
     )
-    mode: str = setting("star", "'star' (a leader averages each group's fragment) or 'balanced' (swarm/exchange/balanced.py).")
+    mode: str = setting(
+        "balanced", "'balanced' (reduce-scatter: each member reduces one slice, another checks it; "
+        "swarm/exchange/balanced.py) or 'star' (a leader averages each group's fragment: the old exchange, a baseline)."
+    )
     max_group: int = setting(16, "Replicas averaged together; bigger stages form several random groups per round.")
     max_norm_ratio: float = setting(
         10.0, "A part whose norm exceeds this × the group's lower median norm is dropped from the average (>= 1)."

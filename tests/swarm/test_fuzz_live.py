@@ -1,7 +1,7 @@
 """Fuzzing a real `node start` swarm (2 nodes, 2 pipeline stages) on every P2P stream handler.
 
 A fuzzing peer that is a signed, ONLINE member of the target's stage sends the cases of
-tests/fuzz_util.py to all three handlers (pipeline, fragment exchange, state server). The node answers
+tests/fuzz_util.py to all three handlers (pipeline, fragment exchange in star mode, state server). The node answers
 each (or is allowed to close a stream whose byte position is lost), counts the errors in /metrics,
 bans the fuzzing peer on every handler, keeps serving an honest client and the honest stage-0 node
 that trains through it, and its resident memory stays within a fixed bound. The same cases in one
@@ -86,7 +86,9 @@ def test_a_real_node_answers_counts_bans_and_keeps_serving_under_fuzzing(tmp_pat
     cfg = load_config(CONFIG)
     basis = basis_fingerprint(*(t for t in shared_tensors(cfg.model) if t is not None))
     pipe_limits, limits = cfg.wire.limits(cfg.model.vocab_size), cfg.wire.limits()
-    overrides = ["swarm.refresh_s=1", "swarm.expiry_s=8", "dataplane.max_inflight=1"]
+    # The star exchange's handler: a live node agrees no balanced round with a fuzzing peer, so the balanced
+    # handler is fuzzed in one process instead, where a round's roster can hold it (test_fuzz_balanced.py).
+    overrides = ["swarm.refresh_s=1", "swarm.expiry_s=8", "dataplane.max_inflight=1", "exchange.mode='star'"]
     pins = {0: ["swarm.stage=0"], 1: ["swarm.stage=1"]}  # a fuzzing "replica" must not make them rebalance
     report: dict = {}
     with LocalSwarm(2, CONFIG, overrides, workdir=tmp_path / "sim", node_overrides=pins) as swarm:

@@ -106,7 +106,8 @@ def test_one_microbatch_in_flight_is_latency_bound():
 
 
 def test_diloco_round_time_by_hand():
-    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=50", "exchange.timeout_s=100"])
+    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=50", "exchange.timeout_s=100",
+                                             "exchange.mode='star'"])
     plan = speed_plan(cfg, tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)
     d = plan["diloco"]
     assert d["group"] == 4 and d["fragments"] == cfg.diloco.fragments
@@ -127,13 +128,36 @@ def test_diloco_round_time_by_hand():
 def test_diloco_parts_later_than_gather_s_average_nothing():
     """Parts that reach the leader after exchange.gather_s: the leader commits its own part alone at
     gather_s and each member waits until its part is sent, then is refused; nothing is averaged."""
-    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=0.5", "exchange.timeout_s=100"])
+    cfg = load_config("swarm/diloco-local", ["exchange.max_group=4", "exchange.gather_s=0.5", "exchange.timeout_s=100",
+                                             "exchange.mode='star'"])
     d = speed_plan(cfg, tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)["diloco"]
     assert d["gather_s"] > 0.5 and not d["rounds_average"] and d["default_rounds_kept"] == 0.0
     assert d["blocking_wait_s"] == {"leader": 0.5, "member": d["gather_s"]}
     assert d["compression_needed"] >= d["gather_s"] / 0.5
     phase = d["replica_steps_between_rounds"] * d["inner_step_s"]
     assert d["utilisation"]["no_overlap"] == pytest.approx(phase / (phase + (0.5 + 3 * d["gather_s"]) / 4), rel=2e-3)
+
+
+def test_diloco_balanced_round_time_by_hand():
+    """The balanced exchange: every member's link carries 3(G−1)/G of a fragment each way, against the star
+    leader's 2(G−1); and every member waits the same."""
+    over = ["exchange.max_group=4", "exchange.gather_s=50", "exchange.timeout_s=100"]
+    cfg = load_config("swarm/diloco-local", over)
+    assert cfg.exchange.mode == "balanced"  # the default
+    d = speed_plan(cfg, tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0,
+                   delay_s=0.01)["diloco"]
+    part = d["fragment_bytes"] / 1e6  # seconds at 1 MB/s
+    assert d["exchange"] == "balanced" and d["rounds_average"]
+    assert d["gather_s"] == pytest.approx(2 * 3 / 4 * part + 0.03, rel=2e-3)
+    assert d["round_s"] == pytest.approx(3 * 3 / 4 * part + 0.04, rel=2e-3)
+    assert d["blocking_wait_s"] == {"leader": d["round_s"], "member": d["round_s"]}
+    star = speed_plan(load_config("swarm/diloco-local", [*over, "exchange.mode='star'"]), tflops=0.05, mfu=1.0,
+                      link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0, delay_s=0.01)["diloco"]
+    assert d["round_s"] < star["round_s"]  # 2.25 parts against 6 on the leader's link
+    late = speed_plan(load_config("swarm/diloco-local", [*over[:1], "exchange.gather_s=0.5", "exchange.timeout_s=100"]),
+                      tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)["diloco"]
+    assert not late["rounds_average"] and late["default_rounds_kept"] == 0.0
+    assert late["blocking_wait_s"]["member"] == pytest.approx(late["gather_s"], rel=2e-3)
 
 
 def test_catalogue_names_sources_and_unknown_cards_fail():

@@ -25,7 +25,9 @@ def test_the_tiny_round_keeps_the_targets_ratio_of_round_to_step(link):
     b = diloco_scale(regime, target, 4, tiny_step_s=0.2, tiny_batch=1, contention=2.0)
     plan = a["plan_target"]
     # a round over the scaled link, in tiny steps, is the target's round in target steps
-    tiny_round_steps = 2 * (plan["group"] - 1) * a["fragment_bytes"]["tiny"] * 8 / a["rate_bps"] / a["inner_step_s"]["tiny"]
+    g = plan["group"]
+    fragments_on_a_link = 3 * (g - 1) / g if plan["exchange"] == "balanced" else 2 * (g - 1)  # a member's / the leader's
+    tiny_round_steps = fragments_on_a_link * a["fragment_bytes"]["tiny"] * 8 / a["rate_bps"] / a["inner_step_s"]["tiny"]
     assert tiny_round_steps == pytest.approx(plan["round_in_inner_steps"], rel=0.05)  # the plan adds delays
     # a tiny step twice as long wants a link half as fast; time runs twice as slow
     assert b["rate_bps"] == pytest.approx(a["rate_bps"] / 2)
