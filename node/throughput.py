@@ -356,10 +356,11 @@ def format_speed(plan: dict[str, Any]) -> str:
                      f"{u['overlap_blocking']:.3f}, default (never blocks) 1.0 with {dl['default_rounds_kept']:.0%} "
                      f"of rounds kept (link busy {_fmt(dl['link_busy'])})")
         if not dl["rounds_average"]:
-            where = "their reducers" if dl["exchange"] == "balanced" else "the leader"
+            where, then = (("their reducers", "they average what they have") if dl["exchange"] == "balanced"
+                           else ("the leader", "it averages its own part alone"))
             lines.append(f"    the parts reach {where} after {_fmt(dl['gather_s'])} s, past exchange.gather_s = "
-                         f"{dl['exchange_gather_s']:g} s: {where} average what they have and the rest is refused "
-                         "late, so no round averages anything (compress the fragments more)")
+                         f"{dl['exchange_gather_s']:g} s: {then} and the rest is refused late, so no round "
+                         "averages anything (compress the fragments more)")
         if dl["rounds_time_out"]:
             lines.append(f"    a round takes longer than exchange.timeout_s = {dl['exchange_timeout_s']:g} s: every round "
                          "would time out and be skipped (raise the timeout, or compress the fragments more)")
