@@ -183,8 +183,9 @@ class SwarmDHT:
     def online(self) -> bool:
         return self._online.is_set()
 
-    def shutdown(self) -> None:
-        """Stop the DHT process and its libp2p daemon; SIGKILL whatever of them outlives the grace period.
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the DHT process and its libp2p daemon; SIGKILL whatever of them outlives the grace period
+        (``graceful=False``: at once, for a one-shot reader such as `node status` that stores nothing).
 
         The DHT process ignores SIGTERM (see ``_DHTProcess``), so hivemind's own fallback (terminate)
         would not work; the process tree is collected first because killing the DHT process reparents
@@ -192,12 +193,13 @@ class SwarmDHT:
         """
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30 if graceful else 2)
         if self.dht is not None:
             dht, self.dht = self.dht, None
             tree = [dht.pid, *descendants(dht.pid)] if dht.pid else []
-            dht.shutdown()
-            dht.join(5)
+            if graceful:
+                dht.shutdown()
+                dht.join(5)
             for pid in tree:
                 try:
                     os.kill(pid, signal.SIGKILL)

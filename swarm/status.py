@@ -7,6 +7,7 @@ and leaves.
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +19,10 @@ from protocol.errors import short_repr
 from protocol.messages import RunRecord
 from swarm.access import SwarmAccess
 from swarm.dht import SwarmDHT, maddrs_from_health
+from swarm.procs import process_age_s
 from swarm.records import MAX_STAGES, choose_run
+
+logger = logging.getLogger(__name__)
 
 
 class StatusError(RuntimeError):
@@ -58,19 +62,28 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
     # With the swarm's access rules, records of peers outside them are skipped (as members skip them).
     dht = SwarmDHT(initial_peers=join, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True, retry_max_s=2.0,
                    access=access)
+    started = time.monotonic()
+    since = lambda: time.monotonic() - started  # noqa: E731
+    age = process_age_s()
+    if age is not None:
+        logger.info("status: reading the swarm %.1f s after the process started", age)
     dht.run_in_background()
     try:
         if not dht.wait_online(timeout):
             raise StatusError(f"cannot reach the swarm at {', '.join(join)} within {timeout:.0f} s ({dht.last_error})")
+        logger.info("status: in the swarm's DHT after %.1f s", since())
         try:
             records, owners, rejected = dht.get_run_records()
             run, params, num_stages = _pick_run(records, owners, run_id)
+            logger.info("status: %d run record(s) read after %.1f s", len(records), since())
             by_stage, stage_rejected = dht.get_stage_records(run.run_id, num_stages)
+            logger.info("status: %d stage(s) read after %.1f s", num_stages, since())
         except TimeoutError:
             raise StatusError(f"the swarm did not answer within {dht.call_timeout:.0f} s") from None
         rejected.update(stage_rejected)
     finally:
-        dht.shutdown()
+        dht.shutdown(graceful=False)  # a reader stores nothing: its DHT process and daemon go at once
+        logger.info("status: DHT stopped after %.1f s", since())
     now = time.time()
     newest: dict[str, Any] = {}  # a peer that changed stage leaves an OFFLINE record behind until it expires
     for recs in by_stage.values():

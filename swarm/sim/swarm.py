@@ -392,18 +392,25 @@ class LocalSwarm(PrometheusTargets):
         return addrs or ([self.bootstrap] if self.bootstrap else [])
 
     def status(self, timeout: float = 30.0) -> dict[str, Any]:
-        """`node status --json` through the real CLI, from a separate process."""
+        """`node status --json` through the real CLI, from a separate process. ``timeout`` bounds its
+        reads; the process gets twice that and two minutes more, since on a box its nodes saturate
+        (24 nodes on 2 cores) merely starting Python and torch took 82 s (BENCHMARKS.md)."""
+        limit = 2 * timeout + 120
         join = self.join_addresses()[:2]
-        cmd = [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "status", "--json",
+        cmd = [sys.executable, "-m", "node.cli", "--log-level", "INFO", "status", "--json",
                "--run-id", self.run_id, "--timeout", str(timeout)]
         for addr in join:
             cmd += ["--join", addr]
+        started, began = time.monotonic(), time.strftime("%H:%M:%S")
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, cwd=_REPO)
-        except subprocess.TimeoutExpired:
-            raise SimError(f"node status did not answer within {timeout + 60:.0f} s") from None
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=_REPO)
+        except subprocess.TimeoutExpired as exc:  # what it had logged says how far it got
+            said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            raise SimError(f"node status (started at {began}) did not answer within {limit:.0f} s; its log: "
+                           f"{_status_lines(said) or 'nothing'}") from None
         if out.returncode != 0:
             raise SimError(f"node status failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        logger.info("node status answered in %.1f s: %s", time.monotonic() - started, _status_lines(out.stderr))
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> float:
@@ -420,3 +427,11 @@ class LocalSwarm(PrometheusTargets):
         raise SimError(f"not within {timeout:.0f} s: {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
+
+
+def _status_lines(log: str) -> str:
+    """The progress lines of a `node status` log (swarm/status.py), with their clock times, for the sim's
+    log and its errors."""
+    said = [f"{line.split(' ', 1)[0]} {line.split('status: ', 1)[1]}" for line in log.splitlines()
+            if "swarm.status: status: " in line]
+    return "; ".join(said[-6:])
