@@ -16,7 +16,11 @@ from swarm.sim.swarm import processes_mentioning
 
 @pytest.mark.timeout(420)
 def test_a_scale_swarm_survives_a_wave_and_reports_its_health(tmp_path):
-    s = run_sim(6, "configs/swarm/scale.toml", 110, "", tmp_path, timeout=360, extra=["--waves", "45,2,10"])
+    # Joiners 4 s apart, as volunteers arrive: nodes that start in the same instant read the same stage loads
+    # and herd onto the lightest stage until rebalancing moves one (2 × swarm.rebalance_period_s later at the
+    # earliest), which a 110 s run may not see (once in CI: no moment with every stage at two replicas).
+    s = run_sim(6, "configs/swarm/scale.toml", 110, "", tmp_path, timeout=360,
+                extra=["--waves", "45,2,10", "--stagger", "4"])
     assert s["ok"], s
     assert s["survivor_crashes"] == 0 and s["hangs"] == 0, (s["crash_details"], s["hang_details"])
     kills = [e for e in s["events"] if e["action"] == "kill"]
@@ -31,7 +35,7 @@ def test_a_scale_swarm_survives_a_wave_and_reports_its_health(tmp_path):
     assert s["replicas_per_stage_target"] == 2 and s["stages_replicated_s"] is not None
     assert all(v is not None for v in s["replicas_restored_after_restart_s"]), s["replicas_restored_after_restart_s"]
 
-    # Each stage's replicas averaged fragments; rounds and their bytes were seen; records were read.
+    # Every stage committed rounds; some averaged two or more parts (exchange_round_s); records were read.
     assert all(s["rounds_committed_per_stage"].get(str(stage), 0) >= 1 for stage in range(3)), s
     assert s["exchange_round_s"]["n"] >= 1 and s["bytes_per_round_per_node"]["p50"] > 0
     assert s["dht_ops_per_s_per_node"]["n"] >= 1 and s["dht_record_bytes_per_s_per_node"]["p50"] > 0
