@@ -536,3 +536,30 @@ def tally(items: Iterable[str]) -> dict[str, int]:
     for item in items:
         out[item] = out.get(item, 0) + 1
     return dict(sorted(out.items()))
+
+
+async def assert_counted_once(seen: dict[str, list], counted: Callable[[], dict[str, dict[str, int]]],
+                              timeout: float = 15.0) -> None:
+    """Every protocol error the oracle expects (``seen``: per handler, ``run_cases``' triples) was counted
+    once, and nothing else; ``counted()`` gives each handler's counts by code (polled: streams end late).
+
+    One allowance: a case that writes its bytes and closes at once (``Case.close``: a truncated frame)
+    is counted only if the server's side of the stream gets those bytes and the end. p2pd closes both
+    directions of a stream when its client does, and now and then the server's side sees the stream end
+    without those bytes (rare: seen twice in loops of tests/swarm/test_fuzz_handlers.py and once in CI,
+    each time one ``frame`` short on the state server; a reset overtaking the bytes is the likely way, not
+    proven), which is no offence: a stream that just ends. Such cases may go uncounted; every other count
+    must be exact, and nothing extra may be counted."""
+    want = {name: tally(e.counted for _, e, _ in seen[name] if e.counted) for name in seen}
+    closing = {name: tally(e.counted for c, e, _ in seen[name] if e.counted and c.close) for name in seen}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (now := counted()) != want and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if now == want:
+        return
+    diff = {n: {c: (want[n].get(c, 0), now[n].get(c, 0)) for c in set(want[n]) | set(now[n])
+                if want[n].get(c, 0) != now[n].get(c, 0)} for n in want}
+    allowed = all(0 <= w - g <= closing[n].get(c, 0) for n, d in diff.items() for c, (w, g) in d.items())
+    assert allowed, f"not every protocol error counted once in {timeout} s; (wanted, counted) where they " \
+                    f"differ: {diff}; closing cases: {closing}"

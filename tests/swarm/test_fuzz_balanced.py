@@ -18,8 +18,8 @@ import random
 import pytest
 import torch
 from fuzz_balanced import BalancedTarget, SliceStream, balanced_corpus
-from fuzz_util import SEED, Case, run_cases, send_case, tally
-from p2p_util import run_p2p, wait_for
+from fuzz_util import SEED, Case, assert_counted_once, run_cases, send_case, tally
+from p2p_util import run_p2p
 
 from protocol.framing import encode_frame
 from protocol.messages import encode_message
@@ -38,20 +38,6 @@ LIMITS = WireLimits()
 def _node(p2p, config: ExchangeConfig, errors: list | None = None) -> BalancedExchange:
     return BalancedExchange(p2p, p2p.peer_id.to_base58(), RUN, 0, SIZES, config, "e3m0", LIMITS,
                             on_error=errors.append if errors is not None else None)
-
-
-async def _counted_once(errors: list, seen: list) -> None:
-    """Every protocol error the oracle expects was counted, once, and nothing else. A case that writes
-    and closes at once may go uncounted (the server's side can see the end before the bytes; see
-    tests/swarm/test_fuzz_handlers.py)."""
-    want = tally(e.counted for _, e, _ in seen if e.counted)
-    closing = tally(e.counted for c, e, _ in seen if e.counted and c.close)
-    try:
-        await wait_for(lambda: tally(e.code for e in errors) == want, 15, "every protocol error counted once")
-    except AssertionError:
-        got = tally(e.code for e in errors)
-        short = {c: (want.get(c, 0), got.get(c, 0)) for c in set(want) | set(got) if want.get(c, 0) != got.get(c, 0)}
-        assert all(0 <= w - g <= closing.get(c, 0) for c, (w, g) in short.items()), f"(wanted, counted): {short}"
 
 
 @pytest.mark.timeout(300)
@@ -81,7 +67,7 @@ def test_balanced_handler_answers_every_case_as_the_oracle_says_and_still_averag
             problems += found
             seen += got
         assert not problems, "\n".join(problems[:40])
-        await _counted_once(errors, seen)
+        await assert_counted_once({"exchange": seen}, lambda: {"exchange": tally(e.code for e in errors)})
         answers = tally(str(o) for _, _, o in seen)
         families = {c.family.split("_")[0] for c, _, _ in seen}
         assert {"slice", "join"} <= families and len(cases) >= 80, (len(cases), answers)

@@ -28,12 +28,13 @@ from fuzz_util import (
     ExchangeTarget,
     PipelineTarget,
     StateTarget,
+    assert_counted_once,
     run_cases,
     send_case,
     serve_oracle,
     tally,
 )
-from p2p_util import run_p2p, wait_for
+from p2p_util import run_p2p
 
 from protocol.framing import encode_frame
 from protocol.messages import (
@@ -142,27 +143,11 @@ async def _serve_every_handler(server, peers: list[str], node_limits: WireLimits
 
 
 async def _assert_counted_once(served: _Served, seen: dict[str, list]) -> None:
-    """Every protocol error was counted once, and nothing else (streams that end late are polled for).
-
-    One allowance: a case that writes its bytes and closes at once (``Case.close``: a truncated frame)
-    is counted only if the server's side of the stream gets those bytes and the end. p2pd closes both
-    directions of a stream when its client does, and now and then the server's side sees the stream end
-    without those bytes (rare: seen twice in loops of this test and once in CI, each time one ``frame``
-    short on the state server; a reset overtaking the bytes is the likely way, not proven), which is no
-    offence: a stream that just ends. Such cases may go uncounted; every other count must be exact, and
-    nothing extra may be counted."""
-    want = {name: tally(e.counted for _, e, _ in seen[name] if e.counted) for name in seen}
-    closing = {name: tally(e.counted for c, e, _ in seen[name] if e.counted and c.close) for name in seen}
+    """Every protocol error counted once, and nothing else (fuzz_util.assert_counted_once); the pipeline's
+    refusals exactly."""
     got = {"pipeline": served.events.errors, "state": served.state_errors, "exchange": served.exchange_errors}
-    counted = lambda: {n: tally(e if isinstance(e, str) else e.code for e in got[n]) for n in want}  # noqa: E731
-    try:
-        await wait_for(lambda: counted() == want, 15, "every protocol error counted once")
-    except AssertionError as e:
-        now = counted()
-        diff = {n: {c: (want[n].get(c, 0), now[n].get(c, 0)) for c in set(want[n]) | set(now[n])
-                    if want[n].get(c, 0) != now[n].get(c, 0)} for n in want}
-        allowed = all(0 <= w - g <= closing[n].get(c, 0) for n, d in diff.items() for c, (w, g) in d.items())
-        assert allowed, f"{e}; (wanted, counted) where they differ: {diff}; closing cases: {closing}"
+    await assert_counted_once(seen, lambda: {n: tally(e if isinstance(e, str) else e.code for e in got[n])
+                                             for n in seen})
     refusals = tally(e.refusal for _, e, _ in seen["pipeline"] if e.refusal)
     assert tally(served.events.refused) == refusals
 
