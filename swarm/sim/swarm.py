@@ -427,8 +427,6 @@ class LocalSwarm(PrometheusTargets):
         raise SimError(f"not within {timeout:.0f} s: {what}" + (f" (last error: {last_error})" if last_error else ""))
 
 
-
-
 def _status_lines(log: str) -> str:
     """The progress lines of a `node status` log (swarm/status.py), with their clock times, for the sim's
     log and its errors."""
