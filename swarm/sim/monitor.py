@@ -72,8 +72,11 @@ class PipelineMonitor:
                 self.losses[(index, t)] = loss
                 self.last_loss_t[(index, pid)] = max(t, self.last_loss_t.get((index, pid), 0.0))
 
-    def summary(self, end_time: float) -> dict[str, Any]:
+    def summary(self, end_time: float, start_time: float | None = None) -> dict[str, Any]:
+        """The run's totals; ``start_time`` (unix) adds ``loss_first_s``, where the loss curve's 0 lies in the run."""
         out = self._loss_summary()
+        if start_time is not None and self.losses:
+            out["loss_first_s"] = round(min(t for (_, t) in self.losses) - start_time, 1)
         if self.latest:
             out.update(self._pipeline_summary(end_time))
         elif self.trained:

@@ -53,7 +53,7 @@ def run_simulation(
             say(f"links: {swarm.link_note}")
         watch_ = SwarmWatch(swarm, stages, hang_s, JOIN_HANG_S)
         runner = WaveRunner(waves, duration) if waves is not None else None
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         swarm.start_all(stagger)
         say(f"swarm of {nodes} node(s) starting in {swarm.workdir} (bootstrap {swarm.bootstrap})")
         try:
@@ -73,7 +73,7 @@ def run_simulation(
         if link is not None:
             summary["link"] = {"spec": str(link), "mode": swarm.link_mode, "note": swarm.link_note, "bytes": swarm.link_bytes()}
         if monitor.seen:
-            summary.update(monitor.summary(end_time))
+            summary.update(monitor.summary(end_time, start_wall))
         if nat:
             summary["nat"] = watch.summary(monitor, final, status.get("peers") or [])
     return summary

@@ -6,6 +6,8 @@ everything is read from the JSON summary `node sim --json` prints, which sums ev
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 from p2p_util import run_sim
 
@@ -23,12 +25,20 @@ def test_pipeline_swarm_trains_compresses_and_survives_a_dead_middle_replica(tmp
     killed, new = s["events"][0]["node"], s["events"][1]["node"]
     assert killed is not None and new == 6
 
-    # It trains: the last stages' loss falls clearly, and keeps falling after the kill.
+    # It trains: the last stages' loss falls clearly.
     assert s["loss_end"] < s["loss_start"] - 1.0, s
-    curve = dict((t, loss) for t, loss in s["loss_curve_10s"])
-    first_t = min(curve)
-    after_kill = [loss for t, loss in curve.items() if t >= kill_at - 15 + first_t]  # loss timeline starts later
-    assert min(after_kill[-3:]) < after_kill[0], s["loss_curve_10s"]
+    # And keeps training through the kill and the join: losses are scored to the end, and the level
+    # they reach holds (a stage replica lost, reset or corrupted for good would lift it by far more
+    # than 0.2). Medians of 3 buckets: the joiner starts from the stage's agreed weights, which early
+    # in a run lag its peers' by up to inner_steps (fragments not yet averaged are still the seeded
+    # init), so one bucket after it joins can spike (+0.5 seen) until it has trained. By then the tiny
+    # model is on a slow slope (~0.1 a minute) that 10 s buckets of ~10 losses (noise ~0.07 each)
+    # cannot resolve in 130 s, so "still falling after the kill" is not asserted.
+    curve = [(s["loss_first_s"] + t, loss) for t, loss in s["loss_curve_10s"]]  # on the run's clock
+    after = [loss for t, loss in curve if t >= s["events"][0]["t"]]
+    assert len(after) >= 6 and curve[-1][0] >= duration - 30, (s["loss_first_s"], s["loss_curve_10s"])
+    level_after_kill, level_end = statistics.median(after[:3]), statistics.median(after[-3:])
+    assert level_end <= level_after_kill + 0.2, (level_after_kill, level_end, s["loss_first_s"], s["loss_curve_10s"])
 
     # It compresses: k = 8 of d = 256 in bf16 with one byte of id a token, headers included.
     assert s["wire_compression_ratio"] >= 30.0, s
@@ -64,6 +74,7 @@ def test_the_monitor_sums_each_node_process_once():
     summary = monitor.summary(end_time=110.0)
     assert summary["microbatches_ok"] == 8 and summary["tokens"] == 80
     assert summary["losses_scored"] == 2 and summary["tokens_per_s"] == 8.0
+    assert "loss_first_s" not in summary and monitor.summary(110.0, start_time=96.0)["loss_first_s"] == 4.0
 
 
 def test_fault_targets_name_nodes_stages_or_new_nodes():
