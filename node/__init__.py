@@ -27,6 +27,11 @@
 - ``node.memory``       per-stage memory estimate (the memory half of ``node plan``)
 - ``node.throughput``   tokens/s, GPU utilisation and DiLoCo rounds a card and link allow (its speed half)
 - ``node.plan_cli``     the ``node plan`` command
+- ``node.model_files``  the model as files: ``node export``'s formats (native; hf: the merged dense Llama),
+                        written whole or not at all, and read back (``load_export``)
+- ``node.export_swarm`` ``SwarmExport``: every stage's agreed weights fetched from its replicas (``node export``)
+- ``node.model_use``    an exported model's validation loss and samples (``node eval``, ``node generate``)
+- ``node.model_cli``    the ``node export``, ``node eval`` and ``node generate`` commands
 - ``node.status_line``  ``node start``'s live status line
 - ``node.identity``     the identity key's lock (one running daemon per identity)
 - ``node.last_run``     ``RunMemory``: the run an identity was last in and its peers (restarting is resuming:

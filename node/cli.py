@@ -15,6 +15,10 @@
                                                     memory per stage (docs/memory.md); without
                                                     --stages the fewest stages that fit; exit 1
                                                     when a stage does not fit
+    node export (--join MADDR | --checkpoint DIR) --out DIR [--format native|hf]
+                                                    the whole model as files (docs/export.md)
+    node eval --model DIR [--text PATH]             validation loss of an export
+    node generate --model DIR --prompt TEXT         sample from an export
 
 User mistakes (bad config, missing paths, unusable checkpoints) print one ``error:`` line and exit 2.
 """
@@ -30,6 +34,7 @@ import sys
 from node.checkpoint import CheckpointError
 from node.config import ConfigError, RunConfig, describe_fields, load_config
 from node.config_toml import toml_value
+from node.model_cli import add_model_parsers
 from node.plan_cli import add_plan_parser
 
 DEFAULT_LOCAL_CONFIG = "local/tiny"
@@ -350,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_parser(sub)
     _add_config_parser(sub)
     add_plan_parser(sub, _add_config_args)
+    add_model_parsers(sub)
     return parser
 
 

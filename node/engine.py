@@ -205,11 +205,29 @@ class StageEngine:
         return value, None if leaf is None else leaf.grad
 
     @torch.no_grad()
-    def infer(self, ids: torch.Tensor, boundary_in: torch.Tensor | None) -> torch.Tensor:
-        """Forward only, nothing kept: the output boundary, or the loss of the window on the last stage."""
+    def infer(self, ids: torch.Tensor, boundary_in: torch.Tensor | None, agreed: bool = False) -> torch.Tensor:
+        """Forward only, nothing kept: the output boundary, or the loss of the window on the last stage.
+
+        ``agreed``: compute with the Streaming DiLoCo global copies (the weights the stage's replicas
+        agree on) instead of this replica's inner-step weights, when the stage has an outer loop. The
+        module's parameters are not touched (a functional call with the global tensors in their place),
+        so a training microbatch in flight, its stash or its graph, is unaffected."""
         ids = self._to_device(ids)
-        out = self._run(self._to_device(boundary_in, torch.float32), ids)
+        boundary_in = self._to_device(boundary_in, torch.float32)
+        if agreed and self.outer is not None:
+            with autocast(self.device):
+                out = torch.func.functional_call(self.module, self.agreed_parameters(), (boundary_in, ids),
+                                                 strict=False)
+        else:
+            out = self._run(boundary_in, ids)
         return lm_loss(out[:, :-1], ids[:, 1:]) if self.is_last else out
+
+    def agreed_parameters(self) -> dict[str, torch.Tensor]:
+        """The outer loop's global copies by parameter name, on this engine's device (new tensors)."""
+        out: dict[str, torch.Tensor] = {}
+        for layout, flat in zip(self.outer.layouts, self.outer.global_, strict=True):
+            out.update(layout.unflatten(flat.to(self.device)))
+        return out
 
     def drop(self, key: Hashable) -> bool:
         """Forget a microbatch's stash (its downstream failed or timed out); True when there was one."""

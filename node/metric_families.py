@@ -37,6 +37,7 @@ REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
 )
 DOWNLOAD_RESULTS = ("ok", "hash_mismatch", "failed", "other")
 MICROBATCH_RESULTS = ("ok", "dropped", "retried")
+EVAL_RESULTS = ("ok", "failed")
 PIPELINE_DIRECTIONS = ("forward", "backward")
 PIPELINE_WAYS = ("sent", "received")
 PIPELINE_PHASES = ("forward", "backward", "step")
@@ -124,6 +125,9 @@ class NodeMetricFamilies:
                                   "Training tokens/s of the whole swarm: the sum of the live rates in the stage records.")
         self.swarm_loss = gauge("swarm_loss", "Mean recent training loss announced by the swarm's loss-scoring nodes.")
         self.swarm_loss.set(math.nan)
+        self.swarm_val_loss = gauge("swarm_val_loss", "The swarm's validation loss on the agreed weights: the newest "
+                                    "measurement a stage-0 driver announced in the records (nats/token).")
+        self.swarm_val_loss.set(math.nan)
 
         self.dht_seconds = Histogram("dht_seconds", "Latency of DHT operations (s), failed ones included.",
                                      ("op",), namespace=NAMESPACE, registry=self.registry,
@@ -156,6 +160,12 @@ class NodeMetricFamilies:
         self.pipeline_microbatches_total = counter(
             "pipeline_microbatches", "Microbatches a stage-0 node drove: completed, dropped, and retries "
             "of a hop on another replica.", "result", MICROBATCH_RESULTS)
+        self.eval_microbatches_total = counter(
+            "eval_microbatches", "Validation microbatches a stage-0 node sent through the pipeline (forward only, "
+            "agreed weights): scored, or failed (the measurement is abandoned).", "result", EVAL_RESULTS)
+        self.val_loss = self._gauge("val_loss", "This stage-0 node's latest measurement of the swarm's validation "
+                                    "loss on the agreed weights (nats/token); NaN before one.")
+        self.val_loss.set(math.nan)
         self.pipeline_tokens_total = counter("pipeline_tokens", "Tokens of the microbatches this stage-0 node "
                                              "completed through the whole pipeline.")
         self.pipeline_bytes_total = Counter(

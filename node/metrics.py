@@ -32,6 +32,7 @@ from node.metric_families import (
     BOOTSTRAP_STATES,
     DHT_OPS,
     DOWNLOAD_RESULTS,
+    EVAL_RESULTS,
     MICROBATCH_RESULTS,
     PIPELINE_DIRECTIONS,
     PIPELINE_PHASES,
@@ -102,13 +103,14 @@ class NodeMetrics(NodeMetricFamilies):
 
     def set_swarm_view(self, *, peers_known: int, stage_peers: Mapping[int, int],
                        stage_throughput: Mapping[int, float], tokens_per_second: float = 0.0,
-                       loss: float = math.nan) -> None:
+                       loss: float = math.nan, val_loss: float = math.nan) -> None:
         """Publish this node's view of the swarm: peer count, peers and summed samples/s per stage, and the
-        swarm's training tokens/s and loss as announced in the records."""
+        swarm's training tokens/s, loss and validation loss as announced in the records."""
         with self._lock:
             self.peers_known.set(peers_known)
             self.swarm_tokens.set(tokens_per_second)
             self.swarm_loss.set(loss)
+            self.swarm_val_loss.set(val_loss)
             stages = {str(s) for s in (*stage_peers, *stage_throughput)}
             for stage in stages:
                 self.stage_peers.labels(stage).set(stage_peers.get(int(stage), 0))
@@ -223,6 +225,13 @@ class NodeMetrics(NodeMetricFamilies):
         """The last stage's loss of one microbatch (nats/token) and the tokens it scored."""
         self.train_loss.set(loss)
         self.train_tokens_total.inc(tokens)
+
+    def pipeline_eval(self, result: str) -> None:
+        self.eval_microbatches_total.labels(_bounded(result, EVAL_RESULTS)).inc()
+
+    def pipeline_val_loss(self, loss: float) -> None:
+        """A validation measurement of this stage-0 driver (node/pipeline.py, swarm/dataplane/drive.py)."""
+        self.val_loss.set(loss)
 
     def protocol_error(self, code: str) -> None:
         self.count_protocol_error(code)

@@ -180,6 +180,18 @@ class PipelineCompute:
 
         return await self._submit(BACKWARD, "backward", job)
 
+    async def evaluate(self, ids: torch.Tensor, boundary_in: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        """An evaluation microbatch: forward only on the stage's agreed weights (the outer loop's global
+        copies; the local ones without replica sync), nothing kept. The output boundary, or on the last
+        stage the loss (a 0-d tensor), and the tag of the agreed state used ("" without replica sync)."""
+        engine = self.engine
+
+        def job() -> tuple[torch.Tensor, str]:
+            tag = engine.outer.agreed_tag() if engine.outer is not None else ""
+            return _host(engine.infer(ids, boundary_in, agreed=True)), tag
+
+        return await self._submit(FORWARD, "forward", job)
+
     def drop(self, key: Hashable) -> bool:
         """Forget a microbatch's stash (its downstream failed or timed out); True when there was one."""
         return self.engine.drop(key)
@@ -220,6 +232,7 @@ class PipelineRole:
         self.plane = None
         self.compute: PipelineCompute | None = None
         self._sampler = None
+        self._val_batches: list[torch.Tensor] = []
         self._drawn = 0
 
     async def setup(self, p2p, peer_id: str, run_id: str) -> None:
@@ -281,15 +294,18 @@ class PipelineRole:
         self.plane.attach(compute)
         if compute.is_first:
             if self._sampler is None:
-                from node.data import BatchSampler, load_corpus
+                from node.data import BatchSampler, load_corpus, validation_batches
 
                 t = self.cfg.train
                 corpus = load_corpus(self.cfg.data)
                 self._sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, self.cfg.data)
+                # The swarm's validation loss is measured on these fixed windows (dataplane.eval_*).
+                self._val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size,
+                                                       self.cfg.dataplane.eval_batches)
                 # The data position: a checkpoint's (windows drawn before it, even those whose step
                 # never completed, are not drawn again), else where the progress puts it.
                 self._drawn = max(compute.work.progress * t.grad_accum, compute.work.data_position or 0)
-            self.plane.start_driver(self._next_batch)
+            self.plane.start_driver(self._next_batch, self._val_batches)
 
     def _next_batch(self) -> torch.Tensor:
         batch = self._sampler.batch(self._drawn)
@@ -304,6 +320,11 @@ class PipelineRole:
             return
         replicas = [(r.peer_id, r.throughput) for r in records.get(stage + 1, []) if r.state == "online"]
         self._call(self.plane.set_next_replicas, replicas)
+
+    def latest_val_loss(self) -> tuple[float, float] | None:
+        """(wall time, loss) of this driver's latest validation measurement, or None."""
+        losses = self.plane.val_losses if self.plane is not None else None
+        return losses[-1][:2] if losses else None
 
     def health(self) -> dict:
         for _ in range(3):  # read from the HTTP thread while the loop may be adding keys

@@ -54,7 +54,7 @@ class SwarmPresence:
             addrs=ctx.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None else {}),
             tokens_per_s=round(max(0.0, self._record_rate.update(ctx.metrics.totals()["tokens"])), 3),
             loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(ctx.run_id, ctx.peer_id),
-            reachable=ctx.services.reachable(),
+            reachable=ctx.services.reachable(), **self._val_loss_fields(),
         )
         try:
             expiry = ctx.cfg.swarm.record_expiry_s
@@ -66,6 +66,12 @@ class SwarmPresence:
             return
         if not stored:  # hivemind reports "no peer accepted it" by returning False
             ctx.metrics.dht_failures_total.labels(op="store").inc()
+
+    def _val_loss_fields(self) -> dict[str, float]:
+        """A stage-0 driver's latest validation measurement, for its record (1.4)."""
+        pipeline = self.ctx.services.pipeline
+        latest = pipeline.latest_val_loss() if pipeline is not None else None
+        return {} if latest is None else {"val_loss": round(latest[1], 5), "val_loss_at": round(latest[0], 3)}
 
     def read(self) -> dict[int, list[StageRecord]]:
         """Every stage's records (refusals counted), without acting on them."""
@@ -82,6 +88,7 @@ class SwarmPresence:
         serving = {s: [r for r in recs if r.state != "offline"] for s, recs in records.items()}
         everyone = [r for recs in serving.values() for r in recs]
         losses = [r.loss for r in everyone if r.loss > 0]
+        measured = [r for r in everyone if r.val_loss > 0]  # the newest measurement is the swarm's figure
         self.peers_known = len({r.peer_id for r in everyone})
         metrics.set_swarm_view(
             peers_known=self.peers_known,
@@ -89,6 +96,7 @@ class SwarmPresence:
             stage_throughput={s: sum(r.throughput for r in recs) for s, recs in serving.items()},
             tokens_per_second=sum(r.tokens_per_s for r in everyone),
             loss=sum(losses) / len(losses) if losses else math.nan,
+            val_loss=max(measured, key=lambda r: r.val_loss_at).val_loss if measured else math.nan,
         )
         metrics.throughput.set(host.throughput)
         if ctx.services.pipeline is not None:

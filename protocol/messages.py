@@ -5,6 +5,7 @@ message (kind)              what it carries
 ==========================  =====================================================================
 ``ActivationFrame``         stage s → s+1: token ids and the k subspace coefficients per token
 ``GradientFrame``           stage s+1 → s: ∂L/∂c for a microbatch (and the loss, from the last stage)
+``EvalResult``              the loss of an evaluation microbatch (forward only), back along its route
 ``FragmentRequest``         ask a replica for its contribution to (round, fragment)
 ``FragmentPart``            one part of a replica's 4-bit pseudo-gradient for (round, fragment)
 ``SliceSummary``            what a balanced-exchange reducer (or checker) averaged for one slice
@@ -56,6 +57,7 @@ __all__ = [
     "DialbackReply",
     "DialbackRequest",
     "ErrorReply",
+    "EvalResult",
     "FragmentPart",
     "FragmentRequest",
     "GradientFrame",
@@ -139,6 +141,28 @@ class GradientFrame(Message):
     loss: float | None = None  # the microbatch's loss, filled in by the last stage
     step: int = 0
     queue: int = 0  # the sender's queued compute jobs when it replied (a routing hint)
+
+
+@message("eval_result")
+class EvalResult(Message):
+    """The loss of an evaluation microbatch: an :class:`ActivationFrame` sent on the evaluation handler
+    runs forward only, on each stage's agreed weights, and the last stage's loss comes back along its route."""
+
+    run_id: str
+    microbatch_id: int
+    stage: int  # the scoring (last) stage
+    loss: float  # mean next-token loss of the microbatch (nats per token)
+    tokens: int  # tokens scored
+    # The tag of the agreed state each stage from the answering one to the last scored it with (each
+    # stage puts its own in front as the result travels back): what a measurement is comparable on.
+    agreed: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self, limits: WireLimits) -> None:
+        check_run_id(self.run_id, "EvalResult")
+        if len(self.agreed) > 1024 or any(len(tag) > 64 for tag in self.agreed):
+            raise MalformedMessage("EvalResult: at most 1024 agreed-state tags of at most 64 characters")
+        if not 0.0 <= self.loss <= MAX_LOSS:
+            raise MalformedMessage(f"EvalResult: loss {self.loss!r} is outside 0..{MAX_LOSS:g}")
 
 
 @message("fragment_request")
@@ -360,14 +384,20 @@ class StageRecord(Message):
     # 1.2: can peers open connections to this one? "public" (a peer's fresh dial reached its port),
     # "private" (peers answered, none reached it: behind NAT or a firewall), "" (not known).
     reachable: str = ""
+    # 1.4: the swarm's validation loss as this stage-0 driver last measured it (evaluation microbatches
+    # through every stage on the agreed weights; 0 = none yet), and when (sender's wall clock).
+    val_loss: float = 0.0
+    val_loss_at: float = 0.0
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "StageRecord")
         _check_access(self.access, "StageRecord")
         if self.reachable not in REACHABILITY:
             raise MalformedMessage(f"StageRecord: reachable {short_repr(self.reachable)} is not one of {REACHABILITY}")
-        if not (0.0 <= self.tokens_per_s <= MAX_TOKENS_PER_S and 0.0 <= self.loss <= MAX_LOSS):
-            raise MalformedMessage(f"StageRecord: tokens_per_s {self.tokens_per_s} or loss {self.loss} out of range")
+        if not (0.0 <= self.tokens_per_s <= MAX_TOKENS_PER_S and 0.0 <= self.loss <= MAX_LOSS
+                and 0.0 <= self.val_loss <= MAX_LOSS):
+            raise MalformedMessage(f"StageRecord: tokens_per_s {self.tokens_per_s}, loss {self.loss} or val_loss "
+                                   f"{self.val_loss} out of range")
         if self.state not in STAGE_STATES:
             raise MalformedMessage(f"StageRecord: state {self.state!r} is not one of {STAGE_STATES}")
         if not self.stage < self.num_stages:

@@ -47,7 +47,8 @@ from protocol.tensors import (
 
 # 1.1: StageRecord.tokens_per_s, .loss; access proofs in records. 1.2: StageRecord.reachable, dial-back.
 # 1.3: GroupRoster (the balanced exchange agrees on its group first; handler protoswarm.diloco.balanced.v2).
-PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+# 1.4: EvalResult and the evaluation handler protoswarm.pipeline.eval.v1; StageRecord.val_loss.
+PROTOCOL_VERSION: tuple[int, int] = (1, 4)
 ERROR_KIND = "error"  # its layout is frozen across major versions so any peer can read the refusal
 
 _U32 = struct.Struct("<I")

@@ -209,6 +209,11 @@ class FragmentLayout:
 
 # ---------------------------------------------------------------------------------------- the outer loop
 
+
+def history_tag(history: list[str]) -> str:
+    """16 hex digits naming a stage's agreed state by its per-fragment history (:meth:`OuterLoop.history`)."""
+    return hashlib.sha256("|".join(history).encode()).hexdigest()[:16]
+
 class OuterLoop:
     """One replica's outer state: the global copy and momentum of each fragment, and the step.
 
@@ -322,6 +327,11 @@ class OuterLoop:
     def history(self) -> list[str]:
         """Per fragment ``"<last round>:<chain prefix>"``: what replicas compare to find drifted copies."""
         return [f"{r}:{c.hex()[:16]}" for r, c in list(self._history)]
+
+    def agreed_tag(self) -> str:
+        """A short name of the global copies: equal on every replica that applied the same means (the
+        validation measurements and exports of one agreed state carry the same tag)."""
+        return history_tag(self.history())
 
     def reset(self) -> None:
         """Restart the outer state from the current parameters (global copy = them, momentum 0)."""

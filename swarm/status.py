@@ -40,7 +40,7 @@ def peers_from_health(url: str) -> list[str]:
     return maddrs
 
 
-def _pick_run(records: list[RunRecord], owners: list[bytes], run_id: str | None) -> tuple[RunRecord, dict, int]:
+def pick_run(records: list[RunRecord], owners: list[bytes], run_id: str | None) -> tuple[RunRecord, dict, int]:
     """The run (chosen as joiners choose it), its parameters, and its number of stages (validated)."""
     chosen = choose_run(records, owners, run_id)
     if chosen is None:
@@ -74,7 +74,7 @@ def collect_status(join: list[str], run_id: str | None = None, timeout: float = 
         logger.info("status: in the swarm's DHT after %.1f s", since())
         try:
             records, owners, rejected = dht.get_run_records()
-            run, params, num_stages = _pick_run(records, owners, run_id)
+            run, params, num_stages = pick_run(records, owners, run_id)
             logger.info("status: %d run record(s) read after %.1f s", len(records), since())
             by_stage, stage_rejected = dht.get_stage_records(run.run_id, num_stages)
             logger.info("status: %d stage(s) read after %.1f s", num_stages, since())

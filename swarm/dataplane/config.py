@@ -11,6 +11,9 @@ import torch
 from protocol.settings import ConfigError, check_positive, setting
 
 HANDLER = "protoswarm.pipeline.v1"
+# Evaluation microbatches (1.4): the same ActivationFrame, forward only on the agreed weights, answered with an
+# EvalResult. A handler of its own, so a 1.3 peer (which lacks it) refuses the stream instead of training on it.
+EVAL_HANDLER = "protoswarm.pipeline.eval.v1"
 DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
@@ -45,6 +48,14 @@ class DataplaneConfig:
     outlier_ratio: float = setting(
         100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
     )
+    eval_every_s: float = setting(
+        120.0, "A stage-0 node measures the swarm's validation loss this often (seconds): eval_batches forward-only "
+        "microbatches of the validation split through every stage, on the agreed weights. 0 = never."
+    )
+    eval_batches: int = setting(
+        4, "Validation microbatches per measurement (train.batch_size windows of train.seq_len tokens each; the "
+        "same fixed windows every time): its cost, one forward per stage each."
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
@@ -53,6 +64,9 @@ class DataplaneConfig:
             raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
         if self.max_retries < 0:
             raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
+        if self.eval_every_s < 0 or self.eval_batches < 1:
+            raise ConfigError(f"dataplane.eval_every_s must be >= 0 and dataplane.eval_batches >= 1, got "
+                              f"{self.eval_every_s} and {self.eval_batches}")
 
 
 class ScaleGuard:

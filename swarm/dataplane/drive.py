@@ -2,6 +2,11 @@
 
 Each microbatch gets ``dataplane.microbatch_timeout_s`` from its forward to its backward; one whose
 hop fails (:class:`~swarm.dataplane.send.HopFailed`) is dropped and counted, its stash freed.
+
+Every ``dataplane.eval_every_s`` it also measures the swarm's validation loss: the same fixed
+validation microbatches, one after another, forward only through every stage on the agreed weights
+(the evaluation handler); the token-weighted mean is one measurement, kept only when every microbatch
+of it was scored. Evaluation never draws training data, never steps, and is never counted as training.
 """
 
 from __future__ import annotations
@@ -24,17 +29,59 @@ class MicrobatchDriver:
 
     def __init__(self, state: PlaneState, sender: HopSender) -> None:
         self.state, self.sender = state, sender
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
-    def start(self, next_batch: Callable[[], torch.Tensor]) -> None:
-        """Keep ``max_inflight`` microbatches from ``next_batch()`` going through the pipeline."""
+    def start(self, next_batch: Callable[[], torch.Tensor], eval_batches: list[torch.Tensor] | None = None) -> None:
+        """Keep ``max_inflight`` microbatches from ``next_batch()`` going through the pipeline, and with
+        ``eval_batches`` measure the validation loss on them every ``dataplane.eval_every_s``."""
         self.stop()
-        self._task = asyncio.get_running_loop().create_task(self._drive(next_batch))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._drive(next_batch))]
+        if eval_batches and self.state.config.eval_every_s > 0:
+            self._tasks.append(loop.create_task(self._evaluate_every(eval_batches)))
 
     def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+    async def _evaluate_every(self, batches: list[torch.Tensor]) -> None:
+        state = self.state
+        while True:
+            compute = state.compute
+            if compute is None or not compute.is_first or state.router.choose() is None:
+                await asyncio.sleep(1.0)  # nothing to send through (yet)
+                continue
+            await self.evaluate(compute, batches)
+            await asyncio.sleep(state.config.eval_every_s)
+
+    async def evaluate(self, compute: StageCompute, batches: list[torch.Tensor]) -> float | None:
+        """One measurement: the token-weighted mean loss over ``batches`` through the whole pipeline on the
+        agreed weights; None (counted) when one of them could not be scored."""
+        state = self.state
+        total = tokens = 0.0
+        states: set[tuple[str, ...]] = set()
+        for ids in batches:
+            deadline = time.monotonic() + state.config.microbatch_timeout_s
+            try:
+                out, tag = await compute.evaluate(ids, None)
+                result = await self.sender.send_eval(out, ids, [], compute, deadline)
+            except HopFailed as exc:
+                state.stats["eval_failed"] += 1
+                state.events.pipeline_eval("failed")
+                logger.info("validation measurement abandoned: [%s] %s", exc.code, exc)
+                return None
+            total += result.loss * result.tokens
+            tokens += result.tokens
+            states.add((tag, *result.agreed))
+            state.events.pipeline_eval("ok")
+        loss = total / tokens
+        # Which agreed state of each stage it measured (none when a stage moved on mid-measurement).
+        state.val_losses.append((time.time(), loss, list(states.pop()) if len(states) == 1 else []))
+        state.stats["eval_measurements"] += 1
+        state.events.pipeline_val_loss(loss)
+        logger.info("swarm validation loss %.4f (%d tokens, agreed weights)", loss, int(tokens))
+        return loss
 
     async def _drive(self, next_batch: Callable[[], torch.Tensor]) -> None:
         state = self.state

@@ -11,7 +11,7 @@ import torch
 from protocol.messages import GradientFrame, Message
 from protocol.streams import PeerStrikes
 from protocol.tensors import WireConfig, WireLimits
-from swarm.dataplane.config import HANDLER, DataplaneConfig
+from swarm.dataplane.config import EVAL_HANDLER, HANDLER, DataplaneConfig
 from swarm.dataplane.drive import MicrobatchDriver
 from swarm.dataplane.send import HopSender
 from swarm.dataplane.serve import HopServer
@@ -62,8 +62,15 @@ class DataPlane:
 
     # setup ---------------------------------------------------------------------------------------------
 
+    @property
+    def val_losses(self) -> collections.deque[tuple[float, float, list[str]]]:
+        """(wall time, loss, each stage's agreed-state tag) of this driver's validation measurements (stage 0;
+        the latest 256)."""
+        return self.state.val_losses
+
     async def register(self) -> None:
         await self.state.p2p.add_binary_stream_handler(HANDLER, self.server.on_stream)
+        await self.state.p2p.add_binary_stream_handler(EVAL_HANDLER, self.server.on_eval_stream)
 
     def attach(self, compute: StageCompute | None) -> None:
         """Serve ``compute``'s stage from now on (None: serve nothing); the routes are for its next stage."""
@@ -82,6 +89,7 @@ class DataPlane:
             "stash": compute.in_flight if compute else 0,
             "routes": self.router.snapshot(),
             "recent_losses": [[round(t, 3), round(v, 5)] for t, v in list(self.losses)[-512:]],
+            "val_losses": [[round(t, 3), round(v, 5), tags] for t, v, tags in list(self.val_losses)],
         }
 
     # serving and sending (the roles' entry points, for tests that drive them without a stream) -------------
@@ -97,9 +105,10 @@ class DataPlane:
 
     # driving (stage 0) -----------------------------------------------------------------------------------
 
-    def start_driver(self, next_batch: Callable[[], torch.Tensor]) -> None:
-        """Stage 0: keep ``max_inflight`` microbatches from ``next_batch()`` going through the pipeline."""
-        self.driver.start(next_batch)
+    def start_driver(self, next_batch: Callable[[], torch.Tensor], eval_batches: list[torch.Tensor] | None = None) -> None:
+        """Stage 0: keep ``max_inflight`` microbatches from ``next_batch()`` going through the pipeline (and
+        measure the validation loss on ``eval_batches`` every ``dataplane.eval_every_s``)."""
+        self.driver.start(next_batch, eval_batches)
 
     def stop_driver(self) -> None:
         self.driver.stop()

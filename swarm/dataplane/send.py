@@ -21,12 +21,13 @@ from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import (
     ActivationFrame,
     ErrorReply,
+    EvalResult,
     GradientFrame,
     Message,
     decode_message,
     encode_message,
 )
-from swarm.dataplane.config import BUSY_PAUSE_S, HANDLER, ScaleGuard
+from swarm.dataplane.config import BUSY_PAUSE_S, EVAL_HANDLER, HANDLER, ScaleGuard
 from swarm.dataplane.state import PlaneState, StageCompute
 
 
@@ -67,12 +68,24 @@ class HopSender:
         """Send this stage's output one hop on (retrying other replicas) and return the validated reply.
 
         ``route``: the peers the microbatch went through before this one (stage 0 first)."""
+        return await self._send(self._frame(out, ids, route, compute), compute, deadline, HANDLER)
+
+    async def send_eval(self, out: torch.Tensor, ids: torch.Tensor, route: list[str], compute: StageCompute,
+                        deadline: float) -> EvalResult:
+        """An evaluation microbatch one hop on, on the evaluation handler (forward only from here on, on each
+        stage's agreed weights); the last stage's validated :class:`EvalResult`. Retried like a training hop."""
+        return await self._send(self._frame(out, ids, route, compute), compute, deadline, EVAL_HANDLER)
+
+    def _frame(self, out: torch.Tensor, ids: torch.Tensor, route: list[str], compute: StageCompute) -> ActivationFrame:
         state = self.state
-        frame = ActivationFrame(
+        return ActivationFrame(
             run_id=state.run_id, microbatch_id=next(state.ids), stage=compute.stage, route=[*route, state.peer_id],
             token_ids=ids, coefficients=out.detach().float().contiguous(), codec=state.wire.activation_codec,
             basis=compute.basis, step=getattr(getattr(compute, "work", None), "progress", 0),
         )
+
+    async def _send(self, frame: ActivationFrame, compute: StageCompute, deadline: float, handler: str):
+        state = self.state
         hop = _Attempts()
         while hop.failures <= state.config.max_retries:
             remaining = deadline - time.monotonic()
@@ -89,17 +102,17 @@ class HopSender:
             if peer is None:
                 break
             hop.count += 1
-            if hop.count > 1:
+            if hop.count > 1 and handler == HANDLER:
                 state.stats["microbatches_retried"] += 1
                 state.events.pipeline_microbatch("retried")
             hop.tried.append(peer)
-            reply = await self._attempt(peer, frame, compute, remaining, hop)
+            reply = await self._attempt(peer, frame, compute, remaining, hop, handler)
             if reply is not None:
                 return reply
         raise HopFailed(hop.code, hop.last)
 
     async def _attempt(self, peer: str, frame: ActivationFrame, compute: StageCompute, remaining: float,
-                       hop: _Attempts) -> GradientFrame | None:
+                       hop: _Attempts, handler: str = HANDLER) -> GradientFrame | EvalResult | None:
         """One try of ``frame`` on ``peer``: its validated reply, or None with the failure noted in ``hop``."""
         state = self.state
         frame.budget_s = remaining
@@ -107,7 +120,7 @@ class HopSender:
         state.router.started(peer)
         sent = time.monotonic()
         try:
-            reply, reply_bytes = await asyncio.wait_for(self._exchange(peer, body), remaining)
+            reply, reply_bytes = await asyncio.wait_for(self._exchange(peer, body, handler), remaining)
         except RemoteError as exc:
             soft = exc.remote_code in ("busy", "downstream", "expired")
             state.router.failed(peer, hard=not soft)
@@ -131,17 +144,35 @@ class HopSender:
         finally:
             state.count_bytes("forward", "sent", frame.codec, len(body) + PREFIX_BYTES,
                               frame.coefficients.numel(), frame.token_ids.numel())
-        problem = self._check_reply(reply, frame, compute)
+        check = self._check_reply if handler == HANDLER else self._check_eval
+        problem = check(reply, frame, compute)
         if problem is not None:
             state.router.failed(peer, hard=True)
             state.stats["refused_bad_reply"] += 1
             state.events.pipeline_refused("bad_reply")
             hop.failed("bad_reply", f"{peer}: {problem}")
             return None
+        if isinstance(reply, EvalResult):  # a routing success, not a training hop
+            state.router.succeeded(peer, time.monotonic() - sent, 0)
+            return reply
         state.count_bytes("backward", "received", reply.codec, reply_bytes, reply.grad.numel(), 0)
         state.router.succeeded(peer, time.monotonic() - sent, reply.queue)
         state.events.pipeline_hop(time.monotonic() - sent)
         return reply
+
+    def _check_eval(self, reply: Message, frame: ActivationFrame, compute: StageCompute) -> str | None:
+        if not isinstance(reply, EvalResult):
+            return f"replied with {type(reply).__name__}, not an EvalResult"
+        if reply.microbatch_id != frame.microbatch_id or reply.run_id != self.state.run_id:
+            return f"evaluation result for microbatch {reply.microbatch_id} of run {reply.run_id[:64]!r}"
+        if reply.stage != compute.num_stages - 1:
+            return f"evaluation result from stage {reply.stage}, not the last ({compute.num_stages - 1})"
+        tokens = frame.token_ids.shape[0] * (frame.token_ids.shape[1] - 1)
+        if reply.tokens != tokens:
+            return f"evaluation result scores {reply.tokens} tokens, the microbatch has {tokens}"
+        if len(reply.agreed) != compute.num_stages - compute.stage - 1:
+            return f"evaluation result names {len(reply.agreed)} stages' states, not the {compute.num_stages - compute.stage - 1} after this one"
+        return None
 
     def _check_reply(self, reply: Message, frame: ActivationFrame, compute: StageCompute) -> str | None:
         if not isinstance(reply, GradientFrame):
@@ -156,11 +187,11 @@ class HopSender:
             return "the last stage's reply carries no loss"
         return self.gradient_guard.check(reply.grad, "gradient")
 
-    async def _exchange(self, peer: str, body: bytes) -> tuple[Message, int]:
+    async def _exchange(self, peer: str, body: bytes, handler: str = HANDLER) -> tuple[Message, int]:
         from hivemind.p2p import PeerID
 
         state = self.state
-        _, reader, writer = await state.p2p.call_binary_stream_handler(PeerID.from_base58(peer), HANDLER)
+        _, reader, writer = await state.p2p.call_binary_stream_handler(PeerID.from_base58(peer), handler)
         try:
             await write_frame(writer, body, timeout=None)
             raw = await read_frame(reader, state.limits, timeout=None)

@@ -5,6 +5,10 @@ further (:class:`~swarm.dataplane.send.HopSender`), and backpropagating the grad
 so a microbatch's backward follows exactly the replicas its forward used, and the stash of a stage
 lives only as long as its request. The last stage answers with the loss and its input's gradient.
 
+Evaluation microbatches (``EVAL_HANDLER``) take the same frames through the same checks, but every
+stage runs them forward only, on its agreed weights (``StageCompute.evaluate``: nothing is kept and no
+gradient is taken), and the last stage answers with an :class:`EvalResult`, relayed back unchanged.
+
 Every input is untrusted. The handler refuses, with an ErrorReply, a counted code and a strike
 against the sender: frames for another run or stage, another subspace basis, wrong widths or
 lengths, backward frames for microbatches it never saw, duplicates. Undecodable or non-finite
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from protocol.errors import ProtocolError
-from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, Message
+from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
 from protocol.streams import PeerStrikes, serve_stream
 from swarm.dataplane.config import BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
@@ -50,7 +54,9 @@ class HopServer:
         self.activation_guard = ScaleGuard(config.outlier_ratio)
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
 
-    async def on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        evaluate: bool = False) -> None:
+        """One request stream: a training microbatch (``HANDLER``), or with ``evaluate`` an evaluation one."""
         state, peer = self.state, str(info.peer_id)
         size = [0]
 
@@ -67,15 +73,20 @@ class HopServer:
             self._strike(peer)
 
         async def handle(msg: Message) -> Message:
-            return await self.handle(msg, peer, size[0])
+            return await self.handle(msg, peer, size[0], evaluate)
 
         timeout = state.config.microbatch_timeout_s
         await serve_stream(reader, writer, handle, state.limits, on_error=on_error, on_frame=on_frame,
                            on_sent=on_sent, peer=peer, frame_timeout=timeout, idle_timeout=timeout)
 
-    async def handle(self, msg: Message, peer: str, nbytes: int = 0) -> Message:
+    async def on_eval_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.on_stream(info, reader, writer, evaluate=True)
+
+    async def handle(self, msg: Message, peer: str, nbytes: int = 0, evaluate: bool = False) -> Message:
         """The reply to one request from ``peer`` (public so tests can drive it without a stream)."""
         try:
+            if evaluate:
+                return await self._evaluate(msg, peer, nbytes)
             return await self._handle(msg, peer, nbytes)
         except _Refused as exc:
             stats = self.state.stats
@@ -97,6 +108,35 @@ class HopServer:
         if compute.is_last:
             return await self._score(frame, compute, budget)
         return await self._relay(frame, peer, compute, start, start + budget)
+
+    async def _evaluate(self, msg: Message, peer: str, nbytes: int) -> EvalResult:
+        """An evaluation microbatch: forward only on this stage's agreed weights, then one hop on (a middle
+        stage) or scored (the last stage). Nothing is stashed, no gradient taken, no step counted."""
+        start = time.monotonic()
+        frame, compute = self._admit(msg, peer, nbytes)
+        config, stats = self.state.config, self.state.stats
+        budget = frame.budget_s if 0 < frame.budget_s <= config.microbatch_timeout_s else config.microbatch_timeout_s
+        deadline = start + budget
+        stats["eval_served"] += 1
+        ids = frame.token_ids
+        try:
+            out, tag = await asyncio.wait_for(compute.evaluate(ids, frame.coefficients), budget)
+        except TimeoutError:
+            raise _Refused("expired", "the evaluation microbatch's budget ran out in this stage's queue") from None
+        if compute.is_last:
+            loss = float(out)
+            if not 0.0 <= loss < float("inf"):
+                raise _Refused("loss", f"stage {compute.stage}: evaluation loss is {loss}")
+            return EvalResult(run_id=self.state.run_id, microbatch_id=frame.microbatch_id, stage=compute.stage,
+                              loss=loss, tokens=ids.shape[0] * (ids.shape[1] - 1), agreed=[tag])
+        reserve = max(0.5, (time.monotonic() - start) / 3)
+        try:
+            result = await self.sender.send_eval(out, ids, list(frame.route), compute, deadline - reserve)
+        except HopFailed as exc:
+            raise _Refused("downstream", f"stage {compute.stage + 1}: {exc}") from None
+        # Ours to answer: the microbatch id the sender gave this hop (the result was checked against ours).
+        return EvalResult(run_id=result.run_id, microbatch_id=frame.microbatch_id, stage=result.stage,
+                          loss=result.loss, tokens=result.tokens, agreed=[tag, *result.agreed])
 
     def _admit(self, msg: Message, peer: str, nbytes: int) -> tuple[ActivationFrame, StageCompute]:
         """The frame and the stage that takes it, or a refusal: a banned peer, a wrong frame, a full stage."""

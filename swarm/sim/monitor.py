@@ -30,6 +30,7 @@ class PipelineMonitor:
         self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
         self.outer: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last replica-sync stats
         self.losses: dict[tuple[int, float], float] = {}  # (node, unix time) → loss
+        self.val_losses: dict[tuple[int, float], float] = {}  # (stage-0 node, unix time) → validation loss
         self.last_loss_t: dict[tuple[int, int], float] = {}  # (node, pid) → time of its last loss seen
         self.trained: dict[tuple[int, int], int] = {}  # (node, pid) → tokens of its local steps (S = 1)
         self.devices: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → its device and memory
@@ -71,12 +72,18 @@ class PipelineMonitor:
             for t, loss in health[source].get("recent_losses", []):
                 self.losses[(index, t)] = loss
                 self.last_loss_t[(index, pid)] = max(t, self.last_loss_t.get((index, pid), 0.0))
+            for t, loss, *_ in health[source].get("val_losses", []):
+                self.val_losses[(index, t)] = loss
 
     def summary(self, end_time: float, start_time: float | None = None) -> dict[str, Any]:
         """The run's totals; ``start_time`` (unix) adds ``loss_first_s``, where the loss curve's 0 lies in the run."""
         out = self._loss_summary()
         if start_time is not None and self.losses:
             out["loss_first_s"] = round(min(t for (_, t) in self.losses) - start_time, 1)
+        if self.val_losses:  # the swarm's validation measurements (stage-0 drivers, agreed weights)
+            curve = sorted((t, loss) for (_, t), loss in self.val_losses.items())
+            out.update(val_loss_start=curve[0][1], val_loss_end=curve[-1][1], val_measurements=len(curve),
+                       val_loss_curve=[[round(t - (start_time or curve[0][0]), 1), v] for t, v in curve])
         if self.latest:
             out.update(self._pipeline_summary(end_time))
         elif self.trained:

@@ -312,3 +312,55 @@ def test_the_scale_guard_refuses_only_far_outliers_after_warm_up():
         assert guard.check(torch.full((8,), 2.0), "x") is None  # drift within the ratio passes
     assert "over 100× the recent median" in guard.check(torch.full((8,), 1e4), "gradient")
     assert guard.check(torch.full((8,), 150.0), "x") is None  # 75× the median: passes
+
+
+def test_evaluation_microbatches_score_the_agreed_weights_and_train_nothing(tmp_path):
+    """Validation through 3 real data planes: the driver's measurement is the loss of the model made of each
+    stage's agreed (global) weights, not of the replicas' trained local ones, and it changes no training state."""
+    from node.model import LanguageModel
+
+    cfg = small_config(tmp_path)
+    val = [torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(50 + i)) for i in range(3)]
+
+    async def body(a, b, c):
+        nodes = [Node(p, cfg, s, tmp_path) for p, s in ((a, 0), (b, 1), (c, 2))]
+        n0, n1, n2 = nodes
+        for node in nodes:
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])
+        n1.plane.set_next_replicas([(n2.peer, 1.0)])
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= 12, 60, "some training first")
+        n0.plane.stop_driver()
+        await wait_for(lambda: all(n.compute.in_flight == 0 and n.compute.queue_depth == 0 for n in nodes), 30,
+                       "the pipeline drained")
+        before = [(n.compute.work.progress, {k: v.clone() for k, v in n.compute.module.state_dict().items()},
+                   dict(n.plane.stats)) for n in nodes]
+        loss = await n0.plane.driver.evaluate(n0.compute, val)
+
+        # The reference: the unsplit model holding every stage's global copies (the seeded init: no outer
+        # round ran here), against the trained local weights it must not be scored with.
+        agreed, local = LanguageModel(cfg.model, cfg.pipeline), LanguageModel(cfg.model, cfg.pipeline)
+        for s, node in enumerate(nodes):
+            agreed.stages[s].load_state_dict(node.compute.engine.agreed_parameters(), strict=False)
+            local.stages[s].load_state_dict(node.compute.module.state_dict())
+        with torch.no_grad():
+            expected = sum(agreed(w[:, :-1], w[:, 1:]).item() for w in val) / len(val)
+            trained = sum(local(w[:, :-1], w[:, 1:]).item() for w in val) / len(val)
+        assert loss == pytest.approx(expected, rel=1e-4), (loss, expected, trained)
+        assert abs(trained - expected) > 0.05  # the two are told apart
+        for node, (progress, weights, stats) in zip(nodes, before, strict=True):
+            assert node.compute.work.progress == progress
+            assert all(torch.equal(v, weights[k]) for k, v in node.compute.module.state_dict().items())
+            changed = {k for k in node.plane.stats if node.plane.stats[k] != stats.get(k, 0)}
+            assert changed <= {"eval_served", "eval_measurements", "bytes_forward_sent", "bytes_forward_received",
+                               "dense_forward_sent", "dense_forward_received"}, changed  # no training counter moved
+        assert n1.plane.stats["eval_served"] == 3 and n2.plane.stats["eval_served"] == 3
+        _, measured, tags = list(n0.plane.val_losses)[-1]
+        assert measured == loss and tags == [n.compute.engine.outer.agreed_tag() for n in nodes]
+        assert n0.metrics.registry.get_sample_value("protoswarm_val_loss") == pytest.approx(loss)
+        assert n0.metrics.registry.get_sample_value("protoswarm_eval_microbatches_total", {"result": "ok"}) == 3
+        for node in nodes:
+            node.compute.close()
+
+    _run(3, body)

@@ -184,3 +184,55 @@ def test_fixed_table_is_the_same_bits_on_every_device():
     assert torch.linalg.matrix_rank(table) == 256
     for device in GPU:
         assert torch.equal(subspace.make_fixed_table(0, 256, 256, 1.0, device=device).cpu(), table)
+
+
+def _snapshot(engine: StageEngine) -> dict:
+    """Everything training state is made of: weights, gradients, optimizer state, counters."""
+    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in engine.module.named_parameters()},
+            "optim": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                      for i, st in enumerate(engine.optimizer.state.values())},
+            "counters": (engine.progress, engine.version, engine.accumulated, engine.in_flight)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+    return (all(eq(a["params"][n], b["params"][n]) for n in a["params"])
+            and all(eq(a["grads"][n], b["grads"][n]) for n in a["grads"]) and a["counters"] == b["counters"]
+            and all(eq(a["optim"][i][k], b["optim"][i][k]) if isinstance(a["optim"][i][k], torch.Tensor)
+                    else a["optim"][i][k] == b["optim"][i][k] for i in a["optim"] for k in a["optim"][i]))
+
+
+def test_an_evaluation_forward_never_changes_training_state_and_scores_the_agreed_weights():
+    """infer(agreed=True) computes with the outer loop's global copies, while a training microbatch is in flight
+    (stash mode keeps its graph), and leaves weights, gradients, optimizer state and counters as they were."""
+    cfg = tiny(2, ["diloco.fragments=2"])
+    first, last = build_engine(cfg, 0, backward="stash"), build_engine(cfg, 1, backward="stash")
+    for engine in (first, last):
+        engine.attach_outer(cfg.diloco, "cpu")
+    for step in range(3):  # local weights move away from the global copies (no outer round here)
+        w = window(seed=200 + step)
+        boundary = first.forward(("m", step), w, None)
+        _, grad = last.forward_backward_last(w, boundary)
+        first.backward(("m", step), grad)
+    w = window(seed=7)
+    boundary = first.forward(("in flight", 0), w, None)  # its graph is held while the evaluations run
+    before = [_snapshot(first), _snapshot(last)]
+    agreed_boundary = first.infer(w, None, agreed=True)
+    agreed_loss = last.infer(w, agreed_boundary, agreed=True)
+    local_loss = last.infer(w, first.infer(w, None))
+    assert _same(before[0], _snapshot(first)) and _same(before[1], _snapshot(last))
+
+    # The agreed figure is the global copies' model: the seeded init here, since no round ran.
+    fresh = LanguageModel(cfg.model, cfg.pipeline)
+    with torch.no_grad():
+        for engine, stage in zip((first, last), fresh.stages, strict=True):
+            stage.load_state_dict(engine.agreed_parameters(), strict=False)
+        expected = fresh(w[:, :-1], w[:, 1:])
+    assert torch.allclose(agreed_loss, expected, atol=1e-5), (agreed_loss, expected)
+    assert not torch.allclose(agreed_loss, local_loss), "local weights should differ from the global copies"
+    # The in-flight microbatch's backward still runs on its own graph, as if nothing had happened.
+    _, grad = last.forward_backward_last(w, boundary)
+    first.backward(("in flight", 0), grad)
+    assert first.recomputed == 0

@@ -199,3 +199,17 @@ def test_the_map_check_names_what_is_missing(tmp_path) -> None:
     for name in ("a.py", "b.py", "sub/__init__.py", "sub/c.py"):
         (tmp_path / "node" / name).write_text("")
     assert unmapped(tmp_path) == ["node.b", "node.sub.c"]
+
+
+def test_an_installed_wheel_holds_every_package():
+    """`pip install .` (the Docker image) ships what setuptools finds: every source folder must be a package
+    it finds from pyproject's include patterns (a folder without __init__.py would be left out)."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(str(REPO), include=include))
+    folders = {".".join(p.parent.relative_to(REPO).parts) for top in (*MAY_IMPORT, "configs")
+               for p in (REPO / top).rglob("*.py")}
+    assert folders and folders <= found, sorted(folders - found)

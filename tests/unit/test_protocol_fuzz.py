@@ -106,7 +106,8 @@ def _stage_record(draw):
                           num_stages=num_stages, state=draw(st.sampled_from(STAGE_STATES)),
                           throughput=draw(finite), progress=draw(u63), basis=draw(text), corpus=draw(text),
                           codecs=draw(st.lists(text, max_size=5)), timestamp=draw(finite),
-                          reachable=draw(st.sampled_from(pm.REACHABILITY)))
+                          reachable=draw(st.sampled_from(pm.REACHABILITY)),
+                          val_loss=draw(st.floats(0.0, pm.MAX_LOSS)), val_loss_at=draw(finite))
 
 
 BUILDERS = {
@@ -115,6 +116,8 @@ BUILDERS = {
         run_id=draw(text), microbatch_id=draw(u63), stage=draw(u63), step=draw(u63), codec=draw(float_codec),
         grad=_floats(draw, tuple(draw(st.lists(st.integers(0, 6), min_size=3, max_size=3)))),
         loss=draw(st.none() | finite)),
+    "eval_result": lambda draw: pm.EvalResult(run_id=draw(run_ids), microbatch_id=draw(u63), stage=draw(u63),
+                                              loss=draw(st.floats(0.0, pm.MAX_LOSS)), tokens=draw(u63)),
     "fragment_request": lambda draw: pm.FragmentRequest(run_id=draw(text), stage=draw(u63),
                                                         round_id=draw(u63), fragment_id=draw(u63)),
     "fragment_part": _fragment_part,

@@ -40,6 +40,7 @@ from protocol.messages import (
     DialbackReply,
     DialbackRequest,
     ErrorReply,
+    EvalResult,
     FragmentPart,
     FragmentRequest,
     GradientFrame,
@@ -90,6 +91,7 @@ EXAMPLES = {
     "gradient": lambda: GradientFrame(
         run_id="run-7", microbatch_id=123_456, stage=2, grad=torch.randn(2, 5, 16, generator=_gen(4)) * 1e-3,
         codec="fp32", loss=2.53125, step=99),
+    "eval_result": lambda: EvalResult(run_id="run-7", microbatch_id=123_456, stage=3, loss=2.25, tokens=640),
     "fragment_request": lambda: FragmentRequest(run_id="run-7", stage=1, round_id=12, fragment_id=3),
     "fragment_part": lambda: FragmentPart(
         run_id="run-7", stage=1, round_id=12, fragment_id=3, part=1, num_parts=3, offset=2000,
