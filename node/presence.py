@@ -54,7 +54,7 @@ class SwarmPresence:
             addrs=ctx.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None else {}),
             tokens_per_s=round(max(0.0, self._record_rate.update(ctx.metrics.totals()["tokens"])), 3),
             loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(ctx.run_id, ctx.peer_id),
-            reachable=ctx.services.reachable(), **self._val_loss_fields(),
+            reachable=ctx.services.reachable(), **self._val_loss_fields(host),
         )
         try:
             expiry = ctx.cfg.swarm.record_expiry_s
@@ -67,10 +67,10 @@ class SwarmPresence:
         if not stored:  # hivemind reports "no peer accepted it" by returning False
             ctx.metrics.dht_failures_total.labels(op="store").inc()
 
-    def _val_loss_fields(self) -> dict[str, float]:
-        """A stage-0 driver's latest validation measurement, for its record (1.4)."""
-        pipeline = self.ctx.services.pipeline
-        latest = pipeline.latest_val_loss() if pipeline is not None else None
+    @staticmethod
+    def _val_loss_fields(host: StageHost) -> dict[str, float]:
+        """This node's latest validation measurement, for its record (1.4)."""
+        latest = host.latest_val_loss()
         return {} if latest is None else {"val_loss": round(latest[1], 5), "val_loss_at": round(latest[0], 3)}
 
     def read(self) -> dict[int, list[StageRecord]]:

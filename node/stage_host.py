@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from node.config import RunConfig
 from node.context import NodeContext
-from node.data import BatchSampler, load_corpus
+from node.data import BatchSampler, load_corpus, validation_batches
 from node.stage_download import StageDownloader, StageUnavailable  # noqa: F401 (raised by open)
 from node.stage_store import StageStore
 
@@ -31,6 +33,7 @@ class StageHost:
         self.ctx, self.store, self.stage = ctx, store, store.stage
         self.throughput = throughput  # microbatches per second (measured; an EMA while training with S = 1)
         self.trainer = ReplicaTrainer(store, ctx.cfg, throughput)  # used with one stage only
+        self.trainer.on_val_loss = ctx.metrics.pipeline_val_loss
         self.losses: collections.deque[list[float]] = collections.deque(maxlen=4096)  # (unix time, loss), S = 1
         self._trainer: threading.Thread | None = None
         self._stop_training = threading.Event()
@@ -144,8 +147,18 @@ class StageHost:
         if self.losses:
             trainer = self.trainer
             out["train"] = {"recent_losses": list(self.losses)[-512:], "started_at": trainer.started_at,
-                            "compute_s": round(trainer.compute_s, 3), "tokens": trainer.tokens_trained}
+                            "compute_s": round(trainer.compute_s, 3), "tokens": trainer.tokens_trained,
+                            "val_losses": [[round(t, 3), round(v, 5), tags] for t, v, tags in list(trainer.val_losses)]}
         return out
+
+    def latest_val_loss(self) -> tuple[float, float] | None:
+        """(wall time, loss) of this node's latest validation measurement (a pipeline's stage-0 driver, or a
+        whole-model replica), or None."""
+        pipeline = self.ctx.services.pipeline
+        if pipeline is not None:
+            return pipeline.latest_val_loss()
+        measured = self.trainer.val_losses
+        return measured[-1][:2] if measured else None
 
 
 class ReplicaTrainer:
@@ -161,15 +174,21 @@ class ReplicaTrainer:
         self.last_step_s = 0.0
         self.tokens_trained = 0  # tokens of the steps taken
         self.started_at: float | None = None  # unix time the first step began
+        # (wall time, loss, [agreed-state tag]) of its validation measurements on the agreed weights
+        self.val_losses: collections.deque[tuple[float, float, list[str]]] = collections.deque(maxlen=256)
+        self._next_eval = 0.0  # monotonic time of the next measurement
+        self.on_val_loss: Callable[[float], None] | None = None  # the metric
 
     def run(self, halt: Callable[[], bool], on_step: Callable[[int, float], None] | None = None) -> None:
         """Train until ``train.steps`` or ``halt()``; stops only at step boundaries. ``on_step(step, loss)``."""
         cfg, t, store = self.cfg, self.cfg.train, self.store
         corpus = load_corpus(cfg.data)
         sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
+        val = validation_batches(corpus.val, t.seq_len, t.batch_size, cfg.dataplane.eval_batches)
         if store.data_position is None:
             store.data_position = store.progress * t.grad_accum
         while not halt() and store.progress < t.steps:
+            self._maybe_evaluate(val)
             start = time.perf_counter()
             self.started_at = self.started_at or time.time()
             with store.lock:
@@ -189,3 +208,20 @@ class ReplicaTrainer:
             store.maybe_checkpoint()
         if store.progress >= t.steps:
             logger.info("reached train.steps=%d; serving without training", t.steps)
+
+    def _maybe_evaluate(self, batches: list[torch.Tensor]) -> None:
+        """Every ``dataplane.eval_every_s``: the validation loss of the agreed weights (the outer loop's global
+        copies; this replica's own without replica sync), as a pipeline's stage-0 driver measures it."""
+        every = self.cfg.dataplane.eval_every_s
+        if every <= 0 or time.monotonic() < self._next_eval:
+            return
+        self._next_eval = time.monotonic() + every
+        engine = self.store.engine
+        with self.store.lock:
+            tag = engine.outer.agreed_tag() if engine.outer is not None else ""
+            losses = [float(engine.infer(batch, None, agreed=True)) for batch in batches]
+        loss = sum(losses) / len(losses)  # equal windows: the token-weighted mean
+        self.val_losses.append((time.time(), loss, [tag]))
+        if self.on_val_loss is not None:
+            self.on_val_loss(loss)
+        logger.info("validation loss %.4f on the agreed weights (%d windows)", loss, sum(len(b) for b in batches))

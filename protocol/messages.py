@@ -51,28 +51,10 @@ from protocol.schema import (
 from protocol.tensors import WireLimits
 
 __all__ = [
-    "MESSAGE_KINDS",
-    "PROTOCOL_VERSION",
-    "ActivationFrame",
-    "DialbackReply",
-    "DialbackRequest",
-    "ErrorReply",
-    "EvalResult",
-    "FragmentPart",
-    "FragmentRequest",
-    "GradientFrame",
-    "GroupRoster",
-    "Message",
-    "RunRecord",
-    "SliceSummary",
-    "StageRecord",
-    "StateChunk",
-    "StateChunkRequest",
-    "StateEntry",
-    "StateManifest",
-    "StateRequest",
-    "decode_message",
-    "encode_message",
+    "MESSAGE_KINDS", "PROTOCOL_VERSION", "ActivationFrame", "DialbackReply", "DialbackRequest", "ErrorReply",
+    "EvalResult", "FragmentPart", "FragmentRequest", "GradientFrame", "GroupRoster", "Message", "RunRecord",
+    "SliceSummary", "StageRecord", "StateChunk", "StateChunkRequest", "StateEntry", "StateManifest",
+    "StateRequest", "decode_message", "encode_message",
 ]
 
 STAGE_STATES = ("joining", "online", "offline")
@@ -81,8 +63,7 @@ MAX_DIALBACK_PORTS = 4
 MAX_TOKENS_PER_S = 1e9  # a stage record's announced rate; larger ones are refused (not summed into views)
 MAX_LOSS = 1e4
 MAX_WEIGHT = 1e12  # a contribution's weight (e.g. tokens trained); larger ones are refused
-MAX_STATE_NDIM = 8
-MAX_STATE_DIM = 1 << 40
+MAX_STATE_NDIM, MAX_STATE_DIM = 8, 1 << 40  # a state entry's dimensions, and the size of each
 STATE_PARTS = ("all", "consensus")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 _HEX = re.compile(r"[0-9a-f]*")
@@ -145,24 +126,21 @@ class GradientFrame(Message):
 
 @message("eval_result")
 class EvalResult(Message):
-    """The loss of an evaluation microbatch: an :class:`ActivationFrame` sent on the evaluation handler
-    runs forward only, on each stage's agreed weights, and the last stage's loss comes back along its route."""
+    """The loss of an evaluation microbatch (an ActivationFrame on the evaluation handler: forward only, on
+    each stage's agreed weights), back along its route; each stage puts its agreed-state tag in front."""
 
     run_id: str
     microbatch_id: int
     stage: int  # the scoring (last) stage
     loss: float  # mean next-token loss of the microbatch (nats per token)
     tokens: int  # tokens scored
-    # The tag of the agreed state each stage from the answering one to the last scored it with (each
-    # stage puts its own in front as the result travels back): what a measurement is comparable on.
-    agreed: list[str] = dataclasses.field(default_factory=list)
+    agreed: list[str] = dataclasses.field(default_factory=list)  # agreed-state tag of each stage, answerer first
 
     def check(self, limits: WireLimits) -> None:
         check_run_id(self.run_id, "EvalResult")
-        if len(self.agreed) > 1024 or any(len(tag) > 64 for tag in self.agreed):
-            raise MalformedMessage("EvalResult: at most 1024 agreed-state tags of at most 64 characters")
-        if not 0.0 <= self.loss <= MAX_LOSS:
-            raise MalformedMessage(f"EvalResult: loss {self.loss!r} is outside 0..{MAX_LOSS:g}")
+        if not 0.0 <= self.loss <= MAX_LOSS or len(self.agreed) > 1024 or any(len(t) > 64 for t in self.agreed):
+            raise MalformedMessage(f"EvalResult: loss {self.loss!r} outside 0..{MAX_LOSS:g}, or over 1024 agreed-state "
+                                   "tags, or one over 64 characters")
 
 
 @message("fragment_request")
@@ -384,8 +362,7 @@ class StageRecord(Message):
     # 1.2: can peers open connections to this one? "public" (a peer's fresh dial reached its port),
     # "private" (peers answered, none reached it: behind NAT or a firewall), "" (not known).
     reachable: str = ""
-    # 1.4: the swarm's validation loss as this stage-0 driver last measured it (evaluation microbatches
-    # through every stage on the agreed weights; 0 = none yet), and when (sender's wall clock).
+    # 1.4: this stage-0 driver's latest validation loss on the agreed weights (0 = none yet), and its time.
     val_loss: float = 0.0
     val_loss_at: float = 0.0
 

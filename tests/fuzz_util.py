@@ -33,6 +33,7 @@ from protocol.framing import FRAME_FORMAT, MAGIC, PREFIX_BYTES, encode_frame, pa
 from protocol.messages import (
     ActivationFrame,
     ErrorReply,
+    EvalResult,
     FragmentPart,
     GradientFrame,
     Message,
@@ -347,6 +348,7 @@ class PipelineTarget:
     width: int
     max_seq_len: int
     max_batch: int = 4096
+    evaluate: bool = False  # the evaluation handler: same checks, an EvalResult for what it serves
 
     def rule(self, msg: Message) -> Expect:
         def refused(code: str) -> Expect:
@@ -368,6 +370,8 @@ class PipelineTarget:
         if len(msg.route) != msg.stage + 1:
             return refused("route")
         # Served: a gradient, or a refusal for load (busy, expired) or a non-finite loss of our own.
+        if self.evaluate:  # nothing is stashed, so no duplicate
+            return Expect(codes=frozenset({"busy", "expired", "loss"}), ok=(EvalResult,))
         return Expect(codes=frozenset({"busy", "expired", "loss", "duplicate"}), ok=(GradientFrame,))
 
 

@@ -15,7 +15,8 @@ the model's widths. The compute itself is the node's (``node.pipeline.PipelineCo
 plane only needs the duck type :class:`StageCompute`. Docs: docs/pipeline.md.
 
 - ``swarm.dataplane.config``  ``DataplaneConfig`` (the ``[dataplane]`` section), ``ScaleGuard`` (the
-  outlier check on received tensors), ``HANDLER``, ``REFUSAL_CODES`` and the limits the roles share.
+  outlier check on received tensors), ``HANDLER``, ``EVAL_HANDLER`` (evaluation microbatches),
+  ``REFUSAL_CODES`` and the limits the roles share.
 - ``swarm.dataplane.state``   ``PlaneState``: what the roles share (the attached ``StageCompute``, the
   router, microbatch ids, counters, byte counting); ``PipelineEvents``, the metric hooks.
 - ``swarm.dataplane.serve``   ``HopServer``: the handler; validates, refuses with codes, strikes and
@@ -27,7 +28,7 @@ plane only needs the duck type :class:`StageCompute`. Docs: docs/pipeline.md.
 - ``swarm.dataplane.plane``   ``DataPlane``: this node's end of the pipeline, composing the three roles.
 """
 
-from swarm.dataplane.config import HANDLER, REFUSAL_CODES, DataplaneConfig, ScaleGuard
+from swarm.dataplane.config import EVAL_HANDLER, HANDLER, REFUSAL_CODES, DataplaneConfig, ScaleGuard
 from swarm.dataplane.drive import MicrobatchDriver
 from swarm.dataplane.plane import DataPlane
 from swarm.dataplane.send import HopFailed, HopSender
@@ -35,6 +36,7 @@ from swarm.dataplane.serve import HopServer
 from swarm.dataplane.state import PipelineEvents, PlaneState, StageCompute
 
 __all__ = [
+    "EVAL_HANDLER",
     "HANDLER",
     "REFUSAL_CODES",
     "DataPlane",

@@ -50,7 +50,8 @@ class DataplaneConfig:
     )
     eval_every_s: float = setting(
         120.0, "A stage-0 node measures the swarm's validation loss this often (seconds): eval_batches forward-only "
-        "microbatches of the validation split through every stage, on the agreed weights. 0 = never."
+        "microbatches of the validation split through every stage, on the agreed weights (a whole-model replica, "
+        "S = 1, scores them itself). 0 = never."
     )
     eval_batches: int = setting(
         4, "Validation microbatches per measurement (train.batch_size windows of train.seq_len tokens each; the "

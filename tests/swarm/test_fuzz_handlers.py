@@ -1,5 +1,6 @@
-"""Fuzzing every P2P stream handler the daemon registers: the pipeline (swarm/dataplane/), the
-fragment exchange (swarm/exchange/star.py) and the state server (swarm/state_transfer.py).
+"""Fuzzing every P2P stream handler the daemon registers: the pipeline's training and evaluation
+handlers (swarm/dataplane/), the fragment exchange (swarm/exchange/star.py) and the state server
+(swarm/state_transfer.py).
 
 The harness is tests/fuzz_util.py: seeded cases (random bytes, framing damage, oversize prefixes,
 wrong versions, dtypes, shapes, codecs and field types, non-finite tensors, out-of-range ids and
@@ -46,6 +47,7 @@ from protocol.messages import (
 )
 from protocol.streams import PeerStrikes, request
 from protocol.tensors import WireConfig, WireLimits
+from swarm.dataplane import EVAL_HANDLER as PIPELINE_EVAL
 from swarm.dataplane import HANDLER as PIPELINE
 from swarm.dataplane import DataPlane, DataplaneConfig, PipelineEvents
 from swarm.exchange import HANDLER as EXCHANGE
@@ -91,6 +93,9 @@ class _Stage:
 
     async def forward_backward_last(self, ids, boundary):
         return 1.0, torch.zeros_like(boundary)
+
+    async def evaluate(self, ids, boundary):
+        return torch.tensor(1.5), "t" * 16
 
     def drop(self, key) -> bool:
         return False
@@ -171,6 +176,7 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
         assert isinstance(manifest, StateManifest)
 
         pipe = PipelineTarget(RUN, 2, _Stage.basis, WIDTH, MAX_SEQ)
+        pipe_eval = PipelineTarget(RUN, 2, _Stage.basis, WIDTH, MAX_SEQ, evaluate=True)
         st = StateTarget(RUN, 1, {manifest.digest: len(manifest.chunk_sha256)})
         checker = FragmentExchange(None, me, RUN, 0, SIZES, config, "e3m0", limits)
         peers = [me, you]
@@ -182,6 +188,8 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
         runs = [
             ("pipeline", PIPELINE, pipeline_corpus(rng, pipe, you, VOCAB, large=True),
              lambda c: serve_oracle(c, node_limits, pipe.rule)),
+            ("pipeline_eval", PIPELINE_EVAL, pipeline_corpus(rng, pipe_eval, you, VOCAB),
+             lambda c: serve_oracle(c, node_limits, pipe_eval.rule)),
             ("state", STATE, state_corpus(rng, st, manifest.digest, large=True),
              lambda c: serve_oracle(c, limits, st.rule)),
             ("exchange", EXCHANGE, exchange_corpus(rng, RUN, 0, SIZES, 256, (fragment, mine), large=True),
@@ -193,6 +201,8 @@ def test_every_handler_answers_every_case_as_the_oracle_says():
                                                  held_timeout=config.timeout_s + 5)
             problems += [f"{name}: {p}" for p in found]
         assert not problems, "\n".join(problems[:40])
+        assert served.plane.stats["eval_served"] >= 4
+        seen["pipeline"] += seen.pop("pipeline_eval")  # one data plane counts both handlers' errors
 
         await _assert_counted_once(served, seen)
         for name in seen:

@@ -35,6 +35,8 @@ def test_replicas_average_fragments_survive_a_killed_replica_and_a_joiner_contri
     # The joiner synced the stage's state and schedule, then contributed to later rounds.
     assert per_node.get("4", 0) >= 1, per_node
     assert s["outer_parts_rejected"] == 0
+    # The validation loss of the agreed weights (each replica every 15 s here): it falls as rounds land.
+    assert s["val_measurements"] >= 8 and s["val_loss_end"] < s["val_loss_start"] - 0.5, s.get("val_loss_curve")
 
     # Bandwidth: 4-bit parts of one fragment per round, far below data parallel's 4 bytes per
     # parameter per step (fp32 gradients from every replica every step).

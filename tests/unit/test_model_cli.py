@@ -58,3 +58,19 @@ def test_the_commands_refuse_with_one_error_line(checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m")]) == 0
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "", "--device", "cpu"]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_eval_and_generate_on_cuda_match_the_cpu(checkpoint, tmp_path, capsys):
+    """bench/gpu.py runs this (`pytest -m cuda`): the same export scored on the GPU (bf16 autocast) and the CPU."""
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--format", "hf"]) == 0
+    capsys.readouterr()
+    losses = {}
+    for device in ("cpu", "cuda"):
+        assert main(["eval", "--model", str(tmp_path / "m"), "--device", device]) == 0
+        losses[device] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_loss"]
+    assert abs(losses["cuda"] - losses["cpu"]) < 0.02 * losses["cpu"], losses
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--max-new-tokens", "8", "--device",
+                 "cuda", "--json", "--seed", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"]) == 8
