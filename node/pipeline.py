@@ -300,8 +300,11 @@ class PipelineRole:
                 corpus = load_corpus(self.cfg.data)
                 self._sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, self.cfg.data)
                 # The swarm's validation loss is measured on these fixed windows (dataplane.eval_*).
-                self._val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size,
-                                                       self.cfg.dataplane.eval_batches)
+                try:
+                    self._val_batches = validation_batches(corpus.val, t.seq_len, t.batch_size,
+                                                           self.cfg.dataplane.eval_batches)
+                except ConfigError as exc:  # a validation split too small for one window
+                    logger.warning("no validation measurements: %s", exc)
                 # The data position: a checkpoint's (windows drawn before it, even those whose step
                 # never completed, are not drawn again), else where the progress puts it.
                 self._drawn = max(compute.work.progress * t.grad_accum, compute.work.data_position or 0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from node.config import RunConfig
+from node.config import ConfigError, RunConfig
 from node.context import NodeContext
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.stage_download import StageDownloader, StageUnavailable  # noqa: F401 (raised by open)
@@ -184,7 +184,7 @@ class ReplicaTrainer:
         cfg, t, store = self.cfg, self.cfg.train, self.store
         corpus = load_corpus(cfg.data)
         sampler = BatchSampler.from_config(corpus.train, t.seq_len, t.batch_size, cfg.data)
-        val = validation_batches(corpus.val, t.seq_len, t.batch_size, cfg.dataplane.eval_batches)
+        val = self._validation(corpus.val)
         if store.data_position is None:
             store.data_position = store.progress * t.grad_accum
         while not halt() and store.progress < t.steps:
@@ -209,11 +209,22 @@ class ReplicaTrainer:
         if store.progress >= t.steps:
             logger.info("reached train.steps=%d; serving without training", t.steps)
 
+    def _validation(self, tokens) -> list[torch.Tensor]:
+        """The fixed validation microbatches (none when measuring is off or the split is too small: said once)."""
+        t, every = self.cfg.train, self.cfg.dataplane.eval_every_s
+        if every <= 0:
+            return []
+        try:
+            return validation_batches(tokens, t.seq_len, t.batch_size, self.cfg.dataplane.eval_batches)
+        except ConfigError as exc:
+            logger.warning("no validation measurements: %s", exc)
+            return []
+
     def _maybe_evaluate(self, batches: list[torch.Tensor]) -> None:
         """Every ``dataplane.eval_every_s``: the validation loss of the agreed weights (the outer loop's global
         copies; this replica's own without replica sync), as a pipeline's stage-0 driver measures it."""
         every = self.cfg.dataplane.eval_every_s
-        if every <= 0 or time.monotonic() < self._next_eval:
+        if not batches or time.monotonic() < self._next_eval:
             return
         self._next_eval = time.monotonic() + every
         engine = self.store.engine

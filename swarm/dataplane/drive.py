@@ -66,10 +66,10 @@ class MicrobatchDriver:
             try:
                 out, tag = await compute.evaluate(ids, None)
                 result = await self.sender.send_eval(out, ids, [], compute, deadline)
-            except HopFailed as exc:
+            except Exception as exc:  # a hop failed (HopFailed), or this stage's compute went (a stage change)
                 state.stats["eval_failed"] += 1
                 state.events.pipeline_eval("failed")
-                logger.info("validation measurement abandoned: [%s] %s", exc.code, exc)
+                logger.info("validation measurement abandoned: [%s] %s", getattr(exc, "code", type(exc).__name__), exc)
                 return None
             total += result.loss * result.tokens
             tokens += result.tokens

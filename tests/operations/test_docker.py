@@ -374,10 +374,14 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
 
 
 def test_build_context_holds_the_package_and_nothing_heavy() -> None:
+    from setuptools import find_packages
+
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
+    packages = find_packages(str(REPO), include=PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
+    assert "swarm.exchange" in packages  # what `pip install .` in the image ships
     needed = ["pyproject.toml", PYPROJECT["project"]["readme"], "node/cli.py", "configs/swarm/tiny.toml",
-              *(f"{pkg.replace('.', '/')}/__init__.py" for pkg in PYPROJECT["tool"]["setuptools"]["packages"])]
+              *(f"{pkg.replace('.', '/')}/__init__.py" for pkg in packages)]
     for path in needed:
         assert (REPO / path).is_file(), path
         assert not _dockerignore_excludes(patterns, path), f".dockerignore leaves out {path}"
