@@ -33,7 +33,7 @@ def node_health(d) -> dict[str, Any]:
         "maddrs": dht.visible_maddrs() if dht and dht.online else [],
         "run_id": d.run_id or None,
         "num_stages": d.cfg.pipeline.num_stages,
-        "stage": None, "progress": 0, "resumed_from": None, "throughput": 0.0,
+        "stage": None, "progress": 0, "resumed_from": None, "saved_step": None, "throughput": 0.0,
         **(host.health() if host is not None else {}),
         "device": device_memory(d.device),
         "uptime_s": round(time.monotonic() - d.started, 3),

@@ -139,7 +139,7 @@ class StageHost:
         """This stage's part of /health."""
         store, services = self.store, self.ctx.services
         out: dict[str, Any] = {"stage": self.stage, "progress": store.progress, "resumed_from": store.resumed_from,
-                               "throughput": self.throughput}
+                               "saved_step": store.saved_step, "throughput": self.throughput}
         if services.pipeline is not None:
             out["pipeline"] = services.pipeline.health()
         if services.sync is not None:

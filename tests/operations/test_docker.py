@@ -104,6 +104,16 @@ def healthcheck_argv(path: Path) -> list[str]:
     return exec_form(command)
 
 
+def arg_default(path: Path, value: str) -> str:
+    """``value``, or the default of the build argument it names (``${NAME}``) as the file declares it."""
+    m = re.fullmatch(r"\$\{(\w+)\}", value)
+    if m is None:
+        return value
+    defaults = [rest.split("=", 1)[1] for _, rest in only(path, "ARG") if rest.startswith(f"{m.group(1)}=")]
+    assert len(defaults) == 1, f"{path.name}: build argument {m.group(1)} needs exactly one default"
+    return defaults[0]
+
+
 def env_vars(path: Path) -> dict[str, str]:
     out = {}
     for _, rest in only(path, "ENV"):
@@ -266,7 +276,7 @@ def test_compose_node_commands_parse() -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_healthcheck_targets_health_on_the_metrics_port(dockerfile: Path) -> None:
     argv = healthcheck_argv(dockerfile)
-    assert argv[0] == "python"  # on PATH in python:3.11-slim; the slim image has no curl
+    assert argv[0] == "python"  # the venv's, first on PATH; the slim image has no curl
     urls = re.findall(r"https?://[^'\"\s]+", " ".join(argv))
     assert len(urls) == 1, urls
     url = urllib.parse.urlsplit(urls[0])
@@ -336,8 +346,8 @@ def test_exposes_the_p2p_and_metrics_ports(dockerfile: Path) -> None:
 def test_torch_pinned_first_on_python_311(dockerfile: Path) -> None:
     froms = only(dockerfile, "FROM")
     assert len(froms) == 1
-    image = froms[0][1].split()[0]
-    m = re.fullmatch(r"python:(3)\.(\d+)(?:\.\d+)?-slim(?:-\w+)?", image)
+    image = arg_default(dockerfile, froms[0][1].split()[0])
+    m = re.fullmatch(r"(?:docker\.io/library/)?python:(3)\.(\d+)(?:\.\d+)?-slim(?:-\w+)?", image)
     assert m and (m.group(1), m.group(2)) == ("3", "11"), image
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains("3.11")
     pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
@@ -347,11 +357,11 @@ def test_torch_pinned_first_on_python_311(dockerfile: Path) -> None:
     assert torch_at, f"no `pip install ... {pin}`"
     assert package_at and torch_at[0] < package_at[0], "torch must be installed before the package"
     index = re.search(r"--index-url\s+(\S+)", runs[[i for i, _ in runs].index(torch_at[0])][1]).group(1)
-    if index.startswith('"${'):
-        arg = index.strip('"${}')
-        index = next(rest.split("=", 1)[1] for _, rest in only(dockerfile, "ARG") if rest.startswith(f"{arg}="))
-    expected = "/whl/cpu" if dockerfile.name == "Dockerfile" else "/whl/cu"
-    assert index.startswith("https://download.pytorch.org/whl/") and expected in index, index
+    index = arg_default(dockerfile, index.strip('"'))
+    if dockerfile.name == "Dockerfile":
+        assert index == "https://download.pytorch.org/whl/cpu", index
+    else:  # PyPI's torch for Linux x86_64 is a CUDA build (docker/smoke.sh --cuda built it), or a CUDA index
+        assert index == "https://pypi.org/simple" or index.startswith("https://download.pytorch.org/whl/cu"), index
 
 
 # --- build context -----------------------------------------------------------------------------------
@@ -433,8 +443,8 @@ def test_prometheus_scrapes_every_node_service() -> None:
     doc = compose()
     nodes = set(node_services(doc))
     (prom_name, prom), = [(n, s) for n, s in doc["services"].items() if str(s.get("image", "")).startswith(
-        "prom/prometheus:")]
-    assert re.fullmatch(r"prom/prometheus:v2\.\d+\.\d+", prom["image"]), "pin a v2.x tag"
+        "docker.io/prom/prometheus:")]  # fully qualified: podman resolves no short names by default
+    assert re.fullmatch(r"docker\.io/prom/prometheus:v2\.\d+\.\d+", prom["image"]), "pin a v2.x tag"
     mounts = {target: source for source, target, _ in bind_mounts(prom)}
     assert (COMPOSE.parent / mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS_YML
     jobs = _prometheus_yml()["scrape_configs"]
@@ -451,9 +461,10 @@ def test_prometheus_scrapes_every_node_service() -> None:
 def test_grafana_wiring() -> None:
     doc = compose()
     (graf_name, graf), = [(n, s) for n, s in doc["services"].items()
-                          if str(s.get("image", "")).startswith("grafana/grafana")]
-    (prom_name,) = [n for n, s in doc["services"].items() if str(s.get("image", "")).startswith("prom/prometheus:")]
-    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", graf["image"]), "pin a tag"
+                          if str(s.get("image", "")).startswith("docker.io/grafana/grafana")]
+    (prom_name,) = [n for n, s in doc["services"].items()
+                    if str(s.get("image", "")).startswith("docker.io/prom/prometheus:")]
+    assert re.fullmatch(r"docker\.io/grafana/grafana(-oss)?:\d+\.\d+\.\d+", graf["image"]), "pin a tag"
     mounts = {target: (COMPOSE.parent / source).resolve() for source, target, _ in bind_mounts(graf)}
     assert mounts["/etc/grafana/provisioning"] == DOCKER / "grafana/provisioning"
     assert mounts["/var/lib/grafana/dashboards"] == DOCKER / "grafana/dashboards"
