@@ -243,34 +243,11 @@ def dashboard_query(title: str) -> str:
 
 # --- the smoke ----------------------------------------------------------------------------------------
 
-class Smoke:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.result: dict[str, Any] = {"joiners": args.joiners, **git_commit()}
-        args.cache.mkdir(parents=True, exist_ok=True)
-        self.logdir = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
-        self.result["log_dir"] = str(self.logdir)
-        env = dict(os.environ)
-        if "CONTAINERS_CONF" not in env:
-            env["CONTAINERS_CONF"] = str(self._containers_conf())
-        self.run = Runner(self.logdir / "commands.log", env)
-        self.compose_cmd = [podman_compose() or "podman-compose", "-p", PROJECT, "-f", str(COMPOSE),
-                            "-f", str(self.logdir / "compose.smoke.yaml")]
-        self.ports = {"BOOTSTRAP_METRICS_PORT": free_port(), "PROMETHEUS_PORT": free_port(),
-                      "GRAFANA_PORT": free_port()}
-        self.anonymous_volumes: set[str] = set()
+class Images:
+    """The base, Prometheus and node images (and Grafana's, when it can be had)."""
 
-    def _containers_conf(self) -> Path:
-        """No default ulimits (setting RLIMIT_NOFILE is refused in some sandboxes) and runc when installed
-        (crun fails on hybrid cgroups); CONTAINERS_CONF from the caller wins over this file."""
-        conf = self.args.cache / "containers.conf"
-        text = "[containers]\ndefault_ulimits = []\n"
-        if shutil.which("runc"):
-            text += '\n[engine]\nruntime = "runc"\n'
-        conf.write_text(text)
-        return conf
-
-    # images
+    def __init__(self, args: argparse.Namespace, run: Runner, logdir: Path, result: dict[str, Any]) -> None:
+        self.args, self.run, self.logdir, self.result = args, run, logdir, result
 
     def exists(self, image: str) -> bool:
         return self.run(["podman", "image", "exists", image], check=False).returncode == 0
@@ -351,6 +328,65 @@ class Smoke:
         return int(self.run.out(["podman", "image", "inspect", "--format", "{{.Size}}", tag]))
 
     # the stack
+
+    def make(self) -> tuple[str, str | None]:
+        """Every image the stack needs: (the Prometheus image, the Grafana image or None)."""
+        args = self.args
+        base = self.base_image()
+        prometheus = self.prometheus_image(base)
+        grafana = self.grafana_image()
+        wheels = find_torch_wheels(args.torch_wheels)
+        build_args = {"BASE_IMAGE": base}
+        volumes = []
+        if wheels is not None:  # the pinned CPU wheel from disk, its dependencies from PyPI
+            build_args.update(TORCH_INDEX="https://pypi.org/simple", TORCH_FIND_LINKS="/wheels")
+            volumes.append(f"{wheels}:/wheels:ro")
+        self.result["torch_source"] = str(wheels) if wheels else "https://download.pytorch.org/whl/cpu"
+        say(f"building {IMAGE_TAG} from docker/Dockerfile")
+        self.result["build_s"] = self.build("Dockerfile", IMAGE_TAG, build_args, volumes)
+        self.result["image_bytes"] = self.image_bytes(IMAGE_TAG)
+        say(f"built in {self.result['build_s']} s, {self.result['image_bytes'] / 2**30:.2f} GiB")
+        if args.cuda:
+            say(f"building {CUDA_TAG} from docker/Dockerfile.cuda (torch from {args.cuda_index})")
+            self.result["cuda_build_s"] = self.build("Dockerfile.cuda", CUDA_TAG,
+                                                     {"BASE_IMAGE": base, "TORCH_INDEX": args.cuda_index}, [])
+            self.result["cuda_image_bytes"] = self.image_bytes(CUDA_TAG)
+            probe = ("import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())")
+            torch_v, cuda_v, visible = self.run.out(["podman", "run", "--rm", "--entrypoint", "python", CUDA_TAG,
+                                                     "-c", probe]).split()[-3:]
+            self.result.update(cuda_torch=torch_v, cuda_runtime=cuda_v, cuda_gpu_visible=visible == "True")
+        return prometheus, grafana
+
+
+class Smoke:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.result: dict[str, Any] = {"joiners": args.joiners, **git_commit()}
+        args.cache.mkdir(parents=True, exist_ok=True)
+        self.logdir = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
+        self.result["log_dir"] = str(self.logdir)
+        env = dict(os.environ)
+        if "CONTAINERS_CONF" not in env:
+            env["CONTAINERS_CONF"] = str(self._containers_conf())
+        self.run = Runner(self.logdir / "commands.log", env)
+        self.compose_cmd = [podman_compose() or "podman-compose", "-p", PROJECT, "-f", str(COMPOSE),
+                            "-f", str(self.logdir / "compose.smoke.yaml")]
+        self.ports = {"BOOTSTRAP_METRICS_PORT": free_port(), "PROMETHEUS_PORT": free_port(),
+                      "GRAFANA_PORT": free_port()}
+        self.anonymous_volumes: set[str] = set()
+        self.images = Images(args, self.run, self.logdir, self.result)
+
+    def _containers_conf(self) -> Path:
+        """No default ulimits (setting RLIMIT_NOFILE is refused in some sandboxes) and runc when installed
+        (crun fails on hybrid cgroups); CONTAINERS_CONF from the caller wins over this file."""
+        conf = self.args.cache / "containers.conf"
+        text = "[containers]\ndefault_ulimits = []\n"
+        if shutil.which("runc"):
+            text += '\n[engine]\nruntime = "runc"\n'
+        conf.write_text(text)
+        return conf
+
+    # images
 
     def compose(self, *argv: str, timeout: float = 900) -> None:
         self.run(self.compose_cmd + list(argv), timeout=timeout)
@@ -523,29 +559,7 @@ class Smoke:
 
     def main(self) -> None:
         args = self.args
-        base = self.base_image()
-        prometheus = self.prometheus_image(base)
-        grafana = self.grafana_image()
-        wheels = find_torch_wheels(args.torch_wheels)
-        build_args = {"BASE_IMAGE": base}
-        volumes = []
-        if wheels is not None:  # the pinned CPU wheel from disk, its dependencies from PyPI
-            build_args.update(TORCH_INDEX="https://pypi.org/simple", TORCH_FIND_LINKS="/wheels")
-            volumes.append(f"{wheels}:/wheels:ro")
-        self.result["torch_source"] = str(wheels) if wheels else "https://download.pytorch.org/whl/cpu"
-        say(f"building {IMAGE_TAG} from docker/Dockerfile")
-        self.result["build_s"] = self.build("Dockerfile", IMAGE_TAG, build_args, volumes)
-        self.result["image_bytes"] = self.image_bytes(IMAGE_TAG)
-        say(f"built in {self.result['build_s']} s, {self.result['image_bytes'] / 2**30:.2f} GiB")
-        if args.cuda:
-            say(f"building {CUDA_TAG} from docker/Dockerfile.cuda (torch from {args.cuda_index})")
-            self.result["cuda_build_s"] = self.build("Dockerfile.cuda", CUDA_TAG,
-                                                     {"BASE_IMAGE": base, "TORCH_INDEX": args.cuda_index}, [])
-            self.result["cuda_image_bytes"] = self.image_bytes(CUDA_TAG)
-            probe = ("import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())")
-            torch_v, cuda_v, visible = self.run.out(["podman", "run", "--rm", "--entrypoint", "python", CUDA_TAG,
-                                                     "-c", probe]).split()[-3:]
-            self.result.update(cuda_torch=torch_v, cuda_runtime=cuda_v, cuda_gpu_visible=visible == "True")
+        prometheus, grafana = self.images.make()
         self.run.env["PROMETHEUS_IMAGE"] = prometheus
         try:
             self.up(grafana)
