@@ -323,6 +323,7 @@ def main() -> None:
         "rounds_skipped": summary.get("outer_rounds_skipped"),
         "microbatches_completed": last_progress,
         "microbatches_dropped": summary.get("microbatches_dropped"),
+        "dropped_by_reason": summary.get("dropped_by_reason"),
         "loss_start": summary.get("loss_start"),
         "loss_end": summary.get("loss_end"),
         "restarts": len(restarts),

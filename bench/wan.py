@@ -175,7 +175,8 @@ def pipeline_rows(link: LinkSpec | None, budget: int, deadline_s: float, mode: s
             "link_bytes_window": res["link_bytes_window"],
             "link_bytes_per_token": round(res["link_bytes_window"] / window_tokens, 1)
             if res["link_bytes_window"] and window_tokens else None,
-            "microbatches_dropped": res.get("microbatches_dropped"), "run_s": res["run_s"],
+            "microbatches_dropped": res.get("microbatches_dropped"), "dropped_by_reason": res.get("dropped_by_reason"),
+            "run_s": res["run_s"],
             "curve": [[round(t - res["curve"][0][0], 2), v] for t, v in res["curve"]] if res["curve"] else [],
         }
         log(f"  {row['tokens_per_s']} tok/s, time to loss: {row['time_to_loss_s']} s, "

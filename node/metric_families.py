@@ -45,7 +45,10 @@ BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0", "int2", "topk")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
 REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "other",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "other",
+)
+DROP_REASONS = (  # swarm.dataplane.DROP_REASONS plus "other"
+    "deadline", "no_route", "refused", "peer_lost", "stage_moved", "downstream", "error", "other",
 )
 OUTER_REJECT_REASONS = ("non_finite", "shape", "norm")
 OUTER_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -187,6 +190,9 @@ class NodeMetricFamilies:
             lambda: self._sent["dense"] / self._sent["bytes"] if self._sent["bytes"] else float("nan"))
         self.pipeline_refused_total = counter("pipeline_refused", "Pipeline frames this node refused, by reason.",
                                               "code", REFUSAL_CODES)
+        self.pipeline_dropped_total = counter(
+            "pipeline_dropped", "Microbatches a stage-0 node dropped, by why (every dropped one has one reason).",
+            "reason", DROP_REASONS)
         self.pipeline_hop_seconds = Histogram(
             "pipeline_hop_seconds", "Round trip of one hop to the next stage: its forward, the rest of the "
             "pipeline and the gradient back.", namespace=NAMESPACE, registry=self.registry,

@@ -32,6 +32,7 @@ from node.metric_families import (
     BOOTSTRAP_STATES,
     DHT_OPS,
     DOWNLOAD_RESULTS,
+    DROP_REASONS,
     EVAL_RESULTS,
     MICROBATCH_RESULTS,
     PIPELINE_DIRECTIONS,
@@ -214,6 +215,9 @@ class NodeMetrics(NodeMetricFamilies):
 
     def pipeline_refused(self, code: str) -> None:
         self.pipeline_refused_total.labels(_bounded(code, REFUSAL_CODES)).inc()
+
+    def pipeline_dropped(self, reason: str) -> None:
+        self.pipeline_dropped_total.labels(_bounded(reason, DROP_REASONS)).inc()
 
     def pipeline_hop(self, seconds: float) -> None:
         self.pipeline_hop_seconds.observe(seconds)

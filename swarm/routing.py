@@ -287,6 +287,11 @@ class Router:
     def _is_banned(state: _PeerState, now: float) -> bool:
         return state.banned_until is not None and now < state.banned_until
 
+    def routable(self) -> bool:
+        """Whether :meth:`choose` would find a peer now (a listed one not banned); it draws no random number."""
+        now = self._clock()
+        return any(not self._is_banned(self._states[p], now) for p in self._listed)
+
     def banned(self, peer_id: str) -> bool:
         """Whether ``peer_id`` is banned now (False for an unknown peer)."""
         state = self._states.get(peer_id)

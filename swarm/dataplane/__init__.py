@@ -16,7 +16,7 @@ plane only needs the duck type :class:`StageCompute`. Docs: docs/pipeline.md.
 
 - ``swarm.dataplane.config``  ``DataplaneConfig`` (the ``[dataplane]`` section), ``ScaleGuard`` (the
   outlier check on received tensors), ``HANDLER``, ``EVAL_HANDLER`` (evaluation microbatches),
-  ``REFUSAL_CODES`` and the limits the roles share.
+  ``REFUSAL_CODES``, ``DROP_REASONS`` (why stage 0 drops a microbatch) and the limits the roles share.
 - ``swarm.dataplane.state``   ``PlaneState``: what the roles share (the attached ``StageCompute``, the
   router, microbatch ids, counters, byte counting); ``PipelineEvents``, the metric hooks.
 - ``swarm.dataplane.serve``   ``HopServer``: the handler; validates, refuses with codes, strikes and
@@ -28,7 +28,14 @@ plane only needs the duck type :class:`StageCompute`. Docs: docs/pipeline.md.
 - ``swarm.dataplane.plane``   ``DataPlane``: this node's end of the pipeline, composing the three roles.
 """
 
-from swarm.dataplane.config import EVAL_HANDLER, HANDLER, REFUSAL_CODES, DataplaneConfig, ScaleGuard
+from swarm.dataplane.config import (
+    DROP_REASONS,
+    EVAL_HANDLER,
+    HANDLER,
+    REFUSAL_CODES,
+    DataplaneConfig,
+    ScaleGuard,
+)
 from swarm.dataplane.drive import MicrobatchDriver
 from swarm.dataplane.plane import DataPlane
 from swarm.dataplane.send import HopFailed, HopSender
@@ -36,6 +43,7 @@ from swarm.dataplane.serve import HopServer
 from swarm.dataplane.state import PipelineEvents, PlaneState, StageCompute
 
 __all__ = [
+    "DROP_REASONS",
     "EVAL_HANDLER",
     "HANDLER",
     "REFUSAL_CODES",

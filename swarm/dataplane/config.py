@@ -17,8 +17,14 @@ EVAL_HANDLER = "protoswarm.pipeline.eval.v1"
 DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route",
 )
+# Refusals that say "healthy, not ready yet": the sender waits BUSY_PAUSE_S and asks the same replica again
+# (within the microbatch's budget) instead of counting a failure. busy: its queue is full; no_route: a middle
+# stage that knows no replica of the stage after it yet (a node just online, or the next stage all banned).
+BACKPRESSURE = frozenset({"busy", "no_route"})
+# Why stage 0 dropped a microbatch (stats drop_reason_<reason>, protoswarm_pipeline_dropped_total{reason}).
+DROP_REASONS = ("deadline", "no_route", "refused", "peer_lost", "stage_moved", "downstream", "error")
 BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
 MAX_BATCH = 4096  # sequences in one received microbatch; more is refused as a malformed shape
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.

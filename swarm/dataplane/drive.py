@@ -114,15 +114,13 @@ class MicrobatchDriver:
             reply = await self.sender.send_forward(out, ids, [], compute, deadline)
             await compute.backward(key, reply.grad)
         except HopFailed as exc:
-            state.stats["microbatches_dropped"] += 1
-            state.stats[f"dropped_{exc.code}"] += 1
-            state.events.pipeline_microbatch("dropped")
-            logger.info("microbatch dropped: [%s] %s", exc.code, exc)
+            self._dropped(exc.reason, exc.code)
+            logger.info("microbatch dropped (%s): [%s] %s", exc.reason, exc.code, exc)
         except asyncio.CancelledError:
             raise
         except Exception:
-            state.stats["microbatches_dropped"] += 1
-            state.events.pipeline_microbatch("dropped")
+            # This stage's own compute failed: closed under it (the node moved to another stage), or a bug.
+            self._dropped("stage_moved" if state.compute is not compute else "error", "local")
             logger.exception("microbatch failed on this stage")
         else:
             state.stats["microbatches_ok"] += 1
@@ -131,3 +129,12 @@ class MicrobatchDriver:
         finally:
             compute.drop(key)
             slots.release()
+
+    def _dropped(self, reason: str, code: str) -> None:
+        """Count one dropped microbatch: in total, by the hop's failure code, and by reason."""
+        stats = self.state.stats
+        stats["microbatches_dropped"] += 1
+        stats[f"dropped_{code}"] += 1
+        stats[f"drop_reason_{reason}"] += 1
+        self.state.events.pipeline_microbatch("dropped")
+        self.state.events.pipeline_dropped(reason)

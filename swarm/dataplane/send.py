@@ -27,16 +27,32 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
-from swarm.dataplane.config import BUSY_PAUSE_S, EVAL_HANDLER, HANDLER, ScaleGuard
+from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, EVAL_HANDLER, HANDLER, ScaleGuard
 from swarm.dataplane.state import PlaneState, StageCompute
 
 
 class HopFailed(Exception):
-    """No replica of the next stage answered a microbatch within its budget and retries."""
+    """No replica of the next stage answered a microbatch within its budget and retries. ``code`` is how the
+    last try failed; ``reason`` is why the microbatch is lost, one of ``swarm.dataplane.config.DROP_REASONS``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str = "error") -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.reason = code, reason
+
+
+# The reason a hop's last failure gives a drop: its own code, and a refusal's code when the replica refused.
+_CODE_REASONS = {"expired": "deadline", "timeout": "deadline", "no_route": "no_route", "connection": "peer_lost",
+                 "bad_reply": "refused"}
+_REMOTE_REASONS = {"expired": "deadline", "busy": "deadline", "no_route": "no_route", "downstream": "downstream",
+                   "wrong_stage": "stage_moved", "no_stage": "stage_moved", "closed": "peer_lost",
+                   "internal": "peer_lost"}
+
+
+def drop_reason(code: str, remote: str | None) -> str:
+    """One of ``DROP_REASONS`` for a hop that failed with ``code`` (and the replica's refusal ``remote``)."""
+    if code == "remote":
+        return _REMOTE_REASONS.get(remote or "", "refused")
+    return _CODE_REASONS.get(code, "error")
 
 
 @dataclass
@@ -47,11 +63,12 @@ class _Attempts:
     busy: list[str] = field(default_factory=list)  # replicas that were full: healthy, worth another try after a pause
     code: str = "no_route"
     last: str = "no replica of the next stage is known"
+    remote: str | None = None  # the refusal's code, when the last try was refused
     failures: int = 0
     count: int = 0
 
-    def failed(self, code: str, last: str) -> None:
-        self.code, self.last = code, last
+    def failed(self, code: str, last: str, remote: str | None = None) -> None:
+        self.code, self.last, self.remote = code, last, remote
         self.failures += 1
 
 
@@ -94,7 +111,7 @@ class HopSender:
                 break
             peer = state.router.choose(exclude=hop.tried)
             if peer is None and hop.busy and remaining > BUSY_PAUSE_S + 0.05:
-                # Every replica left is full: that is backpressure, not failure. Wait and ask them again.
+                # Every replica left is full or not ready: backpressure, not failure. Wait and ask them again.
                 await asyncio.sleep(BUSY_PAUSE_S)
                 hop.tried = [p for p in hop.tried if p not in hop.busy]
                 hop.busy.clear()
@@ -109,7 +126,7 @@ class HopSender:
             reply = await self._attempt(peer, frame, compute, remaining, hop, handler)
             if reply is not None:
                 return reply
-        raise HopFailed(hop.code, hop.last)
+        raise HopFailed(hop.code, hop.last, drop_reason(hop.code, hop.remote))
 
     async def _attempt(self, peer: str, frame: ActivationFrame, compute: StageCompute, remaining: float,
                        hop: _Attempts, handler: str = HANDLER) -> GradientFrame | EvalResult | None:
@@ -122,13 +139,13 @@ class HopSender:
         try:
             reply, reply_bytes = await asyncio.wait_for(self._exchange(peer, body, handler), remaining)
         except RemoteError as exc:
-            soft = exc.remote_code in ("busy", "downstream", "expired")
+            soft = exc.remote_code in BACKPRESSURE or exc.remote_code in ("downstream", "expired")
             state.router.failed(peer, hard=not soft)
-            if exc.remote_code == "busy":
-                hop.code, hop.last = "remote", f"{peer}: {exc}"
+            if exc.remote_code in BACKPRESSURE:
+                hop.code, hop.last, hop.remote = "remote", f"{peer}: {exc}", exc.remote_code
                 hop.busy.append(peer)
             else:
-                hop.failed("remote", f"{peer}: {exc}")
+                hop.failed("remote", f"{peer}: {exc}", exc.remote_code)
             return None
         except asyncio.CancelledError:
             state.router.failed(peer, hard=False)

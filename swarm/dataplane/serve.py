@@ -29,7 +29,7 @@ import torch
 from protocol.errors import ProtocolError
 from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
 from protocol.streams import PeerStrikes, serve_stream
-from swarm.dataplane.config import BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, ScaleGuard
+from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
 from swarm.dataplane.state import PlaneState, StageCompute
 
@@ -40,6 +40,14 @@ class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _downstream(compute: StageCompute, exc: HopFailed) -> _Refused:
+    """The refusal for a microbatch this middle stage could not send on: ``expired`` when the budget ran out
+    further down (the sender's drop is a deadline), ``no_route`` when the next stage's replicas all went
+    (backpressure: asked again), ``downstream`` otherwise."""
+    code = {"deadline": "expired", "no_route": "no_route"}.get(exc.reason, "downstream")
+    return _Refused(code, f"stage {compute.stage + 1}: [{exc.code}] {exc}")
 
 
 class HopServer:
@@ -96,12 +104,13 @@ class HopServer:
             if exc.code in OFFENCES:
                 self._strike(peer)
             logger.info("refused a frame from %s: [%s] %s", peer, exc.code, exc)
-            retry = BUSY_PAUSE_S if exc.code == "busy" else None
+            retry = BUSY_PAUSE_S if exc.code in BACKPRESSURE else None
             return ErrorReply(code=exc.code, message=str(exc)[:500], retry_after=retry)
 
     async def _handle(self, msg: Message, peer: str, nbytes: int) -> Message:
         start = time.monotonic()
         frame, compute = self._admit(msg, peer, nbytes)
+        self._need_route(compute)
         config = self.state.config
         budget = frame.budget_s if 0 < frame.budget_s <= config.microbatch_timeout_s else config.microbatch_timeout_s
         self.state.stats["served"] += 1
@@ -114,6 +123,7 @@ class HopServer:
         stage) or scored (the last stage). Nothing is stashed, no gradient taken, no step counted."""
         start = time.monotonic()
         frame, compute = self._admit(msg, peer, nbytes)
+        self._need_route(compute)
         config, stats = self.state.config, self.state.stats
         budget = frame.budget_s if 0 < frame.budget_s <= config.microbatch_timeout_s else config.microbatch_timeout_s
         deadline = start + budget
@@ -133,7 +143,7 @@ class HopServer:
         try:
             result = await self.sender.send_eval(out, ids, list(frame.route), compute, deadline - reserve)
         except HopFailed as exc:
-            raise _Refused("downstream", f"stage {compute.stage + 1}: {exc}") from None
+            raise _downstream(compute, exc) from None
         # Ours to answer: the microbatch id the sender gave this hop (the result was checked against ours).
         return EvalResult(run_id=result.run_id, microbatch_id=frame.microbatch_id, stage=result.stage,
                           loss=result.loss, tokens=result.tokens, agreed=[tag, *result.agreed])
@@ -157,6 +167,13 @@ class HopServer:
             raise _Refused("busy", f"stage {compute.stage} holds {compute.in_flight} microbatches, "
                            f"{compute.queue_depth} jobs queued")
         return msg, compute
+
+    def _need_route(self, compute: StageCompute) -> None:
+        """A middle stage refuses, before computing anything, while it knows no replica of the next stage: a node
+        that has just come online has not read the next stage's records yet. The sender waits and asks again
+        (backpressure); computing first and failing downstream would cost every stage before a drop."""
+        if not compute.is_last and not self.state.router.routable():
+            raise _Refused("no_route", f"stage {compute.stage} knows no replica of stage {compute.stage + 1} yet")
 
     async def _score(self, msg: ActivationFrame, compute: StageCompute, budget: float) -> GradientFrame:
         """The last stage: loss and the gradient of its input, within ``budget`` seconds."""
@@ -191,7 +208,7 @@ class HopServer:
             reply = await self.sender.send_forward(out, ids, list(msg.route), compute, deadline - reserve)
             grad = await compute.backward(key, reply.grad)
         except HopFailed as exc:
-            raise _Refused("downstream", f"stage {compute.stage + 1}: {exc}") from None
+            raise _downstream(compute, exc) from None
         finally:
             compute.drop(key)
         return self._reply(msg, compute, grad, reply.loss)

@@ -140,10 +140,29 @@ class PipelineMonitor:
             "microbatches_ok": totals["microbatches_ok"],
             "microbatches_dropped": totals["microbatches_dropped"],
             "microbatches_retried": totals["microbatches_retried"],
+            "dropped_by_reason": self._dropped_by_reason(totals["microbatches_dropped"]),
             "frames_refused": totals["refused"],
+            "refused_by_code": self._summed("refused_"),
             "served_per_node": {str(i): n for i, n in sorted(served.items())},
             "driven_per_node": {str(i): n for i, n in sorted(driven.items())},
         }
+
+    def _summed(self, prefix: str) -> dict[str, int]:
+        """The nodes' pipeline counters named ``prefix + X``, summed per X."""
+        out: dict[str, int] = {}
+        for p in self.latest.values():
+            for key, value in p.items():
+                if key.startswith(prefix) and isinstance(value, int | float):
+                    out[key[len(prefix):]] = out.get(key[len(prefix):], 0) + int(value)
+        return dict(sorted(out.items()))
+
+    def _dropped_by_reason(self, dropped: int) -> dict[str, int]:
+        """Why stage 0 dropped its microbatches (swarm.dataplane.DROP_REASONS); what no reason covers, should a
+        node's counters lag its total, is ``unattributed``."""
+        reasons = self._summed("drop_reason_")
+        if dropped > sum(reasons.values()):
+            reasons["unattributed"] = dropped - sum(reasons.values())
+        return reasons
 
     def _outer_summary(self) -> dict[str, Any]:
         totals = {name: sum(int(o.get(name, 0)) for o in self.outer.values()) for name in self.OUTER_COUNTERS}

@@ -89,7 +89,13 @@ def test_microbatches_flow_learn_reroute_around_a_dead_replica_and_reach_a_new_o
         n1.plane.set_next_replicas([(n3.peer, 1.0)])
         await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 1 and n1.plane.router.banned(n3.peer), 30,
                        "microbatches through the dead replica are dropped, counted, and the replica banned")
-        assert n1.plane.stats["refused_downstream"] >= 1
+        # n1 refused them: the hop to the dead replica failed (downstream), ran out the budget (expired), or the
+        # dead replica was banned already and n1 had no route left (no_route: stage 0 waited, then dropped).
+        refused = sum(n1.plane.stats[f"refused_{c}"] for c in ("downstream", "expired", "no_route"))
+        assert refused >= 1, dict(n1.plane.stats)
+        stats = n0.plane.stats
+        reasons = {k: v for k, v in stats.items() if k.startswith("drop_reason_")}
+        assert sum(reasons.values()) == stats["microbatches_dropped"], reasons  # every drop has its reason
         n1.plane.set_next_replicas([(n2.peer, 1.0), (n3.peer, 1.0)])  # the survivor is back on the list
         ok = n0.plane.stats["microbatches_ok"]
         await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= ok + 10, 60, "10 more through the survivor")
@@ -119,10 +125,15 @@ def test_a_stuck_next_hop_drops_the_microbatch_at_its_deadline_and_frees_every_s
                               asyncio.get_running_loop(), None))  # the last stage's worker hangs (a frozen machine)
         n0.plane.start_driver(windows())
         await wait_for(lambda: n0.plane.stats["microbatches_dropped"] >= 2, 20, "drops at the deadline")
-        assert n0.plane.stats["microbatches_ok"] == 0
-        assert n0.metrics.registry.get_sample_value("protoswarm_pipeline_microbatches_total",
-                                                    {"result": "dropped"}) >= 2
         n0.plane.stop_driver()
+        stats = n0.plane.stats
+        assert stats["microbatches_ok"] == 0
+        dropped = n0.metrics.registry.get_sample_value("protoswarm_pipeline_microbatches_total", {"result": "dropped"})
+        assert dropped == stats["microbatches_dropped"] >= 2
+        # Every drop has its reason: the frozen last stage used up the budget.
+        assert stats["drop_reason_deadline"] == stats["microbatches_dropped"], dict(stats)
+        assert n0.metrics.registry.get_sample_value("protoswarm_pipeline_dropped_total",
+                                                    {"reason": "deadline"}) == dropped
         await wait_for(lambda: n0.compute.in_flight == 0 and n1.compute.in_flight == 0, 10, "stashes freed")
         frozen.set()
         for node in (n0, n1, n2):
@@ -258,6 +269,34 @@ def test_a_full_replica_is_backpressure_not_a_drop(tmp_path):
         assert n1.refused("busy") >= 1
         assert n0.plane.stats["microbatches_dropped"] == 0
         assert not n0.plane.router.banned(n1.peer)
+        for node in (n0, n1, n2):
+            node.compute.close()
+
+    _run(3, body)
+
+
+def test_a_middle_stage_without_a_route_yet_is_backpressure_not_a_drop(tmp_path):
+    """The fault-free drops of a starting pipeline (issue 23): a middle replica comes online before it has
+    read the next stage's records. It used to compute each frame, fail to send it on and refuse it as
+    `downstream`, which dropped the microbatch at stage 0. Now it refuses before computing (`no_route`)
+    and stage 0 asks it again after a pause, within the microbatch's budget."""
+    cfg = small_config(tmp_path)
+
+    async def body(a, b, c):
+        n0, n1, n2 = (Node(p, cfg, s, tmp_path) for p, s in ((a, 0), (b, 1), (c, 2)))
+        for node in (n0, n1, n2):
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0)])  # stage 1 knows no stage-2 replica yet
+        n0.plane.start_driver(windows())
+        await wait_for(lambda: n1.refused("no_route") + n1.refused("downstream") >= 3, 20,
+                       "stage 1 refused frames while it had no route")
+        n1.plane.set_next_replicas([(n2.peer, 1.0)])  # its first read of the records
+        await wait_for(lambda: n0.plane.stats["microbatches_ok"] >= 6, 60, "6 microbatches once the route is known")
+        n0.plane.stop_driver()
+        assert n0.plane.stats["microbatches_dropped"] == 0, dict(n0.plane.stats)
+        assert n1.refused("downstream") == 0
+        assert n0.plane.stats["microbatches_retried"] >= 1 and not n0.plane.router.banned(n1.peer)
+        await wait_for(lambda: n0.compute.in_flight == 0 and n1.compute.in_flight == 0, 30, "stashes freed")
         for node in (n0, n1, n2):
             node.compute.close()
 

@@ -279,3 +279,11 @@ def test_a_taken_port_gives_a_clear_error(serve):
         port = taken.getsockname()[1]
         with pytest.raises(MetricsBindError, match=rf"metrics port {port} on 127.0.0.1 is in use.*--metrics-port"):
             serve(port=port)
+
+
+def test_drop_reasons_and_refusal_codes_are_the_data_planes() -> None:
+    from node import metric_families
+    from swarm.dataplane import DROP_REASONS, REFUSAL_CODES
+
+    assert metric_families.DROP_REASONS == (*DROP_REASONS, "other")
+    assert set(metric_families.REFUSAL_CODES) == {*REFUSAL_CODES, "other"}
