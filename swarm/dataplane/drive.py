@@ -125,6 +125,7 @@ class MicrobatchDriver:
         else:
             state.stats["microbatches_ok"] += 1
             state.stats["tokens_ok"] += tokens
+            state.completed_at.append(time.time())
             state.events.pipeline_microbatch("ok", tokens)
         finally:
             compute.drop(key)

@@ -90,6 +90,7 @@ class DataPlane:
             "routes": self.router.snapshot(),
             "recent_losses": [[round(t, 3), round(v, 5)] for t, v in list(self.losses)[-512:]],
             "val_losses": [[round(t, 3), round(v, 5), tags] for t, v, tags in list(self.val_losses)],
+            "completed_at": [round(t, 3) for t in list(self.state.completed_at)],
         }
 
     # serving and sending (the roles' entry points, for tests that drive them without a stream) -------------

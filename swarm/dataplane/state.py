@@ -74,6 +74,8 @@ class PlaneState:
         # (wall time, loss, agreed-state tag of each stage) of this driver's validation measurements
         # (swarm/dataplane/drive.py); the tags are empty when the stages' agreed states changed mid-measurement.
         self.val_losses: collections.deque[tuple[float, float, list[str]]] = collections.deque(maxlen=256)
+        # Wall times at which this driver completed a microbatch (stage 0): where progress stalled, and for how long.
+        self.completed_at: collections.deque[float] = collections.deque(maxlen=512)
 
     def new_router(self) -> Router:
         return Router(ban_base_s=self.config.ban_base_s, ban_max_s=self.config.ban_max_s)

@@ -75,6 +75,11 @@ def resolve_target(swarm: LocalSwarm, fault: Fault) -> int | None:
     """The node index a fault acts on now; None when no node fits (e.g. no live server of the stage)."""
     if fault.new:
         return swarm.add_node()
+    if fault.stage is not None and fault.action in ("resume", "heal"):
+        # The node "pause:sS" (or "partition:sS") held: a held node answers no /health, so it serves nothing
+        # that the harness can see.
+        held = [i for i, node in enumerate(swarm.nodes) if node.held and node.held_for_stage == fault.stage]
+        return held[0] if held else None
     if fault.stage is not None:
         candidates = [i for i in swarm.serving(fault.stage) if i != 0] or swarm.serving(fault.stage)
         return candidates[-1] if candidates else None
@@ -98,6 +103,8 @@ def apply_fault(swarm: LocalSwarm, fault: Fault) -> tuple[int | None, bool | Non
     if fault.action == "term":
         swarm.resume(index)  # a paused node cannot handle SIGTERM
     getattr(swarm, fault.action)(index)
+    if fault.action in ("pause", "partition"):
+        swarm.nodes[index].held_for_stage = fault.stage
     return index, None
 
 

@@ -34,6 +34,7 @@ class PipelineMonitor:
         self.last_loss_t: dict[tuple[int, int], float] = {}  # (node, pid) → time of its last loss seen
         self.trained: dict[tuple[int, int], int] = {}  # (node, pid) → tokens of its local steps (S = 1)
         self.devices: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → its device and memory
+        self.completed: set[float] = set()  # unix times at which a stage-0 driver completed a microbatch
         self.seen = False
         self.listeners: list = []  # also called with (node index, /health) for each health read
 
@@ -69,6 +70,7 @@ class PipelineMonitor:
             self.seen = True
             if source == "pipeline":
                 self.latest[(index, pid)] = {**health["pipeline"], "stage": health.get("stage")}
+                self.completed.update(health["pipeline"].get("completed_at", []))
             for t, loss in health[source].get("recent_losses", []):
                 self.losses[(index, t)] = loss
                 self.last_loss_t[(index, pid)] = max(t, self.last_loss_t.get((index, pid), 0.0))
@@ -86,6 +88,7 @@ class PipelineMonitor:
                        val_loss_curve=[[round(t - (start_time or curve[0][0]), 1), v] for t, v in curve])
         if self.latest:
             out.update(self._pipeline_summary(end_time))
+            out.update(self._progress_gap(end_time, start_time))
         elif self.trained:
             out.update(self._replica_summary(end_time))
         if self.devices:
@@ -146,6 +149,17 @@ class PipelineMonitor:
             "served_per_node": {str(i): n for i, n in sorted(served.items())},
             "driven_per_node": {str(i): n for i, n in sorted(driven.items())},
         }
+
+    def _progress_gap(self, end_time: float, start_time: float | None) -> dict[str, Any]:
+        """The longest time no stage-0 driver completed a microbatch, from the first completion to the end of
+        the run (``max_progress_gap_s``), and when it began (seconds into the run, with ``start_time``)."""
+        times = sorted(self.completed)
+        if not times:
+            return {"max_progress_gap_s": None}
+        gaps = [(b - a, a) for a, b in zip(times, [*times[1:], max(end_time, times[-1])], strict=True)]
+        gap, at = max(gaps)
+        return {"max_progress_gap_s": round(gap, 2),
+                "max_progress_gap_at_s": round(at - start_time, 1) if start_time is not None else None}
 
     def _summed(self, prefix: str) -> dict[str, int]:
         """The nodes' pipeline counters named ``prefix + X``, summed per X."""

@@ -83,6 +83,7 @@ class SimNode:
     started_at: float = 0.0  # unix time of its last start
     stopped: bool = False  # killed or terminated by the harness (not a crash) and not started since
     held: bool = False  # paused or cut off by the harness: silent on purpose
+    held_for_stage: int | None = None  # the stage of the fault target ("pause:sS") that paused it
 
     @property
     def log(self) -> Path:
@@ -289,7 +290,7 @@ class LocalSwarm(PrometheusTargets):
         self._group_signal(self.nodes[index], signal.SIGSTOP)
 
     def resume(self, index: int) -> None:
-        self.nodes[index].held = False
+        self.nodes[index].held, self.nodes[index].held_for_stage = False, None
         self._group_signal(self.nodes[index], signal.SIGCONT)
 
     def partition(self, index: int) -> None:
@@ -301,7 +302,7 @@ class LocalSwarm(PrometheusTargets):
 
     def heal(self, index: int) -> None:
         if self.lab is not None and index in self.lab.hosts:
-            self.nodes[index].held = False
+            self.nodes[index].held, self.nodes[index].held_for_stage = False, None
             self.lab.set_link_up(index, True)
 
     def add_node(self) -> int:

@@ -42,3 +42,15 @@ def test_every_hop_failure_maps_to_a_drop_reason() -> None:
     assert drop_reason("timeout", None) == drop_reason("remote", "expired") == "deadline"
     assert drop_reason("remote", "wrong_stage") == "stage_moved" and drop_reason("connection", None) == "peer_lost"
     assert drop_reason("remote", "outlier") == "refused" and drop_reason("remote", "downstream") == "downstream"
+
+
+def test_the_longest_progress_gap_runs_to_the_end_of_the_run() -> None:
+    m = PipelineMonitor()
+    m.observe(0, 100, health(completed_at=[100.0, 101.0, 102.0]))
+    m.observe(3, 300, health(completed_at=[101.5, 110.0]))  # the other stage-0 driver
+    out = m.summary(end_time=112.0, start_time=90.0)
+    assert out["max_progress_gap_s"] == 8.0 and out["max_progress_gap_at_s"] == 12.0  # 102 → 110
+    out = m.summary(end_time=125.0, start_time=90.0)
+    assert out["max_progress_gap_s"] == 15.0 and out["max_progress_gap_at_s"] == 20.0  # 110 → the end
+    assert PipelineMonitor().summary(end_time=1.0) == {"loss_start": None, "loss_end": None, "loss_window": 0,
+                                                      "losses_scored": 0, "loss_curve_10s": []}
