@@ -115,6 +115,7 @@ class Router:
         self._rng = random.Random(seed)
         self._states: dict[str, _PeerState] = {}  # listed and remembered peers
         self._listed: list[str] = []
+        self._suspended: set[str] = set()  # stopped answering: no new work until they answer again
 
     # ------------------------------------------------------------------ membership
 
@@ -162,6 +163,7 @@ class Router:
             still_banned = state.banned_until is not None and now < state.banned_until
             if not still_banned and now - state.dropped_at >= self.forget_s:
                 del self._states[peer_id]
+                self._suspended.discard(peer_id)
 
     @property
     def peers(self) -> list[str]:
@@ -181,7 +183,7 @@ class Router:
         best: list[str] = []
         best_s = math.inf
         for peer_id in sorted(self._listed):  # sorted: same seed, same choices, whatever the update order
-            if peer_id in exclude or self._is_banned(self._states[peer_id], now):
+            if peer_id in exclude or peer_id in self._suspended or self._is_banned(self._states[peer_id], now):
                 continue
             finish_s = self._expected_finish(self._states[peer_id], now, fastest)
             if best and math.isclose(finish_s, best_s, rel_tol=_TIE_REL_TOL):
@@ -290,7 +292,18 @@ class Router:
     def routable(self) -> bool:
         """Whether :meth:`choose` would find a peer now (a listed one not banned); it draws no random number."""
         now = self._clock()
-        return any(not self._is_banned(self._states[p], now) for p in self._listed)
+        return any(not self._is_banned(self._states[p], now) for p in self._listed if p not in self._suspended)
+
+    def suspend(self, peer_id: str) -> None:
+        """Send ``peer_id`` no new work until :meth:`revive`: it stopped answering (a frozen process). Unlike a
+        ban this does not escalate, and it ends when the peer answers again, not after a time."""
+        self._suspended.add(peer_id)
+
+    def revive(self, peer_id: str) -> None:
+        self._suspended.discard(peer_id)
+
+    def suspended(self) -> set[str]:
+        return set(self._suspended)
 
     def banned(self, peer_id: str) -> bool:
         """Whether ``peer_id`` is banned now (False for an unknown peer)."""
@@ -322,6 +335,7 @@ class Router:
                 "inflight": state.inflight,
                 "queue": self._queue_now(state, now),
                 "banned_for_s": max(0.0, state.banned_until - now) if self._is_banned(state, now) else 0.0,
+                "suspended": peer_id in self._suspended,
                 "strikes": state.strikes,
             })
         rows.sort(key=lambda row: (row["expected_s"], row["peer_id"]))

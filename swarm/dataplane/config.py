@@ -14,6 +14,10 @@ HANDLER = "protoswarm.pipeline.v1"
 # Evaluation microbatches (1.4): the same ActivationFrame, forward only on the agreed weights, answered with an
 # EvalResult. A handler of its own, so a 1.3 peer (which lacks it) refuses the stream instead of training on it.
 EVAL_HANDLER = "protoswarm.pipeline.eval.v1"
+# Liveness (1.5): a stream answered at once with PONG, whatever it carries (nothing is read). A hop unanswered
+# for dataplane.liveness_s asks it; a replica whose process is frozen cannot answer (docs/pipeline.md).
+PING_HANDLER = "protoswarm.pipeline.ping.v1"
+PONG = b"alive"
 DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
@@ -54,6 +58,11 @@ class DataplaneConfig:
     outlier_ratio: float = setting(
         100.0, "Refuse activations and gradient replies whose RMS exceeds this × the median of the last 64 accepted."
     )
+    liveness_s: float = setting(
+        2.0, "A hop unanswered this long (seconds) makes the sender ping the replica on its own handler; one that "
+        "does not answer the ping within this is suspended (no new work, no ban) and the hop retried elsewhere; "
+        "it is pinged every second and taken back when it answers. 0 = wait for the microbatch deadline only."
+    )
     eval_every_s: float = setting(
         120.0, "A stage-0 node measures the swarm's validation loss this often (seconds): eval_batches forward-only "
         "microbatches of the validation split through every stage, on the agreed weights (a whole-model replica, "
@@ -69,6 +78,8 @@ class DataplaneConfig:
                        "ban_max_s", "peer_strikes", "outlier_ratio")
         if self.backward not in ("recompute", "stash"):
             raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
+        if self.liveness_s < 0:
+            raise ConfigError(f"dataplane.liveness_s must be >= 0, got {self.liveness_s}")
         if self.max_retries < 0:
             raise ConfigError(f"dataplane.max_retries must be >= 0, got {self.max_retries}")
         if self.eval_every_s < 0 or self.eval_batches < 1:

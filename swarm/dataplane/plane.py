@@ -11,7 +11,7 @@ import torch
 from protocol.messages import GradientFrame, Message
 from protocol.streams import PeerStrikes
 from protocol.tensors import WireConfig, WireLimits
-from swarm.dataplane.config import EVAL_HANDLER, HANDLER, DataplaneConfig
+from swarm.dataplane.config import EVAL_HANDLER, HANDLER, PING_HANDLER, DataplaneConfig
 from swarm.dataplane.drive import MicrobatchDriver
 from swarm.dataplane.send import HopSender
 from swarm.dataplane.serve import HopServer
@@ -71,6 +71,7 @@ class DataPlane:
     async def register(self) -> None:
         await self.state.p2p.add_binary_stream_handler(HANDLER, self.server.on_stream)
         await self.state.p2p.add_binary_stream_handler(EVAL_HANDLER, self.server.on_eval_stream)
+        await self.state.p2p.add_binary_stream_handler(PING_HANDLER, self.server.on_ping)
 
     def attach(self, compute: StageCompute | None) -> None:
         """Serve ``compute``'s stage from now on (None: serve nothing); the routes are for its next stage."""

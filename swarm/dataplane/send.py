@@ -11,6 +11,7 @@ steers new work away (bans with backoff). Nothing waits without a deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +28,19 @@ from protocol.messages import (
     decode_message,
     encode_message,
 )
-from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, EVAL_HANDLER, HANDLER, ScaleGuard
+from swarm.dataplane.config import (
+    BACKPRESSURE,
+    BUSY_PAUSE_S,
+    EVAL_HANDLER,
+    HANDLER,
+    PING_HANDLER,
+    PONG,
+    ScaleGuard,
+)
 from swarm.dataplane.state import PlaneState, StageCompute
+
+logger = logging.getLogger(__name__)
+REVIVE_EVERY_S = 1.0  # how often a suspended replica is pinged
 
 
 class HopFailed(Exception):
@@ -42,7 +54,11 @@ class HopFailed(Exception):
 
 # The reason a hop's last failure gives a drop: its own code, and a refusal's code when the replica refused.
 _CODE_REASONS = {"expired": "deadline", "timeout": "deadline", "no_route": "no_route", "connection": "peer_lost",
-                 "bad_reply": "refused"}
+                 "unresponsive": "peer_lost", "bad_reply": "refused"}
+
+
+class _Unresponsive(Exception):
+    """The replica did not answer a liveness ping while a hop to it was outstanding."""
 _REMOTE_REASONS = {"expired": "deadline", "busy": "deadline", "no_route": "no_route", "downstream": "downstream",
                    "wrong_stage": "stage_moved", "no_stage": "stage_moved", "closed": "peer_lost",
                    "internal": "peer_lost"}
@@ -79,6 +95,7 @@ class HopSender:
         self.state = state
         # Finite garbage of absurd size from a neighbour: gradient replies.
         self.gradient_guard = ScaleGuard(state.config.outlier_ratio)
+        self._reviving: dict[str, asyncio.Task] = {}  # suspended peers being pinged until they answer
 
     async def send_forward(self, out: torch.Tensor, ids: torch.Tensor, route: list[str], compute: StageCompute,
                            deadline: float) -> GradientFrame:
@@ -137,7 +154,12 @@ class HopSender:
         state.router.started(peer)
         sent = time.monotonic()
         try:
-            reply, reply_bytes = await asyncio.wait_for(self._exchange(peer, body, handler), remaining)
+            reply, reply_bytes = await self._exchange_live(peer, body, handler, remaining)
+        except _Unresponsive as exc:
+            state.router.failed(peer, hard=False)
+            self._suspend(peer)
+            hop.failed("unresponsive", f"{peer}: {exc}")
+            return None
         except RemoteError as exc:
             soft = exc.remote_code in BACKPRESSURE or exc.remote_code in ("downstream", "expired")
             state.router.failed(peer, hard=not soft)
@@ -203,6 +225,76 @@ class HopSender:
         if compute.num_stages - 1 == reply.stage and reply.loss is None:
             return "the last stage's reply carries no loss"
         return self.gradient_guard.check(reply.grad, "gradient")
+
+    async def _exchange_live(self, peer: str, body: bytes, handler: str, remaining: float) -> tuple[Message, int]:
+        """:meth:`_exchange` within ``remaining`` seconds (TimeoutError after), pinging ``peer`` whenever it has
+        been silent for ``dataplane.liveness_s``: a replica that is working (or queueing) answers the ping at
+        once and is waited for; one that does not answer is given up (_Unresponsive) long before the deadline."""
+        every = self.state.config.liveness_s
+        if every <= 0:
+            return await asyncio.wait_for(self._exchange(peer, body, handler), remaining)
+        deadline = time.monotonic() + remaining
+        task = asyncio.ensure_future(self._exchange(peer, body, handler))
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait({task}, timeout=min(left, every))
+                if task.done():
+                    return task.result()
+                left = deadline - time.monotonic()
+                answered = await self.ping(peer, min(every, left)) if left > 0 else True
+                if answered is False and not task.done():
+                    raise _Unresponsive(f"no answer to a liveness ping within {min(every, left):.1f} s")
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def ping(self, peer: str, timeout: float) -> bool | None:
+        """Ask ``peer``'s liveness handler: True when it answered within ``timeout``, False when it did not,
+        None when it could not be asked (e.g. a 1.4 peer without the handler: alive, but unknown)."""
+        from hivemind.p2p import PeerID
+
+        async def ask() -> bool:
+            _, reader, writer = await self.state.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                                 PING_HANDLER)
+            try:
+                return await read_frame(reader, self.state.limits, timeout=None) == PONG
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.wait_for(ask(), timeout)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
+    def _suspend(self, peer: str) -> None:
+        """No new work for ``peer`` (not a ban); ping it every second and take it back once it answers."""
+        state = self.state
+        router = state.router
+        router.suspend(peer)
+        state.stats["peers_suspended"] += 1
+        logger.info("next-stage replica %s does not answer: no new work for it until it does", peer)
+        if peer in self._reviving:
+            return
+
+        async def revive() -> None:
+            try:
+                while peer in router.suspended() and router is state.router:
+                    await asyncio.sleep(REVIVE_EVERY_S)
+                    if await self.ping(peer, max(state.config.liveness_s, REVIVE_EVERY_S)) is not False:
+                        router.revive(peer)
+                        state.stats["peers_revived"] += 1
+                        logger.info("next-stage replica %s answers again: routing to it", peer)
+            finally:
+                self._reviving.pop(peer, None)
+
+        self._reviving[peer] = asyncio.get_running_loop().create_task(revive())
 
     async def _exchange(self, peer: str, body: bytes, handler: str = HANDLER) -> tuple[Message, int]:
         from hivemind.p2p import PeerID

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from protocol.errors import ProtocolError
+from protocol.framing import write_frame
 from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
 from protocol.streams import PeerStrikes, serve_stream
-from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, ScaleGuard
+from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, PONG, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
 from swarm.dataplane.state import PlaneState, StageCompute
 
@@ -89,6 +90,15 @@ class HopServer:
 
     async def on_eval_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.on_stream(info, reader, writer, evaluate=True)
+
+    async def on_ping(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The liveness handler: answers at once, reads nothing (so there is nothing to validate)."""
+        try:
+            await write_frame(writer, PONG, timeout=5.0)
+        except Exception:  # the asker went away
+            pass
+        finally:
+            writer.close()
 
     async def handle(self, msg: Message, peer: str, nbytes: int = 0, evaluate: bool = False) -> Message:
         """The reply to one request from ``peer`` (public so tests can drive it without a stream)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -301,6 +302,59 @@ def test_a_middle_stage_without_a_route_yet_is_backpressure_not_a_drop(tmp_path)
             node.compute.close()
 
     _run(3, body)
+
+
+def test_a_frozen_replica_is_suspended_within_seconds_and_taken_back_when_it_answers(tmp_path):
+    """Liveness faster than deadlines (issue 23): a replica whose process is frozen answers neither the hop
+    nor a ping. Stage 0 gives up on it after liveness_s + a ping, suspends it (no ban) and retries the hop
+    on the other replica, long before the 30 s budget; it pings it every second and routes to it again
+    once it answers."""
+    cfg = small_config(tmp_path)
+    frozen, thawed = threading.Event(), threading.Event()
+
+    async def body(a, b, c, d):
+        n0 = Node(a, cfg, 0, tmp_path, microbatch_timeout_s=30.0, liveness_s=1.0)
+        n1, n1b = Node(b, cfg, 1, tmp_path), Node(c, cfg, 1, tmp_path)
+        n2 = Node(d, cfg, 2, tmp_path)
+        answer = n1.plane.server.on_ping
+
+        async def ping_while_alive(info, reader, writer):  # a frozen process does not answer
+            while frozen.is_set():
+                await asyncio.sleep(0.05)
+            await answer(info, reader, writer)
+
+        n1.plane.server.on_ping = ping_while_alive
+        for node in (n0, n1, n1b, n2):
+            await node.plane.register()
+        n0.plane.set_next_replicas([(n1.peer, 1.0), (n1b.peer, 1.0)])
+        for middle in (n1, n1b):
+            middle.plane.set_next_replicas([(n2.peer, 1.0)])
+        n0.plane.start_driver(windows())
+        stats = n0.plane.stats
+        await wait_for(lambda: stats["microbatches_ok"] >= 5 and n1.plane.stats["served"] >= 1, 60, "both replicas serve")
+        frozen.set()
+        hang = asyncio.ensure_future(n1.compute._submit(-1, "forward", lambda: thawed.wait(60)))  # its worker
+        t_frozen = time.monotonic()
+        await wait_for(lambda: n0.plane.router.suspended() == {n1.peer}, 15, "the frozen replica suspended")
+        suspended_after = time.monotonic() - t_frozen
+        ok = stats["microbatches_ok"]
+        await wait_for(lambda: stats["microbatches_ok"] >= ok + 5, 20, "5 more through the other replica")
+        assert stats["microbatches_dropped"] == 0, dict(stats)
+        assert not n0.plane.router.banned(n1.peer) and stats["drop_reason_peer_lost"] == 0
+        frozen.clear()  # it thaws
+        thawed.set()
+        await wait_for(lambda: not n0.plane.router.suspended() and stats["peers_revived"] >= 1, 15, "taken back")
+        served = n1.plane.stats["served"]
+        await wait_for(lambda: n1.plane.stats["served"] >= served + 2, 30, "the thawed replica serves again")
+        n0.plane.stop_driver()
+        await hang
+        assert suspended_after < 10, suspended_after  # not the 30 s budget (liveness_s 1 s + a 1 s ping)
+        assert stats["microbatches_dropped"] == 0, dict(stats)
+        await wait_for(lambda: n0.compute.in_flight == 0, 30, "stashes freed")
+        for node in (n0, n1, n1b, n2):
+            node.compute.close()
+
+    _run(4, body)
 
 
 def test_a_replica_returning_huge_gradients_is_refused_banned_and_the_microbatches_go_elsewhere(tmp_path):
