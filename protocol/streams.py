@@ -35,6 +35,36 @@ WRITE_TIMEOUT = 60.0  # seconds for the peer to take one frame we send
 IDLE_TIMEOUT = 600.0  # seconds a served stream may sit idle between requests
 MAX_REFUSALS = 16  # refused requests on one stream before it is closed
 MAX_TRACKED_PEERS = 4096  # peers a PeerStrikes table remembers at most
+REFUSAL_LOG_EVERY_S = 10.0  # one log line per refusal code at most this often (the counts stay in metrics)
+
+
+class LogLimiter:
+    """At most one log line per key every ``every`` seconds: a flood of hostile frames must not write a line
+    each. The line that is written says how many of that key were not logged since the previous one."""
+
+    def __init__(self, log: logging.Logger, every: float = REFUSAL_LOG_EVERY_S, max_keys: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.every, self.max_keys, self.clock = log, every, max_keys, clock
+        self._last: dict[str, float] = {}
+        self._quiet: collections.Counter[str] = collections.Counter()
+
+    def info(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at INFO unless ``key`` was logged within ``every``; True when it was written."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._quiet[key] += 1
+            return False
+        if key not in self._last and len(self._last) >= self.max_keys:  # keys are codes: bounded anyway
+            self._last.pop(next(iter(self._last)))
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        self.log.info(msg + (" (and %d more like it in the last %.0f s, not logged)" if quiet else ""),
+                      *args, *((quiet, now - last) if quiet else ()))
+        return True
+
+
+_refusal_log = LogLimiter(logger)
 
 
 class PeerStrikes:
@@ -220,7 +250,7 @@ class _Replies:
     async def refuse(self, exc: ProtocolError) -> bool:
         """Reply with the error; False when the stream should be closed."""
         self.refusals += 1
-        logger.info("peer %s: refused input [%s] %s", self.peer, exc.code, exc)
+        _refusal_log.info(exc.code, "peer %s: refused input [%s] %s", self.peer, exc.code, exc)
         if self.on_error is not None:
             self.on_error(exc)
         reply = ErrorReply.from_error(exc, max_len=min(500, self.limits.max_str_len))

@@ -29,12 +29,13 @@ import torch
 from protocol.errors import ProtocolError
 from protocol.framing import write_frame
 from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
-from protocol.streams import PeerStrikes, serve_stream
+from protocol.streams import LogLimiter, PeerStrikes, serve_stream
 from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, PONG, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
 from swarm.dataplane.state import PlaneState, StageCompute
 
 logger = logging.getLogger(__name__)
+_refusal_log = LogLimiter(logger)  # one line per refusal code every 10 s at most (counts: metrics)
 
 
 class _Refused(Exception):
@@ -113,7 +114,7 @@ class HopServer:
             self.state.events.pipeline_refused(exc.code)
             if exc.code in OFFENCES:
                 self._strike(peer)
-            logger.info("refused a frame from %s: [%s] %s", peer, exc.code, exc)
+            _refusal_log.info(exc.code, "refused a frame from %s: [%s] %s", peer, exc.code, exc)
             retry = BUSY_PAUSE_S if exc.code in BACKPRESSURE else None
             return ErrorReply(code=exc.code, message=str(exc)[:500], retry_after=retry)
 

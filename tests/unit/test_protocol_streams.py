@@ -232,3 +232,22 @@ def test_sender_side_checks():
     assert torch.equal(decode_tensor(encode_tensor(ids)), ids.long())
     with pytest.raises(MalformedMessage):
         decode_tensor(b"\x01\x00\x00\x00\xc1")  # 0xc1 is never valid msgpack
+
+
+def test_refusal_logs_are_rate_limited_per_code_and_say_what_they_left_out(caplog) -> None:
+    import logging
+
+    from protocol.streams import LogLimiter
+
+    now = [0.0]
+    log = LogLimiter(logging.getLogger("limiter-test"), every=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="limiter-test"):
+        assert log.info("shape", "refused [%s]", "shape")
+        for _ in range(1000):  # a flood of the same refusal: no line each
+            assert not log.info("shape", "refused [%s]", "shape")
+        assert log.info("outlier", "refused [%s]", "outlier")  # another code is its own key
+        now[0] = 10.5
+        assert log.info("shape", "refused [%s]", "shape")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused [shape]", "refused [outlier]",
+                     "refused [shape] (and 1000 more like it in the last 10 s, not logged)"]
