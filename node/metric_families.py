@@ -45,7 +45,7 @@ BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0", "int2", "topk")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
 REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "other",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "flood", "other",
 )
 DROP_REASONS = (  # swarm.dataplane.DROP_REASONS plus "other"
     "deadline", "no_route", "refused", "peer_lost", "stage_moved", "downstream", "error", "other",

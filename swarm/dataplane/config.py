@@ -21,7 +21,7 @@ PONG = b"alive"
 DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against: dense bf16
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "flood",
 )
 # Refusals that say "healthy, not ready yet": the sender waits BUSY_PAUSE_S and asks the same replica again
 # (within the microbatch's budget) instead of counting a failure. busy: its queue is full; no_route: a middle
@@ -32,7 +32,7 @@ DROP_REASONS = ("deadline", "no_route", "refused", "peer_lost", "stage_moved", "
 BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
 MAX_BATCH = 4096  # sequences in one received microbatch; more is refused as a malformed shape
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
-OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier"})
+OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier", "flood"})
 
 
 @dataclass(kw_only=True)
@@ -52,6 +52,11 @@ class DataplaneConfig:
         30.0, "A stage-0 node drops a microbatch whose gradient has not come back within this (seconds)."
     )
     max_retries: int = setting(2, "Other next-stage replicas tried when one refuses or fails a microbatch.")
+    max_streams_per_peer: int = setting(
+        32, "Pipeline streams one peer may hold open on this node at once (training, evaluation and liveness "
+        "together); more are refused as 'flood' before a byte of them is read. An honest stage-0 node holds at "
+        "most max_inflight + 1."
+    )
     ban_base_s: float = setting(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
     ban_max_s: float = setting(60.0, "Longest such ban (seconds).")
     peer_strikes: int = setting(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
@@ -74,8 +79,8 @@ class DataplaneConfig:
     )
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_inflight", "max_queue", "max_stash", "microbatch_timeout_s", "ban_base_s",
-                       "ban_max_s", "peer_strikes", "outlier_ratio")
+        check_positive(self, "max_inflight", "max_queue", "max_stash", "max_streams_per_peer", "microbatch_timeout_s",
+                       "ban_base_s", "ban_max_s", "peer_strikes", "outlier_ratio")
         if self.backward not in ("recompute", "stash"):
             raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
         if self.liveness_s < 0:

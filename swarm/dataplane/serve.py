@@ -28,14 +28,15 @@ import torch
 
 from protocol.errors import ProtocolError
 from protocol.framing import write_frame
-from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
-from protocol.streams import LogLimiter, PeerStrikes, serve_stream
+from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message, encode_message
+from protocol.streams import LogLimiter, PeerStrikes, linger, serve_stream
 from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, PONG, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
 from swarm.dataplane.state import PlaneState, StageCompute
 
 logger = logging.getLogger(__name__)
 _refusal_log = LogLimiter(logger)  # one line per refusal code every 10 s at most (counts: metrics)
+GATE_LINGER_S = 0.5  # a stream refused at the gate: how long its input is discarded before closing
 
 
 class _Refused(Exception):
@@ -63,11 +64,50 @@ class HopServer:
         # Finite garbage of absurd size from a neighbour: incoming activations.
         self.activation_guard = ScaleGuard(config.outlier_ratio)
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
+        self._open: collections.Counter[str] = collections.Counter()  # streams open per peer (none kept at 0)
+
+    async def _gate(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Before a stream's first frame is read: a banned peer, or one with ``dataplane.max_streams_per_peer``
+        streams open already, gets its refusal and the stream is closed (False); otherwise it is counted open.
+        What the refused peer sent is never decoded, only discarded for up to GATE_LINGER_S after the reply,
+        because closing a stream with unread input can reset it and lose the reply."""
+        if (left := self.strikes.banned_for(peer)) > 0:
+            refusal = _Refused("banned", f"too many bad frames; refused for {left:.0f} s more")
+        elif self._open[peer] >= self.state.config.max_streams_per_peer:
+            refusal = _Refused("flood", f"{self._open[peer]} streams from this peer are open already "
+                               f"(at most {self.state.config.max_streams_per_peer})")
+        else:
+            self._open[peer] += 1
+            return True
+        reply = self._refused(refusal, peer)
+        try:
+            await write_frame(writer, encode_message(reply, self.state.limits), timeout=5.0)
+            await linger(reader, GATE_LINGER_S)
+        except Exception:  # the peer went away
+            pass
+        finally:
+            writer.close()
+        return False
+
+    def _closed(self, peer: str) -> None:
+        self._open[peer] -= 1
+        if self._open[peer] <= 0:
+            del self._open[peer]
 
     async def on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         evaluate: bool = False) -> None:
         """One request stream: a training microbatch (``HANDLER``), or with ``evaluate`` an evaluation one."""
-        state, peer = self.state, str(info.peer_id)
+        peer = str(info.peer_id)
+        if not await self._gate(peer, reader, writer):
+            return
+        try:
+            await self._serve(peer, reader, writer, evaluate)
+        finally:
+            self._closed(peer)
+
+    async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     evaluate: bool) -> None:
+        state = self.state
         size = [0]
 
         def on_frame(nbytes: int) -> None:
@@ -94,12 +134,16 @@ class HopServer:
 
     async def on_ping(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The liveness handler: answers at once, reads nothing (so there is nothing to validate)."""
+        peer = str(info.peer_id)
+        if not await self._gate(peer, reader, writer):
+            return
         try:
             await write_frame(writer, PONG, timeout=5.0)
         except Exception:  # the asker went away
             pass
         finally:
             writer.close()
+            self._closed(peer)
 
     async def handle(self, msg: Message, peer: str, nbytes: int = 0, evaluate: bool = False) -> Message:
         """The reply to one request from ``peer`` (public so tests can drive it without a stream)."""
@@ -108,15 +152,19 @@ class HopServer:
                 return await self._evaluate(msg, peer, nbytes)
             return await self._handle(msg, peer, nbytes)
         except _Refused as exc:
-            stats = self.state.stats
-            stats["refused"] += 1
-            stats[f"refused_{exc.code}"] += 1
-            self.state.events.pipeline_refused(exc.code)
-            if exc.code in OFFENCES:
-                self._strike(peer)
-            _refusal_log.info(exc.code, "refused a frame from %s: [%s] %s", peer, exc.code, exc)
-            retry = BUSY_PAUSE_S if exc.code in BACKPRESSURE else None
-            return ErrorReply(code=exc.code, message=str(exc)[:500], retry_after=retry)
+            return self._refused(exc, peer)
+
+    def _refused(self, exc: _Refused, peer: str) -> ErrorReply:
+        """Count, strike (for an offence), log (rate-limited) and answer one refusal."""
+        stats = self.state.stats
+        stats["refused"] += 1
+        stats[f"refused_{exc.code}"] += 1
+        self.state.events.pipeline_refused(exc.code)
+        if exc.code in OFFENCES:
+            self._strike(peer)
+        _refusal_log.info(exc.code, "refused a frame from %s: [%s] %s", peer, exc.code, exc)
+        retry = BUSY_PAUSE_S if exc.code in BACKPRESSURE else None
+        return ErrorReply(code=exc.code, message=str(exc)[:500], retry_after=retry)
 
     async def _handle(self, msg: Message, peer: str, nbytes: int) -> Message:
         start = time.monotonic()

@@ -24,6 +24,7 @@ from protocol.framing import read_frame, write_frame
 from protocol.messages import ActivationFrame, ErrorReply, GradientFrame, decode_message, encode_message
 from protocol.tensors import WireConfig
 from swarm.dataplane import HANDLER, DataPlane, DataplaneConfig, ScaleGuard
+from swarm.dataplane.config import PING_HANDLER
 
 RUN = "pipe"
 
@@ -355,6 +356,41 @@ def test_a_frozen_replica_is_suspended_within_seconds_and_taken_back_when_it_ans
             node.compute.close()
 
     _run(4, body)
+
+
+def test_a_stream_flood_and_a_banned_peer_are_refused_before_a_byte_is_read(tmp_path):
+    cfg = small_config(tmp_path)
+
+    async def first_reply(client, server_peer: str, handler: str = HANDLER):
+        """Open a stream and read what comes back without writing anything."""
+        _, reader, writer = await client.call_binary_stream_handler(PeerID.from_base58(server_peer), handler)
+        try:
+            return decode_message(await read_frame(reader, timeout=10.0))
+        finally:
+            writer.close()
+
+    async def body(a, b):
+        n1 = Node(b, cfg, 1, tmp_path, max_streams_per_peer=4)
+        await n1.plane.register()
+        me = a.peer_id.to_base58()
+        held = [await a.call_binary_stream_handler(PeerID.from_base58(n1.peer), HANDLER) for _ in range(4)]
+        await wait_for(lambda: n1.plane.server._open[me] == 4, 10, "4 streams held open, no frame sent")
+        reply = await first_reply(a, n1.peer)
+        assert isinstance(reply, ErrorReply) and reply.code == "flood", reply
+        assert n1.refused("flood") == 1 and n1.plane.stats["served"] == 0
+        for _, _, writer in held:
+            writer.close()
+        await wait_for(lambda: me not in n1.plane.server._open, 10, "the held streams closed and forgotten")
+
+        while not n1.plane.strikes.strike(me):  # strike it to a ban
+            pass
+        for handler in (HANDLER, PING_HANDLER):
+            reply = await first_reply(a, n1.peer, handler)
+            assert isinstance(reply, ErrorReply) and reply.code == "banned", (handler, reply)
+        assert n1.refused("banned") == 2 and not n1.plane.server._open
+        n1.compute.close()
+
+    _run(2, body)
 
 
 def test_a_replica_returning_huge_gradients_is_refused_banned_and_the_microbatches_go_elsewhere(tmp_path):
