@@ -96,6 +96,7 @@ class HopSender:
         # Finite garbage of absurd size from a neighbour: gradient replies.
         self.gradient_guard = ScaleGuard(state.config.outlier_ratio)
         self._reviving: dict[str, asyncio.Task] = {}  # suspended peers being pinged until they answer
+        self._pings: dict[str, asyncio.Future] = {}  # the ping in flight to each peer, shared by its silent hops
 
     async def send_forward(self, out: torch.Tensor, ids: torch.Tensor, route: list[str], compute: StageCompute,
                            deadline: float) -> GradientFrame:
@@ -253,7 +254,15 @@ class HopSender:
 
     async def ping(self, peer: str, timeout: float) -> bool | None:
         """Ask ``peer``'s liveness handler: True when it answered within ``timeout``, False when it did not,
-        None when it could not be asked (e.g. a 1.4 peer without the handler: alive, but unknown)."""
+        None when it could not be asked (e.g. a 1.4 peer without the handler: alive, but unknown). Hops to the
+        same peer that are silent at once share one ping."""
+        pending = self._pings.get(peer)
+        if pending is None:
+            pending = self._pings[peer] = asyncio.ensure_future(self._ping(peer, timeout))
+            pending.add_done_callback(lambda _: self._pings.pop(peer, None))
+        return await asyncio.shield(pending)
+
+    async def _ping(self, peer: str, timeout: float) -> bool | None:
         from hivemind.p2p import PeerID
 
         async def ask() -> bool:
