@@ -21,15 +21,16 @@ import time
 from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from protocol.admission import REFUSED
 from protocol.errors import ERROR_CODES
 
 NAMESPACE = "protoswarm"
 STATES = ("starting", "joining", "online", "offline")
 BOOTSTRAP_STATES = ("starting", "bootstrapping", "online", "retrying", "failed")
 DHT_OPS = ("store", "get")
-BAN_PLACES = ("pipeline", "exchange", "state", "other")  # where a peer earned its ban
+BAN_PLACES = ("pipeline", "exchange", "state", "admission", "other")  # where a peer earned its ban
 MAX_BANNED_SERIES = 32
 REJECT_REASONS = (  # swarm.records.REJECT_REASONS, plus "expired" and "other"
     "malformed", "unsigned", "bad_signature", "wrong_owner", "wrong_kind", "foreign", "future", "version", "expired",
@@ -45,7 +46,8 @@ BUILTIN_WIRE_CODECS = ("fp32", "bf16", "fp16", "int8", "e3m0", "int2", "topk")
 WIRE_CODECS = (*BUILTIN_WIRE_CODECS, "hivemind-float16", "hivemind-uniform8bit")
 REFUSAL_CODES = (  # swarm.dataplane.REFUSAL_CODES plus "other"
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
-    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "flood", "other",
+    "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "flood",
+    "rate_limited", "other",
 )
 DROP_REASONS = (  # swarm.dataplane.DROP_REASONS plus "other"
     "deadline", "no_route", "refused", "peer_lost", "stage_moved", "downstream", "error", "other",
@@ -75,6 +77,7 @@ class NodeMetricFamilies:
         self._define_pipeline()
         self._define_outer()
         self.registry.register(_BannedPeers(self))
+        self.registry.register(_AdmissionRefusals())
 
     def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
@@ -314,4 +317,22 @@ class _BannedPeers:
                 continue
         for left, peer, where in sorted(bans, reverse=True)[:MAX_BANNED_SERIES]:
             family.add_metric([peer, where], round(left, 1))
+        yield family
+
+
+class _AdmissionRefusals:
+    """``protoswarm_admission_refused_total{handler, code}``: streams and requests refused before a byte of
+    them was read (protocol/admission.py: banned, flood, rate_limited). Read at scrape time; the labels
+    are this node's handler names and the three codes, so the series count is fixed."""
+
+    NAME = f"{NAMESPACE}_admission_refused"
+
+    def describe(self):
+        return [CounterMetricFamily(self.NAME, "", labels=("handler", "code"))]
+
+    def collect(self):
+        family = CounterMetricFamily(self.NAME, "Streams and requests refused before a byte was read, by handler and "
+                                     "why (banned, flood, rate_limited).", labels=("handler", "code"))
+        for (handler, code), count in sorted(REFUSED.items()):
+            family.add_metric([handler, code], count)
         yield family

@@ -34,8 +34,16 @@ from typing import Any
 from node.config import RunConfig
 from node.metrics import NodeMetrics
 from node.stage_store import StageStore
+from protocol.admission import Admission
 from protocol.messages import StageRecord
-from swarm.exchange import BALANCED_HANDLER, HANDLER, BalancedExchange, FragmentExchange, RoundKey
+from swarm.exchange import (
+    BALANCED_HANDLER,
+    EXCHANGE_STREAM_LIMITS,
+    HANDLER,
+    BalancedExchange,
+    FragmentExchange,
+    RoundKey,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +106,13 @@ class ReplicaSync:
 
     async def register(self) -> None:
         handler = BALANCED_HANDLER if self.cfg.exchange.mode == "balanced" else HANDLER
-        await self.p2p.add_binary_stream_handler(handler, self._on_stream)
+        # Streams per peer, checked before a byte is read; a peer the current exchange banned is refused there.
+        self.admission = Admission(handler, EXCHANGE_STREAM_LIMITS, banned=self._banned, wire_limits=self.cfg.wire.limits())
+        await self.p2p.add_binary_stream_handler(handler, self.admission.wrap(self._on_stream))
+
+    def _banned(self, peer: str) -> float:
+        exchange = self.exchange
+        return exchange.strikes.banned_for(peer) if exchange is not None else 0.0
 
     async def _on_stream(self, info, reader, writer) -> None:
         exchange = self.exchange

@@ -97,6 +97,9 @@ class NodeServices:
                            if self.sync is not None and self.sync.exchange is not None else {})
         metrics.watch_bans("pipeline", lambda: self.pipeline.plane.strikes.banned()
                            if self.pipeline is not None and self.pipeline.plane is not None else {})
+        admissions = [server.admission, dialback.admission]  # floods refused before a byte was read
+        metrics.watch_bans("admission", lambda: {peer: left for gate in self._admissions(admissions)
+                                                 for peer, left in gate.strikes.banned().items()})
         loop = asyncio.get_running_loop()
         if self.cfg.diloco.enabled:
             self.sync = ReplicaSync(self.cfg, metrics, loop, self.p2p, peer_id, self.run_id)
@@ -107,6 +110,12 @@ class NodeServices:
             if self.sync is not None:
                 self.pipeline.step_hooks.append(self.sync.after_step)
             await self.pipeline.setup(self.p2p, peer_id, self.run_id)
+
+    def _admissions(self, fixed: list) -> list:
+        """The admissions of every handler this node serves now (protocol/admission.py)."""
+        plane = self.pipeline.plane if self.pipeline is not None else None
+        return fixed + [gate for gate in (getattr(self.sync, "admission", None),
+                                          plane.server.admission if plane is not None else None) if gate is not None]
 
     def reachable(self) -> str:
         """This node's reachability as peers found it: "public", "private" or "" (not known yet)."""

@@ -9,7 +9,10 @@
   the size cap checked before reading, ``read_frame``/``write_frame``/``FrameDecoder``; ``FrameHook``
   and ``set_frame_hook``, what the simulator's emulated link (``swarm.sim.link``) plugs in as.
 - ``protocol.streams``    messages on asyncio streams (hivemind P2P binary streams): ``request`` and
-  ``serve_stream``, which answers bad input with an ``ErrorReply`` instead of failing.
+  ``serve_stream``, which answers bad input with an ``ErrorReply`` instead of failing; the bounded
+  per-peer tables ``PeerStrikes`` (offences, bans) and ``RateLimiter`` (token buckets).
+- ``protocol.admission``  ``Admission``: a peer's stream or request refused (banned, flood,
+  rate_limited) before a byte of it is read; ``StreamLimits``; ``REFUSED`` counts per handler and code.
 - ``protocol.tensors``    tensors on the wire: descriptors, ``WireLimits`` caps, ``encode_tensor`` /
   ``decode_tensor``, integer wire types for token ids; ``WireConfig``, the ``[wire]`` config section.
 - ``protocol.settings``   what every layer's config sections are built from: ``ConfigError`` and the

@@ -100,6 +100,16 @@ class NonFiniteError(TensorError):
 
 
 
+class RateLimited(ProtocolError):
+    """The peer asks more often than a handler serves one peer; ``retry_after``: seconds until it would."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RemoteError(ProtocolError):
     """The peer answered with an :class:`~protocol.messages.ErrorReply`; ``remote_code`` says why."""
 
@@ -126,6 +136,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
         UnknownCodec,
         TensorError,
         NonFiniteError,
+        RateLimited,
         RemoteError,
     )
 )

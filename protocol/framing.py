@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Protocol
 
 from protocol.errors import (
@@ -177,8 +178,12 @@ async def read_frame(
     *,
     timeout: float | None = None,
     idle_timeout: float | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> bytes | None:
     """Next frame body from ``reader``, or None on a clean end of stream between frames.
+
+    ``on_start()`` runs when the frame's first byte has arrived, before the rest of it is read: an
+    admission check that raises (e.g. :class:`~protocol.errors.RateLimited`) leaves the body unread.
 
     ``idle_timeout`` bounds the wait for a frame's first byte (None: wait as long as the peer keeps
     the stream open); ``timeout`` then bounds the rest of the frame, so a peer that trickles bytes
@@ -191,6 +196,8 @@ async def read_frame(
             first = await reader.read(1)
         if not first:
             return None
+        if on_start is not None:
+            on_start()
         async with asyncio.timeout(timeout) as whole:
             prefix = first + await reader.readexactly(PREFIX_BYTES - 1)
             length, crc = parse_prefix(prefix, limits)

@@ -445,6 +445,6 @@ class ErrorReply(Message):
 
     @classmethod
     def from_error(cls, exc: BaseException, max_len: int = 500) -> ErrorReply:
-        code = getattr(exc, "code", "internal")
-        return cls(code=code if code in ERROR_CODES else "protocol", message=str(exc)[:max_len])
+        code, retry_after = getattr(exc, "code", "internal"), getattr(exc, "retry_after", None)
+        return cls(code=code if code in ERROR_CODES else "protocol", message=str(exc)[:max_len], retry_after=retry_after)
 

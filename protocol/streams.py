@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from protocol.errors import ChecksumError, ConnectionLost, ProtocolError, RemoteError, StreamIdle
+from protocol.errors import ChecksumError, ConnectionLost, ProtocolError, RateLimited, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import ErrorReply, Message, decode_message, encode_message
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
@@ -34,7 +34,9 @@ FRAME_TIMEOUT = 60.0  # seconds from a frame's first byte to its last
 WRITE_TIMEOUT = 60.0  # seconds for the peer to take one frame we send
 IDLE_TIMEOUT = 600.0  # seconds a served stream may sit idle between requests
 MAX_REFUSALS = 16  # refused requests on one stream before it is closed
-MAX_TRACKED_PEERS = 4096  # peers a PeerStrikes table remembers at most
+MAX_TRACKED_PEERS = 4096  # peers a PeerStrikes (offences) or RateLimiter table remembers at most
+MAX_BANS = 4096  # bans a PeerStrikes table holds at once
+REFUSED_LINGER_S = 0.5  # a request refused unread: how long the rest of its input is discarded before closing
 REFUSAL_LOG_EVERY_S = 10.0  # one log line per refusal code at most this often (the counts stay in metrics)
 
 
@@ -71,61 +73,105 @@ class PeerStrikes:
     """Offences per peer within a sliding window, and the bans they earn; bounded in memory.
 
     :meth:`strike` records one offence; the ``limit``-th within ``window_s`` bans the peer for ``ban_s``
-    and clears its offences, so a peer that keeps offending while banned is banned again. Each peer
-    holds at most ``limit`` timestamps, and at most ``max_peers`` peers are remembered: the one struck
-    least recently is forgotten first. A flood of fresh identities therefore costs a fixed amount of
-    memory; at worst it makes the node forget an old offender (or lift its ban) early.
+    and clears its offences, so a peer that keeps offending while banned is banned again.
+
+    Two bounded tables. Offences: each peer holds at most ``limit`` timestamps and at most ``max_peers``
+    peers are remembered, the one struck least recently forgotten first. Bans: at most ``max_bans``
+    peers, kept apart from the offences, so a flood of fresh identities that each offend once washes
+    out only offences (never a ban). When ``max_bans`` bans are in force at once, a new one displaces
+    the ban that ends soonest (``displaced`` counts them). The bound: to lift a ban early, a flood has
+    to earn ``max_bans`` bans of its own, ``limit`` offences from each of as many identities, within
+    that ban's remaining time, and every identity it used is banned in turn.
     """
 
     def __init__(self, limit: int, window_s: float, ban_s: float, *, max_peers: int = MAX_TRACKED_PEERS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if limit < 1 or max_peers < 1 or not window_s > 0 or not ban_s > 0:
-            raise ValueError("PeerStrikes needs limit >= 1, max_peers >= 1 and positive window_s and ban_s")
-        self.limit, self.window_s, self.ban_s, self.max_peers = int(limit), window_s, ban_s, int(max_peers)
+                 max_bans: int = MAX_BANS, clock: Callable[[], float] = time.monotonic) -> None:
+        if limit < 1 or max_peers < 1 or max_bans < 1 or not window_s > 0 or not ban_s > 0:
+            raise ValueError("PeerStrikes needs limit, max_peers and max_bans >= 1 and positive window_s and ban_s")
+        self.limit, self.window_s, self.ban_s = int(limit), window_s, ban_s
+        self.max_peers, self.max_bans = int(max_peers), int(max_bans)
         self._clock = clock
-        # peer -> (offence times within the window, end of its ban or 0.0); least recently struck first
-        self._peers: collections.OrderedDict[str, tuple[collections.deque[float], float]] = collections.OrderedDict()
+        # peer -> its offence times within the window; least recently struck first
+        self._offences: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self._bans: dict[str, float] = {}  # peer -> the end of its ban
         self.bans = 0  # bans imposed so far
+        self.displaced = 0  # bans ended early to make room for a newer one (max_bans in force)
 
     def strike(self, peer: str) -> bool:
         """Count one offence by ``peer``; True when it earned a ban just now."""
         now = self._clock()
-        times, until = self._peers.pop(peer, None) or (collections.deque(maxlen=self.limit), 0.0)
+        times = self._offences.pop(peer, None) or collections.deque(maxlen=self.limit)
         while times and now - times[0] >= self.window_s:
             times.popleft()
         times.append(now)
-        banned = len(times) >= self.limit
-        if banned:
-            times.clear()
-            until = now + self.ban_s
-            self.bans += 1
-        self._peers[peer] = (times, until)
-        while len(self._peers) > self.max_peers:
-            self._peers.popitem(last=False)
-        return banned
+        if len(times) >= self.limit:
+            self._ban(peer, now)
+            return True
+        self._offences[peer] = times
+        while len(self._offences) > self.max_peers:
+            self._offences.popitem(last=False)
+        return False
+
+    def _ban(self, peer: str, now: float) -> None:
+        self.bans += 1
+        if peer not in self._bans and len(self._bans) >= self.max_bans:
+            for other in [p for p, until in self._bans.items() if until <= now]:
+                del self._bans[other]
+            if len(self._bans) >= self.max_bans:
+                del self._bans[min(self._bans, key=self._bans.__getitem__)]
+                self.displaced += 1
+        self._bans[peer] = now + self.ban_s
 
     def banned_for(self, peer: str) -> float:
         """Seconds ``peer``'s ban still lasts (0.0: not banned)."""
-        entry = self._peers.get(peer)
-        if entry is None or not entry[1]:
+        until = self._bans.get(peer)
+        if until is None:
             return 0.0
-        times, until = entry
         left = until - self._clock()
         if left > 0:
             return left
-        if times:
-            self._peers[peer] = (times, 0.0)
-        else:
-            del self._peers[peer]  # nothing left to remember
+        del self._bans[peer]  # served
         return 0.0
 
     def banned(self) -> dict[str, float]:
-        """Every peer banned now → seconds its ban still lasts (at most ``max_peers`` entries)."""
+        """Every peer banned now → seconds its ban still lasts (at most ``max_bans`` entries)."""
         now = self._clock()
-        return {peer: until - now for peer, (_, until) in list(self._peers.items()) if until > now}
+        return {peer: until - now for peer, until in list(self._bans.items()) if until > now}
 
     def __len__(self) -> int:
-        return len(self._peers)
+        """Entries held: peers with offences in the window plus peers with a ban (expired ones included
+        until they are looked up)."""
+        return len(self._offences) + len(self._bans)
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up; bounded in memory.
+
+    At most ``max_keys`` keys are held, the one used least recently forgotten first: at worst a flood of
+    fresh identities hands an old key a full bucket again (``burst`` requests), never more.
+    """
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = MAX_TRACKED_PEERS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0 or not burst >= 1 or max_keys < 1:
+            raise ValueError("RateLimiter needs rate > 0, burst >= 1 and max_keys >= 1")
+        self.rate, self.burst, self.max_keys, self._clock = float(rate), float(burst), int(max_keys), clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens from ``key``'s bucket: 0.0 when they were there, else the seconds until they
+        will be (nothing is taken then)."""
+        now = self._clock()
+        tokens, at = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        wait = 0.0 if tokens >= cost else (cost - tokens) / self.rate
+        self._buckets[key] = (tokens - cost if not wait else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 async def send_message(
@@ -195,6 +241,7 @@ async def serve_stream(
     on_frame: Callable[[int], None] | None = None,
     on_sent: Callable[[Message, int], None] | None = None,
     peer: str = "?",
+    admit: Callable[[], None] | None = None,
 ) -> None:
     """Answer each request on one stream with ``await handle(msg)`` until the peer closes it.
 
@@ -205,15 +252,18 @@ async def serve_stream(
     is logged and answered with ``internal``. The stream is closed after ``max_refusals`` refusals,
     when the peer does not take a reply within ``write_timeout``, or after ``idle_timeout`` of silence.
 
-    ``on_frame(nbytes)`` sees the size of each request frame before it is decoded; ``on_sent(reply,
-    nbytes)`` each handler reply once it was written (error replies excluded). Both count bytes.
+    ``on_frame(nbytes)`` sees each request frame's size before it is decoded; ``on_sent(reply, nbytes)``
+    each handler reply once written (not error replies). ``admit()`` runs as each request after the
+    first begins to arrive: raising :class:`RateLimited` refuses it unread and closes the stream.
     """
     replies = _Replies(writer=writer, limits=limits, write_timeout=write_timeout, peer=peer,
                        max_refusals=max_refusals, on_error=on_error, on_sent=on_sent)
+    on_start = None
     try:
         while True:
             try:
-                body = await read_frame(reader, limits, timeout=frame_timeout, idle_timeout=idle_timeout)
+                body = await read_frame(reader, limits, timeout=frame_timeout, idle_timeout=idle_timeout,
+                                        on_start=on_start)
             except ChecksumError as exc:  # the whole frame was consumed: still in sync
                 if not await replies.refuse(exc):
                     return
@@ -221,9 +271,14 @@ async def serve_stream(
             except (ConnectionLost, StreamIdle) as exc:  # not offences: the stream just ends
                 logger.debug("peer %s: closing the stream (%s)", peer, exc)
                 return
+            except RateLimited as exc:  # the request is left unread; the reply must not be reset away
+                if await replies.refuse(exc):
+                    await linger(reader, REFUSED_LINGER_S)
+                return
             except ProtocolError as exc:
                 await replies.refuse(exc)
                 return
+            on_start = admit
             if body is None:
                 return
             if on_frame is not None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from protocol.admission import Admission, StreamLimits
 from protocol.errors import MalformedMessage, ProtocolError
 from protocol.messages import MAX_DIALBACK_PORTS, DialbackReply, DialbackRequest, ErrorReply, Message
 from protocol.streams import PeerStrikes, request, serve_stream
@@ -78,9 +79,12 @@ class DialbackServer:
         self.strikes = PeerStrikes(peer_strikes, ban_s, ban_s, clock=clock)
         self._last: collections.OrderedDict[str, float] = collections.OrderedDict()  # peer -> last dial (bounded)
         self.stats: collections.Counter[str] = collections.Counter()
+        # streams and requests per peer, checked before a byte is read (an honest peer asks a few times a run)
+        self.admission = Admission(HANDLER, StreamLimits(max_streams=2, rate=1.0, burst=8.0),
+                                   banned=self.strikes.banned_for, wire_limits=limits, clock=clock)
 
     async def register(self, p2p: Any) -> None:
-        await p2p.add_binary_stream_handler(HANDLER, self._on_stream)
+        await p2p.add_binary_stream_handler(HANDLER, self.admission.wrap(self._on_stream))
 
     async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer, ip = str(info.peer_id), observed_ip(getattr(info, "addr", ""))
@@ -93,7 +97,8 @@ class DialbackServer:
                 self._on_error(exc)
             self.strikes.strike(peer)
 
-        await serve_stream(reader, writer, handle, self.limits, on_error=on_error, peer=peer)
+        await serve_stream(reader, writer, handle, self.limits, on_error=on_error, peer=peer,
+                           admit=lambda: self.admission.request(peer))
 
     async def handle(self, msg: Message, peer: str, ip: str) -> Message:
         """The reply to one request from ``peer`` whose stream came from ``ip`` ("" when relayed)."""

@@ -30,9 +30,13 @@ by a fixed total time unless the caller gives ``timeout``; with a ``cache`` (swa
 every verified chunk is kept on disk and a retried or restarted download fetches only the chunks it
 lacks. Every failure is a :class:`StateTransferError` naming the peer, the stage and a reason.
 Refusals the server sends on purpose are ``ErrorReply`` codes: ``wrong_run``, ``wrong_stage``,
-``no_state``, ``stale`` and ``banned``; malformed requests are refused by ``serve_stream`` and counted
-through ``on_error``. Malformed requests and requests for another run are strikes: a peer with
-``peer_strikes`` of them within ``ban_s`` is refused (``banned``) for ``ban_s``.
+``no_state``, ``stale``, ``banned`` and ``rate_limited``; malformed requests are refused by ``serve_stream``
+and counted through ``on_error``. Malformed requests and requests for another run are strikes: a peer with
+``peer_strikes`` of them within ``ban_s`` is refused (``banned``) for ``ban_s``, before a byte of its
+streams is read (protocol/admission.py, which also bounds streams and requests per peer). A peer may ask
+for a manifest once every 5 s (after a burst of 4), and a state serialized within the last 10 s is served
+again as it is, so a flood of state requests, from however many identities, copies and serializes the
+state at most once every 10 s.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from protocol.admission import Admission, StreamLimits
 from protocol.errors import MalformedMessage, ProtocolError, RemoteError, short_repr
 from protocol.messages import ErrorReply, Message, StateChunk, StateChunkRequest, StateManifest, StateRequest
-from protocol.streams import PeerStrikes, request, serve_stream
+from protocol.streams import PeerStrikes, RateLimiter, request, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.chunk_cache import ChunkCache
 from swarm.state_codec import (  # StageSnapshot, the codec and the digest are imported from here too
@@ -68,6 +73,12 @@ __all__ = ["StageSnapshot", "StageStateServer", "StateTransferError", "decode_sn
 
 logger = logging.getLogger(__name__)
 
+# Per peer: a state download opens one stream a donor and asks a manifest, then one request a chunk
+# (4 MiB: 128 a second is 4 Gbit/s).
+STATE_STREAM_LIMITS = StreamLimits(max_streams=4, rate=128.0, burst=256.0)
+MANIFESTS_PER_S = 0.2  # state requests a second per peer, after a burst of 4 (an honest joiner asks once a try)
+RESERIALIZE_S = 10.0  # a serialization this young is served again rather than copying the state anew
+
 
 class StateTransferError(Exception):
     """A stage-state download failed. ``reason`` is short and stable (a metric label, e.g. ``stale``,
@@ -84,6 +95,7 @@ class _Serialized:
     key: tuple[str, int, int, int]  # (part, stage, step, round_id) the bytes were taken at
     manifest: StateManifest
     data: torch.Tensor  # uint8, the serialized state
+    made_at: float  # time.monotonic() when it was serialized
 
 
 class StageStateServer:
@@ -100,10 +112,14 @@ class StageStateServer:
                  limits: WireLimits = DEFAULT_LIMITS, chunk_bytes: int = 4 << 20,
                  on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2,
                  consensus: Callable[[], StageSnapshot | None] | None = None, peer_strikes: int = 8,
-                 ban_s: float = 60.0):
+                 ban_s: float = 60.0, stream_limits: StreamLimits = STATE_STREAM_LIMITS,
+                 manifests_per_s: float = MANIFESTS_PER_S, reserialize_s: float = RESERIALIZE_S):
         """``consensus()``: the state every replica of the stage agrees on (``StateRequest.part ==
         "consensus"``), or None when this node has no such thing. ``on_error(exc)`` sees every
-        malformed request (metrics); ``peer_strikes`` offences within ``ban_s`` ban a peer for ``ban_s``."""
+        malformed request (metrics); ``peer_strikes`` offences within ``ban_s`` ban a peer for ``ban_s``.
+        ``stream_limits``: streams and requests per peer (protocol/admission.py); ``manifests_per_s``: state
+        requests per peer (a burst of 4); ``reserialize_s``: a state serialized this recently is served as it
+        is, however far training moved since (0: always the current state)."""
         if not 0 < chunk_bytes <= limits.max_frame_bytes - FRAME_SLACK:
             raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - FRAME_SLACK}")
         if keep_snapshots < 1:
@@ -115,9 +131,12 @@ class StageStateServer:
         self._lock = asyncio.Lock()  # one serialization at a time; concurrent joiners share it
         self.strikes = PeerStrikes(peer_strikes, ban_s, ban_s)  # bounded per peer
         self.stats: collections.Counter[str] = collections.Counter()
+        self.admission = Admission(self.HANDLER, stream_limits, banned=self.strikes.banned_for, wire_limits=limits)
+        self._manifests = RateLimiter(manifests_per_s, 4)
+        self._reserialize_s = reserialize_s
 
     async def register(self, p2p: Any) -> None:
-        await p2p.add_binary_stream_handler(self.HANDLER, self._on_stream)
+        await p2p.add_binary_stream_handler(self.HANDLER, self.admission.wrap(self._on_stream))
 
     async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)
@@ -130,7 +149,8 @@ class StageStateServer:
                 self._on_error(exc)
             self._strike(peer, exc.code)
 
-        await serve_stream(reader, writer, handle, self.limits, on_error=on_error, peer=peer)
+        await serve_stream(reader, writer, handle, self.limits, on_error=on_error, peer=peer,
+                           admit=lambda: self.admission.request(peer))
 
     async def handle(self, msg: Message, peer: str = "?") -> Message:
         """The reply to one request (public so a wrapper or a test can drive it without a stream)."""
@@ -158,6 +178,12 @@ class StageStateServer:
             self._strike(peer, "wrong_run")
             text = f"this node trains run {short_repr(self.run_id)}, not {short_repr(msg.run_id)}"
             return self._refuse("wrong_run", text)
+        if (wait := self._manifests.take(peer)) > 0:
+            return self._refuse("rate_limited", "too many state requests from this peer", retry_after=wait)
+        recent = self._recent(msg.part, msg.stage)
+        if recent is not None:  # serialized moments ago: no new copy of the state, however far training moved
+            self.stats["manifests_reused"] += 1
+            return recent.manifest
         source = self._snapshot if msg.part == "all" else self._consensus
         snap = source() if source is not None else None
         if snap is None:
@@ -173,7 +199,7 @@ class StageStateServer:
                 started = time.perf_counter()
                 manifest, data = await asyncio.to_thread(
                     encode_snapshot, snap, self.run_id, self.chunk_bytes, self.limits)
-                cached = self._cache[manifest.digest] = _Serialized(key, manifest, data)
+                cached = self._cache[manifest.digest] = _Serialized(key, manifest, data, time.monotonic())
                 while len(self._cache) > self._keep:
                     self._cache.popitem(last=False)
                 logger.info("stage %d step %d: serialized %d bytes, %d chunks, digest %s, in %.2f s",
@@ -183,6 +209,15 @@ class StageStateServer:
         logger.info("peer %s: stage %d step %d: sending manifest %s", peer, snap.stage, snap.step,
                     cached.manifest.digest[:12])
         return cached.manifest
+
+    def _recent(self, part: str, stage: int) -> _Serialized | None:
+        """The newest serialization of ``part`` of ``stage`` if it is younger than ``reserialize_s``."""
+        now = time.monotonic()
+        for held in reversed(self._cache.values()):
+            if held.key[0] == part and held.key[1] == stage and now - held.made_at < self._reserialize_s:
+                self._cache.move_to_end(held.manifest.digest)
+                return held
+        return None
 
     def _chunk(self, msg: StateChunkRequest, peer: str) -> Message:
         if msg.run_id != self.run_id:

@@ -22,6 +22,7 @@ DENSE_BYTES_PER_VALUE = 2  # the reference a compression ratio is quoted against
 REFUSAL_CODES = (
     "wrong_run", "wrong_stage", "basis", "shape", "route", "unknown_microbatch", "duplicate", "busy",
     "banned", "downstream", "expired", "no_stage", "bad_reply", "loss", "outlier", "no_route", "flood",
+    "rate_limited",
 )
 # Refusals that say "healthy, not ready yet": the sender waits BUSY_PAUSE_S and asks the same replica again
 # (within the microbatch's budget) instead of counting a failure. busy: its queue is full; no_route: a middle
@@ -32,7 +33,8 @@ DROP_REASONS = ("deadline", "no_route", "refused", "peer_lost", "stage_moved", "
 BUSY_PAUSE_S = 0.5  # wait before asking full replicas again (also the retry_after a busy refusal carries)
 MAX_BATCH = 4096  # sequences in one received microbatch; more is refused as a malformed shape
 # Refusals that are the sender's fault (strikes toward a ban); the others are load or our own state.
-OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier", "flood"})
+OFFENCES = frozenset({"wrong_run", "basis", "shape", "route", "unknown_microbatch", "duplicate", "outlier"})
+# (flood and rate_limited are struck by the handler's admission: protocol/admission.py)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +59,11 @@ class DataplaneConfig:
         "together); more are refused as 'flood' before a byte of them is read. An honest stage-0 node holds at "
         "most max_inflight + 1."
     )
+    max_requests_per_s: float = setting(
+        500.0, "Pipeline streams and requests one peer may open or send a second (training, evaluation and "
+        "liveness together; twice that at once after a quiet spell); more are refused as 'rate_limited' before "
+        "a byte of them is read. An honest stage-0 node sends one stream per microbatch and one ping a second."
+    )
     ban_base_s: float = setting(2.0, "First ban of a next-stage replica after a hard error (doubles per repeat).")
     ban_max_s: float = setting(60.0, "Longest such ban (seconds).")
     peer_strikes: int = setting(8, "Bad frames from one peer before its requests are refused for ban_max_s.")
@@ -79,8 +86,8 @@ class DataplaneConfig:
     )
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_inflight", "max_queue", "max_stash", "max_streams_per_peer", "microbatch_timeout_s",
-                       "ban_base_s", "ban_max_s", "peer_strikes", "outlier_ratio")
+        check_positive(self, "max_inflight", "max_queue", "max_stash", "max_streams_per_peer", "max_requests_per_s",
+                       "microbatch_timeout_s", "ban_base_s", "ban_max_s", "peer_strikes", "outlier_ratio")
         if self.backward not in ("recompute", "stash"):
             raise ConfigError(f"dataplane.backward must be 'recompute' or 'stash', got {self.backward!r}")
         if self.liveness_s < 0:

@@ -69,9 +69,10 @@ class DataPlane:
         return self.state.val_losses
 
     async def register(self) -> None:
-        await self.state.p2p.add_binary_stream_handler(HANDLER, self.server.on_stream)
-        await self.state.p2p.add_binary_stream_handler(EVAL_HANDLER, self.server.on_eval_stream)
-        await self.state.p2p.add_binary_stream_handler(PING_HANDLER, self.server.on_ping)
+        gate = self.server.admission.wrap  # one admission for the three: limits per peer across them
+        await self.state.p2p.add_binary_stream_handler(HANDLER, gate(self.server.on_stream))
+        await self.state.p2p.add_binary_stream_handler(EVAL_HANDLER, gate(self.server.on_eval_stream))
+        await self.state.p2p.add_binary_stream_handler(PING_HANDLER, gate(self.server.on_ping))
 
     def attach(self, compute: StageCompute | None) -> None:
         """Serve ``compute``'s stage from now on (None: serve nothing); the routes are for its next stage."""

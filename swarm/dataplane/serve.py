@@ -26,17 +26,17 @@ from typing import Any
 
 import torch
 
+from protocol.admission import Admission, StreamLimits
 from protocol.errors import ProtocolError
 from protocol.framing import write_frame
-from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message, encode_message
-from protocol.streams import LogLimiter, PeerStrikes, linger, serve_stream
+from protocol.messages import ActivationFrame, ErrorReply, EvalResult, GradientFrame, Message
+from protocol.streams import LogLimiter, PeerStrikes, serve_stream
 from swarm.dataplane.config import BACKPRESSURE, BUSY_PAUSE_S, HANDLER, MAX_BATCH, OFFENCES, PONG, ScaleGuard
 from swarm.dataplane.send import HopFailed, HopSender
 from swarm.dataplane.state import PlaneState, StageCompute
 
 logger = logging.getLogger(__name__)
 _refusal_log = LogLimiter(logger)  # one line per refusal code every 10 s at most (counts: metrics)
-GATE_LINGER_S = 0.5  # a stream refused at the gate: how long its input is discarded before closing
 
 
 class _Refused(Exception):
@@ -64,46 +64,25 @@ class HopServer:
         # Finite garbage of absurd size from a neighbour: incoming activations.
         self.activation_guard = ScaleGuard(config.outlier_ratio)
         self.losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
-        self._open: collections.Counter[str] = collections.Counter()  # streams open per peer (none kept at 0)
+        # Before a byte of a stream is read (training, evaluation and liveness together): a banned peer, one
+        # holding max_streams_per_peer streams, one over max_requests_per_s (protocol/admission.py).
+        limits = StreamLimits(max_streams=config.max_streams_per_peer, rate=config.max_requests_per_s,
+                              burst=2 * config.max_requests_per_s, ban_s=config.ban_max_s)
+        self.admission = Admission(HANDLER, limits, banned=self.strikes.banned_for, on_refused=self._gate_refused,
+                                   wire_limits=state.limits)
 
-    async def _gate(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Before a stream's first frame is read: a banned peer, or one with ``dataplane.max_streams_per_peer``
-        streams open already, gets its refusal and the stream is closed (False); otherwise it is counted open.
-        What the refused peer sent is never decoded, only discarded for up to GATE_LINGER_S after the reply,
-        because closing a stream with unread input can reset it and lose the reply."""
-        if (left := self.strikes.banned_for(peer)) > 0:
-            refusal = _Refused("banned", f"too many bad frames; refused for {left:.0f} s more")
-        elif self._open[peer] >= self.state.config.max_streams_per_peer:
-            refusal = _Refused("flood", f"{self._open[peer]} streams from this peer are open already "
-                               f"(at most {self.state.config.max_streams_per_peer})")
-        else:
-            self._open[peer] += 1
-            return True
-        reply = self._refused(refusal, peer)
-        try:
-            await write_frame(writer, encode_message(reply, self.state.limits), timeout=5.0)
-            await linger(reader, GATE_LINGER_S)
-        except Exception:  # the peer went away
-            pass
-        finally:
-            writer.close()
-        return False
-
-    def _closed(self, peer: str) -> None:
-        self._open[peer] -= 1
-        if self._open[peer] <= 0:
-            del self._open[peer]
+    def _gate_refused(self, peer: str, code: str) -> None:
+        """A stream refused at admission (banned, flood, rate_limited): counted like every refusal."""
+        stats = self.state.stats
+        stats["refused"] += 1
+        stats[f"refused_{code}"] += 1
+        self.state.events.pipeline_refused(code)
 
     async def on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         evaluate: bool = False) -> None:
-        """One request stream: a training microbatch (``HANDLER``), or with ``evaluate`` an evaluation one."""
-        peer = str(info.peer_id)
-        if not await self._gate(peer, reader, writer):
-            return
-        try:
-            await self._serve(peer, reader, writer, evaluate)
-        finally:
-            self._closed(peer)
+        """One request stream (admitted already): a training microbatch (``HANDLER``), or with ``evaluate``
+        an evaluation one."""
+        await self._serve(str(info.peer_id), reader, writer, evaluate)
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      evaluate: bool) -> None:
@@ -127,23 +106,20 @@ class HopServer:
 
         timeout = state.config.microbatch_timeout_s
         await serve_stream(reader, writer, handle, state.limits, on_error=on_error, on_frame=on_frame,
-                           on_sent=on_sent, peer=peer, frame_timeout=timeout, idle_timeout=timeout)
+                           on_sent=on_sent, peer=peer, frame_timeout=timeout, idle_timeout=timeout,
+                           admit=lambda: self.admission.request(peer))
 
     async def on_eval_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.on_stream(info, reader, writer, evaluate=True)
 
     async def on_ping(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The liveness handler: answers at once, reads nothing (so there is nothing to validate)."""
-        peer = str(info.peer_id)
-        if not await self._gate(peer, reader, writer):
-            return
+        """The liveness handler (admitted already): answers at once, reads nothing (nothing to validate)."""
         try:
             await write_frame(writer, PONG, timeout=5.0)
         except Exception:  # the asker went away
             pass
         finally:
             writer.close()
-            self._closed(peer)
 
     async def handle(self, msg: Message, peer: str, nbytes: int = 0, evaluate: bool = False) -> Message:
         """The reply to one request from ``peer`` (public so tests can drive it without a stream)."""

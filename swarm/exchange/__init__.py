@@ -21,10 +21,10 @@ The outer step itself (``OuterLoop``), the schedule (``due``) and the robust mea
 
 from swarm.exchange.balanced import HANDLER as BALANCED_HANDLER
 from swarm.exchange.balanced import BalancedExchange
-from swarm.exchange.config import ExchangeConfig
+from swarm.exchange.config import EXCHANGE_STREAM_LIMITS, ExchangeConfig
 from swarm.exchange.groups import RoundKey, RoundResult, plan_groups, plan_slices
 from swarm.exchange.star import HANDLER, FragmentExchange
 from swarm.exchange.transport import chunk
 
-__all__ = ["BALANCED_HANDLER", "HANDLER", "BalancedExchange", "ExchangeConfig", "FragmentExchange", "RoundKey",
+__all__ = ["BALANCED_HANDLER", "EXCHANGE_STREAM_LIMITS", "HANDLER", "BalancedExchange", "ExchangeConfig", "FragmentExchange", "RoundKey",
            "RoundResult", "chunk", "plan_groups", "plan_slices"]

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.admission import StreamLimits
 from protocol.settings import ConfigError, check_positive, setting
+
+# Exchange streams one peer may open on this node (protocol/admission.py): a member opens one stream a
+# round to each leader, reducer or checker it sends to, a few a fragment round; floods are refused unread.
+EXCHANGE_STREAM_LIMITS = StreamLimits(max_streams=32, rate=32.0, burst=128.0)
 
 
 @dataclass(kw_only=True)

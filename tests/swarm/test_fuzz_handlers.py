@@ -45,6 +45,7 @@ from protocol.messages import (
     StateRequest,
     encode_message,
 )
+from protocol.admission import StreamLimits
 from protocol.streams import PeerStrikes, request
 from protocol.tensors import WireConfig, WireLimits
 from swarm.dataplane import EVAL_HANDLER as PIPELINE_EVAL
@@ -74,8 +75,8 @@ def test_peer_strikes_ban_in_a_window_and_stay_bounded():
     assert strikes.banned_for("a") == 0.0 and len(strikes) == 0  # a served ban leaves nothing behind
     for i in range(10_000):  # a flood of fresh identities: at most max_peers are remembered
         strikes.strike(f"sybil-{i}")
-    assert len(strikes) == 100 and max(len(t) for t, _ in strikes._peers.values()) <= 3
-    assert "sybil-9999" in strikes._peers and "sybil-0" not in strikes._peers
+    assert len(strikes) == 100 and max(len(t) for t in strikes._offences.values()) <= 3
+    assert "sybil-9999" in strikes._offences and "sybil-0" not in strikes._offences
 
 
 # ---- every case, every handler, in one process ----------------------------------------------------
@@ -142,7 +143,8 @@ async def _serve_every_handler(server, peers: list[str], node_limits: WireLimits
     exchange = FragmentExchange(server, me, RUN, 0, SIZES, config, "e3m0", limits, on_error=exchange_errors.append)
     exchange.set_peers(peers)
     await exchange.register()
-    state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, peer_strikes=10**6, on_error=state_errors.append)
+    state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, peer_strikes=10**6, on_error=state_errors.append,
+                             manifests_per_s=1e6, stream_limits=StreamLimits(max_streams=64, rate=1e6, burst=1e6))
     await state.register(server)
     return _Served(plane, exchange, state, events, exchange_errors, state_errors)
 
@@ -227,7 +229,7 @@ def test_state_server_bans_repeat_offenders_and_silent_members_cannot_hold_excha
         me, you = server.peer_id.to_base58(), client.peer_id.to_base58()
         errors, exchange_errors = [], []
         state = StageStateServer(RUN, _snapshot, limits, chunk_bytes=97, on_error=errors.append, peer_strikes=3,
-                                 ban_s=3.0)
+                                 ban_s=3.0, manifests_per_s=100.0)
         await state.register(server)
 
         async def ask(msg) -> str:

@@ -247,10 +247,10 @@ def _assert_counted_and_bounded(seen: dict, before: dict, after: dict, timings: 
                    for n in seen}
 
     def counted(names) -> int:
-        # A case without a reply counts unless the pipeline had banned the fuzzer by then: a banned peer's
-        # pipeline streams are refused when they open, before a byte is read (never decoded, never counted).
+        # A case without a reply counts unless the handler had banned the fuzzer by then: a banned peer's
+        # streams are refused when they open, before a byte is read (never decoded, never counted).
         return sum(1 for n in names for i, (_, e, o) in enumerate(seen[n]) if e.counted and (
-            o.code == e.counted or (o.reply is None and not (n == "pipeline" and i >= banned_from[n]))))
+            o.code == e.counted or (o.reply is None and not (n in ("pipeline", "state") and i >= banned_from[n]))))
 
     answered = sum(1 for n in ("pipeline", "state") for _, e, o in seen[n] if e.counted and o.code == e.counted)
     errors = _total(after, "protoswarm_protocol_errors_total") - _total(before, "protoswarm_protocol_errors_total")

@@ -175,7 +175,7 @@ def test_state_that_moves_on_mid_download():
         for keep, pending, want in [(2, [11], 10), (1, [11], 11), (1, [11, 12], None)]:
             served.update(snap=_snap(10), pending=[_snap(s) for s in pending])
             served["server"] = StageStateServer(RUN, lambda: served["snap"], LIMITS, CHUNK,
-                                                keep_snapshots=keep)
+                                                keep_snapshots=keep, reserialize_s=0.0)
             if want is None:
                 with pytest.raises(StateTransferError, match="no longer held") as info:
                     await download_stage_state(client_p2p, server_p2p.peer_id, RUN, 1, LIMITS, timeout=10)
@@ -340,3 +340,30 @@ def test_consensus_state_comes_from_several_replicas_and_resumes_when_one_leaves
             await empty.shutdown()
 
     run_p2p(5, body, timeout=60)
+
+
+def test_a_flood_of_state_requests_copies_the_state_once_and_is_rate_limited_per_peer():
+    """Training moves on every step, yet requests within reserialize_s are served the same bytes without a
+    new copy of the state; one peer gets a burst of 4 manifests, then `rate_limited` (another peer is served)."""
+    taken = []
+
+    def snapshot() -> StageSnapshot:
+        taken.append(len(taken))
+        return _snap(10 + len(taken))  # a new step at every call, as in training
+
+    async def main():
+        server = StageStateServer(RUN, snapshot, LIMITS, CHUNK, manifests_per_s=0.2, reserialize_s=60.0)
+        replies = [await server.handle(StateRequest(run_id=RUN, stage=1), "flooder") for _ in range(6)]
+        assert [getattr(r, "code", "manifest") for r in replies] == ["manifest"] * 4 + ["rate_limited"] * 2
+        assert replies[4].retry_after == pytest.approx(5.0, abs=0.5)
+        assert len({r.digest for r in replies[:4]}) == 1 and len(taken) == 1
+        assert server.stats["manifests_reused"] == 3 and server.stats["refused_rate_limited"] == 2
+        other = await server.handle(StateRequest(run_id=RUN, stage=1), "honest")
+        assert other.digest == replies[0].digest and len(taken) == 1
+        assert getattr(await server.handle(StateRequest(run_id=RUN, stage=2), "honest"), "code", "") == "wrong_stage"
+        fresh = StageStateServer(RUN, snapshot, LIMITS, CHUNK, reserialize_s=0.0)  # always the current state
+        first = await fresh.handle(StateRequest(run_id=RUN, stage=1), "p")
+        second = await fresh.handle(StateRequest(run_id=RUN, stage=1), "p")
+        assert first.digest != second.digest and len(taken) == 4
+
+    asyncio.run(main())

@@ -374,20 +374,20 @@ def test_a_stream_flood_and_a_banned_peer_are_refused_before_a_byte_is_read(tmp_
         await n1.plane.register()
         me = a.peer_id.to_base58()
         held = [await a.call_binary_stream_handler(PeerID.from_base58(n1.peer), HANDLER) for _ in range(4)]
-        await wait_for(lambda: n1.plane.server._open[me] == 4, 10, "4 streams held open, no frame sent")
+        await wait_for(lambda: n1.plane.server.admission.open_streams(me) == 4, 10, "4 streams held open, no frame sent")
         reply = await first_reply(a, n1.peer)
         assert isinstance(reply, ErrorReply) and reply.code == "flood", reply
         assert n1.refused("flood") == 1 and n1.plane.stats["served"] == 0
         for _, _, writer in held:
             writer.close()
-        await wait_for(lambda: me not in n1.plane.server._open, 10, "the held streams closed and forgotten")
+        await wait_for(lambda: n1.plane.server.admission.open_streams(me) == 0, 10, "the held streams closed and forgotten")
 
         while not n1.plane.strikes.strike(me):  # strike it to a ban
             pass
         for handler in (HANDLER, PING_HANDLER):
             reply = await first_reply(a, n1.peer, handler)
             assert isinstance(reply, ErrorReply) and reply.code == "banned", (handler, reply)
-        assert n1.refused("banned") == 2 and not n1.plane.server._open
+        assert n1.refused("banned") == 2 and n1.plane.server.admission.open_streams(me) == 0
         n1.compute.close()
 
     _run(2, body)

@@ -18,6 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.metrics import MetricsBindError, MetricsServer, NodeMetrics
+from protocol.admission import Admission
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -70,6 +71,7 @@ def serve() -> Iterator[Callable[..., MetricsServer]]:
 
 
 def test_served_families_match_the_documented_table(serve):
+    Admission("protoswarm.test.v1")  # a handler's admission: its refusal counters are served from 0
     server = serve()
     _, _, body = _get(server.url + "/metrics")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
@@ -104,6 +106,7 @@ def test_documented_types_labels_and_names_follow_prometheus_conventions(serve):
     no label can grow with the number of peers except the one-series-per-node info metric."""
     metrics = NodeMetrics()
     metrics.watch_bans("pipeline", lambda: {"QmOffender": 30.0})  # so the collector-made family has a sample
+    Admission("protoswarm.test.v1")  # ... and this one
     _, _, body = _get(serve(metrics).url + "/metrics")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     # Label names as declared (children may not exist yet): prometheus_client keeps them on the wrapper.
