@@ -37,6 +37,7 @@ from fuzz_util import (
 )
 from p2p_util import run_p2p
 
+from protocol.admission import StreamLimits
 from protocol.framing import encode_frame
 from protocol.messages import (
     FragmentPart,
@@ -45,7 +46,6 @@ from protocol.messages import (
     StateRequest,
     encode_message,
 )
-from protocol.admission import StreamLimits
 from protocol.streams import PeerStrikes, request
 from protocol.tensors import WireConfig, WireLimits
 from swarm.dataplane import EVAL_HANDLER as PIPELINE_EVAL
