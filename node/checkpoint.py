@@ -13,10 +13,12 @@ disk), :func:`load_latest` falls back to the one before it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +64,36 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` atomically; prune all but the newest ``keep``."""
+    """Write ``state`` (whose ``step`` is ``step``) as the checkpoint of ``step`` atomically; prune all
+    but the newest ``keep``."""
+    if state.get("step", step) != step:
+        raise ValueError(f"the state is of step {state.get('step')}, not {step}")
+    return write_checkpoint(directory, lambda: state, keep)[0]
+
+
+def write_checkpoint(directory: str | Path, take: Callable[[], dict[str, Any]], keep: int = 2,
+                     hold: contextlib.AbstractContextManager | None = None) -> tuple[Path, int]:
+    """Write the state ``take()`` returns as the checkpoint of its ``step``, atomically; prune all but the
+    newest ``keep``. Returns the file and the step.
+
+    ``take()`` runs and the state is serialized while ``hold`` is held (the lock of the state's owner), so
+    ``take()`` may return the live tensors: torch.save writes them into the file one at a time (a CUDA
+    tensor through one host copy of itself), with no second copy of the whole state in memory. Only the
+    serialization, into the OS page cache, is under ``hold``; the fsync and the rename are not.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(directory, step)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            with hold if hold is not None else contextlib.nullcontext():
+                state = take()
+                step = int(state["step"])
+                torch.save(state, fh)
+                del state
             fh.flush()
             os.fsync(fh.fileno())
+        final = checkpoint_path(directory, step)
         os.replace(tmp_name, final)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -93,7 +115,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
         except FileNotFoundError:
             pass
     logger.info("checkpoint step=%d written to %s", step, final)
-    return final
+    return final, step
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

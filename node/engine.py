@@ -297,15 +297,17 @@ class StageEngine:
         settings = diloco.for_units(len(units(named)))
         self.outer = OuterLoop(named, settings, **_outer_placement(outer_device, self.device))
 
-    def state(self) -> dict[str, Any]:
-        """A copy of the stage's state on the CPU (the ``stages`` entry of a checkpoint): weights, inner
-        optimizer, outer state, progress. Taken under :attr:`lock`."""
+    def state(self, copy: bool = True) -> dict[str, Any]:
+        """The stage's state (the ``stages`` entry of a checkpoint): weights, inner optimizer, outer state,
+        progress. Taken under :attr:`lock`; with ``copy`` a copy on the CPU that later steps cannot change,
+        without it the live tensors themselves (read them only while holding :attr:`lock`)."""
+        take = _copied if copy else (lambda value: value)
         with self.lock:
             return {
                 "progress": self.progress,
-                "model": _copied(self.module.state_dict()),
-                "optimizer": _copied(self.optimizer.state_dict()),
-                "outer": self.outer.state_dict() if self.outer is not None else None,  # copies already
+                "model": take(self.module.state_dict()),
+                "optimizer": take(self.optimizer.state_dict()),
+                "outer": self.outer.state_dict(copy=copy) if self.outer is not None else None,
             }
 
     def load_state(self, state: dict[str, Any], *, strict_optimizer: bool = False) -> None:

@@ -7,8 +7,9 @@ state, :class:`swarm.diloco.OuterLoop`) on disk and on the wire:
 - **Checkpoints** (docs/node.md, "Checkpoints and crashes"; the format of node/checkpoint.py) hold the
   engine state (weights, inner optimizer, outer state, progress: the learning-rate schedule's
   position), the replica-sync schedule position and the data position. :meth:`maybe_checkpoint` writes
-  one every ``train.checkpoint_every`` steps of progress: the state is copied under the engine's lock
-  (milliseconds) and written on a background thread, so training never waits for the disk.
+  one every ``train.checkpoint_every`` steps of progress, on a background thread that writes the live
+  tensors into the file under the engine's lock, one at a time with no copy of the state (training waits
+  while they go into the page cache, not for the fsync).
   :meth:`resume` loads this node's newest checkpoint of the same run, stage and model.
 - **Snapshots** for peers downloading the stage (swarm/state_transfer.py): the whole state
   (:meth:`snapshot`), or with replica sync the consensus only (:meth:`consensus_snapshot`: global copies,
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from node.checkpoint import CheckpointError, checkpoint_state, load_latest, save_checkpoint, stage_state
+from node.checkpoint import CheckpointError, checkpoint_state, load_latest, stage_state, write_checkpoint
 from node.config import RunConfig
 from node.engine import StageEngine, build_engine
 from swarm.state_transfer import StageSnapshot
@@ -179,11 +180,14 @@ class StageStore:
 
     # checkpoints -----------------------------------------------------------------------------------------
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """A copy of everything a checkpoint holds; the engine state is copied under ``lock``."""
-        schedule = self.schedule_state() if self.schedule_state is not None else None  # its own lock, not ours
+    def checkpoint_state(self, copy: bool = True, schedule: dict | None = None) -> dict[str, Any]:
+        """Everything a checkpoint holds, taken under ``lock``: with ``copy`` a copy, without it the live
+        tensors (for a writer holding ``lock``). ``schedule``: the replica-sync position (default: asked
+        now, before ``lock``: it has its own lock and must never be taken inside ours)."""
+        if schedule is None and self.schedule_state is not None:
+            schedule = self.schedule_state()
         with self.lock:
-            return checkpoint_state(self.progress, self.cfg.to_dict(), {self.stage: self.engine.state()},
+            return checkpoint_state(self.progress, self.cfg.to_dict(), {self.stage: self.engine.state(copy=copy)},
                                     run_id=self.run_id, stage=self.stage, saved_at=time.time(), schedule=schedule,
                                     data_position=self._data_position())
 
@@ -198,7 +202,7 @@ class StageStore:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current state now (after any periodic write still running)."""
         self.wait_for_checkpoint()
-        return self._write(self.checkpoint_state())
+        return self._write()
 
     def maybe_checkpoint(self) -> bool:
         """After an optimizer step: start a periodic checkpoint in the background when one is due
@@ -209,9 +213,8 @@ class StageStore:
             return False
         if self._writer is not None and self._writer.is_alive():
             return False
-        state = self.checkpoint_state()
-        self._next_save = (state["step"] // every + 1) * every
-        self._writer = threading.Thread(target=self._write_quietly, args=(state,), name="checkpoint", daemon=True)
+        self._next_save = (self.progress // every + 1) * every
+        self._writer = threading.Thread(target=self._write_quietly, name="checkpoint", daemon=True)
         self._writer.start()
         return True
 
@@ -223,20 +226,24 @@ class StageStore:
             return not writer.is_alive()
         return True
 
-    def _write(self, state: dict[str, Any]) -> Path:
+    def _write(self) -> Path:
+        """Stream the live state into a checkpoint under the engine's lock: no copy of it is made (training
+        waits while it is written into the page cache, not for the fsync; node/checkpoint.py)."""
         started = time.monotonic()
+        schedule = self.schedule_state() if self.schedule_state is not None else None  # before our lock
         with self._write_lock:
-            path = save_checkpoint(self.checkpoint_dir, state["step"], state, keep=self.cfg.train.checkpoint_keep)
-            self.saved_step = state["step"]
-        logger.info("checkpoint of stage %d at step %d saved in %s (%.2f s)", self.stage, state["step"],
+            take = lambda: self.checkpoint_state(copy=False, schedule=schedule)  # noqa: E731
+            path, step = write_checkpoint(self.checkpoint_dir, take, keep=self.cfg.train.checkpoint_keep, hold=self.lock)
+            self.saved_step = step
+        logger.info("checkpoint of stage %d at step %d saved in %s (%.2f s)", self.stage, step,
                     self.checkpoint_dir, time.monotonic() - started)
         return path
 
-    def _write_quietly(self, state: dict[str, Any]) -> None:
+    def _write_quietly(self) -> None:
         try:
-            self._write(state)
+            self._write()
         except Exception:  # a full disk must not stop training; the previous checkpoint is intact
-            logger.exception("stage %d: cannot write the checkpoint of step %d", self.stage, state["step"])
+            logger.exception("stage %d: cannot write a checkpoint at step %d", self.stage, self.progress)
 
     def _schedule_next_save(self) -> None:
         every = self.cfg.train.checkpoint_every

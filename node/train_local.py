@@ -76,8 +76,9 @@ def evaluate(chain: StageChain, batches: list[torch.Tensor]) -> float:
 
 def _checkpoint(cfg: RunConfig, chain: StageChain, step: int, position: int, result: TrainResult,
                 corpus_fingerprint: str) -> dict:
+    # The live tensors (no copy): train-local writes between steps, on the thread that takes them.
     return checkpoint_state(
-        step, cfg.to_dict(), {e.stage: e.state() for e in chain.engines}, data_position=position,
+        step, cfg.to_dict(), {e.stage: e.state(copy=False) for e in chain.engines}, data_position=position,
         corpus_fingerprint=corpus_fingerprint, train_losses=result.train_losses, val_losses=result.val_losses,
     )
 

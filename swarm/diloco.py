@@ -342,10 +342,12 @@ class OuterLoop:
         self._pending.clear()
         self.residual, self._parts = [None] * self.settings.fragments, {}
 
-    def state_dict(self) -> dict:
-        """Global copies, momenta and round counts (for checkpoints and joiners' state sync), on the CPU."""
-        return {"global": [g.to("cpu", copy=True) for g in self.global_],
-                "momentum": [m.to("cpu", copy=True) for m in self.momentum],
+    def state_dict(self, copy: bool = True) -> dict:
+        """Global copies, momenta and round counts (for checkpoints and joiners' state sync): copies on the
+        CPU, or with ``copy=False`` the live tensors (for a writer that holds the owner's lock)."""
+        take = (lambda t: t.to("cpu", copy=True)) if copy else (lambda t: t)
+        return {"global": [take(g) for g in self.global_],
+                "momentum": [take(m) for m in self.momentum],
                 "rounds_applied": list(self.rounds_applied), "last_round": list(self.last_round),
                 "chain": list(self.chain)}
 

@@ -81,22 +81,35 @@ def test_a_checkpoint_holds_weights_optimizers_outer_state_and_positions_and_res
         loop.close()
 
 
-def test_periodic_checkpoints_are_copied_at_once_and_written_in_the_background(tmp_path):
+def test_periodic_checkpoints_stream_the_live_state_in_the_background_and_stay_consistent(tmp_path):
+    """No copy of the state is made: the writer holds the engine's lock while it writes the live tensors, so
+    a checkpoint holds exactly the weights and optimizer state of the step it is named after, however
+    training went on meanwhile (its steps take the same lock)."""
     cfg = config(tmp_path)  # checkpoint_every = 3
     work = StageStore.fresh(cfg, "r", 0, tmp_path / "w")
+    first = lambda: next(work.module.parameters())  # noqa: E731
+    weights_at = {0: first().detach().clone()}
     started = []
     for i in range(7):
         step(work, i)
+        weights_at[work.progress] = first().detach().clone()
         started.append(work.maybe_checkpoint())
         if started[-1]:
-            saved_weights = next(work.module.parameters()).detach().clone()
-            with torch.no_grad():  # changed right away: the checkpoint must still hold the values it copied
-                next(work.module.parameters()).add_(1.0)
-            work.wait_for_checkpoint(30)
-            saved = torch.load(list_checkpoints(work.checkpoint_dir)[-1][1], weights_only=True)
-            assert torch.equal(next(iter(saved["stages"][0]["model"].values())), saved_weights)
-    assert started == [False, False, True, False, False, True, False]
-    assert [s for s, _ in list_checkpoints(work.checkpoint_dir)] == [3, 6] and work.saved_step == 6
+            step(work, 100 + i)  # training goes on at once, racing the writer for the lock
+            weights_at[work.progress] = first().detach().clone()
+            assert work.wait_for_checkpoint(30)
+            path = list_checkpoints(work.checkpoint_dir)[-1][1]
+            saved = torch.load(path, weights_only=True)
+            stage = saved["stages"][0]
+            assert saved["step"] == stage["progress"] == work.saved_step and path.name.endswith(f"{saved['step']:08d}.pt")
+            assert torch.equal(next(iter(stage["model"].values())), weights_at[saved["step"]])
+            assert len(stage["optimizer"]["state"]) > 0
+    assert started == [False, False, True, False, True, False, True]
+    # While training holds the lock the write cannot take the state (it would be half an update).
+    with work.lock:
+        work.progress = 12
+        assert work.maybe_checkpoint() and not work.wait_for_checkpoint(0.2)
+    assert work.wait_for_checkpoint(30) and work.saved_step == 12
 
 
 def test_a_busy_writer_delays_the_next_periodic_checkpoint_to_the_next_step(tmp_path):
