@@ -13,7 +13,8 @@ Identities rotate: the fuzzer is a pool of hivemind P2P instances (each its own 
 daemon), each retired after ``--streams-per-identity`` streams and replaced by a fresh one, so bans and
 rate limits per peer are met again and again.
 
-What it reports (one JSON object, the last line): messages and streams per handler; what came back
+What it reports (one JSON object, the last line): messages and streams per handler; the lines node 1
+logged meanwhile (refusals are logged once per code every 10 s); what came back
 (ErrorReply codes, reply types, streams ended without a reply), and how many streams were refused at
 admission, unread (``banned``, ``flood``, ``rate_limited``, protocol/admission.py) against those whose
 frames were read; crashes (node 1 or 0 dead, tracebacks or ``handler failed`` in node 1's log,
@@ -310,6 +311,11 @@ def _handlers(rng: random.Random, run: str, basis: str, cfg, manifest: StateMani
     ]
 
 
+def _log_lines(swarm) -> int:
+    log = swarm.nodes[1].log
+    return log.read_text(errors="replace").count("\n") if log.exists() else 0
+
+
 async def _honest_served(swarm, target: PeerID, run: str, limits: WireLimits, maddrs: list[str]) -> dict:
     """A peer that took no part: a ping answered, the stage state downloaded and verified, stage 0 training."""
     from swarm.dataplane.config import PING_HANDLER, PONG
@@ -355,6 +361,7 @@ async def _run(args, swarm, cfg, basis: str) -> dict:
     handlers = _handlers(rng, run, basis, cfg, manifest, identities.pool[0][0].peer_id.to_base58())
     url = swarm.metrics_url(1)
     before, group_before = _scrape(url), _tree_rss_mib(swarm.nodes[1].proc.pid)
+    lines_before = _log_lines(swarm)
     started = time.monotonic()
     try:
         await _flood(handlers, identities, target, args.messages, args.workers, started + args.minutes * 60, args.seed)
@@ -363,10 +370,11 @@ async def _run(args, swarm, cfg, basis: str) -> dict:
     flood_s = time.monotonic() - started
     await asyncio.sleep(5)  # refused streams' lingers end, the node settles
     after, group_after = _scrape(url), _tree_rss_mib(swarm.nodes[1].proc.pid)
+    log_lines = _log_lines(swarm) - lines_before
     honest = await _honest_served(swarm, target, run, limits, h1["maddrs"])
     rss = "protoswarm_process_resident_memory_bytes"
     return {"handlers": {h.name: h.report() for h in handlers}, "flood_s": round(flood_s, 1),
-            "identities_used": identities.created, "honest": honest,
+            "identities_used": identities.created, "honest": honest, "node1_log_lines_during_flood": log_lines,
             "rss_mib": {"node_before": round(before[rss] / 2**20, 1), "node_after": round(after[rss] / 2**20, 1),
                         "node_growth": round((after[rss] - before[rss]) / 2**20, 1),
                         "tree_before": group_before, "tree_after": group_after,

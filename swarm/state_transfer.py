@@ -55,7 +55,7 @@ import torch
 from protocol.admission import Admission, StreamLimits
 from protocol.errors import MalformedMessage, ProtocolError, RemoteError, short_repr
 from protocol.messages import ErrorReply, Message, StateChunk, StateChunkRequest, StateManifest, StateRequest
-from protocol.streams import PeerStrikes, RateLimiter, request, serve_stream
+from protocol.streams import LogLimiter, PeerStrikes, RateLimiter, request, serve_stream
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.chunk_cache import ChunkCache
 from swarm.state_codec import (  # StageSnapshot, the codec and the digest are imported from here too
@@ -72,6 +72,7 @@ __all__ = ["StageSnapshot", "StageStateServer", "StateTransferError", "decode_sn
            "download_stage_state", "encode_snapshot", "manifest_digest"]
 
 logger = logging.getLogger(__name__)
+_served_log = LogLimiter(logger)  # what any peer can ask for: a line per kind every 10 s at most
 
 # Per peer: a state download opens one stream a donor and asks a manifest, then one request a chunk
 # (4 MiB: 128 a second is 4 Gbit/s).
@@ -206,8 +207,8 @@ class StageStateServer:
                             snap.stage, snap.step, len(data), len(manifest.chunk_sha256),
                             manifest.digest[:12], time.perf_counter() - started)
             self._cache.move_to_end(cached.manifest.digest)
-        logger.info("peer %s: stage %d step %d: sending manifest %s", peer, snap.stage, snap.step,
-                    cached.manifest.digest[:12])
+        _served_log.info("manifest", "peer %s: stage %d step %d: sending manifest %s", peer, snap.stage, snap.step,
+                         cached.manifest.digest[:12])
         return cached.manifest
 
     def _recent(self, part: str, stage: int) -> _Serialized | None:
@@ -225,7 +226,7 @@ class StageStateServer:
             return self._refuse("wrong_run", f"this node trains run {short_repr(self.run_id)}")
         cached = self._cache.get(msg.digest)
         if cached is None:
-            logger.info("peer %s: stage %d: state %s is no longer held", peer, msg.stage, msg.digest[:12])
+            _served_log.info("stale", "peer %s: stage %d: state %s is no longer held", peer, msg.stage, msg.digest[:12])
             return self._refuse("stale", "that state is no longer held; request a new manifest")
         manifest = cached.manifest
         if msg.stage != manifest.stage or msg.index >= len(manifest.chunk_sha256):

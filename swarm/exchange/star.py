@@ -51,7 +51,7 @@ from protocol.codecs import get_codec
 from protocol.errors import ConnectionLost, MalformedMessage, ProtocolError, RemoteError, StreamIdle
 from protocol.framing import PREFIX_BYTES, write_frame
 from protocol.messages import ErrorReply, FragmentPart, encode_message
-from protocol.streams import PeerStrikes, linger
+from protocol.streams import LogLimiter, PeerStrikes, linger
 from protocol.tensors import DEFAULT_LIMITS, WireLimits
 from swarm.diloco import quantized, robust_mean
 from swarm.exchange.config import ExchangeConfig
@@ -59,6 +59,7 @@ from swarm.exchange.groups import RoundKey, RoundResult, plan_groups
 from swarm.exchange.transport import chunk, next_part
 
 logger = logging.getLogger(__name__)
+_refusal_log = LogLimiter(logger)  # a line per refusal code every 10 s at most (the counts are metrics)
 
 HANDLER = "protoswarm.diloco.v1"
 LINGER_S = 5.0  # how long a served stream waits for the member to close after the reply
@@ -340,7 +341,7 @@ class FragmentExchange:
         return encode_message(ErrorReply(code=code, message=message[:400]), self.limits)
 
     def _strike(self, peer: str, exc: ProtocolError) -> None:
-        logger.info("exchange: refused input from %s [%s] %s", peer, exc.code, exc)
+        _refusal_log.info(f"exchange:{exc.code}", "exchange: refused input from %s [%s] %s", peer, exc.code, exc)
         if self.on_error is not None:
             self.on_error(exc)
         self._offence(peer, f"malformed parts: {exc.code}")
