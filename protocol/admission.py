@@ -116,8 +116,8 @@ class Admission:
         self.refused[code] += 1
         REFUSED[(self.handler, code)] += 1
         if code != "banned" and self.strikes.strike(peer):
-            logger.warning("peer %s: %d floods of %s within %.0f s; refusing it for %.0f s", peer,
-                           self.strikes.limit, self.handler, self.limits.ban_s, self.limits.ban_s)
+            _log.warning(f"{self.handler}:ban", "peer %s: %d floods of %s within %.0f s; refusing it for %.0f s", peer,
+                         self.strikes.limit, self.handler, self.limits.ban_s, self.limits.ban_s)
         if log:  # (a refused request is logged by serve_stream's refusal)
             _log.info(f"{self.handler}:{code}", "peer %s: stream on %s refused [%s] %s", peer, self.handler, code,
                       message)

@@ -52,6 +52,13 @@ class LogLimiter:
 
     def info(self, key: str, msg: str, *args: object) -> bool:
         """Log ``msg % args`` at INFO unless ``key`` was logged within ``every``; True when it was written."""
+        return self.log_at(logging.INFO, key, msg, *args)
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """The same at WARNING (a ban: one identity of a flood each, so bounded by nothing but the flood)."""
+        return self.log_at(logging.WARNING, key, msg, *args)
+
+    def log_at(self, level: int, key: str, msg: str, *args: object) -> bool:
         now = self.clock()
         last = self._last.get(key)
         if last is not None and now - last < self.every:
@@ -61,8 +68,8 @@ class LogLimiter:
             self._last.pop(next(iter(self._last)))
         self._last[key] = now
         quiet = self._quiet.pop(key, 0)
-        self.log.info(msg + (" (and %d more like it in the last %.0f s, not logged)" if quiet else ""),
-                      *args, *((quiet, now - last) if quiet else ()))
+        self.log.log(level, msg + (" (and %d more like it in the last %.0f s, not logged)" if quiet else ""),
+                     *args, *((quiet, now - last) if quiet else ()))
         return True
 
 

@@ -171,8 +171,8 @@ class StageStateServer:
         self.stats["strikes"] += 1
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("peer %s: %d bad state requests (last: %s); refusing it for %.0f s", peer,
-                           self.strikes.limit, code, self.strikes.ban_s)
+            _served_log.warning("ban", "peer %s: %d bad state requests (last: %s); refusing it for %.0f s", peer,
+                                self.strikes.limit, code, self.strikes.ban_s)
 
     async def _manifest(self, msg: StateRequest, peer: str) -> Message:
         if msg.run_id != self.run_id:

@@ -278,5 +278,5 @@ class HopServer:
     def _strike(self, peer: str) -> None:
         if self.strikes.strike(peer):
             self.state.stats["peers_banned"] += 1
-            logger.warning("peer %s sent %d bad frames: refusing it for %.0f s", peer, self.state.config.peer_strikes,
-                           self.state.config.ban_max_s)
+            _refusal_log.warning("ban", "peer %s sent %d bad frames: refusing it for %.0f s", peer,
+                                 self.state.config.peer_strikes, self.state.config.ban_max_s)

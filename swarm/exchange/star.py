@@ -350,7 +350,7 @@ class FragmentExchange:
         """One strike against ``peer``; the ``peer_strikes``-th within ``ban_s`` bans it."""
         if self.strikes.strike(peer):
             self.stats["peers_banned"] += 1
-            logger.warning("exchange: peer %s banned for %.0f s (%s)", peer, self.config.ban_s, why)
+            _refusal_log.warning("ban", "exchange: peer %s banned for %.0f s (%s)", peer, self.config.ban_s, why)
 
 
 class _Refuse(Exception):

@@ -248,6 +248,9 @@ def test_refusal_logs_are_rate_limited_per_code_and_say_what_they_left_out(caplo
         assert log.info("outlier", "refused [%s]", "outlier")  # another code is its own key
         now[0] = 10.5
         assert log.info("shape", "refused [%s]", "shape")
+        for i in range(500):  # bans of a flood of identities: a warning, then a count
+            log.warning("ban", "peer %s banned", f"sybil-{i}")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["refused [shape]", "refused [outlier]",
-                     "refused [shape] (and 1000 more like it in the last 10 s, not logged)"]
+                     "refused [shape] (and 1000 more like it in the last 10 s, not logged)", "peer sybil-0 banned"]
+    assert caplog.records[-1].levelno == logging.WARNING
