@@ -16,6 +16,7 @@ cosine); they differ only in how the replicas agree:
 - ``streaming_topk_ef``  the largest 1/32 of each part (``topk``: 1.5 bits a value) with error feedback
 - ``streaming_e3m0_lr4e-4``  4-bit parts at the paper's inner learning rate, 4e-4
 - ``streaming_int2_ef_lr4e-4``  2-bit parts with error feedback at inner lr 4e-4 (the two best so far)
+- ``streaming_e3m0_olr0.8``  4-bit parts at twice the outer learning rate (0.8)
 - ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run)
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
@@ -156,6 +157,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_lr4e-4": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_int2_ef_lr4e-4": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "int2",
                                      "inner_lr": 4e-4},
+        "streaming_e3m0_olr0.8": {"settings": DilocoConfig(**{**streaming, "outer_lr": 0.8}), "codec": "e3m0"},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 4 // P * P)}),
                                "codec": "e3m0"},
     }
