@@ -402,13 +402,3 @@ class _NullContext:
 
     def __exit__(self, *exc) -> bool:
         return False
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes (for tests and the CLI)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -144,10 +144,7 @@ class HopServer:
 
     async def _handle(self, msg: Message, peer: str, nbytes: int) -> Message:
         start = time.monotonic()
-        frame, compute = self._admit(msg, peer, nbytes)
-        self._need_route(compute)
-        config = self.state.config
-        budget = frame.budget_s if 0 < frame.budget_s <= config.microbatch_timeout_s else config.microbatch_timeout_s
+        frame, compute, budget = self._accept(msg, peer, nbytes)
         self.state.stats["served"] += 1
         if compute.is_last:
             return await self._score(frame, compute, budget)
@@ -157,10 +154,8 @@ class HopServer:
         """An evaluation microbatch: forward only on this stage's agreed weights, then one hop on (a middle
         stage) or scored (the last stage). Nothing is stashed, no gradient taken, no step counted."""
         start = time.monotonic()
-        frame, compute = self._admit(msg, peer, nbytes)
-        self._need_route(compute)
-        config, stats = self.state.config, self.state.stats
-        budget = frame.budget_s if 0 < frame.budget_s <= config.microbatch_timeout_s else config.microbatch_timeout_s
+        frame, compute, budget = self._accept(msg, peer, nbytes)
+        stats = self.state.stats
         deadline = start + budget
         stats["eval_served"] += 1
         ids = frame.token_ids
@@ -182,6 +177,14 @@ class HopServer:
         # Ours to answer: the microbatch id the sender gave this hop (the result was checked against ours).
         return EvalResult(run_id=result.run_id, microbatch_id=frame.microbatch_id, stage=result.stage,
                           loss=result.loss, tokens=result.tokens, agreed=[tag, *result.agreed])
+
+    def _accept(self, msg: Message, peer: str, nbytes: int) -> tuple[ActivationFrame, StageCompute, float]:
+        """The frame, the stage that takes it and the seconds it may take (its budget, at most
+        ``microbatch_timeout_s``), or a refusal (below; ``no_route`` for a middle stage without one)."""
+        frame, compute = self._admit(msg, peer, nbytes)
+        self._need_route(compute)
+        limit = self.state.config.microbatch_timeout_s
+        return frame, compute, frame.budget_s if 0 < frame.budget_s <= limit else limit
 
     def _admit(self, msg: Message, peer: str, nbytes: int) -> tuple[ActivationFrame, StageCompute]:
         """The frame and the stage that takes it, or a refusal: a banned peer, a wrong frame, a full stage."""
