@@ -16,8 +16,9 @@ cosine); they differ only in how the replicas agree:
 - ``streaming_topk_ef``  the largest 1/32 of each part (``topk``: 1.5 bits a value) with error feedback
 - ``streaming_e3m0_lr4e-4``  4-bit parts at the paper's inner learning rate, 4e-4
 - ``streaming_int2_ef_lr4e-4``  2-bit parts with error feedback at inner lr 4e-4 (the two best so far)
-- ``streaming_e3m0_olr0.8``  4-bit parts at twice the outer learning rate (0.8)
-- ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run)
+- ``streaming_e3m0_olr0.8``, ``streaming_e3m0_olr1.2``  4-bit parts at outer learning rate 0.8 or 1.2 (not 0.4)
+- ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run);
+  ``streaming_e3m0_H25_olr0.8`` the same at outer lr 0.8
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
 copy of its outer-gradient part per sync for the others. ``peak_bytes_per_step`` is the most sent in
@@ -143,6 +144,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def variants(H: int, P: int) -> dict[str, dict]:
     """Each variant: the outer settings (None: data parallel), the part codec, and its extras."""
     streaming = dict(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4)
+    quarter = max(P, H // 4 // P * P)  # H/4, a multiple of P
     return {
         "data_parallel": {"settings": None, "codec": None},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
@@ -158,8 +160,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_int2_ef_lr4e-4": {"settings": DilocoConfig(**streaming, error_feedback=True), "codec": "int2",
                                      "inner_lr": 4e-4},
         "streaming_e3m0_olr0.8": {"settings": DilocoConfig(**{**streaming, "outer_lr": 0.8}), "codec": "e3m0"},
-        "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 4 // P * P)}),
-                               "codec": "e3m0"},
+        "streaming_e3m0_olr1.2": {"settings": DilocoConfig(**{**streaming, "outer_lr": 1.2}), "codec": "e3m0"},
+        "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
+        "streaming_e3m0_H25_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter, "outer_lr": 0.8}),
+                                      "codec": "e3m0"},
     }
 
 
