@@ -23,7 +23,7 @@ every process of its group: the DHT process and the libp2p daemon); and whether 
 no part in the flood is still served (a ping, the whole stage state downloaded and verified, stage 0
 still completing microbatches through node 1).
 
-    python bench/fuzz.py                      # 100,000 messages a handler (~15 min here)
+    python bench/fuzz.py                      # 100,000 messages a handler (about 6 min on 2 cores)
     python bench/fuzz.py --messages 2000      # a quick look
 
 The verdict (``ok``) requires every handler at ``--messages``, no crash, RSS growth of node 1's Python
