@@ -68,11 +68,12 @@ class HopServer:
         # holding max_streams_per_peer streams, one over max_requests_per_s (protocol/admission.py).
         limits = StreamLimits(max_streams=config.max_streams_per_peer, rate=config.max_requests_per_s,
                               burst=2 * config.max_requests_per_s, ban_s=config.ban_max_s)
-        self.admission = Admission(HANDLER, limits, banned=self.strikes.banned_for, on_refused=self._gate_refused,
+        self.admission = Admission(HANDLER, limits, banned=self.strikes.banned_for, on_refused=self._count_refusal,
                                    wire_limits=state.limits)
 
-    def _gate_refused(self, peer: str, code: str) -> None:
-        """A stream refused at admission (banned, flood, rate_limited): counted like every refusal."""
+    def _count_refusal(self, peer: str, code: str) -> None:
+        """One refusal counted (stats, events): the handler's own, or a stream's at admission (banned, flood,
+        rate_limited)."""
         stats = self.state.stats
         stats["refused"] += 1
         stats[f"refused_{code}"] += 1
@@ -132,10 +133,7 @@ class HopServer:
 
     def _refused(self, exc: _Refused, peer: str) -> ErrorReply:
         """Count, strike (for an offence), log (rate-limited) and answer one refusal."""
-        stats = self.state.stats
-        stats["refused"] += 1
-        stats[f"refused_{exc.code}"] += 1
-        self.state.events.pipeline_refused(exc.code)
+        self._count_refusal(peer, exc.code)
         if exc.code in OFFENCES:
             self._strike(peer)
         _refusal_log.info(exc.code, "refused a frame from %s: [%s] %s", peer, exc.code, exc)
