@@ -16,7 +16,10 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
 ``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
 study needs no code. Resumable (bench/resume.py): each variant at each seed is kept under
 ``--state`` when it finishes, keyed by its label and a hash of its whole resolved config; rerunning the
-same command continues (``--fresh`` starts over).
+same command continues (``--fresh`` starts over). ``--jobs N`` trains N units at a time, each in a process
+of its own (``--jobs 2`` on a 2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its
+units are kept apart from the CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's
+long runs on a lent GPU in one call).
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -35,15 +38,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, run_units
 from node.config import load_config
 from node.train_local import train_local
 
 
-def run_variant(label: str, model_overrides: list[str], common: list[str]) -> dict:
-    print(f"training {label} ({' '.join(o for o in common if 'seed' in o)}) ...", file=sys.stderr, flush=True)
+def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu") -> dict:
+    """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("local/tiny", [*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false"])
+        cfg = load_config("local/tiny", [*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
+                                         f"train.device='{device}'"])
         t0 = time.time()
         result = train_local(cfg)
     row = {
@@ -56,6 +60,7 @@ def run_variant(label: str, model_overrides: list[str], common: list[str]) -> di
         "train_loss_end": sum(v for _, v in result.train_losses[-10:]) / len(result.train_losses[-10:]),
         "tokens": result.tokens,
         "seconds": round(time.time() - t0, 1),
+        "device": device,  # an explicit device, never a fall-back (train.device)
     }
     print(json.dumps({k: v for k, v in row.items() if k != "val_curve"}), file=sys.stderr, flush=True)
     return row
@@ -106,6 +111,13 @@ def main() -> None:
     parser.add_argument("--state", help="where finished variants are kept (default bench/out/convergence-state)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished variants under --state")
     parser.add_argument("--out", default="bench/out/convergence.png", help="where to write the PNG")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG (where matplotlib is missing)")
+    parser.add_argument("--device", default="cpu", help="cpu (the default), cuda or cuda:N: a GPU's units are kept "
+                        "apart from the CPU's (bf16 autocast there, so not the same experiment)")
+    parser.add_argument("--deadline-s", type=float, help="start no unit this many seconds after the start (the "
+                        "running ones finish; exits non-zero naming the units left): for a lease of fixed length")
+    parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process "
+                        "(one torch thread each; default 1: in this process, torch's default threads)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
@@ -121,19 +133,17 @@ def main() -> None:
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
                 ("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"]),
                 *[(f"subspace k={k}", [f"model.subspace_rank={k}"]) for k in ks], *extra]
-    store = ResultStore(args.state or "bench/out/convergence-state", {"common": common}, fresh=args.fresh)
+    on_gpu = args.device != "cpu"
+    store = ResultStore(args.state or "bench/out/convergence-state",
+                        {"common": common, **({"device": args.device} if on_gpu else {})}, fresh=args.fresh)
     t0 = time.time()
+    units = [(unit_key(label, overrides, common, seed) + (f"-{args.device.replace(':', '')}" if on_gpu else ""), f"{label} (seed {seed})",
+              (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device), label, seed)
+             for seed in range(args.seeds) for label, overrides in variants]
+    done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
-    for seed in range(args.seeds):
-        for label, overrides in variants:
-            key = unit_key(label, overrides, common, seed)
-            row = store.get(key)
-            if row is None:
-                row = run_variant(label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"])
-                store.put(key, row)
-            else:
-                print(f"{label} (seed {seed}): kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
-            runs[label].append({**row, "seed": seed, **(store.commit_of(key) or {})})
+    for key, _, _, label, seed in units:
+        runs[label].append({**done[key], "seed": seed, **(store.commit_of(key) or {})})
     rows = [_mean_row(label, runs[label]) for label, _ in variants]
     by = {r["label"]: r for r in rows}
     dense, fair = by["dense"]["val_loss"], by["dense+fixed_table"]["val_loss"]
@@ -141,8 +151,9 @@ def main() -> None:
     sub = {str(r["subspace_rank"]) if r["label"].startswith("subspace k=") else r["label"]: r
            for r in rows[2:]}
     cfg = load_config("local/tiny", common)
-    plot(rows, Path(args.out), f"tiny (d=256, 8 layers, 4 stages), {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
-         f"{args.seeds} seed(s)")
+    if not args.no_plot:
+        plot(rows, Path(args.out), f"tiny (d=256, 8 layers, 4 stages), {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
+             f"{args.seeds} seed(s)")
     summary = {
         "bench": "convergence",
         "dense_val_loss": dense,
@@ -160,7 +171,8 @@ def main() -> None:
         "seeds": args.seeds,
         "reference": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
-        "plot": args.out,
+        "plot": None if args.no_plot else args.out,
+        "device": args.device,
         "quick": args.quick,
         "state": str(store.directory),
         "seconds_this_invocation": round(time.time() - t0, 1),
@@ -187,7 +199,8 @@ def _mean_row(label: str, runs: list[dict]) -> dict:
             "val_loss": statistics.fmean(losses), "val_curve": curve,
             "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
             "val_loss_per_seed": [round(v, 4) for v in losses],
-            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs})}
+            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs}),
+            "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ any one step. Validation loss is measured on the global (agreed) parameters.
 
 Resumable (bench/resume.py): each variant at each seed is saved under ``--state`` when it finishes,
 and a rerun of the same command continues from there (``--fresh`` starts over). Prints one JSON
-object as its last line and writes a PNG of the loss curves.
+object as its last line and writes a PNG of the loss curves. ``--jobs N`` trains N units at a time, each in
+a process of its own; ``--device cuda`` trains on a GPU (bf16 autocast there: its units are kept apart from
+the CPU's; bench/gpu_long.sh runs the long runs on a lent GPU in one call).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, run_units
 from node.chain import StageChain
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
@@ -61,8 +63,8 @@ class Run:
     """One variant: the replicas are production stage engines (node/engine.py) of the whole model (S = 1),
     all at the same seeded init; the inner step (AdamW, schedule, clipping) is the engine's."""
 
-    def __init__(self, cfg, samplers, val, steps: int, eval_every: int):
-        self.cfg, self.samplers, self.val = cfg, samplers, val
+    def __init__(self, cfg, samplers, val, steps: int, eval_every: int, device: str = "cpu"):
+        self.cfg, self.samplers, self.val, self.device = cfg, samplers, val, device
         self.steps, self.eval_every = steps, eval_every
         self.tokens_per_step = len(samplers) * cfg.train.batch_size * cfg.train.seq_len
         self.curve: list[tuple[int, float]] = []
@@ -71,7 +73,7 @@ class Run:
 
     def engine(self, grad_accum: int = 1) -> StageEngine:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
-        return build_engine(cfg, 0, "cpu", backward="stash")
+        return build_engine(cfg, 0, self.device, backward="stash")
 
     def record(self, step: int, engine: StageEngine) -> None:
         if step % self.eval_every == 0 or step == self.steps:
@@ -167,13 +169,32 @@ def variants(H: int, P: int) -> dict[str, dict]:
     }
 
 
-def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict) -> dict:
+def seed_setup(seed: int, steps: int, replicas: int):
+    """The configuration, the replicas' samplers (disjoint shards) and the validation batches of one seed."""
+    cfg = load_config("local/tiny", [
+        "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
+        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}",
+    ])
+    corpus = load_corpus(cfg.data)
+    samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, replicas)
+                for r in range(replicas)]
+    return cfg, samplers, validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
+
+
+def train_unit(label: str, seed: int, steps: int, H: int, P: int, replicas: int, device: str = "cpu") -> dict:
+    """One variant at one seed, from its seeded init (a worker process of ``--jobs`` runs this alone)."""
+    cfg, samplers, val = seed_setup(seed, steps, replicas)
+    torch.manual_seed(seed)
+    return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device)
+
+
+def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str = "cpu") -> dict:
     """Train one variant from its seeded init; its row (JSON-able)."""
     settings, codec = spec["settings"], spec["codec"]
     if "inner_lr" in spec:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=spec["inner_lr"]))
     started = time.time()
-    run = Run(cfg, samplers, val, steps, eval_every=max(1, H))
+    run = Run(cfg, samplers, val, steps, eval_every=max(1, H), device=device)
     if settings is None:
         run.data_parallel()
     else:
@@ -190,6 +211,7 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict) -> dict:
                                                    "requantize_mean": spec.get("requantize_mean", False)},
         "inner_lr": cfg.train.lr,
         "seconds": round(time.time() - started, 1),
+        "device": device,
     }
 
 
@@ -203,6 +225,12 @@ def main() -> None:
                         "[-quick])")
     parser.add_argument("--fresh", action="store_true", help="ignore finished variants under --state")
     parser.add_argument("--out", default="bench/out/diloco.png", help="where to write the PNG")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG (where matplotlib is missing)")
+    parser.add_argument("--device", default="cpu", help="cpu (the default), cuda or cuda:N: a GPU's units are kept "
+                        "apart from the CPU's (bf16 autocast there, so not the same experiment)")
+    parser.add_argument("--deadline-s", type=float, help="start no unit this many seconds after the start (the "
+                        "running ones finish; exits non-zero naming the units left): for a lease of fixed length")
+    parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, H, P = (240, 30, 3) if args.quick else (1200, 100, 4)
@@ -212,30 +240,22 @@ def main() -> None:
     unknown = [v for v in chosen if v not in specs]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(specs)}")
+    on_gpu = args.device != "cpu"
     store = ResultStore(args.state or f"bench/out/diloco-state{'-quick' if args.quick else ''}",
-                        {"steps": steps, "H": H, "P": P, "replicas": args.replicas}, fresh=args.fresh)
+                        {"steps": steps, "H": H, "P": P, "replicas": args.replicas,
+                         **({"device": args.device} if on_gpu else {})}, fresh=args.fresh)
     t0 = time.time()
-    per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
+    units = []
     for seed in range(args.seeds):
-        cfg = load_config("local/tiny", [
-            "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-            "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}",
-        ])
-        corpus = load_corpus(cfg.data)
-        samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, args.replicas)
-                    for r in range(args.replicas)]
-        val = validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
-        for label in chosen:
-            key = f"{label}-{config_digest(cfg.to_dict(), TRAINING_SECTIONS)}-s{seed}"  # a changed default: another unit
-            row = store.get(key)
-            if row is None:
-                print(f"training {label} (seed {seed}) ...", file=sys.stderr, flush=True)
-                torch.manual_seed(seed)
-                row = run_variant(cfg, samplers, val, steps, H, specs[label])
-                store.put(key, row)
-            else:
-                print(f"{label} (seed {seed}): kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
-            per_seed[label].append({**row, "label": label, "seed": seed, **(store.commit_of(key) or {})})
+        cfg = seed_setup(seed, steps, args.replicas)[0]
+        digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)  # a changed default: another unit
+        units += [(f"{label}-{digest}-s{seed}" + (f"-{args.device.replace(':', '')}" if on_gpu else ""),
+                   f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device), label, seed)
+                  for label in chosen]
+    done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
+    per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
+    for key, _, _, label, seed in units:
+        per_seed[label].append({**done[key], "label": label, "seed": seed, **(store.commit_of(key) or {})})
     numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
     rows = [_summarise(label, per_seed[label]) for label in chosen]
     dp = rows[0]
@@ -244,8 +264,9 @@ def main() -> None:
         row["peak_ratio_vs_data_parallel"] = dp["peak_bytes_per_step"] / row["peak_bytes_per_step"]
         row["loss_gap_pct_vs_dp"] = 100 * (row["val_loss"] / dp["val_loss"] - 1)
     tokens = steps * args.replicas * cfg.train.batch_size * cfg.train.seq_len
-    plot(rows, Path(args.out), f"tiny (S=1), {args.replicas} replicas, {tokens / 1e6:.2f}M tokens, H={H}, P={P}, "
-         f"{args.seeds} seed(s)")
+    if not args.no_plot:
+        plot(rows, Path(args.out), f"tiny (S=1), {args.replicas} replicas, {tokens / 1e6:.2f}M tokens, H={H}, P={P}, "
+             f"{args.seeds} seed(s)")
     by = {r["label"]: r for r in rows}
     summary = {
         "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
@@ -263,7 +284,7 @@ def main() -> None:
         if "streaming_e3m0" in by else None,
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
         "curves": {r["label"]: r["val_curve"] for r in rows},
-        "plot": args.out, "quick": args.quick, "state": str(store.directory),
+        "plot": None if args.no_plot else args.out, "device": args.device, "quick": args.quick, "state": str(store.directory),
         "seconds_this_invocation": round(time.time() - t0, 1),
         "seconds_training": round(sum(s["seconds"] for runs in per_seed.values() for s in runs), 1),
         "command": " ".join(["python bench/diloco.py", *sys.argv[1:]]),
@@ -281,7 +302,8 @@ def _summarise(label: str, runs: list[dict]) -> dict:
             "val_loss": mean, "val_curve": curve,
             "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
             "val_loss_per_seed": [round(v, 4) for v in losses],
-            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs})}
+            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs}),
+            "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
 if __name__ == "__main__":

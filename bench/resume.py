@@ -15,7 +15,10 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,81 @@ def config_digest(settings: dict[str, Any], sections: tuple[str, ...] | None = N
     if sections is not None:
         settings = {k: v for k, v in settings.items() if k in sections}
     return hashlib.sha256(json.dumps(kept(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Callable[..., dict[str, Any]],
+              jobs: int = 1, threads: int = 1, deadline_s: float | None = None) -> dict[str, dict[str, Any]]:
+    """Every unit's result: the kept ones from ``store``, the rest computed by ``work(*args)`` and saved
+    as each finishes. ``units``: (key, what to print, args), run in that order. ``jobs`` > 1 runs that many
+    units at a time, each in a worker process of its own (spawned, ``threads`` torch threads each); ``work``
+    must then be a module-level function. ``deadline_s``: no unit starts that many seconds after the call
+    began (the running ones finish); the units left are reported and the call exits non-zero, like a unit
+    that fails (its traceback is printed and the others go on). Finished units stay saved either way, so a
+    rerun continues."""
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for key, what, args in units:
+        row = store.get(key)
+        if row is None:
+            pending.append((key, what, args))
+        else:
+            results[key] = row
+            print(f"{what}: kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
+    failed: list[str] = []
+    queue = list(reversed(pending))
+
+    def may_start() -> bool:
+        return bool(queue) and (deadline_s is None or time.monotonic() - started < deadline_s)
+
+    if jobs <= 1:
+        while may_start():
+            key, what, args = queue.pop()
+            print(f"training {what} ...", file=sys.stderr, flush=True)
+            results[key] = work(*args)
+            store.put(key, results[key])
+    elif pending:
+        import concurrent.futures as cf
+        import multiprocessing
+        import traceback
+
+        print(f"{len(pending)} unit(s) to run, {jobs} at a time", file=sys.stderr, flush=True)
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_init, initargs=(threads,)) as pool:
+            running: dict[cf.Future, tuple[str, str]] = {}
+            try:
+                while True:
+                    while len(running) < jobs and may_start():
+                        key, what, args = queue.pop()
+                        running[pool.submit(work, *args)] = (key, what)
+                    if not running:
+                        break
+                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for future in finished:
+                        key, what = running.pop(future)
+                        try:
+                            results[key] = future.result()
+                        except Exception as exc:  # one failed unit must not lose the others
+                            failed.append(what)
+                            print(f"FAILED {what}: {exc!r}\n{''.join(traceback.format_exception(exc))}",
+                                  file=sys.stderr, flush=True)
+                            continue
+                        store.put(key, results[key])
+                        print(f"finished {what} ({len(pending) - len(queue) - len(running)}/{len(pending)})",
+                              file=sys.stderr, flush=True)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    problems = [f"{len(failed)} unit(s) failed: {', '.join(failed)}"] if failed else []
+    if queue:
+        problems.append(f"{len(queue)} unit(s) not started before the {deadline_s:g}-s deadline: "
+                        f"{', '.join(what for _, what, _ in reversed(queue))}")
+    if problems:
+        raise SystemExit("; ".join(problems) + " (the finished units are saved; rerun to continue)")
+    return results
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,3 +58,52 @@ def test_config_digest_counts_only_the_sections_a_bench_depends_on():
     assert config_digest(run, TRAINING_SECTIONS) == config_digest(with_mode, TRAINING_SECTIONS)
     assert config_digest(run) != config_digest(with_mode)  # everything counts without sections
     assert config_digest(run, TRAINING_SECTIONS) != config_digest({**run, "train": {"steps": 300}}, TRAINING_SECTIONS)
+
+
+def _square(x: int) -> dict:
+    """A unit of work for run_units (module level, so a spawned worker can import it)."""
+    if x < 0:
+        raise ValueError(f"negative {x}")
+    import os
+
+    return {"x2": x * x, "pid": os.getpid()}
+
+
+@pytest.mark.timeout(120)
+def test_run_units_runs_what_is_missing_in_worker_processes_and_saves_each(tmp_path):
+    from resume import run_units
+
+    store = ResultStore(tmp_path, {"steps": 1})
+    store.put("u1", {"x2": -1, "pid": 0})  # kept: never run again
+    units = [(f"u{x}", f"unit {x}", (x,)) for x in (1, 2, 3)]
+    done = run_units(store, units, _square, jobs=2)
+    assert [done[f"u{x}"]["x2"] for x in (1, 2, 3)] == [-1, 4, 9]
+    import os
+
+    assert os.getpid() not in {done["u2"]["pid"], done["u3"]["pid"]}  # in worker processes
+    assert ResultStore(tmp_path, {"steps": 1}).get("u3")["x2"] == 9  # saved as each finished
+    # in this process, one at a time: the same results
+    assert run_units(ResultStore(tmp_path / "seq", {}), units, _square)["u2"]["x2"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_unit_is_named_and_the_others_are_kept(tmp_path, capsys):
+    from resume import run_units
+
+    store = ResultStore(tmp_path, {})
+    with pytest.raises(SystemExit, match=re.escape("1 unit(s) failed: unit -1")):
+        run_units(store, [("bad", "unit -1", (-1,)), ("good", "unit 5", (5,))], _square, jobs=2)
+    assert store.get("good")["x2"] == 25 and store.get("bad") is None
+    assert "ValueError: negative -1" in capsys.readouterr().err
+
+
+def test_no_unit_starts_after_the_deadline_and_the_ones_left_are_named(tmp_path):
+    from resume import run_units
+
+    store = ResultStore(tmp_path, {})
+    store.put("kept", {"x2": 1})
+    with pytest.raises(SystemExit, match=re.escape("2 unit(s) not started before the 0-s deadline: unit 2, unit 3")):
+        run_units(store, [("kept", "unit 1", (1,)), ("u2", "unit 2", (2,)), ("u3", "unit 3", (3,))], _square,
+                  deadline_s=0)
+    assert store.get("u2") is None
+    assert run_units(store, [("kept", "unit 1", (1,)), ("u2", "unit 2", (2,))], _square, deadline_s=60)["u2"]["x2"] == 4

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 19's long runs on a lent GPU, in one device call: bench/convergence.py and bench/diloco.py at full
+# length, 3 seeds, `--device cuda`, many units at a time. Resumable across calls: the finished units come back
+# in one archive, are committed under bench/state/*-h200/, and travel with the tree to the next call, which
+# runs only the rest. On this 2-core machine the same tables take ~15 hours; see BENCHMARKS.md.
+#
+# The device call (run here once `bash bench/gpu_wheels.sh` has filled .whl/; carry ".whl"):
+#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site;
+#     bash bench/gpu_long.sh 420
+# then here:  tar xzf <files_at>/gpu-long.tgz   (adds the units under bench/state/), and commit them.
+#
+# The argument: seconds after which no unit starts (default 420; the running ones finish, ~1-3 min each),
+# so a 600-s call ends with every finished unit in the archive. Logs: gpu-long-*.log beside the archive.
+# GPU units use bf16 autocast, so they are kept apart from the CPU's (their own state directories, "-cuda" keys).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${1:-420}
+out=${OUT:-bench/out/gpu-long}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, numpy, msgpack; assert torch.cuda.is_available(), 'no CUDA device'"; then
+    echo '{"bench": "gpu_long", "ran": false, "why": "torch with CUDA, numpy or msgpack missing (see above)"}'
+    exit 1
+fi
+conv_state=bench/state/convergence-full-h200
+dil_state=bench/state/diloco-full-h200
+# The subspace knobs of BENCHMARKS.md "Training cost of the constraint" (step 2 and 3), at the full budget.
+knobs=(
+    --variant "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0"
+    --variant "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1"
+    --variant "k=8 tail4:model.subspace_rank=8,model.dense_tail_layers=4"
+    --variant "k=8 S=1:model.subspace_rank=8,pipeline.num_stages=1"
+    --variant "k=8 Zlr3:model.subspace_rank=8,train.subspace_lr_mult=3"
+    --variant "k=8 emblr3:model.subspace_rank=8,train.embedding_lr_mult=3"
+    --variant "k=8 gain:model.subspace_rank=8,model.table_gain=true"
+    --variant "k=8 T0.3:model.subspace_rank=8,model.fixed_table_std=0.3"
+    --variant "k=8 T0.05:model.subspace_rank=8,model.fixed_table_std=0.05"
+    --variant "k=8 rank64:model.subspace_rank=8,model.fixed_table_rank=64"
+    --variant "k=8 init0.04:model.subspace_rank=8,model.init_std=0.04"
+    --variant "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'"
+    --variant "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true"
+    --variant "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',wire.gradient_codec='int8'"
+)
+dil_variants=streaming_e3m0,streaming_e3m0_ef,streaming_e3m0_requant,streaming_int2_ef,streaming_topk_ef
+dil_variants+=,streaming_e3m0_lr4e-4,streaming_e3m0_olr0.8,streaming_e3m0_H25,diloco
+t0=$SECONDS
+# The base tables first (convergence: dense, dense + table, k = 4..32; DiLoCo: the issue's variants), side by
+# side, then the knobs with what time is left.
+{
+    "$PY" bench/convergence.py --device cuda --jobs 7 --seeds 3 --ks 4 8 16 32 --state $conv_state --no-plot \
+        --deadline-s "$budget" > "$out/gpu-long-convergence.log" 2>&1
+    left=$((budget - (SECONDS - t0)))
+    if [ "$left" -gt 0 ]; then
+        "$PY" bench/convergence.py --device cuda --jobs 7 --seeds 3 --ks 8 "${knobs[@]}" --state $conv_state \
+            --no-plot --deadline-s "$left" > "$out/gpu-long-knobs.log" 2>&1
+    fi
+} &
+"$PY" bench/diloco.py --device cuda --jobs 7 --seeds 3 --only $dil_variants --state $dil_state --no-plot \
+    --deadline-s "$budget" > "$out/gpu-long-diloco.log" 2>&1
+wait
+tar czf "$out/gpu-long.tgz" $conv_state $dil_state 2>/dev/null
+units() { find "$1" -name '*.json' 2>/dev/null | wc -l; }
+for log in "$out"/gpu-long-*.log; do echo "== $log"; tail -n 3 "$log" | cut -c1-600; done
+echo "{\"bench\": \"gpu_long\", \"ran\": true, \"seconds\": $((SECONDS - t0)), \"convergence_units\": $(units $conv_state), \"diloco_units\": $(units $dil_state), \"archive\": \"$out/gpu-long.tgz\"}"
