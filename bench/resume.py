@@ -60,8 +60,24 @@ class ResultStore:
             return None
         return saved.get("result")
 
+    def foreign(self, key: str) -> dict[str, Any] | None:
+        """The fingerprint of another configuration saved under ``key`` here (a unit that ``put`` must not
+        overwrite: say, ``--replicas 2`` pointed at the state of a 4-replica run), else None."""
+        try:
+            saved = json.loads(self._path(key).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if isinstance(saved, dict) and "fingerprint" in saved and saved["fingerprint"] != self.fingerprint:
+            return saved["fingerprint"]
+        return None
+
     def put(self, key: str, result: dict[str, Any]) -> None:
-        """Save ``result`` for ``key`` with the commit it ran at (written whole or not at all)."""
+        """Save ``result`` for ``key`` with the commit it ran at (written whole or not at all). Refuses to
+        replace a unit of another configuration (:meth:`foreign`): its result would be lost."""
+        other = self.foreign(key)
+        if other is not None:
+            raise ValueError(f"{self._path(key)} holds a unit of another configuration ({other}, not "
+                             f"{self.fingerprint}): give this run a --state of its own")
         body = json.dumps({"fingerprint": self.fingerprint, **self.here, "result": result})
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         try:
@@ -123,6 +139,10 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
         else:
             results[key] = row
             print(f"{what}: kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
+    clashes = [f"{store._path(key)} ({store.foreign(key)})" for key, _, _ in pending if store.foreign(key) is not None]
+    if clashes:  # before any training: the run could not save its results there
+        raise SystemExit(f"{store.directory} holds units of another configuration than this run's "
+                         f"({store.fingerprint}): {', '.join(clashes)}; give this run a --state of its own")
     failed: list[str] = []
     queue = list(reversed(pending))
 

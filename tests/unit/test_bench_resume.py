@@ -107,3 +107,18 @@ def test_no_unit_starts_after_the_deadline_and_the_ones_left_are_named(tmp_path)
                   deadline_s=0)
     assert store.get("u2") is None
     assert run_units(store, [("kept", "unit 1", (1,)), ("u2", "unit 2", (2,))], _square, deadline_s=60)["u2"]["x2"] == 4
+
+
+def test_a_unit_of_another_configuration_is_never_overwritten(tmp_path):
+    from resume import run_units
+
+    ResultStore(tmp_path, {"replicas": 4}).put("dp-s0", {"x2": 16})
+    other = ResultStore(tmp_path, {"replicas": 1})
+    assert other.get("dp-s0") is None and other.foreign("dp-s0") == {"replicas": 4}
+    with pytest.raises(ValueError, match="another configuration"):
+        other.put("dp-s0", {"x2": 1})
+    with pytest.raises(SystemExit, match="give this run a --state of its own"):
+        run_units(other, [("dp-s0", "dp", (1,))], _square)
+    assert ResultStore(tmp_path, {"replicas": 4}).get("dp-s0") == {"x2": 16}
+    (tmp_path / "torn.json").write_text('{"fingerprint": {"repl')
+    other.put("torn", {"x2": 1})  # a torn file is no unit: replaced
