@@ -26,10 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> dict[str, Any]:
-    """The checkout's short commit and whether it has uncommitted changes."""
+    """The checkout's short commit and whether it has uncommitted changes (the kept units under bench/state,
+    which a run writes as it goes, do not count: they would mark every later unit of the run dirty)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--", ".", ":(exclude)bench/state"))}
 
 
 class ResultStore:
