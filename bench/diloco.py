@@ -18,6 +18,8 @@ cosine); they differ only in how the replicas agree:
 - ``streaming_int2_ef_lr4e-4``  2-bit parts with error feedback at inner lr 4e-4 (the two best so far)
 - ``streaming_e3m0_olr0.8``, ``streaming_e3m0_olr1.2``  4-bit parts at outer learning rate 0.8 or 1.2 (not 0.4)
 - ``streaming_e3m0_lr4e-4_olr0.8``  both: inner lr 4e-4 and outer lr 0.8
+- ``streaming_int2_ef_lr4e-4_olr0.8``, ``streaming_e3m0_H25_lr4e-4_olr0.8``  the same two lrs with 2-bit parts and
+  error feedback, or with H/4
 - ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run);
   ``streaming_e3m0_H25_olr0.8`` the same at outer lr 0.8
 
@@ -166,6 +168,11 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_olr1.2": {"settings": DilocoConfig(**{**streaming, "outer_lr": 1.2}), "codec": "e3m0"},
         "streaming_e3m0_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "outer_lr": 0.8}), "codec": "e3m0",
                                          "inner_lr": 4e-4},
+        "streaming_int2_ef_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "outer_lr": 0.8}, error_feedback=True),
+                                            "codec": "int2", "inner_lr": 4e-4},
+        "streaming_e3m0_H25_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter,
+                                                                         "outer_lr": 0.8}),
+                                             "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
         "streaming_e3m0_H25_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter, "outer_lr": 0.8}),
                                       "codec": "e3m0"},
