@@ -72,7 +72,8 @@ class DilocoConfig:
     fragment_mode: str = setting(
         "strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous."
     )
-    outer_lr: float = setting(0.4, "Outer SGD learning rate on the averaged outer gradient.")
+    outer_lr: float = setting(0.8, "Outer SGD learning rate on the averaged outer gradient (0.8: BENCHMARKS.md, \"Streaming "
+                              "DiLoCo vs data parallel\", the full run: better than 0.4 on two seeds).")
     outer_momentum: float = setting(0.9, "Outer Nesterov momentum.")
     nesterov: bool = setting(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
     overlap: int = setting(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use "
