@@ -19,7 +19,7 @@ def test_every_convergence_knob_is_a_valid_configuration():
     knobs = re.findall(r'--variant "([^"]+)"', SCRIPT)
     assert len(knobs) >= 10
     for text in knobs:
-        label, overrides = parse_variant(text)
+        _label, overrides = parse_variant(text)
         load_config("local/tiny", [*overrides, "train.device='cuda'"])  # raises on an unknown or invalid key
 
 
