@@ -19,7 +19,7 @@ study needs no code. Resumable (bench/resume.py): each variant at each seed is k
 same command continues (``--fresh`` starts over). ``--jobs N`` trains N units at a time, each in a process
 of its own (``--jobs 2`` on a 2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its
 units are kept apart from the CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's
-long runs on a lent GPU in one call).
+long runs on a lent GPU, untested there so far).
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -133,11 +133,10 @@ def main() -> None:
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
                 ("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"]),
                 *[(f"subspace k={k}", [f"model.subspace_rank={k}"]) for k in ks], *extra]
-    on_gpu = args.device != "cpu"
-    store = ResultStore(args.state or "bench/out/convergence-state",
-                        {"common": common, **({"device": args.device} if on_gpu else {})}, fresh=args.fresh)
+    store = ResultStore(args.state or "bench/out/convergence-state", {"common": common}, fresh=args.fresh,
+                        device=args.device)
     t0 = time.time()
-    units = [(unit_key(label, overrides, common, seed) + (f"-{args.device.replace(':', '')}" if on_gpu else ""), f"{label} (seed {seed})",
+    units = [(store.key(unit_key(label, overrides, common, seed)), f"{label} (seed {seed})",
               (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device), label, seed)
              for seed in range(args.seeds) for label, overrides in variants]
     done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)

@@ -35,7 +35,7 @@ Resumable (bench/resume.py): each variant at each seed is saved under ``--state`
 and a rerun of the same command continues from there (``--fresh`` starts over). Prints one JSON
 object as its last line and writes a PNG of the loss curves. ``--jobs N`` trains N units at a time, each in
 a process of its own; ``--device cuda`` trains on a GPU (bf16 autocast there: its units are kept apart from
-the CPU's; bench/gpu_long.sh runs the long runs on a lent GPU in one call).
+the CPU's; bench/gpu_long.sh is written to run the long runs on a lent GPU, untested there so far).
 """
 
 from __future__ import annotations
@@ -250,16 +250,15 @@ def main() -> None:
     unknown = [v for v in chosen if v not in specs]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(specs)}")
-    on_gpu = args.device != "cpu"
     store = ResultStore(args.state or f"bench/out/diloco-state{'-quick' if args.quick else ''}",
-                        {"steps": steps, "H": H, "P": P, "replicas": args.replicas,
-                         **({"device": args.device} if on_gpu else {})}, fresh=args.fresh)
+                        {"steps": steps, "H": H, "P": P, "replicas": args.replicas}, fresh=args.fresh,
+                        device=args.device)
     t0 = time.time()
     units = []
     for seed in range(args.seeds):
         cfg = seed_setup(seed, steps, args.replicas)[0]
         digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)  # a changed default: another unit
-        units += [(f"{label}-{digest}-s{seed}" + (f"-{args.device.replace(':', '')}" if on_gpu else ""),
+        units += [(store.key(f"{label}-{digest}-s{seed}"),
                    f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device), label, seed)
                   for label in chosen]
     done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)

@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+# Issue 19's long runs on a lent GPU, in one device call (written without a GPU; not yet run on one): bench/convergence.py and
 # Issue 19's long runs on a lent GPU, in one device call: bench/convergence.py and bench/diloco.py at full
 # length, 3 seeds, `--device cuda`, many units at a time. Resumable across calls: the finished units come back
 # in one archive, are committed under bench/state/*-h200/, and travel with the tree to the next call, which

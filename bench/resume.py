@@ -37,12 +37,22 @@ def commit() -> dict[str, Any]:
 class ResultStore:
     """Finished units of one bench configuration, one JSON file each under ``directory``."""
 
-    def __init__(self, directory: str | Path, fingerprint: dict[str, Any], fresh: bool = False) -> None:
+    def __init__(self, directory: str | Path, fingerprint: dict[str, Any], fresh: bool = False,
+                 device: str = "cpu") -> None:
+        """``device``: where the units train; a GPU's (bf16 autocast) are another experiment than the CPU's, so
+        the device joins the fingerprint and every key (:meth:`key`), and the CPU's keys stay as they were."""
         self.directory = Path(directory)
+        self.device = device
+        if device != "cpu":
+            fingerprint = {**fingerprint, "device": device}
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back
         self.fresh = fresh
         self.directory.mkdir(parents=True, exist_ok=True)
         self.here = commit()
+
+    def key(self, base: str) -> str:
+        """The key of a unit named ``base`` on this store's device."""
+        return base if self.device == "cpu" else f"{base}-{self.device.replace(':', '')}"
 
     def _path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -141,7 +151,7 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
         else:
             results[key] = row
             print(f"{what}: kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
-    clashes = [f"{store._path(key)} ({store.foreign(key)})" for key, _, _ in pending if store.foreign(key) is not None]
+    clashes = [f"{store._path(key)} ({other})" for key, _, _ in pending if (other := store.foreign(key)) is not None]
     if clashes:  # before any training: the run could not save its results there
         raise SystemExit(f"{store.directory} holds units of another configuration than this run's "
                          f"({store.fingerprint}): {', '.join(clashes)}; give this run a --state of its own")

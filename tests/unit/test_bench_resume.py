@@ -122,3 +122,12 @@ def test_a_unit_of_another_configuration_is_never_overwritten(tmp_path):
     assert ResultStore(tmp_path, {"replicas": 4}).get("dp-s0") == {"x2": 16}
     (tmp_path / "torn.json").write_text('{"fingerprint": {"repl')
     other.put("torn", {"x2": 1})  # a torn file is no unit: replaced
+
+
+def test_a_gpu_store_keeps_its_units_apart_and_the_cpu_keys_unchanged(tmp_path):
+    cpu, gpu = ResultStore(tmp_path, {"steps": 1}), ResultStore(tmp_path, {"steps": 1}, device="cuda:0")
+    assert cpu.key("dp-s0") == "dp-s0" and gpu.key("dp-s0") == "dp-s0-cuda0"
+    cpu.put(cpu.key("dp-s0"), {"x2": 1})
+    gpu.put(gpu.key("dp-s0"), {"x2": 2})
+    assert cpu.get("dp-s0") == {"x2": 1} and gpu.get("dp-s0-cuda0") == {"x2": 2}
+    assert gpu.fingerprint == {"steps": 1, "device": "cuda:0"} and cpu.fingerprint == {"steps": 1}
