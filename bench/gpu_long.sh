@@ -1,8 +1,9 @@
-# Issue 19's long runs on a lent GPU, in one device call (written without a GPU; not yet run on one): bench/convergence.py and
-# Issue 19's long runs on a lent GPU, in one device call: bench/convergence.py and bench/diloco.py at full
-# length, 3 seeds, `--device cuda`, many units at a time. Resumable across calls: the finished units come back
+#!/usr/bin/env bash
+# Issue 19's long runs on a lent GPU, in one device call (written without a GPU; not yet run on one):
+# bench/convergence.py and bench/diloco.py at full length, 3 seeds, `--device cuda`, many units at a time.
+# Resumable across calls: the finished units come back
 # in one archive, are committed under bench/state/*-h200/, and travel with the tree to the next call, which
-# runs only the rest. On this 2-core machine the same tables take ~15 hours; see BENCHMARKS.md.
+# runs only the rest. On this 2-core machine the same tables take about a day; see BENCHMARKS.md.
 #
 # The device call (run here once `bash bench/gpu_wheels.sh` has filled .whl/; carry ".whl"):
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site;
