@@ -32,6 +32,12 @@ The policy:
   measured reply replaces that guess outright rather than being averaged in: the announcement is
   one stage's compute rate, the measurement a round trip through the rest of the pipeline, and the
   two are not on the same scale. Until then, a fresh announcement replaces the guess.
+- **A stale estimate is measured again.** An estimate only moves when the peer gets work, so a peer
+  measured slow once (a cold start, a GC pause, the backlog it worked through after a freeze) would
+  never be chosen again while faster peers absorb the load, and never be measured again: starved for
+  good. So a measured peer that got no request for ``reprobe_s`` is chosen for the next one (the
+  stalest first), and that reply replaces its estimate instead of being averaged in. A peer that really
+  is slow costs one request every ``reprobe_s``.
 
 Peers that leave the list are no longer chosen but are remembered for ``forget_s`` (and at least
 until their ban ends), with their service time, strikes and ban: a banned peer that reappears is
@@ -66,6 +72,8 @@ class _PeerState:
     inflight: int = 0
     queue: float = 0.0  # backlog the peer reported (or we inferred), as of queue_at
     queue_at: float = 0.0
+    probed_at: float = 0.0  # when it was last sent a request or answered one
+    probing: bool = False  # the request in flight was a reprobe: its reply replaces service_s
     strikes: int = 0
     banned_until: float | None = None
     dropped_at: float | None = None  # when it left the list; None while listed
@@ -93,6 +101,7 @@ class Router:
         ban_max_s: float = 60.0,
         ema: float = 0.3,
         forget_s: float = 600.0,
+        reprobe_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -107,10 +116,13 @@ class Router:
             raise ValueError(f"ema must be in (0, 1], got {ema!r}")
         if not (forget_s >= 0):
             raise ValueError(f"forget_s must be >= 0, got {forget_s!r}")
+        if not (math.isfinite(reprobe_s) and reprobe_s > 0):
+            raise ValueError(f"reprobe_s must be a positive number of seconds, got {reprobe_s!r}")
         self.ban_base_s = ban_base_s
         self.ban_max_s = ban_max_s
         self.ema = ema
         self.forget_s = forget_s
+        self.reprobe_s = reprobe_s
         self._clock = clock
         self._rng = random.Random(seed)
         self._states: dict[str, _PeerState] = {}  # listed and remembered peers
@@ -176,23 +188,33 @@ class Router:
         """Earliest expected finish among listed, not banned, not excluded peers; None when there is none.
 
         Ties are broken at random (the router's own seeded generator), so senders with identical views
-        do not all pick the same replica.
+        do not all pick the same replica. A measured peer idle for ``reprobe_s`` comes first (module docstring).
+        Choosing changes nothing: :meth:`started` records the request.
         """
         now = self._clock()
         fastest = self._fastest_measured()
         best: list[str] = []
         best_s = math.inf
+        stalest, stalest_at = None, math.inf
         for peer_id in sorted(self._listed):  # sorted: same seed, same choices, whatever the update order
-            if peer_id in exclude or peer_id in self._suspended or self._is_banned(self._states[peer_id], now):
+            state = self._states[peer_id]
+            if peer_id in exclude or peer_id in self._suspended or self._is_banned(state, now):
                 continue
-            finish_s = self._expected_finish(self._states[peer_id], now, fastest)
+            if self._stale(state, now) and state.probed_at < stalest_at:
+                stalest, stalest_at = peer_id, state.probed_at
+            finish_s = self._expected_finish(state, now, fastest)
             if best and math.isclose(finish_s, best_s, rel_tol=_TIE_REL_TOL):
                 best.append(peer_id)
             elif finish_s < best_s:
                 best, best_s = [peer_id], finish_s
         if not best:
             return None
+        if stalest is not None and stalest not in best:
+            return stalest
         return best[0] if len(best) == 1 else self._rng.choice(best)
+
+    def _stale(self, state: _PeerState, now: float) -> bool:
+        return state.measured and not state.inflight and now - state.probed_at >= self.reprobe_s
 
     def expected_finish(self, peer_id: str) -> float:
         """Seconds until a new request to ``peer_id`` would finish: ``service_s * (1 + backlog)``.
@@ -233,7 +255,10 @@ class Router:
         """A request was sent to ``peer_id`` (ignored for a peer the router does not know)."""
         state = self._states.get(peer_id)
         if state is not None:
+            now = self._clock()
+            state.probing = self._stale(state, now)
             state.inflight += 1
+            state.probed_at = now
 
     def succeeded(self, peer_id: str, seconds: float, queue: int = 0) -> None:
         """The reply from ``peer_id`` came after ``seconds``; ``queue`` is the backlog the peer reported.
@@ -247,15 +272,16 @@ class Router:
         if state is None:
             logger.debug("reply from unknown peer %s ignored", peer_id)
             return
-        if state.measured:
+        if state.measured and not state.probing:
             state.service_s = (1.0 - self.ema) * state.service_s + self.ema * seconds
-        else:
+        else:  # the first measurement, or a reprobe of a stale estimate: the new one is all we know
             state.service_s, state.measured = seconds, True
         # Peer-reported: anything that is not a sane count means "no information", never a crash.
         reported = queue if isinstance(queue, int | float) and math.isfinite(queue) else 0
         state.queue = float(max(0, reported))
-        state.queue_at = self._clock()
+        state.queue_at = state.probed_at = self._clock()
         state.inflight = max(0, state.inflight - 1)
+        state.probing = False
         state.strikes = 0
 
     def failed(self, peer_id: str, *, hard: bool) -> None:
@@ -272,6 +298,7 @@ class Router:
             return
         now = self._clock()
         state.inflight = max(0, state.inflight - 1)
+        state.probing = False
         if not hard:
             state.queue = self._queue_now(state, now) + 1.0
             state.queue_at = now

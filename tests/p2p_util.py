@@ -28,12 +28,13 @@ def run_p2p(n, body, timeout=90):
 
 
 async def wait_for(predicate, timeout, what):
-    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``timeout`` s."""
+    """Poll ``predicate`` until true; AssertionError naming ``what`` after ``timeout`` s (``what`` may be a
+    callable: it is called then, so the message can show the state that failed)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
         await asyncio.sleep(0.05)
 
 

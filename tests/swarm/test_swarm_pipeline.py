@@ -346,7 +346,13 @@ def test_a_frozen_replica_is_suspended_within_seconds_and_taken_back_when_it_ans
         thawed.set()
         await wait_for(lambda: not n0.plane.router.suspended() and stats["peers_revived"] >= 1, 15, "taken back")
         served = n1.plane.stats["served"]
-        await wait_for(lambda: n1.plane.stats["served"] >= served + 2, 30, "the thawed replica serves again")
+
+        def why() -> str:  # what a failure needs to be understood
+            return (f"the thawed replica serves again; n0 routes {n0.plane.router.snapshot()} suspended "
+                    f"{n0.plane.router.suspended()}; n0 stats {dict(stats)}; n1 stats {dict(n1.plane.stats)}, "
+                    f"queue {n1.compute.queue_depth}, stash {n1.compute.in_flight}, routes {n1.plane.router.snapshot()}")
+
+        await wait_for(lambda: n1.plane.stats["served"] >= served + 2, 30, why)
         n0.plane.stop_driver()
         await hang
         assert suspended_after < 10, suspended_after  # not the 30 s budget (liveness_s 1 s + a 1 s ping)
@@ -477,7 +483,9 @@ def test_evaluation_microbatches_score_the_agreed_weights_and_train_nothing(tmp_
             expected = sum(agreed(w[:, :-1], w[:, 1:]).item() for w in val) / len(val)
             trained = sum(local(w[:, :-1], w[:, 1:]).item() for w in val) / len(val)
         assert loss == pytest.approx(expected, rel=1e-4), (loss, expected, trained)
-        assert abs(trained - expected) > 0.05  # the two are told apart
+        # The two are told apart: their gap is far above the tolerance above (how far training moved the local
+        # weights depends on how many microbatches ran before the stop, so no fixed loss gap is asked for).
+        assert abs(trained - expected) > 10 * 1e-4 * expected, (trained, expected)
         for node, (progress, weights, stats) in zip(nodes, before, strict=True):
             assert node.compute.work.progress == progress
             assert all(torch.equal(v, weights[k]) for k, v in node.compute.module.state_dict().items())

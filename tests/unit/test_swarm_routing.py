@@ -308,3 +308,56 @@ def test_ties_are_broken_at_random_but_reproducibly(clock):
     assert picks(7) == picks(7)
     assert set(picks(7)) == {"a", "b", "c"}
     assert {picks(seed)[0] for seed in range(40)} == {"a", "b", "c"}
+
+
+
+def test_a_peer_measured_slow_once_is_measured_again_not_starved(clock):
+    """A replica measured slow once (its backlog after a freeze, a cold start) is not chosen while a fast one
+    absorbs the load, so its estimate would never be refreshed. Idle for reprobe_s, it gets the next request,
+    and that reply replaces its estimate: taken back at its real speed, or probed now and then if slow."""
+    router = _router(clock, reprobe_s=5.0)
+    router.update([("once_slow", 1.0), ("fast", 1.0)])
+    for peer, seconds in (("fast", 0.1), ("once_slow", 2.0)):
+        router.started(peer)
+        router.succeeded(peer, seconds)
+    took = {"fast": 0.1, "once_slow": 2.0}
+
+    def sender(seconds: float) -> list[str]:
+        """Every 0.05 s one request to whichever is chosen, answered within the step, as fast as it says."""
+        chosen = []
+        for _ in range(round(seconds / 0.05)):
+            peer = router.choose()
+            chosen.append(peer)
+            router.started(peer)
+            clock.advance(0.05)
+            router.succeeded(peer, took[peer])
+        return chosen
+
+    assert set(sender(4.0)) == {"fast"}  # slow by 20x: not a good bet
+    # Still slow: one request every reprobe_s (+ a step), the rest to the fast one.
+    assert sender(20.0).count("once_slow") in (3, 4)
+    assert next(r for r in router.snapshot() if r["peer_id"] == "once_slow")["service_s"] == pytest.approx(2.0)
+    took["once_slow"] = 0.05  # it recovered: the next probe's reply replaces the old estimate (no slow average)
+    recovered = sender(10.0)
+    assert next(r for r in router.snapshot() if r["peer_id"] == "once_slow")["service_s"] < 0.1
+    assert recovered[-20:].count("once_slow") >= 10  # the faster of the two now: it takes the load
+
+
+def test_choosing_alone_probes_nothing_and_a_busy_peer_is_not_stale(clock):
+    router = _router(clock, reprobe_s=1.0)
+    router.update([("slow", 1.0), ("fast", 1.0)])
+    for peer, seconds in (("fast", 0.1), ("slow", 4.0)):
+        router.started(peer)
+        router.succeeded(peer, seconds)
+    router.started("fast")
+    clock.advance(10.0)
+    assert [router.choose() for _ in range(5)] == ["slow"] * 5  # idle 10 s: stale (choose records nothing)
+    router.started("slow")  # the probe is out: no second one until it answers
+    assert router.choose() == "fast"
+    router.failed("slow", hard=False)  # busy: not a measurement, the old estimate stays
+    assert next(r for r in router.snapshot() if r["peer_id"] == "slow")["service_s"] == pytest.approx(4.0)
+
+
+def test_reprobe_s_must_be_positive(clock):
+    with pytest.raises(ValueError, match="reprobe_s"):
+        _router(clock, reprobe_s=0.0)
