@@ -22,6 +22,8 @@ cosine); they differ only in how the replicas agree:
   error feedback, or with H/4
 - ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run);
   ``streaming_e3m0_H25_olr0.8`` the same at outer lr 0.8
+- ``streaming_e3m0_H12_lr4e-4_olr0.8``, ``streaming_int2_ef_H12_lr4e-4_olr0.8``  synced about 8× as often (H/8 a
+  multiple of P: 12 in the full run), at the two lrs, with 4-bit parts or 2-bit parts and error feedback
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
 copy of its outer-gradient part per sync for the others. ``peak_bytes_per_step`` is the most sent in
@@ -150,6 +152,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
     """Each variant: the outer settings (None: data parallel), the part codec, and its extras."""
     streaming = dict(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4)
     quarter = max(P, H // 4 // P * P)  # H/4, a multiple of P
+    eighth = max(P, H // 8 // P * P)
     return {
         "data_parallel": {"settings": None, "codec": None},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
@@ -173,6 +176,12 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H25_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter,
                                                                          "outer_lr": 0.8}),
                                              "codec": "e3m0", "inner_lr": 4e-4},
+        "streaming_e3m0_H12_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth,
+                                                                         "outer_lr": 0.8}),
+                                             "codec": "e3m0", "inner_lr": 4e-4},
+        "streaming_int2_ef_H12_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth,
+                                                                            "outer_lr": 0.8}, error_feedback=True),
+                                                "codec": "int2", "inner_lr": 4e-4},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
         "streaming_e3m0_H25_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter, "outer_lr": 0.8}),
                                       "codec": "e3m0"},
