@@ -118,6 +118,9 @@ def main() -> None:
                         "running ones finish; exits non-zero naming the units left): for a lease of fixed length")
     parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process "
                         "(one torch thread each; default 1: in this process, torch's default threads)")
+    parser.add_argument("--first", action="append", default=[], metavar="LABEL",
+                        help="train this variant's units before the others' (repeatable; e.g. 'k=8 tail4' to get its "
+                        "seeds before the baselines'); the table is the same")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
@@ -139,6 +142,10 @@ def main() -> None:
     units = [(store.key(unit_key(label, overrides, common, seed)), f"{label} (seed {seed})",
               (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device), label, seed)
              for seed in range(args.seeds) for label, overrides in variants]
+    unknown = sorted(set(args.first) - {label for label, _ in variants})
+    if unknown:
+        parser.error(f"--first names no variant of this run: {unknown} (variants: {[label for label, _ in variants]})")
+    units.sort(key=lambda unit: unit[3] not in args.first)  # stable: seed order kept within each group
     done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     for key, _, _, label, seed in units:

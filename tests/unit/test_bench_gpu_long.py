@@ -30,3 +30,14 @@ def test_every_diloco_variant_is_known_to_the_bench():
     names = [n.lstrip(",") for n in names if n.lstrip(",")]
     assert "streaming_int2_ef" in names and "streaming_topk_ef" in names
     assert not set(names) - set(variants(100, 4))
+
+
+def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
+    """``--first`` reorders the units; a label that is no variant is refused before any training."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--ks", "8", "--first", "k=8 tial4",
+                           "--state", str(tmp_path), "--no-plot"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--first names no variant" in proc.stderr and "k=8 tial4" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
