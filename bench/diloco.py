@@ -21,7 +21,8 @@ cosine); they differ only in how the replicas agree:
 - ``streaming_int2_ef_lr4e-4_olr0.8``, ``streaming_e3m0_H25_lr4e-4_olr0.8``  the same two lrs with 2-bit parts and
   error feedback, or with H/4
 - ``streaming_e3m0_H25``  4-bit parts synced about 4× as often (H/4 rounded to a multiple of P: 24 in the full run);
-  ``streaming_e3m0_H25_olr0.8`` the same at outer lr 0.8
+  ``streaming_e3m0_H25_olr0.8`` the same at outer lr 0.8; ``streaming_int2_ef_H25_lr4e-4_olr0.8`` 2-bit parts with
+  error feedback at H/4 and the two lrs (about the bytes of 4-bit parts at H/2)
 - ``streaming_e3m0_H12_lr4e-4_olr0.8``, ``streaming_int2_ef_H12_lr4e-4_olr0.8``  synced about 8× as often (H/8 a
   multiple of P: 12 in the full run), at the two lrs, with 4-bit parts or 2-bit parts and error feedback
 
@@ -180,6 +181,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
                                                                          "outer_lr": 0.8}),
                                              "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_int2_ef_H12_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth,
+                                                                            "outer_lr": 0.8}, error_feedback=True),
+                                                "codec": "int2", "inner_lr": 4e-4},
+        "streaming_int2_ef_H25_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter,
                                                                             "outer_lr": 0.8}, error_feedback=True),
                                                 "codec": "int2", "inner_lr": 4e-4},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
