@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--first", action="append", default=[], metavar="LABEL",
                         help="train this variant's units before the others' (repeatable; e.g. 'k=8 tail4' to get its "
                         "seeds before the baselines'); the table is the same")
+    parser.add_argument("--kept", action="store_true",
+                        help="train nothing: the table from the units kept under --state, each variant's mean over "
+                        "the seeds it has (listed in the JSON's seeds_per_variant; the missing units in 'missing')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
@@ -146,10 +149,22 @@ def main() -> None:
     if unknown:
         parser.error(f"--first names no variant of this run: {unknown} (variants: {[label for label, _ in variants]})")
     units.sort(key=lambda unit: unit[3] not in args.first)  # stable: seed order kept within each group
-    done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
+    if args.kept:
+        done = {key: row for key, *_ in units if (row := store.get(key)) is not None}
+        missing = [what for key, what, *_ in units if key not in done]
+        if not done:
+            parser.error(f"--kept: no unit of this run is kept under {store.directory}")
+    else:
+        done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
+        missing = []
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     for key, _, _, label, seed in units:
-        runs[label].append({**done[key], "seed": seed, **(store.commit_of(key) or {})})
+        if key in done:
+            runs[label].append({**done[key], "seed": seed, **(store.commit_of(key) or {})})
+    for label in ("dense", "dense+fixed_table"):
+        if not runs[label]:
+            parser.error(f"--kept: no unit of the {label} baseline is kept under {store.directory}")
+    variants = [(label, overrides) for label, overrides in variants if runs[label]]
     rows = [_mean_row(label, runs[label]) for label, _ in variants]
     by = {r["label"]: r for r in rows}
     dense, fair = by["dense"]["val_loss"], by["dense+fixed_table"]["val_loss"]
@@ -175,6 +190,8 @@ def main() -> None:
         "tokens": rows[0]["tokens"],
         "steps": steps,
         "seeds": args.seeds,
+        "seeds_per_variant": {label: [r["seed"] for r in runs[label]] for label, _ in variants},
+        "missing": missing,
         "reference": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
         "plot": None if args.no_plot else args.out,

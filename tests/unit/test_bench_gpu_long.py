@@ -1,4 +1,5 @@
-"""bench/gpu_long.sh: every variant it would train on a lent GPU exists (a typo must not waste a lease)."""
+"""bench/gpu_long.sh: every variant it would train on a lent GPU exists (a typo must not waste a lease); and the
+long convergence run's options for runs that span sessions (--first, --kept)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,36 @@ def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "--first names no variant" in proc.stderr and "k=8 tial4" in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
+
+
+def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
+    """``--kept``: each variant's mean over the seeds it has, the missing units named, no training."""
+    import json
+    import subprocess
+
+    from bench.convergence import unit_key
+    from bench.resume import ResultStore
+
+    steps = 20
+    common = [f"train.steps={steps}", "train.warmup_steps=10", f"train.eval_every={steps // 6}",
+              "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0"]
+    store = ResultStore(tmp_path, {"common": common})
+    kept = {("dense", "model.subspace_rank='none'", "model.fixed_table=false", 0): 2.0,
+            ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 0): 1.9,
+            ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 1): 1.7,
+            ("subspace k=8", "model.subspace_rank=8", None, 1): 1.9}
+    for (label, *overrides, seed), loss in kept.items():
+        row = {"label": label, "subspace_rank": 8 if "k=8" in label else None, "val_loss": loss,
+               "val_curve": [[10, loss + 1], [20, loss]], "tokens": 1000}
+        store.put(unit_key(label, [o for o in overrides if o], common, seed), row)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8", "--seeds", "2",
+                           "--steps", str(steps), "--state", str(tmp_path), "--no-plot"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seeds_per_variant"] == {"dense": [0], "dense+fixed_table": [0, 1], "subspace k=8": [1]}
+    assert out["missing"] == ["subspace k=8 (seed 0)", "dense (seed 1)"]
+    assert abs(out["dense_fixed_table_val_loss"] - 1.8) < 1e-9 and out["best_dense"] == "dense+fixed_table"
+    assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
