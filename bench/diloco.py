@@ -186,6 +186,13 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_int2_ef_H25_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter,
                                                                             "outer_lr": 0.8}, error_feedback=True),
                                                 "codec": "int2", "inner_lr": 4e-4},
+        # Plain averaging of the fragment (outer SGD at lr 1, no momentum) at H/8, the inner lr data parallel uses:
+        # local Adam with a periodic mean, the limit the outer optimizer's amplification is measured against.
+        "streaming_e3m0_H12_avg": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth, "outer_lr": 1.0,
+                                                               "outer_momentum": 0.0}), "codec": "e3m0"},
+        "streaming_e3m0_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 12 // P * P),
+                                                                        "outer_lr": 0.8}),
+                                            "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
         "streaming_e3m0_H25_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter, "outer_lr": 0.8}),
                                       "codec": "e3m0"},
