@@ -193,6 +193,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 12 // P * P),
                                                                         "outer_lr": 0.8}),
                                             "codec": "e3m0", "inner_lr": 4e-4},
+        # ... and without the local/global mix (alpha 0: each synced fragment is the global copy, as in DiLoCo).
+        "streaming_e3m0_H12_lr4e-4_olr0.8_a0": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth,
+                                                                            "outer_lr": 0.8, "alpha": 0.0}),
+                                                "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_e3m0_H25": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter}), "codec": "e3m0"},
         "streaming_e3m0_H25_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": quarter, "outer_lr": 0.8}),
                                       "codec": "e3m0"},
