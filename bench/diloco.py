@@ -35,7 +35,8 @@ any one step. Validation loss is measured on the global (agreed) parameters.
     python bench/diloco.py --seeds 3 --only data_parallel,streaming_e3m0_ef
 
 Resumable (bench/resume.py): each variant at each seed is saved under ``--state`` when it finishes,
-and a rerun of the same command continues from there (``--fresh`` starts over). Prints one JSON
+and a rerun of the same command continues from there (``--fresh`` starts over; ``--kept`` trains nothing and
+reads the table from the units there, each variant over the seeds it has). Prints one JSON
 object as its last line and writes a PNG of the loss curves. ``--jobs N`` trains N units at a time, each in
 a process of its own; ``--device cuda`` trains on a GPU (bf16 autocast there: its units are kept apart from
 the CPU's; bench/gpu_long.sh is written to run the long runs on a lent GPU, untested there so far).
@@ -265,6 +266,9 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, help="start no unit this many seconds after the start (the "
                         "running ones finish; exits non-zero naming the units left): for a lease of fixed length")
     parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process")
+    parser.add_argument("--kept", action="store_true",
+                        help="train nothing: the table from the units kept under --state, each variant's mean over "
+                        "the seeds it has there (JSON: seeds_per_variant, missing)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps, H, P = (240, 30, 3) if args.quick else (1200, 100, 4)
@@ -285,10 +289,19 @@ def main() -> None:
         units += [(store.key(f"{label}-{digest}-s{seed}"),
                    f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device), label, seed)
                   for label in chosen]
-    done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
+    if args.kept:
+        done = {key: row for key, *_ in units if (row := store.get(key)) is not None}
+        missing = [what for key, what, *_ in units if key not in done]
+    else:
+        done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
+        missing = []
     per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
     for key, _, _, label, seed in units:
-        per_seed[label].append({**done[key], "label": label, "seed": seed, **(store.commit_of(key) or {})})
+        if key in done:
+            per_seed[label].append({**done[key], "label": label, "seed": seed, **(store.commit_of(key) or {})})
+    if not per_seed["data_parallel"]:
+        parser.error(f"--kept: no unit of the data_parallel baseline is kept under {store.directory}")
+    chosen = [label for label in chosen if per_seed[label]]
     numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
     rows = [_summarise(label, per_seed[label]) for label in chosen]
     dp = rows[0]
@@ -304,6 +317,7 @@ def main() -> None:
     summary = {
         "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
         "H": H, "P": P, "seeds": args.seeds,
+        "seeds_per_variant": {label: [r["seed"] for r in per_seed[label]] for label in chosen}, "missing": missing,
         "variants": {r["label"]: {"val_loss": round(r["val_loss"], 4), "val_loss_std": r["val_loss_std"],
                                   "val_loss_per_seed": r["val_loss_per_seed"],
                                   "bytes_ratio_vs_dp": round(r["bytes_ratio_vs_data_parallel"], 1),

@@ -1,5 +1,5 @@
 """bench/gpu_long.sh: every variant it would train on a lent GPU exists (a typo must not waste a lease); and the
-long convergence run's options for runs that span sessions (--first, --kept)."""
+long runs' options for runs that span sessions (--first, --kept)."""
 
 from __future__ import annotations
 
@@ -74,4 +74,36 @@ def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothin
     assert out["missing"] == ["subspace k=8 (seed 0)", "dense (seed 1)"]
     assert abs(out["dense_fixed_table_val_loss"] - 1.8) < 1e-9 and out["best_dense"] == "dense+fixed_table"
     assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
+
+
+def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
+    """``bench/diloco.py --kept``: each variant's mean over the seeds it has, against data parallel's mean over
+    its own; the missing units named; nothing trained or written."""
+    import json
+    import subprocess
+
+    from bench.diloco import seed_setup
+    from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
+
+    steps, H, P, replicas = 240, 30, 3, 4  # --quick's
+    store = ResultStore(tmp_path, {"steps": steps, "H": H, "P": P, "replicas": replicas})
+    kept = {("data_parallel", 0): (2.0, 1000), ("data_parallel", 1): (2.2, 1000), ("streaming_int2_ef", 1): (2.31, 2)}
+    for (label, seed), (loss, sent) in kept.items():
+        digest = config_digest(seed_setup(seed, steps, replicas)[0].to_dict(), TRAINING_SECTIONS)
+        store.put(store.key(f"{label}-{digest}-s{seed}"),
+                  {"val_loss": loss, "val_curve": [[10, loss + 1], [20, loss]], "bytes_sent_per_replica": sent,
+                   "peak_bytes_per_step": sent, "seconds": 1.0})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "diloco.py"), "--quick", "--kept", "--seeds", "2",
+                           "--only", "streaming_int2_ef,streaming_e3m0", "--state", str(tmp_path), "--no-plot"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seeds_per_variant"] == {"data_parallel": [0, 1], "streaming_int2_ef": [1]}
+    assert out["missing"] == ["streaming_int2_ef (seed 0)", "streaming_e3m0 (seed 0)", "streaming_e3m0 (seed 1)"]
+    row = out["variants"]["streaming_int2_ef"]
+    assert row["loss_gap_pct_vs_dp"] == round(100 * (2.31 / 2.1 - 1), 2) and row["bytes_ratio_vs_dp"] == 500.0
+    assert "streaming_e3m0" not in out["variants"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
