@@ -309,6 +309,11 @@ def main() -> None:
         row["bytes_ratio_vs_data_parallel"] = dp["bytes_sent_per_replica"] / row["bytes_sent_per_replica"]
         row["peak_ratio_vs_data_parallel"] = dp["peak_bytes_per_step"] / row["peak_bytes_per_step"]
         row["loss_gap_pct_vs_dp"] = 100 * (row["val_loss"] / dp["val_loss"] - 1)
+        # Against data parallel on the same seeds only (differs from the above where a variant lacks some seeds).
+        dp_losses = {r["seed"]: r["val_loss"] for r in per_seed["data_parallel"]}
+        same = [dp_losses[r["seed"]] for r in per_seed[row["label"]] if r["seed"] in dp_losses]
+        row["loss_gap_pct_vs_dp_same_seeds"] = 100 * (row["val_loss"] / statistics.fmean(same) - 1) \
+            if len(same) == len(per_seed[row["label"]]) else None
     tokens = steps * args.replicas * cfg.train.batch_size * cfg.train.seq_len
     if not args.no_plot:
         plot(rows, Path(args.out), f"tiny (S=1), {args.replicas} replicas, {tokens / 1e6:.2f}M tokens, H={H}, P={P}, "
@@ -322,6 +327,8 @@ def main() -> None:
                                   "val_loss_per_seed": r["val_loss_per_seed"],
                                   "bytes_ratio_vs_dp": round(r["bytes_ratio_vs_data_parallel"], 1),
                                   "loss_gap_pct_vs_dp": round(r["loss_gap_pct_vs_dp"], 2),
+                                  "loss_gap_pct_vs_dp_same_seeds": None if r["loss_gap_pct_vs_dp_same_seeds"] is None
+                                  else round(r["loss_gap_pct_vs_dp_same_seeds"], 2),
                                   "commits": r["commits"]} for r in rows},
         "val_loss": {r["label"]: round(r["val_loss"], 4) for r in rows},
         "bytes_sent_per_replica": {r["label"]: r["bytes_sent_per_replica"] for r in rows},

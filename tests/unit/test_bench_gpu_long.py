@@ -105,5 +105,6 @@ def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp
     assert out["missing"] == ["streaming_int2_ef (seed 0)", "streaming_e3m0 (seed 0)", "streaming_e3m0 (seed 1)"]
     row = out["variants"]["streaming_int2_ef"]
     assert row["loss_gap_pct_vs_dp"] == round(100 * (2.31 / 2.1 - 1), 2) and row["bytes_ratio_vs_dp"] == 500.0
+    assert row["loss_gap_pct_vs_dp_same_seeds"] == round(100 * (2.31 / 2.2 - 1), 2)  # seed 1's data parallel
     assert "streaming_e3m0" not in out["variants"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
