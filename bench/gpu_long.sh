@@ -30,6 +30,7 @@ dil_state=bench/state/diloco-full-h200
 knobs=(
     --variant "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0"
     --variant "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1"
+    --variant "k=8 tail3:model.subspace_rank=8,model.dense_tail_layers=3"
     --variant "k=8 tail4:model.subspace_rank=8,model.dense_tail_layers=4"
     --variant "k=8 S=1:model.subspace_rank=8,pipeline.num_stages=1"
     --variant "k=8 Zlr3:model.subspace_rank=8,train.subspace_lr_mult=3"
