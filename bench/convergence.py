@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, run_units
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
 from node.config import load_config
 from node.train_local import train_local
 
@@ -150,8 +150,7 @@ def main() -> None:
         parser.error(f"--first names no variant of this run: {unknown} (variants: {[label for label, _ in variants]})")
     units.sort(key=lambda unit: unit[3] not in args.first)  # stable: seed order kept within each group
     if args.kept:
-        done = {key: row for key, *_ in units if (row := store.get(key)) is not None}
-        missing = [what for key, what, *_ in units if key not in done]
+        done, missing = kept_units(store, units)
         if not done:
             parser.error(f"--kept: no unit of this run is kept under {store.directory}")
     else:

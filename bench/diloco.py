@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, run_units
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
 from node.chain import StageChain
 from node.config import load_config
 from node.data import BatchSampler, load_corpus, validation_batches
@@ -155,6 +155,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
     streaming = dict(inner_steps=H, fragments=P, overlap=1, alpha=0.5, outer_lr=0.4)
     quarter = max(P, H // 4 // P * P)  # H/4, a multiple of P
     eighth = max(P, H // 8 // P * P)
+    twelfth = max(P, H // 12 // P * P)
     return {
         "data_parallel": {"settings": None, "codec": None},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
@@ -191,7 +192,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # local Adam with a periodic mean, the limit the outer optimizer's amplification is measured against.
         "streaming_e3m0_H12_avg": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth, "outer_lr": 1.0,
                                                                "outer_momentum": 0.0}), "codec": "e3m0"},
-        "streaming_e3m0_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 12 // P * P),
+        "streaming_e3m0_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
                                                                         "outer_lr": 0.8}),
                                             "codec": "e3m0", "inner_lr": 4e-4},
         # ... and without the local/global mix (alpha 0: each synced fragment is the global copy, as in DiLoCo).
@@ -290,8 +291,7 @@ def main() -> None:
                    f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device), label, seed)
                   for label in chosen]
     if args.kept:
-        done = {key: row for key, *_ in units if (row := store.get(key)) is not None}
-        missing = [what for key, what, *_ in units if key not in done]
+        done, missing = kept_units(store, units)
     else:
         done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
         missing = []
@@ -305,12 +305,12 @@ def main() -> None:
     numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
     rows = [_summarise(label, per_seed[label]) for label in chosen]
     dp = rows[0]
+    dp_losses = {r["seed"]: r["val_loss"] for r in per_seed["data_parallel"]}
     for row in rows:
         row["bytes_ratio_vs_data_parallel"] = dp["bytes_sent_per_replica"] / row["bytes_sent_per_replica"]
         row["peak_ratio_vs_data_parallel"] = dp["peak_bytes_per_step"] / row["peak_bytes_per_step"]
         row["loss_gap_pct_vs_dp"] = 100 * (row["val_loss"] / dp["val_loss"] - 1)
         # Against data parallel on the same seeds only (differs from the above where a variant lacks some seeds).
-        dp_losses = {r["seed"]: r["val_loss"] for r in per_seed["data_parallel"]}
         same = [dp_losses[r["seed"]] for r in per_seed[row["label"]] if r["seed"] in dp_losses]
         row["loss_gap_pct_vs_dp_same_seeds"] = 100 * (row["val_loss"] / statistics.fmean(same) - 1) \
             if len(same) == len(per_seed[row["label"]]) else None

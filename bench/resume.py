@@ -208,6 +208,13 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
     return results
 
 
+def kept_units(store: ResultStore, units: list[tuple]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``--kept``: the results of the ``units`` (key, what to print, ...) saved in ``store``, and what each missing
+    one prints as; nothing is trained."""
+    done = {unit[0]: row for unit in units if (row := store.get(unit[0])) is not None}
+    return done, [unit[1] for unit in units if unit[0] not in done]
+
+
 def _worker_init(threads: int) -> None:
     import torch
 

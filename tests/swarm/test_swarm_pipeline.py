@@ -61,8 +61,8 @@ class Node:
 
 def fresh_windows(seed=0):
     """A new random batch every call: nothing to memorize, so gradients keep their scale. On the 4 repeated
-    ``windows`` the stages memorize, gradient RMS falls to ~1e-9 within a thousand microbatches, and an honest
-    replica whose weights lag (one frozen early) replies gradients over ``outlier_ratio`` × that median:
+    ``windows`` the stages memorize them and their gradients shrink by orders of magnitude, so an honest
+    replica whose weights lag (one frozen early) can reply gradients over ``outlier_ratio`` × the median:
     refused as ``bad_reply`` and banned, which is the guard working, not the liveness a test may be about."""
     g = torch.Generator().manual_seed(seed)
     return lambda: torch.randint(0, 256, (2, 17), generator=g)
