@@ -158,6 +158,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
     twelfth = max(P, H // 12 // P * P)
     return {
         "data_parallel": {"settings": None, "codec": None},
+        # Data parallel at the other learning rates the streaming rows were tried at: the control that the gaps
+        # below are not an artefact of tuning DiLoCo's lrs and not data parallel's.
+        "data_parallel_lr4e-4": {"settings": None, "codec": None, "inner_lr": 4e-4},
+        "data_parallel_lr2e-3": {"settings": None, "codec": None, "inner_lr": 2e-3},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
                    "codec": "fp32"},
         "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
