@@ -67,12 +67,14 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: each variant's validation curve (its mean over seeds). Right: its final loss, mean ± std over the
+    seeds it has, each seed a dot (the error bars the table gives in numbers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9 if len(rows) > 6 else 7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13 if len(rows) > 6 else 11, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     colours = plt.get_cmap("tab20").colors
     for i, row in enumerate(rows):
         steps, losses = zip(*row["val_curve"], strict=True)
@@ -81,12 +83,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 label=f"{row['label']} ({row['val_loss']:.3f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if len(rows) > 6:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    else:
-        ax.legend()
+    ax.legend(fontsize=7 if len(rows) > 6 else 8)
+    for i, row in enumerate(rows):
+        seeds = row.get("val_loss_per_seed") or [row["val_loss"]]
+        bx.errorbar([i], [row["val_loss"]], yerr=[row.get("val_loss_std") or 0.0], fmt="s", ms=6, capsize=4,
+                    color=colours[i % len(colours)])
+        bx.scatter([i] * len(seeds), seeds, s=10, color="black", zorder=3)
+    best = min(r["val_loss"] for r in rows if r["subspace_rank"] is None)
+    bx.axhline(best, color="grey", lw=0.8, ls="--")
+    bx.axhline(best * 1.02, color="grey", lw=0.8, ls=":")
+    bx.set_xticks(range(len(rows)), [f"{r['label']} (n={len(r.get('val_loss_per_seed') or [1])})" for r in rows],
+                  rotation=35, ha="right", fontsize=7)
+    bx.set_ylabel("final validation loss: mean ± std, dots = seeds")
+    bx.set_title("dashed: best dense; dotted: +2% (the goal)", fontsize=9)
+    bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -128,23 +128,34 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    for row in rows:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    colours = plt.get_cmap("tab20").colors
+    for i, row in enumerate(rows):
         tokens, losses = zip(*row["val_curve"], strict=True)
-        ax.plot([x / 1e6 for x in tokens], losses, marker="o", ms=3, label=f"{row['label']} ({row['val_loss']:.3f})")
+        ax.plot([x / 1e6 for x in tokens], losses, marker="o", ms=2, color=colours[i % len(colours)],
+                label=f"{row['label']} ({row['val_loss']:.3f})")
     ax.set_xlabel("tokens, all replicas (M)")
     ax.set_ylabel("validation loss of the global model (nats/byte)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    labels = [r["label"] for r in rows]
-    bx.bar(labels, [r["bytes_sent_per_replica"] / 1e6 for r in rows], color="tab:blue")
-    bx.set_yscale("log")
-    bx.set_ylabel("MB sent per replica (log)")
-    bx.tick_params(axis="x", labelrotation=25, labelsize=8)
-    for i, r in enumerate(rows):
-        bx.annotate(f"{r['bytes_ratio_vs_data_parallel']:.0f}×", (i, r["bytes_sent_per_replica"] / 1e6), ha="center",
-                    va="bottom", fontsize=8)
+    ax.legend(fontsize=6 if len(rows) > 8 else 8)
+    if all(len(r["val_curve"]) > 2 for r in rows):  # the first evaluation's spread would flatten the rest
+        ax.set_ylim(top=max(r["val_curve"][1][1] for r in rows) * 1.02)
+    # The trade: final loss (mean ± std over the seeds, each seed a dot) against how many times fewer bytes
+    # than data parallel each replica sent.
+    for i, row in enumerate(rows):
+        x = row["bytes_ratio_vs_data_parallel"]
+        seeds = row.get("val_loss_per_seed") or [row["val_loss"]]
+        bx.errorbar([x], [row["val_loss"]], yerr=[row.get("val_loss_std") or 0.0], fmt="o", ms=5, capsize=3,
+                    color=colours[i % len(colours)])
+        bx.scatter([x] * len(seeds), seeds, s=6, color="black", zorder=3)
+    bx.axhline(rows[0]["val_loss"], color="grey", lw=0.8, ls="--")
+    bx.axhline(rows[0]["val_loss"] * 1.01, color="grey", lw=0.8, ls=":")
+    bx.set_xscale("log")
+    bx.set_xlabel("times fewer bytes than data parallel, per replica (log)")
+    bx.set_ylabel("final validation loss: mean ± std, dots = seeds")
+    bx.set_title("dashed: data parallel; dotted: +1% (the goal); colours as on the left", fontsize=9)
+    bx.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
