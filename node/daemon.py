@@ -149,6 +149,7 @@ class NodeDaemon:
         self.access = SwarmAccess()  # from the config in run()
         self._throughput = 0.0
         self._probe: StageStore | None = None
+        self._claim_records: dict[int, list[StageRecord]] = {}
         self._fit: list[int] = []  # stages whose estimated memory fits this node's device (at claim time)
         self._last_move = 0.0
         self._run_record = None
@@ -297,19 +298,22 @@ class NodeDaemon:
         # would feed timing noise into the rebalancing decisions and make nodes oscillate.
         self._throughput = probe.engine.measure_throughput(cfg.train.batch_size, cfg.train.seq_len)
         self._probe = probe  # reused by _host_stage if this is the stage claimed (still at its seeded init)
+        records = self.presence.read()
+        self._claim_records = records  # its servers are tried if the download's own read finds none
         if cfg.swarm.stage is not None:
             return cfg.swarm.stage
-        records = self.presence.read()
         me, n = self.dht.peer_id, cfg.pipeline.num_stages
         own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
                           cfg.swarm.min_replicas, fit, own)
 
-    def _host_stage(self, stage: int, fail: bool = True) -> bool:
-        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it."""
+    def _host_stage(self, stage: int, fail: bool = True, records: dict[int, list[StageRecord]] | None = None) -> bool:
+        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it.
+        ``records``: the DHT read the stage was chosen on (default: the claim's)."""
         probe, self._probe = self._probe, None
+        seen = (records if records is not None else self._claim_records).get(stage, [])
         try:
-            self.host = StageHost.open(self.ctx, stage, self._throughput, probe)
+            self.host = StageHost.open(self.ctx, stage, self._throughput, probe, seen)
         except StageUnavailable as exc:  # peers serve it but it could not be downloaded: stop (``fail``), never seed
             if fail and not self.stop.is_set():
                 self._fail(str(exc))
@@ -372,7 +376,7 @@ class NodeDaemon:
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")
         self.host.stop(save=True)
-        if not self._host_stage(target, fail=False) and (self.stop.is_set() or not self._host_stage(here_stage)):
+        if not self._host_stage(target, fail=False, records=records) and (self.stop.is_set() or not self._host_stage(here_stage)):
             return  # the target could not be downloaded: back to this stage (from the checkpoint just written)
         self.host.start()
         self.presence.announce(self.host, "online")

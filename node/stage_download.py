@@ -28,7 +28,7 @@ import concurrent.futures
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +79,14 @@ class StageDownloader:
         # they tried, so that the stage is never started seeded while peers serve it.
         return [r for r in online if r.reachable != "private"] or online
 
-    def load_from_swarm(self, store: StageStore) -> bool:
+    def load_from_swarm(self, store: StageStore, seen: Sequence[StageRecord] = ()) -> bool:
         """Load a stage this node holds no checkpoint of from the peers serving it, retrying with back-off.
         False: no peer serves it (start it from the seeded initialisation). Raises :class:`StageUnavailable`
-        when peers serve it and every attempt failed, or when the node stops first."""
+        when peers serve it and every attempt failed, or when the node stops first. ``seen``: the stage's
+        records from an earlier DHT read (the one the stage was claimed on): servers in it are tried when
+        this read finds none, so two reads that disagree never make a served stage start seeded."""
         policy, stage, started = RetryPolicy.from_config(self.ctx.cfg.swarm), store.stage, time.monotonic()
-        known: list[StageRecord] = []
+        known = [r for r in seen if r.stage == stage and r.state == "online" and r.peer_id != self.ctx.peer_id]
         for attempt in range(1, policy.attempts + 1):
             peers = self._peers(stage) or known  # servers seen once are tried again if a DHT read finds none
             if not peers:

@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from node.context import NodeContext
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.stage_download import StageDownloader, StageUnavailable  # noqa: F401 (raised by open)
 from node.stage_store import StageStore
+from protocol.messages import StageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ class StageHost:
         self._stop_training = threading.Event()
 
     @classmethod
-    def open(cls, ctx: NodeContext, stage: int, throughput: float, probe: StageStore | None = None) -> StageHost:
+    def open(cls, ctx: NodeContext, stage: int, throughput: float, probe: StageStore | None = None,
+             seen: Sequence[StageRecord] = ()) -> StageHost:
         """Host ``stage``: its store loaded (own checkpoint, else a peer's state, else the seeded init) and
-        the node's services attached to it. ``probe``: a store of this stage still at its seeded init.
+        the node's services attached to it. ``probe``: a store of this stage still at its seeded init;
+        ``seen``: the stage's records as the claim read them (their servers are tried if a new read misses).
         Raises ``StageUnavailable`` when peers serve the stage but its state could not be downloaded (the
         seeded init is only for a stage nobody serves; node/stage_download.py)."""
         store = probe if probe is not None and probe.stage == stage else StageStore.fresh(
@@ -50,7 +53,7 @@ class StageHost:
         if store.resume():
             downloads.catch_up_resumed(store)
         else:
-            downloads.load_from_swarm(store)
+            downloads.load_from_swarm(store, seen)
         host = cls(ctx, store, throughput)
         services = ctx.services
         if services.sync is not None:

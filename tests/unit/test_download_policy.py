@@ -110,6 +110,19 @@ def test_servers_seen_once_are_tried_again_when_a_dht_read_finds_none(tmp_path):
     assert loader.waits == [1.0, 2.0]
 
 
+def test_servers_the_claim_saw_are_tried_when_the_downloads_first_read_finds_none(tmp_path, caplog):
+    """The stage was chosen on one DHT read and is downloaded after another: a miss on the second (a
+    record expired, a lookup that timed out) must not start a served stage from its seeded init."""
+    claimed_on = [_record(PEERS[0]), _record("me"), StageRecord(peer_id=PEERS[1], run_id=RUN, stage=1, num_stages=1,
+                                                                state="online", progress=3)]
+    loader = _downloader(tmp_path, [], outcomes=[True])
+    with caplog.at_level(logging.INFO):
+        assert loader.load_from_swarm(_store(tmp_path), seen=claimed_on) is True
+    assert "downloading its state from 1 peer(s)" in caplog.text and "seeded" not in caplog.text
+    # ... and with nothing seen either, the stage is nobody's: the seeded start, as before.
+    assert _downloader(tmp_path, []).load_from_swarm(_store(tmp_path), seen=[_record("me")]) is False
+
+
 def test_a_node_stopped_during_the_back_off_stops_downloading(tmp_path):
     loader = _downloader(tmp_path, [_record(PEERS[0])])
     loader.wait = lambda s: loader.ctx.stop.set() or True
