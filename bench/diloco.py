@@ -33,6 +33,7 @@ any one step. Validation loss is measured on the global (agreed) parameters.
     python bench/diloco.py --quick   # 4 replicas, 240 steps each, H=30, P=3
     python bench/diloco.py           # 4 replicas, 1200 steps each, H=100, P=4
     python bench/diloco.py --seeds 3 --only data_parallel,streaming_e3m0_ef
+    python bench/diloco.py --set model.d_model=128 --set model.ffn_hidden=512 --state bench/out/diloco-d128
 
 Resumable (bench/resume.py): each variant at each seed is saved under ``--state`` when it finishes,
 and a rerun of the same command continues from there (``--fresh`` starts over; ``--kept`` trains nothing and
@@ -58,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
 from node.chain import StageChain
-from node.config import load_config
+from node.config import ConfigError, load_config
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageEngine, build_engine
 from node.train_local import evaluate
@@ -220,11 +221,12 @@ def variants(H: int, P: int) -> dict[str, dict]:
     }
 
 
-def seed_setup(seed: int, steps: int, replicas: int):
-    """The configuration, the replicas' samplers (disjoint shards) and the validation batches of one seed."""
+def seed_setup(seed: int, steps: int, replicas: int, overrides: tuple[str, ...] = ()):
+    """The configuration, the replicas' samplers (disjoint shards) and the validation batches of one seed.
+    ``overrides``: ``--set`` keys on top (another model size, say), part of every unit's key."""
     cfg = load_config("local/tiny", [
         "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}",
+        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}", *overrides,
     ])
     corpus = load_corpus(cfg.data)
     samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, replicas)
@@ -232,9 +234,10 @@ def seed_setup(seed: int, steps: int, replicas: int):
     return cfg, samplers, validation_batches(corpus.val, cfg.train.seq_len, 16, 8)
 
 
-def train_unit(label: str, seed: int, steps: int, H: int, P: int, replicas: int, device: str = "cpu") -> dict:
+def train_unit(label: str, seed: int, steps: int, H: int, P: int, replicas: int, device: str = "cpu",
+               overrides: tuple[str, ...] = ()) -> dict:
     """One variant at one seed, from its seeded init (a worker process of ``--jobs`` runs this alone)."""
-    cfg, samplers, val = seed_setup(seed, steps, replicas)
+    cfg, samplers, val = seed_setup(seed, steps, replicas, overrides)
     torch.manual_seed(seed)
     return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device)
 
@@ -282,10 +285,15 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, help="start no unit this many seconds after the start (the "
                         "running ones finish; exits non-zero naming the units left): for a lease of fixed length")
     parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override on top of the bench's (repeatable), e.g. --set model.d_model=128 "
+                        "--set model.ffn_hidden=512 for a smaller model; part of each unit's key, so give the run a "
+                        "--state of its own")
     parser.add_argument("--kept", action="store_true",
                         help="train nothing: the table from the units kept under --state, each variant's mean over "
                         "the seeds it has there (JSON: seeds_per_variant, missing)")
     args = parser.parse_args()
+    overrides = tuple(args.set)
     torch.set_num_threads(1)
     steps, H, P = (240, 30, 3) if args.quick else (1200, 100, 4)
     specs = variants(H, P)
@@ -300,10 +308,14 @@ def main() -> None:
     t0 = time.time()
     units = []
     for seed in range(args.seeds):
-        cfg = seed_setup(seed, steps, args.replicas)[0]
+        try:
+            cfg = seed_setup(seed, steps, args.replicas, overrides)[0]
+        except ConfigError as exc:
+            parser.error(f"--set: {exc}")
         digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)  # a changed default: another unit
         units += [(store.key(f"{label}-{digest}-s{seed}"),
-                   f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device), label, seed)
+                   f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device, overrides),
+                   label, seed)
                   for label in chosen]
     if args.kept:
         done, missing = kept_units(store, units)
@@ -336,7 +348,7 @@ def main() -> None:
     by = {r["label"]: r for r in rows}
     summary = {
         "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
-        "H": H, "P": P, "seeds": args.seeds,
+        "H": H, "P": P, "seeds": args.seeds, "set": list(overrides),
         "seeds_per_variant": {label: [r["seed"] for r in per_seed[label]] for label in chosen}, "missing": missing,
         "variants": {r["label"]: {"val_loss": round(r["val_loss"], 4), "val_loss_std": r["val_loss_std"],
                                   "val_loss_per_seed": r["val_loss_per_seed"],

@@ -108,3 +108,37 @@ def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp
     assert row["loss_gap_pct_vs_dp_same_seeds"] == round(100 * (2.31 / 2.2 - 1), 2)  # seed 1's data parallel
     assert "streaming_e3m0" not in out["variants"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
+
+
+def test_diloco_set_overrides_make_units_of_their_own_and_bad_ones_are_refused(tmp_path):
+    """``bench/diloco.py --set``: another model's units are keyed apart (a run without the override finds none of
+    them), its table reads them, and an override the config refuses is a clean usage error."""
+    import json
+    import subprocess
+
+    from bench.diloco import seed_setup
+    from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest
+    from node.engine import build_engine
+
+    steps, H, P, replicas = 240, 30, 3, 4
+    small = ("model.d_model=128", "model.n_heads=4", "model.ffn_hidden=512")
+    store = ResultStore(tmp_path, {"steps": steps, "H": H, "P": P, "replicas": replicas})
+    digest = config_digest(seed_setup(0, steps, replicas, small)[0].to_dict(), TRAINING_SECTIONS)
+    store.put(store.key(f"data_parallel-{digest}-s0"), {"val_loss": 2.0, "val_curve": [[10, 3.0], [20, 2.0]],
+                                                         "bytes_sent_per_replica": 8, "peak_bytes_per_step": 8, "seconds": 1.0})
+
+    def kept(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "diloco.py"), "--quick", "--kept", "--state",
+                               str(tmp_path), "--no-plot", *extra], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+    proc = kept(*[a for o in small for a in ("--set", o)])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["set"] == list(small) and out["variants"]["data_parallel"]["val_loss"] == 2.0
+    tiny = sum(p.numel() for p in build_engine(seed_setup(0, steps, replicas)[0], 0).module.parameters())
+    assert out["params"] < tiny / 2  # the smaller model's count
+    unkeyed = kept()
+    assert unkeyed.returncode == 2 and "no unit of the data_parallel baseline" in unkeyed.stderr
+    bad = kept("--set", "model.d_model=oops")
+    assert bad.returncode == 2 and "--set:" in bad.stderr and "Traceback" not in bad.stderr
