@@ -74,7 +74,11 @@ class StageDownloader:
     def _peers(self, stage: int) -> list[StageRecord]:
         ctx = self.ctx
         records, _ = ctx.dht.get_stage_records(ctx.run_id, ctx.cfg.pipeline.num_stages)
-        online = [r for r in records.get(stage, []) if r.state == "online" and r.peer_id != ctx.peer_id]
+        return self._donors(stage, records.get(stage, []))
+
+    def _donors(self, stage: int, records: Sequence[StageRecord]) -> list[StageRecord]:
+        """The peers of ``records`` that can give ``stage``: online, not this node, dialable first."""
+        online = [r for r in records if r.stage == stage and r.state == "online" and r.peer_id != self.ctx.peer_id]
         # Peers behind NAT are no donors (nobody can dial them); only when they alone serve the stage are
         # they tried, so that the stage is never started seeded while peers serve it.
         return [r for r in online if r.reachable != "private"] or online
@@ -86,7 +90,7 @@ class StageDownloader:
         records from an earlier DHT read (the one the stage was claimed on): servers in it are tried when
         this read finds none, so two reads that disagree never make a served stage start seeded."""
         policy, stage, started = RetryPolicy.from_config(self.ctx.cfg.swarm), store.stage, time.monotonic()
-        known = [r for r in seen if r.stage == stage and r.state == "online" and r.peer_id != self.ctx.peer_id]
+        known = self._donors(stage, seen)
         for attempt in range(1, policy.attempts + 1):
             peers = self._peers(stage) or known  # servers seen once are tried again if a DHT read finds none
             if not peers:
