@@ -25,6 +25,11 @@ cosine); they differ only in how the replicas agree:
   error feedback at H/4 and the two lrs (about the bytes of 4-bit parts at H/2)
 - ``streaming_e3m0_H12_lr4e-4_olr0.8``, ``streaming_int2_ef_H12_lr4e-4_olr0.8``  synced about 8× as often (H/8 a
   multiple of P: 12 in the full run), at the two lrs, with 4-bit parts or 2-bit parts and error feedback
+- ``streaming_e3m0_H8_lr4e-4_olr0.8`` synced about 12× as often (H/12: 8 in the full run), both lrs; its probes
+  ``streaming_fp32_H8_lr4e-4_olr0.8`` (parts unquantized), ``streaming_e3m0_H8_lr6e-4_olr0.8`` (inner lr 6e-4),
+  ``streaming_e3m0_H8_lr4e-4_olr0.5`` (outer lr 0.5), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75)
+- ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
+  streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
 Bytes are what one replica sends: its gradient (fp32) every step for data parallel, one encoded
 copy of its outer-gradient part per sync for the others. ``peak_bytes_per_step`` is the most sent in
