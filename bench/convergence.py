@@ -11,6 +11,7 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
     python bench/convergence.py --quick      # 3 k values, 614k tokens each (851 s measured on 2 CPU cores)
     python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
     python bench/convergence.py --seeds 3 --ks 8 --variant "k=8 lr2x:model.subspace_rank=8,train.lr=2e-3"
+    python bench/convergence.py --set model.n_layers=12 --state bench/out/conv-12l   # another model under all
 
 ``--seeds N`` trains every variant at seeds 0..N-1 (init and data order) and reports mean ± std.
 ``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
@@ -39,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
-from node.config import load_config
+from node.config import ConfigError, load_config
 from node.train_local import train_local
 
 
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--first", action="append", default=[], metavar="LABEL",
                         help="train this variant's units before the others' (repeatable; e.g. 'k=8 tail4' to get its "
                         "seeds before the baselines'); the table is the same")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override under every variant (repeatable), e.g. --set model.d_model=384 "
+                        "--set model.ffn_hidden=1536 for a second model size; give that run a --state of its own")
     parser.add_argument("--kept", action="store_true",
                         help="train nothing: the table from the units kept under --state, each variant's mean over "
                         "the seeds it has (listed in the JSON's seeds_per_variant; the missing units in 'missing')")
@@ -146,8 +150,12 @@ def main() -> None:
         parser.error(str(exc))
     common = [
         f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}", f"train.eval_every={max(1, steps // 6)}",
-        "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0",
+        "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0", *args.set,
     ]
+    try:
+        load_config("local/tiny", common)
+    except ConfigError as exc:
+        parser.error(f"--set: {exc}")
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
                 ("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"]),
                 *[(f"subspace k={k}", [f"model.subspace_rank={k}"]) for k in ks], *extra]
@@ -184,7 +192,8 @@ def main() -> None:
            for r in rows[2:]}
     cfg = load_config("local/tiny", common)
     if not args.no_plot:
-        plot(rows, Path(args.out), f"tiny (d=256, 8 layers, 4 stages), {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
+        plot(rows, Path(args.out), f"d={cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.pipeline.num_stages} "
+             f"stages{' + --set' if args.set else ''}, {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
              f"{args.seeds} seed(s)")
     summary = {
         "bench": "convergence",
@@ -201,6 +210,7 @@ def main() -> None:
         "tokens": rows[0]["tokens"],
         "steps": steps,
         "seeds": args.seeds,
+        "set": args.set,
         "seeds_per_variant": {label: [r["seed"] for r in runs[label]] for label, _ in variants},
         "missing": missing,
         "reference": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1",

@@ -142,3 +142,32 @@ def test_diloco_set_overrides_make_units_of_their_own_and_bad_ones_are_refused(t
     assert unkeyed.returncode == 2 and "no unit of the data_parallel baseline" in unkeyed.stderr
     bad = kept("--set", "model.d_model=oops")
     assert bad.returncode == 2 and "--set:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_convergence_set_overrides_are_checked_and_keyed_apart(tmp_path):
+    """``bench/convergence.py --set``: an override the config refuses is a usage error; the units of a run without
+    it (here: one kept dense unit) are not read as the overridden model's."""
+    import subprocess
+
+    from bench.convergence import unit_key
+    from bench.resume import ResultStore
+
+    steps = 20
+    common = [f"train.steps={steps}", "train.warmup_steps=10", f"train.eval_every={steps // 6}",
+              "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0"]
+    ResultStore(tmp_path, {"common": common}).put(
+        unit_key("dense", ["model.subspace_rank='none'", "model.fixed_table=false"], common, 0),
+        {"label": "dense", "subspace_rank": None, "val_loss": 2.0, "val_curve": [[20, 2.0]], "tokens": 1})
+
+    def kept(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8",
+                               "--steps", str(steps), "--state", str(tmp_path), "--no-plot", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+    bad = kept("--set", "model.n_layers=many")
+    assert bad.returncode == 2 and "--set:" in bad.stderr and "Traceback" not in bad.stderr
+    other = kept("--set", "model.n_layers=4")
+    assert other.returncode == 2 and "no unit of this run is kept" in other.stderr, other.stderr
+    same = kept()  # without the override the dense unit is found (the table then lacks its other baseline)
+    assert same.returncode == 2 and "no unit of the dense+fixed_table baseline" in same.stderr, same.stderr
