@@ -27,7 +27,9 @@ cosine); they differ only in how the replicas agree:
   multiple of P: 12 in the full run), at the two lrs, with 4-bit parts or 2-bit parts and error feedback
 - ``streaming_e3m0_H8_lr4e-4_olr0.8`` synced about 12× as often (H/12: 8 in the full run), both lrs; its probes
   ``streaming_fp32_H8_lr4e-4_olr0.8`` (parts unquantized), ``streaming_e3m0_H8_lr6e-4_olr0.8`` (inner lr 6e-4),
-  ``streaming_e3m0_H8_lr4e-4_olr0.5`` (outer lr 0.5), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75)
+  ``streaming_e3m0_H8_lr4e-4_olr0.5`` (outer lr 0.5), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75),
+  ``streaming_e3m0_H8_lr4e-4_olr0.8_adam`` (the replicas' AdamW moments of each synced fragment averaged too:
+  a diagnostic, fp32 moments counted on the wire; the swarm does not do it)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -103,8 +105,12 @@ class Run:
             self.bytes_per_step[t] = 4 * numel  # each replica sends its fp32 gradient once
             self.record(t, engine)
 
-    def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False) -> None:
-        """Streaming DiLoCo among the replicas (swarm.diloco_group.InProcessGroup); ``corrupt``: a poisoner."""
+    def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False,
+               average_moments: bool = False) -> None:
+        """Streaming DiLoCo among the replicas (swarm.diloco_group.InProcessGroup); ``corrupt``: a poisoner.
+        ``average_moments``: when a fragment's mean is applied, the replicas' AdamW moments of its parameters
+        are averaged too (a diagnostic of how much the noisy local optimizer state costs; counted as 2 fp32
+        values a parameter more on the wire; the swarm does not do it)."""
         engines = [self.engine() for _ in self.samplers]
         group = InProcessGroup([OuterLoop(dict(e.module.named_parameters()), settings) for e in engines], settings,
                                codec, corrupt=corrupt, requantize_mean=requantize_mean)
@@ -112,12 +118,34 @@ class Run:
         for t in range(1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
+            applied = list(group.loops[0].rounds_applied)
             self.bytes_per_step[t] += group.after_step(t)
+            if average_moments:
+                for fragment, before in enumerate(applied):
+                    if group.loops[0].rounds_applied[fragment] != before:
+                        self.bytes_per_step[t] += self.average_moments(engines, group.loops[0].layouts[fragment].names)
             if t % self.eval_every == 0 or t == self.steps:
                 self.load_global(global_model, group.loops[0])
                 self.record(t, global_model)
         self.rejected = sum(len(r) for r in group.rejected)
-        self.group = group
+        self.group, self.engines = group, engines
+
+    @staticmethod
+    @torch.no_grad()
+    def average_moments(engines: list[StageEngine], names: list[str]) -> int:
+        """Replace each replica's AdamW exp_avg and exp_avg_sq of ``names`` by their mean; bytes one sent."""
+        sent = 0
+        per_engine = [dict(e.module.named_parameters()) for e in engines]
+        for name in names:
+            states = [e.optimizer.state.get(params[name]) for e, params in zip(engines, per_engine, strict=True)]
+            if any(not st for st in states):
+                continue  # no step taken yet
+            for key in ("exp_avg", "exp_avg_sq"):
+                mean = torch.stack([st[key] for st in states]).mean(0)
+                for st in states:
+                    st[key].copy_(mean)
+                sent += 4 * mean.numel()
+        return sent
 
     @staticmethod
     @torch.no_grad()
@@ -225,6 +253,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H8_lr6e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
                                                                         "outer_lr": 0.8}),
                                             "codec": "e3m0", "inner_lr": 6e-4},
+        "streaming_e3m0_H8_lr4e-4_olr0.8_adam": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
+                                                                             "outer_lr": 0.8}),
+                                                 "codec": "e3m0", "inner_lr": 4e-4, "average_moments": True},
         "streaming_e3m0_H8_lr4e-4_olr0.5": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
                                                                         "outer_lr": 0.5}),
                                             "codec": "e3m0", "inner_lr": 4e-4},
@@ -272,7 +303,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
     if settings is None:
         run.data_parallel()
     else:
-        run.diloco(settings, codec, requantize_mean=spec.get("requantize_mean", False))
+        run.diloco(settings, codec, requantize_mean=spec.get("requantize_mean", False),
+                   average_moments=spec.get("average_moments", False))
     return {
         "val_loss": run.curve[-1][1],
         "val_curve": run.curve,
@@ -282,7 +314,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
         "syncs": sum(1 for b in run.bytes_per_step if b),
         "parts_rejected": getattr(run, "rejected", 0),
         "settings": None if settings is None else {**settings.__dict__, "codec": codec,
-                                                   "requantize_mean": spec.get("requantize_mean", False)},
+                                                   "requantize_mean": spec.get("requantize_mean", False),
+                                                   "average_moments": spec.get("average_moments", False)},
         "inner_lr": cfg.train.lr,
         "seconds": round(time.time() - started, 1),
         "device": device,

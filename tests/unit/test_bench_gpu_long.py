@@ -3,6 +3,7 @@ long runs' options for runs that span sessions (--first, --kept)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -171,3 +172,32 @@ def test_convergence_set_overrides_are_checked_and_keyed_apart(tmp_path):
     assert other.returncode == 2 and "no unit of this run is kept" in other.stderr, other.stderr
     same = kept()  # without the override the dense unit is found (the table then lacks its other baseline)
     assert same.returncode == 2 and "no unit of the dense+fixed_table baseline" in same.stderr, same.stderr
+
+
+def test_diloco_average_moments_makes_the_synced_fragments_optimizer_state_agree():
+    """The ``_adam`` diagnostic: after a fragment's round is applied, every replica holds the same AdamW moments
+    for its parameters (the others' still differ), and the moments' bytes are counted."""
+    import torch
+
+    from bench.diloco import Run, seed_setup, variants
+
+    small = ("model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=2")
+    cfg, samplers, val = seed_setup(0, 4, 2, small)
+    spec = variants(8, 2)["streaming_e3m0_H8_lr4e-4_olr0.8_adam"]
+    settings = dataclasses.replace(spec["settings"], inner_steps=4, fragments=2, overlap=0)  # fragment 1 at step 2
+
+    def state_after(average: bool) -> tuple[Run, list]:
+        run = Run(cfg, samplers, val[:1], 2, eval_every=2)
+        run.diloco(settings, spec["codec"], average_moments=average)
+        return run, run.engines
+
+    run, engines = state_after(True)
+    assert run.group.loops[0].rounds_applied == [0, 1]
+    names = run.group.loops[0].layouts[1].names
+    other = run.group.loops[0].layouts[0].names
+    moments = [{n: e.optimizer.state[p]["exp_avg_sq"] for n, p in e.module.named_parameters()} for e in engines]
+    assert all(torch.equal(moments[0][n], moments[1][n]) for n in names)
+    assert not all(torch.equal(moments[0][n], moments[1][n]) for n in other)
+    plain, _ = state_after(False)
+    assert sum(run.bytes_per_step) - sum(plain.bytes_per_step) == 8 * sum(
+        p.numel() for n, p in engines[0].module.named_parameters() if n in names)
