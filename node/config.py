@@ -228,6 +228,11 @@ class SwarmConfig:
     download_backoff_s: float = setting(
         5.0, "Wait after the first failed download attempt (seconds); it doubles after each one, up to 5 minutes."
     )
+    vacant_confirm_s: float = setting(
+        3.0, "A stage that no DHT read showed a server of is read again this many seconds later before this node "
+        "starts it from the seeded initialisation (a read that missed its servers must not seed a served stage); "
+        "0 = no second read."
+    )
     link: str = setting(
         "", "Emulate a home link: RATE[,delay=D] (e.g. 80mbit,delay=30ms) throttles this node's protoswarm streams "
         "in-process and delays each frame sent; the DHT is not shaped. `node sim` emulates it with namespaces when "
@@ -255,6 +260,8 @@ class SwarmConfig:
         check_positive(self, "refresh_s", "expiry_s", "rebalance_period_s", "bootstrap_retry_max_s",
                        "shutdown_timeout_s", "max_stage_params_m", "download_stall_s", "download_floor_mbit",
                        "download_backoff_s")
+        if self.vacant_confirm_s < 0:
+            raise ConfigError(f"swarm.vacant_confirm_s must be >= 0, got {self.vacant_confirm_s!r}")
         if self.download_attempts < 1:
             raise ConfigError(f"swarm.download_attempts must be >= 1, got {self.download_attempts}")
         if not 0.0 <= self.rebalance_jitter < 1.0:

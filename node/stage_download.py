@@ -93,6 +93,12 @@ class StageDownloader:
         known = self._donors(stage, seen)
         for attempt in range(1, policy.attempts + 1):
             peers = self._peers(stage) or known  # servers seen once are tried again if a DHT read finds none
+            if not peers and (confirm_s := self.ctx.cfg.swarm.vacant_confirm_s) > 0:
+                logger.info("stage %d: no server found; reading the DHT again in %.3g s before starting it from "
+                            "the seeded initialisation", stage, confirm_s)
+                if self.wait(confirm_s) or self.ctx.stop.is_set():
+                    raise StageUnavailable(f"stopped while looking for the servers of stage {stage}")
+                peers = self._peers(stage)
             if not peers:
                 logger.info("no peer serves stage %d: starting it from the seeded initialisation", stage)
                 return False

@@ -74,7 +74,20 @@ def test_the_seeded_start_is_only_for_a_stage_nobody_serves(tmp_path, caplog):
     loader = _downloader(tmp_path, [])
     with caplog.at_level(logging.INFO):
         assert loader.load_from_swarm(_store(tmp_path)) is False
-    assert loader.waits == [] and "no peer serves stage 0: starting it from the seeded initialisation" in caplog.text
+    assert loader.waits == [3.0]  # swarm.vacant_confirm_s: a second read before the seeded start
+    assert "no peer serves stage 0: starting it from the seeded initialisation" in caplog.text
+
+
+def test_a_read_that_missed_the_servers_is_confirmed_by_a_second_one(tmp_path, caplog):
+    """The first read shows the stage vacant, the one vacant_confirm_s later finds its server: downloaded."""
+    loader = _downloader(tmp_path, [[], [_record(PEERS[0])]], outcomes=[True])
+    with caplog.at_level(logging.INFO):
+        assert loader.load_from_swarm(_store(tmp_path)) is True
+    assert loader.waits == [3.0] and "no peer serves stage 0" not in caplog.text
+    stopped = _downloader(tmp_path, [])
+    stopped.wait = lambda s: True  # the node stops during the wait: no seeded start either
+    with pytest.raises(StageUnavailable, match="stopped while looking for the servers of stage 0"):
+        stopped.load_from_swarm(_store(tmp_path))
 
 
 def test_a_served_stage_is_retried_with_back_off_then_the_node_gives_up_naming_peers_and_errors(tmp_path, caplog):
@@ -119,7 +132,7 @@ def test_servers_the_claim_saw_are_tried_when_the_downloads_first_read_finds_non
     with caplog.at_level(logging.INFO):
         assert loader.load_from_swarm(_store(tmp_path), seen=claimed_on) is True
     assert "downloading its state from 1 peer(s)" in caplog.text and "seeded" not in caplog.text
-    # ... and with nothing seen either, the stage is nobody's: the seeded start, as before.
+    # ... and with nothing seen either (this node's own record aside), the stage is nobody's: the seeded start.
     assert _downloader(tmp_path, []).load_from_swarm(_store(tmp_path), seen=[_record("me")]) is False
 
 
