@@ -326,6 +326,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="240 steps, H=30, P=3 (the full run: 1200, 100, 4)")
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--steps", type=int, help="inner steps per replica (default 240 quick / 1200; H and P stay): "
+                        "a longer token budget, e.g. on a GPU; part of the state's fingerprint")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of the init and the data order")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all; data_parallel always)")
     parser.add_argument("--state", default=None, help="where finished variants are kept (default bench/out/diloco-state"
@@ -349,6 +351,10 @@ def main() -> None:
     overrides = tuple(args.set)
     torch.set_num_threads(1)
     steps, H, P = (240, 30, 3) if args.quick else (1200, 100, 4)
+    if args.steps is not None:
+        if args.steps < H:
+            parser.error(f"--steps {args.steps} is fewer than one round of H = {H} inner steps")
+        steps = args.steps
     specs = variants(H, P)
     chosen = ["data_parallel", *[v for v in args.only.split(",") if v and v != "data_parallel"]] if args.only \
         else list(specs)
