@@ -298,10 +298,13 @@ class NodeDaemon:
         # would feed timing noise into the rebalancing decisions and make nodes oscillate.
         self._throughput = probe.engine.measure_throughput(cfg.train.batch_size, cfg.train.seq_len)
         self._probe = probe  # reused by _host_stage if this is the stage claimed (still at its seeded init)
-        records = self.presence.read()
-        self._claim_records = records  # its servers are tried if the download's own read finds none
         if cfg.swarm.stage is not None:
+            try:  # only a help for the download (servers to try): a pinned node does not fail on it
+                self._claim_records = self.presence.read()
+            except Exception as exc:  # a DHT lookup: timeouts, a closed daemon
+                logger.warning("reading the swarm before hosting stage %d failed (%s); going on", cfg.swarm.stage, exc)
             return cfg.swarm.stage
+        records = self._claim_records = self.presence.read()  # its servers are tried if the download's read misses
         me, n = self.dht.peer_id, cfg.pipeline.num_stages
         own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
@@ -312,8 +315,9 @@ class NodeDaemon:
         ``records``: the DHT read the stage was chosen on (default: the claim's)."""
         probe, self._probe = self._probe, None
         seen = (records if records is not None else self._claim_records).get(stage, [])
+        self._claim_records = {}  # the claim's read serves the claim only
         try:
-            self.host = StageHost.open(self.ctx, stage, self._throughput, probe, seen)
+            self.host = StageHost.open(self.ctx, stage, self._throughput, probe, seen, confirm_vacant=not self.create)
         except StageUnavailable as exc:  # peers serve it but it could not be downloaded: stop (``fail``), never seed
             if fail and not self.stop.is_set():
                 self._fail(str(exc))
@@ -376,7 +380,8 @@ class NodeDaemon:
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")
         self.host.stop(save=True)
-        if not self._host_stage(target, fail=False, records=records) and (self.stop.is_set() or not self._host_stage(here_stage)):
+        if not self._host_stage(target, fail=False, records=records) and (
+                self.stop.is_set() or not self._host_stage(here_stage, records=records)):
             return  # the target could not be downloaded: back to this stage (from the checkpoint just written)
         self.host.start()
         self.presence.announce(self.host, "online")

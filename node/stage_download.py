@@ -16,7 +16,9 @@ retried or restarted download fetches only what it lacks, and removed once the s
 
 :meth:`StageDownloader.load_from_swarm` loads a stage the node has no checkpoint of. It returns False
 only when no peer serves the stage: then, and only then, the node starts it from the seeded
-initialisation. While peers serve it, failed rounds are retried with exponential back-off
+initialisation. Servers of an earlier read (``seen``: the one the stage was claimed on) count, and a read
+that finds none is confirmed by a second one ``swarm.vacant_confirm_s`` later (unless the node founds the
+run: nobody else can serve it). While peers serve it, failed rounds are retried with exponential back-off
 (:class:`RetryPolicy`) and then :class:`StageUnavailable` names the peers and their errors (the
 daemon exits with it).
 """
@@ -83,19 +85,19 @@ class StageDownloader:
         # they tried, so that the stage is never started seeded while peers serve it.
         return [r for r in online if r.reachable != "private"] or online
 
-    def load_from_swarm(self, store: StageStore, seen: Sequence[StageRecord] = ()) -> bool:
+    def load_from_swarm(self, store: StageStore, seen: Sequence[StageRecord] = (), confirm_vacant: bool = True) -> bool:
         """Load a stage this node holds no checkpoint of from the peers serving it, retrying with back-off.
         False: no peer serves it (start it from the seeded initialisation). Raises :class:`StageUnavailable`
         when peers serve it and every attempt failed, or when the node stops first. ``seen``: the stage's
         records from an earlier DHT read (the one the stage was claimed on): servers in it are tried when
-        this read finds none, so two reads that disagree never make a served stage start seeded."""
+        this read finds none, so two reads that disagree never make a served stage start seeded.
+        ``confirm_vacant``: read once more before a seeded start (False for the run's founder)."""
         policy, stage, started = RetryPolicy.from_config(self.ctx.cfg.swarm), store.stage, time.monotonic()
         known = self._donors(stage, seen)
         for attempt in range(1, policy.attempts + 1):
             peers = self._peers(stage) or known  # servers seen once are tried again if a DHT read finds none
-            if not peers and (confirm_s := self.ctx.cfg.swarm.vacant_confirm_s) > 0:
-                logger.info("stage %d: no server found; reading the DHT again in %.3g s before starting it from "
-                            "the seeded initialisation", stage, confirm_s)
+            if not peers and confirm_vacant and (confirm_s := self.ctx.cfg.swarm.vacant_confirm_s) > 0:
+                logger.info("stage %d: no server found; reading the DHT again in %.3g s to confirm", stage, confirm_s)
                 if self.wait(confirm_s) or self.ctx.stop.is_set():
                     raise StageUnavailable(f"stopped while looking for the servers of stage {stage}")
                 peers = self._peers(stage)

@@ -41,10 +41,11 @@ class StageHost:
 
     @classmethod
     def open(cls, ctx: NodeContext, stage: int, throughput: float, probe: StageStore | None = None,
-             seen: Sequence[StageRecord] = ()) -> StageHost:
+             seen: Sequence[StageRecord] = (), confirm_vacant: bool = True) -> StageHost:
         """Host ``stage``: its store loaded (own checkpoint, else a peer's state, else the seeded init) and
         the node's services attached to it. ``probe``: a store of this stage still at its seeded init;
-        ``seen``: the stage's records as the claim read them (their servers are tried if a new read misses).
+        ``seen``: the stage's records as the claim read them (their servers are tried if a new read misses);
+        ``confirm_vacant``: a stage found vacant is read again before its seeded start (False: the founder).
         Raises ``StageUnavailable`` when peers serve the stage but its state could not be downloaded (the
         seeded init is only for a stage nobody serves; node/stage_download.py)."""
         store = probe if probe is not None and probe.stage == stage else StageStore.fresh(
@@ -53,7 +54,7 @@ class StageHost:
         if store.resume():
             downloads.catch_up_resumed(store)
         else:
-            downloads.load_from_swarm(store, seen)
+            downloads.load_from_swarm(store, seen, confirm_vacant)
         host = cls(ctx, store, throughput)
         services = ctx.services
         if services.sync is not None:
