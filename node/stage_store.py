@@ -22,6 +22,7 @@ so every peer that starts stage s from scratch holds the same weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -63,8 +64,12 @@ class StageStore:
     def fresh(cls, cfg: RunConfig, run_id: str, stage: int, checkpoint_dir: Path,
               device: torch.device | str = "cpu") -> StageStore:
         """Stage ``stage`` at its seeded initialisation on ``device`` (with its outer state when
-        ``diloco.enabled``), stored under ``checkpoint_dir``."""
-        engine = build_engine(cfg, stage, device)
+        ``diloco.enabled``: then its inner optimizer peaks at ``diloco.inner_lr`` where set), stored under
+        ``checkpoint_dir``."""
+        inner = cfg
+        if cfg.diloco.enabled and cfg.diloco.inner_lr is not None:
+            inner = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.diloco.inner_lr))
+        engine = build_engine(inner, stage, device)
         if cfg.diloco.enabled:
             engine.attach_outer(cfg.diloco, cfg.diloco.outer_device)
         return cls(cfg, run_id, engine, checkpoint_dir)

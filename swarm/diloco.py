@@ -74,6 +74,12 @@ class DilocoConfig:
     )
     outer_lr: float = setting(0.8, "Outer SGD learning rate on the averaged outer gradient (0.8: BENCHMARKS.md, \"Streaming "
                               "DiLoCo vs data parallel\", the full run: better than 0.4 on two seeds).")
+    inner_lr: float | None = setting(
+        None, "Peak inner AdamW learning rate of a stage whose replicas sync (warm-up and cosine as train.lr's); "
+        "None = train.lr. Streaming DiLoCo's replicas train on a share of the batch each and do better at a lower "
+        "rate than data parallel's (BENCHMARKS.md, \"Streaming DiLoCo vs data parallel\"); node train-local "
+        "ignores it."
+    )
     outer_momentum: float = setting(0.9, "Outer Nesterov momentum.")
     nesterov: bool = setting(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
     overlap: int = setting(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use "
@@ -105,7 +111,7 @@ class DilocoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"diloco.{name} must be an integer, got {value!r}")
-        check_positive(self, "inner_steps", "fragments", "outer_lr", "resync_rounds")
+        check_positive(self, "inner_steps", "fragments", "outer_lr", "resync_rounds", "inner_lr")
         if self.fragments > self.inner_steps:
             raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}: "
                               "every fragment needs its own offset")

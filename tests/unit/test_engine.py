@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from node.chain import StageChain
-from node.config import load_config
+from node.config import ConfigError, load_config
 from node.engine import StageEngine, UnknownMicrobatch, build_engine
 from node.model import LanguageModel, lm_loss
 from node.stage_host import ReplicaTrainer
@@ -143,6 +143,23 @@ def test_one_inner_step_for_train_local_and_the_one_stage_daemon(tmp_path, small
     for (name, a), (_, b) in zip(result.chain.engines[0].module.state_dict().items(),
                                  work.module.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_diloco_inner_lr_sets_a_syncing_stages_peak_lr_and_nothing_else(tmp_path):
+    """diloco.inner_lr: the peak of the inner schedule of a stage whose replicas sync; train.lr where it is unset
+    or replica sync is off (and for the store's own configuration, which the run's other parts read)."""
+    base = ["pipeline.num_stages=1", "train.lr=1e-3", "train.warmup_steps=10"]
+
+    def peak(*extra: str) -> tuple[float, float]:
+        cfg = load_config("local/tiny", [*base, *extra])
+        store = StageStore.fresh(cfg, "r", 0, tmp_path / str(len(extra)) / "_".join(extra))
+        return store.engine.train_cfg.lr, store.cfg.train.lr
+
+    assert peak() == (1e-3, 1e-3)
+    assert peak("diloco.inner_lr=4e-4") == (4e-4, 1e-3)
+    assert peak("diloco.inner_lr=4e-4", "diloco.enabled=false") == (1e-3, 1e-3)
+    with pytest.raises(ConfigError, match=r"diloco\.inner_lr must be positive"):
+        load_config("local/tiny", ["diloco.inner_lr=0"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
