@@ -27,7 +27,7 @@ cosine); they differ only in how the replicas agree:
   multiple of P: 12 in the full run), at the two lrs, with 4-bit parts or 2-bit parts and error feedback
 - ``streaming_e3m0_H8_lr4e-4_olr0.8`` synced about 12× as often (H/12: 8 in the full run), both lrs; its probes
   ``streaming_fp32_H8_lr4e-4_olr0.8`` (parts unquantized), ``streaming_e3m0_H8_lr6e-4_olr0.8`` (inner lr 6e-4),
-  ``streaming_e3m0_H8_lr4e-4_olr0.5`` (outer lr 0.5), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75),
+  ``streaming_e3m0_H8_lr4e-4_olr0.5`` and ``_olr0.3`` (outer lr 0.5, 0.3), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75),
   ``streaming_e3m0_H8_lr4e-4_olr0.8_adam`` (the replicas' AdamW moments of each synced fragment averaged too:
   a diagnostic, fp32 moments counted on the wire; the swarm does not do it)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
@@ -258,6 +258,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
                                                  "codec": "e3m0", "inner_lr": 4e-4, "average_moments": True},
         "streaming_e3m0_H8_lr4e-4_olr0.5": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
                                                                         "outer_lr": 0.5}),
+                                            "codec": "e3m0", "inner_lr": 4e-4},
+        "streaming_e3m0_H8_lr4e-4_olr0.3": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
+                                                                        "outer_lr": 0.3}),
                                             "codec": "e3m0", "inner_lr": 4e-4},
         "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
                                                                               "outer_lr": 0.8, "alpha": 0.75}),

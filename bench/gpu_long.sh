@@ -51,7 +51,7 @@ dil_variants+=,streaming_e3m0_H12_lr4e-4_olr0.8,streaming_int2_ef_H12_lr4e-4_olr
 dil_variants+=,streaming_e3m0_H12_avg,streaming_e3m0_H8_lr4e-4_olr0.8,streaming_e3m0_H12_lr4e-4_olr0.8_a0
 dil_variants+=,data_parallel_lr4e-4,data_parallel_lr2e-3
 dil_variants+=,streaming_fp32_H8_lr4e-4_olr0.8,streaming_e3m0_H8_lr6e-4_olr0.8,streaming_e3m0_H8_lr4e-4_olr0.5
-dil_variants+=,streaming_e3m0_H8_lr4e-4_olr0.8_a0.75,streaming_e3m0_H8_lr4e-4_olr0.8_adam
+dil_variants+=,streaming_e3m0_H8_lr4e-4_olr0.8_a0.75,streaming_e3m0_H8_lr4e-4_olr0.8_adam,streaming_e3m0_H8_lr4e-4_olr0.3
 t0=$SECONDS
 # The base tables first (convergence: dense, dense + table, k = 4..32; DiLoCo: the variants), side by
 # side, then the knobs with what time is left.
