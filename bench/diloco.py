@@ -112,18 +112,19 @@ class Run:
         are averaged too (a diagnostic of how much the noisy local optimizer state costs; counted as 2 fp32
         values a parameter more on the wire; the swarm does not do it)."""
         engines = [self.engine() for _ in self.samplers]
-        group = InProcessGroup([OuterLoop(dict(e.module.named_parameters()), settings) for e in engines], settings,
+        params = [dict(e.module.named_parameters()) for e in engines]
+        group = InProcessGroup([OuterLoop(p, settings) for p in params], settings,
                                codec, corrupt=corrupt, requantize_mean=requantize_mean)
         global_model = self.engine()
         for t in range(1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
-            applied = list(group.loops[0].rounds_applied)
+            applied = list(group.loops[0].rounds_applied) if average_moments else None
             self.bytes_per_step[t] += group.after_step(t)
-            if average_moments:
-                for fragment, before in enumerate(applied):
-                    if group.loops[0].rounds_applied[fragment] != before:
-                        self.bytes_per_step[t] += self.average_moments(engines, group.loops[0].layouts[fragment].names)
+            for fragment, before in enumerate(applied or ()):
+                if group.loops[0].rounds_applied[fragment] != before:
+                    self.bytes_per_step[t] += self.average_moments(engines, params,
+                                                                   group.loops[0].layouts[fragment].names)
             if t % self.eval_every == 0 or t == self.steps:
                 self.load_global(global_model, group.loops[0])
                 self.record(t, global_model)
@@ -132,10 +133,10 @@ class Run:
 
     @staticmethod
     @torch.no_grad()
-    def average_moments(engines: list[StageEngine], names: list[str]) -> int:
-        """Replace each replica's AdamW exp_avg and exp_avg_sq of ``names`` by their mean; bytes one sent."""
+    def average_moments(engines: list[StageEngine], per_engine: list[dict[str, torch.Tensor]], names: list[str]) -> int:
+        """Replace each replica's AdamW exp_avg and exp_avg_sq of ``names`` by their mean; bytes one sent.
+        ``per_engine``: each engine's parameters by name."""
         sent = 0
-        per_engine = [dict(e.module.named_parameters()) for e in engines]
         for name in names:
             states = [e.optimizer.state.get(params[name]) for e, params in zip(engines, per_engine, strict=True)]
             if any(not st for st in states):
@@ -201,6 +202,12 @@ def variants(H: int, P: int) -> dict[str, dict]:
     quarter = max(P, H // 4 // P * P)  # H/4, a multiple of P
     eighth = max(P, H // 8 // P * P)
     twelfth = max(P, H // 12 // P * P)
+
+    def at_twelfth(codec: str, inner_lr: float = 4e-4, outer_lr: float = 0.8, **outer: float) -> dict:
+        """A streaming variant synced at H/12 (a multiple of P), by default at both tuned lrs."""
+        return {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth, "outer_lr": outer_lr, **outer}),
+                "codec": codec, "inner_lr": inner_lr}
+
     return {
         "data_parallel": {"settings": None, "codec": None},
         # Data parallel at the other learning rates the streaming rows were tried at: the control that the gaps
@@ -241,30 +248,16 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # local Adam with a periodic mean, the limit the outer optimizer's amplification is measured against.
         "streaming_e3m0_H12_avg": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth, "outer_lr": 1.0,
                                                                "outer_momentum": 0.0}), "codec": "e3m0"},
-        "streaming_e3m0_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                        "outer_lr": 0.8}),
-                                            "codec": "e3m0", "inner_lr": 4e-4},
+        "streaming_e3m0_H8_lr4e-4_olr0.8": at_twelfth("e3m0"),
         # Where the rest of the gap at H/12 is: the 4-bit rounding (fp32 parts), an inner lr nearer half of data
         # parallel's (6e-4; the sqrt-batch rule for Adam), a smaller outer lr (the best one grows with H in the
         # DiLoCo scaling-law study; 0.8 was chosen at H = 100), and more of the local progress kept at each merge.
-        "streaming_fp32_H8_lr4e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                        "outer_lr": 0.8}),
-                                            "codec": "fp32", "inner_lr": 4e-4},
-        "streaming_e3m0_H8_lr6e-4_olr0.8": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                        "outer_lr": 0.8}),
-                                            "codec": "e3m0", "inner_lr": 6e-4},
-        "streaming_e3m0_H8_lr4e-4_olr0.8_adam": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                             "outer_lr": 0.8}),
-                                                 "codec": "e3m0", "inner_lr": 4e-4, "average_moments": True},
-        "streaming_e3m0_H8_lr4e-4_olr0.5": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                        "outer_lr": 0.5}),
-                                            "codec": "e3m0", "inner_lr": 4e-4},
-        "streaming_e3m0_H8_lr4e-4_olr0.3": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                        "outer_lr": 0.3}),
-                                            "codec": "e3m0", "inner_lr": 4e-4},
-        "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth,
-                                                                              "outer_lr": 0.8, "alpha": 0.75}),
-                                                  "codec": "e3m0", "inner_lr": 4e-4},
+        "streaming_fp32_H8_lr4e-4_olr0.8": at_twelfth("fp32"),
+        "streaming_e3m0_H8_lr6e-4_olr0.8": at_twelfth("e3m0", inner_lr=6e-4),
+        "streaming_e3m0_H8_lr4e-4_olr0.8_adam": {**at_twelfth("e3m0"), "average_moments": True},
+        "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
+        "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
+        "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": at_twelfth("e3m0", alpha=0.75),
         # ... and without the local/global mix (alpha 0: each synced fragment is the global copy, as in DiLoCo).
         "streaming_e3m0_H12_lr4e-4_olr0.8_a0": {"settings": DilocoConfig(**{**streaming, "inner_steps": eighth,
                                                                             "outer_lr": 0.8, "alpha": 0.0}),
