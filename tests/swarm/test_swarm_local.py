@@ -106,7 +106,8 @@ def _assert_documented_families(url: str) -> None:
 
 @pytest.mark.timeout(600)
 def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
-    """1+5 nodes, S = 2: all ONLINE with both stages served within 60 s; once balanced, SIGKILL every
+    """1+5 nodes, S = 2: all ONLINE with both stages served within 60 s (a joiner confirms a vacant stage
+    with a second DHT read before seeding it, the founder does not); once balanced, SIGKILL every
     server of one stage and it is served again within 120 s; the killed peers vanish once their records expire;
     foreign junk under the run's keys is refused and counted; SIGTERM → OFFLINE at once, exit 0, no
     process left; /metrics carries the documented families."""
@@ -122,6 +123,13 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
         swarm.wait_until(all_online, 60 - (time.monotonic() - start), "6 peers ONLINE, both stages served")
         status = holder["status"]
         assert status["num_stages"] == 2 and status["run_id"] == "sim"
+        # The founder starts its stage at once; a joiner that finds a stage vacant reads the DHT once more
+        # (swarm.vacant_confirm_s) before it starts that stage from the seeded initialisation.
+        logs = [swarm.nodes[i].log.read_text(errors="replace") for i in range(6)]
+        assert "no peer serves stage" in logs[0] and "reading the DHT again" not in logs[0]
+        seeded = [log for log in logs[1:] if "no peer serves stage" in log]
+        assert seeded and all(0 <= log.find("reading the DHT again") < log.index("no peer serves stage")
+                              for log in seeded), seeded[:1]
 
         # Joiners that arrive together all pick the emptiest stage; rebalancing then evens it out.
         def balanced() -> bool:
