@@ -6,7 +6,10 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
 - ``dense``              ordinary dense model, small embedding init (the naive baseline)
 - ``dense+fixed_table``  dense model plus the same frozen high-rank token table the subspace model
                          carries: the fair baseline and the reference for ``gap_pct``
-- ``subspace k=K``       boundaries confined to a K-dim subspace (d/K× fewer numbers per boundary)
+- ``subspace k=K``       boundaries confined to a K-dim subspace (d/K× fewer numbers per boundary); dense
+                         writers in the last stage of the split by parameters alone (2 of the 8 layers at
+                         S = 4, ``model.min_dense_tail_layers = 0``: the recipe the k sweep was measured
+                         with; the node's default gives the last stage 3 layers, the ``k=8 tail3`` variant)
 
     python bench/convergence.py --quick      # 3 k values, 614k tokens each (851 s measured on 2 CPU cores)
     python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
@@ -158,7 +161,7 @@ def main() -> None:
         parser.error(f"--set: {exc}")
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
                 ("dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"]),
-                *[(f"subspace k={k}", [f"model.subspace_rank={k}"]) for k in ks], *extra]
+                *[(f"subspace k={k}", [f"model.subspace_rank={k}", "model.min_dense_tail_layers=0"]) for k in ks], *extra]
     store = ResultStore(args.state or "bench/out/convergence-state", {"common": common}, fresh=args.fresh,
                         device=args.device)
     t0 = time.time()

@@ -129,7 +129,21 @@ def config_digest(settings: dict[str, Any], sections: tuple[str, ...] | None = N
         return value
     if sections is not None:
         settings = {k: v for k, v in settings.items() if k in sections}
+    settings = _without_inert_tail(settings)
     return hashlib.sha256(json.dumps(kept(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _without_inert_tail(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without ``model.min_dense_tail_layers`` where it changes nothing (0, a dense model, an
+    explicit ``dense_tail_layers`` or ``layer_splits``, one stage), so the units kept before it existed keep
+    their keys: the setting came with a default of 3, and only the models it reshapes are other units."""
+    model, pipeline = settings.get("model"), settings.get("pipeline") or {}
+    if not isinstance(model, dict) or "min_dense_tail_layers" not in model:
+        return settings
+    if model["min_dense_tail_layers"] and model.get("subspace_rank") and model.get("dense_tail_layers") is None \
+            and pipeline.get("layer_splits") is None and pipeline.get("num_stages", 1) > 1:
+        return settings
+    return {**settings, "model": {k: v for k, v in model.items() if k != "min_dense_tail_layers"}}
 
 
 def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Callable[..., dict[str, Any]],

@@ -331,15 +331,22 @@ def stage_layers(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> li
     """The layers of each stage: ``pipeline.layer_splits`` when given, else the contiguous split (every
     stage at least one layer) whose largest stage holds the fewest parameters, counting the embedding
     on the first stage and the LM head on the last (an 8b model's head is ~2.4 layers' worth); among
-    those, the one with the most even stages (least sum of squared stage sizes)."""
+    those, the one with the most even stages (least sum of squared stage sizes). A subspace model's dense
+    final layers (``model.dense_tail_layers``, or unset at least ``model.min_dense_tail_layers``) all lie in
+    the last stage."""
     pipeline = pipeline or PipelineConfig()
     if pipeline.layer_splits is not None or pipeline.num_stages == 1:
         return pipeline.stage_ranges(cfg.n_layers)
     n, count = cfg.n_layers, pipeline.num_stages
     pipeline.stage_ranges(n)  # the same errors as an explicit split (too many stages)
 
-    # With model.dense_tail_layers every stage but the last must hold constrained layers only.
-    first_dense = n - cfg.dense_tail_layers if cfg.subspace_rank and cfg.dense_tail_layers is not None else n
+    # With model.dense_tail_layers every stage but the last must hold constrained layers only; without
+    # it the last stage's layers are the dense ones, and it holds at least model.min_dense_tail_layers.
+    first_dense = n
+    if cfg.subspace_rank:
+        tail = cfg.dense_tail_layers if cfg.dense_tail_layers is not None else min(cfg.min_dense_tail_layers,
+                                                                                   n - count + 1)
+        first_dense = n - tail
 
     def size(s: int, a: int, b: int) -> float:
         if s < count - 1 and b > first_dense:

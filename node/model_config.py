@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from protocol.settings import ConfigError, check_positive, setting
 
+# The fewest dense final layers the automatic split gives a subspace model (docs/model.md; BENCHMARKS.md
+# "Training cost of the constraint", k = 8 against dense + table: 8 layers, 2 dense +4.3%, 3 dense +0.9%, three
+# seeds each; 12 layers, 2 dense +5.1%, 3 dense +2.1%, one seed). 3 keeps 8b's last stage on a 24 GiB card at S = 8.
+MIN_DENSE_TAIL = 3
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -54,6 +59,12 @@ class ModelConfig:
         None, "Final layers whose residual writers stay dense (unconstrained). None = the last stage's layers; "
         "every layer before the last stage must be constrained, so they must all lie in the last stage."
     )
+    min_dense_tail_layers: int = setting(
+        MIN_DENSE_TAIL, "With dense_tail_layers unset: the automatic stage split gives the last stage (whose "
+        "layers are dense) at least this many layers, as many as the stage count leaves room for "
+        "(n_layers - num_stages + 1). 0 = the split by parameters alone. An explicit pipeline.layer_splits is "
+        "kept as given (docs/model.md)."
+    )
     subspace_param: str = setting(
         "factored", "How residual writers and the embedding stay in span(U): 'factored' (W = U·Z, Z trained) or "
         "'projected' (dense W, projected onto span(U) after every optimizer step, the paper's form)."
@@ -71,6 +82,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.dense_tail_layers is not None and not 0 <= self.dense_tail_layers <= self.n_layers:
             raise ConfigError(f"model.dense_tail_layers={self.dense_tail_layers} must be in 0..n_layers={self.n_layers}")
+        if self.min_dense_tail_layers < 0:
+            raise ConfigError(f"model.min_dense_tail_layers={self.min_dense_tail_layers} must be >= 0")
         if self.fixed_table_rank is not None and self.fixed_table_rank > min(self.vocab_size, self.d_model):
             raise ConfigError(f"model.fixed_table_rank={self.fixed_table_rank} exceeds min(vocab_size, d_model)="
                               f"{min(self.vocab_size, self.d_model)}")

@@ -60,7 +60,7 @@ def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothin
     kept = {("dense", "model.subspace_rank='none'", "model.fixed_table=false", 0): 2.0,
             ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 0): 1.9,
             ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 1): 1.7,
-            ("subspace k=8", "model.subspace_rank=8", None, 1): 1.9}
+            ("subspace k=8", "model.subspace_rank=8", "model.min_dense_tail_layers=0", 1): 1.9}
     for (label, *overrides, seed), loss in kept.items():
         row = {"label": label, "subspace_rank": 8 if "k=8" in label else None, "val_loss": loss,
                "val_curve": [[10, loss + 1], [20, loss]], "tokens": 1000}

@@ -131,3 +131,19 @@ def test_a_gpu_store_keeps_its_units_apart_and_the_cpu_keys_unchanged(tmp_path):
     gpu.put(gpu.key("dp-s0"), {"x2": 2})
     assert cpu.get("dp-s0") == {"x2": 1} and gpu.get("dp-s0-cuda0") == {"x2": 2}
     assert gpu.fingerprint == {"steps": 1, "device": "cuda:0"} and cpu.fingerprint == {"steps": 1}
+
+
+def test_config_digest_leaves_out_min_dense_tail_layers_where_it_changes_nothing():
+    from resume import config_digest
+
+    def run(model, stages=4, splits=None):
+        return {"model": {"d": 256, **model}, "pipeline": {"num_stages": stages, "layer_splits": splits}}
+
+    before = config_digest(run({"subspace_rank": 8}))  # a unit kept before the setting existed
+    assert config_digest(run({"subspace_rank": 8, "min_dense_tail_layers": 0})) == before
+    assert config_digest(run({"subspace_rank": 8, "min_dense_tail_layers": 3})) != before  # reshaped: another unit
+    for inert in (run({"min_dense_tail_layers": 3}), run({"subspace_rank": 8, "min_dense_tail_layers": 3}, stages=1),
+                  run({"subspace_rank": 8, "dense_tail_layers": 4, "min_dense_tail_layers": 3}),
+                  run({"subspace_rank": 8, "min_dense_tail_layers": 3}, splits=[2, 4, 6])):
+        without = {**inert, "model": {k: v for k, v in inert["model"].items() if k != "min_dense_tail_layers"}}
+        assert config_digest(inert) == config_digest(without)

@@ -136,3 +136,24 @@ def test_chain_rounds_boundaries_through_the_wire_codecs_when_asked():
     assert not torch.equal(wired.boundaries[0], sent)
     assert torch.equal(wired.boundaries[0], codec.decode(codec.encode(sent), tuple(sent.shape)))
     assert wired.loss != exact.loss or not torch.equal(wired.boundary_grads[0], exact.boundary_grads[0])
+
+
+def test_the_automatic_split_gives_the_last_stage_at_least_min_dense_tail_layers():
+    def last(overrides, stages=4):
+        cfg = load_config("tiny", [f"pipeline.num_stages={stages}", "model.subspace_rank=8", *overrides])
+        return stage_layers(cfg.model, cfg.pipeline)[-1]
+
+    assert load_config("tiny").model.min_dense_tail_layers == 3  # the default (BENCHMARKS.md, issue 19)
+    assert last([]) == range(5, 8)
+    assert last(["model.min_dense_tail_layers=0"]) == range(6, 8)  # the split by parameters alone
+    assert last(["model.min_dense_tail_layers=5"]) == range(3, 8)
+    assert last([], stages=8) == range(7, 8)  # as many as the stage count leaves room for
+    assert last(["model.min_dense_tail_layers=4"], stages=6) == range(5, 8)
+    assert last(["model.dense_tail_layers=1"]) == range(6, 8)  # an explicit tail overrides the minimum
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "pipeline.layer_splits=[2,4,6]"])
+    assert stage_layers(cfg.model, cfg.pipeline)[-1] == range(6, 8)  # an explicit split is kept as given
+    cfg, model = build()
+    assert [w.rank for w in writers(model.stages[-1])] == [None] * 6  # the last stage's 3 layers are dense
+    assert all(w.rank == 8 for s in model.stages[:-1] for w in writers(s))
+    with pytest.raises(ConfigError, match="min_dense_tail_layers"):
+        load_config("tiny", ["model.min_dense_tail_layers=-1"])
