@@ -84,6 +84,7 @@ class NodeServices:
             self.run_id, lambda: store().snapshot() if store() else None, self.cfg.wire.limits(),
             on_error=lambda exc: metrics.count_protocol_error(exc.code),
             consensus=lambda: store().consensus_snapshot() if store() else None,
+            stage=lambda: store().stage if store() else None,
         )
         await server.register(self.p2p)
         dialback = DialbackServer(self.run_id, self.cfg.wire.limits(), on_error=lambda exc: metrics.count_protocol_error(exc.code))

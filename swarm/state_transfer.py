@@ -114,13 +114,16 @@ class StageStateServer:
                  on_error: Callable[[ProtocolError], None] | None = None, keep_snapshots: int = 2,
                  consensus: Callable[[], StageSnapshot | None] | None = None, peer_strikes: int = 8,
                  ban_s: float = 60.0, stream_limits: StreamLimits = STATE_STREAM_LIMITS,
-                 manifests_per_s: float = MANIFESTS_PER_S, reserialize_s: float = RESERIALIZE_S):
+                 manifests_per_s: float = MANIFESTS_PER_S, reserialize_s: float = RESERIALIZE_S,
+                 stage: Callable[[], int | None] | None = None):
         """``consensus()``: the state every replica of the stage agrees on (``StateRequest.part ==
         "consensus"``), or None when this node has no such thing. ``on_error(exc)`` sees every
         malformed request (metrics); ``peer_strikes`` offences within ``ban_s`` ban a peer for ``ban_s``.
         ``stream_limits``: streams and requests per peer (protocol/admission.py); ``manifests_per_s``: state
         requests per peer (a burst of 4); ``reserialize_s``: a state serialized this recently is served as it
-        is, however far training moved since (0: always the current state)."""
+        is, however far training moved since (0: always the current state). ``stage()``: the stage this node
+        serves now (None: none yet), a cheap read that answers a request for another stage before it is charged
+        against ``manifests_per_s`` (without it, the stage of the snapshot decides, after the charge)."""
         if not 0 < chunk_bytes <= limits.max_frame_bytes - FRAME_SLACK:
             raise ValueError(f"chunk_bytes must be in 1..{limits.max_frame_bytes - FRAME_SLACK}")
         if keep_snapshots < 1:
@@ -135,6 +138,7 @@ class StageStateServer:
         self.admission = Admission(self.HANDLER, stream_limits, banned=self.strikes.banned_for, wire_limits=limits)
         self._manifests = RateLimiter(manifests_per_s, 4)
         self._reserialize_s = reserialize_s
+        self._stage = stage
 
     async def register(self, p2p: Any) -> None:
         await p2p.add_binary_stream_handler(self.HANDLER, self.admission.wrap(self._on_stream))
@@ -179,6 +183,10 @@ class StageStateServer:
             self._strike(peer, "wrong_run")
             text = f"this node trains run {short_repr(self.run_id)}, not {short_repr(msg.run_id)}"
             return self._refuse("wrong_run", text)
+        if self._stage is not None and (serving := self._stage()) != msg.stage:  # free: nothing copied
+            if serving is None:
+                return self._refuse("no_state", "this node serves no stage yet")
+            return self._refuse("wrong_stage", f"this node serves stage {serving}, not {msg.stage}")
         if (wait := self._manifests.take(peer)) > 0:
             return self._refuse("rate_limited", "too many state requests from this peer", retry_after=wait)
         recent = self._recent(msg.part, msg.stage)

@@ -365,5 +365,15 @@ def test_a_flood_of_state_requests_copies_the_state_once_and_is_rate_limited_per
         first = await fresh.handle(StateRequest(run_id=RUN, stage=1), "p")
         second = await fresh.handle(StateRequest(run_id=RUN, stage=1), "p")
         assert first.digest != second.digest and len(taken) == 4
+        # Told its stage, a server answers requests for another stage before charging them: a joiner whose
+        # DHT view is stale is not rate-limited for asking the wrong peer first.
+        serving = [None]
+        told = StageStateServer(RUN, snapshot, LIMITS, CHUNK, manifests_per_s=0.2, stage=lambda: serving[0])
+        assert getattr(await told.handle(StateRequest(run_id=RUN, stage=1), "j"), "code", "") == "no_state"
+        serving[0] = 1
+        wrong = [await told.handle(StateRequest(run_id=RUN, stage=2), "j") for _ in range(6)]
+        assert {r.code for r in wrong} == {"wrong_stage"} and len(taken) == 4  # no copy taken
+        assert [getattr(await told.handle(StateRequest(run_id=RUN, stage=1), "j"), "code", "manifest")
+                for _ in range(5)] == ["manifest"] * 4 + ["rate_limited"]
 
     asyncio.run(main())
