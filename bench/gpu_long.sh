@@ -26,7 +26,8 @@ if ! "$PY" -c "import torch, numpy, msgpack; assert torch.cuda.is_available(), '
 fi
 conv_state=bench/state/convergence-full-h200
 dil_state=bench/state/diloco-full-h200
-# The subspace knobs of BENCHMARKS.md "Training cost of the constraint" (step 2 and 3), at the full budget.
+# The subspace knobs of BENCHMARKS.md "Training cost of the constraint" (step 2 and 3), at the full budget,
+# on top of the default since 931e6a6 (3 dense final layers; "k=8 tail3" is the same model).
 knobs=(
     --variant "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0"
     --variant "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1"
