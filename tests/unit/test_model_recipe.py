@@ -157,3 +157,13 @@ def test_the_automatic_split_gives_the_last_stage_at_least_min_dense_tail_layers
     assert all(w.rank == 8 for s in model.stages[:-1] for w in writers(s))
     with pytest.raises(ConfigError, match="min_dense_tail_layers"):
         load_config("tiny", ["model.min_dense_tail_layers=-1"])
+
+
+def test_node_start_builds_its_stage_with_the_default_dense_tail(tmp_path):
+    """StageStore.fresh is what `node start` builds a stage with: the last stage holds 3 dense layers."""
+    from node.stage_store import StageStore
+
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8"])
+    last, before = (StageStore.fresh(cfg, "r", s, tmp_path / str(s)) for s in (3, 2))
+    assert [w.rank for w in writers(last.module)] == [None] * 6
+    assert [w.rank for w in writers(before.module)] == [8] * 4  # layers 3-4, constrained
