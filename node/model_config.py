@@ -9,7 +9,8 @@ from protocol.settings import ConfigError, check_positive, setting
 
 # The fewest dense final layers the automatic split gives a subspace model (docs/model.md; BENCHMARKS.md
 # "Training cost of the constraint", k = 8 against dense + table: 8 layers, 2 dense +4.3%, 3 dense +0.9%, three
-# seeds each; 12 layers, 2 dense +5.1%, 3 dense +2.1%, one seed). 3 keeps 8b's last stage on a 24 GiB card at S = 8.
+# seeds each; 12 layers, 2 dense +5.8% (one seed), 3 dense +2.1% (two seeds)). 3 keeps 8b's last stage on a 24 GiB
+# card at S = 8.
 MIN_DENSE_TAIL = 3
 
 
