@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.model_config import automatic_dense_tail
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,8 +142,10 @@ def _without_inert_tail(settings: dict[str, Any]) -> dict[str, Any]:
     model, pipeline = settings.get("model"), settings.get("pipeline") or {}
     if not isinstance(model, dict) or "min_dense_tail_layers" not in model:
         return settings
-    if model["min_dense_tail_layers"] and model.get("subspace_rank") and model.get("dense_tail_layers") is None \
-            and pipeline.get("layer_splits") is None and pipeline.get("num_stages", 1) > 1:
+    if model.get("dense_tail_layers") is None and automatic_dense_tail(
+            n_layers=model["n_layers"], num_stages=pipeline.get("num_stages", 1),
+            subspace_rank=model.get("subspace_rank"), dense_tail_layers=None,
+            min_dense_tail_layers=model["min_dense_tail_layers"], layer_splits=pipeline.get("layer_splits")):
         return settings
     return {**settings, "model": {k: v for k, v in model.items() if k != "min_dense_tail_layers"}}
 

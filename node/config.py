@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config_toml import coerce_value, merge_tables, parse_override, read_layered, resolve_config_path
-from node.model_config import ModelConfig
+from node.model_config import ModelConfig, automatic_dense_tail
 from protocol.settings import ConfigError, check_positive, setting, setting_list
 from protocol.tensors import WireConfig
 from swarm.dataplane import DataplaneConfig
@@ -308,6 +308,10 @@ class RunConfig:
                 f"{ranges[-1].start}): a boundary after a dense layer is not in the subspace; lower it or move "
                 "pipeline.layer_splits"
             )
+        automatic_dense_tail(n_layers=self.model.n_layers, num_stages=self.pipeline.num_stages,  # its check
+                             subspace_rank=self.model.subspace_rank, dense_tail_layers=self.model.dense_tail_layers,
+                             min_dense_tail_layers=self.model.min_dense_tail_layers,
+                             layer_splits=self.pipeline.layer_splits)
         if self.swarm.stage is not None and self.swarm.stage >= self.pipeline.num_stages:
             raise ConfigError(
                 f"swarm.stage={self.swarm.stage} does not exist: pipeline.num_stages={self.pipeline.num_stages}"

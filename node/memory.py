@@ -20,6 +20,7 @@ from typing import Any
 
 from node.config import ModelConfig, RunConfig
 from node.model import layer_parameters, stage_layers, stage_parameters
+from node.model_config import most_stages
 
 GIB = 1 << 30
 DEVICE_TYPES = ("cuda", "cpu")
@@ -284,9 +285,10 @@ def plan(cfg: RunConfig, device_mem_bytes: int, device_type: str = "cuda", *,
 
 def smallest_stages(cfg: RunConfig, device_mem_bytes: int, device_type: str = "cuda", *,
                     inflight: int | None = None) -> int | None:
-    """The fewest stages (balanced split, 1..n_layers) whose every stage fits ``device_mem_bytes``;
-    None when even one layer per stage does not fit."""
-    for count in range(1, cfg.model.n_layers + 1):
+    """The fewest stages (balanced split, 1..most_stages) whose every stage fits ``device_mem_bytes``;
+    None when even the most stages the model can be split into (one layer each, an explicit dense tail in
+    the last) do not fit."""
+    for count in range(1, most_stages(cfg.model) + 1):
         ranges = stage_layers(cfg.model, dataclasses.replace(cfg.pipeline, num_stages=count, layer_splits=None))
         if all(_estimate(cfg, ranges, s, device_type, inflight, None).device_bytes <= device_mem_bytes
                for s in range(count)):

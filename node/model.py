@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig, PipelineConfig
+from node.model_config import automatic_dense_tail
 from protocol import subspace
 
 
@@ -342,11 +343,10 @@ def stage_layers(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> li
 
     # With model.dense_tail_layers every stage but the last must hold constrained layers only; without
     # it the last stage's layers are the dense ones, and it holds at least model.min_dense_tail_layers.
-    first_dense = n
-    if cfg.subspace_rank:
-        tail = cfg.dense_tail_layers if cfg.dense_tail_layers is not None else min(cfg.min_dense_tail_layers,
-                                                                                   n - count + 1)
-        first_dense = n - tail
+    tail = automatic_dense_tail(n_layers=n, num_stages=count, subspace_rank=cfg.subspace_rank,
+                                dense_tail_layers=cfg.dense_tail_layers,
+                                min_dense_tail_layers=cfg.min_dense_tail_layers) or 0
+    first_dense = n - tail
 
     def size(s: int, a: int, b: int) -> float:
         if s < count - 1 and b > first_dense:

@@ -14,6 +14,33 @@ from protocol.settings import ConfigError, check_positive, setting
 MIN_DENSE_TAIL = 3
 
 
+def automatic_dense_tail(*, n_layers: int, num_stages: int, subspace_rank: int | None,
+                         dense_tail_layers: int | None, min_dense_tail_layers: int,
+                         layer_splits: object = None) -> int | None:
+    """How many final layers the automatic stage split keeps dense, or None where no layer is kept dense (a
+    dense model) or the split is not automatic (explicit ``pipeline.layer_splits``, one stage). An explicit
+    ``dense_tail_layers`` is that count; unset, ``min_dense_tail_layers`` capped by what the stage count
+    leaves (n_layers - num_stages + 1). The one rule ``stage_layers`` and the config check use (and the
+    bench's unit keys, which must not change where the minimum changes nothing). Raises ConfigError where an
+    explicit count leaves a stage before the last without a constrained layer."""
+    if not subspace_rank or layer_splits is not None or num_stages <= 1:
+        return None
+    if dense_tail_layers is None:
+        return min(min_dense_tail_layers, n_layers - num_stages + 1)
+    if n_layers - dense_tail_layers < num_stages - 1:
+        raise ConfigError(f"model.dense_tail_layers={dense_tail_layers} leaves {n_layers - dense_tail_layers} "
+                          f"constrained layer(s) for the {num_stages - 1} stage(s) before the last (each needs "
+                          "one): lower it or pipeline.num_stages")
+    return dense_tail_layers
+
+
+def most_stages(model: ModelConfig) -> int:
+    """The most stages an automatic split of ``model`` can have: one layer each, and a subspace model's
+    explicit dense tail (``dense_tail_layers``) all in the last stage."""
+    tail = model.dense_tail_layers if model.subspace_rank and model.dense_tail_layers else 1
+    return model.n_layers - tail + 1
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Shape of the Llama-style decoder and the subspace constraint (docs/model.md)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from node.config import ConfigError, load_config
 from node.config_toml import toml_value
+from node.model_config import most_stages
 
 
 def add_plan_parser(sub: argparse._SubParsersAction, add_config_args) -> None:
@@ -85,7 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     smallest = None
     if args.stages is None:
         smallest = smallest_stages(cfg, memory, args.device_type)
-        args.overrides += [f"pipeline.num_stages={smallest or cfg.model.n_layers}", 'pipeline.layer_splits="none"']
+        args.overrides += [f"pipeline.num_stages={smallest or most_stages(cfg.model)}", 'pipeline.layer_splits="none"']
         cfg = load_config(args.config, args.overrides)
     result: dict[str, Any] = plan(cfg, memory, args.device_type)
     if args.stages is None:
@@ -103,7 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         if args.stages is None:
             print(f"smallest number of stages that fits: {smallest}" if smallest else
-                  f"does not fit even with one layer per stage ({cfg.model.n_layers} stages):")
+                  f"does not fit at any stage count (shown: the most, {cfg.pipeline.num_stages}):")
         print(format_plan(result))
         if speed is not None:
             print(format_speed(speed))

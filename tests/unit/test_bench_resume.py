@@ -137,7 +137,7 @@ def test_config_digest_leaves_out_min_dense_tail_layers_where_it_changes_nothing
     from resume import config_digest
 
     def run(model, stages=4, splits=None):
-        return {"model": {"d": 256, **model}, "pipeline": {"num_stages": stages, "layer_splits": splits}}
+        return {"model": {"d": 256, "n_layers": 8, **model}, "pipeline": {"num_stages": stages, "layer_splits": splits}}
 
     before = config_digest(run({"subspace_rank": 8}))  # a unit kept before the setting existed
     assert config_digest(run({"subspace_rank": 8, "min_dense_tail_layers": 0})) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,6 +49,16 @@ def test_dense_tail_layers_decides_which_writers_are_dense_and_stays_in_the_last
                              "pipeline.layer_splits=[2,4,6]"])
     with pytest.raises(ConfigError, match="dense_tail_layers"):
         load_config("tiny", ["model.dense_tail_layers=9"])
+    # A tail the stage count cannot hold (every stage before the last needs a constrained layer): a clear error,
+    # not the partition's fallback split (which once gave the last stage every layer).
+    with pytest.raises(ConfigError, match="dense_tail_layers=6 leaves 2 constrained layer"):
+        load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.dense_tail_layers=6"])
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.dense_tail_layers=5"])
+    assert stage_layers(cfg.model, cfg.pipeline)[-1] == range(3, 8)  # the most it can hold
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8"])
+    with pytest.raises(ConfigError, match="dense_tail_layers=6"):  # a config built without the check
+        stage_layers(dataclasses.replace(cfg.model, dense_tail_layers=6), cfg.pipeline)
+    load_config("tiny", ["pipeline.num_stages=4", 'model.subspace_rank="none"', "model.dense_tail_layers=6"])  # dense
 
 
 def test_table_gains_differ_per_stage_and_the_split_model_still_matches_the_unsplit_one():
