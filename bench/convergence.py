@@ -108,6 +108,29 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# Issue 19's subspace knobs (BENCHMARKS.md "Training cost of the constraint", steps 2 and 3) at the full budget,
+# on top of the node's default (3 dense final layers since 931e6a6; "k=8 tail3" is that model): ``--knobs``,
+# here and in bench/gpu_long.sh.
+KNOBS = (
+    "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0",
+    "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1",
+    "k=8 tail3:model.subspace_rank=8,model.dense_tail_layers=3",
+    "k=8 tail4:model.subspace_rank=8,model.dense_tail_layers=4",
+    "k=8 S=1:model.subspace_rank=8,pipeline.num_stages=1",
+    "k=8 Zlr3:model.subspace_rank=8,train.subspace_lr_mult=3",
+    "k=8 emblr3:model.subspace_rank=8,train.embedding_lr_mult=3",
+    "k=8 gain:model.subspace_rank=8,model.table_gain=true",
+    "k=8 T0.3:model.subspace_rank=8,model.fixed_table_std=0.3",
+    "k=8 T0.05:model.subspace_rank=8,model.fixed_table_std=0.05",
+    "k=8 rank64:model.subspace_rank=8,model.fixed_table_rank=64",
+    "k=8 init0.04:model.subspace_rank=8,model.init_std=0.04",
+    "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
+    "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
+    "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
+    "wire.gradient_codec='int8'",
+)
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``"LABEL:key=value,key=value"`` → (label, overrides)."""
     label, sep, body = text.partition(":")
@@ -124,6 +147,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 300 quick / 1200)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of the init and data order")
     parser.add_argument("--variant", action="append", default=[], help="LABEL:key=value,... (repeatable)")
+    parser.add_argument("--knobs", action="store_true",
+                        help="add issue 19's knob variants (KNOBS in this file: dense tails, S = 1, learning rates, "
+                        "table scale, gain and rank, init, projected, wire codecs), after any --variant")
     parser.add_argument("--state", help="where finished variants are kept (default bench/out/convergence-state)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished variants under --state")
     parser.add_argument("--out", default="bench/out/convergence.png", help="where to write the PNG")
@@ -148,7 +174,7 @@ def main() -> None:
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
     steps = args.steps or (300 if args.quick else 1200)
     try:
-        extra = [parse_variant(v) for v in args.variant]
+        extra = [parse_variant(v) for v in [*args.variant, *(KNOBS if args.knobs else ())]]
     except ValueError as exc:
         parser.error(str(exc))
     common = [

@@ -26,25 +26,6 @@ if ! "$PY" -c "import torch, numpy, msgpack; assert torch.cuda.is_available(), '
 fi
 conv_state=bench/state/convergence-full-h200
 dil_state=bench/state/diloco-full-h200
-# The subspace knobs of BENCHMARKS.md "Training cost of the constraint" (step 2 and 3), at the full budget,
-# on top of the default since 931e6a6 (3 dense final layers; "k=8 tail3" is the same model).
-knobs=(
-    --variant "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0"
-    --variant "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1"
-    --variant "k=8 tail3:model.subspace_rank=8,model.dense_tail_layers=3"
-    --variant "k=8 tail4:model.subspace_rank=8,model.dense_tail_layers=4"
-    --variant "k=8 S=1:model.subspace_rank=8,pipeline.num_stages=1"
-    --variant "k=8 Zlr3:model.subspace_rank=8,train.subspace_lr_mult=3"
-    --variant "k=8 emblr3:model.subspace_rank=8,train.embedding_lr_mult=3"
-    --variant "k=8 gain:model.subspace_rank=8,model.table_gain=true"
-    --variant "k=8 T0.3:model.subspace_rank=8,model.fixed_table_std=0.3"
-    --variant "k=8 T0.05:model.subspace_rank=8,model.fixed_table_std=0.05"
-    --variant "k=8 rank64:model.subspace_rank=8,model.fixed_table_rank=64"
-    --variant "k=8 init0.04:model.subspace_rank=8,model.init_std=0.04"
-    --variant "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'"
-    --variant "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true"
-    --variant "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',wire.gradient_codec='int8'"
-)
 dil_variants=streaming_e3m0,streaming_e3m0_ef,streaming_e3m0_requant,streaming_int2_ef,streaming_topk_ef
 dil_variants+=,streaming_e3m0_lr4e-4,streaming_e3m0_olr0.8,streaming_e3m0_H25,diloco
 dil_variants+=,streaming_e3m0_lr4e-4_olr0.8,streaming_int2_ef_lr4e-4_olr0.8,streaming_e3m0_H25_lr4e-4_olr0.8
@@ -61,7 +42,7 @@ t0=$SECONDS
         --deadline-s "$budget" > "$out/gpu-long-convergence.log" 2>&1
     left=$((budget - (SECONDS - t0)))
     if [ "$left" -gt 0 ]; then
-        "$PY" bench/convergence.py --device cuda --jobs 7 --seeds 3 --ks 8 "${knobs[@]}" --state $conv_state \
+        "$PY" bench/convergence.py --device cuda --jobs 7 --seeds 3 --ks 8 --knobs --state $conv_state \
             --no-plot --deadline-s "$left" > "$out/gpu-long-knobs.log" 2>&1
     fi
 } &

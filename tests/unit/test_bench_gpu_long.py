@@ -1,5 +1,5 @@
-"""bench/gpu_long.sh: every variant it would train on a lent GPU exists (a typo must not waste a lease); and the
-long runs' options for runs that span sessions (--first, --kept)."""
+"""bench/gpu_long.sh: every variant it would train on a lent GPU (bench/convergence.KNOBS for the knobs) exists
+(a typo must not waste a lease); and the long runs' options for runs that span sessions (--first, --kept)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ SCRIPT = (ROOT / "bench" / "gpu_long.sh").read_text()
 
 
 def test_every_convergence_knob_is_a_valid_configuration():
-    from bench.convergence import parse_variant
+    from bench.convergence import KNOBS, parse_variant
     from node.config import load_config
 
-    knobs = re.findall(r'--variant "([^"]+)"', SCRIPT)
-    assert len(knobs) >= 10
-    for text in knobs:
+    assert "--knobs" in SCRIPT and len(KNOBS) >= 10
+    labels = [parse_variant(text)[0] for text in KNOBS]
+    assert len(set(labels)) == len(labels) and not {"dense", "dense+fixed_table", "subspace k=8"} & set(labels)
+    for text in KNOBS:
         _label, overrides = parse_variant(text)
         load_config("local/tiny", [*overrides, "train.device='cuda'"])  # raises on an unknown or invalid key
 
