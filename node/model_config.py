@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from protocol.settings import ConfigError, check_positive, setting
 
 # The fewest dense final layers the automatic split gives a subspace model (docs/model.md; BENCHMARKS.md
-# "Training cost of the constraint", k = 8 against dense + table: 8 layers, 2 dense +4.3%, 3 dense +0.9%, three
-# seeds each; 12 layers, 2 dense +5.8% (one seed), 3 dense +2.1% (two seeds)). 3 keeps 8b's last stage on a 24 GiB
-# card at S = 8.
+# "Training cost of the constraint", k = 8 against dense + table, three seeds each: 8 layers, 2 dense +4.3%,
+# 3 dense +0.9%; 12 layers, 3 dense +2.2%, 4 dense +0.9%, so the 12-layer 125m preset sets 4). 3 keeps 8b's last
+# stage on a 24 GiB card at S = 8.
 MIN_DENSE_TAIL = 3
 
 

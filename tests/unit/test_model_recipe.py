@@ -156,6 +156,8 @@ def test_the_automatic_split_gives_the_last_stage_at_least_min_dense_tail_layers
         return stage_layers(cfg.model, cfg.pipeline)[-1]
 
     assert load_config("tiny").model.min_dense_tail_layers == 3  # the default (BENCHMARKS.md, issue 19)
+    deep = load_config("model/125m", ["pipeline.num_stages=4"])  # 12 layers: its preset keeps 4 (BENCHMARKS.md)
+    assert deep.model.min_dense_tail_layers == 4 and stage_layers(deep.model, deep.pipeline)[-1] == range(8, 12)
     assert last([]) == range(5, 8)
     assert last(["model.min_dense_tail_layers=0"]) == range(6, 8)  # the split by parameters alone
     assert last(["model.min_dense_tail_layers=5"]) == range(3, 8)
