@@ -27,7 +27,7 @@ def automatic_dense_tail(*, n_layers: int, num_stages: int, subspace_rank: int |
         return None
     if dense_tail_layers is None:
         return min(min_dense_tail_layers, n_layers - num_stages + 1)
-    if n_layers - dense_tail_layers < num_stages - 1:
+    if num_stages > _most_stages(n_layers, dense_tail_layers):
         raise ConfigError(f"model.dense_tail_layers={dense_tail_layers} leaves {n_layers - dense_tail_layers} "
                           f"constrained layer(s) for the {num_stages - 1} stage(s) before the last (each needs "
                           "one): lower it or pipeline.num_stages")
@@ -37,8 +37,12 @@ def automatic_dense_tail(*, n_layers: int, num_stages: int, subspace_rank: int |
 def most_stages(model: ModelConfig) -> int:
     """The most stages an automatic split of ``model`` can have: one layer each, and a subspace model's
     explicit dense tail (``dense_tail_layers``) all in the last stage."""
-    tail = model.dense_tail_layers if model.subspace_rank and model.dense_tail_layers else 1
-    return model.n_layers - tail + 1
+    return _most_stages(model.n_layers, model.dense_tail_layers if model.subspace_rank else None)
+
+
+def _most_stages(n_layers: int, tail: int | None) -> int:
+    """Every stage before the last needs a constrained layer; the last holds the tail, and one layer at least."""
+    return n_layers - max(tail or 0, 1) + 1
 
 
 @dataclass(kw_only=True)

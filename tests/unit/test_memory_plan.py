@@ -84,7 +84,6 @@ def test_plan_without_stages_gives_the_fewest_that_fit(capsys):
     assert result["stages"][-1]["layers"] == [28, 31] and not result["stages"][-1]["fits"]
 
 
-
 def test_plan_flags_and_overrides_reach_the_estimate(capsys):
     code, out, _ = _run(capsys, "--model", "125m", "--stages", "3", "--device-mem", "64", "--device-type", "cpu",
                         "--batch-size", "2", "--seq-len", "64", "--inflight", "3", "--set", "dataplane.backward=stash",
