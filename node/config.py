@@ -308,7 +308,8 @@ class RunConfig:
                 f"{ranges[-1].start}): a boundary after a dense layer is not in the subspace; lower it or move "
                 "pipeline.layer_splits"
             )
-        automatic_dense_tail(n_layers=self.model.n_layers, num_stages=self.pipeline.num_stages,  # its check
+        # Called for its check only: an explicit dense tail the stage count cannot hold raises ConfigError.
+        automatic_dense_tail(n_layers=self.model.n_layers, num_stages=self.pipeline.num_stages,
                              subspace_rank=self.model.subspace_rank, dense_tail_layers=self.model.dense_tail_layers,
                              min_dense_tail_layers=self.model.min_dense_tail_layers,
                              layer_splits=self.pipeline.layer_splits)

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from node.config import ConfigError, load_config
+from node.model import stage_layers
 from node.run_params import config_from_run, run_parameters
 from protocol.messages import RunRecord
 from swarm.records import choose_run
@@ -67,3 +68,15 @@ def test_the_stage_budget_checks_the_largest_stage_not_the_mean():
     config_from_run(params, load_config("swarm/tiny", ["swarm.max_stage_params_m=2.9"]))
     with pytest.raises(ConfigError, match="largest stage has ~3M parameters"):
         config_from_run(params, load_config("swarm/tiny", ["swarm.max_stage_params_m=2.7"]))  # the mean is 2.67M
+
+
+def test_a_joiner_splits_stages_by_the_published_dense_tail_not_its_own_preset():
+    """The 125m preset's tail minimum went from 3 to 4 (d2d67e9): a joiner with the new preset joining a run
+    published with 3 must take the run's split, or its stages' layers would not line up with its peers'."""
+    old = load_config("model/125m", ["pipeline.num_stages=4", "model.min_dense_tail_layers=3"])
+    new = load_config("model/125m", ["pipeline.num_stages=4"])
+    assert stage_layers(old.model, old.pipeline) != stage_layers(new.model, new.pipeline)  # the splits differ
+    params = msgpack.unpackb(msgpack.packb(run_parameters(old)), raw=False)
+    assert params["model"]["min_dense_tail_layers"] == 3  # published, not left to each node's preset
+    joined = config_from_run(params, new, peer_id="QmPeer")
+    assert stage_layers(joined.model, joined.pipeline) == stage_layers(old.model, old.pipeline)
