@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, mean_over_seeds, run_units
 from node.config import ConfigError, load_config
 from node.train_local import train_local
 
@@ -213,7 +212,7 @@ def main() -> None:
         if not runs[label]:
             parser.error(f"--kept: no unit of the {label} baseline is kept under {store.directory}")
     variants = [(label, overrides) for label, overrides in variants if runs[label]]
-    rows = [_mean_row(label, runs[label]) for label, _ in variants]
+    rows = [mean_over_seeds(label, runs[label]) for label, _ in variants]
     by = {r["label"]: r for r in rows}
     dense, fair = by["dense"]["val_loss"], by["dense+fixed_table"]["val_loss"]
     best = min(dense, fair)
@@ -262,18 +261,6 @@ def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> 
     digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)
     return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 
-
-def _mean_row(label: str, runs: list[dict]) -> dict:
-    """A variant over its seeds: mean validation loss (and curve), the spread, the commits."""
-    losses = [r["val_loss"] for r in runs]
-    curve = [(step, statistics.fmean(r["val_curve"][i][1] for r in runs))
-             for i, (step, _) in enumerate(runs[0]["val_curve"])]
-    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
-            "val_loss": statistics.fmean(losses), "val_curve": curve,
-            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
-            "val_loss_per_seed": [round(v, 4) for v in losses],
-            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs}),
-            "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, run_units
+from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, mean_over_seeds, run_units
 from node.chain import StageChain
 from node.config import ConfigError, load_config
 from node.data import BatchSampler, load_corpus, validation_batches
@@ -385,7 +385,7 @@ def main() -> None:
         parser.error(f"--kept: no unit of the data_parallel baseline is kept under {store.directory}")
     chosen = [label for label in chosen if per_seed[label]]
     numel = sum(p.numel() for p in build_engine(cfg, 0).module.parameters())
-    rows = [_summarise(label, per_seed[label]) for label in chosen]
+    rows = [mean_over_seeds(label, per_seed[label]) for label in chosen]
     dp = rows[0]
     dp_losses = {r["seed"]: r["val_loss"] for r in per_seed["data_parallel"]}
     for row in rows:
@@ -427,19 +427,6 @@ def main() -> None:
     }
     print(json.dumps(summary))
 
-
-def _summarise(label: str, runs: list[dict]) -> dict:
-    """One row per variant: the mean over seeds (the curve of the mean), the spread, the commits."""
-    losses = [r["val_loss"] for r in runs]
-    mean = statistics.fmean(losses)
-    curve = [(tokens, statistics.fmean(r["val_curve"][i][1] for r in runs))
-             for i, (tokens, _) in enumerate(runs[0]["val_curve"])]
-    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
-            "val_loss": mean, "val_curve": curve,
-            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
-            "val_loss_per_seed": [round(v, 4) for v in losses],
-            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs}),
-            "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
 if __name__ == "__main__":

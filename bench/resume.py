@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -231,6 +232,19 @@ def kept_units(store: ResultStore, units: list[tuple]) -> tuple[dict[str, dict[s
     one prints as; nothing is trained."""
     done = {unit[0]: row for unit in units if (row := store.get(unit[0])) is not None}
     return done, [unit[1] for unit in units if unit[0] not in done]
+
+
+def mean_over_seeds(label: str, runs: list[dict]) -> dict:
+    """A variant's table row from its seeds' kept results: the mean validation loss and the curve of the mean
+    (each ``val_curve`` a list of (x, loss) at the same x), the spread, each seed's loss, the commits, devices."""
+    losses = [r["val_loss"] for r in runs]
+    curve = [(x, statistics.fmean(r["val_curve"][i][1] for r in runs)) for i, (x, _) in enumerate(runs[0]["val_curve"])]
+    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
+            "val_loss": statistics.fmean(losses), "val_curve": curve,
+            "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
+            "val_loss_per_seed": [round(v, 4) for v in losses],
+            "commits": sorted({f"{r.get('commit')}{'+dirty' if r.get('dirty') else ''}" for r in runs}),
+            "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
 def _worker_init(threads: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from resume import ResultStore
+from resume import ResultStore, mean_over_seeds
 
 
 def test_a_rerun_reuses_finished_units_with_the_same_fingerprint(tmp_path):
@@ -147,3 +147,17 @@ def test_config_digest_leaves_out_min_dense_tail_layers_where_it_changes_nothing
                   run({"subspace_rank": 8, "min_dense_tail_layers": 3}, splits=[2, 4, 6])):
         without = {**inert, "model": {k: v for k, v in inert["model"].items() if k != "min_dense_tail_layers"}}
         assert config_digest(inert) == config_digest(without)
+
+
+def test_a_variants_row_is_the_mean_over_its_seeds_with_spread_and_commits():
+    runs = [{"val_loss": 1.5, "val_curve": [(10, 3.0), (20, 1.5)], "seed": 0, "commit": "aaa", "dirty": False,
+             "tokens": 100},
+            {"val_loss": 1.3, "val_curve": [(10, 2.0), (20, 1.3)], "seed": 1, "commit": "bbb", "dirty": True,
+             "tokens": 100}]
+    row = mean_over_seeds("k=8", runs)
+    assert row["label"] == "k=8" and row["tokens"] == 100 and "seed" not in row and "commit" not in row
+    assert row["val_loss"] == pytest.approx(1.4) and row["val_loss_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["val_curve"] == [(10, pytest.approx(2.5)), (20, pytest.approx(1.4))]
+    assert row["val_loss_per_seed"] == [1.5, 1.3] and row["commits"] == ["aaa", "bbb+dirty"]
+    assert row["devices"] == ["cpu"]
+    assert mean_over_seeds("one", runs[:1])["val_loss_std"] is None  # one seed: no spread claimed
