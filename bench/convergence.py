@@ -108,8 +108,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 # Issue 19's subspace knobs (BENCHMARKS.md "Training cost of the constraint", steps 2 and 3) at the full budget,
-# on top of the node's default (3 dense final layers since 931e6a6; "k=8 tail3" is that model): ``--knobs``,
-# here and in bench/gpu_long.sh.
+# on top of the node's default (3 dense final layers since 931e6a6; "k=8 tail3" is that model), and the dense
+# baseline a knob that changes all training needs: ``--knobs``, here and in bench/gpu_long.sh.
 KNOBS = (
     "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0",
     "k=8 tail1:model.subspace_rank=8,model.dense_tail_layers=1",
@@ -123,6 +123,8 @@ KNOBS = (
     "k=8 T0.05:model.subspace_rank=8,model.fixed_table_std=0.05",
     "k=8 rank64:model.subspace_rank=8,model.fixed_table_rank=64",
     "k=8 init0.04:model.subspace_rank=8,model.init_std=0.04",
+    # the best dense model at that init (a knob that helps dense training too is no gain of the subspace's)
+    "dense+table init0.04:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.04",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
