@@ -25,6 +25,10 @@ of its own (``--jobs 2`` on a 2-core machine); ``--device cuda`` trains on a GPU
 units are kept apart from the CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's
 long runs on a lent GPU, untested there so far).
 
+The JSON's ``gap_pct`` is against ``dense+fixed_table``; ``gap_pct_vs_best_dense`` against the best dense row
+of the run, a dense knob's (another init, say) included, and ``gap_pct_vs_best_dense_same_seeds`` the same on
+the seeds both rows have; ``--reference LABEL`` adds every row's same-seeds gap to that variant.
+
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
 
@@ -167,6 +171,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override under every variant (repeatable), e.g. --set model.d_model=384 "
                         "--set model.ffn_hidden=1536 for a second model size; give that run a --state of its own")
+    parser.add_argument("--reference", metavar="LABEL",
+                        help="also report each variant's gap to this variant on the seeds both have "
+                        "(gap_pct_vs_reference_same_seeds), e.g. 'k=8 tail3' (the node's default model)")
     parser.add_argument("--kept", action="store_true",
                         help="train nothing: the table from the units kept under --state, each variant's mean over "
                         "the seeds it has (listed in the JSON's seeds_per_variant; the missing units in 'missing')")
@@ -195,9 +202,11 @@ def main() -> None:
     units = [(store.key(unit_key(label, overrides, common, seed)), f"{label} (seed {seed})",
               (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device), label, seed)
              for seed in range(args.seeds) for label, overrides in variants]
-    unknown = sorted(set(args.first) - {label for label, _ in variants})
+    unknown = sorted((set(args.first) | ({args.reference} if args.reference else set()))
+                     - {label for label, _ in variants})
     if unknown:
-        parser.error(f"--first names no variant of this run: {unknown} (variants: {[label for label, _ in variants]})")
+        parser.error(f"--first/--reference name no variant of this run: {unknown} "
+                     f"(variants: {[label for label, _ in variants]})")
     units.sort(key=lambda unit: unit[3] not in args.first)  # stable: seed order kept within each group
     if args.kept:
         done, missing = kept_units(store, units)
@@ -217,7 +226,12 @@ def main() -> None:
     rows = [mean_over_seeds(label, runs[label]) for label, _ in variants]
     by = {r["label"]: r for r in rows}
     dense, fair = by["dense"]["val_loss"], by["dense+fixed_table"]["val_loss"]
-    best = min(dense, fair)
+    # the best dense model is the lowest of every dense row, a knob's (e.g. another init) included
+    best_row = min((r for r in rows if r["subspace_rank"] is None), key=lambda r: r["val_loss"])
+    best = best_row["val_loss"]
+    seed_losses = {label: {r["seed"]: r["val_loss"] for r in runs[label]} for label, _ in variants}
+    if args.reference and args.reference not in by:
+        parser.error(f"--reference: no unit of {args.reference!r} is kept under {store.directory}")
     sub = {str(r["subspace_rank"]) if r["label"].startswith("subspace k=") else r["label"]: r
            for r in rows[2:]}
     cfg = load_config("local/tiny", common)
@@ -233,7 +247,13 @@ def main() -> None:
         "gap_pct": {k: 100 * (r["val_loss"] - fair) / fair for k, r in sub.items()},
         "gap_pct_vs_naive_dense": {k: 100 * (r["val_loss"] - dense) / dense for k, r in sub.items()},
         "gap_pct_vs_best_dense": {k: 100 * (r["val_loss"] - best) / best for k, r in sub.items()},
-        "best_dense": "dense" if dense <= fair else "dense+fixed_table",
+        "best_dense": best_row["label"],
+        "best_dense_val_loss": best,
+        "gap_pct_vs_best_dense_same_seeds": {k: same_seeds_gap(seed_losses[r["label"]], seed_losses[best_row["label"]])
+                                             for k, r in sub.items()},
+        "reference": args.reference,
+        "gap_pct_vs_reference_same_seeds": None if not args.reference else {
+            r["label"]: same_seeds_gap(seed_losses[r["label"]], seed_losses[args.reference]) for r in rows},
         "val_loss_std": {r["label"]: r["val_loss_std"] for r in rows},
         "per_seed": {r["label"]: r["val_loss_per_seed"] for r in rows},
         "boundary_ratio": {k: cfg.model.d_model / r["subspace_rank"] for k, r in sub.items() if r["subspace_rank"]},
@@ -243,7 +263,8 @@ def main() -> None:
         "set": args.set,
         "seeds_per_variant": {label: [r["seed"] for r in runs[label]] for label, _ in variants},
         "missing": missing,
-        "reference": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1",
+        "note": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1; the *_same_seeds gaps "
+                "compare the means over the seeds both rows have (None where they share none)",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],
         "plot": None if args.no_plot else args.out,
         "device": args.device,
@@ -253,6 +274,15 @@ def main() -> None:
         "command": " ".join(["python bench/convergence.py", *sys.argv[1:]]),
     }
     print(json.dumps(summary))
+
+
+def same_seeds_gap(losses: dict[int, float], reference: dict[int, float]) -> float | None:
+    """The gap (%) of one variant's mean loss to a reference's, both over the seeds the two share."""
+    seeds = sorted(set(losses) & set(reference))
+    if not seeds:
+        return None
+    mean, ref = (sum(d[s] for s in seeds) / len(seeds) for d in (losses, reference))
+    return round(100 * (mean - ref) / ref, 3)
 
 
 def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> str:

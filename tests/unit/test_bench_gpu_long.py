@@ -42,7 +42,7 @@ def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--ks", "8", "--first", "k=8 tial4",
                            "--state", str(tmp_path), "--no-plot"], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 2 and "--first names no variant" in proc.stderr and "k=8 tial4" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--first/--reference name no variant" in proc.stderr and "k=8 tial4" in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
 
 
@@ -76,7 +76,32 @@ def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothin
     assert out["missing"] == ["subspace k=8 (seed 0)", "dense (seed 1)"]
     assert abs(out["dense_fixed_table_val_loss"] - 1.8) < 1e-9 and out["best_dense"] == "dense+fixed_table"
     assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9
+    assert out["gap_pct_vs_best_dense_same_seeds"]["8"] == round(100 * (1.9 / 1.7 - 1), 3)  # seed 1's baseline
+    assert out["reference"] is None and out["gap_pct_vs_reference_same_seeds"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
+
+    # a dense knob row that beats both baselines is the best dense model; --reference adds a same-seeds column
+    knob = "dense init0.04:model.subspace_rank='none',model.init_std=0.04"
+    store.put(unit_key("dense init0.04", knob.split(":")[1].split(","), common, 1),
+              {"label": "dense init0.04", "subspace_rank": None, "val_loss": 1.5, "val_curve": [[10, 2.5], [20, 1.5]],
+               "tokens": 1000})
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8", "--seeds", "2",
+                           "--steps", str(steps), "--state", str(tmp_path), "--no-plot", "--variant", knob,
+                           "--reference", "subspace k=8"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["best_dense"] == "dense init0.04" and out["best_dense_val_loss"] == 1.5
+    assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.5) / 1.5) < 1e-9
+    assert abs(out["gap_pct"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9  # still against dense + table
+    assert out["gap_pct_vs_reference_same_seeds"] == {
+        "dense": None, "dense+fixed_table": round(100 * (1.7 / 1.9 - 1), 3), "subspace k=8": 0.0,
+        "dense init0.04": round(100 * (1.5 / 1.9 - 1), 3)}
+    unknown = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8",
+                              "--steps", str(steps), "--state", str(tmp_path), "--no-plot", "--reference", "k=8 nope"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert unknown.returncode == 2 and "--reference name no variant" in unknown.stderr, unknown.stderr
 
 
 def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
