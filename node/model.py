@@ -78,6 +78,13 @@ class ResidualWriter(nn.Module):
         return y @ basis.to(y.dtype).T
 
 
+def writer_std(cfg: ModelConfig, rank: int | None) -> float:
+    """The init std of a residual writer (as a dense weight's; a factored one raises it by sqrt(d/k)): scaled by
+    1/sqrt(2·n_layers), from ``constrained_init_std`` where the writer is held in span(U) and that is set."""
+    base = cfg.init_std if rank is None or cfg.constrained_init_std is None else cfg.constrained_init_std
+    return base / math.sqrt(2 * cfg.n_layers)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, writer_rank: int | None) -> None:
         super().__init__()
@@ -89,7 +96,7 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=False)
         for lin in (self.wq, self.wkv):
             nn.init.normal_(lin.weight, 0.0, std)
-        self.wo = ResidualWriter(cfg.d_model, cfg.d_model, writer_rank, std / math.sqrt(2 * cfg.n_layers), projected)
+        self.wo = ResidualWriter(cfg.d_model, cfg.d_model, writer_rank, writer_std(cfg, writer_rank), projected)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -105,7 +112,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
         nn.init.normal_(self.w_gate_up.weight, 0.0, cfg.init_std)
-        self.w_down = ResidualWriter(cfg.hidden, cfg.d_model, writer_rank, cfg.init_std / math.sqrt(2 * cfg.n_layers),
+        self.w_down = ResidualWriter(cfg.hidden, cfg.d_model, writer_rank, writer_std(cfg, writer_rank),
                                      cfg.subspace_param == "projected")
 
     def forward(self, x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -174,7 +181,8 @@ class Stage(nn.Module):
         if self.is_first:
             emb_width = cfg.d_model if self.projected or not k else k
             # (a projected embedding is drawn dense and raised by sqrt(d/k) after its projection, below)
-            emb_std = cfg.init_std * (math.sqrt(cfg.d_model / k) if k and not self.projected else 1.0)
+            emb_std = (cfg.init_std if not k or cfg.constrained_init_std is None else cfg.constrained_init_std) * (
+                math.sqrt(cfg.d_model / k) if k and not self.projected else 1.0)
             self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
         # Each stage's own gain on T_fixed: it adds gain·T at its input and removes it at its output.
         self.table_gain = nn.Parameter(torch.ones(())) if cfg.table_gain and table is not None else None

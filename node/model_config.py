@@ -62,6 +62,11 @@ class ModelConfig:
     rope_theta: float = setting(10000.0, "RoPE base frequency.")
     norm_eps: float = setting(1e-5, "RMSNorm epsilon.")
     init_std: float = setting(0.02, "Std of the normal init of dense weights and the dense embedding.")
+    constrained_init_std: float | None = setting(
+        None, "Std of the init of the parts held in span(U) (the constrained residual writers and the rank-k "
+        "embedding, each raised by sqrt(d/k) as with init_std), as a dense weight's. None = init_std (a recipe "
+        "knob: the subspace model and the dense parts may want different scales, docs/model.md)."
+    )
     subspace_rank: int | None = setting(
         None,
         "k: rank of the shared subspace every stage boundary lives in (numbers per token sent "
@@ -104,7 +109,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
-        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "subspace_rank", "fixed_table_std",
+        check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "constrained_init_std", "subspace_rank", "fixed_table_std",
                        "fixed_table_rank")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")

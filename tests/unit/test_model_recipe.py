@@ -95,6 +95,34 @@ def test_a_low_rank_table_has_that_rank_and_scale_and_keeps_the_boundary_exact()
         subspace.make_fixed_table(0, 16, 8, 0.1, rank=9)
 
 
+def test_constrained_init_std_scales_the_span_u_parts_only_and_keeps_the_boundary_exact():
+    """``model.constrained_init_std``: the constrained writers and the rank-k embedding drawn at that std (raised
+    by sqrt(d/k) as with init_std), every dense part at init_std; unset, the same draws as before it existed."""
+    import math
+
+    cfg, base = build(["model.dense_tail_layers=3"])
+    again = build(["model.dense_tail_layers=3", "model.constrained_init_std=0.02"])[1]  # = init_std: same bits
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values(), strict=True))
+    cfg, model = build(["model.dense_tail_layers=3", "model.init_std=0.06", "model.constrained_init_std=0.01"])
+    d, k, scale = 256, 8, math.sqrt(2 * 8)
+    stds = {"constrained": [], "dense": []}
+    for s in model.stages:
+        for w in writers(s):
+            stds["dense" if w.rank is None else "constrained"].append(float(w.weight.std()))
+    assert all(0.9 < v / (0.01 / scale * math.sqrt(d / k)) < 1.1 for v in stds["constrained"]), stds
+    assert all(0.9 < v / (0.06 / scale) < 1.1 for v in stds["dense"]) and len(stds["dense"]) == 6, stds
+    assert 0.9 < float(model.stages[0].embedding.std()) / (0.01 * math.sqrt(d / k)) < 1.1
+    assert 0.9 < float(model.stages[0].blocks[0].attn.wq.weight.std()) / 0.06 < 1.1  # readers: init_std
+    assert 0.9 < float(model.stages[-1].lm_head.weight.std()) / 0.06 < 1.1
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, windows())
+    assert unsplit == pytest.approx(chained, abs=1e-4)
+    dense = load_config("tiny", ['model.subspace_rank="none"', "model.init_std=0.06", "model.constrained_init_std=0.01"])
+    torch.manual_seed(0)
+    assert 0.9 < float(LanguageModel(dense.model, dense.pipeline).stages[0].embedding.std()) / 0.06 < 1.1  # no span
+    with pytest.raises(ConfigError, match="constrained_init_std"):
+        build(["model.constrained_init_std=0"])
+
+
 def test_lr_multipliers_scale_z_and_embedding_steps_only():
     cfg = load_config("tiny", ["pipeline.num_stages=2", "model.subspace_rank=8", "train.subspace_lr_mult=0.5",
                                "train.embedding_lr_mult=3", "train.warmup_steps=0"])
