@@ -129,6 +129,15 @@ KNOBS = (
     "k=8 init0.04:model.subspace_rank=8,model.init_std=0.04",
     # the best dense model at that init (a knob that helps dense training too is no gain of the subspace's)
     "dense+table init0.04:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.04",
+    "k=8 tail4 init0.04:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.04",
+    # the init sweep: the dense baseline's best init, and the span(U) parts' init apart from the dense parts'
+    "dense+table init0.06:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06",
+    "dense+table init0.08:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.08",
+    "k=8 init0.06:model.subspace_rank=8,model.init_std=0.06",
+    "k=8 init0.06 c0.02:model.subspace_rank=8,model.init_std=0.06,model.constrained_init_std=0.02",
+    "k=8 init0.06 c0.04:model.subspace_rank=8,model.init_std=0.06,model.constrained_init_std=0.04",
+    "k=8 tail4 init0.06 c0.04:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.constrained_init_std=0.04",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
