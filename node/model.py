@@ -80,9 +80,8 @@ class ResidualWriter(nn.Module):
 
 def writer_std(cfg: ModelConfig, rank: int | None) -> float:
     """The init std of a residual writer (as a dense weight's; a factored one raises it by sqrt(d/k)): scaled by
-    1/sqrt(2·n_layers), from ``constrained_init_std`` where the writer is held in span(U) and that is set."""
-    base = cfg.init_std if rank is None or cfg.constrained_init_std is None else cfg.constrained_init_std
-    return base / math.sqrt(2 * cfg.n_layers)
+    1/sqrt(2·n_layers), from the span(U) parts' std where the writer is held in span(U)."""
+    return (cfg.init_std if rank is None else cfg.span_init_std) / math.sqrt(2 * cfg.n_layers)
 
 
 class Attention(nn.Module):
@@ -181,7 +180,7 @@ class Stage(nn.Module):
         if self.is_first:
             emb_width = cfg.d_model if self.projected or not k else k
             # (a projected embedding is drawn dense and raised by sqrt(d/k) after its projection, below)
-            emb_std = (cfg.init_std if not k or cfg.constrained_init_std is None else cfg.constrained_init_std) * (
+            emb_std = (cfg.span_init_std if k else cfg.init_std) * (
                 math.sqrt(cfg.d_model / k) if k and not self.projected else 1.0)
             self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
         # Each stage's own gain on T_fixed: it adds gain·T at its input and removes it at its output.

@@ -143,5 +143,10 @@ class ModelConfig:
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
     @property
+    def span_init_std(self) -> float:
+        """The init std of the parts held in span(U): ``constrained_init_std``, or ``init_std`` where unset."""
+        return self.init_std if self.constrained_init_std is None else self.constrained_init_std
+
+    @property
     def uses_fixed_table(self) -> bool:
         return self.subspace_rank is not None if self.fixed_table is None else self.fixed_table
