@@ -209,3 +209,19 @@ def test_node_start_builds_its_stage_with_the_default_dense_tail(tmp_path):
     last, before = (StageStore.fresh(cfg, "r", s, tmp_path / str(s)) for s in (3, 2))
     assert [w.rank for w in writers(last.module)] == [None] * 6
     assert [w.rank for w in writers(before.module)] == [8] * 4  # layers 3-4, constrained
+
+
+def test_node_start_builds_its_stage_with_the_span_u_init_apart(tmp_path):
+    """``model.constrained_init_std`` where `node start` builds a stage (StageStore.fresh): the first stage's
+    constrained writers and embedding at that std, its readers at init_std."""
+    import math
+
+    from node.stage_store import StageStore
+
+    cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.init_std=0.06",
+                               "model.constrained_init_std=0.01"])
+    first = StageStore.fresh(cfg, "r", 0, tmp_path / "0").module
+    ratio = math.sqrt(256 / 8)
+    assert all(0.85 < float(w.weight.std()) / (0.01 / 4 * ratio) < 1.15 for w in writers(first))
+    assert 0.9 < float(first.embedding.std()) / (0.01 * ratio) < 1.1
+    assert 0.9 < float(first.blocks[0].attn.wq.weight.std()) / 0.06 < 1.1
