@@ -138,6 +138,11 @@ KNOBS = (
     "k=8 init0.06 c0.04:model.subspace_rank=8,model.init_std=0.06,model.constrained_init_std=0.04",
     "k=8 tail4 init0.06 c0.04:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.constrained_init_std=0.04",
+    # span(U) at the stage boundaries only (every writer and the embedding dense, a rank-k bottleneck at each
+    # boundary): the dense model's best init is the first to try
+    "k=8 boundary:model.subspace_rank=8,model.subspace_param='boundary'",
+    "k=8 boundary init0.04:model.subspace_rank=8,model.subspace_param='boundary',model.init_std=0.04",
+    "k=8 boundary init0.06:model.subspace_rank=8,model.subspace_param='boundary',model.init_std=0.06",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"

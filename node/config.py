@@ -301,7 +301,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         ranges = self.pipeline.stage_ranges(self.model.n_layers)
         tail = self.model.dense_tail_layers
-        if self.model.subspace_rank and tail is not None and self.pipeline.layer_splits is not None \
+        if self.model.constrained_writers and tail is not None and self.pipeline.layer_splits is not None \
                 and ranges[-1].start > self.model.n_layers - tail:
             raise ConfigError(
                 f"model.dense_tail_layers={tail} reaches into an earlier stage (the last stage starts at layer "
@@ -312,7 +312,7 @@ class RunConfig:
         automatic_dense_tail(n_layers=self.model.n_layers, num_stages=self.pipeline.num_stages,
                              subspace_rank=self.model.subspace_rank, dense_tail_layers=self.model.dense_tail_layers,
                              min_dense_tail_layers=self.model.min_dense_tail_layers,
-                             layer_splits=self.pipeline.layer_splits)
+                             layer_splits=self.pipeline.layer_splits, subspace_param=self.model.subspace_param)
         if self.swarm.stage is not None and self.swarm.stage >= self.pipeline.num_stages:
             raise ConfigError(
                 f"swarm.stage={self.swarm.stage} does not exist: pipeline.num_stages={self.pipeline.num_stages}"

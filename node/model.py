@@ -135,7 +135,7 @@ class Block(nn.Module):
 def writer_rank(cfg: ModelConfig, layer: int, last_stage: bool) -> int | None:
     """k when layer ``layer``'s residual writers are constrained to span(U), None when they are dense: the
     last ``model.dense_tail_layers`` layers, or (unset) the layers of the last stage."""
-    if not cfg.subspace_rank:
+    if not cfg.constrained_writers:
         return None
     tail = cfg.dense_tail_layers
     dense = last_stage if tail is None else layer >= cfg.n_layers - tail
@@ -177,11 +177,14 @@ class Stage(nn.Module):
 
         self.blocks = nn.ModuleList(Block(cfg, writer_rank(cfg, layer, self.is_last)) for layer in layers)
         self.projected = bool(k) and cfg.subspace_param == "projected"
+        # A rank-k embedding E[ids]·Uᵀ when factored; dense when projected or at 'boundary' (only the stage's
+        # output is projected there), and in a dense model.
+        self.rank_k_embedding = cfg.factored
         if self.is_first:
-            emb_width = cfg.d_model if self.projected or not k else k
+            emb_width = k if self.rank_k_embedding else cfg.d_model
             # (a projected embedding is drawn dense and raised by sqrt(d/k) after its projection, below)
-            emb_std = (cfg.span_init_std if k else cfg.init_std) * (
-                math.sqrt(cfg.d_model / k) if k and not self.projected else 1.0)
+            emb_std = (cfg.span_init_std if cfg.constrained_writers else cfg.init_std) * (
+                math.sqrt(cfg.d_model / k) if self.rank_k_embedding else 1.0)
             self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
         # Each stage's own gain on T_fixed: it adds gain·T at its input and removes it at its output.
         self.table_gain = nn.Parameter(torch.ones(())) if cfg.table_gain and table is not None else None
@@ -227,7 +230,7 @@ class Stage(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embedding)
-        if self.basis is not None and not self.projected:
+        if self.rank_k_embedding:
             x = x @ self.basis.to(x.dtype).T
         if self.table is not None:
             # Keep the residual stream fp32 under autocast: T_fixed is most of |x|, and a bf16 stream
@@ -284,7 +287,11 @@ class LanguageModel(nn.Module):
         """Logits (b, n, V), or the mean loss when ``targets`` are given."""
         x = self.stages[0].embed(ids)
         for i, stage in enumerate(self.stages):
-            if i and stage.table_gain is not None:  # each stage holds its own gain on T_fixed
+            if i and self.cfg.subspace_param == "boundary" and self.cfg.subspace_rank:
+                # The model's rank-k bottleneck at each stage boundary: what the previous stage sends (its
+                # stream's part in span(U), off T_fixed), as this stage rebuilds it.
+                x = stage.decode(self.stages[i - 1].encode(x, ids), ids)
+            elif i and stage.table_gain is not None:  # each stage holds its own gain on T_fixed
                 x = x + (stage.table_gain - self.stages[i - 1].table_gain) * stage.table[ids].float()
             x = stage.run_blocks(x)
         logits = self.stages[-1].logits(x)
@@ -316,7 +323,7 @@ def layer_parameters(cfg: ModelConfig, dense_writers: bool) -> int:
     ``U·Z`` writers."""
     d, k, head_dim = cfg.d_model, cfg.subspace_rank, cfg.d_model // cfg.n_heads
     attn = d * cfg.n_heads * head_dim + 2 * d * cfg.kv_heads * head_dim
-    rank = d if dense_writers or not k or cfg.subspace_param == "projected" else k
+    rank = k if cfg.factored and not dense_writers else d
     writers = rank * (cfg.n_heads * head_dim + cfg.hidden)
     return 2 * d + attn + 2 * d * cfg.hidden + writers
 
@@ -327,7 +334,7 @@ def stage_parameters(cfg: ModelConfig, layers: range, index: int, num_stages: in
     last = index == num_stages - 1
     total = sum(layer_parameters(cfg, dense_writers=writer_rank(cfg, layer, last) is None) for layer in layers)
     if index == 0:
-        total += cfg.vocab_size * (cfg.d_model if cfg.subspace_param == "projected" else cfg.subspace_rank or cfg.d_model)
+        total += cfg.vocab_size * (cfg.subspace_rank if cfg.factored else cfg.d_model)
     if cfg.table_gain and cfg.uses_fixed_table:
         total += 1
     if last:
@@ -352,7 +359,7 @@ def stage_layers(cfg: ModelConfig, pipeline: PipelineConfig | None = None) -> li
     # it the last stage's layers are the dense ones, and it holds at least model.min_dense_tail_layers.
     tail = automatic_dense_tail(n_layers=n, num_stages=count, subspace_rank=cfg.subspace_rank,
                                 dense_tail_layers=cfg.dense_tail_layers,
-                                min_dense_tail_layers=cfg.min_dense_tail_layers) or 0
+                                min_dense_tail_layers=cfg.min_dense_tail_layers, subspace_param=cfg.subspace_param) or 0
     first_dense = n - tail
 
     def size(s: int, a: int, b: int) -> float:

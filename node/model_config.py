@@ -12,18 +12,20 @@ from protocol.settings import ConfigError, check_positive, setting
 # 3 dense +0.9%; 12 layers, 3 dense +2.2%, 4 dense +0.9%, so the 12-layer 125m preset sets 4). 3 keeps 8b's last
 # stage on a 24 GiB card at S = 8.
 MIN_DENSE_TAIL = 3
+SUBSPACE_PARAMS = ("factored", "projected", "boundary")
 
 
 def automatic_dense_tail(*, n_layers: int, num_stages: int, subspace_rank: int | None,
                          dense_tail_layers: int | None, min_dense_tail_layers: int,
-                         layer_splits: object = None) -> int | None:
+                         layer_splits: object = None, subspace_param: str = "factored") -> int | None:
     """How many final layers the automatic stage split keeps dense, or None where no layer is kept dense (a
-    dense model) or the split is not automatic (explicit ``pipeline.layer_splits``, one stage). An explicit
+    dense model or one held in span(U) at its boundaries only, ``subspace_param = 'boundary'``) or the split is
+    not automatic (explicit ``pipeline.layer_splits``, one stage). An explicit
     ``dense_tail_layers`` is that count; unset, ``min_dense_tail_layers`` capped by what the stage count
     leaves (n_layers - num_stages + 1). The one rule ``stage_layers`` and the config check use (and the
     bench's unit keys, which must not change where the minimum changes nothing). Raises ConfigError where an
     explicit count leaves a stage before the last without a constrained layer."""
-    if not subspace_rank or layer_splits is not None or num_stages <= 1:
+    if not subspace_rank or subspace_param == "boundary" or layer_splits is not None or num_stages <= 1:
         return None
     if dense_tail_layers is None:
         return min(min_dense_tail_layers, n_layers - num_stages + 1)
@@ -37,7 +39,7 @@ def automatic_dense_tail(*, n_layers: int, num_stages: int, subspace_rank: int |
 def most_stages(model: ModelConfig) -> int:
     """The most stages an automatic split of ``model`` can have: one layer each, and a subspace model's
     explicit dense tail (``dense_tail_layers``) all in the last stage."""
-    return _most_stages(model.n_layers, model.dense_tail_layers if model.subspace_rank else None)
+    return _most_stages(model.n_layers, model.dense_tail_layers if model.constrained_writers else None)
 
 
 def _most_stages(n_layers: int, tail: int | None) -> int:
@@ -103,8 +105,11 @@ class ModelConfig:
         "kept as given (docs/model.md)."
     )
     subspace_param: str = setting(
-        "factored", "How residual writers and the embedding stay in span(U): 'factored' (W = U·Z, Z trained) or "
-        "'projected' (dense W, projected onto span(U) after every optimizer step, the paper's form)."
+        "factored", "How the stage boundaries stay in span(U): 'factored' (every residual writer before the dense "
+        "tail is W = U·Z, Z trained, and the embedding rank k), 'projected' (those writers dense, projected onto "
+        "span(U) after every optimizer step, the paper's form) or 'boundary' (every writer and the embedding "
+        "dense; each stage's output is projected onto T_fixed + span(U), so the model has a rank-k bottleneck "
+        "at each stage boundary and depends on the split; no plain Llama export, docs/model.md)."
     )
 
     def __post_init__(self) -> None:
@@ -124,8 +129,15 @@ class ModelConfig:
         if self.fixed_table_rank is not None and self.fixed_table_rank > min(self.vocab_size, self.d_model):
             raise ConfigError(f"model.fixed_table_rank={self.fixed_table_rank} exceeds min(vocab_size, d_model)="
                               f"{min(self.vocab_size, self.d_model)}")
-        if self.subspace_param not in ("factored", "projected"):
-            raise ConfigError(f"model.subspace_param must be 'factored' or 'projected', got {self.subspace_param!r}")
+        if self.subspace_param not in SUBSPACE_PARAMS:
+            raise ConfigError(f"model.subspace_param must be one of {', '.join(map(repr, SUBSPACE_PARAMS))}, "
+                              f"got {self.subspace_param!r}")
+        if self.subspace_param == "boundary" and self.dense_tail_layers is not None:
+            raise ConfigError("model.dense_tail_layers does not apply with model.subspace_param='boundary' (every "
+                              "residual writer is dense there; the boundaries alone are projected): unset it")
+        if self.subspace_param == "boundary" and self.constrained_init_std is not None:
+            raise ConfigError("model.constrained_init_std does not apply with model.subspace_param='boundary' "
+                              "(no parameter is held in span(U) there; init_std draws them all): unset it")
         if self.subspace_rank is not None and self.subspace_rank > self.d_model:
             raise ConfigError(
                 f"model.subspace_rank={self.subspace_rank} exceeds model.d_model={self.d_model}: "
@@ -141,6 +153,17 @@ class ModelConfig:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def constrained_writers(self) -> bool:
+        """Whether residual writers (those before the dense tail) are held in span(U): a subspace model whose
+        boundaries are not merely projected (``subspace_param`` 'factored' or 'projected')."""
+        return bool(self.subspace_rank) and self.subspace_param != "boundary"
+
+    @property
+    def factored(self) -> bool:
+        """A subspace model whose constrained writers are ``U·Z`` and whose embedding is rank k."""
+        return self.constrained_writers and self.subspace_param == "factored"
 
     @property
     def span_init_std(self) -> float:

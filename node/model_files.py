@@ -67,16 +67,20 @@ def dense_config(cfg: ModelConfig) -> ModelConfig:
 @torch.no_grad()
 def merge_dense(model: LanguageModel) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """``model`` as a dense one-stage model: its config and the state dict of ``LanguageModel`` built from it
-    (fp32). Refused for ``model.table_gain``: a gain that changes between stages adds the table again in the
+    (fp32). Refused for ``model.subspace_param = 'boundary'`` (a projection between layers) and for
+    ``model.table_gain``: a gain that changes between stages adds the table again in the
     middle of the network, which a Llama cannot express."""
     cfg = model.cfg
     stages: list[Stage] = list(model.stages)
+    if cfg.subspace_param == "boundary" and cfg.subspace_rank and len(stages) > 1:
+        raise ExportError("model.subspace_param='boundary' projects the residual stream onto T_fixed + span(U) at "
+                          "every stage boundary: this model has no plain Llama form (export it with --format native)")
     if any(s.table_gain is not None for s in stages):
         raise ExportError("model.table_gain adds T_fixed again at every stage boundary with a learned gain: "
                           "this model has no plain Llama form (export it with --format native)")
     first = stages[0]
     embedding = first.embedding.detach().float()
-    if first.basis is not None and not first.projected:
+    if first.rank_k_embedding:
         embedding = embedding @ first.basis.float().T
     if first.table is not None:
         embedding = embedding + first.table.float()

@@ -130,3 +130,14 @@ def test_export_donors_follow_the_drift_rule():
         agreed_replicas(0, [_record("p1", [a]), _record("p2", [b])], 1)
     with pytest.raises(ExportError, match="publishes an outer history"):
         agreed_replicas(0, [_record("p1", [a])], 2)
+
+
+def test_a_boundary_model_exports_natively_and_refuses_the_llama_form(tmp_path):
+    cfg, model = trained_like(["model.subspace_param='boundary'"])
+    with pytest.raises(ExportError, match="subspace_param='boundary'"):
+        write_export(tmp_path / "hf", model, cfg, "hf")
+    assert not list(tmp_path.iterdir())
+    back = load_export(write_export(tmp_path / "m", model, cfg, "native"))
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids), back.model(ids))

@@ -225,3 +225,40 @@ def test_node_start_builds_its_stage_with_the_span_u_init_apart(tmp_path):
     assert all(0.85 < float(w.weight.std()) / (0.01 / 4 * ratio) < 1.15 for w in writers(first))
     assert 0.9 < float(first.embedding.std()) / (0.01 * ratio) < 1.1
     assert 0.9 < float(first.blocks[0].attn.wq.weight.std()) / 0.06 < 1.1
+
+
+def test_boundary_parameterisation_projects_only_the_boundaries_and_the_split_is_exact():
+    cfg, model = build(["model.subspace_param='boundary'", "model.init_std=0.05"])
+    ranges = stage_layers(cfg.model, cfg.pipeline)
+    plain = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "model.min_dense_tail_layers=0"])
+    assert ranges == stage_layers(plain.model, plain.pipeline)  # no dense-tail minimum: the split by parameters
+    assert all(w.rank is None for s in model.stages for w in writers(s))  # every writer dense
+    assert model.stages[0].embedding.shape == (256, cfg.model.d_model)  # a dense embedding
+    for stage in model.stages:
+        assert sum(q.numel() for q in stage.parameters()) == stage_parameters(
+            cfg.model, stage.layers, stage.index, stage.num_stages)
+        assert stage.boundary_width == 8
+    # The unsplit model applies the same bottleneck the split one sends, so the two compute one function ...
+    chain = StageChain.around(list(model.stages), cfg.train)
+    step = chain.train_microbatch(windows(), record=True)
+    assert all(b.shape[-1] == 8 for b in step.boundaries) and all(g.shape[-1] == 8 for g in step.boundary_grads)
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, windows(seed=3))
+    assert unsplit == pytest.approx(chained, abs=1e-4)
+    # ... and the bottleneck is real: without it (the stream passed whole) the loss differs.
+    with torch.no_grad():
+        x, ids = model.stages[0].embed(windows(seed=3)[:, :-1]), windows(seed=3)
+        for stage in model.stages:
+            x = stage.run_blocks(x)
+        whole = float(torch.nn.functional.cross_entropy(model.stages[-1].logits(x).flatten(0, 1), ids[:, 1:].flatten()))
+    assert abs(whole - unsplit) > 1e-3
+    # One stage: no boundary, so the model is dense + table.
+    _, one = build(["model.subspace_param='boundary'"], stages=1)
+    assert all(w.rank is None for w in writers(one.stages[0])) and one.stages[0].embedding.shape[1] == 256
+
+
+def test_boundary_parameterisation_refuses_what_does_not_apply():
+    for extra in ("model.dense_tail_layers=3", "model.constrained_init_std=0.02"):
+        with pytest.raises(ConfigError, match="subspace_param='boundary'"):
+            load_config("tiny", ["model.subspace_rank=8", "model.subspace_param='boundary'", extra])
+    with pytest.raises(ConfigError, match="'factored', 'projected', 'boundary'"):
+        load_config("tiny", ["model.subspace_rank=8", "model.subspace_param='bottle'"])
