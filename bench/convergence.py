@@ -133,6 +133,9 @@ KNOBS = (
     # the init sweep: the dense baseline's best init, and the span(U) parts' init apart from the dense parts'
     "dense+table init0.06:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06",
     "dense+table init0.08:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.08",
+    # the best dense model's learning rate (train.lr 1e-3 everywhere else): the baseline tuned on both axes
+    "dense+table init0.06 lr2e-3:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,train.lr=2e-3",
+    "dense+table init0.06 lr5e-4:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,train.lr=5e-4",
     "k=8 init0.06:model.subspace_rank=8,model.init_std=0.06",
     "k=8 init0.06 c0.02:model.subspace_rank=8,model.init_std=0.06,model.constrained_init_std=0.02",
     "k=8 init0.06 c0.04:model.subspace_rank=8,model.init_std=0.06,model.constrained_init_std=0.04",
