@@ -188,6 +188,16 @@ class Stage(nn.Module):
             self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, emb_width).normal_(0.0, emb_std))
         # Each stage's own gain on T_fixed: it adds gain·T at its input and removes it at its output.
         self.table_gain = nn.Parameter(torch.ones(())) if cfg.table_gain and table is not None else None
+        # 'boundary' with model.boundary_learned: this stage's own d×k maps, U at init: the one its output is
+        # sent through (every stage but the last) and the one its input is rebuilt with (every stage but the
+        # first). With model.boundary_anchor_rank: a learned token table of that rank added to the rebuilt input.
+        learned = cfg.subspace_param == "boundary" and bool(k) and cfg.boundary_learned
+        self.proj_out = nn.Parameter(basis.clone()) if learned and not self.is_last else None
+        self.proj_in = nn.Parameter(basis.clone()) if learned and not self.is_first else None
+        rank = cfg.boundary_anchor_rank if k and cfg.subspace_param == "boundary" and not self.is_first else None
+        self.anchor_embedding = None if rank is None else nn.Parameter(
+            torch.empty(cfg.vocab_size, rank, device=basis.device).normal_(0.0, 1.0 / math.sqrt(rank)))
+        self.anchor_out = None if rank is None else nn.Parameter(torch.zeros(rank, cfg.d_model, device=basis.device))
         if self.is_last:
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -249,12 +259,20 @@ class Stage(nn.Module):
 
     def encode(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Residual stream → what crosses the boundary after this stage (coefficients, or x if dense)."""
-        return x if self.basis is None else subspace.encode(x, ids, self.basis, self.table, self.table_gain)
+        if self.basis is None:
+            return x
+        return subspace.encode(x, ids, self.basis if self.proj_out is None else self.proj_out, self.table,
+                               self.table_gain)
 
     def decode(self, boundary: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """What crossed the boundary before this stage → residual stream."""
-        return boundary if self.basis is None else subspace.decode(boundary, ids, self.basis, self.table,
-                                                                    self.table_gain)
+        if self.basis is None:
+            return boundary
+        x = subspace.decode(boundary, ids, self.basis if self.proj_in is None else self.proj_in, self.table,
+                            self.table_gain)
+        if self.anchor_embedding is not None:
+            x = x + F.embedding(ids, self.anchor_embedding) @ self.anchor_out.to(x.dtype)
+        return x
 
     def forward(self, boundary_in: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """First stage: ids → boundary; middle: boundary → boundary; last: boundary → logits."""
@@ -337,6 +355,10 @@ def stage_parameters(cfg: ModelConfig, layers: range, index: int, num_stages: in
         total += cfg.vocab_size * (cfg.subspace_rank if cfg.factored else cfg.d_model)
     if cfg.table_gain and cfg.uses_fixed_table:
         total += 1
+    if cfg.boundary_learned:  # the d×k maps out of every stage but the last, into every stage but the first
+        total += cfg.d_model * cfg.subspace_rank * ((index < num_stages - 1) + (index > 0))
+    if cfg.boundary_anchor_rank is not None and index > 0:
+        total += cfg.boundary_anchor_rank * (cfg.vocab_size + cfg.d_model)
     if last:
         total += cfg.d_model + cfg.d_model * cfg.vocab_size
     return total

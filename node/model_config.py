@@ -104,6 +104,16 @@ class ModelConfig:
         "(n_layers - num_stages + 1). 0 = the split by parameters alone. An explicit pipeline.layer_splits is "
         "kept as given (docs/model.md)."
     )
+    boundary_learned: bool = setting(
+        False, "With subspace_param='boundary': each stage learns its own d×k maps (from U at init): the one its "
+        "output is sent through and the one its input is rebuilt with (MAPL-style per-stage projections; no "
+        "orthogonality is kept). The boundary stays k numbers a token."
+    )
+    boundary_anchor_rank: int | None = setting(
+        None, "With subspace_param='boundary': every stage after the first adds a learned token table of rank r "
+        "(V×r times r×d, the second factor zero at init) to the input it rebuilds (MAPL's anchor embeddings: what "
+        "the bottleneck dropped of each token's identity, restored from the ids). None = none."
+    )
     subspace_param: str = setting(
         "factored", "How the stage boundaries stay in span(U): 'factored' (every residual writer before the dense "
         "tail is W = U·Z, Z trained, and the embedding rank k), 'projected' (those writers dense, projected onto "
@@ -115,7 +125,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
         check_positive(self, "max_seq_len", "rope_theta", "norm_eps", "init_std", "constrained_init_std", "subspace_rank", "fixed_table_std",
-                       "fixed_table_rank")
+                       "fixed_table_rank", "boundary_anchor_rank")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -135,6 +145,12 @@ class ModelConfig:
         if self.subspace_param == "boundary" and self.dense_tail_layers is not None:
             raise ConfigError("model.dense_tail_layers does not apply with model.subspace_param='boundary' (every "
                               "residual writer is dense there; the boundaries alone are projected): unset it")
+        if (self.boundary_learned or self.boundary_anchor_rank is not None) and not (
+                self.subspace_rank and self.subspace_param == "boundary"):
+            raise ConfigError("model.boundary_learned and model.boundary_anchor_rank need a subspace model with "
+                              "model.subspace_param='boundary'")
+        if self.boundary_anchor_rank is not None and self.boundary_anchor_rank > self.d_model:
+            raise ConfigError(f"model.boundary_anchor_rank={self.boundary_anchor_rank} exceeds d_model={self.d_model}")
         if self.subspace_param == "boundary" and self.constrained_init_std is not None:
             raise ConfigError("model.constrained_init_std does not apply with model.subspace_param='boundary' "
                               "(no parameter is held in span(U) there; init_std draws them all): unset it")

@@ -133,7 +133,8 @@ def test_export_donors_follow_the_drift_rule():
 
 
 def test_a_boundary_model_exports_natively_and_refuses_the_llama_form(tmp_path):
-    cfg, model = trained_like(["model.subspace_param='boundary'"])
+    cfg, model = trained_like(["model.subspace_param='boundary'", "model.boundary_learned=true",
+                               "model.boundary_anchor_rank=8"])
     with pytest.raises(ExportError, match="subspace_param='boundary'"):
         write_export(tmp_path / "hf", model, cfg, "hf")
     assert not list(tmp_path.iterdir())

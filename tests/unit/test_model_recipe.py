@@ -262,3 +262,30 @@ def test_boundary_parameterisation_refuses_what_does_not_apply():
             load_config("tiny", ["model.subspace_rank=8", "model.subspace_param='boundary'", extra])
     with pytest.raises(ConfigError, match="'factored', 'projected', 'boundary'"):
         load_config("tiny", ["model.subspace_rank=8", "model.subspace_param='bottle'"])
+
+
+def test_boundary_learned_projections_and_anchors_train_and_keep_the_split_exact():
+    cfg = load_config("tiny", ["pipeline.num_stages=3", "model.subspace_rank=8", "model.subspace_param='boundary'",
+                               "model.boundary_learned=true", "model.boundary_anchor_rank=16", "train.lr=3e-3",
+                               "train.warmup_steps=0"])
+    torch.manual_seed(0)
+    chain = StageChain.build(cfg)
+    first, middle, last = (e.module for e in chain.engines)
+    assert first.proj_in is None and first.anchor_embedding is None and last.proj_out is None
+    assert torch.equal(first.proj_out.detach(), first.basis) and torch.equal(last.proj_in.detach(), last.basis)
+    assert middle.anchor_embedding.shape == (256, 16) and not middle.anchor_out.detach().any()  # zero at init
+    for stage in (first, middle, last):
+        assert sum(q.numel() for q in stage.parameters()) == stage_parameters(
+            cfg.model, stage.layers, stage.index, stage.num_stages)
+    for step in range(3):
+        out = chain.train_microbatch(windows(seed=10 + step), record=True)
+    assert all(b.shape[-1] == 8 for b in out.boundaries)
+    # Each learned part moved (the gradient reaches the sender's map through the boundary's gradient).
+    assert not torch.equal(first.proj_out.detach(), first.basis) and not torch.equal(last.proj_in.detach(), last.basis)
+    assert middle.anchor_out.detach().abs().sum() > 0
+    model = LanguageModel(cfg.model, cfg.pipeline, stages=chain.modules())
+    unsplit, chained = unsplit_and_chain_losses(cfg, model, windows(seed=3))
+    assert unsplit == pytest.approx(chained, abs=1e-4)
+    for extra in ("model.boundary_learned=true", "model.boundary_anchor_rank=4"):
+        with pytest.raises(ConfigError, match="boundary_anchor_rank need"):
+            load_config("tiny", ["model.subspace_rank=8", extra])
