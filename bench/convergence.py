@@ -156,6 +156,10 @@ KNOBS = (
     # the table's scale with the init's (5× both at the default): is 0.06 worse for the subspace models because
     # T_fixed, which carries each token's identity across the boundaries, is then relatively small?
     "k=8 init0.06 T0.3:model.subspace_rank=8,model.init_std=0.06,model.fixed_table_std=0.3",
+    "k=8 tail4 init0.06 T0.3:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.3",
+    "dense+table init0.06 T0.3:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,"
+    "model.fixed_table_std=0.3",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
