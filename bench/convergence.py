@@ -73,15 +73,18 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
     return row
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, best: float) -> None:
     """Left: each variant's validation curve (its mean over seeds). Right: its final loss, mean ± std over the
-    seeds it has, each seed a dot (the error bars the table gives in numbers)."""
+    seeds it has, each seed a dot (the error bars the table gives in numbers); ``best`` is the best dense model's
+    loss (the JSON's ``best_dense_val_loss``), drawn with the goal above it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13 if len(rows) > 6 else 11, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    many = len(rows) > 12  # the legend goes below the curves, or it hides them
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(16 if many else 13 if len(rows) > 6 else 11, 9 if many else 4.8),
+                                 gridspec_kw={"width_ratios": [3, 2]})
     colours = plt.get_cmap("tab20").colors
     for i, row in enumerate(rows):
         steps, losses = zip(*row["val_curve"], strict=True)
@@ -92,13 +95,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7 if len(rows) > 6 else 8)
+    if many:
+        ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    else:
+        ax.legend(fontsize=7 if len(rows) > 6 else 8)
     for i, row in enumerate(rows):
         seeds = row.get("val_loss_per_seed") or [row["val_loss"]]
         bx.errorbar([i], [row["val_loss"]], yerr=[row.get("val_loss_std") or 0.0], fmt="s", ms=6, capsize=4,
                     color=colours[i % len(colours)])
         bx.scatter([i] * len(seeds), seeds, s=10, color="black", zorder=3)
-    best = min(r["val_loss"] for r in rows if r["subspace_rank"] is None)
     bx.axhline(best, color="grey", lw=0.8, ls="--")
     bx.axhline(best * 1.02, color="grey", lw=0.8, ls=":")
     bx.set_xticks(range(len(rows)), [f"{r['label']} (n={len(r.get('val_loss_per_seed') or [1])})" for r in rows],
@@ -266,7 +271,7 @@ def main() -> None:
            for r in rows[2:]}
     cfg = load_config("local/tiny", common)
     if not args.no_plot:
-        plot(rows, Path(args.out), f"d={cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.pipeline.num_stages} "
+        plot(rows, Path(args.out), best=best, title=f"d={cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.pipeline.num_stages} "
              f"stages{' + --set' if args.set else ''}, {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
              f"{args.seeds} seed(s)")
     summary = {
