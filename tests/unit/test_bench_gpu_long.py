@@ -46,32 +46,48 @@ def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
 
 
-def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
-    """``--kept``: each variant's mean over the seeds it has, the missing units named, no training."""
-    import json
-    import subprocess
+_KEPT_STEPS = 20
+_KEPT_COMMON = [f"train.steps={_KEPT_STEPS}", "train.warmup_steps=10", f"train.eval_every={_KEPT_STEPS // 6}",
+                "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0"]
 
+
+def _keep(tmp_path, label: str, overrides: list[str], seed: int, loss: float, rank: int | None = None) -> None:
+    """Save one finished convergence unit under ``tmp_path`` as the bench would (no training)."""
     from bench.convergence import unit_key
     from bench.resume import ResultStore
 
-    steps = 20
-    common = [f"train.steps={steps}", "train.warmup_steps=10", f"train.eval_every={steps // 6}",
-              "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0"]
-    store = ResultStore(tmp_path, {"common": common})
-    kept = {("dense", "model.subspace_rank='none'", "model.fixed_table=false", 0): 2.0,
-            ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 0): 1.9,
-            ("dense+fixed_table", "model.subspace_rank='none'", "model.fixed_table=true", 1): 1.7,
-            ("subspace k=8", "model.subspace_rank=8", "model.min_dense_tail_layers=0", 1): 1.9}
-    for (label, *overrides, seed), loss in kept.items():
-        row = {"label": label, "subspace_rank": 8 if "k=8" in label else None, "val_loss": loss,
-               "val_curve": [[10, loss + 1], [20, loss]], "tokens": 1000}
-        store.put(unit_key(label, [o for o in overrides if o], common, seed), row)
-    before = sorted(p.name for p in tmp_path.iterdir())
+    ResultStore(tmp_path, {"common": _KEPT_COMMON}).put(
+        unit_key(label, overrides, _KEPT_COMMON, seed),
+        {"label": label, "subspace_rank": rank, "val_loss": loss, "val_curve": [[10, loss + 1], [20, loss]], "tokens": 1000})
+
+
+def _kept(tmp_path, *extra: str) -> dict:
+    """``bench/convergence.py --kept`` over ``tmp_path``'s units (k = 8, 2 seeds): its JSON."""
+    import json
+    import subprocess
+
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8", "--seeds", "2",
-                           "--steps", str(steps), "--state", str(tmp_path), "--no-plot"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                           "--steps", str(_KEPT_STEPS), "--state", str(tmp_path), "--no-plot", *extra],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _keep_baselines(tmp_path) -> None:
+    _keep(tmp_path, "dense", ["model.subspace_rank='none'", "model.fixed_table=false"], 0, 2.0)
+    for seed, loss in ((0, 1.9), (1, 1.7)):
+        _keep(tmp_path, "dense+fixed_table", ["model.subspace_rank='none'", "model.fixed_table=true"], seed, loss)
+    _keep(tmp_path, "subspace k=8", ["model.subspace_rank=8", "model.min_dense_tail_layers=0"], 1, 1.9, rank=8)
+
+
+def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
+    """``--kept``: each variant's mean over the seeds it has, the missing units named, no training."""
+    import subprocess
+
+    _keep_baselines(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = _kept(tmp_path)
     assert out["seeds_per_variant"] == {"dense": [0], "dense+fixed_table": [0, 1], "subspace k=8": [1]}
     assert out["missing"] == ["subspace k=8 (seed 0)", "dense (seed 1)"]
     assert abs(out["dense_fixed_table_val_loss"] - 1.8) < 1e-9 and out["best_dense"] == "dense+fixed_table"
@@ -82,42 +98,32 @@ def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothin
 
     # a dense knob row that beats both baselines is the best dense model; --reference adds a same-seeds column
     knob = "dense init0.04:model.subspace_rank='none',model.init_std=0.04"
-    store.put(unit_key("dense init0.04", knob.split(":")[1].split(","), common, 1),
-              {"label": "dense init0.04", "subspace_rank": None, "val_loss": 1.5, "val_curve": [[10, 2.5], [20, 1.5]],
-               "tokens": 1000})
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8", "--seeds", "2",
-                           "--steps", str(steps), "--state", str(tmp_path), "--no-plot", "--variant", knob,
-                           "--reference", "subspace k=8"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    _keep(tmp_path, "dense init0.04", knob.split(":")[1].split(","), 1, 1.5)
+    out = _kept(tmp_path, "--variant", knob, "--reference", "subspace k=8")
     assert out["best_dense"] == "dense init0.04" and out["best_dense_val_loss"] == 1.5
     assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.5) / 1.5) < 1e-9
     assert abs(out["gap_pct"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9  # still against dense + table
     assert out["gap_pct_vs_reference_same_seeds"] == {
         "dense": None, "dense+fixed_table": round(100 * (1.7 / 1.9 - 1), 3), "subspace k=8": 0.0,
         "dense init0.04": round(100 * (1.5 / 1.9 - 1), 3)}
-    # a dense row whose mean is lower only because it has just a lucky seed is not the best: rows are compared
-    # on the seeds they share (dense init0.04 now 1.3 on seed 0, mean 1.4; the lucky row 1.35 on seed 0 only)
-    store.put(unit_key("dense init0.04", knob.split(":")[1].split(","), common, 0),
-              {"label": "dense init0.04", "subspace_rank": None, "val_loss": 1.3, "val_curve": [[10, 2.3], [20, 1.3]],
-               "tokens": 1000})
-    lucky = "dense lucky:model.subspace_rank='none',model.init_std=0.05"
-    store.put(unit_key("dense lucky", lucky.split(":")[1].split(","), common, 0),
-              {"label": "dense lucky", "subspace_rank": None, "val_loss": 1.35, "val_curve": [[10, 2.3], [20, 1.35]],
-               "tokens": 1000})
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8", "--seeds", "2",
-                           "--steps", str(steps), "--state", str(tmp_path), "--no-plot", "--variant", knob,
-                           "--variant", lucky], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["best_dense"] == "dense init0.04" and abs(out["best_dense_val_loss"] - 1.4) < 1e-9
     unknown = subprocess.run([sys.executable, str(ROOT / "bench" / "convergence.py"), "--kept", "--ks", "8",
-                              "--steps", str(steps), "--state", str(tmp_path), "--no-plot", "--reference", "k=8 nope"],
+                              "--steps", str(_KEPT_STEPS), "--state", str(tmp_path), "--no-plot", "--reference", "k=8 nope"],
                              capture_output=True, text=True, timeout=120, cwd=ROOT,
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert unknown.returncode == 2 and "--reference name no variant" in unknown.stderr, unknown.stderr
+
+
+def test_convergence_best_dense_row_is_chosen_on_the_seeds_rows_share(tmp_path):
+    """A dense row whose mean is lower only because it has just a lucky seed is not the best dense model."""
+    _keep_baselines(tmp_path)
+    knob = "dense init0.04:model.subspace_rank='none',model.init_std=0.04"
+    for seed, loss in ((0, 1.3), (1, 1.5)):  # mean 1.4
+        _keep(tmp_path, "dense init0.04", knob.split(":")[1].split(","), seed, loss)
+    lucky = "dense lucky:model.subspace_rank='none',model.init_std=0.05"
+    _keep(tmp_path, "dense lucky", lucky.split(":")[1].split(","), 0, 1.35)  # below 1.4, above 1.3 on seed 0
+    out = _kept(tmp_path, "--variant", knob, "--variant", lucky)
+    assert out["best_dense"] == "dense init0.04" and abs(out["best_dense_val_loss"] - 1.4) < 1e-9
+    assert out["seeds_per_variant"]["dense lucky"] == [0]
 
 
 def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp_path):
