@@ -26,8 +26,8 @@ units are kept apart from the CPU's: use a state directory of their own; bench/g
 long runs on a lent GPU, untested there so far).
 
 The JSON's ``gap_pct`` is against ``dense+fixed_table``; ``gap_pct_vs_best_dense`` against the best dense row
-of the run, a dense knob's (another init, say) included (rows compared on the seeds they share), and ``gap_pct_vs_best_dense_same_seeds`` the same on
-the seeds both rows have; ``--reference LABEL`` adds every row's same-seeds gap to that variant.
+of the run, a dense knob's (another init, say) included (rows compared on the seeds they share), and
+``gap_pct_vs_best_dense_same_seeds`` the same on the seeds both rows have; ``--reference LABEL`` adds every row's same-seeds gap to that variant.
 
 Prints one JSON object as its last line and writes a PNG of the validation curves.
 """
@@ -314,11 +314,8 @@ def main() -> None:
 def best_dense_row(rows: list[dict], seed_losses: dict[str, dict[int, float]]) -> dict:
     """The best dense row, a knob's (e.g. another init) included: rows are compared on the seeds both have (on
     their means only where they share none), so a row that has only a lucky seed does not win on it."""
-    best = None
-    for row in sorted((r for r in rows if r["subspace_rank"] is None), key=lambda r: r["val_loss"]):
-        if best is None:
-            best = row
-            continue
+    best, *others = sorted((r for r in rows if r["subspace_rank"] is None), key=lambda r: r["val_loss"])
+    for row in others:
         gap = same_seeds_gap(seed_losses[row["label"]], seed_losses[best["label"]])
         if (row["val_loss"] - best["val_loss"] if gap is None else gap) < 0:
             best = row

@@ -191,10 +191,10 @@ class Stage(nn.Module):
         # 'boundary' with model.boundary_learned: this stage's own d×k maps, U at init: the one its output is
         # sent through (every stage but the last) and the one its input is rebuilt with (every stage but the
         # first). With model.boundary_anchor_rank: a learned token table of that rank added to the rebuilt input.
-        learned = cfg.subspace_param == "boundary" and bool(k) and cfg.boundary_learned
-        self.proj_out = nn.Parameter(basis.clone()) if learned and not self.is_last else None
-        self.proj_in = nn.Parameter(basis.clone()) if learned and not self.is_first else None
-        rank = cfg.boundary_anchor_rank if k and cfg.subspace_param == "boundary" and not self.is_first else None
+        # (ModelConfig allows both only on a bottleneck model.)
+        self.proj_out = nn.Parameter(basis.clone()) if cfg.boundary_learned and not self.is_last else None
+        self.proj_in = nn.Parameter(basis.clone()) if cfg.boundary_learned and not self.is_first else None
+        rank = None if self.is_first else cfg.boundary_anchor_rank
         self.anchor_embedding = None if rank is None else nn.Parameter(
             torch.empty(cfg.vocab_size, rank, device=basis.device).normal_(0.0, 1.0 / math.sqrt(rank)))
         self.anchor_out = None if rank is None else nn.Parameter(torch.zeros(rank, cfg.d_model, device=basis.device))
@@ -305,7 +305,7 @@ class LanguageModel(nn.Module):
         """Logits (b, n, V), or the mean loss when ``targets`` are given."""
         x = self.stages[0].embed(ids)
         for i, stage in enumerate(self.stages):
-            if i and self.cfg.subspace_param == "boundary" and self.cfg.subspace_rank:
+            if i and self.cfg.bottleneck:
                 # The model's rank-k bottleneck at each stage boundary: what the previous stage sends (its
                 # stream's part in span(U), off T_fixed), as this stage rebuilds it.
                 x = stage.decode(self.stages[i - 1].encode(x, ids), ids)

@@ -145,8 +145,7 @@ class ModelConfig:
         if self.subspace_param == "boundary" and self.dense_tail_layers is not None:
             raise ConfigError("model.dense_tail_layers does not apply with model.subspace_param='boundary' (every "
                               "residual writer is dense there; the boundaries alone are projected): unset it")
-        if (self.boundary_learned or self.boundary_anchor_rank is not None) and not (
-                self.subspace_rank and self.subspace_param == "boundary"):
+        if (self.boundary_learned or self.boundary_anchor_rank is not None) and not self.bottleneck:
             raise ConfigError("model.boundary_learned and model.boundary_anchor_rank need a subspace model with "
                               "model.subspace_param='boundary'")
         if self.boundary_anchor_rank is not None and self.boundary_anchor_rank > self.d_model:
@@ -171,10 +170,15 @@ class ModelConfig:
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
     @property
+    def bottleneck(self) -> bool:
+        """A subspace model held in span(U) at its stage boundaries only (``subspace_param = 'boundary'``)."""
+        return bool(self.subspace_rank) and self.subspace_param == "boundary"
+
+    @property
     def constrained_writers(self) -> bool:
         """Whether residual writers (those before the dense tail) are held in span(U): a subspace model whose
         boundaries are not merely projected (``subspace_param`` 'factored' or 'projected')."""
-        return bool(self.subspace_rank) and self.subspace_param != "boundary"
+        return bool(self.subspace_rank) and not self.bottleneck
 
     @property
     def factored(self) -> bool:

@@ -72,7 +72,7 @@ def merge_dense(model: LanguageModel) -> tuple[ModelConfig, dict[str, torch.Tens
     middle of the network, which a Llama cannot express."""
     cfg = model.cfg
     stages: list[Stage] = list(model.stages)
-    if cfg.subspace_param == "boundary" and cfg.subspace_rank and len(stages) > 1:
+    if cfg.bottleneck and len(stages) > 1:
         raise ExportError("model.subspace_param='boundary' projects the residual stream onto T_fixed + span(U) at "
                           "every stage boundary: this model has no plain Llama form (export it with --format native)")
     if any(s.table_gain is not None for s in stages):
