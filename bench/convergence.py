@@ -138,6 +138,8 @@ KNOBS = (
     # the init sweep: the dense baseline's best init, and the span(U) parts' init apart from the dense parts'
     "dense+table init0.06:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06",
     "dense+table init0.08:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.08",
+    # plain dense (no table) at that init: the best dense model must be looked for without the table too
+    "dense init0.06:model.subspace_rank='none',model.fixed_table=false,model.init_std=0.06",
     # the best dense model's learning rate (train.lr 1e-3 everywhere else): the baseline tuned on both axes
     "dense+table init0.06 lr2e-3:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,train.lr=2e-3",
     "dense+table init0.06 lr5e-4:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,train.lr=5e-4",
