@@ -1,7 +1,9 @@
 """Training cost of the subspace constraint: dense vs subspace models at equal tokens (DESIGN §1.1).
 
-Every variant uses the same preset (``local/tiny``: d=256, 8 layers, 4 stages, byte vocabulary), the
-same seed, the same data windows (the embedded stdlib corpus) and the same token budget:
+Every variant uses the same preset (``local/tiny``: d=256, 8 layers, 4 stages, byte vocabulary) with the
+model settings it had before it took the measured recipe (``bench.resume.KEPT_TINY``: init 0.02, table 0.1,
+3 dense final layers; the preset's recipe since then is the knob ``k=8 tail4 init0.06 T0.3``), the same
+seed, the same data windows (the embedded stdlib corpus) and the same token budget:
 
 - ``dense``              ordinary dense model, small embedding init (the naive baseline)
 - ``dense+fixed_table``  dense model plus the same frozen high-rank token table the subspace model
@@ -9,7 +11,7 @@ same seed, the same data windows (the embedded stdlib corpus) and the same token
 - ``subspace k=K``       boundaries confined to a K-dim subspace (d/K× fewer numbers per boundary); dense
                          writers in the last stage of the split by parameters alone (2 of the 8 layers at
                          S = 4, ``model.min_dense_tail_layers = 0``: the recipe the k sweep was measured
-                         with; the node's default gives the last stage 3 layers, the ``k=8 tail3`` variant)
+                         with; the global default gives the last stage 3 layers, the ``k=8 tail3`` variant)
 
     python bench/convergence.py --quick      # 3 k values, 614k tokens each (851 s measured on 2 CPU cores)
     python bench/convergence.py              # 5 k values, 4× the tokens (~1.5 hours)
@@ -45,7 +47,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, mean_over_seeds, run_units
+from bench.resume import (
+    KEPT_TINY,
+    TRAINING_SECTIONS,
+    ResultStore,
+    config_digest,
+    kept_units,
+    mean_over_seeds,
+    run_units,
+)
 from node.config import ConfigError, load_config
 from node.train_local import train_local
 
@@ -53,7 +63,7 @@ from node.train_local import train_local
 def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu") -> dict:
     """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("local/tiny", [*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
+        cfg = load_tiny([*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
                                          f"train.device='{device}'"])
         t0 = time.time()
         result = train_local(cfg)
@@ -117,7 +127,8 @@ def plot(rows: list[dict], path: Path, title: str, best: float) -> None:
 
 
 # Issue 19's subspace knobs (BENCHMARKS.md "Training cost of the constraint", steps 2 and 3) at the full budget,
-# on top of the node's default (3 dense final layers since 931e6a6; "k=8 tail3" is that model), and the dense
+# on top of the global defaults (3 dense final layers since 931e6a6; "k=8 tail3" is that model; the tiny preset's
+# own since it took the recipe: "k=8 tail4 init0.06 T0.3"), and the dense
 # baseline a knob that changes all training needs: ``--knobs``, here and in bench/gpu_long.sh.
 KNOBS = (
     "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0",
@@ -223,12 +234,9 @@ def main() -> None:
         extra = [parse_variant(v) for v in [*args.variant, *(KNOBS if args.knobs else ())]]
     except ValueError as exc:
         parser.error(str(exc))
-    common = [
-        f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}", f"train.eval_every={max(1, steps // 6)}",
-        "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0", *args.set,
-    ]
+    common = common_settings(steps, args.set)
     try:
-        load_config("local/tiny", common)
+        load_tiny(common)
     except ConfigError as exc:
         parser.error(f"--set: {exc}")
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
@@ -271,7 +279,7 @@ def main() -> None:
         parser.error(f"--reference: no unit of {args.reference!r} is kept under {store.directory}")
     sub = {str(r["subspace_rank"]) if r["label"].startswith("subspace k=") else r["label"]: r
            for r in rows[2:]}
-    cfg = load_config("local/tiny", common)
+    cfg = load_tiny(common)
     if not args.no_plot:
         plot(rows, Path(args.out), best=best, title=f"d={cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.pipeline.num_stages} "
              f"stages{' + --set' if args.set else ''}, {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
@@ -333,11 +341,22 @@ def same_seeds_gap(losses: dict[int, float], reference: dict[int, float]) -> flo
     return round(100 * (mean - ref) / ref, 3)
 
 
+def common_settings(steps: int, sets: list[str]) -> list[str]:
+    """The overrides every unit of a run shares (``sets``: ``--set``), part of each unit's key."""
+    return [f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}", f"train.eval_every={max(1, steps // 6)}",
+            "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0", *sets]
+
+
+def load_tiny(overrides: list[str]):
+    """``local/tiny`` with the model settings the kept units trained on (``KEPT_TINY``) under ``overrides``."""
+    return load_config("local/tiny", [*KEPT_TINY, *overrides])
+
+
 def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> str:
     """The store key of one variant at one seed: its label and a hash of its whole resolved config, so a
     result is reused only for the same settings (a changed default makes it another unit; a new setting
     that is off leaves the key as it was: bench/resume.config_digest)."""
-    cfg = load_config("local/tiny", [*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
+    cfg = load_tiny([*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
     digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)
     return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 

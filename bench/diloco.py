@@ -1,6 +1,7 @@
 """Data parallel vs DiLoCo vs Streaming DiLoCo variants, same tokens (DESIGN §1.2).
 
-M whole-model replicas of the tiny preset (S = 1) train in one process on disjoint shards of the
+M whole-model replicas of the tiny preset (S = 1; with the model settings its kept units trained on,
+``bench.resume.KEPT_TINY``: init 0.02, table 0.1) train in one process on disjoint shards of the
 embedded corpus. Every variant sees the same batches and the same inner schedule (AdamW, warm-up +
 cosine); they differ only in how the replicas agree:
 
@@ -64,7 +65,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.resume import TRAINING_SECTIONS, ResultStore, config_digest, kept_units, mean_over_seeds, run_units
+from bench.resume import (
+    KEPT_TINY,
+    TRAINING_SECTIONS,
+    ResultStore,
+    config_digest,
+    kept_units,
+    mean_over_seeds,
+    run_units,
+)
 from node.chain import StageChain
 from node.config import ConfigError, load_config
 from node.data import BatchSampler, load_corpus, validation_batches
@@ -273,7 +282,7 @@ def seed_setup(seed: int, steps: int, replicas: int, overrides: tuple[str, ...] 
     ``overrides``: ``--set`` keys on top (another model size, say), part of every unit's key."""
     cfg = load_config("local/tiny", [
         "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}", *overrides,
+        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}", *KEPT_TINY, *overrides,
     ])
     corpus = load_corpus(cfg.data)
     samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, replicas)

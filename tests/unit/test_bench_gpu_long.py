@@ -46,6 +46,24 @@ def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
 
 
+def test_the_committed_units_keep_their_keys_when_the_tiny_preset_moves():
+    """The benches train on ``bench.resume.KEPT_TINY`` (tiny's model settings before its recipe), so the units
+    committed under bench/state are still found: a unit's key hashes its whole resolved config."""
+    from bench.convergence import common_settings, unit_key
+    from bench.diloco import seed_setup
+    from bench.resume import TRAINING_SECTIONS, config_digest
+
+    state = ROOT / "bench" / "state"
+    for label, overrides in (("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
+                             ("k=8 tail3", ["model.subspace_rank=8", "model.dense_tail_layers=3"])):
+        assert (state / "convergence-full" / f"{unit_key(label, overrides, common_settings(1200, []), 0)}.json").exists()
+    key = unit_key("k=8 tail4", ["model.subspace_rank=8", "model.dense_tail_layers=4"],
+                   common_settings(1200, ["model.n_layers=12"]), 0)
+    assert (state / "convergence-12l" / f"{key}.json").exists()
+    digest = config_digest(seed_setup(0, 1200, 4)[0].to_dict(), TRAINING_SECTIONS)
+    assert (state / "diloco-full" / f"data_parallel-{digest}-s0.json").exists()
+
+
 _KEPT_STEPS = 20
 _KEPT_COMMON = [f"train.steps={_KEPT_STEPS}", "train.warmup_steps=10", f"train.eval_every={_KEPT_STEPS // 6}",
                 "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0"]

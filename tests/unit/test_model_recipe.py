@@ -10,6 +10,7 @@ import torch
 from node.chain import StageChain
 from node.config import ConfigError, load_config
 from node.model import LanguageModel, ResidualWriter, stage_layers, stage_parameters
+from node.model_config import ModelConfig
 from protocol.codecs import get_codec
 
 
@@ -85,7 +86,7 @@ def test_a_low_rank_table_has_that_rank_and_scale_and_keeps_the_boundary_exact()
     assert torch.linalg.matrix_rank(table) == 12 and 0.09 < float(table.std()) < 0.11
     assert torch.equal(table, subspace.make_fixed_table(0, 256, 256, 0.1, rank=12))  # seed-derived, same bits
     assert torch.linalg.matrix_rank(subspace.make_fixed_table(0, 256, 256, 0.1)) == 256  # default: full rank
-    cfg, model = build(["model.fixed_table_rank=12"])
+    cfg, model = build(["model.fixed_table_rank=12", "model.fixed_table_std=0.1"])
     assert torch.equal(model.stages[0].table, table)
     unsplit, chained = unsplit_and_chain_losses(cfg, model, windows())
     assert unsplit == pytest.approx(chained, abs=1e-4)
@@ -101,7 +102,7 @@ def test_constrained_init_std_scales_the_span_u_parts_only_and_keeps_the_boundar
     import math
 
     cfg, base = build(["model.dense_tail_layers=3"])
-    again = build(["model.dense_tail_layers=3", "model.constrained_init_std=0.02"])[1]  # = init_std: same bits
+    again = build(["model.dense_tail_layers=3", f"model.constrained_init_std={cfg.model.init_std}"])[1]  # same bits
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values(), strict=True))
     cfg, model = build(["model.dense_tail_layers=3", "model.init_std=0.06", "model.constrained_init_std=0.01"])
     d, k, scale = 256, 8, math.sqrt(2 * 8)
@@ -183,10 +184,12 @@ def test_the_automatic_split_gives_the_last_stage_at_least_min_dense_tail_layers
         cfg = load_config("tiny", [f"pipeline.num_stages={stages}", "model.subspace_rank=8", *overrides])
         return stage_layers(cfg.model, cfg.pipeline)[-1]
 
-    assert load_config("tiny").model.min_dense_tail_layers == 3  # the default (BENCHMARKS.md, issue 19)
+    assert ModelConfig().min_dense_tail_layers == 3  # the global default (BENCHMARKS.md, issue 19)
+    assert load_config("tiny").model.min_dense_tail_layers == 4  # the tiny preset's measured recipe
     deep = load_config("model/125m", ["pipeline.num_stages=4"])  # 12 layers: its preset keeps 4 (BENCHMARKS.md)
     assert deep.model.min_dense_tail_layers == 4 and stage_layers(deep.model, deep.pipeline)[-1] == range(8, 12)
-    assert last([]) == range(5, 8)
+    assert last([]) == range(4, 8)
+    assert last(["model.min_dense_tail_layers=3"]) == range(5, 8)
     assert last(["model.min_dense_tail_layers=0"]) == range(6, 8)  # the split by parameters alone
     assert last(["model.min_dense_tail_layers=5"]) == range(3, 8)
     assert last([], stages=8) == range(7, 8)  # as many as the stage count leaves room for
@@ -195,20 +198,20 @@ def test_the_automatic_split_gives_the_last_stage_at_least_min_dense_tail_layers
     cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8", "pipeline.layer_splits=[2,4,6]"])
     assert stage_layers(cfg.model, cfg.pipeline)[-1] == range(6, 8)  # an explicit split is kept as given
     cfg, model = build()
-    assert [w.rank for w in writers(model.stages[-1])] == [None] * 6  # the last stage's 3 layers are dense
+    assert [w.rank for w in writers(model.stages[-1])] == [None] * 8  # the last stage's 4 layers are dense
     assert all(w.rank == 8 for s in model.stages[:-1] for w in writers(s))
     with pytest.raises(ConfigError, match="min_dense_tail_layers"):
         load_config("tiny", ["model.min_dense_tail_layers=-1"])
 
 
 def test_node_start_builds_its_stage_with_the_default_dense_tail(tmp_path):
-    """StageStore.fresh is what `node start` builds a stage with: the last stage holds 3 dense layers."""
+    """StageStore.fresh is what `node start` builds a stage with: the last stage holds tiny's 4 dense layers."""
     from node.stage_store import StageStore
 
     cfg = load_config("tiny", ["pipeline.num_stages=4", "model.subspace_rank=8"])
     last, before = (StageStore.fresh(cfg, "r", s, tmp_path / str(s)) for s in (3, 2))
-    assert [w.rank for w in writers(last.module)] == [None] * 6
-    assert [w.rank for w in writers(before.module)] == [8] * 4  # layers 3-4, constrained
+    assert [w.rank for w in writers(last.module)] == [None] * 8
+    assert [w.rank for w in writers(before.module)] == [8] * 4  # layers 2-3, constrained
 
 
 def test_node_start_builds_its_stage_with_the_span_u_init_apart(tmp_path):
