@@ -30,12 +30,16 @@ import json
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from node.checkpoint import CheckpointError
 from node.config import ConfigError, RunConfig, describe_fields, load_config
 from node.config_toml import toml_value
 from node.model_cli import add_model_parsers
 from node.plan_cli import add_plan_parser
+
+if TYPE_CHECKING:
+    from node.last_run import StartPlan
 
 DEFAULT_LOCAL_CONFIG = "local/tiny"
 DEFAULT_SWARM_CONFIG = "swarm/tiny"
@@ -151,7 +155,30 @@ def prepare_start(args: argparse.Namespace) -> tuple[RunConfig, bool, list[str]]
                           f"swarm (--new starts a new swarm with them)")
     if plan.overrides:
         cfg = load_config(args.config, [*overrides, *plan.overrides])
+    if plan.params is not None:
+        cfg = _resumed_run_config(cfg, plan, _run_level(args.overrides))
     return cfg, plan.create, plan.notes
+
+
+def _resumed_run_config(cfg: RunConfig, plan: StartPlan, run_level: list[str]) -> RunConfig:
+    """A founder resuming its run alone: the run's remembered parameters with this node's local settings, so
+    a preset changed since the run began (or a run-level --set) cannot make its checkpoints another model's."""
+    from node.run_params import config_from_run, run_parameters
+
+    params = plan.params
+    now = run_parameters(cfg)
+    changed = [f"{section}.{name}={params[section][name]!r} (this config: {now[section].get(name)!r})"
+               for section in sorted(params) if isinstance(params[section], dict)
+               for name in sorted(params[section]) if now.get(section, {}).get(name) != params[section][name]]
+    try:
+        resumed = config_from_run(params, cfg)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"run {cfg.swarm.run_id}'s remembered parameters cannot be used here ({exc}): "
+                          "--new starts a new swarm") from None
+    if changed:
+        plan.notes.append(f"the run keeps its own parameters where this config differs: {', '.join(changed)}"
+                          + (f"; ignoring {', '.join(run_level)} (--new starts a new swarm with them)" if run_level else ""))
+    return resumed
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ with ``SO_REUSEPORT``, so on a busy port it would quietly share it with another 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -52,10 +53,15 @@ class LastRun:
     founder: bool  # this identity created the run (its run record's creator)
     peers: tuple[str, ...] = ()  # multiaddrs (…/p2p/<id>) or metrics URLs of the run's other peers
     checkpoint_dir: str = ""  # absolute train.checkpoint_dir at the time
+    # The run's parameters as its record publishes them (node/run_params.run_parameters): a founder that
+    # resumes alone takes them, not its preset's, which may have changed since (a memory from before they
+    # were kept has none).
+    params: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"version": MEMORY_VERSION, "run_id": self.run_id, "founder": self.founder,
-                           "peers": list(self.peers), "checkpoint_dir": self.checkpoint_dir}, indent=1) + "\n"
+        body = {"version": MEMORY_VERSION, "run_id": self.run_id, "founder": self.founder, "peers": list(self.peers),
+                "checkpoint_dir": self.checkpoint_dir}
+        return json.dumps({**body, **({"params": self.params} if self.params is not None else {})}, indent=1) + "\n"
 
     @property
     def peer_count(self) -> int:
@@ -96,7 +102,10 @@ def _parse(data: Any) -> LastRun:
         raise ValueError("peers must be a list of multiaddrs or http(s) URLs")
     if not isinstance(checkpoint_dir, str):
         raise ValueError("checkpoint_dir must be a string")
-    return LastRun(run_id=run_id, founder=founder, peers=tuple(peers), checkpoint_dir=checkpoint_dir)
+    params = data.get("params")
+    if params is not None and not (isinstance(params, dict) and all(isinstance(v, dict) for v in params.values())):
+        raise ValueError("params must be a table of config sections")
+    return LastRun(run_id=run_id, founder=founder, peers=tuple(peers), checkpoint_dir=checkpoint_dir, params=params)
 
 
 def save_last_run(identity_path: str | os.PathLike[str], last: LastRun) -> None:
@@ -154,6 +163,8 @@ class RunMemory:
     @classmethod
     def online(cls, cfg: RunConfig, run_record: Any, dht: Any) -> RunMemory:
         """Remember the run this node is now in (and the peers it joined through); written at once."""
+        from node.run_params import run_parameters  # torch, through the model: only where a node runs
+
         me = dht.peer_id
         try:
             previous = load_last_run(cfg.swarm.identity_path)
@@ -164,7 +175,7 @@ class RunMemory:
         joined = [p for p in cfg.swarm.initial_peers if _peer_key(p) != me]
         memory = cls(cfg.swarm.identity_path, me, LastRun(
             run_id=run_record.run_id, founder=run_record.creator == me, peers=merge_peers(joined, kept),
-            checkpoint_dir=str(Path(cfg.train.checkpoint_dir).expanduser().resolve())))
+            checkpoint_dir=str(Path(cfg.train.checkpoint_dir).expanduser().resolve()), params=run_parameters(cfg)))
         memory._save()
         return memory
 
@@ -174,8 +185,7 @@ class RunMemory:
             return
         peers = merge_peers(peers_from_records(records, self.peer_id), self.last.peers)
         if peers != self.last.peers:
-            self.last = LastRun(run_id=self.last.run_id, founder=self.last.founder, peers=peers,
-                                checkpoint_dir=self.last.checkpoint_dir)
+            self.last = dataclasses.replace(self.last, peers=peers)
             self._save()
 
     def _save(self) -> None:
@@ -194,6 +204,7 @@ class StartPlan:
     create: bool
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] | None = None  # resuming as founder: the run's own parameters, where remembered
 
 
 def plan_start(cfg: RunConfig, last: LastRun | None,
@@ -217,11 +228,11 @@ def plan_start(cfg: RunConfig, last: LastRun | None,
         if not last.founder:
             raise LastRunError(f"this identity was last in run {last.run_id} but knows none of its peers: "
                                f"--join ADDR rejoins it, {new}")
-        return StartPlan(create=True, overrides=run,
+        return StartPlan(create=True, overrides=run, params=last.params,
                          notes=[f"resuming run {last.run_id} as its founder (no other peer known); {new}", *notes])
     answering = (reachable or any_reachable)(last.peers)
     if not answering and last.founder:
-        return StartPlan(create=True, overrides=run, notes=[
+        return StartPlan(create=True, overrides=run, params=last.params, notes=[
             f"resuming run {last.run_id} as its founder: none of its {n} known peer(s) answers; {new}", *notes])
     notes.insert(0, f"rejoining run {last.run_id} via {n} known peer(s); {new}")
     if not answering:

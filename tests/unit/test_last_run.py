@@ -26,6 +26,7 @@ from node.last_run import (
     plan_start,
     save_last_run,
 )
+from node.run_params import run_parameters
 from protocol.messages import StageRecord
 
 A, B, C, ME = ("12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
@@ -63,6 +64,9 @@ def test_the_memory_round_trips_next_to_the_identity_and_is_none_before_any_run(
     save_last_run(key, last)
     assert last_run_path(key) == tmp_path / "keys" / "id.key.last-run.json"
     assert load_last_run(key) == last
+    kept = LastRun(run_id="tiny-abc123", founder=True, params={"model": {"init_std": 0.02, "subspace_rank": 8}})
+    save_last_run(key, kept)
+    assert load_last_run(key) == kept
     assert [p.name for p in (tmp_path / "keys").iterdir()] == ["id.key.last-run.json"]  # no temp file left
 
 
@@ -72,6 +76,8 @@ def test_the_memory_round_trips_next_to_the_identity_and_is_none_before_any_run(
     ('{"version": 1, "run_id": "../x", "founder": true}', "is not a run id"),
     ('{"version": 1, "run_id": "r", "founder": true, "peers": ["ftp://x"]}', "peers must be"),
     ('{"version": 9, "run_id": "r", "founder": true}', "version 1"),
+    ('{"version": 1, "run_id": "r", "founder": true, "params": [1]}', "params must be a table"),
+    ('{"version": 1, "run_id": "r", "founder": true, "params": {"model": 3}}', "params must be a table"),
     ("[]", "version 1"),
 ])
 def test_an_unusable_memory_is_a_clear_error_never_a_crash(tmp_path, capsys, text, why):
@@ -92,6 +98,7 @@ def test_the_memory_keeps_the_run_its_founder_and_the_peers_it_sees(tmp_path):
     memory = RunMemory.online(cfg, SimpleNamespace(run_id="r", creator=A), dht)
     saved = load_last_run(tmp_path / "id.key")
     assert saved.run_id == "r" and saved.founder is False and saved.peers == ("http://boot:9464",)  # not itself
+    assert saved.params == json.loads(json.dumps(run_parameters(cfg)))  # the run's parameters, as JSON keeps them
     assert saved.checkpoint_dir == str(Path(cfg.train.checkpoint_dir).resolve())
     records = {0: [_record(ME, addrs=(f"/ip4/1.2.3.4/tcp/1/p2p/{ME}",)),
                    _record(B, "offline", (f"/ip4/10.0.0.3/tcp/31337/p2p/{B}",)),
@@ -109,6 +116,30 @@ def test_the_memory_keeps_the_run_its_founder_and_the_peers_it_sees(tmp_path):
     again = RunMemory.online(load_config("swarm/tiny", [f"swarm.identity_path={str(tmp_path / 'id.key')!r}"]),
                              SimpleNamespace(run_id="r", creator=ME), dht)
     assert again.last.founder is True and again.last.peers == memory.last.peers
+    assert load_last_run(tmp_path / "id.key").params == saved.params  # a refresh keeps them
+
+
+def test_a_founder_resumes_with_its_runs_parameters_not_a_preset_changed_since(tmp_path):
+    """The tiny preset's model changed under runs founded before (init, table, dense tail): a founder resuming
+    alone takes the parameters its memory kept, so its checkpoints are still its model's; a run-level --set is
+    ignored with a note, as for a rejoining node; local settings stay its own."""
+    old = load_config("swarm/tiny", ["model.init_std=0.02", "model.fixed_table_std=0.1", "model.min_dense_tail_layers=3",
+                                     "pipeline.num_stages=2"])
+    params = json.loads(json.dumps(run_parameters(old)))
+    save_last_run(tmp_path / "id.key", LastRun(run_id="tiny-7", founder=True, params=params))
+    cfg, create, notes = _start(tmp_path, "--set", "train.lr=0.5")
+    assert create and cfg.swarm.run_id == "tiny-7"
+    assert cfg.to_dict()["model"] == old.to_dict()["model"] and cfg.pipeline == old.pipeline and cfg.train.lr == old.train.lr
+    assert cfg.train.checkpoint_dir == str(tmp_path / "ckpt")  # a local setting: this node's
+    assert "model.init_std=0.02 (this config: 0.06)" in notes[-1] and "model.min_dense_tail_layers=3" in notes[-1]
+    assert notes[-1].endswith("ignoring train.lr=0.5 (--new starts a new swarm with them)")
+    assert _start(tmp_path, "--new")[0].model.init_std == 0.06  # a new swarm: the preset as it is now
+    params["model"]["n_layers"] = -1
+    save_last_run(tmp_path / "id.key", LastRun(run_id="tiny-7", founder=True, params=params))
+    with pytest.raises(ConfigError, match="tiny-7's remembered parameters cannot be used here"):
+        _start(tmp_path)
+    save_last_run(tmp_path / "id.key", LastRun(run_id="tiny-7", founder=True))  # a memory from before: the preset
+    assert _start(tmp_path)[0].model.init_std == 0.06
 
 
 def test_merge_keeps_the_first_peers_and_a_few_addresses_each():
