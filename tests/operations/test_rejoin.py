@@ -1,7 +1,8 @@
 """Restarting is resuming: `node start` twice with the same identity and no flags is one run, not two.
 
-A real node founds a run, trains, stops (SIGTERM: checkpoint); started again with the very same
-command it says it resumes that run as its founder, and comes back with the same run id and its
+A real node founds a run, trains, stops (SIGTERM: checkpoint); started again with the same command
+(and the model's init changed, as a preset change since the run began would) it says it resumes that
+run as its founder with the run's own parameters, and comes back with the same run id and its
 checkpoint's progress. The choices between rejoining, resuming and a new swarm are unit-tested in
 tests/unit/test_last_run.py.
 """
@@ -30,12 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 class NodeProcess:
     """One `node start` with its stdout collected on a thread (waited on with deadlines, never sleeps)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *extra: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "start", "--identity", str(home / "id.key"),
              "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
              "--threads", "1", "--status", "off", "--set", f"train.checkpoint_dir='{home / 'ckpt'}'",
-             "--set", "swarm.refresh_s=1"],
+             "--set", "swarm.refresh_s=1", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self.lines: list[str] = []
@@ -96,11 +97,15 @@ def test_a_restarted_founder_resumes_its_run_with_its_checkpoint(tmp_path):
         assert first.stop() == 0
         memory = load_last_run(tmp_path / "id.key")
         assert memory.run_id == run_id and memory.founder and memory.peers == ()
+        assert memory.params["model"]["init_std"] == 0.06  # the run's parameters, kept for a founder's resume
 
-        second = NodeProcess(tmp_path)  # the very same command
+        # The same command, with the model's init changed as a preset change would: the run keeps its own.
+        second = NodeProcess(tmp_path, "--set", "model.init_std=0.03")
         nodes.append(second)
         second.wait_for(rf"resuming run {re.escape(run_id)} as its founder \(no other peer known\); `--new` starts "
                         r"a new swarm", 30)
+        second.wait_for(r"the run keeps its own parameters where this config differs: model\.init_std=0\.06 \(this "
+                        r"config: 0\.03\); ignoring model\.init_std=0\.03", 30)
         port = second.wait_for(r"metrics: http://127\.0\.0\.1:(\d+)/", 60).group(1)
         assert second.wait_for(r"\nrun (\S+): model", 120).group(1) == run_id
         health = second.health(port)
