@@ -178,6 +178,8 @@ KNOBS = (
     "model.fixed_table_std=0.3",
     "dense+table init0.06 T0.3:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,"
     "model.fixed_table_std=0.3",
+    # the tiny preset's recipe at S = 1, the model `node start` trains by default (a rank-8 embedding + the table)
+    "k=8 S=1 init0.06 T0.3:model.subspace_rank=8,pipeline.num_stages=1,model.init_std=0.06,model.fixed_table_std=0.3",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
