@@ -167,7 +167,7 @@ def _resumed_run_config(cfg: RunConfig, plan: StartPlan, run_level: list[str]) -
 
     params = plan.params
     now = run_parameters(cfg)
-    changed = [f"{section}.{name}={params[section][name]!r} (this config: {now[section].get(name)!r})"
+    changed = [f"{section}.{name}={params[section][name]!r} (this config: {now.get(section, {}).get(name)!r})"
                for section in sorted(params) if isinstance(params[section], dict)
                for name in sorted(params[section]) if now.get(section, {}).get(name) != params[section][name]]
     try:
