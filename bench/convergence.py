@@ -48,22 +48,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.resume import (
-    KEPT_TINY,
     TRAINING_SECTIONS,
     ResultStore,
     config_digest,
     kept_units,
+    load_kept_tiny,
     mean_over_seeds,
     run_units,
 )
-from node.config import ConfigError, load_config
+from node.config import ConfigError
 from node.train_local import train_local
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu") -> dict:
     """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_tiny([*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
+        cfg = load_kept_tiny([*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
                                          f"train.device='{device}'"])
         t0 = time.time()
         result = train_local(cfg)
@@ -238,7 +238,7 @@ def main() -> None:
         parser.error(str(exc))
     common = common_settings(steps, args.set)
     try:
-        load_tiny(common)
+        load_kept_tiny(common)
     except ConfigError as exc:
         parser.error(f"--set: {exc}")
     variants = [("dense", ["model.subspace_rank='none'", "model.fixed_table=false"]),
@@ -281,7 +281,7 @@ def main() -> None:
         parser.error(f"--reference: no unit of {args.reference!r} is kept under {store.directory}")
     sub = {str(r["subspace_rank"]) if r["label"].startswith("subspace k=") else r["label"]: r
            for r in rows[2:]}
-    cfg = load_tiny(common)
+    cfg = load_kept_tiny(common)
     if not args.no_plot:
         plot(rows, Path(args.out), best=best, title=f"d={cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.pipeline.num_stages} "
              f"stages{' + --set' if args.set else ''}, {rows[0]['tokens'] / 1e6:.1f}M tokens each, "
@@ -349,16 +349,11 @@ def common_settings(steps: int, sets: list[str]) -> list[str]:
             "train.eval_batches=16", "train.log_every=100000", "train.checkpoint_every=0", *sets]
 
 
-def load_tiny(overrides: list[str]):
-    """``local/tiny`` with the model settings the kept units trained on (``KEPT_TINY``) under ``overrides``."""
-    return load_config("local/tiny", [*KEPT_TINY, *overrides])
-
-
 def unit_key(label: str, overrides: list[str], common: list[str], seed: int) -> str:
     """The store key of one variant at one seed: its label and a hash of its whole resolved config, so a
     result is reused only for the same settings (a changed default makes it another unit; a new setting
     that is off leaves the key as it was: bench/resume.config_digest)."""
-    cfg = load_tiny([*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
+    cfg = load_kept_tiny([*common, *overrides, f"train.seed={seed}", f"data.seed={seed}"])
     digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)
     return re.sub(r"[^A-Za-z0-9=+.-]+", "_", label)[:100] + f"-{digest}-s{seed}"
 

@@ -66,16 +66,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.resume import (
-    KEPT_TINY,
     TRAINING_SECTIONS,
     ResultStore,
     config_digest,
     kept_units,
+    load_kept_tiny,
     mean_over_seeds,
     run_units,
 )
 from node.chain import StageChain
-from node.config import ConfigError, load_config
+from node.config import ConfigError
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageEngine, build_engine
 from node.train_local import evaluate
@@ -280,9 +280,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
 def seed_setup(seed: int, steps: int, replicas: int, overrides: tuple[str, ...] = ()):
     """The configuration, the replicas' samplers (disjoint shards) and the validation batches of one seed.
     ``overrides``: ``--set`` keys on top (another model size, say), part of every unit's key."""
-    cfg = load_config("local/tiny", [
+    cfg = load_kept_tiny([
         "pipeline.num_stages=1", f"train.steps={steps}", f"train.warmup_steps={max(10, steps // 20)}",
-        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}", *KEPT_TINY, *overrides,
+        "train.batch_size=4", "train.seq_len=64", f"train.seed={seed}", f"data.seed={seed}", *overrides,
     ])
     corpus = load_corpus(cfg.data)
     samplers = [BatchSampler(corpus.train, cfg.train.seq_len, cfg.train.batch_size, 0, r, replicas)

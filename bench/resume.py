@@ -124,6 +124,13 @@ TRAINING_SECTIONS = ("model", "pipeline", "data", "train", "wire")
 KEPT_TINY = ("model.init_std=0.02", "model.fixed_table_std=0.1", "model.min_dense_tail_layers=3")
 
 
+def load_kept_tiny(overrides: list[str] | tuple[str, ...]):
+    """``local/tiny`` with the model settings the kept units trained on (``KEPT_TINY``) under ``overrides``."""
+    from node.config import load_config
+
+    return load_config("local/tiny", [*KEPT_TINY, *overrides])
+
+
 def config_digest(settings: dict[str, Any], sections: tuple[str, ...] | None = None) -> str:
     """Short hash of a resolved configuration (nested dicts of settings), for a unit's key: a result is
     reused only for the same settings, so a changed default makes it another unit.
