@@ -178,6 +178,13 @@ KNOBS = (
     "model.fixed_table_std=0.3",
     "dense+table init0.06 T0.3:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,"
     "model.fixed_table_std=0.3",
+    # the rank at the recipe (the tiny preset's model since 57541ee): does 64× (k = 4) also meet the goal?
+    "k=4 tail4 init0.06 T0.3:model.subspace_rank=4,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.3",
+    "k=16 tail4 init0.06 T0.3:model.subspace_rank=16,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.3",
+    "k=32 tail4 init0.06 T0.3:model.subspace_rank=32,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.3",
     # the tiny preset's recipe at S = 1, the model `node start` trains by default (a rank-8 embedding + the table)
     "k=8 S=1 init0.06 T0.3:model.subspace_rank=8,pipeline.num_stages=1,model.init_std=0.06,model.fixed_table_std=0.3",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
