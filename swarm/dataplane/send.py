@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.errors import RemoteError
+from protocol.errors import ProtocolError, RemoteError
 from protocol.framing import PREFIX_BYTES, read_frame, write_frame
 from protocol.messages import (
     ActivationFrame,
@@ -268,8 +268,12 @@ class HopSender:
         async def ask() -> bool:
             _, reader, writer = await self.state.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
                                                                                  PING_HANDLER)
-            try:
+            try:  # the handler was reached: from here on, anything but a well-formed PONG is no answer
                 return await read_frame(reader, self.state.limits, timeout=None) == PONG
+            except ProtocolError as exc:
+                self.state.stats["pings_malformed"] += 1
+                logger.info("replica %s answered a liveness ping with a malformed frame: %s", peer, exc)
+                return False
             finally:
                 writer.close()
 
