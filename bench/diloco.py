@@ -263,6 +263,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # DiLoCo scaling-law study; 0.8 was chosen at H = 100), and more of the local progress kept at each merge.
         "streaming_fp32_H8_lr4e-4_olr0.8": at_twelfth("fp32"),
         "streaming_e3m0_H8_lr6e-4_olr0.8": at_twelfth("e3m0", inner_lr=6e-4),
+        # 6e-4 beat 4e-4 at H/12 (the recipe's init, seed 0): where is the inner lr's best at this H?
+        "streaming_e3m0_H8_lr8e-4_olr0.8": at_twelfth("e3m0", inner_lr=8e-4),
+        "streaming_e3m0_H8_lr1e-3_olr0.8": at_twelfth("e3m0", inner_lr=1e-3),
         "streaming_e3m0_H8_lr4e-4_olr0.8_adam": {**at_twelfth("e3m0"), "average_moments": True},
         "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
         "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
