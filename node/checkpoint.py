@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,28 @@ def write_checkpoint(directory: str | Path, take: Callable[[], dict[str, Any]], 
             pass
     logger.info("checkpoint step=%d written to %s", step, final)
     return final, step
+
+
+def set_aside(directory: str | Path, why: str) -> Path | None:
+    """Move every checkpoint in ``directory`` into a new ``set-aside-<UTC time>`` folder inside it, so that the
+    next saves (which prune all but the newest ``keep``) cannot delete them; the folder, or None when there
+    were none. For a node that will not resume the checkpoints it found (another model, unreadable,
+    ``train.resume`` off): it starts fresh, and what it found stays on disk. ``why`` goes into the log."""
+    directory = Path(directory)
+    found = list_checkpoints(directory)
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = directory / f"set-aside-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = directory / f"set-aside-{stamp}-{n}"
+    target.mkdir()
+    for _, path in found:
+        os.replace(path, target / path.name)
+    logger.warning("%s: moved %d checkpoint(s) to %s (not deleted; remove them when no longer wanted)",
+                   why, len(found), target)
+    return target
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

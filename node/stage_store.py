@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from node.checkpoint import CheckpointError, checkpoint_state, load_latest, stage_state, write_checkpoint
+from node.checkpoint import (
+    CheckpointError,
+    checkpoint_state,
+    load_latest,
+    set_aside,
+    stage_state,
+    write_checkpoint,
+)
 from node.config import RunConfig
 from node.engine import StageEngine, build_engine
 from swarm.state_transfer import StageSnapshot
@@ -256,26 +263,29 @@ class StageStore:
 
     def resume(self) -> bool:
         """Load this node's own checkpoint of the same run, stage and model; False if there is none
-        (or ``train.resume`` is off). The newest readable one is used (node/checkpoint.py)."""
+        (or ``train.resume`` is off). The newest readable one is used (node/checkpoint.py). Checkpoints that
+        are there but not resumed (resume off, unreadable, another run/stage/model) are set aside into a
+        subfolder, never left for the next saves to prune."""
         if not self.cfg.train.resume:
             logger.info("train.resume=false: not looking for a checkpoint in %s", self.checkpoint_dir)
+            set_aside(self.checkpoint_dir, "train.resume=false")
             return False
         try:
             state = load_latest(self.checkpoint_dir)
             saved = stage_state(state, self.stage, self.checkpoint_dir) if state is not None else None
         except CheckpointError as exc:
             logger.warning("ignoring unusable checkpoints in %s: %s", self.checkpoint_dir, exc)
+            set_aside(self.checkpoint_dir, "unusable checkpoints")
             return False
         if saved is None:
             return False
         now = self.cfg.to_dict()
-        same = (
-            state.get("run_id") == self.run_id
-            and state.get("stage") == self.stage
-            and all(state.get("config", {}).get(s) == now[s] for s in ("model", "pipeline"))
-        )
-        if not same:
-            logger.warning("checkpoint in %s belongs to another run/stage/model; not resuming", self.checkpoint_dir)
+        differ = [s for s in ("model", "pipeline") if state.get("config", {}).get(s) != now[s]]
+        if state.get("run_id") != self.run_id or state.get("stage") != self.stage or differ:
+            found = (f"run {state.get('run_id')!r}, stage {state.get('stage')}"
+                     + (f", another [{'], ['.join(differ)}] config" if differ else ""))
+            set_aside(self.checkpoint_dir, f"not resuming the checkpoint in {self.checkpoint_dir} ({found}; "
+                                           f"this node serves run {self.run_id!r}, stage {self.stage})")
             return False
         with self.lock:
             self.engine.load_state(saved)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from node.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint, set_aside
 
 
 def test_round_trip_and_pruning(tmp_path):
@@ -88,3 +88,18 @@ def test_the_next_save_removes_temporary_files_of_a_killed_writer(tmp_path):
     os.utime(stale, (time.time() - 5, time.time() - 5))
     save_checkpoint(tmp_path, 2, {"step": 2})
     assert not stale.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_set_aside_moves_every_checkpoint_into_a_new_folder_that_pruning_never_touches(tmp_path):
+    assert set_aside(tmp_path, "nothing there") is None and list(tmp_path.iterdir()) == []
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    first = set_aside(tmp_path, "test")
+    assert first.parent == tmp_path and sorted(p.name for p in first.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    assert list_checkpoints(tmp_path) == []
+    for step in (1, 2, 3):  # a fresh start's saves prune only what they wrote
+        save_checkpoint(tmp_path, step, {"step": step}, keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3] and load_latest(first)["step"] == 2
+    second = set_aside(tmp_path, "test again")  # in the same second: a folder of its own
+    assert second != first and [p.name for p in second.iterdir()] == ["ckpt-00000003.pt"]
+    assert len(list(first.iterdir())) == 2

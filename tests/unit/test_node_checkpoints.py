@@ -142,6 +142,34 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_honours_train_resume(t
     assert not off.resume() and off.progress == 0 and off.resumed_from is None
 
 
+def set_aside_folders(directory) -> list:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("set-aside-"))
+
+
+@pytest.mark.parametrize("other", ["model", "run", "stage", "resume off", "unreadable"])
+def test_checkpoints_a_node_does_not_resume_are_set_aside_not_pruned_by_its_fresh_saves(tmp_path, caplog, other):
+    a = StageStore.fresh(config(tmp_path), "r", 0, tmp_path / "a")
+    train_a_little(a)
+    saved = a.save_checkpoint()
+    if other == "unreadable":
+        saved.write_bytes(saved.read_bytes()[:500])
+    cfg = config(tmp_path, resume=other != "resume off", checkpoint_keep=1)
+    if other == "model":
+        cfg = load_config(None, model={**MODEL, "d_model": 48}, pipeline={"num_stages": 1},
+                          train={"seq_len": 16, "checkpoint_dir": str(tmp_path), "checkpoint_keep": 1},
+                          diloco={"inner_steps": 30, "fragments": 3})
+    b = StageStore.fresh(cfg, "other" if other == "run" else "r", 0, tmp_path / "a")
+    if other == "stage":  # the checkpoint of stage 0, found where stage 1 of the same run looks
+        b = StageStore.fresh(config(tmp_path, stages=2, checkpoint_keep=1), "r", 1, tmp_path / "a")
+    assert not b.resume() and b.progress == 0
+    [folder] = set_aside_folders(tmp_path / "a")
+    assert [p.name for p in folder.iterdir()] == [saved.name] and "set-aside-" in caplog.text
+    for _ in range(2):  # the fresh start's own saves (keep 1) leave the set-aside checkpoint alone
+        step(b, 0)
+        b.save_checkpoint()
+    assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [2] and (folder / saved.name).exists()
+
+
 def test_a_pipeline_stage_saves_and_restores_its_data_position(tmp_path):
     cfg = config(tmp_path, stages=2)
     a = StageStore.fresh(cfg, "r", 0, tmp_path / "s0")
