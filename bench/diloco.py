@@ -30,7 +30,10 @@ cosine); they differ only in how the replicas agree:
   ``streaming_fp32_H8_lr4e-4_olr0.8`` (parts unquantized), ``streaming_e3m0_H8_lr6e-4_olr0.8`` (inner lr 6e-4),
   ``streaming_e3m0_H8_lr4e-4_olr0.5`` and ``_olr0.3`` (outer lr 0.5, 0.3), ``streaming_e3m0_H8_lr4e-4_olr0.8_a0.75`` (α = 0.75),
   ``streaming_e3m0_H8_lr4e-4_olr0.8_adam`` (the replicas' AdamW moments of each synced fragment averaged too:
-  a diagnostic, fp32 moments counted on the wire; the swarm does not do it)
+  a diagnostic, fp32 moments counted on the wire; the swarm does not do it);
+  ``streaming_e3m0_H8_lr6e-4_olr0.8_m4`` (inner lr 6e-4 and the first moment alone averaged, each replica's
+  rounded to 4-bit e3m0 as it would be sent: about twice the part's bytes; not built in the swarm) against
+  ``streaming_e3m0_H4_lr6e-4_olr0.8`` (the same lr synced twice as often: the same bytes)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -79,7 +82,8 @@ from node.config import ConfigError
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageEngine, build_engine
 from node.train_local import evaluate
-from swarm.diloco import DilocoConfig, OuterLoop
+from protocol.codecs import Codec, get_codec
+from swarm.diloco import DilocoConfig, OuterLoop, quantized
 from swarm.diloco_group import InProcessGroup
 
 
@@ -115,11 +119,15 @@ class Run:
             self.record(t, engine)
 
     def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False,
-               average_moments: bool = False) -> None:
+               average_moments: bool = False, average_first_moment: str | None = None) -> None:
         """Streaming DiLoCo among the replicas (swarm.diloco_group.InProcessGroup); ``corrupt``: a poisoner.
         ``average_moments``: when a fragment's mean is applied, the replicas' AdamW moments of its parameters
         are averaged too (a diagnostic of how much the noisy local optimizer state costs; counted as 2 fp32
-        values a parameter more on the wire; the swarm does not do it)."""
+        values a parameter more on the wire; the swarm does not do it). ``average_first_moment`` (a codec
+        name): the first moment alone, each replica's rounded with that codec as it would be sent, and its
+        bytes counted (a candidate for the swarm: about as many bytes again as the part; not built there)."""
+        moments = (("exp_avg", "exp_avg_sq"), None) if average_moments else \
+            (("exp_avg",), get_codec(average_first_moment)) if average_first_moment else None
         engines = [self.engine() for _ in self.samplers]
         params = [dict(e.module.named_parameters()) for e in engines]
         group = InProcessGroup([OuterLoop(p, settings) for p in params], settings,
@@ -128,12 +136,12 @@ class Run:
         for t in range(1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
-            applied = list(group.loops[0].rounds_applied) if average_moments else None
+            applied = list(group.loops[0].rounds_applied) if moments else None
             self.bytes_per_step[t] += group.after_step(t)
             for fragment, before in enumerate(applied or ()):
                 if group.loops[0].rounds_applied[fragment] != before:
                     self.bytes_per_step[t] += self.average_moments(engines, params,
-                                                                   group.loops[0].layouts[fragment].names)
+                                                                   group.loops[0].layouts[fragment].names, *moments)
             if t % self.eval_every == 0 or t == self.steps:
                 self.load_global(global_model, group.loops[0])
                 self.record(t, global_model)
@@ -142,19 +150,22 @@ class Run:
 
     @staticmethod
     @torch.no_grad()
-    def average_moments(engines: list[StageEngine], per_engine: list[dict[str, torch.Tensor]], names: list[str]) -> int:
-        """Replace each replica's AdamW exp_avg and exp_avg_sq of ``names`` by their mean; bytes one sent.
-        ``per_engine``: each engine's parameters by name."""
+    def average_moments(engines: list[StageEngine], per_engine: list[dict[str, torch.Tensor]], names: list[str],
+                        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"), codec: Codec | None = None) -> int:
+        """Replace each replica's AdamW ``keys`` of ``names`` by their mean (of the values rounded with
+        ``codec`` as sent, when given; fp32 otherwise); bytes one sent. ``per_engine``: each engine's
+        parameters by name."""
         sent = 0
         for name in names:
             states = [e.optimizer.state.get(params[name]) for e, params in zip(engines, per_engine, strict=True)]
             if any(not st for st in states):
                 continue  # no step taken yet
-            for key in ("exp_avg", "exp_avg_sq"):
-                mean = torch.stack([st[key] for st in states]).mean(0)
+            for key in keys:
+                values = [st[key] if codec is None else quantized(st[key], codec)[1].to(st[key]) for st in states]
+                mean = torch.stack(values).mean(0)
                 for st in states:
                     st[key].copy_(mean)
-                sent += 4 * mean.numel()
+                sent += 4 * mean.numel() if codec is None else codec.payload_nbytes(mean.numel())
         return sent
 
     @staticmethod
@@ -267,6 +278,12 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H8_lr8e-4_olr0.8": at_twelfth("e3m0", inner_lr=8e-4),
         "streaming_e3m0_H8_lr1e-3_olr0.8": at_twelfth("e3m0", inner_lr=1e-3),
         "streaming_e3m0_H8_lr4e-4_olr0.8_adam": {**at_twelfth("e3m0"), "average_moments": True},
+        # What the swarm could send: the first moment alone, 4-bit, with each synced fragment (about twice the
+        # part's bytes), at the best inner lr; against the same lr synced twice as often (H/24, the same bytes).
+        "streaming_e3m0_H8_lr6e-4_olr0.8_m4": {**at_twelfth("e3m0", inner_lr=6e-4), "average_first_moment": "e3m0"},
+        "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
+                                            "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
+                                                                        "outer_lr": 0.8})},
         "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
         "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
         "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": at_twelfth("e3m0", alpha=0.75),
@@ -312,7 +329,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
         run.data_parallel()
     else:
         run.diloco(settings, codec, requantize_mean=spec.get("requantize_mean", False),
-                   average_moments=spec.get("average_moments", False))
+                   average_moments=spec.get("average_moments", False),
+                   average_first_moment=spec.get("average_first_moment"))
     return {
         "val_loss": run.curve[-1][1],
         "val_curve": run.curve,
@@ -323,7 +341,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
         "parts_rejected": getattr(run, "rejected", 0),
         "settings": None if settings is None else {**settings.__dict__, "codec": codec,
                                                    "requantize_mean": spec.get("requantize_mean", False),
-                                                   "average_moments": spec.get("average_moments", False)},
+                                                   "average_moments": spec.get("average_moments", False),
+                                                   "average_first_moment": spec.get("average_first_moment")},
         "inner_lr": cfg.train.lr,
         "seconds": round(time.time() - started, 1),
         "device": device,

@@ -267,3 +267,35 @@ def test_diloco_average_moments_makes_the_synced_fragments_optimizer_state_agree
     plain, _ = state_after(False)
     assert sum(run.bytes_per_step) - sum(plain.bytes_per_step) == 8 * sum(
         p.numel() for n, p in engines[0].module.named_parameters() if n in names)
+
+
+
+def test_diloco_first_moment_probe_averages_the_4bit_first_moment_alone_and_counts_its_bytes():
+    """The ``_m4`` probe: after a fragment's round, every replica holds the same first moment for its parameters
+    (the mean of the replicas' e3m0-rounded ones), the second moments still differ, and the bytes are e3m0's."""
+    import torch
+
+    from bench.diloco import Run, seed_setup, variants
+    from protocol.codecs import get_codec
+
+    small = ("model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=2")
+    cfg, samplers, val = seed_setup(0, 4, 2, small)
+    spec = variants(100, 4)["streaming_e3m0_H8_lr6e-4_olr0.8_m4"]
+    assert spec["average_first_moment"] == "e3m0" and spec["inner_lr"] == 6e-4
+    settings = dataclasses.replace(spec["settings"], inner_steps=4, fragments=2, overlap=0)  # fragment 1 at step 2
+
+    def run(first_moment: str | None) -> Run:
+        done = Run(cfg, samplers, val[:1], 2, eval_every=2)
+        done.diloco(settings, spec["codec"], average_first_moment=first_moment)
+        return done
+
+    probe = run("e3m0")
+    names = probe.group.loops[0].layouts[1].names
+    params = [dict(e.module.named_parameters()) for e in probe.engines]
+    state = [{n: e.optimizer.state[p[n]] for n in names} for e, p in zip(probe.engines, params, strict=True)]
+    assert all(torch.equal(state[0][n]["exp_avg"], state[1][n]["exp_avg"]) for n in names)
+    assert not all(torch.equal(state[0][n]["exp_avg_sq"], state[1][n]["exp_avg_sq"]) for n in names)
+    e3m0 = get_codec("e3m0")
+    assert sum(probe.bytes_per_step) - sum(run(None).bytes_per_step) == sum(
+        e3m0.payload_nbytes(params[0][n].numel()) for n in names)
+    assert variants(100, 4)["streaming_e3m0_H4_lr6e-4_olr0.8"]["settings"].inner_steps == 4
