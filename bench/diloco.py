@@ -126,8 +126,11 @@ class Run:
         values a parameter more on the wire; the swarm does not do it). ``average_first_moment`` (a codec
         name): the first moment alone, each replica's rounded with that codec as it would be sent, and its
         bytes counted (a candidate for the swarm: about as many bytes again as the part; not built there)."""
-        moments = (("exp_avg", "exp_avg_sq"), None) if average_moments else \
-            (("exp_avg",), get_codec(average_first_moment)) if average_first_moment else None
+        moments = None  # (AdamW state keys averaged at each applied round, their codec on the wire)
+        if average_moments:
+            moments = (("exp_avg", "exp_avg_sq"), None)
+        elif average_first_moment:
+            moments = (("exp_avg",), get_codec(average_first_moment))
         engines = [self.engine() for _ in self.samplers]
         params = [dict(e.module.named_parameters()) for e in engines]
         group = InProcessGroup([OuterLoop(p, settings) for p in params], settings,

@@ -267,15 +267,13 @@ class StageStore:
         are there but not resumed (resume off, unreadable, another run/stage/model) are set aside into a
         subfolder, never left for the next saves to prune."""
         if not self.cfg.train.resume:
-            logger.info("train.resume=false: not looking for a checkpoint in %s", self.checkpoint_dir)
-            set_aside(self.checkpoint_dir, "train.resume=false")
+            set_aside(self.checkpoint_dir, "train.resume=false: not resuming")
             return False
         try:
             state = load_latest(self.checkpoint_dir)
             saved = stage_state(state, self.stage, self.checkpoint_dir) if state is not None else None
         except CheckpointError as exc:
-            logger.warning("ignoring unusable checkpoints in %s: %s", self.checkpoint_dir, exc)
-            set_aside(self.checkpoint_dir, "unusable checkpoints")
+            set_aside(self.checkpoint_dir, f"ignoring unusable checkpoints ({exc})")
             return False
         if saved is None:
             return False
