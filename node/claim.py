@@ -58,10 +58,11 @@ def own_checkpoint_stage(checkpoint_dirs: dict[int, Path]) -> int | None:
 
 
 def pick_stage(loads: list[float], servers: list[int], me: str, min_replicas: int, fit: list[int],
-               own: int | None) -> int:
-    """The swarm's weakest stage among those that fit; back to the stage of this node's own checkpoint
-    unless a stage has no server (swarm/claiming.py ``prefer_own_stage``)."""
-    stage = choose_stage(loads, servers, me, min_replicas)
+               own: int | None, tolerance: float = 1.0) -> int:
+    """The swarm's weakest stage among those that fit (loads within ``tolerance`` × the lowest tie: the
+    swarm's ``rebalance_gain``); back to the stage of this node's own checkpoint unless a stage has no
+    server (swarm/claiming.py ``prefer_own_stage``)."""
+    stage = choose_stage(loads, servers, me, min_replicas, tolerance)
     if stage not in fit:  # the swarm's pick does not fit this device: the neediest stage that does
         stage = min(fit, key=lambda s: (servers[s], loads[s]))
     own = own if own in fit else None

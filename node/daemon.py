@@ -308,7 +308,7 @@ class NodeDaemon:
         me, n = self.dht.peer_id, cfg.pipeline.num_stages
         own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
-                          cfg.swarm.min_replicas, fit, own)
+                          cfg.swarm.min_replicas, fit, own, cfg.swarm.rebalance_gain)
 
     def _host_stage(self, stage: int, fail: bool = True, records: dict[int, list[StageRecord]] | None = None) -> bool:
         """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it.

@@ -10,7 +10,8 @@ or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
   only decide between placements that are equally well covered.
 - A joiner claims an empty stage, else one below ``min_replicas``, else the one with the lowest
   load (ties broken by a per-peer random order, so joiners arriving together spread out instead
-  of stampeding onto stage 0).
+  of stampeding onto stage 0; loads within the rebalancing gain factor of the lowest count as ties,
+  so measurement noise does not send them all to one stage either).
 - A serving node moves when that covers the stages better (fewer empty stages, then fewer missing
   replicas), or, coverage equal, when it raises the bottleneck by at least the gain factor
   (hysteresis). Nodes check at jittered intervals, so when one moves the others see it before
@@ -49,12 +50,24 @@ def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, ex
     return counts
 
 
-def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1) -> int:
+def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1,
+                 tolerance: float = 1.0) -> int:
     """The stage a joiner should claim: no servers first, then fewer than ``min_replicas``, then
-    lowest load; ties in a per-peer order."""
+    lowest load; ties in a per-peer order.
+
+    ``tolerance`` (≥ 1, the swarm's ``rebalance_gain``): among the best-covered stages, every one whose
+    load is within ``tolerance`` × the lowest counts as tied. Joiners arriving together cannot see one
+    another; with loads that differ by measurement noise only (3.0 against 2.9), a strict minimum would
+    send them all to the same stage, and rebalancing, which ignores gains below that factor, would
+    leave them there."""
+    if tolerance < 1.0:
+        raise ValueError(f"tolerance must be >= 1, got {tolerance!r}")
     order = list(range(len(loads)))
     random.Random(peer_id).shuffle(order)
-    return min(order, key=lambda s: (servers[s] > 0, servers[s] >= min_replicas, loads[s]))
+    tier = min((servers[s] > 0, servers[s] >= min_replicas) for s in order)
+    candidates = [s for s in order if (servers[s] > 0, servers[s] >= min_replicas) == tier]
+    lowest = min(loads[s] for s in candidates)
+    return next(s for s in candidates if loads[s] <= lowest * tolerance)
 
 
 def prefer_own_stage(chosen: int, own: int | None, servers: Sequence[int]) -> int:

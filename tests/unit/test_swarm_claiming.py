@@ -25,6 +25,21 @@ def test_joiners_fill_empty_stages_first_then_the_weakest():
     assert picks == {0, 1, 2, 3}
 
 
+def test_joiners_arriving_together_spread_over_stages_whose_loads_differ_by_noise():
+    # Every stage covered, loads within the gain factor of the lowest: a strict minimum sent all 40
+    # joiners to stage 1; within the tolerance they spread out.
+    loads, servers = [3.0, 2.9, 3.1, 3.0], [1, 1, 1, 1]
+    assert {choose_stage(loads, servers, f"peer-{i}") for i in range(40)} == {1}
+    picks = [choose_stage(loads, servers, f"peer-{i}", tolerance=1.2) for i in range(40)]
+    assert set(picks) == {0, 1, 2, 3} and max(picks.count(s) for s in range(4)) < 20
+    # A real difference still decides: only stages within 1.2× of the lowest are candidates.
+    assert {choose_stage([3.0, 1.0, 3.1, 1.15], servers, f"peer-{i}", tolerance=1.2) for i in range(40)} == {1, 3}
+    assert {choose_stage([3.0, 1.0, 3.1, 2.0], servers, f"peer-{i}", tolerance=1.2) for i in range(40)} == {1}
+    # Coverage first, whatever the tolerance: the band is taken within the best-covered stages only.
+    assert {choose_stage([9.0, 0.5, 9.0], [1, 2, 1], f"peer-{i}", 2, tolerance=1.2) for i in range(40)} == {0, 2}
+    assert {choose_stage([0.0, 0.0, 0.0], [0, 1, 0], f"peer-{i}", tolerance=1.2) for i in range(40)} == {0, 2}
+
+
 def test_an_empty_stage_is_refilled_unless_that_empties_ours():
     assert rebalance_target([4.0, 0.0], [2, 0], current=0, my_throughput=2.0, gain=1.2) == 1
     assert rebalance_target([0.0, 0.0], [0, 0], current=0, my_throughput=2.0, gain=1.2) is None
