@@ -202,7 +202,8 @@ class SwarmConfig:
     rebalance_period_s: float = setting(30.0, "Mean interval between rebalancing checks (seconds, jittered).")
     rebalance_jitter: float = setting(0.5, "Random fraction ± applied to each rebalancing interval.")
     rebalance_gain: float = setting(
-        1.2, "Move stage only if the swarm's bottleneck throughput grows by at least this factor."
+        1.2, "Move stage only if the lighter of this node's stage and the target, after the move, carries at "
+        "least this factor times the target's throughput now; joiners treat loads within it of the lowest as ties."
     )
     min_replicas: int = setting(
         2, "Servers each stage should have before throughput is balanced (redundancy, DiLoCo partners)."

@@ -13,8 +13,8 @@ or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
   of stampeding onto stage 0; loads within the rebalancing gain factor of the lowest count as ties,
   so measurement noise does not send them all to one stage either).
 - A serving node moves when that covers the stages better (fewer empty stages, then fewer missing
-  replicas), or, coverage equal, when it raises the bottleneck by at least the gain factor
-  (hysteresis). Nodes check at jittered intervals, so when one moves the others see it before
+  replicas), or, coverage equal, to a stage whose load is at least the gain factor below what its
+  own stage keeps without it (hysteresis: the reverse move is then never taken). Nodes check at jittered intervals, so when one moves the others see it before
   they decide.
 """
 
@@ -99,8 +99,15 @@ def rebalance_target(
     """A better stage for this node, or None to stay.
 
     Move when that lowers the coverage gap (empty stages first, then replicas missing below
-    ``min_replicas``); with the gap unchanged, when moving raises the bottleneck by at least ``gain``
-    (≥ 1) times. A move never widens the gap, whatever the throughputs say.
+    ``min_replicas``). With the gap unchanged, move to the least-loaded stage that is clearly lighter
+    than this node's stage would be without it: its load times ``gain`` (≥ 1) at most what stays
+    behind. Such a move never widens the gap, never lowers the swarm's bottleneck (what stays behind
+    is above the target's load, which only grows) and always narrows the spread of the loads, so a
+    swarm that follows the rule settles; the reverse move is never allowed (no flapping). The rule
+    before it, "raise the swarm's bottleneck by ``gain``", moved nobody while two stages tied at the
+    bottom, so a stage that a wave of joiners crowded kept them (bench/claiming.py measures both);
+    asking that the lighter stage itself gain the factor would freeze too once a stage holds more
+    than a handful of nodes (one node's share of its load is then below the factor).
     """
     n = len(loads_without_me)
 
@@ -108,20 +115,15 @@ def rebalance_target(
         return [v + (mine if s == stage else 0) for s, v in enumerate(values)]
 
     gap_now = coverage_gap(with_me(servers_without_me, current, 1), min_replicas)
-    now = bottleneck(with_me(loads_without_me, current, my_throughput))
     others = [s for s in range(n) if s != current]
     gaps = {s: coverage_gap(with_me(servers_without_me, s, 1), min_replicas) for s in others}
     better_covered = [s for s in others if gaps[s] < gap_now]
     if better_covered:
         return min(better_covered, key=lambda s: (gaps[s], loads_without_me[s]))
 
-    best, best_value = None, now
-    for stage in others:
-        if gaps[stage] != gap_now:
-            continue
-        value = bottleneck(with_me(loads_without_me, stage, my_throughput))
-        if value > best_value:
-            best, best_value = stage, value
-    if best is not None and best_value >= gain * now and best_value > now:
-        return best
-    return None
+    left_behind = loads_without_me[current]  # this node's stage after it left
+    if my_throughput <= 0:
+        return None  # nothing to even out with
+    lighter = [s for s in others if gaps[s] == gap_now
+               and left_behind >= gain * loads_without_me[s] and left_behind > loads_without_me[s]]
+    return min(lighter, key=lambda s: loads_without_me[s], default=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protocol.messages import StageRecord
-from swarm.claiming import choose_stage, rebalance_target, stage_loads, stage_servers
+from swarm.claiming import choose_stage, coverage_gap, rebalance_target, stage_loads, stage_servers
 
 
 def _rec(peer: str, stage: int, throughput: float, state: str = "online") -> StageRecord:
@@ -52,6 +52,60 @@ def test_moves_need_the_gain_factor():
     assert rebalance_target([3.0, 2.9], [1, 1], current=0, my_throughput=2.0, gain=1.2) is None
     # Balanced: nobody moves.
     assert rebalance_target([2.0, 4.0], [1, 2], current=0, my_throughput=2.0, gain=1.0) is None
+
+
+def test_a_crowded_stage_sheds_nodes_while_two_stages_tie_at_the_bottom():
+    # Me + 7 on stage 0, the other three at 2.0: no single move raises the bottleneck (two stages stay
+    # at 2.0), which kept the crowd in place under the bottleneck rule; now I go to the lightest stage.
+    assert rebalance_target([7.0, 2.0, 2.0, 2.0], [7, 2, 2, 2], current=0, my_throughput=1.0, gain=1.2) == 1
+    assert rebalance_target([7.0, 2.5, 2.0, 2.2], [7, 2, 2, 2], current=0, my_throughput=1.0, gain=1.2) == 2
+    # However small this node's share: a stage of many nodes stays movable (2.0 → 2.3 is under 1.2×,
+    # which froze the swarm under a rule on the lighter stage's gain).
+    assert rebalance_target([7.0, 2.0, 2.0, 2.0], [7, 2, 2, 2], current=0, my_throughput=0.3, gain=1.2) == 1
+    # The target must be clearly lighter than what stays behind: 2.3 < 1.2 × 2.0.
+    assert rebalance_target([2.3, 2.0], [2, 2], current=0, my_throughput=1.0, gain=1.2) is None
+    assert rebalance_target([2.3, 2.0], [2, 2], current=0, my_throughput=0.0, gain=1.0) is None
+    # Leaving must not take my stage below the target's load now.
+    assert rebalance_target([1.5, 2.0], [1, 1], current=0, my_throughput=3.0, gain=1.2) is None
+
+
+def _view(stage_of: list[int], throughput: list[float], stages: int, skip: int) -> tuple[list[float], list[int]]:
+    """Loads and servers per stage, node ``skip`` left out."""
+    loads, servers = [0.0] * stages, [0] * stages
+    for i, s in enumerate(stage_of):
+        if i != skip:
+            loads[s] += throughput[i]
+            servers[s] += 1
+    return loads, servers
+
+
+def test_rebalancing_settles_and_never_lowers_the_bottleneck():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        stages, nodes = rng.randint(2, 6), rng.randint(2, 24)
+        throughput = [rng.lognormvariate(0.0, 0.7) for _ in range(nodes)]
+        stage_of = [rng.randrange(stages) if rng.random() < 0.5 else 0 for _ in range(nodes)]
+        min_replicas = rng.choice([1, 2])
+
+        moves = 0
+        for _ in range(1000):
+            moved = False
+            for i in rng.sample(range(nodes), nodes):
+                loads, servers = _view(stage_of, throughput, stages, i)
+                target = rebalance_target(loads, servers, stage_of[i], throughput[i], 1.2, min_replicas)
+                if target is not None:
+                    before = _view(stage_of, throughput, stages, -1)
+                    stage_of[i], moved, moves = target, True, moves + 1
+                    after = _view(stage_of, throughput, stages, -1)
+                    gaps = coverage_gap(before[1], min_replicas), coverage_gap(after[1], min_replicas)
+                    assert gaps[1] <= gaps[0]
+                    if gaps[1] == gaps[0]:  # a move for throughput, not coverage: the bottleneck only rises
+                        assert min(after[0]) >= min(before[0]) - 1e-12
+            if not moved:
+                break
+        assert not moved, f"still moving after {moves} moves"
 
 
 def test_coverage_before_noisy_throughput():
