@@ -1,8 +1,9 @@
 """`node export`: the swarm's model, fetched from the peers that serve it and written as files.
 
 From any machine that reaches one peer, the exporter joins the DHT as a client (it stores nothing and
-serves nothing), reads the run's published parameters and every stage's records, and downloads each
-stage with the chunked, SHA-256-verified state transfer (swarm/state_transfer.py):
+serves nothing), reads the run's published parameters and every stage's records, and downloads every
+stage at once (each from its own replicas) with the chunked, SHA-256-verified state transfer
+(swarm/state_transfer.py):
 
 - With replica sync (``diloco.enabled``), a stage's *agreed* weights: the consensus state (the global
   copies every replica applied the same means to), fetched from several replicas at once. Which
@@ -128,11 +129,22 @@ class SwarmExport:
 
     async def _download_all(self, dht: SwarmDHT, cfg: RunConfig, run_id: str,
                             by_stage: dict[int, list[StageRecord]], scratch: Path) -> list[StageStore]:
+        """Every stage at once: each comes from its own replicas, so over home links the export takes about
+        as long as its largest stage, not their sum. The first stage that fails cancels the others."""
         p2p = GatedP2P(await dht.dht.replicate_p2p(), self.access)  # the hivemind DHT's own libp2p daemon
+        tasks = [asyncio.create_task(self._download(p2p, cfg, run_id, s, _servers(by_stage, s), scratch))
+                 for s in range(cfg.pipeline.num_stages)]
         try:
-            return [await self._download(p2p, cfg, run_id, s, _servers(by_stage, s), scratch)
-                    for s in range(cfg.pipeline.num_stages)]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+            return [t.result() for t in tasks]
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.provenance.sort(key=lambda entry: entry["stage"])
             await p2p.shutdown()
 
     async def _download(self, p2p, cfg: RunConfig, run_id: str, stage: int, servers: list[StageRecord],

@@ -132,6 +132,59 @@ def test_export_donors_follow_the_drift_rule():
         agreed_replicas(0, [_record("p1", [a])], 2)
 
 
+def test_export_downloads_every_stage_at_once_and_a_failed_stage_cancels_the_rest(tmp_path, monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    import node.export_swarm as export_swarm
+
+    class FakeP2P:
+        closed = False
+
+        async def shutdown(self):
+            FakeP2P.closed = True
+
+    async def replicate_p2p():
+        return FakeP2P()
+
+    dht = SimpleNamespace(dht=SimpleNamespace(replicate_p2p=replicate_p2p))
+    monkeypatch.setattr(export_swarm, "GatedP2P", lambda p2p, access: p2p)
+    cfg = SimpleNamespace(pipeline=SimpleNamespace(num_stages=3))
+    in_flight, most, cancelled = set(), [0], []
+
+    async def download(self, p2p, cfg, run_id, stage, servers, scratch, fail=None, hang=()):
+        in_flight.add(stage)
+        most[0] = max(most[0], len(in_flight))
+        try:
+            await asyncio.sleep(0.05 * (3 - stage))  # the last stage finishes first
+            if stage == fail:
+                raise ExportError(f"stage {stage}: cannot download its state")
+            if stage in hang:
+                await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(stage)
+            raise
+        finally:
+            in_flight.discard(stage)
+        self.provenance.append({"stage": stage})
+        return f"store{stage}"
+
+    monkeypatch.setattr(export_swarm.SwarmExport, "_download", download)
+    export = export_swarm.SwarmExport(["/ip4/127.0.0.1/tcp/1"], None)
+    stores = asyncio.run(export._download_all(dht, cfg, "r", {}, tmp_path))
+    assert stores == ["store0", "store1", "store2"] and most[0] == 3  # all three at once, results in stage order
+    assert [e["stage"] for e in export.provenance] == [0, 1, 2] and FakeP2P.closed
+
+    async def failing(self, *args):
+        return await download(self, *args, fail=1, hang=(0,))
+
+    monkeypatch.setattr(export_swarm.SwarmExport, "_download", failing)
+    FakeP2P.closed = False
+    with pytest.raises(ExportError, match="stage 1"):
+        asyncio.run(export_swarm.SwarmExport(["x"], None)._download_all(dht, cfg, "r", {}, tmp_path))
+    assert cancelled == [0] and FakeP2P.closed and not in_flight
+
+
 def test_a_boundary_model_exports_natively_and_refuses_the_llama_form(tmp_path):
     cfg, model = trained_like(["model.subspace_param='boundary'", "model.boundary_learned=true",
                                "model.boundary_anchor_rank=8"])
