@@ -63,8 +63,8 @@ def pick_stage(loads: list[float], servers: list[int], me: str, min_replicas: in
     swarm's ``rebalance_gain``); back to the stage of this node's own checkpoint unless a stage has no
     server (swarm/claiming.py ``prefer_own_stage``)."""
     stage = choose_stage(loads, servers, me, min_replicas, tolerance)
-    if stage not in fit:  # the swarm's pick does not fit this device: the neediest stage that does
-        stage = min(fit, key=lambda s: (servers[s], loads[s]))
+    if stage not in fit:  # the swarm's pick does not fit this device: the same choice among those that do
+        stage = fit[choose_stage([loads[s] for s in fit], [servers[s] for s in fit], me, min_replicas, tolerance)]
     own = own if own in fit else None
     back = prefer_own_stage(stage, own, servers)
     if back != stage:

@@ -94,6 +94,9 @@ def test_a_node_claims_only_stages_that_fit_its_device(monkeypatch):
     loads, servers = [1.0, 1.0, 1.0], [1, 1, 1]
     servers[unfit] = 0
     assert claim.pick_stage(loads, servers, "me", 1, fit, own=None) in fit
+    # Among the stages that fit, joiners spread the same way (loads within the tolerance tie).
+    picks = {claim.pick_stage([0.0, 3.0, 2.9], [0, 1, 1], f"p{i}", 1, [1, 2], None, 1.2) for i in range(30)}
+    assert picks == {1, 2}
     monkeypatch.setattr(claim, "free_memory", lambda device: min(need) - 1)  # none fits: the reason to stop
     fit, failure = claim.stages_that_fit(cfg, cpu, "r")
     assert fit == [] and failure.startswith("no stage of run r fits cpu")
