@@ -33,7 +33,9 @@ cosine); they differ only in how the replicas agree:
   a diagnostic, fp32 moments counted on the wire; the swarm does not do it);
   ``streaming_e3m0_H8_lr6e-4_olr0.8_m4`` (inner lr 6e-4 and the first moment alone averaged, each replica's
   rounded to 4-bit e3m0 as it would be sent: about twice the part's bytes; not built in the swarm) against
-  ``streaming_e3m0_H4_lr6e-4_olr0.8`` (the same lr synced twice as often: the same bytes)
+  ``streaming_e3m0_H4_lr6e-4_olr0.8`` (the same lr synced twice as often: the same bytes), and
+  ``streaming_e3m0_H8_lr6e-4_olr0.8_m4c`` (``_m4`` with the averaged first moment clipped, element by element, to
+  each replica's own AdamW bound |m| ≤ 1.165 √v: ``first_moment_bound``)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -119,18 +121,23 @@ class Run:
             self.record(t, engine)
 
     def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False,
-               average_moments: bool = False, average_first_moment: str | None = None) -> None:
+               average_moments: bool = False, average_first_moment: str | None = None,
+               clip_first_moment: bool = False) -> None:
         """Streaming DiLoCo among the replicas (swarm.diloco_group.InProcessGroup); ``corrupt``: a poisoner.
         ``average_moments``: when a fragment's mean is applied, the replicas' AdamW moments of its parameters
         are averaged too (a diagnostic of how much the noisy local optimizer state costs; counted as 2 fp32
         values a parameter more on the wire; the swarm does not do it). ``average_first_moment`` (a codec
         name): the first moment alone, each replica's rounded with that codec as it would be sent, and its
-        bytes counted (a candidate for the swarm: about as many bytes again as the part; not built there)."""
+        bytes counted (a candidate for the swarm: about as many bytes again as the part; not built there).
+        ``clip_first_moment``: each replica then clips the averaged first moment, element by element, to the
+        largest one its own second moment allows (``first_moment_bound``), so a mean taken from replicas with
+        larger gradients cannot make a step over Adam's own bound where this replica's are small."""
         moments = None  # (AdamW state keys averaged at each applied round, their codec on the wire)
         if average_moments:
             moments = (("exp_avg", "exp_avg_sq"), None)
         elif average_first_moment:
             moments = (("exp_avg",), get_codec(average_first_moment))
+        bound = first_moment_bound(self.cfg.train.beta1, self.cfg.train.beta2) if clip_first_moment else None
         engines = [self.engine() for _ in self.samplers]
         params = [dict(e.module.named_parameters()) for e in engines]
         group = InProcessGroup([OuterLoop(p, settings) for p in params], settings,
@@ -144,7 +151,8 @@ class Run:
             for fragment, before in enumerate(applied or ()):
                 if group.loops[0].rounds_applied[fragment] != before:
                     self.bytes_per_step[t] += self.average_moments(engines, params,
-                                                                   group.loops[0].layouts[fragment].names, *moments)
+                                                                   group.loops[0].layouts[fragment].names, *moments,
+                                                                   clip=bound)
             if t % self.eval_every == 0 or t == self.steps:
                 self.load_global(global_model, group.loops[0])
                 self.record(t, global_model)
@@ -154,10 +162,12 @@ class Run:
     @staticmethod
     @torch.no_grad()
     def average_moments(engines: list[StageEngine], per_engine: list[dict[str, torch.Tensor]], names: list[str],
-                        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"), codec: Codec | None = None) -> int:
+                        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"), codec: Codec | None = None,
+                        clip: float | None = None) -> int:
         """Replace each replica's AdamW ``keys`` of ``names`` by their mean (of the values rounded with
         ``codec`` as sent, when given; fp32 otherwise); bytes one sent. ``per_engine``: each engine's
-        parameters by name."""
+        parameters by name. ``clip``: each replica's new first moment is clipped to ± ``clip`` × the square
+        root of its own second moment."""
         sent = 0
         for name in names:
             states = [e.optimizer.state.get(params[name]) for e, params in zip(engines, per_engine, strict=True)]
@@ -168,6 +178,10 @@ class Run:
                 mean = torch.stack(values).mean(0)
                 for st in states:
                     st[key].copy_(mean)
+                    if clip is not None and key == "exp_avg":
+                        limit = st["exp_avg_sq"].sqrt().mul_(clip)
+                        torch.minimum(st[key], limit, out=st[key])
+                        torch.maximum(st[key], limit.neg_(), out=st[key])
                 sent += 4 * mean.numel() if codec is None else codec.payload_nbytes(mean.numel())
         return sent
 
@@ -178,6 +192,15 @@ class Run:
         for layout, flat in zip(loop.layouts, loop.global_, strict=True):
             for name, value in layout.unflatten(flat).items():
                 params[name].copy_(value)
+
+
+def first_moment_bound(beta1: float, beta2: float) -> float:
+    """The largest |m| / √v AdamW's own moments can reach (any gradients, any number of steps): by Cauchy-Schwarz
+    over the two moving averages, √(Σ a_i² / b_i) with a_i = (1−β1)β1^i and b_i = (1−β2)β2^i, which needs
+    β1² < β2; 1.165 at (0.9, 0.95)."""
+    if not beta1 * beta1 < beta2:
+        raise ValueError(f"no bound on the first moment with beta1² >= beta2 ({beta1}, {beta2})")
+    return ((1 - beta1) ** 2 / ((1 - beta2) * (1 - beta1 * beta1 / beta2))) ** 0.5
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -284,6 +307,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # What the swarm could send: the first moment alone, 4-bit, with each synced fragment (about twice the
         # part's bytes), at the best inner lr; against the same lr synced twice as often (H/24, the same bytes).
         "streaming_e3m0_H8_lr6e-4_olr0.8_m4": {**at_twelfth("e3m0", inner_lr=6e-4), "average_first_moment": "e3m0"},
+        # ... with the averaged first moment clipped to each replica's own Adam bound (|m| ≤ 1.165 √v): the
+        # _m4 units dropped parts at robust_mean's norm check, which no other variant ever did.
+        "streaming_e3m0_H8_lr6e-4_olr0.8_m4c": {**at_twelfth("e3m0", inner_lr=6e-4), "average_first_moment": "e3m0",
+                                               "clip_first_moment": True},
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
                                                                         "outer_lr": 0.8})},
@@ -333,7 +360,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
     else:
         run.diloco(settings, codec, requantize_mean=spec.get("requantize_mean", False),
                    average_moments=spec.get("average_moments", False),
-                   average_first_moment=spec.get("average_first_moment"))
+                   average_first_moment=spec.get("average_first_moment"),
+                   clip_first_moment=spec.get("clip_first_moment", False))
     return {
         "val_loss": run.curve[-1][1],
         "val_curve": run.curve,
@@ -345,7 +373,8 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
         "settings": None if settings is None else {**settings.__dict__, "codec": codec,
                                                    "requantize_mean": spec.get("requantize_mean", False),
                                                    "average_moments": spec.get("average_moments", False),
-                                                   "average_first_moment": spec.get("average_first_moment")},
+                                                   "average_first_moment": spec.get("average_first_moment"),
+                                                   "clip_first_moment": spec.get("clip_first_moment", False)},
         "inner_lr": cfg.train.lr,
         "seconds": round(time.time() - started, 1),
         "device": device,

@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -299,3 +301,49 @@ def test_diloco_first_moment_probe_averages_the_4bit_first_moment_alone_and_coun
     assert sum(probe.bytes_per_step) - sum(run(None).bytes_per_step) == sum(
         e3m0.payload_nbytes(params[0][n].numel()) for n in names)
     assert variants(100, 4)["streaming_e3m0_H4_lr6e-4_olr0.8"]["settings"].inner_steps == 4
+
+
+def test_first_moment_bound_is_adams_own_and_the_clipped_probe_keeps_every_replica_inside_it():
+    """``first_moment_bound``: no gradient sequence takes AdamW's |m| / √v past it, and the worst one reaches it;
+    the ``_m4c`` probe leaves every replica's synced first moment inside its own bound."""
+    import torch
+
+    from bench.diloco import Run, first_moment_bound, seed_setup, variants
+
+    b1, b2 = 0.9, 0.95
+    bound = first_moment_bound(b1, b2)
+    assert abs(bound - 1.165) < 1e-3
+    g = torch.randn(400, 1000, generator=torch.Generator().manual_seed(0)) * torch.rand(400, 1)  # varying scales
+    worst = torch.tensor([((1 - b1) * b1 ** i) / ((1 - b2) * b2 ** i) for i in range(400)]).flip(0)
+    m, v = torch.zeros(1001), torch.zeros(1001)
+    for step in range(400):
+        grad = torch.cat([g[step], worst[step:step + 1]])  # the last column: the gradients that reach the bound
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    ratio = m.abs() / v.sqrt()
+    assert ratio.max() <= bound * (1 + 1e-5) and ratio[-1] > 0.999 * bound
+    with pytest.raises(ValueError, match="no bound"):
+        first_moment_bound(0.99, 0.95)
+
+    small = ("model.d_model=32", "model.n_heads=2", "model.ffn_hidden=64", "model.n_layers=2")
+    cfg, samplers, val = seed_setup(0, 4, 2, small)
+    spec = variants(100, 4)["streaming_e3m0_H8_lr6e-4_olr0.8_m4c"]
+    assert spec["clip_first_moment"] and spec["average_first_moment"] == "e3m0"
+    settings = dataclasses.replace(spec["settings"], inner_steps=4, fragments=2, overlap=0)
+
+    def worst_ratio(clip: bool) -> float:
+        """The largest |m| / (bound √v) over the replicas' synced fragment after its round."""
+        probe = Run(cfg, samplers, val[:1], 2, eval_every=2)
+        probe.diloco(settings, spec["codec"], average_first_moment="e3m0", clip_first_moment=clip)
+        worst = 0.0
+        for engine in probe.engines:
+            params = dict(engine.module.named_parameters())
+            for n in probe.group.loops[0].layouts[1].names:
+                st = engine.optimizer.state[params[n]]
+                worst = max(worst, float((st["exp_avg"].abs() / (bound * st["exp_avg_sq"].sqrt() + 1e-30)).max()))
+        return worst
+
+    # Unclipped, the mean of the replicas' first moments is far outside one replica's own bound (|m| / √v 60,
+    # 51× the bound, on this toy at step 2): steps no local Adam would take. Clipped, every replica is inside it.
+    assert worst_ratio(False) > 2.0
+    assert worst_ratio(True) <= 1 + 1e-5
