@@ -152,6 +152,11 @@ class NodeDaemon:
         self._claim_records: dict[int, list[StageRecord]] = {}
         self._fit: list[int] = []  # stages whose estimated memory fits this node's device (at claim time)
         self._last_move = 0.0
+        self._unavailable = ""  # why the last stage this node tried to host could not be downloaded
+        # stage → the peers that served it when its download failed: no move there while they are the same
+        self._undownloadable: dict[int, frozenset[str]] = {}
+        self._told_undownloadable: set[int] = set()
+        self._claim_records_read: dict[int, list[StageRecord]] = {}  # the read the latest claim was made on
         self._run_record = None
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
 
@@ -247,7 +252,19 @@ class NodeDaemon:
         stage = self._claim_stage()
         if stage is None or self.stop.is_set():
             return
-        self._host_stage(stage)
+        tried: list[int] = []
+        while not self._host_stage(stage, fail=False):
+            if self.stop.is_set():
+                return
+            tried.append(stage)
+            self._undownloadable[stage] = _server_ids(self._claim_records_read, stage)
+            stage = self._claim_another(tried)
+            if stage is None:
+                others = f" (stages tried: {', '.join(map(str, tried))})" if len(tried) > 1 else ""
+                self._fail(f"{self._unavailable}{others}")
+                return
+            logger.warning("stage %d is served but its state could not be downloaded from its servers; "
+                           "claiming stage %d instead (stages tried: %s)", tried[-1], stage, tried)
         if self.stop.is_set():
             return
         self.presence.announce(self.host, "online")
@@ -305,20 +322,36 @@ class NodeDaemon:
                 logger.warning("reading the swarm before hosting stage %d failed (%s); going on", cfg.swarm.stage, exc)
             return cfg.swarm.stage
         records = self._claim_records = self.presence.read()  # its servers are tried if the download's read misses
+        self._claim_records_read = records
         me, n = self.dht.peer_id, cfg.pipeline.num_stages
         own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
         return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
                           cfg.swarm.min_replicas, fit, own, cfg.swarm.rebalance_gain)
 
+    def _claim_another(self, tried: list[int]) -> int | None:
+        """The stage to claim after the servers of every stage in ``tried`` failed to give it: the same choice
+        over a fresh read among the other stages that fit (a peer that announces a stage but cannot serve
+        it, broken or hostile, must not keep joiners out of the swarm). None: the node is pinned to its
+        stage, or no other stage fits."""
+        cfg = self.cfg
+        fit = [s for s in self._fit if s not in tried]
+        if cfg.swarm.stage is not None or not fit:
+            return None
+        records = self._claim_records = self._claim_records_read = self.presence.read()
+        me, n = self.dht.peer_id, cfg.pipeline.num_stages
+        return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
+                          cfg.swarm.min_replicas, fit, None, cfg.swarm.rebalance_gain)
+
     def _host_stage(self, stage: int, fail: bool = True, records: dict[int, list[StageRecord]] | None = None) -> bool:
-        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it.
-        ``records``: the DHT read the stage was chosen on (default: the claim's)."""
+        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it
+        (why: ``_unavailable``). ``records``: the DHT read the stage was chosen on (default: the claim's)."""
         probe, self._probe = self._probe, None
         seen = (records if records is not None else self._claim_records).get(stage, [])
         self._claim_records = {}  # the claim's read serves the claim only
         try:
             self.host = StageHost.open(self.ctx, stage, self._throughput, probe, seen, confirm_vacant=not self.create)
         except StageUnavailable as exc:  # peers serve it but it could not be downloaded: stop (``fail``), never seed
+            self._unavailable = str(exc)
             if fail and not self.stop.is_set():
                 self._fail(str(exc))
             return False
@@ -370,6 +403,12 @@ class NodeDaemon:
                                   self.cfg.swarm.rebalance_gain, self.cfg.swarm.min_replicas)
         if target is None or target not in self._fit:
             return
+        if self._undownloadable.get(target) == _server_ids(records, target):
+            if target not in self._told_undownloadable:  # once per failure, not every period
+                self._told_undownloadable.add(target)
+                logger.info("stage %d would be better served, but its servers (the same peers) could not give it "
+                            "before: staying on stage %d", target, here_stage)
+            return
         # Every server of this stage sees the same improvement at about the same time; if all of them
         # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one
         # does per round and the next round sees the result.
@@ -380,9 +419,14 @@ class NodeDaemon:
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")
         self.host.stop(save=True)
-        if not self._host_stage(target, fail=False, records=records) and (
-                self.stop.is_set() or not self._host_stage(here_stage, records=records)):
-            return  # the target could not be downloaded: back to this stage (from the checkpoint just written)
+        if not self._host_stage(target, fail=False, records=records):
+            # Not tried again while the same peers serve it: each try stops training for a checkpoint.
+            self._undownloadable[target] = _server_ids(records, target)
+            self._told_undownloadable.discard(target)
+            logger.warning("stage %d could not be downloaded from its servers; back to stage %d, and no move to "
+                           "stage %d until its servers change", target, here_stage, target)
+            if self.stop.is_set() or not self._host_stage(here_stage, records=records):
+                return  # (from the checkpoint just written)
         self.host.start()
         self.presence.announce(self.host, "online")
 
@@ -410,6 +454,11 @@ class NodeDaemon:
         logger.error("shutdown took longer than %.0f s: killing child processes", self.cfg.swarm.shutdown_timeout_s)
         kill_descendants()
         return 1
+
+
+def _server_ids(records: dict[int, list[StageRecord]], stage: int) -> frozenset[str]:
+    """The peers ``records`` show serving ``stage`` (joining or online)."""
+    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in ("joining", "online"))
 
 
 def stop_in_order(host: StageHost | None, services: NodeServices | None, dht: SwarmDHT | None,

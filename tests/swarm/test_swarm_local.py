@@ -244,3 +244,62 @@ def test_node_sim_cli_replays_a_fault_script(tmp_path):
     # One stage: replicas train the whole model; the swarm's tokens/s counts their local steps.
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["devices"] == ["cpu"]
     assert processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.timeout(420)
+def test_a_joiner_whose_stage_cannot_be_downloaded_claims_another(tmp_path):
+    """A peer announces itself ONLINE on the stage the founder left empty, at a tiny throughput (so a joiner
+    claims that stage), but serves no state. The joiner's download fails; instead of exiting it claims the
+    other stage, downloads it from the founder and goes ONLINE there, saying why in its log; its rebalancing
+    then never moves it to the liar's stage while the liar alone serves it."""
+    import dataclasses
+    import threading
+
+    from swarm.dht import SwarmDHT
+
+    with LocalSwarm(2, "swarm/tiny-2stage", [*LIGHT, "swarm.download_attempts=1"], workdir=tmp_path) as swarm:
+        swarm.start_founder()
+        swarm.wait_until(lambda: (swarm.health(0) or {}).get("state") == "online", 120, "the founder ONLINE")
+        founder_stage = swarm.health(0)["stage"]
+        empty = 1 - founder_stage
+        liar = SwarmDHT(initial_peers=swarm.join_addresses()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                        identity_path=str(tmp_path / "liar.key"))
+        liar.run_in_background()
+        stop = threading.Event()
+        try:
+            assert liar.wait_online(60), liar.last_error
+            record = StageRecord(peer_id=liar.peer_id, run_id="sim", stage=empty, num_stages=2, state="online",
+                                 throughput=1e-6, timestamp=time.time())
+            assert liar.store_stage_record(record, 8.0)
+
+            def keep_announcing() -> None:  # as a live peer would (records expire after swarm.expiry_s = 8 s)
+                while not stop.wait(2.0):
+                    try:
+                        liar.store_stage_record(dataclasses.replace(record, timestamp=time.time()), 8.0)
+                    except Exception:
+                        pass
+
+            threading.Thread(target=keep_announcing, daemon=True).start()
+            swarm.wait_until(lambda: any(p["peer_id"] == liar.peer_id for p in swarm.status()["peers"]), 60,
+                             "the liar's record visible in the swarm")
+            swarm.start(1)
+
+            def joined() -> bool:
+                assert swarm.nodes[1].alive, swarm.nodes[1].log.read_text(errors="replace")[-3000:]
+                h = swarm.health(1) or {}
+                return h.get("state") == "online" and h.get("stage") == founder_stage
+
+            swarm.wait_until(joined, 180, f"the joiner ONLINE on stage {founder_stage}")
+            log = swarm.nodes[1].log.read_text(errors="replace")
+            assert f"servers [1, 1]: claiming stage {empty}" in log, log[-3000:]  # it took the liar's stage first
+            assert (f"stage {empty} is served but its state could not be downloaded from its servers; claiming "
+                    f"stage {founder_stage} instead") in log, log[-3000:]
+            # Rebalancing would send it to the liar's stage (its load is tiny): it is not tried again while the
+            # same peers serve it (each try stops training for a checkpoint and a failed download).
+            told = f"stage {empty} would be better served, but its servers (the same peers) could not give it"
+            swarm.wait_until(lambda: told in swarm.nodes[1].log.read_text(errors="replace"), 90,
+                             "the joiner's rebalancing passing over the liar's stage")
+            assert "moving from stage" not in swarm.nodes[1].log.read_text(errors="replace")
+        finally:
+            stop.set()
+            liar.shutdown()
