@@ -1,7 +1,7 @@
 """The daemon a volunteer runs, and everything local to one peer. Imports ``swarm`` and ``protocol``.
 
 - ``node.daemon``       ``NodeDaemon``: ``node start``'s lifecycle only (metrics first, background bootstrap,
-                        run parameters, claiming, hosting a stage, rebalancing, OFFLINE + checkpoint on exit)
+                        run parameters, the stage (``node.placement``), OFFLINE + checkpoint on exit)
 - ``node.daemon_view``  what a running node shows: its /health document and its status line's snapshot
 - ``node.services``     ``NodeServices``: the P2P loop and the handlers that live as long as the node
 - ``node.context``      ``NodeContext``: what a stage host needs of the node around it
@@ -11,6 +11,8 @@
 - ``node.stage_download`` ``StageDownloader``: a stage's state from its other replicas (retried with back-off;
                         ``StageUnavailable`` when peers serve it but it cannot be had)
 - ``node.claim``        which stage fits this node's device and which it should take
+- ``node.placement``    ``StagePlacement``: the node's side of claiming: the claim, hosting a stage (another
+                        one when the claimed one cannot be downloaded), the rebalancing moves
 - ``node.presence``     ``SwarmPresence``: the node's stage and run records in the DHT, and the swarm view
                         it reads back (metrics, router, replica schedule)
 - ``node.reachability`` ``ReachabilityProbe``: whether peers can dial this node (dial-back by peers), and

@@ -2,10 +2,11 @@
 
 Start order (DESIGN §5): identity lock → /metrics and /health → DHT in the background (never blocking
 on bootstrap) → run parameters (create and publish them, or read them from the swarm) → the P2P
-services (node/services.py) → measure throughput → claim a stage that fits the device (node/claim.py)
-→ host it (node/stage_host.py: load its weights from the own checkpoint, else a peer, else the seeded
-init; attach the services) → announce ONLINE (node/presence.py) → serve (and, with one stage, train) while refreshing the
-record and rebalancing. Changing stage stops one :class:`node.stage_host.StageHost` and opens another.
+services (node/services.py) → measure throughput → claim a stage that fits the device and host it
+(node/placement.py: its weights from the own checkpoint, else a peer, else the seeded init; another
+stage when the claimed one cannot be downloaded) → announce ONLINE (node/presence.py) → serve (and,
+with one stage, train) while refreshing the record and rebalancing. Changing stage stops one
+:class:`node.stage_host.StageHost` and opens another.
 
 Shutdown (SIGINT/SIGTERM): announce OFFLINE, stop training at a step boundary, write a checkpoint,
 stop the DHT and its libp2p daemon, exit 0, all within ``swarm.shutdown_timeout_s``. A second
@@ -23,7 +24,6 @@ import threading
 import time
 from typing import Any
 
-from node.claim import own_checkpoint_stage, pick_stage, stages_that_fit
 from node.config import RunConfig
 from node.context import NodeContext
 from node.daemon_view import node_health, recent_loss, status_snapshot
@@ -31,17 +31,14 @@ from node.device import resolve_device
 from node.identity import IdentityLock
 from node.last_run import RunMemory
 from node.metrics import MetricsServer, NodeMetrics
+from node.placement import StagePlacement
 from node.presence import SwarmPresence, count_rejected
-from node.reachability import stages_for
 from node.run_params import RunUnusable, created_run, joined_run
 from node.services import NodeServices
-from node.stage_host import StageHost, StageUnavailable
-from node.stage_store import StageStore
+from node.stage_host import StageHost
 from node.status_line import RateWindow, StatusLine
-from protocol.messages import StageRecord
 from protocol.schema import PROTOCOL_VERSION
 from swarm.access import SwarmAccess
-from swarm.claiming import rebalance_target, stage_loads, stage_servers
 from swarm.dht import SwarmDHT
 from swarm.procs import descendants
 from swarm.records import choose_run
@@ -144,21 +141,16 @@ class NodeDaemon:
         self.server: MetricsServer | None = None
         self.services: NodeServices | None = None
         self.ctx: NodeContext | None = None
-        self.host: StageHost | None = None  # the stage this node serves
+        self.placement: StagePlacement | None = None  # the stage this node serves (``host``), claimed and moved
         self.presence: SwarmPresence | None = None  # its records in the DHT, once the run is known
         self.access = SwarmAccess()  # from the config in run()
-        self._throughput = 0.0
-        self._probe: StageStore | None = None
-        self._claim_records: dict[int, list[StageRecord]] = {}
-        self._fit: list[int] = []  # stages whose estimated memory fits this node's device (at claim time)
-        self._last_move = 0.0
-        self._unavailable = ""  # why the last stage this node tried to host could not be downloaded
-        # stage → the peers that served it when its download failed: no move there while they are the same
-        self._undownloadable: dict[int, frozenset[str]] = {}
-        self._told_undownloadable: set[int] = set()
-        self._claim_records_read: dict[int, list[StageRecord]] = {}  # the read the latest claim was made on
         self._run_record = None
         self._exit_code = 0  # 2 when the node stopped on a user-facing error (printed)
+
+    @property
+    def host(self) -> StageHost | None:
+        """The stage this node serves (None before it hosts one)."""
+        return self.placement.host if self.placement is not None else None
 
     # health -------------------------------------------------------------------------------------------
 
@@ -249,23 +241,8 @@ class NodeDaemon:
         self.ctx = NodeContext(cfg=self.cfg, run_id=self.run_id, peer_id=self.dht.peer_id, device=self.device,
                                metrics=self.metrics, dht=self.dht, services=self.services, stop=self.stop)
         self.presence = SwarmPresence(self.ctx, self.access, self._recent_loss)
-        stage = self._claim_stage()
-        if stage is None or self.stop.is_set():
-            return
-        tried: list[int] = []
-        while not self._host_stage(stage, fail=False):
-            if self.stop.is_set():
-                return
-            tried.append(stage)
-            self._undownloadable[stage] = _server_ids(self._claim_records_read, stage)
-            stage = self._claim_another(tried)
-            if stage is None:
-                others = f" (stages tried: {', '.join(map(str, tried))})" if len(tried) > 1 else ""
-                self._fail(f"{self._unavailable}{others}")
-                return
-            logger.warning("stage %d is served but its state could not be downloaded from its servers; "
-                           "claiming stage %d instead (stages tried: %s)", tried[-1], stage, tried)
-        if self.stop.is_set():
+        self.placement = StagePlacement(self.ctx, self.presence, create=self.create, fail=self._fail)
+        if not self.placement.join():
             return
         self.presence.announce(self.host, "online")
         self._set_state("online")
@@ -295,70 +272,6 @@ class NodeDaemon:
         self.dht.store_run_record(self._run_record, self.cfg.swarm.record_expiry_s)
         return True
 
-    # stage ----------------------------------------------------------------------------------------------
-
-    def _claim_stage(self) -> int | None:
-        cfg, ctx = self.cfg, self.ctx
-        fit, failure = stages_that_fit(cfg, self.device, self.run_id)
-        if failure is not None:
-            self._fail(failure)
-            return None
-        fit, failure = stages_for(self.services.reachability, fit, cfg.pipeline.num_stages, cfg.swarm.stage,
-                                  wait_s=0 if self.create else 30.0)
-        if failure is not None:
-            self._fail(failure)
-            return None
-        self._fit = fit
-        probe_stage = cfg.swarm.stage if cfg.swarm.stage is not None else fit[0]
-        probe = StageStore.fresh(cfg, self.run_id, probe_stage, ctx.checkpoint_dir(probe_stage), self.device)
-        # Measured once: a node's speed, not a stage's (stages are balanced). Re-measuring on every move
-        # would feed timing noise into the rebalancing decisions and make nodes oscillate.
-        self._throughput = probe.engine.measure_throughput(cfg.train.batch_size, cfg.train.seq_len)
-        self._probe = probe  # reused by _host_stage if this is the stage claimed (still at its seeded init)
-        if cfg.swarm.stage is not None:
-            try:  # only a help for the download (servers to try): a pinned node does not fail on it
-                self._claim_records = self.presence.read()
-            except Exception as exc:  # a DHT lookup: timeouts, a closed daemon
-                logger.warning("reading the swarm before hosting stage %d failed (%s); going on", cfg.swarm.stage, exc)
-            return cfg.swarm.stage
-        records = self._claim_records = self.presence.read()  # its servers are tried if the download's read misses
-        self._claim_records_read = records
-        me, n = self.dht.peer_id, cfg.pipeline.num_stages
-        own = own_checkpoint_stage({s: ctx.checkpoint_dir(s) for s in range(n)})
-        return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
-                          cfg.swarm.min_replicas, fit, own, cfg.swarm.rebalance_gain)
-
-    def _claim_another(self, tried: list[int]) -> int | None:
-        """The stage to claim after the servers of every stage in ``tried`` failed to give it: the same choice
-        over a fresh read among the other stages that fit (a peer that announces a stage but cannot serve
-        it, broken or hostile, must not keep joiners out of the swarm). None: the node is pinned to its
-        stage, or no other stage fits."""
-        cfg = self.cfg
-        fit = [s for s in self._fit if s not in tried]
-        if cfg.swarm.stage is not None or not fit:
-            return None
-        records = self._claim_records = self._claim_records_read = self.presence.read()
-        me, n = self.dht.peer_id, cfg.pipeline.num_stages
-        return pick_stage(stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me), me,
-                          cfg.swarm.min_replicas, fit, None, cfg.swarm.rebalance_gain)
-
-    def _host_stage(self, stage: int, fail: bool = True, records: dict[int, list[StageRecord]] | None = None) -> bool:
-        """Become a server of ``stage`` (node/stage_host.py) and say so. False: its servers could not give it
-        (why: ``_unavailable``). ``records``: the DHT read the stage was chosen on (default: the claim's)."""
-        probe, self._probe = self._probe, None
-        seen = (records if records is not None else self._claim_records).get(stage, [])
-        self._claim_records = {}  # the claim's read serves the claim only
-        try:
-            self.host = StageHost.open(self.ctx, stage, self._throughput, probe, seen, confirm_vacant=not self.create)
-        except StageUnavailable as exc:  # peers serve it but it could not be downloaded: stop (``fail``), never seed
-            self._unavailable = str(exc)
-            if fail and not self.stop.is_set():
-                self._fail(str(exc))
-            return False
-        self._last_move = time.monotonic()
-        self.presence.announce(self.host, "joining")
-        return True
-
     # serving loop ---------------------------------------------------------------------------------------
 
     def _maintain(self) -> None:
@@ -381,7 +294,7 @@ class NodeDaemon:
                     self.host.resync()
                 if sw.stage is None and now >= next_rebalance:
                     next_rebalance = now + self._jittered(sw.rebalance_period_s)
-                    self._rebalance(records)
+                    self.placement.rebalance(records)
             except Exception as exc:  # a failed DHT call or download: keep serving, try again next round
                 logger.warning("swarm upkeep failed (%s: %s); retrying next round", type(exc).__name__, exc)
             self.stop.wait(max(0.05, min(next_refresh, next_rebalance) - time.monotonic()))
@@ -389,46 +302,6 @@ class NodeDaemon:
     def _jittered(self, period: float) -> float:
         j = self.cfg.swarm.rebalance_jitter
         return period * random.uniform(1 - j, 1 + j)
-
-    def _rebalance(self, records: dict[int, list[StageRecord]] | None = None) -> None:
-        """``records``: the swarm as just read by this round's refresh, if there was one."""
-        # After a move, let the swarm see it (records refresh) before deciding again.
-        if time.monotonic() - self._last_move < 2 * self.cfg.swarm.rebalance_period_s:
-            return
-        if records is None:
-            records = self.presence.observe(self.host)
-        me, n, here_stage = self.dht.peer_id, self.cfg.pipeline.num_stages, self.host.stage
-        servers = stage_servers(records, n, exclude_peer=me)
-        target = rebalance_target(stage_loads(records, n, exclude_peer=me), servers, here_stage, self.host.throughput,
-                                  self.cfg.swarm.rebalance_gain, self.cfg.swarm.min_replicas)
-        if target is None or target not in self._fit:
-            return
-        if self._undownloadable.get(target) == _server_ids(records, target):
-            if target not in self._told_undownloadable:  # once per failure, not every period
-                self._told_undownloadable.add(target)
-                logger.info("stage %d would be better served, but its servers (the same peers) could not give it "
-                            "before: staying on stage %d", target, here_stage)
-            return
-        # Every server of this stage sees the same improvement at about the same time; if all of them
-        # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one
-        # does per round and the next round sees the result.
-        here = servers[here_stage] + 1
-        if random.random() >= 1.0 / here:
-            logger.debug("stage %d would be better served; leaving the move to one of %d peers", target, here)
-            return
-        logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
-        self.presence.announce(self.host, "offline")
-        self.host.stop(save=True)
-        if not self._host_stage(target, fail=False, records=records):
-            # Not tried again while the same peers serve it: each try stops training for a checkpoint.
-            self._undownloadable[target] = _server_ids(records, target)
-            self._told_undownloadable.discard(target)
-            logger.warning("stage %d could not be downloaded from its servers; back to stage %d, and no move to "
-                           "stage %d until its servers change", target, here_stage, target)
-            if self.stop.is_set() or not self._host_stage(here_stage, records=records):
-                return  # (from the checkpoint just written)
-        self.host.start()
-        self.presence.announce(self.host, "online")
 
     # shutdown --------------------------------------------------------------------------------
 
@@ -454,11 +327,6 @@ class NodeDaemon:
         logger.error("shutdown took longer than %.0f s: killing child processes", self.cfg.swarm.shutdown_timeout_s)
         kill_descendants()
         return 1
-
-
-def _server_ids(records: dict[int, list[StageRecord]], stage: int) -> frozenset[str]:
-    """The peers ``records`` show serving ``stage`` (joining or online)."""
-    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in ("joining", "online"))
 
 
 def stop_in_order(host: StageHost | None, services: NodeServices | None, dht: SwarmDHT | None,

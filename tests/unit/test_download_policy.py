@@ -189,9 +189,9 @@ def test_a_cut_download_resumes_into_the_stage_store_and_loads_the_donors_state(
 
 
 def test_the_daemon_hands_the_read_a_stage_was_chosen_on_to_its_download(monkeypatch):
-    """node/daemon.py: the claim's records reach StageHost.open once (then are dropped), a move's own read is
+    """node/placement.py: the claim's records reach StageHost.open once (then are dropped), a move's own read is
     used for a move, and only the run's founder skips the confirming read of a vacant stage."""
-    from node import daemon
+    from node import placement
 
     opened = []
 
@@ -199,13 +199,13 @@ def test_the_daemon_hands_the_read_a_stage_was_chosen_on_to_its_download(monkeyp
         opened.append((stage, list(seen), confirm_vacant))
         return SimpleNamespace(stage=stage)
 
-    monkeypatch.setattr(daemon.StageHost, "open", staticmethod(fake_open))
+    monkeypatch.setattr(placement.StageHost, "open", staticmethod(fake_open))
     cfg = load_config("local/tiny", ["train.device='cpu'"])
     mover = StageRecord(peer_id=PEERS[1], run_id=RUN, stage=1, num_stages=4, state="online", progress=3)
     for create in (False, True):
-        node = daemon.NodeDaemon(cfg, create=create)
-        node.presence = SimpleNamespace(announce=lambda host, state: None)
+        node = placement.StagePlacement(SimpleNamespace(cfg=cfg), SimpleNamespace(announce=lambda host, state: None),
+                                        create=create, fail=print)
         node._claim_records = {0: [_record(PEERS[0])]}
-        assert node._host_stage(0) and node._claim_records == {}
-        assert node._host_stage(1, records={1: [mover]})
+        assert node.host_stage(0) and node._claim_records == {}
+        assert node.host_stage(1, records={1: [mover]})
         assert opened[-2:] == [(0, [_record(PEERS[0])], not create), (1, [mover], not create)]
