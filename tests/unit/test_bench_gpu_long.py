@@ -343,7 +343,7 @@ def test_first_moment_bound_is_adams_own_and_the_clipped_probe_keeps_every_repli
                 worst = max(worst, float((st["exp_avg"].abs() / (bound * st["exp_avg_sq"].sqrt() + 1e-30)).max()))
         return worst
 
-    # Unclipped, the mean of the replicas' first moments is far outside one replica's own bound (|m| / √v 60,
-    # 51× the bound, on this toy at step 2): steps no local Adam would take. Clipped, every replica is inside it.
+    # Unclipped, the mean of the replicas' first moments lies outside one replica's own bound on this toy at
+    # step 2: steps no local Adam would take. Clipped, every replica is inside it.
     assert worst_ratio(False) > 2.0
     assert worst_ratio(True) <= 1 + 1e-5
