@@ -28,16 +28,11 @@ from node.reachability import stages_for
 from node.stage_host import StageHost, StageUnavailable
 from node.stage_store import StageStore
 from protocol.messages import StageRecord
-from swarm.claiming import rebalance_target, stage_loads, stage_servers
+from swarm.claiming import rebalance_target, stage_loads, stage_server_ids, stage_servers
 
 logger = logging.getLogger(__name__)
 
 Records = dict[int, list[StageRecord]]
-
-
-def server_ids(records: Records, stage: int) -> frozenset[str]:
-    """The peers ``records`` show serving ``stage`` (joining or online)."""
-    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in ("joining", "online"))
 
 
 class StagePlacement:
@@ -70,7 +65,7 @@ class StagePlacement:
             if self.ctx.stop.is_set():
                 return False
             tried.append(stage)
-            self._undownloadable[stage] = server_ids(self._claim_read, stage)
+            self._undownloadable[stage] = stage_server_ids(self._claim_read, stage)
             stage = self.claim_another(tried)
             if stage is None:
                 others = f" (stages tried: {', '.join(map(str, tried))})" if len(tried) > 1 else ""
@@ -155,7 +150,7 @@ class StagePlacement:
                                   cfg.swarm.rebalance_gain, cfg.swarm.min_replicas)
         if target is None or target not in self.fit:
             return
-        if self._undownloadable.get(target) == server_ids(records, target):
+        if self._undownloadable.get(target) == stage_server_ids(records, target):
             if target not in self._told:  # once per failure, not every period
                 self._told.add(target)
                 logger.info("stage %d would be better served, but its servers (the same peers) could not give it "
@@ -173,7 +168,7 @@ class StagePlacement:
         self.host.stop(save=True)
         if not self.host_stage(target, fail=False, records=records):
             # Not tried again while the same peers serve it: each try stops training for a checkpoint.
-            self._undownloadable[target] = server_ids(records, target)
+            self._undownloadable[target] = stage_server_ids(records, target)
             self._told.discard(target)
             logger.warning("stage %d could not be downloaded from its servers; back to stage %d, and no move to "
                            "stage %d until its servers change", target, here_stage, target)

@@ -14,8 +14,8 @@ or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
   so measurement noise does not send them all to one stage either).
 - A serving node moves when that covers the stages better (fewer empty stages, then fewer missing
   replicas), or, coverage equal, to a stage whose load is at least the gain factor below what its
-  own stage keeps without it (hysteresis: the reverse move is then never taken). Nodes check at jittered intervals, so when one moves the others see it before
-  they decide.
+  own stage keeps without it (hysteresis: the reverse move is then never taken). Nodes check at
+  jittered intervals, so when one moves the others see it before they decide.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, ex
     return counts
 
 
+def stage_server_ids(records: dict[int, Sequence[StageRecord]], stage: int) -> frozenset[str]:
+    """The peers ``records`` show serving ``stage`` (joining or online), dialable or not."""
+    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in SERVING_STATES)
+
+
 def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1,
                  tolerance: float = 1.0) -> int:
     """The stage a joiner should claim: no servers first, then fewer than ``min_replicas``, then
@@ -64,8 +69,11 @@ def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, m
         raise ValueError(f"tolerance must be >= 1, got {tolerance!r}")
     order = list(range(len(loads)))
     random.Random(peer_id).shuffle(order)
-    tier = min((servers[s] > 0, servers[s] >= min_replicas) for s in order)
-    candidates = [s for s in order if (servers[s] > 0, servers[s] >= min_replicas) == tier]
+    def coverage(s: int) -> tuple[bool, bool]:
+        return servers[s] > 0, servers[s] >= min_replicas
+
+    tier = min(map(coverage, order))
+    candidates = [s for s in order if coverage(s) == tier]
     lowest = min(loads[s] for s in candidates)
     return next(s for s in candidates if loads[s] <= lowest * tolerance)
 
