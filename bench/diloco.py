@@ -35,7 +35,10 @@ cosine); they differ only in how the replicas agree:
   rounded to 4-bit e3m0 as it would be sent: about twice the part's bytes; not built in the swarm) against
   ``streaming_e3m0_H4_lr6e-4_olr0.8`` (the same lr synced twice as often: the same bytes), and
   ``streaming_e3m0_H8_lr6e-4_olr0.8_m4c`` (``_m4`` with the averaged first moment clipped, element by element, to
-  each replica's own AdamW bound |m| ≤ 1.165 √v: ``first_moment_bound``)
+  each replica's own AdamW bound |m| ≤ 1.165 √v: ``first_moment_bound``), and
+  ``streaming_e3m0_H8_lr6e-4_olr0.8_fm`` (``diloco.first_moment``: the swarm's own first-moment exchange,
+  swarm/first_moment.py, through the same InProcessGroup: m read when the round begins, averaged like the part,
+  merged keeping the replica's τ steps since, clipped to that bound)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -87,6 +90,7 @@ from node.train_local import evaluate
 from protocol.codecs import Codec, get_codec
 from swarm.diloco import DilocoConfig, OuterLoop, quantized
 from swarm.diloco_group import InProcessGroup
+from swarm.first_moment import FirstMoment, first_moment_bound
 
 
 class Run:
@@ -140,8 +144,11 @@ class Run:
         bound = first_moment_bound(self.cfg.train.beta1, self.cfg.train.beta2) if clip_first_moment else None
         engines = [self.engine() for _ in self.samplers]
         params = [dict(e.module.named_parameters()) for e in engines]
-        group = InProcessGroup([OuterLoop(p, settings) for p in params], settings,
-                               codec, corrupt=corrupt, requantize_mean=requantize_mean)
+        loops = [OuterLoop(p, settings) for p in params]
+        # diloco.first_moment: the swarm's own first-moment exchange (swarm/first_moment.py), beside each part
+        fms = [FirstMoment(e.optimizer, p, loop.layouts, self.cfg.train.beta1, self.cfg.train.beta2)
+               for e, p, loop in zip(engines, params, loops, strict=True)] if settings.first_moment else None
+        group = InProcessGroup(loops, settings, codec, corrupt=corrupt, requantize_mean=requantize_mean, moments=fms)
         global_model = self.engine()
         for t in range(1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
@@ -192,15 +199,6 @@ class Run:
         for layout, flat in zip(loop.layouts, loop.global_, strict=True):
             for name, value in layout.unflatten(flat).items():
                 params[name].copy_(value)
-
-
-def first_moment_bound(beta1: float, beta2: float) -> float:
-    """The largest |m| / √v AdamW's own moments can reach (any gradients, any number of steps): by Cauchy-Schwarz
-    over the two moving averages, √(Σ a_i² / b_i) with a_i = (1−β1)β1^i and b_i = (1−β2)β2^i, which needs
-    β1² < β2; 1.165 at (0.9, 0.95)."""
-    if not beta1 * beta1 < beta2:
-        raise ValueError(f"no bound on the first moment with beta1² >= beta2 ({beta1}, {beta2})")
-    return ((1 - beta1) ** 2 / ((1 - beta2) * (1 - beta1 * beta1 / beta2))) ** 0.5
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -311,6 +309,9 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # _m4 units dropped parts at robust_mean's norm check, which no other variant ever did.
         "streaming_e3m0_H8_lr6e-4_olr0.8_m4c": {**at_twelfth("e3m0", inner_lr=6e-4), "average_first_moment": "e3m0",
                                                "clip_first_moment": True},
+        # What the swarm does with diloco.first_moment (swarm/first_moment.py): ``_m4c`` as the exchange runs it, the
+        # first moment read when the round begins (its τ steps since kept), averaged like the part, then clipped.
+        "streaming_e3m0_H8_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True),
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
                                                                         "outer_lr": 0.8})},

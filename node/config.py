@@ -325,6 +325,9 @@ class RunConfig:
         if self.diloco.enabled and self.diloco.blocking and self.pipeline.num_stages > 1:
             raise ConfigError("diloco.blocking needs pipeline.num_stages = 1: a waiting replica would stall the "
                               "compute thread that every microbatch through its stage needs")
+        if self.diloco.enabled and self.diloco.first_moment and not self.train.beta1 ** 2 < self.train.beta2:
+            raise ConfigError(f"diloco.first_moment needs train.beta1² < train.beta2 (the bound each replica clips the "
+                              f"averaged first moment to), got {self.train.beta1} and {self.train.beta2}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _fields_dict(getattr(self, name)) for name in SECTIONS}

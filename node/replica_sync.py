@@ -44,6 +44,7 @@ from swarm.exchange import (
     FragmentExchange,
     RoundKey,
 )
+from swarm.first_moment import FirstMoment
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ReplicaSync:
         self.peer_id, self.run_id = peer_id, run_id
         self.work: StageStore | None = None
         self.exchange: FragmentExchange | None = None
+        self.moments: FirstMoment | None = None  # diloco.first_moment
         self._lock = threading.Lock()  # the epoch state: trainer thread vs. upkeep thread
         self.epoch = 0
         self.epoch_steps = 0
@@ -94,7 +96,8 @@ class ReplicaSync:
         self.resync_requested = False
         self.resync_from: list[str] = []  # peers to download from when resyncing (empty: any)
         self.stats: dict[str, int] = {"rounds_started": 0, "rounds_committed": 0, "rounds_skipped": 0,
-                                      "rounds_alone": 0, "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0}
+                                      "rounds_alone": 0, "rounds_missed": 0, "resyncs": 0, "inner_steps": 0, "drift_detected": 0,
+                                      "moments_merged": 0}
         self.skipped_by: dict[str, int] = {}  # skipped rounds by why (RoundResult.skip, superseded, ...)
         self.round_s = {"committed": 0.0, "alone": 0.0, "skipped": 0.0}  # summed boundary-to-end seconds
         self.last_group = 0
@@ -127,8 +130,13 @@ class ReplicaSync:
         """Sync ``work``'s stage from now on (called on every stage change and after a resync)."""
         if work.outer is None:
             return
-        wire = self.cfg.wire
+        wire, train = self.cfg.wire, self.cfg.train
         sizes = [layout.numel for layout in work.outer.layouts]
+        # diloco.first_moment: fragment p's first moment is averaged as fragment P + p, in a round beside p's
+        moments = FirstMoment(work.optimizer, work.outer.params, work.outer.layouts, train.beta1, train.beta2) \
+            if self.cfg.diloco.first_moment else None
+        if moments is not None:
+            sizes = sizes * 2
         kind = BalancedExchange if self.cfg.exchange.mode == "balanced" else FragmentExchange
         exchange = kind(self.p2p, self.peer_id, self.run_id, work.stage, sizes, self.cfg.exchange,
                         wire.fragment_codec, wire.limits(),
@@ -136,7 +144,7 @@ class ReplicaSync:
         saved, work.resumed_schedule = work.resumed_schedule, None  # a checkpoint's position: taken once
         with self._lock:
             self._abandon_pending()
-            self.work, self.exchange = work, exchange
+            self.work, self.exchange, self.moments = work, exchange, moments
             self.epoch_steps, self.steps = 0, 0
             self._began_at = {}
             if saved is not None:  # resumed from a checkpoint: continue the schedule where it stood
@@ -272,14 +280,28 @@ class ReplicaSync:
         key = RoundKey(work.stage, fragment, round_id)
         with work.lock:
             part = work.outer.begin(fragment, round_id)
+            moment = self.moments.snapshot(fragment) if self.moments is not None else None
         # The part counts by this replica's inner steps since its last part of the fragment (since it
         # attached, for the first): a volunteer twice as fast moved the fragment twice as far.
         weight = float(max(1, self.steps - self._began_at.get(fragment, 0)))
         self._began_at[fragment] = self.steps
-        future = asyncio.run_coroutine_threadsafe(self.exchange.run_round(key, part, weight), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self._round(self.exchange, key, part, weight, moment), self.loop)
         self._pending[fragment] = (future, self.steps, key, time.monotonic())
         self.stats["rounds_started"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), "started").inc()
+
+    @staticmethod
+    async def _round(exchange: FragmentExchange, key: RoundKey, part, weight: float, moment) -> Any:
+        """The fragment's round; with a first moment, its round too (fragment P + p), at the same time."""
+        if moment is None:
+            return await exchange.run_round(key, part, weight)
+        of_moment = RoundKey(key.stage, key.fragment + len(exchange.fragment_sizes) // 2, key.round)
+        result, averaged = await asyncio.gather(exchange.run_round(key, part, weight),
+                                                exchange.run_round(of_moment, moment, weight))
+        result.moment = averaged.mean
+        result.bytes_sent += averaged.bytes_sent
+        result.bytes_received += averaged.bytes_received
+        return result
 
     def _apply_ready(self, work: StageStore) -> None:
         tau = work.outer.settings.overlap
@@ -306,7 +328,7 @@ class ReplicaSync:
         self.metrics.outer_wait_seconds_total.inc(waited)
 
     def _finish(self, work: StageStore, fragment: int, result, why: str) -> None:
-        future, _, key, started = self._pending.pop(fragment)
+        future, begun, key, started = self._pending.pop(fragment)
         if result is None and not future.done():
             future.cancel()
         mean = result.mean if result is not None else None
@@ -316,6 +338,8 @@ class ReplicaSync:
             except RuntimeError as exc:  # the stage's state was replaced (resync) while the round was out
                 logger.warning("stage %d fragment %d: round dropped (%s)", work.stage, fragment, exc)
                 applied = False
+            if self.moments is not None:
+                self._merge_moment(work, fragment, result.moment if applied and result is not None else None, begun)
         outcome = "committed" if applied else "skipped"
         self.stats[f"rounds_{outcome}"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), outcome).inc()
@@ -344,10 +368,20 @@ class ReplicaSync:
         log("stage %d fragment %d round %d %s%s", key.stage, fragment, key.round, outcome,
             "" if applied else f" ({reason})")
 
+    def _merge_moment(self, work: StageStore, fragment: int, moment, begun: int) -> None:
+        """Take the stage's mean first moment of ``fragment`` (None: keep this replica's own)."""
+        try:
+            if self.moments.merge(fragment, moment, self.steps - begun):
+                self.stats["moments_merged"] += 1
+        except ValueError as exc:  # a leader's malformed mean: the optimizer state stays this replica's own
+            logger.warning("stage %d fragment %d: first moment not merged (%s)", work.stage, fragment, exc)
+
     def _abandon_pending(self) -> None:
         for future, *_ in self._pending.values():
             future.cancel()
         self._pending.clear()
+        if self.moments is not None:
+            self.moments.forget()
 
     # ------------------------------------------------------------------------------------ status
 

@@ -95,6 +95,11 @@ class DilocoConfig:
         False, "Keep what quantizing this replica's part lost (wire.fragment_codec) and add it to its next part "
         "of that fragment (+4 bytes a parameter of outer state; the residual starts over after a resync or resume)."
     )
+    first_moment: bool = setting(
+        False, "Average each synced fragment's inner AdamW first moment too, sent in wire.fragment_codec beside "
+        "the part (about twice the bytes a round); each replica clips the mean to its own Adam bound "
+        "(swarm/first_moment.py)."
+    )
     resync_rounds: int = setting(
         3, "A replica that falls more than this many rounds behind downloads the stage's state again."
     )

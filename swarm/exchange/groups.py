@@ -35,6 +35,7 @@ class RoundResult:
     reason: str = ""
     skip: str = ""  # why there is no mean, as a short code: timeout, refused_<code>, unreachable, ...
     sent: torch.Tensor | None = None  # this replica's part as the others decode it (error feedback)
+    moment: torch.Tensor | None = None  # the group's mean first moment (diloco.first_moment; None: none)
 
 
 def plan_groups(run_id: str, key: RoundKey, peers: Iterable[str], max_group: int,

@@ -24,7 +24,7 @@ class PipelineMonitor:
                 "refused", "bytes_forward_sent", "bytes_backward_sent", "dense_forward_sent",
                 "dense_backward_sent")
     OUTER_COUNTERS = ("rounds_started", "rounds_committed", "rounds_alone", "rounds_skipped", "rounds_missed",
-                      "resyncs", "bytes_sent", "bytes_received", "parts_rejected", "inner_steps")
+                      "resyncs", "bytes_sent", "bytes_received", "parts_rejected", "inner_steps", "moments_merged")
 
     def __init__(self) -> None:
         self.latest: dict[tuple[int, int], dict[str, Any]] = {}  # (node, pid) → last pipeline stats
@@ -183,7 +183,9 @@ class PipelineMonitor:
         per_stage: dict[str, int] = {}
         skipped: dict[str, int] = {}
         per_node: dict[str, int] = {}
+        moments: dict[str, int] = {}  # diloco.first_moment: means of the first moment merged, per node
         for (index, _), o in self.outer.items():
+            moments[str(index)] = moments.get(str(index), 0) + int(o.get("moments_merged", 0))
             if o.get("stage") is not None:
                 per_stage[str(o["stage"])] = per_stage.get(str(o["stage"]), 0) + int(o.get("rounds_committed", 0))
                 skipped[str(o["stage"])] = skipped.get(str(o["stage"]), 0) + int(o.get("rounds_skipped", 0))
@@ -200,6 +202,7 @@ class PipelineMonitor:
             "rounds_skipped_per_stage": dict(sorted(skipped.items())),
             "outer_rounds_committed_per_node": dict(sorted(per_node.items())),
             "outer_parts_rejected": totals["parts_rejected"],
+            "outer_moments_merged_per_node": dict(sorted(moments.items())),
             "resyncs": totals["resyncs"],
             "inner_steps_total": steps,
             "bytes_sent_total": totals["bytes_sent"],

@@ -76,13 +76,16 @@ def test_the_monitor_sums_replica_sync_counters_per_process():
 
 
 @pytest.mark.timeout(300)
-def test_replicas_average_with_the_balanced_exchange(tmp_path):
-    # exchange.mode is run-level: node 0 publishes it and the joiners take it from the run record.
+def test_replicas_average_with_the_balanced_exchange_and_their_first_moments(tmp_path):
+    # exchange.mode and diloco.first_moment are run-level: node 0 publishes them and the joiners take them from
+    # the run record. With first_moment every fragment's first moment is averaged in a round of its own (P + p).
     s = run_sim(3, "configs/swarm/diloco-local.toml", 90, "", tmp_path, timeout=240,
-                extra=["--set", "exchange.mode=balanced"])
+                extra=["--set", "exchange.mode=balanced", "--set", "diloco.first_moment=true"])
     assert s["ok"] and s["peers_online"] == 3, s
     per_node = s["outer_rounds_committed_per_node"]
     assert all(per_node.get(str(i), 0) >= 3 for i in range(3)), per_node
+    merged = s["outer_moments_merged_per_node"]
+    assert all(merged.get(str(i), 0) >= 2 for i in range(3)), merged
     assert s["outer_rounds_alone"] == 0 and s["outer_parts_rejected"] == 0, s  # every round was a group's
     assert s["loss_end"] < s["loss_start"] - 0.5, s
     assert processes_mentioning(str(tmp_path)) == []

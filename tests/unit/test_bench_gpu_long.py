@@ -331,10 +331,14 @@ def test_first_moment_bound_is_adams_own_and_the_clipped_probe_keeps_every_repli
     assert spec["clip_first_moment"] and spec["average_first_moment"] == "e3m0"
     settings = dataclasses.replace(spec["settings"], inner_steps=4, fragments=2, overlap=0)
 
-    def worst_ratio(clip: bool) -> float:
-        """The largest |m| / (bound √v) over the replicas' synced fragment after its round."""
+    def worst_ratio(clip: bool | None) -> float:
+        """The largest |m| / (bound √v) over the replicas' synced fragment after its round (``clip`` None: the
+        swarm's own diloco.first_moment, the ``_fm`` variant)."""
         probe = Run(cfg, samplers, val[:1], 2, eval_every=2)
-        probe.diloco(settings, spec["codec"], average_first_moment="e3m0", clip_first_moment=clip)
+        if clip is None:
+            probe.diloco(dataclasses.replace(settings, first_moment=True), spec["codec"])
+        else:
+            probe.diloco(settings, spec["codec"], average_first_moment="e3m0", clip_first_moment=clip)
         worst = 0.0
         for engine in probe.engines:
             params = dict(engine.module.named_parameters())
@@ -347,3 +351,6 @@ def test_first_moment_bound_is_adams_own_and_the_clipped_probe_keeps_every_repli
     # step 2: steps no local Adam would take. Clipped, every replica is inside it.
     assert worst_ratio(False) > 2.0
     assert worst_ratio(True) <= 1 + 1e-5
+    fm = variants(100, 4)["streaming_e3m0_H8_lr6e-4_olr0.8_fm"]
+    assert fm["settings"].first_moment and "average_first_moment" not in fm and fm["inner_lr"] == 6e-4
+    assert worst_ratio(None) <= 1 + 1e-5
