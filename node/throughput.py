@@ -22,7 +22,8 @@ per node (the same rate each way):
   (BENCHMARKS.md, ``node plan`` against the tiny swarm: 0.72 of the plan for dense at 5 Mbit/s).
   ``gpu_utilisation`` is the pipeline's tokens/s over ``compute_tokens_per_s``. ``compression_needed``
   is how many times smaller than dense bf16 the boundary must be for the link to keep up with compute.
-- **Streaming DiLoCo** (``diloco.enabled``): a fragment of the largest stage in ``wire.fragment_codec``,
+- **Streaming DiLoCo** (``diloco.enabled``): a fragment of the largest stage in ``wire.fragment_codec``
+  (twice that with ``diloco.first_moment``: its first moment travels in a twin round at the same time),
   averaged by groups of G = ``min(replicas, exchange.max_group)``. ``exchange.mode = "balanced"`` (the
   default; swarm/exchange/balanced.py): a round trip to agree the group, then every member sends each
   slice to its reducer and its checker (2(G−1)/G of a fragment out and in, at once), then each reducer
@@ -252,6 +253,8 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     fragments = min(d.fragments, params)
     codec = get_codec(cfg.wire.fragment_codec)
     part = TRANSPORT_OVERHEAD * codec.payload_nbytes(math.ceil(params / fragments))
+    if d.first_moment:  # the fragment's first moment in a twin round beside the part, on the same link
+        part *= 2
     group = max(1, min(replicas, x.max_group))
     balanced = x.mode == "balanced"
     if balanced:  # the roster's round trip, the slices to reducers and checkers, the means back
@@ -277,7 +280,7 @@ def diloco_plan(cfg: RunConfig, ranges: list[range], flops_s: float, rate: float
     kept = round(min(1.0, 1.0 / busy), 4) if busy else 1.0
     return {
         "exchange": x.mode, "stage_parameters": params, "fragments": fragments, "replicas": replicas, "group": group,
-        "codec": cfg.wire.fragment_codec, "fragment_bytes": round(part),
+        "codec": cfg.wire.fragment_codec, "fragment_bytes": round(part), "first_moment": d.first_moment,
         "inner_steps_summed": d.inner_steps, "overlap": tau,
         "inner_step_s": _r(step_s), "round_s": _r(round_s), "round_in_inner_steps": _r(round_s / step_s),
         "gather_s": _r(gather_s), "rounds_average": averages or group == 1,

@@ -158,6 +158,12 @@ def test_diloco_balanced_round_time_by_hand():
                       tflops=0.05, mfu=1.0, link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0)["diloco"]
     assert not late["rounds_average"] and late["default_rounds_kept"] == 0.0
     assert late["blocking_wait_s"]["member"] == pytest.approx(late["gather_s"], rel=2e-3)
+    # diloco.first_moment: the fragment's first moment rides in a twin round at the same time, on the same link.
+    twin = speed_plan(load_config("swarm/diloco-local", [*over, "diloco.first_moment=true"]), tflops=0.05, mfu=1.0,
+                      link_rate_bps=8e6, replicas=4, hop_overhead_s=0.0, delay_s=0.01)["diloco"]
+    assert twin["first_moment"] and not d["first_moment"]
+    assert twin["fragment_bytes"] == pytest.approx(2 * d["fragment_bytes"], abs=1)
+    assert twin["round_s"] == pytest.approx(3 * 3 / 4 * 2 * part + 0.04, rel=2e-3)
 
 
 def test_catalogue_names_sources_and_unknown_cards_fail():
