@@ -9,9 +9,10 @@ The policy is swarm/claiming.py's (pure functions); this is the node's side of i
   claims another stage (the same choice over a fresh read among the stages not tried), so a peer that
   announces a stage it cannot serve, broken or hostile, does not keep joiners out. Only when none is
   left, or the node is pinned (``swarm.stage``), does it stop with the download's reason.
-- **Rebalance**: a move to ``rebalance_target``'s stage, by about one of the stage's servers a round
-  (probability 1/k), never within two periods of the last move, never to a stage whose download failed
-  while the same peers serve it (each try stops training for a checkpoint and a failed download).
+- **Rebalance**: a move to ``rebalance_target``'s stage among those this device can take, by about one of the
+  stage's servers a round (probability 1/k), never within two periods of the last move, never to a stage
+  whose download failed while the same peers serve it (each try stops training for a checkpoint and a
+  failed download); a target ruled out so leaves the next qualifying stage as the move.
 """
 
 from __future__ import annotations
@@ -146,15 +147,21 @@ class StagePlacement:
             records = self.presence.observe(self.host)
         me, n, here_stage = self.ctx.dht.peer_id, cfg.pipeline.num_stages, self.host.stage
         servers = stage_servers(records, n, exclude_peer=me)
-        target = rebalance_target(stage_loads(records, n, exclude_peer=me), servers, here_stage, self.host.throughput,
-                                  cfg.swarm.rebalance_gain, cfg.swarm.min_replicas)
-        if target is None or target not in self.fit:
-            return
-        if self._undownloadable.get(target) == stage_server_ids(records, target):
+
+        def target_among(stages) -> int | None:
+            return rebalance_target(stage_loads(records, n, exclude_peer=me), servers, here_stage,
+                                    self.host.throughput, cfg.swarm.rebalance_gain, cfg.swarm.min_replicas, stages)
+
+        # Never a stage this device cannot hold, nor one whose download failed while the same peers serve it.
+        blocked = {s for s, ids in self._undownloadable.items() if ids == stage_server_ids(records, s)}
+        target = target_among(self.fit)
+        if target in blocked:
             if target not in self._told:  # once per failure, not every period
                 self._told.add(target)
                 logger.info("stage %d would be better served, but its servers (the same peers) could not give it "
-                            "before: staying on stage %d", target, here_stage)
+                            "before", target)
+            target = target_among([s for s in self.fit if s not in blocked])
+        if target is None:
             return
         # Every server of this stage sees the same improvement at about the same time; if all of them
         # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one

@@ -21,7 +21,7 @@ or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from protocol.messages import StageRecord
 
@@ -103,8 +103,10 @@ def rebalance_target(
     my_throughput: float,
     gain: float,
     min_replicas: int = 1,
+    allowed: Collection[int] | None = None,
 ) -> int | None:
-    """A better stage for this node, or None to stay.
+    """A better stage for this node, or None to stay; ``allowed``: the stages it may move to (None: any),
+    e.g. those that fit its device, so a lighter stage it cannot take does not hide one it can.
 
     Move when that lowers the coverage gap (empty stages first, then replicas missing below
     ``min_replicas``). With the gap unchanged, move to the least-loaded stage that is clearly lighter
@@ -123,7 +125,7 @@ def rebalance_target(
         return [v + (mine if s == stage else 0) for s, v in enumerate(values)]
 
     gap_now = coverage_gap(with_me(servers_without_me, current, 1), min_replicas)
-    others = [s for s in range(n) if s != current]
+    others = [s for s in range(n) if s != current and (allowed is None or s in allowed)]
     gaps = {s: coverage_gap(with_me(servers_without_me, s, 1), min_replicas) for s in others}
     better_covered = [s for s in others if gaps[s] < gap_now]
     if better_covered:

@@ -209,3 +209,35 @@ def test_the_daemon_hands_the_read_a_stage_was_chosen_on_to_its_download(monkeyp
         assert node.host_stage(0) and node._claim_records == {}
         assert node.host_stage(1, records={1: [mover]})
         assert opened[-2:] == [(0, [_record(PEERS[0])], not create), (1, [mover], not create)]
+
+
+def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_cannot(monkeypatch, caplog):
+    """node/placement.py: the lightest stage does not fit this device and the next one's servers could not give
+    it before: the move goes to the lightest stage left (before, a target it could not take kept it put)."""
+    from node import placement
+
+    cfg = load_config("local/tiny", ["train.device='cpu'"])
+    me = "QmMe"
+
+    def rec(peer, stage):
+        return StageRecord(peer_id=peer, run_id=RUN, stage=stage, num_stages=4, state="online", throughput=1.0)
+
+    records = {0: [rec(me, 0)] + [rec(f"Qm0{i}", 0) for i in range(6)], 1: [rec("Qm10", 1)],
+               2: [rec("Qm20", 2)], 3: [rec("Qm30", 3), rec("Qm31", 3)]}
+    moved = []
+    node = placement.StagePlacement(SimpleNamespace(cfg=cfg, dht=SimpleNamespace(peer_id=me),
+                                                    stop=threading.Event()),
+                                    SimpleNamespace(announce=lambda host, state: None), create=False, fail=print)
+    node.host = SimpleNamespace(stage=0, throughput=1.0, stop=lambda save: None, start=lambda: None)
+    node.fit = [0, 2, 3]  # stage 1, the lightest with stage 2, does not fit
+    node._undownloadable = {2: frozenset({"Qm20"})}  # stage 2 failed to download from the peer serving it now
+    monkeypatch.setattr(node, "host_stage", lambda stage, fail=True, records=None: moved.append(stage) or True)
+    monkeypatch.setattr(placement.random, "random", lambda: 0.0)
+    with caplog.at_level(logging.INFO, logger="node.placement"):
+        node.rebalance(records)
+    assert moved == [3]
+    assert "stage 2 would be better served, but its servers (the same peers) could not give it" in caplog.text
+    node.last_move, moved[:] = 0.0, []
+    node._undownloadable = {2: frozenset({"QmGone"})}  # other peers serve it now: it may be tried again
+    node.rebalance(records)
+    assert moved == [2]

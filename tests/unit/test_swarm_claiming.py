@@ -69,6 +69,16 @@ def test_a_crowded_stage_sheds_nodes_while_two_stages_tie_at_the_bottom():
     assert rebalance_target([1.5, 2.0], [1, 1], current=0, my_throughput=3.0, gain=1.2) is None
 
 
+def test_a_lighter_stage_this_node_cannot_take_does_not_hide_one_it_can():
+    # Stage 1 is the lightest but does not fit this device (or its servers could not give it): stage 2, also
+    # clearly lighter than what stays behind, is the move; before, the node stayed put.
+    assert rebalance_target([7.0, 1.0, 2.0], [7, 1, 2], current=0, my_throughput=1.0, gain=1.2) == 1
+    assert rebalance_target([7.0, 1.0, 2.0], [7, 1, 2], current=0, my_throughput=1.0, gain=1.2, allowed=[0, 2]) == 2
+    assert rebalance_target([7.0, 1.0, 2.0], [7, 1, 2], current=0, my_throughput=1.0, gain=1.2, allowed=[0]) is None
+    # Coverage first, among the allowed stages too: an empty stage this node cannot take is not a target.
+    assert rebalance_target([4.0, 0.0, 1.0], [2, 0, 1], current=0, my_throughput=1.0, gain=1.2, allowed={0, 2}) == 2
+
+
 def _view(stage_of: list[int], throughput: list[float], stages: int, skip: int) -> tuple[list[float], list[int]]:
     """Loads and servers per stage, node ``skip`` left out."""
     loads, servers = [0.0] * stages, [0] * stages
