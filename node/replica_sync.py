@@ -298,7 +298,7 @@ class ReplicaSync:
         of_moment = RoundKey(key.stage, key.fragment + len(exchange.fragment_sizes) // 2, key.round)
         result, averaged = await asyncio.gather(exchange.run_round(key, part, weight),
                                                 exchange.run_round(of_moment, moment, weight))
-        result.moment = averaged.mean
+        result.moment = averaged.mean if averaged.group_size > 1 else None  # its own m back is no mean
         result.bytes_sent += averaged.bytes_sent
         result.bytes_received += averaged.bytes_received
         return result

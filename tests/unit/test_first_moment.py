@@ -143,13 +143,13 @@ def test_replica_sync_averages_the_first_moment_in_a_round_of_its_own_and_merges
         assert sync.exchange.fragment_sizes == sizes * 2  # fragment p's first moment travels as fragment 3 + p
 
         class Exchange:
-            fragment_sizes, stats, keys = sizes * 2, {}, []
+            fragment_sizes, stats, keys, size = sizes * 2, {}, [], 2
 
             async def run_round(self, key, part, weight=1.0):
                 self.keys.append(key)
                 value = 0.0 if key.fragment < 3 else 1e-4  # the stage's mean first moment: 1e-4 everywhere
                 return types.SimpleNamespace(mean=torch.full_like(part, value), bytes_sent=10, bytes_received=20,
-                                             rejected={}, group_size=2, reason="", sent=None, moment=None)
+                                             rejected={}, group_size=self.size, reason="", sent=None, moment=None)
 
         sync.exchange = Exchange()
         for param in work.module.parameters():
@@ -166,5 +166,10 @@ def test_replica_sync_averages_the_first_moment_in_a_round_of_its_own_and_merges
             st = work.optimizer.state[param]
             want = torch.clamp(torch.full_like(param, 1e-4), max=bound * st["exp_avg_sq"].sqrt())
             assert torch.allclose(st["exp_avg"], want, atol=1e-7) == (name in names), name  # only fragment 1's m is the mean
+        # A moment round that averaged nothing (this replica's own m came back) is not merged.
+        sync.exchange.size = 1
+        sync.epoch_steps = sync.spacing - 1
+        sync.after_step()
+        assert sync.stats["rounds_committed"] == 2 and sync.stats["moments_merged"] == 1
     finally:
         loop.call_soon_threadsafe(loop.stop)
