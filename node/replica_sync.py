@@ -44,7 +44,7 @@ from swarm.exchange import (
     FragmentExchange,
     RoundKey,
 )
-from swarm.first_moment import FirstMoment
+from swarm.first_moment import FirstMoment, round_with_moment
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,25 @@ def rounds_behind(history: list[str], mates: list[StageRecord]) -> str | None:
         theirs = [_round_of(h) for h in r.outer_history]
         if any(t > m for t, m in zip(theirs, mine, strict=True)):
             return f"{r.peer_id} applied rounds {theirs}, this state {mine}"
+    return None
+
+
+def drifted(mine: list[str], mates: list[StageRecord], peer_id: str) -> tuple[int, str, str, list[str]] | None:
+    """The first fragment where more of ``mates`` that applied this replica's last round share another
+    history than share ``mine`` (on a tie, the larger peer id gives way): (fragment, mine, theirs, their
+    peers); None when this replica holds the stage's state."""
+    for p, own in enumerate(mine):
+        round_tag = own.split(":", 1)[0]
+        if round_tag == "-1":
+            continue
+        others: dict[str, list[str]] = {}
+        for r in mates:
+            if len(r.outer_history) == len(mine) and r.outer_history[p].split(":", 1)[0] == round_tag:
+                others.setdefault(r.outer_history[p], []).append(r.peer_id)
+        agree = 1 + len(others.pop(own, []))
+        for value, peers in others.items():
+            if len(peers) > agree or (len(peers) == agree and max(peers) < peer_id):
+                return p, own, value, peers
     return None
 
 
@@ -211,24 +230,14 @@ class ReplicaSync:
         chain of applied means. If more of them share another chain than share ours (on a tie, the
         larger peer id gives way), this replica downloads the stage's state from one of them.
         """
-        mine = work.outer.history()
-        for p, own in enumerate(mine):
-            round_tag = own.split(":", 1)[0]
-            if round_tag == "-1":
-                continue
-            others: dict[str, list[str]] = {}
-            for r in mates:
-                if len(r.outer_history) == len(mine) and r.outer_history[p].split(":", 1)[0] == round_tag:
-                    others.setdefault(r.outer_history[p], []).append(r.peer_id)
-            agree = 1 + len(others.pop(own, []))
-            for value, peers in others.items():
-                if len(peers) > agree or (len(peers) == agree and max(peers) < self.peer_id):
-                    logger.warning("stage %d fragment %d: this replica's history %s differs from %d peer(s)' %s; "
-                                   "downloading the stage's state again", work.stage, p, own, len(peers), value)
-                    self.resync_from = peers
-                    self.resync_requested = True
-                    self.stats["drift_detected"] += 1
-                    return
+        found = drifted(work.outer.history(), mates, self.peer_id)
+        if found is not None:
+            p, own, value, peers = found
+            logger.warning("stage %d fragment %d: this replica's history %s differs from %d peer(s)' %s; "
+                           "downloading the stage's state again", work.stage, p, own, len(peers), value)
+            self.resync_from = peers
+            self.resync_requested = True
+            self.stats["drift_detected"] += 1
 
     def record_fields(self) -> dict[str, Any]:
         """What this replica publishes in its StageRecord."""
@@ -285,23 +294,10 @@ class ReplicaSync:
         # attached, for the first): a volunteer twice as fast moved the fragment twice as far.
         weight = float(max(1, self.steps - self._began_at.get(fragment, 0)))
         self._began_at[fragment] = self.steps
-        future = asyncio.run_coroutine_threadsafe(self._round(self.exchange, key, part, weight, moment), self.loop)
+        future = asyncio.run_coroutine_threadsafe(round_with_moment(self.exchange, key, part, weight, moment), self.loop)
         self._pending[fragment] = (future, self.steps, key, time.monotonic())
         self.stats["rounds_started"] += 1
         self.metrics.outer_rounds_total.labels(str(fragment), "started").inc()
-
-    @staticmethod
-    async def _round(exchange: FragmentExchange, key: RoundKey, part, weight: float, moment) -> Any:
-        """The fragment's round; with a first moment, its round too (fragment P + p), at the same time."""
-        if moment is None:
-            return await exchange.run_round(key, part, weight)
-        of_moment = RoundKey(key.stage, key.fragment + len(exchange.fragment_sizes) // 2, key.round)
-        result, averaged = await asyncio.gather(exchange.run_round(key, part, weight),
-                                                exchange.run_round(of_moment, moment, weight))
-        result.moment = averaged.mean if averaged.group_size > 1 else None  # its own m back is no mean
-        result.bytes_sent += averaged.bytes_sent
-        result.bytes_received += averaged.bytes_received
-        return result
 
     def _apply_ready(self, work: StageStore) -> None:
         tau = work.outer.settings.overlap

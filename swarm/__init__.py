@@ -24,6 +24,9 @@
 - ``swarm.diloco``          Streaming DiLoCo's outer loop for one replica: fragments, the schedule
   as a function of progress, the Nesterov outer step with overlap and mixing, the robust mean;
   ``DilocoConfig``, the ``[diloco]`` section it takes (error feedback included).
+- ``swarm.first_moment``    ``FirstMoment`` (``diloco.first_moment``): a replica's AdamW first moment of a
+  fragment read when its round begins and the replicas' mean merged, clipped to the replica's own Adam
+  bound; ``round_with_moment``, the part's round and the moment's side by side.
 - ``swarm.diloco_group``    ``InProcessGroup``: replicas agreeing in one process, the harness of the
   golden test and bench/diloco.py.
 - ``swarm.exchange``        the fragment exchange, a package (its docstring maps it): a stage's replicas

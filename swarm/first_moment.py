@@ -25,11 +25,14 @@ hold the same agreed state.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from protocol.codecs import all_finite
+from swarm.exchange import RoundKey
 
 
 def first_moment_bound(beta1: float, beta2: float) -> float:
@@ -100,3 +103,19 @@ class FirstMoment:
     def forget(self) -> None:
         """Drop the snapshots of rounds that will not be merged (the stage's state was replaced)."""
         self._then.clear()
+
+
+async def round_with_moment(exchange: Any, key: RoundKey, part: torch.Tensor, weight: float,
+                            moment: torch.Tensor | None) -> Any:
+    """``exchange.run_round`` of the part; with a first moment (``exchange``'s fragments doubled: p's moment is
+    fragment P + p), the moment's round at the same time, its mean in the part's result as ``moment`` (None
+    where it averaged nothing: this replica's own m back is no mean) and its bytes in the result's."""
+    if moment is None:
+        return await exchange.run_round(key, part, weight)
+    of_moment = RoundKey(key.stage, key.fragment + len(exchange.fragment_sizes) // 2, key.round)
+    result, averaged = await asyncio.gather(exchange.run_round(key, part, weight),
+                                            exchange.run_round(of_moment, moment, weight))
+    result.moment = averaged.mean if averaged.group_size > 1 else None
+    result.bytes_sent += averaged.bytes_sent
+    result.bytes_received += averaged.bytes_received
+    return result
