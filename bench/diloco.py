@@ -90,7 +90,7 @@ from node.train_local import evaluate
 from protocol.codecs import Codec, get_codec
 from swarm.diloco import DilocoConfig, OuterLoop, quantized
 from swarm.diloco_group import InProcessGroup
-from swarm.first_moment import FirstMoment, first_moment_bound
+from swarm.first_moment import FirstMoment, clip_to_bound_, first_moment_bound
 
 
 class Run:
@@ -186,9 +186,7 @@ class Run:
                 for st in states:
                     st[key].copy_(mean)
                     if clip is not None and key == "exp_avg":
-                        limit = st["exp_avg_sq"].sqrt().mul_(clip)
-                        torch.minimum(st[key], limit, out=st[key])
-                        torch.maximum(st[key], limit.neg_(), out=st[key])
+                        clip_to_bound_(st[key], st["exp_avg_sq"], clip)
                 sent += 4 * mean.numel() if codec is None else codec.payload_nbytes(mean.numel())
         return sent
 

@@ -146,11 +146,11 @@ class StagePlacement:
         if records is None:
             records = self.presence.observe(self.host)
         me, n, here_stage = self.ctx.dht.peer_id, cfg.pipeline.num_stages, self.host.stage
-        servers = stage_servers(records, n, exclude_peer=me)
+        loads, servers = stage_loads(records, n, exclude_peer=me), stage_servers(records, n, exclude_peer=me)
 
         def target_among(stages) -> int | None:
-            return rebalance_target(stage_loads(records, n, exclude_peer=me), servers, here_stage,
-                                    self.host.throughput, cfg.swarm.rebalance_gain, cfg.swarm.min_replicas, stages)
+            return rebalance_target(loads, servers, here_stage, self.host.throughput, cfg.swarm.rebalance_gain,
+                                    cfg.swarm.min_replicas, stages)
 
         # Never a stage this device cannot hold, nor one whose download failed while the same peers serve it.
         blocked = {s for s, ids in self._undownloadable.items() if ids == stage_server_ids(records, s)}

@@ -44,6 +44,13 @@ def first_moment_bound(beta1: float, beta2: float) -> float:
     return ((1 - beta1) ** 2 / ((1 - beta2) * (1 - beta1 * beta1 / beta2))) ** 0.5
 
 
+def clip_to_bound_(m: torch.Tensor, v: torch.Tensor, bound: float) -> None:
+    """Clip ``m`` in place, element by element, to ± ``bound`` × √``v``."""
+    limit = v.sqrt().mul_(bound)
+    torch.minimum(m, limit, out=m)
+    torch.maximum(m, limit.neg_(), out=m)
+
+
 class FirstMoment:
     """One replica's first-moment exchange: reads and replaces ``optimizer``'s ``exp_avg`` of each fragment.
 
@@ -64,7 +71,7 @@ class FirstMoment:
     @torch.no_grad()
     def snapshot(self, fragment: int) -> torch.Tensor:
         """The fragment's m now, flat fp32 on the CPU (zeros for parameters that took no step yet): what this
-        replica sends. Kept until :meth:`merge` (a second snapshot replaces it)."""
+        replica sends. Kept until :meth:`merge` (a second snapshot replaces it), so callers only read it."""
         layout = self.layouts[fragment]
         pieces = []
         for name, size in zip(layout.names, layout.sizes, strict=True):
@@ -72,7 +79,7 @@ class FirstMoment:
             pieces.append(state["exp_avg"].reshape(-1).float().cpu() if state is not None else torch.zeros(size))
         flat = torch.cat(pieces) if pieces else torch.zeros(0)
         self._then[fragment] = flat
-        return flat.clone()
+        return flat
 
     @torch.no_grad()
     def merge(self, fragment: int, mean: torch.Tensor | None, steps: int) -> bool:
@@ -94,9 +101,7 @@ class FirstMoment:
                 continue
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.add_(delta.to(m.device, m.dtype))
-            limit = v.sqrt().mul_(self.bound)
-            torch.minimum(m, limit, out=m)
-            torch.maximum(m, limit.neg_(), out=m)
+            clip_to_bound_(m, v, self.bound)
             changed = True
         return changed
 
