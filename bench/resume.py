@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -206,7 +207,7 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
 
         print(f"{len(pending)} unit(s) to run, {jobs} at a time", file=sys.stderr, flush=True)
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_worker_init, initargs=(threads,)) as pool:
+                                    initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             running: dict[cf.Future, tuple[str, str]] = {}
             try:
                 while True:
@@ -260,7 +261,18 @@ def mean_over_seeds(label: str, runs: list[dict]) -> dict:
             "devices": sorted({r.get("device", "cpu") for r in runs})}
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with(parent: int, every_s: float = 1.0) -> None:
+    """End this worker once ``parent`` (the runner) is gone: a killed runner must not leave its workers training
+    units nobody can save. A child outliving its parent is re-parented, so its parent pid changes."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    print(f"bench worker {os.getpid()}: the runner ({parent}) is gone; stopping", file=sys.stderr, flush=True)
+    os._exit(3)

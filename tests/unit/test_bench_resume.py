@@ -86,6 +86,62 @@ def test_run_units_runs_what_is_missing_in_worker_processes_and_saves_each(tmp_p
     assert run_units(ResultStore(tmp_path / "seq", {}), units, _square)["u2"]["x2"] == 4
 
 
+def _linger(marks: str) -> dict:
+    """A unit that says it started (a file named by its pid under ``marks``) and then trains for ten minutes."""
+    import os
+    import time
+
+    (Path(marks) / str(os.getpid())).touch()
+    time.sleep(600)
+    return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_the_workers_stop_when_their_runner_is_killed(tmp_path):
+    """A runner killed mid-run (SIGKILL: nothing of it runs after) must not leave its workers training units that
+    nobody can save any more; they notice their parent is gone and exit."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    marks = tmp_path / "started"
+    marks.mkdir()
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    runner = subprocess.Popen([sys.executable, "-c", (
+        f"import sys; sys.path[:0] = [{str(bench)!r}, {str(Path(__file__).parent)!r}]\n"
+        "from resume import ResultStore, run_units\n"
+        "from test_bench_resume import _linger\n"
+        f"run_units(ResultStore({str(tmp_path / 'store')!r}, {{}}), "
+        f"[('a', 'a', ({str(marks)!r},)), ('b', 'b', ({str(marks)!r},))], _linger, jobs=2)\n")])
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers) < 2:
+            assert time.monotonic() < deadline, "the two workers never started"
+            assert runner.poll() is None, f"the runner ended early ({runner.returncode})"
+            workers = [int(p.name) for p in marks.iterdir()]
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers {workers} still run after their runner was killed"
+            time.sleep(0.2)
+    finally:
+        runner.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(120)
 def test_a_failed_unit_is_named_and_the_others_are_kept(tmp_path, capsys):
     from resume import run_units
