@@ -38,7 +38,9 @@ cosine); they differ only in how the replicas agree:
   each replica's own AdamW bound |m| ≤ 1.165 √v: ``first_moment_bound``), and
   ``streaming_e3m0_H8_lr6e-4_olr0.8_fm`` (``diloco.first_moment``: the swarm's own first-moment exchange,
   swarm/first_moment.py, through the same InProcessGroup: m read when the round begins, averaged like the part,
-  merged keeping the replica's τ steps since, clipped to that bound)
+  merged keeping the replica's τ steps since, clipped to that bound), with its probes
+  ``streaming_e3m0_H4_lr6e-4_olr0.8_fm`` (synced twice as often) and ``streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75``
+  (α = 0.75)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -310,6 +312,11 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # What the swarm does with diloco.first_moment (swarm/first_moment.py): ``_m4c`` as the exchange runs it, the
         # first moment read when the round begins (its τ steps since kept), averaged like the part, then clipped.
         "streaming_e3m0_H8_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True),
+        # Nearer parity, at any bytes: ``_fm`` synced twice as often (H/24), and ``_fm`` keeping more of each
+        # replica's own progress at the merge (α = 0.75: α 0 → 0.5 was worth ~7 points at H/8).
+        "streaming_e3m0_H4_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True,
+                                                         inner_steps=max(P, H // 24 // P * P)),
+        "streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True, alpha=0.75),
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
                                                                         "outer_lr": 0.8})},
