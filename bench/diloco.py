@@ -39,8 +39,8 @@ cosine); they differ only in how the replicas agree:
   ``streaming_e3m0_H8_lr6e-4_olr0.8_fm`` (``diloco.first_moment``: the swarm's own first-moment exchange,
   swarm/first_moment.py, through the same InProcessGroup: m read when the round begins, averaged like the part,
   merged keeping the replica's τ steps since, clipped to that bound), with its probes
-  ``streaming_e3m0_H4_lr6e-4_olr0.8_fm`` (synced twice as often) and ``streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75``
-  (α = 0.75)
+  ``streaming_e3m0_H4_lr6e-4_olr0.8_fm`` (synced twice as often), ``streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75``
+  (α = 0.75) and ``streaming_e3m0_H16_lr6e-4_olr0.8_fm`` (half as often: the plain H = 8 row's bytes)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -317,6 +317,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H4_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True,
                                                          inner_steps=max(P, H // 24 // P * P)),
         "streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True, alpha=0.75),
+        # ... and at the bytes of the plain H/12 row (62×): the first moment with every part, synced half as often
+        # (H/6). Turning diloco.first_moment on at a node's present bytes is this trade.
+        "streaming_e3m0_H16_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True,
+                                                          inner_steps=max(P, H // 6 // P * P)),
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
                                                                         "outer_lr": 0.8})},
