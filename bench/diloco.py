@@ -41,6 +41,9 @@ cosine); they differ only in how the replicas agree:
   merged keeping the replica's τ steps since, clipped to that bound), with its probes
   ``streaming_e3m0_H4_lr6e-4_olr0.8_fm`` (synced twice as often), ``streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75``
   (α = 0.75) and ``streaming_e3m0_H16_lr6e-4_olr0.8_fm`` (half as often: the plain H = 8 row's bytes)
+- ``local_adam_H1``, ``local_adam_H1_fm``  diagnostics, not methods: every replica's parameters averaged after
+  every step (fp32), each replica's AdamW moments its own, or (``_fm``) its first moment averaged too: what is
+  left of the gap when nothing drifts between syncs
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -260,6 +263,13 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "data_parallel_lr2e-3": {"settings": None, "codec": None, "inner_lr": 2e-3},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
                    "codec": "fp32"},
+        # The floor of any method whose replicas keep their own AdamW state: every replica's parameters averaged
+        # after every step (fp32, no outer momentum: the mean itself), its moments its own (``local_adam_H1``), or
+        # its first moment averaged too, so that only the second moment is each replica's own (``_fm``).
+        "local_adam_H1": {"settings": DilocoConfig(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0,
+                                                   outer_momentum=0.0), "codec": "fp32"},
+        "local_adam_H1_fm": {"settings": DilocoConfig(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0,
+                                                      outer_momentum=0.0, first_moment=True), "codec": "fp32"},
         "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
         "streaming_e3m0": {"settings": DilocoConfig(**streaming), "codec": "e3m0"},
         "streaming_e3m0_requant": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "requantize_mean": True},
