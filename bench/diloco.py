@@ -249,6 +249,8 @@ def variants(H: int, P: int) -> dict[str, dict]:
     quarter = max(P, H // 4 // P * P)  # H/4, a multiple of P
     eighth = max(P, H // 8 // P * P)
     twelfth = max(P, H // 12 // P * P)
+    sixth, twentyfourth = max(P, H // 6 // P * P), max(P, H // 24 // P * P)
+    every_step = dict(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0, outer_momentum=0.0)
 
     def at_twelfth(codec: str, inner_lr: float = 4e-4, outer_lr: float = 0.8, **outer: float) -> dict:
         """A streaming variant synced at H/12 (a multiple of P), by default at both tuned lrs."""
@@ -263,13 +265,11 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "data_parallel_lr2e-3": {"settings": None, "codec": None, "inner_lr": 2e-3},
         "diloco": {"settings": DilocoConfig(inner_steps=H, fragments=1, overlap=0, alpha=0.0, outer_lr=0.7),
                    "codec": "fp32"},
-        # The floor of any method whose replicas keep their own AdamW state: every replica's parameters averaged
-        # after every step (fp32, no outer momentum: the mean itself), its moments its own (``local_adam_H1``), or
-        # its first moment averaged too, so that only the second moment is each replica's own (``_fm``).
-        "local_adam_H1": {"settings": DilocoConfig(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0,
-                                                   outer_momentum=0.0), "codec": "fp32"},
-        "local_adam_H1_fm": {"settings": DilocoConfig(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0,
-                                                      outer_momentum=0.0, first_moment=True), "codec": "fp32"},
+        # Diagnostics: every replica's parameters averaged after every step (fp32, no outer momentum: the mean
+        # itself), its AdamW moments its own (``local_adam_H1``), or its first moment averaged too, so that only the
+        # second moment is each replica's own (``_fm``): what each replica's own optimizer state costs without drift.
+        "local_adam_H1": {"settings": DilocoConfig(**every_step), "codec": "fp32"},
+        "local_adam_H1_fm": {"settings": DilocoConfig(**every_step, first_moment=True), "codec": "fp32"},
         "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
         "streaming_e3m0": {"settings": DilocoConfig(**streaming), "codec": "e3m0"},
         "streaming_e3m0_requant": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "requantize_mean": True},
@@ -325,14 +325,14 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # Nearer parity, at any bytes: ``_fm`` synced twice as often (H/24), and ``_fm`` keeping more of each
         # replica's own progress at the merge (α = 0.75: α 0 → 0.5 was worth ~7 points at H/8).
         "streaming_e3m0_H4_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True,
-                                                         inner_steps=max(P, H // 24 // P * P)),
+                                                         inner_steps=twentyfourth),
         "streaming_e3m0_H8_lr6e-4_olr0.8_fm_a0.75": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True, alpha=0.75),
         # ... and at the bytes of the plain H/12 row (62×): the first moment with every part, synced half as often
         # (H/6). Turning diloco.first_moment on at a node's present bytes is this trade.
         "streaming_e3m0_H16_lr6e-4_olr0.8_fm": at_twelfth("e3m0", inner_lr=6e-4, first_moment=True,
-                                                          inner_steps=max(P, H // 6 // P * P)),
+                                                          inner_steps=sixth),
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
-                                            "settings": DilocoConfig(**{**streaming, "inner_steps": max(P, H // 24 // P * P),
+                                            "settings": DilocoConfig(**{**streaming, "inner_steps": twentyfourth,
                                                                         "outer_lr": 0.8})},
         "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
         "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
