@@ -43,7 +43,8 @@ cosine); they differ only in how the replicas agree:
   (α = 0.75) and ``streaming_e3m0_H16_lr6e-4_olr0.8_fm`` (half as often: the plain H = 8 row's bytes)
 - ``local_adam_H1``, ``local_adam_H1_fm``  diagnostics, not methods: every replica's parameters averaged after
   every step (fp32), each replica's AdamW moments its own, or (``_fm``) its first moment averaged too: what is
-  left of the gap when nothing drifts between syncs
+  left of the gap when nothing drifts between syncs; ``local_adam_H2``, ``_H4``, ``_H8`` the same mean every 2, 4 or
+  8 steps, and ``local_adam_H4_e3m0_ef``, ``local_adam_H8_e3m0_ef`` at 4 and 8 with 4-bit parts and error feedback
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -252,6 +253,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
     sixth, twentyfourth = max(P, H // 6 // P * P), max(P, H // 24 // P * P)
     every_step = dict(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0, outer_momentum=0.0)
 
+    def local_adam(inner_steps: int, codec: str = "fp32", **outer) -> dict:
+        """The replicas' parameters averaged every ``inner_steps`` steps (one fragment, blocking, the mean itself)."""
+        return {"settings": DilocoConfig(**{**every_step, "inner_steps": inner_steps, **outer}), "codec": codec}
+
     def at_twelfth(codec: str, inner_lr: float = 4e-4, outer_lr: float = 0.8, **outer: float) -> dict:
         """A streaming variant synced at H/12 (a multiple of P), by default at both tuned lrs."""
         return {"settings": DilocoConfig(**{**streaming, "inner_steps": twelfth, "outer_lr": outer_lr, **outer}),
@@ -270,6 +275,14 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # second moment is each replica's own (``_fm``): what each replica's own optimizer state costs without drift.
         "local_adam_H1": {"settings": DilocoConfig(**every_step), "codec": "fp32"},
         "local_adam_H1_fm": {"settings": DilocoConfig(**every_step, first_moment=True), "codec": "fp32"},
+        # The same mean every 2, 4 or 8 steps: where between H = 1 and the streaming rows' H = 4..8 the gap opens,
+        # without their fragments, overlap, α merge, Nesterov or inner lr; and at 4 and 8 with 4-bit parts and error
+        # feedback (31× and 62× fewer bytes than data parallel): local Adam as a method, if the fp32 rows hold.
+        "local_adam_H2": local_adam(2),
+        "local_adam_H4": local_adam(4),
+        "local_adam_H8": local_adam(8),
+        "local_adam_H4_e3m0_ef": local_adam(4, "e3m0", error_feedback=True),
+        "local_adam_H8_e3m0_ef": local_adam(8, "e3m0", error_feedback=True),
         "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
         "streaming_e3m0": {"settings": DilocoConfig(**streaming), "codec": "e3m0"},
         "streaming_e3m0_requant": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "requantize_mean": True},
