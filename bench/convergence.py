@@ -203,6 +203,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return label.strip(), overrides
 
 
+def first_in_order(units: list[tuple], first: list[str]) -> list[tuple]:
+    """The units of the ``--first`` labels before the rest, label by label in the order given (each label's seeds
+    in seed order), then the others as they were. Each unit's label is its fourth field."""
+    rank = {label: i for i, label in reversed(list(enumerate(first)))}  # a repeated label keeps its first place
+    return sorted(units, key=lambda unit: rank.get(unit[3], len(first)))  # stable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 k values, short budget")
@@ -224,7 +231,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process "
                         "(one torch thread each; default 1: in this process, torch's default threads)")
     parser.add_argument("--first", action="append", default=[], metavar="LABEL",
-                        help="train this variant's units before the others' (repeatable; e.g. 'k=8 tail4' to get its "
+                        help="train this variant's units before the others' (repeatable: in the order given; e.g. 'k=8 tail4' to get its "
                         "seeds before the baselines'); the table is the same")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override under every variant (repeatable), e.g. --set model.d_model=384 "
@@ -262,7 +269,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--first/--reference name no variant of this run: {unknown} "
                      f"(variants: {[label for label, _ in variants]})")
-    units.sort(key=lambda unit: unit[3] not in args.first)  # stable: seed order kept within each group
+    units = first_in_order(units, args.first)
     if args.kept:
         done, missing = kept_units(store, units)
         if not done:

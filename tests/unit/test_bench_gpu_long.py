@@ -48,6 +48,18 @@ def test_convergence_first_must_name_a_variant_of_the_run(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing trained, nothing saved
 
 
+def test_convergence_first_trains_the_labels_in_the_order_given():
+    """``--first B --first A``: B's units (seed order), then A's, then the rest as they were."""
+    from bench.convergence import first_in_order
+
+    units = [(f"key-{label}-{seed}", f"{label} (seed {seed})", (), label, seed)
+             for seed in range(3) for label in ("dense", "A", "B", "C")]
+    order = [(u[3], u[4]) for u in first_in_order(units, ["B", "A", "B"])]
+    assert order == [("B", 0), ("B", 1), ("B", 2), ("A", 0), ("A", 1), ("A", 2),
+                     ("dense", 0), ("C", 0), ("dense", 1), ("C", 1), ("dense", 2), ("C", 2)]
+    assert first_in_order(units, []) == units
+
+
 def test_the_committed_units_keep_their_keys_when_the_tiny_preset_moves():
     """The benches train on ``bench.resume.KEPT_TINY`` (tiny's model settings before its recipe), so the units
     committed under bench/state are still found: a unit's key hashes its whole resolved config."""
