@@ -44,7 +44,9 @@ cosine); they differ only in how the replicas agree:
 - ``local_adam_H1``, ``local_adam_H1_fm``  diagnostics, not methods: every replica's parameters averaged after
   every step (fp32), each replica's AdamW moments its own, or (``_fm``) its first moment averaged too: what is
   left of the gap when nothing drifts between syncs; ``local_adam_H2``, ``_H4``, ``_H8`` the same mean every 2, 4 or
-  8 steps, and ``local_adam_H4_e3m0_ef``, ``local_adam_H8_e3m0_ef`` at 4 and 8 with 4-bit parts and error feedback
+  8 steps, and ``local_adam_H4_e3m0_ef``, ``local_adam_H8_e3m0_ef`` at 4 and 8 with 4-bit parts and error feedback;
+  around the last: ``_P4`` (4 fragments in turn), ``_P4_t1`` (and τ = 1 with the α = 0.5 merge), ``_fm`` (first
+  moment averaged too), ``local_adam_H8_int2_ef`` (2-bit parts), ``local_adam_H16_e3m0_ef`` (half the syncs)
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -283,6 +285,14 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "local_adam_H8": local_adam(8),
         "local_adam_H4_e3m0_ef": local_adam(4, "e3m0", error_feedback=True),
         "local_adam_H8_e3m0_ef": local_adam(8, "e3m0", error_feedback=True),
+        # ... at H = 8 with 4-bit parts and error feedback: what the streaming machinery costs on top of it (P = 4
+        # fragments synced in turn; then also τ = 1 step of overlap with the α = 0.5 merge, as the swarm runs it),
+        # the first moment averaged too (diloco.first_moment, 31×), 2-bit parts (int2), and half the syncs (H = 16).
+        "local_adam_H8_e3m0_ef_P4": local_adam(8, "e3m0", error_feedback=True, fragments=4),
+        "local_adam_H8_e3m0_ef_P4_t1": local_adam(8, "e3m0", error_feedback=True, fragments=4, overlap=1, alpha=0.5),
+        "local_adam_H8_e3m0_ef_fm": local_adam(8, "e3m0", error_feedback=True, first_moment=True),
+        "local_adam_H8_int2_ef": local_adam(8, "int2", error_feedback=True),
+        "local_adam_H16_e3m0_ef": local_adam(16, "e3m0", error_feedback=True),
         "streaming_fp32": {"settings": DilocoConfig(**streaming), "codec": "fp32"},
         "streaming_e3m0": {"settings": DilocoConfig(**streaming), "codec": "e3m0"},
         "streaming_e3m0_requant": {"settings": DilocoConfig(**streaming), "codec": "e3m0", "requantize_mean": True},
