@@ -46,7 +46,9 @@ cosine); they differ only in how the replicas agree:
   left of the gap when nothing drifts between syncs; ``local_adam_H2``, ``_H4``, ``_H8`` the same mean every 2, 4 or
   8 steps, and ``local_adam_H4_e3m0_ef``, ``local_adam_H8_e3m0_ef`` at 4 and 8 with 4-bit parts and error feedback;
   around the last: ``_P4`` (4 fragments in turn), ``_P4_t1`` (and τ = 1 with the α = 0.5 merge), ``_fm`` (first
-  moment averaged too), ``local_adam_H8_int2_ef`` (2-bit parts), ``local_adam_H16_e3m0_ef`` (half the syncs)
+  moment averaged too), ``local_adam_H8_int2_ef`` (2-bit parts), ``local_adam_H16_e3m0_ef`` (half the syncs),
+  ``_P4_t1s`` (τ = 1 with ``diloco.merge = "since"``: the new global copy plus the replica's step since its part
+  was taken, not the α mix); ``streaming_e3m0_H8_lr6e-4_olr0.8_since`` the recipe's streaming row merged so
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -290,6 +292,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
         # the first moment averaged too (diloco.first_moment, 31×), 2-bit parts (int2), and half the syncs (H = 16).
         "local_adam_H8_e3m0_ef_P4": local_adam(8, "e3m0", error_feedback=True, fragments=4),
         "local_adam_H8_e3m0_ef_P4_t1": local_adam(8, "e3m0", error_feedback=True, fragments=4, overlap=1, alpha=0.5),
+        # τ = 1 with merge = 'since' (the new global copy plus exactly the replica's step since its part was taken)
+        # instead of the α = 0.5 mix, which cost ~3 points above; and the recipe's streaming row merged so.
+        "local_adam_H8_e3m0_ef_P4_t1s": local_adam(8, "e3m0", error_feedback=True, fragments=4, overlap=1,
+                                                   merge="since"),
         "local_adam_H8_e3m0_ef_fm": local_adam(8, "e3m0", error_feedback=True, first_moment=True),
         "local_adam_H8_int2_ef": local_adam(8, "int2", error_feedback=True),
         "local_adam_H16_e3m0_ef": local_adam(16, "e3m0", error_feedback=True),
@@ -357,6 +363,7 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "streaming_e3m0_H4_lr6e-4_olr0.8": {**at_twelfth("e3m0", inner_lr=6e-4),
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": twentyfourth,
                                                                         "outer_lr": 0.8})},
+        "streaming_e3m0_H8_lr6e-4_olr0.8_since": at_twelfth("e3m0", inner_lr=6e-4, merge="since"),
         "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
         "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
         "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": at_twelfth("e3m0", alpha=0.75),

@@ -21,7 +21,8 @@ straightforward re-implementation.
   :func:`quantized` does). ``overlap`` (τ) inner steps later the replica calls
   :meth:`OuterLoop.apply` with the mean: Nesterov SGD on the global copy (``m ← μ·m + Δ``,
   ``θ̃ = θ_global − lr·(Δ + μ·m)``), then ``θ_global,p ← θ̃`` and ``θ_local,p ← α·θ_local,p + (1−α)·θ̃``,
-  which keeps part of the τ steps of local progress made while the exchange ran. A round with no
+  which keeps part of the τ steps of local progress made while the exchange ran (``merge = "since"``:
+  ``θ_local,p ← θ̃ + (θ_local,p − θ_local,p at begin)``, exactly those τ steps on top of θ̃). A round with no
   mean (the exchange failed or was skipped) changes nothing: the next round's Δ covers both periods.
 - **Robust mean.** :func:`robust_mean` drops non-finite parts and parts whose norm is more than
   ``max_norm_ratio`` times the lower median norm, so one peer cannot poison the average.
@@ -50,6 +51,7 @@ from protocol.codecs import Codec, MeanAccumulator, all_finite, get_codec
 from protocol.settings import ConfigError, check_positive, setting
 
 FRAGMENT_MODES = ("strided", "sequential")
+MERGES = ("alpha", "since")
 OUTER_DEVICES = ("auto", "cpu", "pinned", "device")
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
 
@@ -89,7 +91,14 @@ class DilocoConfig:
         "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed."
     )
     alpha: float = setting(
-        0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole)."
+        0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole); "
+        "merge = 'alpha' only."
+    )
+    merge: str = setting(
+        "alpha", "How a replica takes an averaged fragment: 'alpha' (θ_local ← α·θ_local + (1−α)·θ_global, the "
+        "paper's) or 'since' (θ_local ← θ_global + the replica's own change since its part was taken: exactly the "
+        "τ overlapped steps kept on the new global copy; at τ = 0 the global copy whole). 'since' keeps one more "
+        "copy of the fragment in flight (fp32, on outer_device)."
     )
     error_feedback: bool = setting(
         False, "Keep what quantizing this replica's part lost (wire.fragment_codec) and add it to its next part "
@@ -120,6 +129,8 @@ class DilocoConfig:
         if self.fragments > self.inner_steps:
             raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}: "
                               "every fragment needs its own offset")
+        if self.merge not in MERGES:
+            raise ConfigError(f"diloco.merge must be one of {MERGES}, got {self.merge!r}")
         if self.fragment_mode not in FRAGMENT_MODES:
             raise ConfigError(f"diloco.fragment_mode must be one of {FRAGMENT_MODES}, got {self.fragment_mode!r}")
         if not 0.0 <= self.outer_momentum < 1.0:
@@ -256,6 +267,7 @@ class OuterLoop:
         # the part begun this round, until its round ends.
         self.residual: list[torch.Tensor | None] = [None] * settings.fragments
         self._parts: dict[int, torch.Tensor] = {}
+        self._taken: dict[int, torch.Tensor] = {}  # merge = 'since': the local fragment each pending part was taken from
 
     def _flat(self, fragment: int) -> torch.Tensor:
         """The fragment's live parameters as one fp32 vector, where the parameters are."""
@@ -279,7 +291,10 @@ class OuterLoop:
         if fragment in self._pending:
             raise RuntimeError(f"fragment {fragment}: round {self._pending[fragment]} was begun and never applied")
         self._pending[fragment] = round_id
-        part = self.global_[fragment] - self._outer(self._flat(fragment))
+        local = self._outer(self._flat(fragment))
+        part = self.global_[fragment] - local
+        if self.settings.merge == "since":
+            self._taken[fragment] = local
         if self.settings.error_feedback:
             if self.residual[fragment] is not None:
                 part.add_(self.residual[fragment])
@@ -300,6 +315,7 @@ class OuterLoop:
         """
         round_id = self._pending.pop(fragment, None)
         part = self._parts.pop(fragment, None)
+        taken = self._taken.pop(fragment, None)
         if round_id is None:
             raise RuntimeError(f"fragment {fragment}: apply() without begin()")
         if mean_delta is None:
@@ -314,9 +330,14 @@ class OuterLoop:
         self.global_[fragment].sub_(step, alpha=s.outer_lr)
         # The merge runs where the parameters are: the new global copy crosses once, whole.
         fresh = self.global_[fragment].to(self._param_device(fragment), non_blocking=self.pin_memory)
-        for name, value in layout.unflatten(fresh).items():
-            param = self.params[name]
-            param.mul_(s.alpha).add_(value.to(param.dtype), alpha=1.0 - s.alpha)
+        if taken is not None:  # merge = 'since': the new global copy plus this replica's τ steps since begin()
+            fresh = fresh + (self._flat(fragment) - taken.to(fresh.device, non_blocking=self.pin_memory))
+            for name, value in layout.unflatten(fresh).items():
+                self.params[name].copy_(value)
+        else:
+            for name, value in layout.unflatten(fresh).items():
+                param = self.params[name]
+                param.mul_(s.alpha).add_(value.to(param.dtype), alpha=1.0 - s.alpha)
         if self.pin_memory and fresh.is_cuda:
             torch.cuda.current_stream(fresh.device).synchronize()  # the pinned source is written again later
         self.rounds_applied[fragment] += 1
@@ -352,7 +373,7 @@ class OuterLoop:
         self.rounds_applied = [0] * self.settings.fragments
         self._history = [(-1, bytes(32))] * self.settings.fragments
         self._pending.clear()
-        self.residual, self._parts = [None] * self.settings.fragments, {}
+        self.residual, self._parts, self._taken = [None] * self.settings.fragments, {}, {}
 
     def state_dict(self, copy: bool = True) -> dict:
         """Global copies, momenta and round counts (for checkpoints and joiners' state sync): copies on the
@@ -379,7 +400,7 @@ class OuterLoop:
         self._history = list(zip(rounds, chains, strict=True))
         self._pending.clear()
         # The residual is this replica's own (never in a state another replica sends): it starts over.
-        self.residual, self._parts = [None] * len(self.global_), {}
+        self.residual, self._parts, self._taken = [None] * len(self.global_), {}, {}
 
 
 # ---------------------------------------------------------------------------------------- averaging

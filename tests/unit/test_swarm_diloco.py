@@ -73,6 +73,7 @@ def run_reference(settings: DilocoConfig, codec: str | None):
     glob = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     mom = {n: torch.zeros_like(p) for n, p in glob.items()}
     started: dict[int, tuple[int, dict]] = {}  # fragment -> (start step, mean delta by name)
+    taken: dict[tuple[int, str], torch.Tensor] = {}  # (replica, name) -> its local value when the part was taken
     residual: dict[tuple[int, int], torch.Tensor] = {}  # (replica, fragment) -> what the codec lost (error feedback)
 
     def finish(p):
@@ -83,9 +84,12 @@ def run_reference(settings: DilocoConfig, codec: str | None):
             for n in frags[p]:
                 mom[n] = mom[n].mul(mu).add(mean[n])  # m ← μ·m + Δ
                 glob[n] = glob[n].sub(mean[n].add(mom[n], alpha=mu), alpha=lr)  # θ ← θ − lr·(Δ + μ·m)
-                for m in models:
+                for r, m in enumerate(models):
                     local = dict(m.named_parameters())[n]
-                    local.mul_(alpha).add_(glob[n], alpha=1 - alpha)  # α·θ_local + (1−α)·θ
+                    if settings.merge == "since":  # θ + the replica's own change since its part was taken
+                        local.copy_(glob[n] + (local - taken.pop((r, n))))
+                    else:
+                        local.mul_(alpha).add_(glob[n], alpha=1 - alpha)  # α·θ_local + (1−α)·θ
 
     for t in range(1, STEPS + 1):
         for r, (m, o) in enumerate(zip(models, opts, strict=True)):
@@ -97,6 +101,7 @@ def run_reference(settings: DilocoConfig, codec: str | None):
                 total = None
                 for r, m in enumerate(models):
                     named = dict(m.named_parameters())
+                    taken.update({(r, n): named[n].detach().clone() for n in frags[p]})
                     delta = torch.cat([(glob[n] - named[n].detach()).reshape(-1) for n in frags[p]])
                     if settings.error_feedback and (r, p) in residual:
                         delta = delta + residual[(r, p)]  # e: what the last sent part of p lost
@@ -129,10 +134,10 @@ def run_swarm_diloco(settings: DilocoConfig, codec: str | None):
 
 @pytest.mark.parametrize("codec,error_feedback", [(None, False), ("e3m0", False), ("e3m0", True), ("int2", True),
                                                   ("topk", True)])
-@pytest.mark.parametrize("overlap,alpha", [(2, 0.5), (0, 0.0)])
-def test_golden_streaming_diloco_matches_the_reference(codec, error_feedback, overlap, alpha):
+@pytest.mark.parametrize("overlap,alpha,merge", [(2, 0.5, "alpha"), (0, 0.0, "alpha"), (2, 0.5, "since")])
+def test_golden_streaming_diloco_matches_the_reference(codec, error_feedback, overlap, alpha, merge):
     settings = DilocoConfig(inner_steps=6, fragments=3, overlap=overlap, alpha=alpha, outer_lr=0.7,
-                            error_feedback=error_feedback)
+                            error_feedback=error_feedback, merge=merge)
     assert split_fragments([n for n, _ in tiny_model().named_parameters()], 3) == reference_fragments(tiny_model())
     reference = run_reference(settings, codec)
     models, loops = run_swarm_diloco(settings, codec)
@@ -219,7 +224,7 @@ def test_fragments_strided_sequential_and_errors():
     with pytest.raises(ValueError, match="fragment mode"):
         split_fragments(names, 2, "random")
     for bad in ({"fragments": 0}, {"fragments": 7, "inner_steps": 6}, {"overlap": 6, "inner_steps": 6},
-                {"overlap": -1}, {"alpha": 1.5}, {"outer_lr": 0.0}, {"outer_momentum": 1.0}, {"fragment_mode": "x"},
+                {"overlap": -1}, {"alpha": 1.5}, {"merge": "mix"}, {"outer_lr": 0.0}, {"outer_momentum": 1.0}, {"fragment_mode": "x"},
                 {"inner_steps": 6.0}):
         with pytest.raises(ConfigError):  # a ValueError naming the diloco.* field
             DilocoConfig(**bad)
