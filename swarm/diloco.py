@@ -63,60 +63,49 @@ class DilocoConfig:
     SECTION = "diloco"
 
     enabled: bool = setting(
-        True, "Average each stage's replicas with Streaming DiLoCo (false: replicas train apart)."
-    )
+        True, "Average each stage's replicas with Streaming DiLoCo (false: replicas train apart).")
     inner_steps: int = setting(
         400, "H: inner optimizer steps, summed over a stage's replicas, between two syncs of one fragment "
-        "(4 replicas at H=400 each take about 100 steps)."
-    )
+        "(4 replicas at H=400 each take about 100 steps).")
     fragments: int = setting(4, "P: fragments a stage's parameters are cut into (1..H); one is synced every H/P "
                              "summed steps (capped at the stage's blocks + other parameters).")
     fragment_mode: str = setting(
-        "strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous."
-    )
+        "strided", "'strided': fragment p holds blocks p, p+P, ... ; 'sequential': contiguous.")
     outer_lr: float = setting(0.8, "Outer SGD learning rate on the averaged outer gradient (0.8: BENCHMARKS.md, \"Streaming "
                               "DiLoCo vs data parallel\", the full run: better than 0.4 on two seeds).")
     inner_lr: float | None = setting(
         None, "Peak inner AdamW learning rate of a stage whose replicas sync (warm-up and cosine as train.lr's); "
         "None = train.lr. Streaming DiLoCo's replicas train on a share of the batch each and do better at a lower "
         "rate than data parallel's (BENCHMARKS.md, \"Streaming DiLoCo vs data parallel\"); node train-local "
-        "ignores it."
-    )
+        "ignores it.")
     outer_momentum: float = setting(0.9, "Outer Nesterov momentum.")
     nesterov: bool = setting(True, "Nesterov (true) or plain heavy-ball (false) outer momentum.")
     overlap: int = setting(1, "τ: this replica's inner steps between the start of a fragment's exchange and its use "
                            "(0..H-1).")
     blocking: bool = setting(
         False, "Wait τ steps after a boundary until the fragment's mean is back (the paper's schedule; 0 = no "
-        "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed."
-    )
+        "overlap). false: never stall; the mean is applied at the first step it is back and τ have passed.")
     alpha: float = setting(
         0.5, "Weight of the local parameters when an averaged fragment is merged (0 = take it whole); "
-        "merge = 'alpha' only."
-    )
+        "merge = 'alpha' only.")
     merge: str = setting(
         "alpha", "How a replica takes an averaged fragment: 'alpha' (θ_local ← α·θ_local + (1−α)·θ_global, the "
         "paper's) or 'since' (θ_local ← θ_global + the replica's own change since its part was taken: exactly the "
         "τ overlapped steps kept on the new global copy; at τ = 0 the global copy whole). 'since' keeps one more "
-        "copy of the fragment in flight (fp32, on outer_device)."
-    )
+        "copy of the fragment in flight (fp32, on outer_device).")
     error_feedback: bool = setting(
         False, "Keep what quantizing this replica's part lost (wire.fragment_codec) and add it to its next part "
-        "of that fragment (+4 bytes a parameter of outer state; the residual starts over after a resync or resume)."
-    )
+        "of that fragment (+4 bytes a parameter of outer state; the residual starts over after a resync or resume).")
     first_moment: bool = setting(
         False, "Average each synced fragment's inner AdamW first moment too, sent in wire.fragment_codec beside "
         "the part (about twice the bytes a round); each replica clips the mean to its own Adam bound "
-        "(swarm/first_moment.py)."
-    )
+        "(swarm/first_moment.py).")
     resync_rounds: int = setting(
-        3, "A replica that falls more than this many rounds behind downloads the stage's state again."
-    )
+        3, "A replica that falls more than this many rounds behind downloads the stage's state again.")
     outer_device: str = setting(
         "auto", "Where the global copy and momentum live (node-local): 'auto' (pinned host memory when training "
         "on CUDA, else the CPU), 'cpu', 'pinned' (page-locked host memory; needs CUDA) or 'device' (the GPU: "
-        "+8 bytes a parameter there)."
-    )
+        "+8 bytes a parameter there).")
 
     def __post_init__(self) -> None:
         if self.outer_device not in OUTER_DEVICES:
