@@ -206,7 +206,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def first_in_order(units: list[tuple], first: list[str]) -> list[tuple]:
     """The units of the ``--first`` labels before the rest, label by label in the order given (each label's seeds
     in seed order), then the others as they were. Each unit's label is its fourth field."""
-    rank = {label: i for i, label in reversed(list(enumerate(first)))}  # a repeated label keeps its first place
+    rank = {label: first.index(label) for label in first}  # a repeated label keeps its first place
     return sorted(units, key=lambda unit: rank.get(unit[3], len(first)))  # stable
 
 
@@ -231,8 +231,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="units trained at a time, each in its own process "
                         "(one torch thread each; default 1: in this process, torch's default threads)")
     parser.add_argument("--first", action="append", default=[], metavar="LABEL",
-                        help="train this variant's units before the others' (repeatable: in the order given; e.g. 'k=8 tail4' to get its "
-                        "seeds before the baselines'); the table is the same")
+                        help="train this variant's units before the others' (repeatable: in the order given; "
+                        "e.g. 'k=8 tail4' to get its seeds before the baselines'); the table is the same")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override under every variant (repeatable), e.g. --set model.d_model=384 "
                         "--set model.ffn_hidden=1536 for a second model size; give that run a --state of its own")
