@@ -44,7 +44,8 @@ cosine); they differ only in how the replicas agree:
 - ``local_adam_H1``, ``local_adam_H1_fm``  diagnostics, not methods: every replica's parameters averaged after
   every step (fp32), each replica's AdamW moments its own, or (``_fm``) its first moment averaged too: what is
   left of the gap when nothing drifts between syncs; ``local_adam_H2``, ``_H4``, ``_H8`` the same mean every 2, 4 or
-  8 steps, and ``local_adam_H4_e3m0_ef``, ``local_adam_H8_e3m0_ef`` at 4 and 8 with 4-bit parts and error feedback;
+  8 steps, and ``local_adam_H2_e3m0_ef``, ``_H4_e3m0_ef``, ``_H8_e3m0_ef`` at 2, 4 and 8 with 4-bit parts and
+  error feedback;
   around the last: ``_P4`` (4 fragments in turn), ``_P4_t1`` (and τ = 1 with the α = 0.5 merge), ``_fm`` (first
   moment averaged too), ``local_adam_H8_int2_ef`` (2-bit parts), ``local_adam_H16_e3m0_ef`` (half the syncs),
   ``_P4_t1s`` (τ = 1 with ``diloco.merge = "since"``: the new global copy plus the replica's step since its part
@@ -280,11 +281,12 @@ def variants(H: int, P: int) -> dict[str, dict]:
         "local_adam_H1": {"settings": DilocoConfig(**every_step), "codec": "fp32"},
         "local_adam_H1_fm": {"settings": DilocoConfig(**every_step, first_moment=True), "codec": "fp32"},
         # The same mean every 2, 4 or 8 steps: where between H = 1 and the streaming rows' H = 4..8 the gap opens,
-        # without their fragments, overlap, α merge, Nesterov or inner lr; and at 4 and 8 with 4-bit parts and error
-        # feedback (31× and 62× fewer bytes than data parallel): local Adam as a method, if the fp32 rows hold.
+        # without their fragments, overlap, α merge, Nesterov or inner lr; and at 2, 4 and 8 with 4-bit parts and error
+        # feedback (15.5×, 31× and 62× fewer bytes than data parallel): local Adam as a method, if the fp32 rows hold.
         "local_adam_H2": local_adam(2),
         "local_adam_H4": local_adam(4),
         "local_adam_H8": local_adam(8),
+        "local_adam_H2_e3m0_ef": local_adam(2, "e3m0", error_feedback=True),
         "local_adam_H4_e3m0_ef": local_adam(4, "e3m0", error_feedback=True),
         "local_adam_H8_e3m0_ef": local_adam(8, "e3m0", error_feedback=True),
         # ... at H = 8 with 4-bit parts and error feedback: what the streaming machinery costs on top of it (P = 4
