@@ -133,6 +133,22 @@ def test_estimate_components_follow_the_config():
     assert estimate_stage(no_outer, 1, "cpu").parts["outer"] == 0
 
 
+def test_outer_state_counts_error_feedback_since_and_the_first_moment():
+    base = ["pipeline.num_stages=2", "diloco.fragments=4"]
+    plain = estimate_stage(load_config("model/125m", base), 1, "cuda")
+    fragment = -(-plain.params // 4)
+
+    def outer(*extra: str) -> int:
+        return estimate_stage(load_config("model/125m", [*base, *extra]), 1, "cuda").parts["outer"]
+
+    assert plain.parts["outer"] == 8 * plain.params
+    assert outer("diloco.error_feedback=true") == 12 * plain.params + 4 * fragment  # residual + the part in flight
+    assert outer("diloco.merge=since") == 8 * plain.params + 4 * fragment  # the local fragment taken
+    assert outer("diloco.first_moment=true") == 8 * plain.params + 4 * fragment  # m sent
+    every = outer("diloco.error_feedback=true", "diloco.merge=since", "diloco.first_moment=true")
+    assert every == 12 * plain.params + 12 * fragment
+
+
 # ---------------------------------------------------------------------------------------------- measured peaks
 
 @pytest.mark.slow
