@@ -295,6 +295,10 @@ class StageEngine:
 
         named = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         settings = diloco.for_units(len(units(named)))
+        if settings.merge == "since" and (settings.outer_momentum or settings.outer_lr != 1):
+            logger.warning("diloco.merge = 'since' with outer_lr %g and outer_momentum %g: measured only with plain "
+                           "averaging (outer_lr 1, outer_momentum 0); with Nesterov 0.9 at lr 0.8 it diverged "
+                           "(BENCHMARKS.md, \"Local Adam\")", settings.outer_lr, settings.outer_momentum)
         self.outer = OuterLoop(named, settings, **_outer_placement(outer_device, self.device))
 
     def state(self, copy: bool = True) -> dict[str, Any]:

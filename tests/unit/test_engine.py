@@ -162,6 +162,18 @@ def test_diloco_inner_lr_sets_a_syncing_stages_peak_lr_and_nothing_else(tmp_path
         load_config("local/tiny", ["diloco.inner_lr=0"])
 
 
+@pytest.mark.parametrize(("extra", "warned"), [
+    (["diloco.merge=since"], True),  # the defaults: Nesterov 0.9 at outer lr 0.8
+    (["diloco.merge=since", "diloco.outer_lr=1", "diloco.outer_momentum=0"], False),
+    (["diloco.outer_lr=1", "diloco.outer_momentum=0"], False),
+])
+def test_merge_since_with_outer_momentum_is_warned_about(caplog, extra, warned):
+    cfg = tiny(stages=1, extra=extra)
+    with caplog.at_level("WARNING", logger="node.engine"):
+        build_engine(cfg, 0).attach_outer(cfg.diloco, "cpu")
+    assert any("merge = 'since'" in r.getMessage() for r in caplog.records) == warned
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_tensor_of_a_stage_lives_on_the_engines_device(device):
     """Parameters, gradients, optimizer state, frozen tensors and boundary tensors: all on the device."""
