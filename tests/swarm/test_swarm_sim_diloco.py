@@ -76,11 +76,14 @@ def test_the_monitor_sums_replica_sync_counters_per_process():
 
 
 @pytest.mark.timeout(300)
-def test_replicas_average_with_the_balanced_exchange_and_their_first_moments(tmp_path):
-    # exchange.mode and diloco.first_moment are run-level: node 0 publishes them and the joiners take them from
+def test_replicas_average_with_the_balanced_exchange_their_first_moments_and_the_since_merge(tmp_path):
+    # exchange.mode and diloco's settings are run-level: node 0 publishes them and the joiners take them from
     # the run record. With first_moment every fragment's first moment is averaged in a round of its own (P + p).
+    # merge = 'since' (with plain averaging, as it is meant to run) takes each mean through the live rounds'
+    # begin/apply, overlap included.
     s = run_sim(3, "configs/swarm/diloco-local.toml", 90, "", tmp_path, timeout=240,
-                extra=["--set", "exchange.mode=balanced", "--set", "diloco.first_moment=true"])
+                extra=["--set", "exchange.mode=balanced", "--set", "diloco.first_moment=true",
+                       "--set", "diloco.merge=since", "--set", "diloco.outer_lr=1", "--set", "diloco.outer_momentum=0"])
     assert s["ok"] and s["peers_online"] == 3, s
     per_node = s["outer_rounds_committed_per_node"]
     assert all(per_node.get(str(i), 0) >= 3 for i in range(3)), per_node
