@@ -158,7 +158,7 @@ def _estimate(cfg: RunConfig, ranges: list[range], stage: int, device_type: str,
         "weights": FP32 * params,
         "gradients": FP32 * params,
         "optimizer": 2 * FP32 * params,  # AdamW exp_avg, exp_avg_sq
-        "outer": _outer_bytes(cfg, params),
+        "outer": _outer_bytes(cfg, params, len(layers)),
         "fixed_table": FP32 * vocab * d if m.uses_fixed_table else 0,
         "basis": FP32 * d * m.subspace_rank if m.subspace_rank else 0,
         "rope": 2 * FP32 * m.max_seq_len * (d // m.n_heads // 2),  # cos, sin
@@ -181,15 +181,18 @@ def _estimate(cfg: RunConfig, ranges: list[range], stage: int, device_type: str,
                        peak_phase="backward" if backward >= step else "step", device_type=device_type)
 
 
-def _outer_bytes(cfg: RunConfig, params: int) -> int:
+def _outer_bytes(cfg: RunConfig, params: int, num_layers: int) -> int:
     """The Streaming DiLoCo outer state of a stage of ``params`` parameters (fp32): its global copy and
     momentum; the error-feedback residual; and, for one fragment in flight (the staggered schedule's usual
     state: a slow round can hold more), the part begun (error feedback), the local fragment taken
-    (``merge = 'since'``) and the first moment sent (``first_moment``)."""
+    (``merge = 'since'``) and the first moment sent (``first_moment``). P is capped as the stage's outer loop
+    caps it (``DilocoConfig.for_units``), at its blocks: a stage has at least that many units, so its fragments
+    are never fewer than counted (nor larger on average)."""
     d = cfg.diloco
     if not d.enabled:
         return 0
-    in_flight = -(-params // d.fragments) * (d.error_feedback + (d.merge == "since") + d.first_moment)
+    fragments = d.for_units(max(1, num_layers)).fragments
+    in_flight = -(-params // fragments) * (d.error_feedback + (d.merge == "since") + d.first_moment)
     return FP32 * ((2 + d.error_feedback) * params + in_flight)
 
 
