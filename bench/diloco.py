@@ -239,6 +239,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         bx.scatter([x] * len(seeds), seeds, s=6, color="black", zorder=3)
     bx.axhline(rows[0]["val_loss"], color="grey", lw=0.8, ls="--")
     bx.axhline(rows[0]["val_loss"] * 1.01, color="grey", lw=0.8, ls=":")
+    # A row far above the rest (an unstable variant) would flatten them: cut the axis at +6% and name it at the top.
+    top = rows[0]["val_loss"] * 1.06
+    lowest = min(min(r.get("val_loss_per_seed") or [r["val_loss"]]) for r in rows)
+    if any(r["val_loss"] > top for r in rows):
+        bx.set_ylim(min(lowest, rows[0]["val_loss"]) - 0.005, top)
+        for i, row in enumerate(rows):
+            if row["val_loss"] > top:
+                x = row["bytes_ratio_vs_data_parallel"]
+                bx.scatter([x], [top], marker="^", s=40, color=colours[i % len(colours)], clip_on=False, zorder=4)
+                bx.annotate(f"{row['val_loss']:.3f} (off scale)", (x, top), textcoords="offset points",
+                            xytext=(-4, -12), ha="right", fontsize=7)
     bx.set_xscale("log")
     bx.set_xlabel("times fewer bytes than data parallel, per replica (log)")
     bx.set_ylabel("final validation loss: mean ± std, dots = seeds")
