@@ -196,6 +196,11 @@ KNOBS = (
     "model.fixed_table_std=0.3,train.subspace_lr_mult=0.5",
     "k=8 tail4 init0.06 T0.3 Zlr2:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.3,train.subspace_lr_mult=2",
+    # ... or is it the table's share of the stream again (it had to follow the init): a larger table at k = 32 and 8
+    "k=8 tail4 init0.06 T0.5:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.5",
+    "k=32 tail4 init0.06 T0.5:model.subspace_rank=32,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.5",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
