@@ -201,6 +201,12 @@ KNOBS = (
     "model.fixed_table_std=0.5",
     "k=32 tail4 init0.06 T0.5:model.subspace_rank=32,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.5",
+    # (both gained about 0.01 on seed 0): the dense baseline, the one-stage model and a larger table still
+    "dense+table init0.06 T0.5:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,"
+    "model.fixed_table_std=0.5",
+    "k=8 S=1 init0.06 T0.5:model.subspace_rank=8,pipeline.num_stages=1,model.init_std=0.06,model.fixed_table_std=0.5",
+    "k=8 tail4 init0.06 T0.8:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
+    "model.fixed_table_std=0.8",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
