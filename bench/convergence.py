@@ -189,24 +189,16 @@ KNOBS = (
     "k=8 S=1 init0.06 T0.3:model.subspace_rank=8,pipeline.num_stages=1,model.init_std=0.06,model.fixed_table_std=0.3",
     # Why is a larger k worse at the recipe (k = 4 < 8 < 16 < 32)? Adam moves each entry of Z by about the learning
     # rate whatever k, so a factored writer's step in W = U·Z space grows as sqrt(k) (its init norm does not):
-    # k = 32 at half Z's rate takes k = 8's W-space steps, k = 8 at twice the rate k = 32's.
+    # k = 32 at half Z's rate takes k = 8's W-space steps (it did not help k = 32: BENCHMARKS.md).
     "k=8 tail4 init0.06 T0.3 Zlr0.5:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.3,train.subspace_lr_mult=0.5",
     "k=32 tail4 init0.06 T0.3 Zlr0.5:model.subspace_rank=32,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.3,train.subspace_lr_mult=0.5",
-    "k=8 tail4 init0.06 T0.3 Zlr2:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
-    "model.fixed_table_std=0.3,train.subspace_lr_mult=2",
     # ... or is it the table's share of the stream again (it had to follow the init): a larger table at k = 32 and 8
     "k=8 tail4 init0.06 T0.5:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.5",
     "k=32 tail4 init0.06 T0.5:model.subspace_rank=32,model.dense_tail_layers=4,model.init_std=0.06,"
     "model.fixed_table_std=0.5",
-    # (both gained about 0.01 on seed 0): the dense baseline, the one-stage model and a larger table still
-    "dense+table init0.06 T0.5:model.subspace_rank='none',model.fixed_table=true,model.init_std=0.06,"
-    "model.fixed_table_std=0.5",
-    "k=8 S=1 init0.06 T0.5:model.subspace_rank=8,pipeline.num_stages=1,model.init_std=0.06,model.fixed_table_std=0.5",
-    "k=8 tail4 init0.06 T0.8:model.subspace_rank=8,model.dense_tail_layers=4,model.init_std=0.06,"
-    "model.fixed_table_std=0.8",
     "k=8 projected:model.subspace_rank=8,model.subspace_param='projected'",
     "k=8 bf16 wire:model.subspace_rank=8,train.wire_boundaries=true",
     "k=16 int8 wire:model.subspace_rank=16,train.wire_boundaries=true,wire.activation_codec='int8',"
