@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protocol.messages import StageRecord, encode_message
 from swarm.procs import p2pd_sockets
 from swarm.records import SUBKEY_PREFIX, stage_key
-from swarm.sim.swarm import LocalSwarm, processes_mentioning
+from swarm.sim.swarm import LocalSwarm, SimError, processes_mentioning
 
 # Fast record timing so expiry and rebalancing happen within a test.
 FAST = ["swarm.refresh_s=1", "swarm.expiry_s=8", "swarm.rebalance_period_s=3"]
@@ -120,7 +120,12 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
             holder["status"] = swarm.status()
             return _online(holder["status"], 6)
 
-        swarm.wait_until(all_online, 60 - (time.monotonic() - start), "6 peers ONLINE, both stages served")
+        try:
+            swarm.wait_until(all_online, 60 - (time.monotonic() - start), "6 peers ONLINE, both stages served")
+        except SimError as exc:  # say where each peer was, so that a slow start can be told from a stuck one
+            last = holder.get("status") or {"peers": [], "stages": []}
+            raise SimError(f"{exc}; last seen: peers {[(p['state'], p['stage']) for p in last['peers']]}, "
+                           f"servers per stage {[s['servers'] for s in last['stages']]}") from exc
         status = holder["status"]
         assert status["num_stages"] == 2 and status["run_id"] == "sim"
         # The founder starts its stage at once; a joiner that finds a stage vacant reads the DHT once more
