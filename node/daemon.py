@@ -312,7 +312,7 @@ class NodeDaemon:
         def graceful() -> None:
             try:
                 if self.host is not None and self.dht is not None and self.dht.online:
-                    self.presence.announce(self.host, "offline")
+                    self.presence.announce(self.host, "offline", linger=True)
                     self._set_state("offline")
                 stop_in_order(self.host, self.services, self.dht, self.server, deadline)
             except Exception:

@@ -44,8 +44,10 @@ class SwarmPresence:
     def publish_run(self, record: RunRecord) -> None:
         self.ctx.dht.store_run_record(record, self.ctx.cfg.swarm.record_expiry_s)
 
-    def announce(self, host: StageHost, state: str) -> None:
-        """Publish this node's stage record; a failed store is counted and retried at the next refresh."""
+    def announce(self, host: StageHost, state: str, linger: bool = False) -> None:
+        """Publish this node's stage record; a failed store is counted and retried at the next refresh.
+        ``linger``: an "offline" record that nothing refreshes (the node stops) says "left on purpose" for
+        longer; a stage move's "offline" record need only replace this node's record there."""
         ctx, sync = self.ctx, self.ctx.services.sync
         record = StageRecord(
             peer_id=ctx.peer_id, run_id=ctx.run_id, stage=host.stage,
@@ -58,7 +60,7 @@ class SwarmPresence:
         )
         try:
             expiry = ctx.cfg.swarm.record_expiry_s
-            if state == "offline":  # nothing refreshes it: let it say "left on purpose" for a while longer
+            if state == "offline" and linger:
                 expiry = max(3 * expiry, 60.0)
             stored = ctx.dht.store_stage_record(record, expiry)
         except Exception as exc:  # counted by time_dht; retried at the next refresh

@@ -296,17 +296,29 @@ class SwarmDHT:
         self.traffic["read_bytes"] += sum(len(v) for e in entries.values() if isinstance(v := getattr(e, "value", None), bytes))
 
     def store_stage_record(self, record: StageRecord, expiry_s: float) -> bool:
+        """Store this node's record for ``expiry_s`` seconds. The DHT keeps, per subkey, the value that expires
+        last, so a longer-lived record of this identity (the "left on purpose" record a shutdown leaves) would
+        refuse this one until it expires: a node restarted within that time would be invisible. Such a record is
+        read and outlasted by a hair (this one then lives as long as it would have)."""
         assert self.dht is not None, "store before the DHT is online"
+        key, subkey = stage_key(record.run_id, record.stage), self.validator.subkey(record.peer_id)
         value = encode_message(record, RECORD_LIMITS)
+        expiration = get_dht_time() + expiry_s
+        if self._store(key, subkey, value, expiration):
+            return True
+        with self._timed("get"):
+            found = self.dht.get(key, latest=True, return_future=True).result(self.call_timeout)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        held = getattr(entries.get(subkey), "expiration_time", None)
+        if held is None or held < expiration:
+            return False  # refused for another reason (no peer reachable, a validator)
+        return self._store(key, subkey, value, held + 0.01)
+
+    def _store(self, key: str, subkey: bytes, value: bytes, expiration: float) -> bool:
         self._count_store(value)
         with self._timed("store"):
-            ok = self.dht.store(
-                stage_key(record.run_id, record.stage),
-                subkey=self.validator.subkey(record.peer_id),
-                value=value,
-                expiration_time=get_dht_time() + expiry_s,
-                return_future=True,
-            ).result(self.call_timeout)
+            ok = self.dht.store(key, subkey=subkey, value=value, expiration_time=expiration,
+                                return_future=True).result(self.call_timeout)
         return bool(ok)
 
     def get_stage_records(self, run_id: str, num_stages: int) -> tuple[dict[int, list[StageRecord]], Counter]:
@@ -333,17 +345,8 @@ class SwarmDHT:
 
     def store_run_record(self, record: RunRecord, expiry_s: float) -> bool:
         assert self.dht is not None, "store before the DHT is online"
-        value = encode_message(record, RECORD_LIMITS)
-        self._count_store(value)
-        with self._timed("store"):
-            ok = self.dht.store(
-                RUNS_KEY,
-                subkey=self.validator.subkey(run_subkey_name(record.run_id, record.publisher)),
-                value=value,
-                expiration_time=get_dht_time() + expiry_s,
-                return_future=True,
-            ).result(self.call_timeout)
-        return bool(ok)
+        return self._store(RUNS_KEY, self.validator.subkey(run_subkey_name(record.run_id, record.publisher)),
+                           encode_message(record, RECORD_LIMITS), get_dht_time() + expiry_s)
 
     def get_run_records(self) -> tuple[list[RunRecord], list[bytes], Counter]:
         """Valid run records, the key that signed each, and the entries skipped by reason."""

@@ -110,7 +110,8 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
     with a second DHT read before seeding it, the founder does not); once balanced, SIGKILL every
     server of one stage and it is served again within 120 s; the killed peers vanish once their records expire;
     foreign junk under the run's keys is refused and counted; SIGTERM → OFFLINE at once, exit 0, no
-    process left; /metrics carries the documented families."""
+    process left; /metrics carries the documented families; restarted at once, it is ONLINE again (its record
+    outlasts the OFFLINE one it left)."""
     with LocalSwarm(6, "swarm/tiny-2stage", LIGHT, workdir=tmp_path) as swarm:
         start = time.monotonic()
         swarm.start_all()
@@ -155,6 +156,15 @@ def test_six_nodes_two_stages_recover_a_lost_stage(tmp_path):
         assert processes_mentioning(str(node.home)) == []
         after = {p["peer_id"]: p["state"] for p in swarm.status()["peers"]}
         assert after.get(peer) == "OFFLINE"
+
+        # Restarted while its OFFLINE record (which outlives the refreshed ones) is still in the DHT: the DHT
+        # keeps what expires last per peer, so the node must outlast it to be seen, not wait for it to expire.
+        swarm.start(survivor)
+        swarm.wait_until(lambda: (swarm.health(survivor) or {}).get("state") == "online", 120, "the restart online")
+        back = {p["peer_id"]: (p["state"], p["stage"]) for p in swarm.status()["peers"]}  # its own stage, as a rule
+        failed = _metrics(swarm.metrics_url(survivor))["protoswarm_dht_failures"]
+        assert back.get(peer, ("", -1))[0] == "ONLINE", back
+        assert not [s for s in failed if s.name.endswith("_total") and s.labels.get("op") == "store" and s.value], failed
 
 
 def _start_cli(args: list[str], home: Path) -> subprocess.Popen:

@@ -31,8 +31,8 @@ def two_nodes():
         a.shutdown()
 
 
-def _record(peer: str, stage: int = 1, **kw) -> StageRecord:
-    return StageRecord(peer_id=peer, run_id="r1", stage=stage, num_stages=2, state="online", throughput=2.0,
+def _record(peer: str, stage: int = 1, state: str = "online", **kw) -> StageRecord:
+    return StageRecord(peer_id=peer, run_id="r1", stage=stage, num_stages=2, state=state, throughput=2.0,
                        timestamp=time.time(), **kw)
 
 
@@ -108,3 +108,19 @@ def test_a_peer_cannot_announce_another_peer(two_nodes):
     by_stage, _ = b.get_stage_records("r1", 2)
     assert [(r.peer_id, r.state) for r in by_stage[1]] == [(a.peer_id, "online")]
     assert (a.rejected_inside_dht() + b.rejected_inside_dht())["wrong_owner"] >= 1
+
+
+def test_a_record_outlasts_this_peers_own_longer_lived_record(two_nodes):
+    """A shutdown leaves an "offline" record that lives longer than the refreshed ones; the DHT keeps, per
+    subkey, the value that expires last. A node of that identity back on the stage within that time (a
+    restart, a move back) must still be seen online at once, not after the old record expires."""
+    a, b = two_nodes
+    assert b.store_stage_record(_record(b.peer_id, stage=1, state="offline"), expiry_s=60)
+    assert b.store_stage_record(_record(b.peer_id, stage=1), expiry_s=8)
+    by_stage, _ = a.get_stage_records("r1", 2)
+    assert [(r.peer_id, r.state) for r in by_stage[1]] == [(b.peer_id, "online")]
+    # Later refreshes (each expiring sooner than the record that outlasted) keep replacing it.
+    later = _record(b.peer_id, stage=1, progress=7)
+    assert b.store_stage_record(later, expiry_s=8)
+    by_stage, _ = a.get_stage_records("r1", 2)
+    assert [(r.state, r.progress) for r in by_stage[1]] == [("online", 7)]
