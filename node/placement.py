@@ -172,8 +172,12 @@ class StagePlacement:
             return
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")
+        # Counted on the target while it downloads (for swarm.expiry_s: nothing refreshes it meanwhile), so peers
+        # deciding then see the stage covered and do not follow (two movers at once overshoot, one moves back).
+        self.presence.announce(self.host, "joining", stage=target)
         self.host.stop(save=True)
         if not self.host_stage(target, fail=False, records=records):
+            self.presence.announce(self.host, "offline", stage=target)
             # Not tried again while the same peers serve it: each try stops training for a checkpoint.
             self._undownloadable[target] = stage_server_ids(records, target)
             self._told.discard(target)

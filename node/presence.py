@@ -44,19 +44,22 @@ class SwarmPresence:
     def publish_run(self, record: RunRecord) -> None:
         self.ctx.dht.store_run_record(record, self.ctx.cfg.swarm.record_expiry_s)
 
-    def announce(self, host: StageHost, state: str, linger: bool = False) -> None:
+    def announce(self, host: StageHost, state: str, linger: bool = False, stage: int | None = None) -> None:
         """Publish this node's stage record; a failed store is counted and retried at the next refresh.
         ``linger``: an "offline" record that nothing refreshes (the node stops) says "left on purpose" for
-        longer; a stage move's "offline" record need only replace this node's record there."""
+        longer; a stage move's "offline" record need only replace this node's record there. ``stage``: a
+        stage this node is moving to (``host`` still serves another), announced with its throughput only:
+        no schedule position, progress or measurement of the stage it leaves."""
         ctx, sync = self.ctx, self.ctx.services.sync
+        moving = stage is not None and stage != host.stage
         record = StageRecord(
-            peer_id=ctx.peer_id, run_id=ctx.run_id, stage=host.stage,
+            peer_id=ctx.peer_id, run_id=ctx.run_id, stage=host.stage if stage is None else stage,
             num_stages=ctx.cfg.pipeline.num_stages, state=state, throughput=float(host.throughput),
-            progress=host.store.progress, codecs=sorted(CODECS), timestamp=time.time(),
-            addrs=ctx.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None else {}),
+            progress=0 if moving else host.store.progress, codecs=sorted(CODECS), timestamp=time.time(),
+            addrs=ctx.dht.visible_maddrs()[:8], **(sync.record_fields() if sync is not None and not moving else {}),
             tokens_per_s=round(max(0.0, self._record_rate.update(ctx.metrics.totals()["tokens"])), 3),
             loss=round(self._recent_loss() or 0.0, 5), access=self.access.proof(ctx.run_id, ctx.peer_id),
-            reachable=ctx.services.reachable(), **self._val_loss_fields(host),
+            reachable=ctx.services.reachable(), **({} if moving else self._val_loss_fields(host)),
         )
         try:
             expiry = ctx.cfg.swarm.record_expiry_s

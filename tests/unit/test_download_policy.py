@@ -203,7 +203,7 @@ def test_the_daemon_hands_the_read_a_stage_was_chosen_on_to_its_download(monkeyp
     cfg = load_config("local/tiny", ["train.device='cpu'"])
     mover = StageRecord(peer_id=PEERS[1], run_id=RUN, stage=1, num_stages=4, state="online", progress=3)
     for create in (False, True):
-        node = placement.StagePlacement(SimpleNamespace(cfg=cfg), SimpleNamespace(announce=lambda host, state: None),
+        node = placement.StagePlacement(SimpleNamespace(cfg=cfg), SimpleNamespace(announce=lambda host, state, **kw: None),
                                         create=create, fail=print)
         node._claim_records = {0: [_record(PEERS[0])]}
         assert node.host_stage(0) and node._claim_records == {}
@@ -224,10 +224,11 @@ def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_ca
 
     records = {0: [rec(me, 0)] + [rec(f"Qm0{i}", 0) for i in range(6)], 1: [rec("Qm10", 1)],
                2: [rec("Qm20", 2)], 3: [rec("Qm30", 3), rec("Qm31", 3)]}
-    moved = []
+    moved, said = [], []
+    announce = lambda host, state, stage=None, **kw: said.append((state, host.stage if stage is None else stage))  # noqa: E731
     node = placement.StagePlacement(SimpleNamespace(cfg=cfg, dht=SimpleNamespace(peer_id=me),
                                                     stop=threading.Event()),
-                                    SimpleNamespace(announce=lambda host, state: None), create=False, fail=print)
+                                    SimpleNamespace(announce=announce), create=False, fail=print)
     node.host = SimpleNamespace(stage=0, throughput=1.0, stop=lambda save: None, start=lambda: None)
     node.fit = [0, 2, 3]  # stage 1, the lightest with stage 2, does not fit
     node._undownloadable = {2: frozenset({"Qm20"})}  # stage 2 failed to download from the peer serving it now
@@ -236,8 +237,46 @@ def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_ca
     with caplog.at_level(logging.INFO, logger="node.placement"):
         node.rebalance(records)
     assert moved == [3]
+    # It leaves its stage and is counted on the target before its download, so peers deciding meanwhile see it.
+    assert said == [("offline", 0), ("joining", 3), ("online", 0)]
     assert "stage 2 would be better served, but its servers (the same peers) could not give it" in caplog.text
     node.last_move, moved[:] = 0.0, []
     node._undownloadable = {2: frozenset({"QmGone"})}  # other peers serve it now: it may be tried again
     node.rebalance(records)
     assert moved == [2]
+    # A target whose download fails is said to be left, and the node serves its own stage again.
+    node.last_move, said[:] = 0.0, []
+    monkeypatch.setattr(node, "host_stage", lambda stage, fail=True, records=None: stage == 0)
+    node.rebalance(records)
+    assert said == [("offline", 0), ("joining", 2), ("offline", 2), ("online", 0)]
+
+
+def test_a_move_is_announced_on_its_target_without_the_old_stages_schedule_or_progress():
+    """node/presence.py: the "joining" record a mover puts on its target before downloading carries its
+    throughput (it counts for the stage's load and coverage) but not the schedule position, progress or
+    validation loss of the stage it leaves, which would mislead the target's replicas; an "offline" record
+    lives swarm.expiry_s, and only a stopping node's lingers."""
+    from node.presence import SwarmPresence
+
+    cfg = load_config("local/tiny", ["train.device='cpu'", "swarm.refresh_s=1", "swarm.expiry_s=8"])
+    stored = []
+    sync = SimpleNamespace(record_fields=lambda: {"outer_epoch": 5, "epoch_steps": 3, "outer_history": ["4:ab"]})
+    ctx = SimpleNamespace(
+        cfg=cfg, peer_id=PEERS[0], run_id=RUN,
+        services=SimpleNamespace(sync=sync, reachable=lambda: "public"),
+        dht=SimpleNamespace(visible_maddrs=lambda: ["/ip4/1.2.3.4/tcp/1"],
+                            store_stage_record=lambda record, expiry: stored.append((record, expiry)) or True),
+        metrics=SimpleNamespace(totals=lambda: {"tokens": 0}),
+    )
+    presence = SwarmPresence(ctx, SimpleNamespace(proof=lambda run, peer: ""), lambda: 2.5)
+    host = SimpleNamespace(stage=0, throughput=1.5, store=SimpleNamespace(progress=40),
+                           latest_val_loss=lambda: (100.0, 3.1))
+    presence.announce(host, "joining", stage=1)
+    presence.announce(host, "online")
+    presence.announce(host, "offline")
+    presence.announce(host, "offline", linger=True)
+    (moving, e1), (here, _), (_, e3), (_, e4) = stored
+    assert (moving.stage, moving.state, moving.throughput, moving.progress) == (1, "joining", 1.5, 0)
+    assert (moving.outer_epoch, moving.epoch_steps, moving.outer_history, moving.val_loss) == (0, 0, [], 0.0)
+    assert (here.stage, here.progress, here.outer_epoch, here.outer_history, here.val_loss) == (0, 40, 5, ["4:ab"], 3.1)
+    assert (e1, e3, e4) == (8.0, 8.0, 60.0)
