@@ -308,6 +308,7 @@ class SwarmDHT:
             return True
         with self._timed("get"):
             found = self.dht.get(key, latest=True, return_future=True).result(self.call_timeout)
+        self._count_get(found)  # the DHT traffic /health reports counts this read too
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         held = getattr(entries.get(subkey), "expiration_time", None)
         if held is None or held < expiration:
