@@ -2,8 +2,8 @@
 
 A wave of J nodes joins a swarm at once: each reads the same stage records (nobody sees the others
 of its wave) and claims a stage; then rebalancing runs, node by node in a random order, each move
-seen by the next node (an ideal swarm: the daemon's 1/k move probability and jittered checks aim at
-that), until nobody moves. Throughputs are drawn per node (log-normal, ``--spread``) and each node's
+seen by the next node (an ideal swarm: the daemon's one elected mover per stage a round and jittered
+checks aim at that), until nobody moves. Throughputs are drawn per node (log-normal, ``--spread``) and each node's
 *measured* throughput, the one it announces, is its true one times a log-normal noise (``--noise``):
 the policy sees the measured loads, the bottleneck is reported on the true ones. Every policy meets
 the same swarms (same seeds). Joining:

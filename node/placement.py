@@ -9,8 +9,8 @@ The policy is swarm/claiming.py's (pure functions); this is the node's side of i
   claims another stage (the same choice over a fresh read among the stages not tried), so a peer that
   announces a stage it cannot serve, broken or hostile, does not keep joiners out. Only when none is
   left, or the node is pinned (``swarm.stage``), does it stop with the download's reason.
-- **Rebalance**: a move to ``rebalance_target``'s stage among those this device can take, by about one of the
-  stage's servers a round (probability 1/k), never within two periods of the last move, never to a stage
+- **Rebalance**: a move to ``rebalance_target``'s stage among those this device can take, by one of the
+  stage's servers a round (``mover_of_round``: elected by a hash of peer id and round), never within two periods of the last move, never to a stage
   whose download failed while the same peers serve it (each try stops training for a checkpoint and a
   failed download); a target ruled out so leaves the next qualifying stage as the move.
 """
@@ -18,7 +18,6 @@ The policy is swarm/claiming.py's (pure functions); this is the node's side of i
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 
@@ -29,7 +28,7 @@ from node.reachability import stages_for
 from node.stage_host import StageHost, StageUnavailable
 from node.stage_store import StageStore
 from protocol.messages import StageRecord
-from swarm.claiming import rebalance_target, stage_loads, stage_server_ids, stage_servers
+from swarm.claiming import mover_of_round, rebalance_target, stage_loads, stage_server_ids, stage_servers
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +136,10 @@ class StagePlacement:
 
     # moving ---------------------------------------------------------------------------------------
 
+    def _round(self) -> int:
+        """The rebalancing round now: wall-clock periods, so every node of the swarm counts the same ones."""
+        return int(time.time() // self.cfg.swarm.rebalance_period_s)
+
     def rebalance(self, records: Records | None = None) -> None:
         """One rebalancing check. ``records``: the swarm as just read by this round's refresh, if there was one."""
         cfg = self.cfg
@@ -164,11 +167,11 @@ class StagePlacement:
         if target is None:
             return
         # Every server of this stage sees the same improvement at about the same time; if all of them
-        # moved, the swarm would overshoot and oscillate. Each moves with probability 1/k, so about one
-        # does per round and the next round sees the result.
-        here = servers[here_stage] + 1
-        if random.random() >= 1.0 / here:
-            logger.debug("stage %d would be better served; leaving the move to one of %d peers", target, here)
+        # moved, the swarm would overshoot and oscillate. One of them, elected by this round (the wall
+        # clock's rebalancing period, the same on every node), moves; the next round sees the result.
+        mover = mover_of_round(stage_server_ids(records, here_stage) | {me}, self._round())
+        if mover != me:
+            logger.debug("stage %d would be better served; this round's move is %s's", target, mover)
             return
         logger.info("moving from stage %d to stage %d (loads %s)", here_stage, target, stage_loads(records, n))
         self.presence.announce(self.host, "offline")

@@ -15,11 +15,14 @@ or online; the swarm's speed is bounded by its weakest stage (the *bottleneck*).
 - A serving node moves when that covers the stages better (fewer empty stages, then fewer missing
   replicas), or, coverage equal, to a stage whose load is at least the gain factor below what its
   own stage keeps without it (hysteresis: the reverse move is then never taken). Nodes check at
-  jittered intervals, so when one moves the others see it before they decide.
+  jittered intervals, and of a stage's servers only one, elected per round by a hash of its peer id
+  and the round (``mover_of_round``), may move in that round, so the others see the move before
+  they decide.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Collection, Iterable, Sequence
 
@@ -137,3 +140,17 @@ def rebalance_target(
     lighter = [s for s in others if gaps[s] == gap_now
                and left_behind >= gain * loads_without_me[s] and left_behind > loads_without_me[s]]
     return min(lighter, key=lambda s: loads_without_me[s], default=None)
+
+
+def mover_of_round(server_ids: Iterable[str], round_index: int) -> str | None:
+    """The one server of a stage that may move in rebalancing round ``round_index`` (None: no servers).
+
+    Every server of a stage sees the same improvement at about the same time; if each moved, the swarm would
+    overshoot (two into a one-server stage, one then moves back). Drawing to move with probability 1/k each
+    still let two or more go in a quarter of the rounds (k = 2: 1/4; k = 3: 0.26). Here every server that reads
+    the same records elects the same peer: the lowest hash of (peer id, round). A new round elects another,
+    each peer about one round in k, so a peer that cannot move (its device, its cooldown, a stale record)
+    holds the stage's moves for one round only."""
+    def rank(peer_id: str) -> bytes:
+        return hashlib.blake2b(f"{peer_id}/{round_index}".encode(), digest_size=8).digest()
+    return min(server_ids, key=rank, default=None)

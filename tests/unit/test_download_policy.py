@@ -233,7 +233,7 @@ def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_ca
     node.fit = [0, 2, 3]  # stage 1, the lightest with stage 2, does not fit
     node._undownloadable = {2: frozenset({"Qm20"})}  # stage 2 failed to download from the peer serving it now
     monkeypatch.setattr(node, "host_stage", lambda stage, fail=True, records=None: moved.append(stage) or True)
-    monkeypatch.setattr(placement.random, "random", lambda: 0.0)
+    monkeypatch.setattr(placement, "mover_of_round", lambda ids, round_index: me)  # this round's mover
     with caplog.at_level(logging.INFO, logger="node.placement"):
         node.rebalance(records)
     assert moved == [3]
@@ -249,6 +249,38 @@ def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_ca
     monkeypatch.setattr(node, "host_stage", lambda stage, fail=True, records=None: stage == 0)
     node.rebalance(records)
     assert said == [("offline", 0), ("joining", 2), ("offline", 2), ("online", 0)]
+
+
+def test_of_a_stages_servers_that_see_the_same_move_exactly_one_moves_each_round(monkeypatch):
+    """node/placement.py: stage 1 lost its server and both servers of stage 0 read it at once. Each round exactly
+    one of them moves (the round's elected server), and each is elected in some round. (Each moving with
+    probability 1/k, as before, both went in a quarter of the rounds and neither in another quarter.)"""
+    from node import placement
+
+    cfg = load_config("local/tiny", ["train.device='cpu'", "pipeline.num_stages=2"])
+    peers = ("QmA", "QmB")
+    records = {0: [StageRecord(peer_id=p, run_id=RUN, stage=0, num_stages=2, state="online", throughput=1.0)
+                   for p in peers]}
+    nodes = []
+    for peer in peers:
+        node = placement.StagePlacement(SimpleNamespace(cfg=cfg, dht=SimpleNamespace(peer_id=peer), stop=threading.Event()),
+                                        SimpleNamespace(announce=lambda host, state, **kw: None), create=False,
+                                        fail=print)
+        node.host = SimpleNamespace(stage=0, throughput=1.0, stop=lambda save: None, start=lambda: None)
+        node.fit = [0, 1]
+        nodes.append(node)
+    movers_per_round = []
+    for round_index in range(40):
+        moved: list[str] = []
+        movers_per_round.append(moved)
+        for peer, node in zip(peers, nodes, strict=True):
+            node.last_move = 0.0
+            monkeypatch.setattr(node, "_round", lambda r=round_index: r)
+            monkeypatch.setattr(node, "host_stage",
+                                lambda stage, fail=True, records=None, p=peer, out=moved: out.append(p) or True)
+            node.rebalance(records)
+    assert all(len(m) == 1 and m[0] in peers for m in movers_per_round), movers_per_round
+    assert {m[0] for m in movers_per_round} == set(peers)
 
 
 def test_a_move_is_announced_on_its_target_without_the_old_stages_schedule_or_progress():

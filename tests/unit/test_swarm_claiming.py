@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from protocol.messages import StageRecord
-from swarm.claiming import choose_stage, coverage_gap, rebalance_target, stage_loads, stage_servers
+from swarm.claiming import (
+    choose_stage,
+    coverage_gap,
+    mover_of_round,
+    rebalance_target,
+    stage_loads,
+    stage_servers,
+)
 
 
 def _rec(peer: str, stage: int, throughput: float, state: str = "online") -> StageRecord:
@@ -146,3 +153,18 @@ def test_a_restarted_node_returns_to_its_checkpointed_stage_unless_a_stage_is_em
     assert prefer_own_stage(chosen=1, own=0, servers=[3, 0]) == 1  # nobody serves stage 1: cover it
     assert prefer_own_stage(chosen=1, own=None, servers=[3, 1]) == 1  # no checkpoint: the usual pick
     assert prefer_own_stage(chosen=0, own=5, servers=[1, 1]) == 0  # a checkpoint of a stage the run lacks
+
+
+def test_the_rounds_mover_is_one_peer_whatever_the_order_it_is_read_in_and_every_peer_takes_its_turn():
+    """swarm/claiming.py ``mover_of_round``: the same peer for the same set and round (every server of a stage
+    elects the same one), None for no servers, and over many rounds each peer about one round in k."""
+    peers = [f"Qm{i}" for i in range(4)]
+    assert mover_of_round([], 7) is None
+    counts = dict.fromkeys(peers, 0)
+    for r in range(1000):
+        mover = mover_of_round(peers, r)
+        assert mover == mover_of_round(reversed(peers), r) == mover_of_round(set(peers), r)
+        counts[mover] += 1
+    assert all(200 <= c <= 300 for c in counts.values()), counts
+    # a peer joining the stage changes who is elected in some rounds, not whether one is
+    assert any(mover_of_round(peers, r) != mover_of_round([*peers, "QmNew"], r) for r in range(50))
