@@ -168,8 +168,9 @@ class StagePlacement:
             return
         # Every server of this stage sees the same improvement at about the same time; if all of them
         # moved, the swarm would overshoot and oscillate. One of them, elected by this round (the wall
-        # clock's rebalancing period, the same on every node), moves; the next round sees the result.
-        mover = mover_of_round(stage_server_ids(records, here_stage) | {me}, self._round())
+        # clock's rebalancing period, the same on every node), moves; the next round sees the result. Peers
+        # behind NAT are not candidates: they serve stage 0 only, and would hold its moves for their rounds.
+        mover = mover_of_round(stage_server_ids(records, here_stage, dialable=True) | {me}, self._round())
         if mover != me:
             logger.debug("stage %d would be better served; this round's move is %s's", target, mover)
             return

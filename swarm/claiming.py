@@ -53,9 +53,11 @@ def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, ex
     return counts
 
 
-def stage_server_ids(records: dict[int, Sequence[StageRecord]], stage: int) -> frozenset[str]:
-    """The peers ``records`` show serving ``stage`` (joining or online), dialable or not."""
-    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in SERVING_STATES)
+def stage_server_ids(records: dict[int, Sequence[StageRecord]], stage: int, dialable: bool = False) -> frozenset[str]:
+    """The peers ``records`` show serving ``stage`` (joining or online), dialable or not (``dialable``: only
+    those others can dial; in a pipeline a peer behind NAT serves stage 0 only, so it never moves)."""
+    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in SERVING_STATES
+                     and not (dialable and r.reachable == "private"))
 
 
 def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1,

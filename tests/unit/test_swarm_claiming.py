@@ -9,6 +9,7 @@ from swarm.claiming import (
     mover_of_round,
     rebalance_target,
     stage_loads,
+    stage_server_ids,
     stage_servers,
 )
 
@@ -166,5 +167,10 @@ def test_the_rounds_mover_is_one_peer_whatever_the_order_it_is_read_in_and_every
         assert mover == mover_of_round(reversed(peers), r) == mover_of_round(set(peers), r)
         counts[mover] += 1
     assert all(200 <= c <= 300 for c in counts.values()), counts
+    # the candidates a node hands it: the stage's servers others can dial (behind NAT a pipeline peer never moves)
+    recs = {0: [StageRecord(peer_id=p, run_id="r", stage=0, num_stages=2, state=st, reachable=reach)
+                for p, st, reach in (("QmA", "online", "public"), ("QmB", "joining", "unknown"),
+                                     ("QmC", "online", "private"), ("QmD", "offline", "public"))]}
+    assert stage_server_ids(recs, 0) == {"QmA", "QmB", "QmC"} and stage_server_ids(recs, 0, dialable=True) == {"QmA", "QmB"}
     # a peer joining the stage changes who is elected in some rounds, not whether one is
     assert any(mover_of_round(peers, r) != mover_of_round([*peers, "QmNew"], r) for r in range(50))
