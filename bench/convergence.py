@@ -22,7 +22,9 @@ seed, the same data windows (the embedded stdlib corpus) and the same token budg
 ``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
 study needs no code. Resumable (bench/resume.py): each variant at each seed is kept under
 ``--state`` when it finishes, keyed by its label and a hash of its whole resolved config; rerunning the
-same command continues (``--fresh`` starts over). ``--jobs N`` trains N units at a time, each in a process
+same command continues (``--fresh`` starts over). A unit checkpoints every twelfth of its steps under
+``--state``'s ``.partial/`` until it finishes, so one cut off mid-way (a killed run, a session's end) continues
+from there, to the same result (its row says ``resumed_from_step``). ``--jobs N`` trains N units at a time, each in a process
 of its own (``--jobs 2`` on a 2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its
 units are kept apart from the CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's
 long runs on a lent GPU, untested there so far).
@@ -60,11 +62,22 @@ from node.config import ConfigError
 from node.train_local import train_local
 
 
-def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu") -> dict:
-    """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able)."""
+def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu",
+                checkpoint_dir: str | None = None) -> dict:
+    """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able).
+
+    ``checkpoint_dir`` (the unit's :meth:`ResultStore.partial`): checkpoints every twelfth of the run go there and
+    the unit continues from the newest one found (a unit cut off mid-way, say at a session's end: resume is
+    exact, tests/unit/test_train_local.py), its row saying from which step; ``seconds`` is then this process's
+    part only. None: a temporary directory, nothing kept."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_kept_tiny([*common, *model_overrides, f"train.checkpoint_dir='{tmp}'", "train.resume=false",
-                                         f"train.device='{device}'"])
+        where = checkpoint_dir or tmp
+        overrides = [*common, *model_overrides, f"train.checkpoint_dir='{where}'",
+                     f"train.resume={'true' if checkpoint_dir else 'false'}", f"train.device='{device}'"]
+        if checkpoint_dir:
+            every = max(1, load_kept_tiny(overrides).train.steps // 12)
+            overrides += [f"train.checkpoint_every={every}", "train.checkpoint_keep=2"]
+        cfg = load_kept_tiny(overrides)
         t0 = time.time()
         result = train_local(cfg)
     row = {
@@ -75,9 +88,10 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
         "val_loss": result.final_val_loss,
         "val_curve": result.val_losses,
         "train_loss_end": sum(v for _, v in result.train_losses[-10:]) / len(result.train_losses[-10:]),
-        "tokens": result.tokens,
+        "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum,  # resumed or not
         "seconds": round(time.time() - t0, 1),
         "device": device,  # an explicit device, never a fall-back (train.device)
+        **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
     }
     print(json.dumps({k: v for k, v in row.items() if k != "val_curve"}), file=sys.stderr, flush=True)
     return row
@@ -274,8 +288,9 @@ def main() -> None:
                         device=args.device)
     t0 = time.time()
     units = [(store.key(unit_key(label, overrides, common, seed)), f"{label} (seed {seed})",
-              (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device), label, seed)
+              (label, overrides, [*common, f"train.seed={seed}", f"data.seed={seed}"], args.device, None), label, seed)
              for seed in range(args.seeds) for label, overrides in variants]
+    units = [(key, what, (*work[:-1], str(store.partial(key))), label, seed) for key, what, work, label, seed in units]
     unknown = sorted((set(args.first) | ({args.reference} if args.reference else set()))
                      - {label for label, _ in variants})
     if unknown:

@@ -6,7 +6,9 @@ the bench's *fingerprint* (the settings that make results comparable: steps, H, 
 the same command loads every unit already there with the same fingerprint and runs only the rest, so
 a run can be stopped at any point (Ctrl-C, a session's end) and continued later. A unit run at
 another commit is kept and reused, and its commit is reported with it; ``--fresh`` runs everything
-again.
+again. A unit that checkpoints as it trains (bench/convergence.py's) keeps its checkpoints in
+:meth:`ResultStore.partial` until its result is saved, so a unit cut off mid-way continues from its newest
+checkpoint too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +65,17 @@ class ResultStore:
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"a unit key must be a plain file name, got {key!r}")
         return self.directory / f"{key}.json"
+
+    def partial(self, key: str) -> Path:
+        """Where unit ``key`` keeps its checkpoints while it trains (a hidden folder of the state directory, left
+        out of git by .gitignore): removed once its result is saved (:meth:`drop_partial`), so what is there is
+        the newest state of a unit that was cut off, and its rerun continues from it."""
+        self._path(key)  # the same plain-name rule as the results
+        return self.directory / ".partial" / key
+
+    def drop_partial(self, key: str) -> None:
+        """Remove unit ``key``'s checkpoints (its result is saved, or ``--fresh`` starts it over)."""
+        shutil.rmtree(self.partial(key), ignore_errors=True)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The saved result of ``key``, or None (none yet, another fingerprint, unreadable, or --fresh)."""
@@ -173,7 +187,8 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
     must then be a module-level function. ``deadline_s``: no unit starts that many seconds after the call
     began (the running ones finish); the units left are reported and the call exits non-zero, like a unit
     that fails (its traceback is printed and the others go on). Finished units stay saved either way, so a
-    rerun continues."""
+    rerun continues. A unit's checkpoints (:meth:`ResultStore.partial`) are removed once its result is saved,
+    and before it starts with ``--fresh``."""
     started = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
     pending = []
@@ -181,8 +196,11 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
         row = store.get(key)
         if row is None:
             pending.append((key, what, args))
+            if store.fresh:
+                store.drop_partial(key)
         else:
             results[key] = row
+            store.drop_partial(key)
             print(f"{what}: kept from {store.commit_of(key)}", file=sys.stderr, flush=True)
     clashes = [f"{store._path(key)} ({other})" for key, _, _ in pending if (other := store.foreign(key)) is not None]
     if clashes:  # before any training: the run could not save its results there
@@ -200,6 +218,7 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
             print(f"training {what} ...", file=sys.stderr, flush=True)
             results[key] = work(*args)
             store.put(key, results[key])
+            store.drop_partial(key)
     elif pending:
         import concurrent.futures as cf
         import multiprocessing
@@ -227,6 +246,7 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
                                   file=sys.stderr, flush=True)
                             continue
                         store.put(key, results[key])
+                        store.drop_partial(key)
                         print(f"finished {what} ({len(pending) - len(queue) - len(running)}/{len(pending)})",
                               file=sys.stderr, flush=True)
             except BaseException:
@@ -253,7 +273,7 @@ def mean_over_seeds(label: str, runs: list[dict]) -> dict:
     (each ``val_curve`` a list of (x, loss) at the same x), the spread, each seed's loss, the commits, devices."""
     losses = [r["val_loss"] for r in runs]
     curve = [(x, statistics.fmean(r["val_curve"][i][1] for r in runs)) for i, (x, _) in enumerate(runs[0]["val_curve"])]
-    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty")}, "label": label,
+    return {**{k: v for k, v in runs[0].items() if k not in ("seed", "commit", "dirty", "resumed_from_step")}, "label": label,
             "val_loss": statistics.fmean(losses), "val_curve": curve,
             "val_loss_std": round(statistics.stdev(losses), 4) if len(losses) > 1 else None,
             "val_loss_per_seed": [round(v, 4) for v in losses],
