@@ -42,22 +42,26 @@ def stage_loads(
     return loads
 
 
+def _serves(record: StageRecord, dialable: bool) -> bool:
+    """``record`` shows a peer serving its stage (joining or online); ``dialable``: one others can dial too (not
+    behind NAT, ``reachable == "private"``)."""
+    return record.state in SERVING_STATES and not (dialable and record.reachable == "private")
+
+
 def stage_servers(records: dict[int, Sequence[StageRecord]], num_stages: int, exclude_peer: str | None = None) -> list[int]:
     """Number of serving peers per stage that others can dial: a peer behind NAT (``reachable ==
     "private"``) adds throughput, not coverage (nobody can download the stage from it, or route to it)."""
     counts = [0] * num_stages
     for stage, recs in records.items():
         if 0 <= stage < num_stages:
-            counts[stage] = sum(1 for r in recs if r.state in SERVING_STATES and r.peer_id != exclude_peer
-                                and r.reachable != "private")
+            counts[stage] = sum(1 for r in recs if _serves(r, dialable=True) and r.peer_id != exclude_peer)
     return counts
 
 
 def stage_server_ids(records: dict[int, Sequence[StageRecord]], stage: int, dialable: bool = False) -> frozenset[str]:
     """The peers ``records`` show serving ``stage`` (joining or online), dialable or not (``dialable``: only
     those others can dial; in a pipeline a peer behind NAT serves stage 0 only, so it never moves)."""
-    return frozenset(r.peer_id for r in records.get(stage, []) if r.state in SERVING_STATES
-                     and not (dialable and r.reachable == "private"))
+    return frozenset(r.peer_id for r in records.get(stage, []) if _serves(r, dialable))
 
 
 def choose_stage(loads: Sequence[float], servers: Sequence[int], peer_id: str, min_replicas: int = 1,
