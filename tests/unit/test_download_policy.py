@@ -251,16 +251,20 @@ def test_a_rebalancing_node_moves_to_a_lighter_stage_it_can_take_past_ones_it_ca
     assert said == [("offline", 0), ("joining", 2), ("offline", 2), ("online", 0)]
 
 
-def test_of_a_stages_servers_that_see_the_same_move_exactly_one_moves_each_round(monkeypatch):
+@pytest.mark.parametrize("behind_nat", [0, 2])
+def test_of_a_stages_servers_that_see_the_same_move_exactly_one_moves_each_round(monkeypatch, behind_nat):
     """node/placement.py: stage 1 lost its server and both servers of stage 0 read it at once. Each round exactly
     one of them moves (the round's elected server), and each is elected in some round. (Each moving with
-    probability 1/k, as before, both went in a quarter of the rounds and neither in another quarter.)"""
+    probability 1/k, as before, both went in a quarter of the rounds and neither in another quarter.) Peers of
+    the stage behind NAT are never elected: they cannot move, so a round they won would move nobody."""
     from node import placement
 
     cfg = load_config("local/tiny", ["train.device='cpu'", "pipeline.num_stages=2"])
     peers = ("QmA", "QmB")
-    records = {0: [StageRecord(peer_id=p, run_id=RUN, stage=0, num_stages=2, state="online", throughput=1.0)
-                   for p in peers]}
+    records = {0: [*(StageRecord(peer_id=p, run_id=RUN, stage=0, num_stages=2, state="online", throughput=1.0)
+                     for p in peers),
+                   *(StageRecord(peer_id=f"QmNat{i}", run_id=RUN, stage=0, num_stages=2, state="online",
+                                 throughput=1.0, reachable="private") for i in range(behind_nat))]}
     nodes = []
     for peer in peers:
         node = placement.StagePlacement(SimpleNamespace(cfg=cfg, dht=SimpleNamespace(peer_id=peer), stop=threading.Event()),
