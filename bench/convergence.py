@@ -69,17 +69,23 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
     ``checkpoint_dir`` (the unit's :meth:`ResultStore.partial`): checkpoints every twelfth of the run go there and
     the unit continues from the newest one found (a unit cut off mid-way, say at a session's end: resume is
     exact, tests/unit/test_train_local.py), its row saying from which step; ``seconds`` is then this process's
-    part only. None: a temporary directory, nothing kept."""
+    part only. None: a temporary directory, nothing kept. Either way a line on stderr every twelfth of the run says
+    where the unit is."""
     with tempfile.TemporaryDirectory() as tmp:
         where = checkpoint_dir or tmp
         overrides = [*common, *model_overrides, f"train.checkpoint_dir='{where}'",
                      f"train.resume={'true' if checkpoint_dir else 'false'}", f"train.device='{device}'"]
+        every = max(1, load_kept_tiny(overrides).train.steps // 12)
         if checkpoint_dir:
-            every = max(1, load_kept_tiny(overrides).train.steps // 12)
             overrides += [f"train.checkpoint_every={every}", "train.checkpoint_keep=2"]
         cfg = load_kept_tiny(overrides)
         t0 = time.time()
-        result = train_local(cfg)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 and step < cfg.train.steps:
+                print(f"{label} (seed {cfg.train.seed}): step {step}/{cfg.train.steps}, train loss {loss:.3f}, "
+                      f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        result = train_local(cfg, on_step=progress)
     row = {
         "label": label,
         "subspace_rank": cfg.model.subspace_rank,

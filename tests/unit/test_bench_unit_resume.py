@@ -22,13 +22,15 @@ import torch
 import bench.convergence as bench
 torch.set_num_threads(int(sys.argv[2]))
 train = bench.train_local
-bench.train_local = lambda cfg: train(cfg, on_step=lambda step, _: step == 25 and os.kill(os.getpid(), signal.SIGKILL))
+bench.train_local = lambda cfg, on_step: train(cfg, on_step=lambda step, loss: on_step(step, loss) or (
+    step == 25 and os.kill(os.getpid(), signal.SIGKILL)))
 bench.run_variant(*json.loads(sys.argv[1]))
 """
 
 
 @pytest.mark.slow
-def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result(small_data_overrides, tmp_path):
+def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result(small_data_overrides, tmp_path,
+                                                                                     capsys):
     from bench.convergence import run_variant
     from bench.resume import ResultStore, run_units
     from node.checkpoint import list_checkpoints
@@ -38,6 +40,9 @@ def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result
     overrides = ["model.subspace_rank=8", "model.dense_tail_layers=2"]
     uncut = run_variant("k=8", overrides, common)  # a temporary directory: nothing kept
     assert "resumed_from_step" not in uncut
+    said = capsys.readouterr().err
+    assert [line.split(",")[0] for line in said.splitlines() if "step" in line and "loss" in line][:3] == [
+        f"k=8 (seed 1): step {n}/36" for n in (3, 6, 9)]  # progress every twelfth of the run
 
     store = ResultStore(tmp_path / "state", {"test": "resume"})
     partial = store.partial("k8-s1")
