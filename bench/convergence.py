@@ -22,12 +22,13 @@ seed, the same data windows (the embedded stdlib corpus) and the same token budg
 ``--variant "LABEL:key=value,key=value"`` adds a variant of config overrides (repeatable): a knob
 study needs no code. Resumable (bench/resume.py): each variant at each seed is kept under
 ``--state`` when it finishes, keyed by its label and a hash of its whole resolved config; rerunning the
-same command continues (``--fresh`` starts over). A unit checkpoints every twelfth of its steps under
-``--state``'s ``.partial/`` until it finishes, so one cut off mid-way (a killed run, a session's end) continues
-from there, to the same result (its row says ``resumed_from_step``). ``--jobs N`` trains N units at a time, each in a process
-of its own (``--jobs 2`` on a 2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its
-units are kept apart from the CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's
-long runs on a lent GPU, untested there so far).
+same command continues (``--fresh`` starts over, mid-unit checkpoints too). A unit checkpoints every twelfth of
+its steps under ``--state``'s ``.partial/`` until it finishes, so one cut off mid-way (a killed run, a session's
+end) continues from there, to the same result at the same torch thread count (its row says
+``resumed_from_step``). ``--jobs N`` trains N units at a time, each in a process of its own (``--jobs 2`` on a
+2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its units are kept apart from the
+CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's long runs on a lent GPU, untested
+there so far).
 
 The JSON's ``gap_pct`` is against ``dense+fixed_table``; ``gap_pct_vs_best_dense`` against the best dense row
 of the run, a dense knob's (another init, say) included (rows compared on the seeds they share), and
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -58,8 +60,51 @@ from bench.resume import (
     mean_over_seeds,
     run_units,
 )
+from node.checkpoint import CheckpointError, set_aside
 from node.config import ConfigError
 from node.train_local import train_local
+
+
+class _UnitClock:
+    """A unit's training seconds across the processes that trained it: each part notes the unit's seconds at every
+    checkpointed step in the unit's checkpoint folder (``seconds.json``, written by this bench, never read from a
+    peer), and a resumed part starts from what was noted at its step."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.path = Path(folder) / "seconds.json" if folder else None
+        self.noted: dict[str, float] = {}
+        if self.path is not None:
+            try:
+                read = json.loads(self.path.read_text())
+                self.noted = {str(k): float(v) for k, v in read.items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass  # none yet, or torn: this part's seconds only
+        self.started, self.first_step = time.time(), None
+
+    def restart(self) -> None:
+        """The unit starts over (its checkpoints could not be resumed)."""
+        self.noted, self.started, self.first_step = {}, time.time(), None
+
+    def total(self, resumed_from: int | None) -> float | None:
+        """The whole unit's seconds so far; None when the part it resumed from left no note at that step."""
+        before = self.noted.get(str(resumed_from)) if resumed_from else 0.0
+        return None if before is None else round(before + time.time() - self.started, 1)
+
+    def saw(self, step: int) -> None:
+        """Every step this part trains (the first one says where the part resumed)."""
+        if self.first_step is None:
+            self.first_step = step
+
+    def note(self, step: int) -> None:
+        """Keep the unit's seconds at checkpointed ``step``."""
+        total = self.total(self.first_step - 1 if self.first_step else None)
+        if self.path is None or total is None:
+            return
+        self.noted[str(step)] = total
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # (the step's checkpoint is written after this)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.noted))
+        os.replace(tmp, self.path)
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu",
@@ -67,10 +112,13 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
     """Train one variant at one seed (``common`` holds the seed) on ``device``; its row (JSON-able).
 
     ``checkpoint_dir`` (the unit's :meth:`ResultStore.partial`): checkpoints every twelfth of the run go there and
-    the unit continues from the newest one found (a unit cut off mid-way, say at a session's end: resume is
-    exact, tests/unit/test_train_local.py), its row saying from which step; ``seconds`` is then this process's
-    part only. None: a temporary directory, nothing kept. Either way a line on stderr every twelfth of the run says
-    where the unit is."""
+    the unit continues from the newest one found (a unit cut off mid-way, say at a session's end), its row saying
+    from which step. On the CPU at the same torch thread count (``--jobs`` fixes it) the resumed unit ends exactly
+    where an uncut one would (tests/unit/test_bench_unit_resume.py); on a GPU (bf16 autocast) not bit for bit. The
+    row's commit is the finishing part's. Checkpoints that cannot be resumed (made before a config field was added,
+    on another machine's corpus, unreadable) are set aside with a warning and the unit starts over. None: a
+    temporary directory, nothing kept. Either way a line on stderr every twelfth of the run says where the unit is;
+    ``seconds`` is the whole unit's (noted at each checkpoint), or this part's with ``seconds_this_part_only``."""
     with tempfile.TemporaryDirectory() as tmp:
         where = checkpoint_dir or tmp
         overrides = [*common, *model_overrides, f"train.checkpoint_dir='{where}'",
@@ -79,13 +127,26 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
         if checkpoint_dir:
             overrides += [f"train.checkpoint_every={every}", "train.checkpoint_keep=2"]
         cfg = load_kept_tiny(overrides)
-        t0 = time.time()
+        unit, clock = f"{label} (seed {cfg.train.seed})", _UnitClock(checkpoint_dir)
 
         def progress(step: int, loss: float) -> None:
-            if step % every == 0 and step < cfg.train.steps:
-                print(f"{label} (seed {cfg.train.seed}): step {step}/{cfg.train.steps}, train loss {loss:.3f}, "
-                      f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        result = train_local(cfg, on_step=progress)
+            clock.saw(step)
+            if step % every == 0:
+                clock.note(step)
+                if step < cfg.train.steps:
+                    print(f"{unit}: step {step}/{cfg.train.steps}, train loss {loss:.3f}, "
+                          f"{time.time() - clock.started:.0f} s", file=sys.stderr, flush=True)
+        try:
+            result = train_local(cfg, on_step=progress)
+        except CheckpointError as exc:  # raised before any step: the checkpoints are not this unit's to resume
+            if not checkpoint_dir:
+                raise
+            set_aside(checkpoint_dir, f"{unit}: its checkpoints cannot be resumed")
+            print(f"{unit}: the checkpoints in {checkpoint_dir} cannot be resumed ({exc}); set aside, the unit "
+                  "starts over", file=sys.stderr, flush=True)
+            clock.restart()
+            result = train_local(cfg, on_step=progress)
+    seconds = clock.total(result.resumed_from)
     row = {
         "label": label,
         "subspace_rank": cfg.model.subspace_rank,
@@ -95,9 +156,10 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
         "val_curve": result.val_losses,
         "train_loss_end": sum(v for _, v in result.train_losses[-10:]) / len(result.train_losses[-10:]),
         "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum,  # resumed or not
-        "seconds": round(time.time() - t0, 1),
+        "seconds": seconds if seconds is not None else round(time.time() - clock.started, 1),
         "device": device,  # an explicit device, never a fall-back (train.device)
         **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
+        **({"seconds_this_part_only": True} if seconds is None else {}),
     }
     print(json.dumps({k: v for k, v in row.items() if k != "val_curve"}), file=sys.stderr, flush=True)
     return row

@@ -49,7 +49,7 @@ t0=$SECONDS
 "$PY" bench/diloco.py --device cuda --jobs 7 --seeds 3 --only $dil_variants --state $dil_state --no-plot \
     --deadline-s "$budget" > "$out/gpu-long-diloco.log" 2>&1
 wait
-tar czf "$out/gpu-long.tgz" $conv_state $dil_state 2>/dev/null
-units() { find "$1" -name '*.json' 2>/dev/null | wc -l; }
+tar czf "$out/gpu-long.tgz" --exclude=.partial $conv_state $dil_state 2>/dev/null  # a unit's checkpoints stay behind
+units() { find "$1" -path '*/.partial' -prune -o -name '*.json' -print 2>/dev/null | wc -l; }
 for log in "$out"/gpu-long-*.log; do echo "== $log"; tail -n 3 "$log" | cut -c1-600; done
 echo "{\"bench\": \"gpu_long\", \"ran\": true, \"seconds\": $((SECONDS - t0)), \"convergence_units\": $(units $conv_state), \"diloco_units\": $(units $dil_state), \"archive\": \"$out/gpu-long.tgz\"}"

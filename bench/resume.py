@@ -113,6 +113,8 @@ class ResultStore:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(body)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the unit's checkpoints go (drop_partial)
             os.replace(tmp, self._path(key))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

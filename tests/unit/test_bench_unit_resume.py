@@ -35,8 +35,8 @@ def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result
     from bench.resume import ResultStore, run_units
     from node.checkpoint import list_checkpoints
 
-    common = [*(o for o in small_data_overrides if not o.startswith("train.checkpoint_dir")), "train.steps=36", "train.warmup_steps=3", "train.eval_every=12",
-              "train.seed=1", "data.seed=1"]
+    common = [*(o for o in small_data_overrides if not o.startswith("train.checkpoint_dir")), "train.steps=36",
+              "train.warmup_steps=3", "train.eval_every=12", "train.seed=1", "data.seed=1"]
     overrides = ["model.subspace_rank=8", "model.dense_tail_layers=2"]
     uncut = run_variant("k=8", overrides, common)  # a temporary directory: nothing kept
     assert "resumed_from_step" not in uncut
@@ -53,6 +53,8 @@ def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result
     assert killed.returncode == -9, killed.stderr[-2000:]
     saved = [step for step, _ in list_checkpoints(partial)]
     assert saved and 0 < max(saved) <= 25 and max(saved) % 3 == 0, saved  # every twelfth of 36 steps
+    noted = json.loads((partial / "seconds.json").read_text())  # the unit's seconds at each checkpoint
+    assert noted[str(max(saved))] > 0
 
     results = run_units(store, [("k8-s1", "k=8 (seed 1)", tuple(args))], run_variant)
     row = results["k8-s1"]
@@ -60,6 +62,7 @@ def test_a_unit_killed_mid_way_continues_from_its_checkpoint_to_the_uncut_result
     assert row["val_loss"] == uncut["val_loss"]
     assert row["val_curve"] == uncut["val_curve"]
     assert row["tokens"] == uncut["tokens"]  # the whole unit's, not the resumed part's
+    assert row["seconds"] > noted[str(max(saved))] and "seconds_this_part_only" not in row  # both parts'
     assert store.get("k8-s1") == json.loads(json.dumps(row))
     assert not partial.exists()  # saved, so its checkpoints are gone
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [".partial", "k8-s1.json"]
@@ -72,7 +75,7 @@ def test_a_kept_unit_or_a_fresh_run_drops_checkpoints_left_behind(tmp_path):
     store.put("done", {"val_loss": 1.0})
     for key in ("done", "again"):
         store.partial(key).mkdir(parents=True)
-        (store.partial(key) / "step-00000004.pt").write_bytes(b"x")
+        (store.partial(key) / "ckpt-00000004.pt").write_bytes(b"x")
     run_units(store, [("done", "done", ())], lambda: {"val_loss": 2.0})
     assert not store.partial("done").exists() and store.partial("again").exists()
 
@@ -83,3 +86,25 @@ def test_a_kept_unit_or_a_fresh_run_drops_checkpoints_left_behind(tmp_path):
     assert ResultStore(tmp_path, {"test": "resume"}).get("again") == {"val_loss": 3.0}
     with pytest.raises(ValueError):
         store.partial("../elsewhere")
+
+
+@pytest.mark.slow
+def test_checkpoints_a_unit_cannot_resume_are_set_aside_and_it_starts_over(small_data_overrides, tmp_path, capsys):
+    """A unit's folder holding another model's checkpoint (say, one cut off before a config field was added): the
+    unit says so, sets it aside and trains from the start, to the result an uncut run gives."""
+    from bench.convergence import run_variant
+    from bench.resume import load_kept_tiny
+    from node.train_local import train_local
+
+    common = [*(o for o in small_data_overrides if not o.startswith("train.checkpoint_dir")), "train.steps=12",
+              "train.warmup_steps=2", "train.eval_every=6", "train.seed=2", "data.seed=2"]
+    overrides = ["model.subspace_rank=8", "model.dense_tail_layers=2"]
+    uncut = run_variant("k=8", overrides, common)
+    folder = tmp_path / "state" / ".partial" / "k8-s2"
+    train_local(load_kept_tiny([*common, "model.subspace_rank=16", "train.steps=3", "train.eval_every=0",
+                                f"train.checkpoint_dir='{folder}'"]))
+    capsys.readouterr()
+    again = run_variant("k=8", overrides, common, "cpu", str(folder))
+    assert "k=8 (seed 2): the checkpoints in" in capsys.readouterr().err
+    assert again["val_loss"] == uncut["val_loss"] and "resumed_from_step" not in again
+    assert list(folder.glob("set-aside-*/ckpt-*.pt"))  # kept until the unit's result is saved (drop_partial)
