@@ -60,7 +60,7 @@ from bench.resume import (
     mean_over_seeds,
     run_units,
 )
-from node.checkpoint import CheckpointError, set_aside
+from node.checkpoint import CheckpointError, list_checkpoints, set_aside
 from node.config import ConfigError
 from node.train_local import train_local
 
@@ -335,7 +335,8 @@ def main() -> None:
                         "(gap_pct_vs_reference_same_seeds), e.g. 'k=8 tail3' (the node's default model)")
     parser.add_argument("--kept", action="store_true",
                         help="train nothing: the table from the units kept under --state, each variant's mean over "
-                        "the seeds it has (listed in the JSON's seeds_per_variant; the missing units in 'missing')")
+                        "the seeds it has (listed in the JSON's seeds_per_variant; the missing units in 'missing', and in "
+                        "'in_progress' those a cut-off run left checkpoints of, with the step it continues from)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ks = args.ks or ([4, 8, 32] if args.quick else [2, 4, 8, 16, 32])
@@ -372,6 +373,9 @@ def main() -> None:
     else:
         done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
         missing = []
+    # the missing units that a cut-off run left checkpoints of: the step the next run continues from
+    in_progress = {what: found[-1][0] for key, what, *_ in units
+                   if key not in done and (found := list_checkpoints(store.partial(key)))}
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     for key, _, _, label, seed in units:
         if key in done:
@@ -419,6 +423,7 @@ def main() -> None:
         "set": args.set,
         "seeds_per_variant": {label: [r["seed"] for r in runs[label]] for label, _ in variants},
         "missing": missing,
+        "in_progress": in_progress,
         "note": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1; the *_same_seeds gaps "
                 "compare the means over the seeds both rows have (None where they share none)",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],

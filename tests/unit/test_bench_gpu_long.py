@@ -117,11 +117,19 @@ def test_convergence_kept_reads_the_table_from_the_units_there_and_trains_nothin
     """``--kept``: each variant's mean over the seeds it has, the missing units named, no training."""
     import subprocess
 
+    from bench.convergence import unit_key
+
     _keep_baselines(tmp_path)
+    cut_off = tmp_path / ".partial" / unit_key("dense", ["model.subspace_rank='none'", "model.fixed_table=false"],
+                                               _KEPT_COMMON, 1)
+    cut_off.mkdir(parents=True)
+    for step in (10, 15):  # a unit cut off after its checkpoint of step 15
+        (cut_off / f"ckpt-{step:08d}.pt").write_bytes(b"")
     before = sorted(p.name for p in tmp_path.iterdir())
     out = _kept(tmp_path)
     assert out["seeds_per_variant"] == {"dense": [0], "dense+fixed_table": [0, 1], "subspace k=8": [1]}
     assert out["missing"] == ["subspace k=8 (seed 0)", "dense (seed 1)"]
+    assert out["in_progress"] == {"dense (seed 1)": 15}
     assert abs(out["dense_fixed_table_val_loss"] - 1.8) < 1e-9 and out["best_dense"] == "dense+fixed_table"
     assert abs(out["gap_pct_vs_best_dense"]["8"] - 100 * (1.9 - 1.8) / 1.8) < 1e-9
     assert out["gap_pct_vs_best_dense_same_seeds"]["8"] == round(100 * (1.9 / 1.7 - 1), 3)  # seed 1's baseline
