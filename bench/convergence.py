@@ -40,9 +40,9 @@ Prints one JSON object as its last line and writes a PNG of the validation curve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.resume import (
     TRAINING_SECTIONS,
     ResultStore,
+    UnitClock,
     config_digest,
     kept_units,
     load_kept_tiny,
@@ -63,48 +64,6 @@ from bench.resume import (
 from node.checkpoint import CheckpointError, list_checkpoints, set_aside
 from node.config import ConfigError
 from node.train_local import train_local
-
-
-class _UnitClock:
-    """A unit's training seconds across the processes that trained it: each part notes the unit's seconds at every
-    checkpointed step in the unit's checkpoint folder (``seconds.json``, written by this bench, never read from a
-    peer), and a resumed part starts from what was noted at its step."""
-
-    def __init__(self, folder: str | None) -> None:
-        self.path = Path(folder) / "seconds.json" if folder else None
-        self.noted: dict[str, float] = {}
-        if self.path is not None:
-            try:
-                read = json.loads(self.path.read_text())
-                self.noted = {str(k): float(v) for k, v in read.items()}
-            except (OSError, ValueError, TypeError, AttributeError):
-                pass  # none yet, or torn: this part's seconds only
-        self.started, self.first_step = time.time(), None
-
-    def restart(self) -> None:
-        """The unit starts over (its checkpoints could not be resumed)."""
-        self.noted, self.started, self.first_step = {}, time.time(), None
-
-    def total(self, resumed_from: int | None) -> float | None:
-        """The whole unit's seconds so far; None when the part it resumed from left no note at that step."""
-        before = self.noted.get(str(resumed_from)) if resumed_from else 0.0
-        return None if before is None else round(before + time.time() - self.started, 1)
-
-    def saw(self, step: int) -> None:
-        """Every step this part trains (the first one says where the part resumed)."""
-        if self.first_step is None:
-            self.first_step = step
-
-    def note(self, step: int) -> None:
-        """Keep the unit's seconds at checkpointed ``step``."""
-        total = self.total(self.first_step - 1 if self.first_step else None)
-        if self.path is None or total is None:
-            return
-        self.noted[str(step)] = total
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # (the step's checkpoint is written after this)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.noted))
-        os.replace(tmp, self.path)
 
 
 def run_variant(label: str, model_overrides: list[str], common: list[str], device: str = "cpu",
@@ -120,14 +79,12 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
     temporary directory, nothing kept. Either way a line on stderr every twelfth of the run says where the unit is;
     ``seconds`` is the whole unit's (noted at each checkpoint), or this part's with ``seconds_this_part_only``."""
     with tempfile.TemporaryDirectory() as tmp:
-        where = checkpoint_dir or tmp
-        overrides = [*common, *model_overrides, f"train.checkpoint_dir='{where}'",
-                     f"train.resume={'true' if checkpoint_dir else 'false'}", f"train.device='{device}'"]
-        every = max(1, load_kept_tiny(overrides).train.steps // 12)
+        cfg = load_kept_tiny([*common, *model_overrides, f"train.checkpoint_dir='{checkpoint_dir or tmp}'",
+                              f"train.resume={'true' if checkpoint_dir else 'false'}", f"train.device='{device}'"])
+        every = max(1, cfg.train.steps // 12)
         if checkpoint_dir:
-            overrides += [f"train.checkpoint_every={every}", "train.checkpoint_keep=2"]
-        cfg = load_kept_tiny(overrides)
-        unit, clock = f"{label} (seed {cfg.train.seed})", _UnitClock(checkpoint_dir)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=every, checkpoint_keep=2))
+        unit, clock = f"{label} (seed {cfg.train.seed})", UnitClock(checkpoint_dir)
 
         def progress(step: int, loss: float) -> None:
             clock.saw(step)

@@ -130,6 +130,48 @@ class ResultStore:
         return {"commit": saved.get("commit"), "dirty": saved.get("dirty")}
 
 
+class UnitClock:
+    """A unit's training seconds across the processes that trained it: each part notes the unit's seconds at every
+    checkpointed step in the unit's checkpoint folder (``seconds.json``, written by the bench, never read from a
+    peer), and a resumed part starts from what was noted at its step."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.path = Path(folder) / "seconds.json" if folder else None
+        self.noted: dict[str, float] = {}
+        if self.path is not None:
+            try:
+                read = json.loads(self.path.read_text())
+                self.noted = {str(k): float(v) for k, v in read.items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                pass  # none yet, or torn: this part's seconds only
+        self.started, self.first_step = time.time(), None
+
+    def restart(self) -> None:
+        """The unit starts over (its checkpoints could not be resumed)."""
+        self.noted, self.started, self.first_step = {}, time.time(), None
+
+    def total(self, resumed_from: int | None) -> float | None:
+        """The whole unit's seconds so far; None when the part it resumed from left no note at that step."""
+        before = self.noted.get(str(resumed_from)) if resumed_from else 0.0
+        return None if before is None else round(before + time.time() - self.started, 1)
+
+    def saw(self, step: int) -> None:
+        """Every step this part trains (the first one says where the part resumed)."""
+        if self.first_step is None:
+            self.first_step = step
+
+    def note(self, step: int) -> None:
+        """Keep the unit's seconds at checkpointed ``step``."""
+        total = self.total(self.first_step - 1 if self.first_step else None)
+        if self.path is None or total is None:
+            return
+        self.noted[str(step)] = total
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # (the step's checkpoint is written after this)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.noted))
+        os.replace(tmp, self.path)
+
+
 # What an in-process training result depends on (the swarm's sections -- exchange, swarm, dataplane -- do
 # not train there): the sections the training benches hash.
 TRAINING_SECTIONS = ("model", "pipeline", "data", "train", "wire")
