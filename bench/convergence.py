@@ -24,7 +24,7 @@ study needs no code. Resumable (bench/resume.py): each variant at each seed is k
 ``--state`` when it finishes, keyed by its label and a hash of its whole resolved config; rerunning the
 same command continues (``--fresh`` starts over, mid-unit checkpoints too). A unit checkpoints every twelfth of
 its steps under ``--state``'s ``.partial/`` until it finishes, so one cut off mid-way (a killed run, a session's
-end) continues from there, to the same result at the same torch thread count (its row says
+end) continues from there, to the same result at one torch thread (its row says
 ``resumed_from_step``). ``--jobs N`` trains N units at a time, each in a process of its own (``--jobs 2`` on a
 2-core machine); ``--device cuda`` trains on a GPU (bf16 autocast there, so its units are kept apart from the
 CPU's: use a state directory of their own; bench/gpu_long.sh runs issue 19's long runs on a lent GPU, untested
@@ -72,8 +72,9 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
 
     ``checkpoint_dir`` (the unit's :meth:`ResultStore.partial`): checkpoints every twelfth of the run go there and
     the unit continues from the newest one found (a unit cut off mid-way, say at a session's end), its row saying
-    from which step. On the CPU at the same torch thread count (``--jobs`` fixes it) the resumed unit ends exactly
-    where an uncut one would (tests/unit/test_bench_unit_resume.py); on a GPU (bf16 autocast) not bit for bit. The
+    from which step. On the CPU at one torch thread (a ``--jobs`` worker's) the resumed unit ends exactly where an
+    uncut one would (tests/unit/test_bench_unit_resume.py); at more threads a validation pass can differ in the last
+    bits, and on a GPU (bf16 autocast) training is not bit for bit either. The
     row's commit is the finishing part's. Checkpoints that cannot be resumed (made before a config field was added,
     on another machine's corpus, unreadable) are set aside with a warning and the unit starts over. None: a
     temporary directory, nothing kept. Either way a line on stderr every twelfth of the run says where the unit is;
