@@ -64,7 +64,10 @@ any one step. Validation loss is measured on the global (agreed) parameters.
 
 Resumable (bench/resume.py): each variant at each seed is saved under ``--state`` when it finishes,
 and a rerun of the same command continues from there (``--fresh`` starts over; ``--kept`` trains nothing and
-reads the table from the units there, each variant over the seeds it has). Prints one JSON
+reads the table from the units there, each variant over the seeds it has). A unit also checkpoints about every
+twelfth of its steps (at the first step where no round is in flight) under ``--state``'s ``.partial/`` until it
+finishes, so one cut off mid-way continues from there, to the same result at one torch thread (its row says
+``resumed_from_step``; ``--kept``'s ``in_progress`` lists such units and their step). Prints one JSON
 object as its last line and writes a PNG of the loss curves. ``--jobs N`` trains N units at a time, each in
 a process of its own; ``--device cuda`` trains on a GPU (bf16 autocast there: its units are kept apart from
 the CPU's; bench/gpu_long.sh is written to run the long runs on a lent GPU, untested there so far).
@@ -87,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.resume import (
     TRAINING_SECTIONS,
     ResultStore,
+    UnitClock,
     config_digest,
     kept_units,
     load_kept_tiny,
@@ -94,6 +98,7 @@ from bench.resume import (
     run_units,
 )
 from node.chain import StageChain
+from node.checkpoint import CheckpointError, list_checkpoints, load_latest, set_aside, write_checkpoint
 from node.config import ConfigError
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageEngine, build_engine
@@ -103,18 +108,30 @@ from swarm.diloco import DilocoConfig, OuterLoop, quantized
 from swarm.diloco_group import InProcessGroup
 from swarm.first_moment import FirstMoment, clip_to_bound_, first_moment_bound
 
+UNIT_FORMAT = 1  # of a unit's mid-run checkpoint (Run.checkpoint); its own, not a node's checkpoint format
+
 
 class Run:
     """One variant: the replicas are production stage engines (node/engine.py) of the whole model (S = 1),
     all at the same seeded init; the inner step (AdamW, schedule, clipping) is the engine's."""
 
-    def __init__(self, cfg, samplers, val, steps: int, eval_every: int, device: str = "cpu"):
+    def __init__(self, cfg, samplers, val, steps: int, eval_every: int, device: str = "cpu",
+                 checkpoint_dir: str | None = None, unit: dict | None = None):
         self.cfg, self.samplers, self.val, self.device = cfg, samplers, val, device
         self.steps, self.eval_every = steps, eval_every
         self.tokens_per_step = len(samplers) * cfg.train.batch_size * cfg.train.seq_len
         self.curve: list[tuple[int, float]] = []
         self.train_losses: list[float] = []
         self.bytes_per_step = [0] * (steps + 1)
+        # Mid-unit checkpoints (``checkpoint_dir``: the unit's ResultStore.partial): at the first step at or after
+        # every twelfth of the run where no round is in flight, so that the state is the replicas' engines, their
+        # outer loops and error-feedback residuals, and what the run recorded; nothing half-exchanged.
+        self.checkpoint_dir, self.unit = checkpoint_dir, dict(unit or {})
+        self.every = max(1, steps // 12)
+        self.clock = UnitClock(checkpoint_dir)
+        self.resumed_from: int | None = None
+        self._saved = 0  # the newest step checkpointed (or resumed from)
+        self._unquiet_said = False
 
     def engine(self, grad_accum: int = 1) -> StageEngine:
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, grad_accum=grad_accum))
@@ -129,11 +146,12 @@ class Run:
         """One engine accumulating the M replicas' microbatches: the average of their gradients."""
         engine = self.engine(grad_accum=len(self.samplers))
         numel = sum(p.numel() for p in engine.module.parameters())
-        for t in range(1, self.steps + 1):
+        for t in range(self.resume([engine]) + 1, self.steps + 1):
             losses = [engine.forward_backward_last(sampler.batch(t - 1), None)[0] for sampler in self.samplers]
             self.train_losses.append(sum(losses) / len(losses))
             self.bytes_per_step[t] = 4 * numel  # each replica sends its fp32 gradient once
             self.record(t, engine)
+            self.checkpoint(t, [engine])
 
     def diloco(self, settings: DilocoConfig, codec: str, corrupt=None, requantize_mean: bool = False,
                average_moments: bool = False, average_first_moment: str | None = None,
@@ -161,7 +179,7 @@ class Run:
                for e, p, loop in zip(engines, params, loops, strict=True)] if settings.first_moment else None
         group = InProcessGroup(loops, settings, codec, corrupt=corrupt, requantize_mean=requantize_mean, moments=fms)
         global_model = self.engine()
-        for t in range(1, self.steps + 1):
+        for t in range(self.resume(engines, group) + 1, self.steps + 1):
             losses = [e.forward_backward_last(s.batch(t - 1), None)[0] for e, s in zip(engines, self.samplers, strict=True)]
             self.train_losses.append(sum(losses) / len(losses))
             applied = list(group.loops[0].rounds_applied) if moments else None
@@ -174,8 +192,77 @@ class Run:
             if t % self.eval_every == 0 or t == self.steps:
                 self.load_global(global_model, group.loops[0])
                 self.record(t, global_model)
+            self.checkpoint(t, engines, group)
         self.rejected = sum(len(r) for r in group.rejected)
         self.group, self.engines = group, engines
+
+    # ------------------------------------------------------------------------------- mid-unit checkpoints
+
+    def resume(self, engines: list[StageEngine], group: InProcessGroup | None = None) -> int:
+        """Load the newest checkpoint of this unit into the freshly built ``engines`` (and ``group``): the step to
+        continue after (0: none, the unit starts). Raises CheckpointError, before anything is loaded, when the
+        checkpoint is of another unit or layout (:func:`train_unit` then sets it aside and starts over)."""
+        if not self.checkpoint_dir:
+            return 0
+        state = load_latest(self.checkpoint_dir)
+        if state is None:
+            return 0
+        loops = group.loops if group is not None else []
+        if state.get("format") != UNIT_FORMAT or state.get("unit") != self.unit:
+            raise CheckpointError(f"its checkpoint is of {state.get('unit')} (format {state.get('format')}), "
+                                  f"not of this unit, {self.unit}")
+        if len(state.get("engines", ())) != len(engines) or len(state.get("outer", ())) != len(loops):
+            raise CheckpointError(f"its checkpoint holds {len(state.get('engines', ()))} replica(s) and "
+                                  f"{len(state.get('outer', ()))} outer loop(s), not {len(engines)} and {len(loops)}")
+        try:
+            for engine, saved in zip(engines, state["engines"], strict=True):
+                engine.load_state(saved, strict_optimizer=True)
+            for loop, outer, residual in zip(loops, state["outer"], state["residual"], strict=True):
+                loop.load_state_dict(outer)  # clears the residual: this replica's own, restored next
+                loop.residual = [None if r is None else r.to(loop.outer_device) for r in residual]
+        except (ValueError, KeyError, RuntimeError) as exc:  # the engines are half-loaded: the unit must start over
+            raise CheckpointError(f"its checkpoint does not fit this unit's model ({exc})") from exc
+        if group is not None:
+            group.rejected, group.kept = list(state["rejected"]), list(state["kept"])
+        self.curve = [(int(n), float(v)) for n, v in state["curve"]]
+        self.train_losses = list(state["train_losses"])
+        self.bytes_per_step = list(state["bytes_per_step"])
+        torch.set_rng_state(state["rng"])
+        self.resumed_from = self._saved = int(state["step"])
+        print(f"{self._name}: resumed from step {self._saved} in {self.checkpoint_dir}", file=sys.stderr, flush=True)
+        return self._saved
+
+    @property
+    def _name(self) -> str:
+        return f"{self.unit.get('label', 'unit')} (seed {self.unit.get('seed', '?')})"
+
+    def checkpoint(self, t: int, engines: list[StageEngine], group: InProcessGroup | None = None) -> None:
+        """After step ``t``: a checkpoint when a twelfth of the run has passed since the last one and no round is
+        in flight (a round's parts and mean live only in this process); a progress line with it."""
+        self.clock.saw(t)
+        if not self.checkpoint_dir or t == self.steps or t // self.every == self._saved // self.every:
+            return
+        if group is not None and group.in_flight:
+            if t - t // self.every * self.every >= self.every - 1 and not self._unquiet_said:
+                self._unquiet_said = True  # every step of a twelfth had a round in flight (τ >= H/P)
+                print(f"{self._name}: no step of step {t // self.every * self.every}'s twelfth was free of a round "
+                      "in flight; this unit checkpoints only where one is", file=sys.stderr, flush=True)
+            return
+        self.clock.note(t)
+        loops = group.loops if group is not None else []
+        write_checkpoint(self.checkpoint_dir, lambda: {
+            "format": UNIT_FORMAT, "step": t, "unit": self.unit,
+            "engines": [engine.state() for engine in engines],
+            "outer": [loop.state_dict() for loop in loops],
+            "residual": [[None if r is None else r.to("cpu", copy=True) for r in loop.residual] for loop in loops],
+            "rejected": list(group.rejected) if group is not None else [],
+            "kept": list(group.kept) if group is not None else [],
+            "curve": list(self.curve), "train_losses": list(self.train_losses),
+            "bytes_per_step": list(self.bytes_per_step), "rng": torch.get_rng_state()}, keep=2)
+        self._saved = t
+        loss = statistics.fmean(self.train_losses[-self.every:])
+        print(f"{self._name}: step {t}/{self.steps}, train loss {loss:.3f}, {time.time() - self.clock.started:.0f} s",
+              file=sys.stderr, flush=True)
 
     @staticmethod
     @torch.no_grad()
@@ -404,20 +491,36 @@ def seed_setup(seed: int, steps: int, replicas: int, overrides: tuple[str, ...] 
 
 
 def train_unit(label: str, seed: int, steps: int, H: int, P: int, replicas: int, device: str = "cpu",
-               overrides: tuple[str, ...] = ()) -> dict:
-    """One variant at one seed, from its seeded init (a worker process of ``--jobs`` runs this alone)."""
+               overrides: tuple[str, ...] = (), checkpoint_dir: str | None = None) -> dict:
+    """One variant at one seed, from its seeded init (a worker process of ``--jobs`` runs this alone).
+
+    ``checkpoint_dir`` (the unit's :meth:`ResultStore.partial`): checkpoints about every twelfth of the run go there
+    (:meth:`Run.checkpoint`) and the unit continues from the newest one found, its row saying from which step; on
+    the CPU at one torch thread (a ``--jobs`` worker's) it ends where an uncut unit would
+    (tests/unit/test_bench_diloco_resume.py). A checkpoint of another unit or layout is set aside with a warning and
+    the unit starts over. ``seconds`` is the whole unit's, or this part's with ``seconds_this_part_only``."""
     cfg, samplers, val = seed_setup(seed, steps, replicas, overrides)
+    unit = {"label": label, "seed": seed, "steps": steps, "H": H, "P": P, "replicas": replicas, "device": device,
+            "config": config_digest(cfg.to_dict(), TRAINING_SECTIONS)}
     torch.manual_seed(seed)
-    return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device)
+    try:
+        return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device, checkpoint_dir, unit)
+    except CheckpointError as exc:  # raised before any step of this part
+        set_aside(checkpoint_dir, f"{label} (seed {seed}): its checkpoints cannot be resumed")
+        print(f"{label} (seed {seed}): the checkpoints in {checkpoint_dir} cannot be resumed ({exc}); set aside, the "
+              "unit starts over", file=sys.stderr, flush=True)
+        torch.manual_seed(seed)
+        return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device, checkpoint_dir, unit)
 
 
-def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str = "cpu") -> dict:
-    """Train one variant from its seeded init; its row (JSON-able)."""
+def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str = "cpu",
+                checkpoint_dir: str | None = None, unit: dict | None = None) -> dict:
+    """Train one variant from its seeded init (or from its newest checkpoint in ``checkpoint_dir``, which must be
+    of ``unit``); its row (JSON-able)."""
     settings, codec = spec["settings"], spec["codec"]
     if "inner_lr" in spec:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=spec["inner_lr"]))
-    started = time.time()
-    run = Run(cfg, samplers, val, steps, eval_every=max(1, H), device=device)
+    run = Run(cfg, samplers, val, steps, eval_every=max(1, H), device=device, checkpoint_dir=checkpoint_dir, unit=unit)
     if settings is None:
         run.data_parallel()
     else:
@@ -425,6 +528,7 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
                    average_moments=spec.get("average_moments", False),
                    average_first_moment=spec.get("average_first_moment"),
                    clip_first_moment=spec.get("clip_first_moment", False))
+    seconds = run.clock.total(run.resumed_from)
     return {
         "val_loss": run.curve[-1][1],
         "val_curve": run.curve,
@@ -439,8 +543,10 @@ def run_variant(cfg, samplers, val, steps: int, H: int, spec: dict, device: str 
                                                    "average_first_moment": spec.get("average_first_moment"),
                                                    "clip_first_moment": spec.get("clip_first_moment", False)},
         "inner_lr": cfg.train.lr,
-        "seconds": round(time.time() - started, 1),
+        "seconds": seconds if seconds is not None else round(time.time() - run.clock.started, 1),
         "device": device,
+        **({"resumed_from_step": run.resumed_from} if run.resumed_from else {}),
+        **({"seconds_this_part_only": True} if seconds is None else {}),
     }
 
 
@@ -494,15 +600,18 @@ def main() -> None:
         except ConfigError as exc:
             parser.error(f"--set: {exc}")
         digest = config_digest(cfg.to_dict(), TRAINING_SECTIONS)  # a changed default: another unit
-        units += [(store.key(f"{label}-{digest}-s{seed}"),
-                   f"{label} (seed {seed})", (label, seed, steps, H, P, args.replicas, args.device, overrides),
+        units += [(key, f"{label} (seed {seed})",
+                   (label, seed, steps, H, P, args.replicas, args.device, overrides, str(store.partial(key))),
                    label, seed)
-                  for label in chosen]
+                  for label in chosen for key in [store.key(f"{label}-{digest}-s{seed}")]]
     if args.kept:
         done, missing = kept_units(store, units)
     else:
         done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
         missing = []
+    # the missing units that a cut-off run left checkpoints of: the step the next run continues from
+    in_progress = {what: found[-1][0] for key, what, *_ in units
+                   if key not in done and (found := list_checkpoints(store.partial(key)))}
     per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
     for key, _, _, label, seed in units:
         if key in done:
@@ -531,6 +640,7 @@ def main() -> None:
         "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
         "H": H, "P": P, "seeds": args.seeds, "set": list(overrides),
         "seeds_per_variant": {label: [r["seed"] for r in per_seed[label]] for label in chosen}, "missing": missing,
+        "in_progress": in_progress,
         "variants": {r["label"]: {"val_loss": round(r["val_loss"], 4), "val_loss_std": r["val_loss_std"],
                                   "val_loss_per_seed": r["val_loss_per_seed"],
                                   "bytes_ratio_vs_dp": round(r["bytes_ratio_vs_data_parallel"], 1),

@@ -183,6 +183,10 @@ def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp
         store.put(store.key(f"{label}-{digest}-s{seed}"),
                   {"val_loss": loss, "val_curve": [[10, loss + 1], [20, loss]], "bytes_sent_per_replica": sent,
                    "peak_bytes_per_step": sent, "seconds": 1.0})
+    digest = config_digest(seed_setup(0, steps, replicas)[0].to_dict(), TRAINING_SECTIONS)
+    cut = store.partial(store.key(f"streaming_e3m0-{digest}-s0"))  # a unit cut off after its step-120 checkpoint
+    cut.mkdir(parents=True)
+    (cut / "ckpt-00000120.pt").write_bytes(b"")  # --kept lists it by name; nothing reads it
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "diloco.py"), "--quick", "--kept", "--seeds", "2",
                            "--only", "streaming_int2_ef,streaming_e3m0", "--state", str(tmp_path), "--no-plot"],
@@ -196,6 +200,7 @@ def test_diloco_kept_reads_the_table_from_the_units_there_and_trains_nothing(tmp
     assert row["loss_gap_pct_vs_dp"] == round(100 * (2.31 / 2.1 - 1), 2) and row["bytes_ratio_vs_dp"] == 500.0
     assert row["loss_gap_pct_vs_dp_same_seeds"] == round(100 * (2.31 / 2.2 - 1), 2)  # seed 1's data parallel
     assert "streaming_e3m0" not in out["variants"]
+    assert out["in_progress"] == {"streaming_e3m0 (seed 0)": 120}
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing trained or written
 
 
