@@ -250,11 +250,12 @@ class Run:
             return
         self.clock.note(t)
         loops = group.loops if group is not None else []
+        # The live tensors, no copies (this thread is the only one that steps them): written one at a time.
         write_checkpoint(self.checkpoint_dir, lambda: {
             "format": UNIT_FORMAT, "step": t, "unit": self.unit,
-            "engines": [engine.state() for engine in engines],
-            "outer": [loop.state_dict() for loop in loops],
-            "residual": [[None if r is None else r.to("cpu", copy=True) for r in loop.residual] for loop in loops],
+            "engines": [engine.state(copy=False) for engine in engines],
+            "outer": [loop.state_dict(copy=False) for loop in loops],
+            "residual": [list(loop.residual) for loop in loops],
             "rejected": list(group.rejected) if group is not None else [],
             "kept": list(group.kept) if group is not None else [],
             "curve": list(self.curve), "train_losses": list(self.train_losses),
