@@ -49,7 +49,9 @@ cosine); they differ only in how the replicas agree:
   around the last: ``_P4`` (4 fragments in turn), ``_P4_t1`` (and τ = 1 with the α = 0.5 merge), ``_fm`` (first
   moment averaged too), ``local_adam_H8_int2_ef`` (2-bit parts), ``local_adam_H16_e3m0_ef`` (half the syncs),
   ``_P4_t1s`` (τ = 1 with ``diloco.merge = "since"``: the new global copy plus the replica's step since its part
-  was taken, not the α mix); ``streaming_e3m0_H8_lr6e-4_olr0.8_since`` the recipe's streaming row merged so
+  was taken, not the α mix); ``streaming_e3m0_H8_lr6e-4_olr0.8_since`` the recipe's streaming row merged so;
+  ``streaming_e3m0_ef_avg_since`` plain averaging (outer lr 1, no momentum) merged so at the full H, with 4-bit
+  parts and error feedback
 - ``data_parallel_lr4e-4``, ``data_parallel_lr2e-3``  data parallel at other learning rates: the control for the
   streaming rows' tuned lrs (the gaps are against ``data_parallel``, at 1e-3)
 
@@ -465,6 +467,10 @@ def variants(H: int, P: int) -> dict[str, dict]:
                                             "settings": DilocoConfig(**{**streaming, "inner_steps": twentyfourth,
                                                                         "outer_lr": 0.8})},
         "streaming_e3m0_H8_lr6e-4_olr0.8_since": at_twelfth("e3m0", inner_lr=6e-4, merge="since"),
+        # ``since`` where it was measured to work (plain averaging: outer lr 1, no momentum) at the full run's H, the
+        # data-parallel inner lr, 4-bit parts with error feedback: the swarm's schedule (H in the hundreds) merged so.
+        "streaming_e3m0_ef_avg_since": {"settings": DilocoConfig(**{**streaming, "outer_lr": 1.0, "outer_momentum": 0.0},
+                                                                 error_feedback=True, merge="since"), "codec": "e3m0"},
         "streaming_e3m0_H8_lr4e-4_olr0.5": at_twelfth("e3m0", outer_lr=0.5),
         "streaming_e3m0_H8_lr4e-4_olr0.3": at_twelfth("e3m0", outer_lr=0.3),
         "streaming_e3m0_H8_lr4e-4_olr0.8_a0.75": at_twelfth("e3m0", alpha=0.75),
