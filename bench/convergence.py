@@ -168,7 +168,7 @@ def plot(rows: list[dict], path: Path, title: str, best: float) -> None:
 
 # Issue 19's subspace knobs (BENCHMARKS.md "Training cost of the constraint", steps 2 and 3) at the full budget,
 # on top of the global defaults (3 dense final layers since 931e6a6; "k=8 tail3" is that model; the tiny preset's
-# own since it took the recipe: "k=8 tail4 init0.06 T0.3"), and the dense
+# own since it took the recipe: "k=8 tail4 init0.06 T0.5", T0.3 until 2026-12-07), and the dense
 # baseline a knob that changes all training needs: ``--knobs``, here and in bench/gpu_long.sh.
 KNOBS = (
     "k=8 tail0:model.subspace_rank=8,model.dense_tail_layers=0",

@@ -177,9 +177,10 @@ class UnitClock:
 TRAINING_SECTIONS = ("model", "pipeline", "data", "train", "wire")
 
 # The tiny preset's model settings before it took the measured recipe (configs/model/tiny.toml: init 0.06,
-# table 0.3, 4 dense final layers): the convergence and DiLoCo benches train on top of these, so the units kept
-# in bench/state keep their keys and every row stays the comparison it was measured as (the preset's recipe is
-# the knob row "k=8 tail4 init0.06 T0.3"). ``--set`` comes after them and overrides them.
+# table 0.5 since 2026-12-07 and 0.3 before, 4 dense final layers): the convergence and DiLoCo benches train on top
+# of these, so the units kept in bench/state keep their keys and every row stays the comparison it was measured as
+# (the preset's recipe is the knob row "k=8 tail4 init0.06 T0.5", "... T0.3" before). ``--set`` comes after them
+# and overrides them.
 KEPT_TINY = ("model.init_std=0.02", "model.fixed_table_std=0.1", "model.min_dense_tail_layers=3")
 
 
