@@ -24,7 +24,7 @@ def test_loss_falls(small_data_overrides):
     result = train_local(cfg)
     first = sum(v for _, v in result.train_losses[:3]) / 3
     last = sum(v for _, v in result.train_losses[-3:]) / 3
-    assert first > 5.0  # ~ln(256) at init
+    assert result.train_losses[0][1] > 5.0  # ~ln(256) = 5.55 at init (the first three steps already learn)
     assert last < first - 1.5, (first, last)
     assert result.final_val_loss < first - 1.0
     assert result.tokens == 30 * 4 * 64
