@@ -56,12 +56,14 @@ from bench.resume import (
     ResultStore,
     UnitClock,
     config_digest,
+    in_progress,
     kept_units,
     load_kept_tiny,
     mean_over_seeds,
     run_units,
+    set_aside_unit,
 )
-from node.checkpoint import CheckpointError, list_checkpoints, set_aside
+from node.checkpoint import CheckpointError
 from node.config import ConfigError
 from node.train_local import train_local
 
@@ -99,9 +101,7 @@ def run_variant(label: str, model_overrides: list[str], common: list[str], devic
         except CheckpointError as exc:  # raised before any step: the checkpoints are not this unit's to resume
             if not checkpoint_dir:
                 raise
-            set_aside(checkpoint_dir, f"{unit}: its checkpoints cannot be resumed")
-            print(f"{unit}: the checkpoints in {checkpoint_dir} cannot be resumed ({exc}); set aside, the unit "
-                  "starts over", file=sys.stderr, flush=True)
+            set_aside_unit(checkpoint_dir, unit, exc)
             clock.restart()
             result = train_local(cfg, on_step=progress)
     seconds = clock.total(result.resumed_from)
@@ -336,8 +336,7 @@ def main() -> None:
         done = run_units(store, [u[:3] for u in units], run_variant, jobs=args.jobs, deadline_s=args.deadline_s)
         missing = []
     # the missing units that a cut-off run left checkpoints of: the step the next run continues from
-    in_progress = {what: found[-1][0] for key, what, *_ in units
-                   if key not in done and (found := list_checkpoints(store.partial(key)))}
+    progress = in_progress(store, units, done)
     runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     for key, _, _, label, seed in units:
         if key in done:
@@ -385,7 +384,7 @@ def main() -> None:
         "set": args.set,
         "seeds_per_variant": {label: [r["seed"] for r in runs[label]] for label, _ in variants},
         "missing": missing,
-        "in_progress": in_progress,
+        "in_progress": progress,
         "note": "gap_pct is vs dense+fixed_table (the fair baseline); see DESIGN §1.1; the *_same_seeds gaps "
                 "compare the means over the seeds both rows have (None where they share none)",
         "rows": [{k: v for k, v in r.items() if k != "val_curve"} for r in rows],

@@ -94,13 +94,15 @@ from bench.resume import (
     ResultStore,
     UnitClock,
     config_digest,
+    in_progress,
     kept_units,
     load_kept_tiny,
     mean_over_seeds,
     run_units,
+    set_aside_unit,
 )
 from node.chain import StageChain
-from node.checkpoint import CheckpointError, list_checkpoints, load_latest, set_aside, write_checkpoint
+from node.checkpoint import CheckpointError, load_latest, write_checkpoint
 from node.config import ConfigError
 from node.data import BatchSampler, load_corpus, validation_batches
 from node.engine import StageEngine, build_engine
@@ -245,7 +247,7 @@ class Run:
         if not self.checkpoint_dir or t == self.steps or t // self.every == self._saved // self.every:
             return
         if group is not None and group.in_flight:
-            if t - t // self.every * self.every >= self.every - 1 and not self._unquiet_said:
+            if t % self.every == self.every - 1 and not self._unquiet_said:
                 self._unquiet_said = True  # every step of a twelfth had a round in flight (τ >= H/P)
                 print(f"{self._name}: no step of step {t // self.every * self.every}'s twelfth was free of a round "
                       "in flight; this unit checkpoints only where one is", file=sys.stderr, flush=True)
@@ -513,9 +515,7 @@ def train_unit(label: str, seed: int, steps: int, H: int, P: int, replicas: int,
     try:
         return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device, checkpoint_dir, unit)
     except CheckpointError as exc:  # raised before any step of this part
-        set_aside(checkpoint_dir, f"{label} (seed {seed}): its checkpoints cannot be resumed")
-        print(f"{label} (seed {seed}): the checkpoints in {checkpoint_dir} cannot be resumed ({exc}); set aside, the "
-              "unit starts over", file=sys.stderr, flush=True)
+        set_aside_unit(checkpoint_dir, f"{label} (seed {seed})", exc)
         torch.manual_seed(seed)
         return run_variant(cfg, samplers, val, steps, H, variants(H, P)[label], device, checkpoint_dir, unit)
 
@@ -617,8 +617,7 @@ def main() -> None:
         done = run_units(store, [u[:3] for u in units], train_unit, jobs=args.jobs, deadline_s=args.deadline_s)
         missing = []
     # the missing units that a cut-off run left checkpoints of: the step the next run continues from
-    in_progress = {what: found[-1][0] for key, what, *_ in units
-                   if key not in done and (found := list_checkpoints(store.partial(key)))}
+    progress = in_progress(store, units, done)
     per_seed: dict[str, list[dict]] = {v: [] for v in chosen}
     for key, _, _, label, seed in units:
         if key in done:
@@ -647,7 +646,7 @@ def main() -> None:
         "bench": "diloco", "replicas": args.replicas, "steps_per_replica": steps, "tokens": tokens, "params": numel,
         "H": H, "P": P, "seeds": args.seeds, "set": list(overrides),
         "seeds_per_variant": {label: [r["seed"] for r in per_seed[label]] for label in chosen}, "missing": missing,
-        "in_progress": in_progress,
+        "in_progress": progress,
         "variants": {r["label"]: {"val_loss": round(r["val_loss"], 4), "val_loss_std": r["val_loss_std"],
                                   "val_loss_per_seed": r["val_loss_per_seed"],
                                   "bytes_ratio_vs_dp": round(r["bytes_ratio_vs_data_parallel"], 1),

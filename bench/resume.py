@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.checkpoint import list_checkpoints, set_aside
 from node.model_config import automatic_dense_tail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +305,21 @@ def run_units(store: ResultStore, units: list[tuple[str, str, tuple]], work: Cal
     if problems:
         raise SystemExit("; ".join(problems) + " (the finished units are saved; rerun to continue)")
     return results
+
+
+def in_progress(store: ResultStore, units: list[tuple], done: dict[str, Any]) -> dict[str, int]:
+    """The units (key, what to print, ...) not in ``done`` that a cut-off run left checkpoints of, and the step each
+    continues from (``--kept``'s ``in_progress``)."""
+    return {what: found[-1][0] for key, what, *_ in units
+            if key not in done and (found := list_checkpoints(store.partial(key)))}
+
+
+def set_aside_unit(checkpoint_dir: str, unit: str, why: Exception) -> None:
+    """Checkpoints of ``unit`` that cannot be resumed (another unit's, another layout's, unreadable): moved aside,
+    not deleted, with a line saying so; the caller starts the unit over."""
+    set_aside(checkpoint_dir, f"{unit}: its checkpoints cannot be resumed")
+    print(f"{unit}: the checkpoints in {checkpoint_dir} cannot be resumed ({why}); set aside, the unit starts over",
+          file=sys.stderr, flush=True)
 
 
 def kept_units(store: ResultStore, units: list[tuple]) -> tuple[dict[str, dict[str, Any]], list[str]]:
